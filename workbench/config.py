@@ -1,0 +1,333 @@
+"""Run configuration: typed dataclasses, validated on construction, YAML in and out.
+
+A config is plain data. Every field is checked when the object is built, so an
+impossible setting fails before any model is loaded, with a message that names
+the field, the bad value and what is allowed. Checks that need the model (the
+model's context length, its layer names) run when the model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from .errors import WorkbenchError
+
+Task = Literal["text-classification"]
+MethodName = Literal["full", "head-only", "lora", "qlora"]
+METHODS: tuple[str, ...] = typing.get_args(MethodName)
+
+
+def _fail(section: str, name: str, value: Any, allowed: str) -> None:
+    raise WorkbenchError(f"{section}.{name} = {value!r} is not allowed: {allowed}")
+
+
+@dataclass
+class DataConfig:
+    """Where the labelled text comes from and how it is split."""
+
+    source: str = field(default="bbc-news", metadata={"help": "catalog name, or a CSV/TSV/JSONL/Parquet path"})
+    text_column: str | None = field(default=None, metadata={"help": "text column; detected when left out"})
+    label_column: str | None = field(default=None, metadata={"help": "label column; detected when left out"})
+    eval_source: str | None = field(default=None, metadata={"help": "a separate eval file; else split from source"})
+    max_train_samples: int | None = field(default=None, metadata={"help": "cap on training rows"})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "cap on evaluation rows"})
+    eval_fraction: float = field(default=0.2, metadata={"help": "share held out for evaluation"})
+
+    def __post_init__(self) -> None:
+        self._check_caps()
+        self._check_eval_fraction()
+
+    def _check_caps(self) -> None:
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                _fail("data", name, value, "a positive number of rows, or leave it out for all rows")
+
+    def _check_eval_fraction(self) -> None:
+        if not 0.0 < self.eval_fraction < 1.0:
+            _fail("data", "eval_fraction", self.eval_fraction, "a fraction strictly between 0 and 1, e.g. 0.2")
+
+
+@dataclass
+class MethodConfig:
+    """The tuning method and its knobs; LoRA fields apply to lora and qlora."""
+
+    name: MethodName = field(default="lora", metadata={"help": "full | head-only | lora | qlora"})
+    r: int = field(default=8, metadata={"help": "LoRA rank"})
+    alpha: float = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)"})
+    dropout: float = field(default=0.1, metadata={"help": "dropout on the LoRA path"})
+    target_modules: Union[Literal["auto", "all-linear"], list[str]] = field(
+        default="auto", metadata={"help": "'auto', 'all-linear', or a list of layer names"}
+    )
+    train_head: bool = field(
+        default=True, metadata={"help": "also train the task head and any freshly initialised layer (pooler)"}
+    )
+    quant_type: Literal["nf4", "fp4"] = field(default="nf4", metadata={"help": "QLoRA 4-bit data type"})
+    double_quant: bool = field(default=True, metadata={"help": "QLoRA: quantise the quantisation constants"})
+    compute_dtype: Literal["float32", "bfloat16"] = field(
+        default="float32", metadata={"help": "QLoRA: dtype of the de-quantised matmul"}
+    )
+
+    def __post_init__(self) -> None:
+        self._check_rank()
+        self._check_dropout()
+        self._check_targets()
+
+    def _check_rank(self) -> None:
+        if self.r <= 0:
+            _fail("method", "r", self.r, "a LoRA rank >= 1 (typical: 4, 8, 16)")
+        if self.alpha <= 0:
+            _fail("method", "alpha", self.alpha, "a positive number (typical: 2 x r)")
+
+    def _check_dropout(self) -> None:
+        if not 0.0 <= self.dropout < 1.0:
+            _fail("method", "dropout", self.dropout, "a probability in [0, 1)")
+
+    def _check_targets(self) -> None:
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            _fail("method", "target_modules", self.target_modules, "'auto', 'all-linear', or a non-empty list")
+
+    @property
+    def uses_adapters(self) -> bool:
+        return self.name in ("lora", "qlora")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation schedule, evaluation cadence and reproducibility."""
+
+    epochs: int = field(default=2, metadata={"help": "passes over the training set"})
+    batch_size: int = field(default=16, metadata={"help": "examples per optimiser step, per process, before accumulation"})
+    eval_batch_size: int | None = field(default=None, metadata={"help": "defaults to 2 x batch_size"})
+    learning_rate: float = field(default=5e-4, metadata={"help": "peak learning rate (AdamW)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "share of steps spent warming up"})
+    scheduler: Literal["linear", "cosine", "constant"] = field(default="linear", metadata={"help": "decay after warmup"})
+    max_length: int = field(default=256, metadata={"help": "tokens per example; longer texts are truncated"})
+    gradient_accumulation: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping; 0 = off"})
+    eval_every: int = field(default=0, metadata={"help": "evaluate every N optimiser steps; 0 = each epoch"})
+    early_stopping_patience: int = field(default=2, metadata={"help": "evaluations without improvement; 0 = off"})
+    seed: int = field(default=42, metadata={"help": "seeds data order, dropout and new layers"})
+    precision: Literal["fp32", "bf16"] = field(default="fp32", metadata={"help": "bf16 autocast; slower on most CPUs"})
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads; default: all cores"})
+
+    def __post_init__(self) -> None:
+        self._check_positive()
+        self._check_ratios()
+
+    def _check_positive(self) -> None:
+        hints = {
+            "epochs": "at least 1 pass over the data",
+            "batch_size": "at least 1 example",
+            "max_length": "at least 8 tokens (the model's limit is checked when it loads)",
+            "gradient_accumulation": "at least 1 micro-batch",
+        }
+        for name, hint in hints.items():
+            value = getattr(self, name)
+            if value < 1 or (name == "max_length" and value < 8):
+                _fail("train", name, value, hint)
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
+            _fail("train", "eval_batch_size", self.eval_batch_size, "at least 1, or leave it out")
+        if self.learning_rate <= 0:
+            _fail("train", "learning_rate", self.learning_rate, "a positive number such as 5.0e-4 (LoRA) or 2.0e-5 (full)")
+        if self.threads is not None and self.threads < 1:
+            _fail("train", "threads", self.threads, "at least 1, or leave it out")
+        for name in ("eval_every", "early_stopping_patience", "weight_decay", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                _fail("train", name, getattr(self, name), "0 (off) or a positive number")
+
+    def _check_ratios(self) -> None:
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            _fail("train", "warmup_ratio", self.warmup_ratio, "a fraction in [0, 1), e.g. 0.1")
+
+    @property
+    def effective_eval_batch_size(self) -> int:
+        return self.eval_batch_size or 2 * self.batch_size
+
+
+@dataclass
+class TrackConfig:
+    """Experiment trackers besides the run store, which is always on."""
+
+    wandb: Literal["offline", "online", "disabled"] = field(default="offline", metadata={"help": "offline needs no network"})
+    tensorboard: bool = field(default=True, metadata={"help": "write TensorBoard event files in the run directory"})
+    project: str = field(default="llm-workbench", metadata={"help": "wandb project name"})
+
+
+@dataclass
+class Config:
+    """One fine-tuning run."""
+
+    task: Task = field(default="text-classification", metadata={"help": "what the model learns"})
+    model: str = field(default="minilm-l6", metadata={"help": "catalog name, local directory, or hub id"})
+    name: str | None = field(default=None, metadata={"help": "a label for the run in lists and plots"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "run code shipped with a hub model"})
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
+
+    # --- conversions -------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None) -> "Config":
+        return _build(cls, raw or {}, path="")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml(), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] | None = None) -> "Config":
+        raw = _read_yaml(Path(path))
+        for item in overrides or []:
+            apply_override(raw, item)
+        return cls.from_dict(raw)
+
+    def with_overrides(self, overrides: list[str]) -> "Config":
+        raw = self.to_dict()
+        for item in overrides:
+            apply_override(raw, item)
+        return Config.from_dict(raw)
+
+
+# --- YAML and overrides ----------------------------------------------------
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise WorkbenchError(f"config file {str(path)!r} not found: give the path of a YAML config")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise WorkbenchError(f"config file {str(path)!r} is not valid YAML ({first}): fix the syntax") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise WorkbenchError(f"config file {str(path)!r} must hold a mapping of keys (task, model, data, ...)")
+    return raw
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one `section.key=value` override; the value is parsed as YAML."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise WorkbenchError(f"--set {item!r} must look like section.key=value, e.g. train.epochs=3")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise WorkbenchError(f"--set {item!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+# --- typed construction ----------------------------------------------------
+
+def _nearest(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+    return f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(choices)}"
+
+
+def _build(cls: type, raw: Any, path: str) -> Any:
+    where = path or "config"
+    if not isinstance(raw, dict):
+        raise WorkbenchError(f"{where} must be a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise WorkbenchError(f"unknown config key {path + str(key)!r}: {_nearest(str(key), names)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value if value is not None else {}, path=f"{path}{key}.")
+        else:
+            kwargs[key] = _coerce(value, hint, f"{path}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check `value` against a type hint; only lossless widenings are applied."""
+    ok, out = _match(value, hint)
+    if ok:
+        return out
+    raise WorkbenchError(f"{where} = {value!r} is not allowed: expected {_describe(hint)}")
+
+
+def _match(value: Any, hint: Any) -> tuple[bool, Any]:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        for arm in typing.get_args(hint):
+            ok, out = _match(value, arm)
+            if ok:
+                return True, out
+        return False, None
+    if origin is Literal:
+        return (value in typing.get_args(hint)), value
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, (list, tuple)):
+            matched = [_match(v, item) for v in value]
+            if all(ok for ok, _ in matched):
+                return True, [v for _, v in matched]
+        return False, None
+    if hint is type(None):
+        return value is None, None
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        if isinstance(value, bool):
+            return False, None
+        if isinstance(value, int):
+            return True, value
+        if isinstance(value, float) and value.is_integer():
+            return True, int(value)
+        return False, None
+    if hint is float:
+        if isinstance(value, bool):
+            return False, None
+        if isinstance(value, (int, float)):
+            return True, float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, None
+        return False, None
+    if hint is str:
+        return isinstance(value, str), value
+    return False, None
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(hint)[0])}"
+    if hint is type(None):
+        return "nothing (leave it out)"
+    return {int: "a whole number", float: "a number", bool: "true or false", str: "text"}.get(hint, str(hint))

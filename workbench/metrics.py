@@ -1,0 +1,57 @@
+"""Classification metrics as plain values (scikit-learn does the arithmetic)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .callbacks import EvalResult
+
+MISTAKES_KEPT = 50
+TEXT_CHARS_KEPT = 600
+
+
+def classification_result(step: int, epoch: float, labels: list[str], y_true: np.ndarray, probs: np.ndarray,
+                          eval_loss: float, texts: list[str] | None = None) -> EvalResult:
+    """Accuracy, macro-F1, per-class precision/recall/F1, the confusion matrix and the worst mistakes."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+    y_true = np.asarray(y_true)
+    y_pred = probs.argmax(axis=1)
+    classes = list(range(len(labels)))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=classes, zero_division=0)
+    per_class = {
+        name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+               "support": int(support[i])}
+        for i, name in enumerate(labels)
+    }
+    return EvalResult(
+        step=step,
+        epoch=float(epoch),
+        eval_loss=float(eval_loss),
+        accuracy=float(accuracy_score(y_true, y_pred)),
+        f1_macro=float(f1_score(y_true, y_pred, labels=classes, average="macro", zero_division=0)),
+        labels=list(labels),
+        confusion_matrix=confusion_matrix(y_true, y_pred, labels=classes).tolist(),
+        per_class=per_class,
+        mistakes=worst_mistakes(labels, y_true, probs, texts),
+    )
+
+
+def worst_mistakes(labels: list[str], y_true: np.ndarray, probs: np.ndarray, texts: list[str] | None,
+                   keep: int = MISTAKES_KEPT) -> list[dict]:
+    """The wrong predictions made with the highest confidence, most confident first."""
+    y_pred = probs.argmax(axis=1)
+    confidence = probs.max(axis=1)
+    wrong = np.flatnonzero(y_pred != y_true)
+    order = wrong[np.argsort(-confidence[wrong], kind="stable")][:keep]
+    return [
+        {
+            "index": int(i),
+            "text": (texts[i][:TEXT_CHARS_KEPT] if texts is not None else ""),
+            "true": labels[int(y_true[i])],
+            "predicted": labels[int(y_pred[i])],
+            "confidence": float(confidence[i]),
+        }
+        for i in order
+    ]
