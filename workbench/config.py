@@ -171,10 +171,10 @@ class Config:
     model: str = field(default="minilm-l6", metadata={"help": "catalog name, local directory, or hub id"})
     name: str | None = field(default=None, metadata={"help": "a label for the run in lists and plots"})
     trust_remote_code: bool = field(default=False, metadata={"help": "run code shipped with a hub model"})
-    data: DataConfig = field(default_factory=DataConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    track: TrackConfig = field(default_factory=TrackConfig)
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "the labelled text"})
+    method: MethodConfig = field(default_factory=MethodConfig, metadata={"help": "the tuning method"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "the optimisation schedule"})
+    track: TrackConfig = field(default_factory=TrackConfig, metadata={"help": "experiment trackers"})
 
     # --- conversions -------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -196,7 +196,7 @@ def detect_columns(df: pd.DataFrame, text_column: str | None = None,
     lower = {c.lower(): c for c in columns}
     text = text_column or next((lower[n] for n in TEXT_NAMES if n in lower), None)
     if text is None:
-        stringy = [c for c in columns if c != label_column and df[c].dtype == object]
+        stringy = [c for c in columns if c != label_column and (df[c].dtype == object or pd.api.types.is_string_dtype(df[c]))]
         lengths = {c: df[c].astype(str).str.len().mean() for c in stringy}
         text = max(lengths, key=lengths.get) if lengths else None
     if text is None:

@@ -99,6 +99,14 @@ def context_limit(model_config: Any) -> int | None:
     return None
 
 
+def _check_context(config: Config, model_config: Any) -> int | None:
+    limit = context_limit(model_config)
+    if limit is not None and config.train.max_length > limit:
+        raise WorkbenchError(f"train.max_length = {config.train.max_length} is beyond the model's limit of "
+                             f"{limit} tokens: set train.max_length <= {limit}")
+    return limit
+
+
 def linear_layer_names(model: nn.Module) -> list[str]:
     """Full names of the linear layers (LoRA candidates), bitsandbytes layers included."""
     return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
@@ -156,16 +164,25 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 # --- building -------------------------------------------------------------------
 
+def quiet_libraries() -> None:
+    """Load reports and progress bars are noise in a run log; warnings that matter still show."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*newly initialized.*")
+
+
 def build_model(config: Config, source: ModelSource, labels: list[str]) -> BuiltModel:
     """Load the pretrained model for `config.task` and apply the tuning method."""
     from transformers import AutoModelForSequenceClassification
 
+    quiet_libraries()
     method = config.method
     model_config = load_config(source, config.trust_remote_code)
-    limit = context_limit(model_config)
-    if limit is not None and config.train.max_length > limit:
-        raise WorkbenchError(f"train.max_length = {config.train.max_length} is beyond the model's limit of "
-                             f"{limit} tokens: set train.max_length <= {limit}")
+    limit = _check_context(config, model_config)
     tokenizer = load_tokenizer(source, config.trust_remote_code)
     kwargs = load_kwargs(source, config.trust_remote_code)
     kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
@@ -259,6 +276,28 @@ def disable_bnb_inference_repack(model: nn.Module) -> int:
             module.support_avx512bf16_for_cpu = False
             touched += 1
     return touched
+
+
+def check_model_fits(config: Config, source: ModelSource, num_labels: int) -> None:
+    """The model-dependent checks, on an empty (meta) model: context length and LoRA targets."""
+    from transformers import AutoModelForSequenceClassification
+
+    model_config = load_config(source, config.trust_remote_code)
+    limit = _check_context(config, model_config)
+    if config.method.uses_adapters:
+        model_config.num_labels = num_labels
+        try:
+            with torch.device("meta"):
+                skeleton = AutoModelForSequenceClassification.from_config(
+                    model_config, trust_remote_code=config.trust_remote_code)
+        except ValueError as exc:
+            raise WorkbenchError(f"model {source.name!r} cannot classify text ({str(exc).splitlines()[0]})") from None
+        resolve_targets(skeleton, config.method, head_module_names(skeleton))
+    if config.method.name == "qlora":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise WorkbenchError("method qlora needs bitsandbytes: pip install bitsandbytes") from None
 
 
 # --- inspection -------------------------------------------------------------------

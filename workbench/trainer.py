@@ -8,6 +8,7 @@ file owns the order of things. Checkpoints are our own small, safe format
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -34,6 +35,20 @@ from .metrics import classification_result
 from .store import RunStore
 
 BEST_METRIC = "accuracy"
+INTERNAL_ERROR = "internal error: "
+
+
+def preflight(config: Config, home: Path) -> Split:
+    """Every check that needs no weights: data, columns, labels, model config, limits, LoRA targets.
+
+    Runs before a run is registered, so a typo never leaves a failed run behind.
+    """
+    from .methods import check_model_fits
+
+    split = prepare(config.data, config.train.seed)
+    _check_batch_fits(config, split, 1)
+    check_model_fits(config, resolve_model(config.model, home, config.trust_remote_code), len(split.labels))
+    return split
 
 
 @dataclass
@@ -102,6 +117,29 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value.to(params[name].device))
+
+
+def accumulate_gradients(model: torch.nn.Module, accelerator: Any,
+                         micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Backward over one optimiser step's micro-batches; returns the step's mean loss.
+
+    Each micro-batch loss (a mean over its examples) is weighted by its share of
+    the step's examples, so gradients and loss equal those of one big batch,
+    whatever the accumulation and however uneven the last micro-batch (TRAPS.md:
+    HF Trainer multiplies both by the accumulation steps for classifiers).
+    """
+    total = sum(len(b["labels"]) for b in micro_batches)
+    step_loss = torch.zeros((), device=accelerator.device)
+    for m, batch in enumerate(micro_batches):
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        # no gradient all-reduce until the last micro-batch of the step
+        sync = accelerator.no_sync(model) if m < len(micro_batches) - 1 else contextlib.nullcontext()
+        with sync:
+            with accelerator.autocast():
+                scaled = model(**batch).loss * (len(batch["labels"]) / total)
+            accelerator.backward(scaled)
+        step_loss += scaled.detach().float()
+    return step_loss
 
 
 # --- checkpoints ------------------------------------------------------------------
@@ -265,18 +303,8 @@ def train(config: Config, store: RunStore | None = None, run_id: str | None = No
             for g, group in enumerate(groups[first_group:], start=first_group):
                 step_start = time.perf_counter()
                 group_size = sum(len(b) for b in group)
-                step_loss = torch.zeros((), device=accelerator.device)
-                for m, idx in enumerate(group):
-                    batch = {k: v.to(accelerator.device)
-                             for k, v in collate(tokenizer, train_enc, idx, split.train_labels).items()}
-                    # no gradient all-reduce until the last micro-batch of the step
-                    sync = accelerator.no_sync(model) if m < len(group) - 1 else _nullcontext()
-                    with sync, accelerator.autocast():
-                        loss = model(**batch).loss
-                        # mean over the step's examples, however the micro-batches are sized
-                        scaled = loss * (len(idx) / group_size)
-                    accelerator.backward(scaled)
-                    step_loss += scaled.detach()
+                micro_batches = [collate(tokenizer, train_enc, idx, split.train_labels) for idx in group]
+                step_loss = accumulate_gradients(model, accelerator, micro_batches)
                 if config.train.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, config.train.max_grad_norm)
                 optimizer.step()
@@ -318,7 +346,8 @@ def train(config: Config, store: RunStore | None = None, run_id: str | None = No
     except KeyboardInterrupt:
         status, error = "stopped", "interrupted"
     except Exception as exc:  # a crash: the run is marked failed with the reason, and re-raised below
-        error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        error = f"{INTERNAL_ERROR}{type(exc).__name__}: {detail} (traceback in {run_dir / 'log.txt'})"
         _log_traceback(run_dir)
     finally:
         _restore_sigterm(previous_sigterm)
@@ -339,14 +368,6 @@ def train(config: Config, store: RunStore | None = None, run_id: str | None = No
 
 
 # --- pieces of the loop -------------------------------------------------------------
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
 
 def _tokenize(tokenizer: Any, texts: list[str], max_length: int) -> list[Any]:
     enc = tokenizer(texts, truncation=True, max_length=max_length)

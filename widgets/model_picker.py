@@ -1,0 +1,160 @@
+"""ModelPicker: a catalog model, a local directory or a hub id, with what it is and whether it works offline."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+import ipywidgets as W
+import traitlets as T
+
+from workbench import WorkbenchError
+from workbench.catalog import DEFAULT_MODEL, MODELS
+
+from . import _style as S
+from ._background import Debouncer
+
+SOURCES = ("catalog", "local directory", "hub id")
+MAX_NAME_CHARS = 500
+
+
+class ModelPicker(W.VBox):
+    """Choose the model to fine-tune. `value` is what `Config.model` gets; `info` is `inspect_model`'s answer."""
+
+    value = T.Unicode(DEFAULT_MODEL, help="catalog name, local directory, or hub id").tag(sync=True)
+    source = T.Enum(SOURCES, default_value="catalog", help="where the model comes from")
+    trust_remote_code = T.Bool(False, help="allow code shipped with a hub model")
+    info = T.Dict(allow_none=True, default_value=None, help="inspect_model() result for `value`; None if unknown")
+    context_length = T.Int(None, allow_none=True, help="the model's token limit, when known")
+    error = T.Unicode("", help="why the model cannot be used, in words")
+    busy = T.Bool(False, help="an inspection is running")
+
+    def __init__(self, value: str = DEFAULT_MODEL, home: str | Path | None = None, debounce_s: float = 0.3,
+                 **kwargs: Any) -> None:
+        self.home = Path(home).resolve() if home is not None else None
+        self._source_buttons = W.ToggleButtons(options=list(SOURCES), value="catalog", description="Model from",
+                                               style={"description_width": S.LABEL_WIDTH, "button_width": "auto"},
+                                               layout=S.full_width())
+        self._catalog = W.Dropdown(options=[(f"{n} - {a.description}", n) for n, a in MODELS.items()],
+                                   value=DEFAULT_MODEL, description="Catalog", style=S.label_style(),
+                                   layout=S.full_width(max_width="48em"))
+        self._text = W.Text(value="", placeholder="/path/to/saved/model or org/model-name", description="Model",
+                            continuous_update=False, style=S.label_style(), layout=S.full_width(max_width="48em"))
+        self._trust = W.Checkbox(value=False, description="trust remote code (runs the model author's code)",
+                                 indent=False, layout=W.Layout(width="auto"))
+        self._info_html = W.HTML("", layout=S.full_width())
+        self._error_html = S.inline_error()
+        self._inspect = Debouncer(self._inspect_now, debounce_s)
+        super().__init__(children=[self._source_buttons, self._catalog, self._text, self._trust,
+                                   self._error_html, self._info_html], layout=S.full_width(), **kwargs)
+
+        self._source_buttons.observe(self._on_source_button, names="value")
+        self._catalog.observe(self._on_catalog, names="value")
+        self._text.observe(self._on_text, names="value")
+        self._trust.observe(self._on_trust, names="value")
+        self.observe(self._on_value, names=["value", "trust_remote_code"])
+        self.observe(self._show_error, names="error")
+        self.observe(self._show_source, names="source")
+        self.value = value
+        self._show_source()
+        if value == DEFAULT_MODEL:  # no change event fired
+            self._on_value()
+
+    # --- validation -----------------------------------------------------------
+    @T.validate("value")
+    def _valid_value(self, proposal: dict[str, Any]) -> str:
+        text = proposal["value"]
+        if not isinstance(text, str):
+            raise T.TraitError("the model must be given as text")
+        text = text.strip()
+        if not text or len(text) > MAX_NAME_CHARS or "\x00" in text:
+            raise T.TraitError(f"give a catalog model ({', '.join(MODELS)}), a local directory or a hub id")
+        return text
+
+    # --- control -> traits ------------------------------------------------------
+    def _on_source_button(self, change: dict[str, Any]) -> None:
+        if change["new"] in SOURCES:
+            self.source = change["new"]
+        if change["new"] == "catalog" and self._catalog.value in MODELS:
+            self.value = self._catalog.value
+        elif self._text.value.strip():
+            self._on_text({"new": self._text.value})
+
+    def _on_catalog(self, change: dict[str, Any]) -> None:
+        if change["new"] in MODELS:
+            self.value = change["new"]
+
+    def _on_text(self, change: dict[str, Any]) -> None:
+        try:
+            self.value = change["new"]
+        except T.TraitError as exc:
+            self.error = str(exc)
+
+    def _on_trust(self, change: dict[str, Any]) -> None:
+        self.trust_remote_code = bool(change["new"])
+
+    # --- traits -> view -----------------------------------------------------------
+    def _show_source(self, change: Any = None) -> None:
+        self._source_buttons.value = self.source
+        self._catalog.layout.display = "" if self.source == "catalog" else "none"
+        self._text.layout.display = "none" if self.source == "catalog" else ""
+        self._trust.layout.display = "" if self.source == "hub id" else "none"
+        self._text.placeholder = ("/path/to/a/saved/transformers/model" if self.source == "local directory"
+                                  else "org/model-name (needs network unless cached)")
+
+    def _on_value(self, change: Any = None) -> None:
+        name = self.value
+        if name in MODELS:
+            self.source, self._catalog.value = "catalog", name
+        else:
+            self.source = "local directory" if Path(name).expanduser().is_dir() or name.startswith(
+                (".", "/", "~")) else "hub id"
+            self._text.value = name
+        self._trust.value = self.trust_remote_code
+        self.busy = True
+        self._info_html.value = S.message(f"inspecting {name} ...", "muted")
+        self._inspect()
+
+    def _show_error(self, change: Any = None) -> None:
+        self._error_html.value = S.message(self.error)
+
+    # --- inspection (worker thread) -------------------------------------------------
+    def _inspect_now(self) -> None:
+        from workbench.methods import inspect_model
+
+        name, trust = self.value, self.trust_remote_code
+        try:
+            info = inspect_model(name, self.home, trust_remote_code=trust)
+            error = ""
+        except WorkbenchError as exc:
+            info, error = None, str(exc)
+        except Exception as exc:  # a model transformers cannot read: say so in words
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            info, error = None, f"model {name!r} could not be inspected ({type(exc).__name__}: {first})"
+        if (name, trust) != (self.value, self.trust_remote_code):
+            return  # the choice changed meanwhile; the newer inspection will report
+        self.info = info
+        self.context_length = (info or {}).get("context_length")
+        self.error = error
+        self._info_html.value = _describe(info) if info else ""
+        self.busy = False
+
+    def wait(self, timeout: float = 30.0) -> bool:
+        """Block until a pending inspection finished (scripts and tests)."""
+        return self._inspect.wait(timeout)
+
+
+def _describe(info: dict[str, Any]) -> str:
+    offline = ("available offline" if info.get("offline") else
+               "downloads from the Hugging Face hub (needs network unless cached)")
+    rows = [
+        ("Architecture", f"{info.get('architecture')} ({info.get('model_type')})"),
+        ("Parameters", f"{S.human_count(info.get('parameters'))} ({info.get('parameters', 0):,})"),
+        ("Context length", f"{info.get('context_length') or 'unknown'} tokens"),
+        ("Availability", offline),
+    ]
+    cells = "".join(f'<div style="color:{S.MUTED_COLOR}">{html.escape(k)}</div><div>{html.escape(str(v))}</div>'
+                    for k, v in rows)
+    return (f'<div style="display:grid; grid-template-columns:max-content minmax(0,1fr); gap:2px 12px; '
+            f'margin:4px 0">{cells}</div>')

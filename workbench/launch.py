@@ -1,0 +1,94 @@
+"""Runs as their own OS processes, so a kernel restart or a closed tab neither kills nor loses them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .store import FINAL_STATUSES, RunStore
+
+
+class RunHandle:
+    """A run in the store, followed from any process."""
+
+    def __init__(self, run_id: str, store: RunStore, process: subprocess.Popen | None = None) -> None:
+        self.id, self.store, self._process = run_id, store, process
+
+    def __repr__(self) -> str:
+        return f"RunHandle({self.id!r}, status={self.status!r})"
+
+    @property
+    def record(self) -> dict[str, Any]:
+        if self._process is not None:
+            self._process.poll()  # reap our own child so a finished run never looks alive
+        return self.store.get(self.id)
+
+    @property
+    def status(self) -> str:
+        return self.record["status"]
+
+    @property
+    def metrics(self) -> dict[str, Any] | None:
+        return self.record["metrics"]
+
+    @property
+    def done(self) -> bool:
+        return self.status in FINAL_STATUSES
+
+    def points(self, kind: str | None = None, after_seq: int = 0) -> list[dict[str, Any]]:
+        return self.store.points(self.id, kind=kind, after_seq=after_seq)
+
+    def stop(self) -> None:
+        """Ask the run to stop at its next step boundary; it saves a checkpoint and ends 'stopped'."""
+        self.store.request_stop(self.id)
+
+    def wait(self, timeout: float | None = None, poll: float = 0.5) -> dict[str, Any]:
+        """Block until the run ends (or `timeout` seconds pass); returns its record."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            record = self.record
+            if record["status"] in FINAL_STATUSES:
+                if self._process is not None:
+                    self._process.wait()
+                return record
+            if deadline is not None and time.monotonic() >= deadline:
+                return record
+            time.sleep(poll)
+
+    @property
+    def log_path(self) -> Path:
+        return self.store.run_dir(self.id) / "log.txt"
+
+
+def launch(config: Config, home: str | Path | None = None, resume_id: str | None = None,
+           env: dict[str, str] | None = None) -> RunHandle:
+    """Queue a run and start it in its own process (its own session: it outlives the caller)."""
+    store = RunStore(home)
+    if resume_id is None:
+        run_id = store.create_run(config.to_dict(), config.name)
+        args = ["--run-id", run_id]
+    else:
+        run_id = store.resolve(resume_id)
+        args = ["--resume", run_id]
+    log = open(store.run_dir(run_id) / "log.txt", "ab")
+    child_env = {**os.environ, "WORKBENCH_HOME": str(store.home), "PYTHONUNBUFFERED": "1", **(env or {})}
+    root = str(Path(__file__).resolve().parent.parent)
+    child_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, child_env.get("PYTHONPATH")) if p)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "workbench", "train", *args],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=child_env,
+        start_new_session=True, cwd=str(store.home),
+    )
+    log.close()
+    return RunHandle(run_id, store, process)
+
+
+def attach(run_id: str = "latest", home: str | Path | None = None) -> RunHandle:
+    """A handle on an existing run (e.g. after a kernel restart)."""
+    store = RunStore(home)
+    return RunHandle(store.resolve(run_id), store)

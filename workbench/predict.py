@@ -1,0 +1,64 @@
+"""Predictions from a finished run's best weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .catalog import resolve_model
+from .config import Config
+from .errors import WorkbenchError
+from .store import RunStore
+
+
+class Predictor:
+    """A trained classifier: `predict(texts)` returns label and per-label scores for each text."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, labels: list[str], max_length: int,
+                 run_id: str = "") -> None:
+        self.model, self.tokenizer, self.labels, self.max_length = model.eval(), tokenizer, labels, max_length
+        self.run_id = run_id
+
+    @torch.no_grad()
+    def predict(self, texts: str | list[str], batch_size: int = 32) -> list[dict[str, Any]]:
+        if isinstance(texts, str):
+            texts = [texts]
+        out: list[dict[str, Any]] = []
+        for start in range(0, len(texts), batch_size):
+            chunk = texts[start: start + batch_size]
+            batch = self.tokenizer(chunk, truncation=True, max_length=self.max_length, padding=True,
+                                   return_tensors="pt")
+            probs = torch.softmax(self.model(**batch).logits.float(), dim=-1)
+            for text, p in zip(chunk, probs.tolist()):
+                best = max(range(len(p)), key=p.__getitem__)
+                out.append({"text": text, "label": self.labels[best],
+                            "scores": {name: float(s) for name, s in zip(self.labels, p)}})
+        return out
+
+
+def load_predictor(run_id: str = "latest", home: str | Path | None = None) -> Predictor:
+    """Rebuild the run's model (base weights + the run's trained parameters)."""
+    from safetensors.torch import load_file
+
+    from .methods import build_model
+    from .trainer import load_trainable_state, set_seed
+
+    store = RunStore(home)
+    record = store.get(run_id)
+    model_dir = Path(record["dir"]) / "model"
+    if not (model_dir / "trainable.safetensors").is_file():
+        raise WorkbenchError(f"run {record['id']} has no trained model yet (status {record['status']}): "
+                             "wait until it completes an evaluation, or pick another run")
+    config = Config.from_dict(record["config"])
+    labels = json.loads((model_dir / "labels.json").read_text())
+    set_seed(config.train.seed)
+    built = build_model(config, resolve_model(config.model, store.home, config.trust_remote_code), labels)
+    load_trainable_state(built.model, load_file(str(model_dir / "trainable.safetensors")))
+    return Predictor(built.model, built.tokenizer, labels, config.train.max_length, record["id"])
+
+
+def predict(run_id: str, texts: str | list[str], home: str | Path | None = None) -> list[dict[str, Any]]:
+    return load_predictor(run_id, home).predict(texts)
