@@ -31,7 +31,7 @@ def sentiment_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     rows = []
     for i in range(n):
         label = "pos" if i % 2 == 0 else "neg"
-        words = rng.sample(FILLER, 5) + [rng.choice(POSITIVE if label == "pos" else NEGATIVE)]
+        words = rng.sample(FILLER, 3) + [rng.choice((POSITIVE if label == "pos" else NEGATIVE)[:2])] * 3
         rng.shuffle(words)
         rows.append({"text": " ".join(words) + f" {i}", "label": label})
     return rows
@@ -47,7 +47,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
+                        attention_probs_dropout_prob=0.0, initializer_range=0.2)
     BertForSequenceClassification(config).bert.save_pretrained(out)  # a backbone, like MiniLM's checkpoint
     AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(out)
     return out

@@ -17,12 +17,16 @@ from ._background import Debouncer
 
 SOURCES = ("catalog", "local directory", "hub id")
 MAX_NAME_CHARS = 500
+DEBOUNCE_S = 0.3
 
 
 class ModelPicker(W.VBox):
-    """Choose the model to fine-tune. `value` is what `Config.model` gets; `info` is `inspect_model`'s answer."""
+    """Choose the model to fine-tune. `value` is what `Config.model` gets; `info` is `inspect_model`'s answer.
 
-    value = T.Unicode(DEFAULT_MODEL, help="catalog name, local directory, or hub id").tag(sync=True)
+    With `background=False` inspections run inline (tests, scripts); otherwise on a worker thread.
+    """
+
+    value = T.Unicode(DEFAULT_MODEL, help="catalog name, local directory, or hub id")
     source = T.Enum(SOURCES, default_value="catalog", help="where the model comes from")
     trust_remote_code = T.Bool(False, help="allow code shipped with a hub model")
     info = T.Dict(allow_none=True, default_value=None, help="inspect_model() result for `value`; None if unknown")
@@ -30,7 +34,7 @@ class ModelPicker(W.VBox):
     error = T.Unicode("", help="why the model cannot be used, in words")
     busy = T.Bool(False, help="an inspection is running")
 
-    def __init__(self, value: str = DEFAULT_MODEL, home: str | Path | None = None, debounce_s: float = 0.3,
+    def __init__(self, value: str = DEFAULT_MODEL, home: str | Path | None = None, background: bool = True,
                  **kwargs: Any) -> None:
         self.home = Path(home).resolve() if home is not None else None
         self._source_buttons = W.ToggleButtons(options=list(SOURCES), value="catalog", description="Model from",
@@ -45,7 +49,7 @@ class ModelPicker(W.VBox):
                                  indent=False, layout=W.Layout(width="auto"))
         self._info_html = W.HTML("", layout=S.full_width())
         self._error_html = S.inline_error()
-        self._inspect = Debouncer(self._inspect_now, debounce_s)
+        self._inspect = Debouncer(self._inspect_now, DEBOUNCE_S if background else 0)
         super().__init__(children=[self._source_buttons, self._catalog, self._text, self._trust,
                                    self._error_html, self._info_html], layout=S.full_width(), **kwargs)
 
@@ -105,12 +109,14 @@ class ModelPicker(W.VBox):
 
     def _on_value(self, change: Any = None) -> None:
         name = self.value
+        # the control first, then the source: switching the source reads the control
         if name in MODELS:
-            self.source, self._catalog.value = "catalog", name
+            self._catalog.value = name
+            self.source = "catalog"
         else:
-            self.source = "local directory" if Path(name).expanduser().is_dir() or name.startswith(
-                (".", "/", "~")) else "hub id"
             self._text.value = name
+            local = Path(name).expanduser().is_dir() or name.startswith((".", "/", "~"))
+            self.source = "local directory" if local else "hub id"
         self._trust.value = self.trust_remote_code
         self.busy = True
         self._info_html.value = S.message(f"inspecting {name} ...", "muted")

@@ -430,6 +430,9 @@ def _evaluate_and_checkpoint(config: Config, accelerator: Any, model: Any, token
     else:
         progress.evals_without_improvement += 1
     _sync_state(state, progress, epoch)
+    patience = config.train.early_stopping_patience
+    if patience and progress.evals_without_improvement >= patience:
+        control.request_stop(f"early stopping: no improvement in {patience} evaluations")
     hooks.on_evaluate(state, control, result)
     if accelerator.is_main_process:
         _write_predictions(run_dir, result, split, probs)
@@ -449,9 +452,6 @@ def _evaluate_and_checkpoint(config: Config, accelerator: Any, model: Any, token
         hooks.on_checkpoint(state, str(path), improved)
     accelerator.wait_for_everyone()
     progress.eval_seconds += time.perf_counter() - eval_start
-    patience = config.train.early_stopping_patience
-    if patience and progress.evals_without_improvement >= patience:
-        control.request_stop(f"early stopping: no improvement in {patience} evaluations")
 
 
 def _write_predictions(run_dir: Path, result: EvalResult, split: Split, probs: np.ndarray) -> None:

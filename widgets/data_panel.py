@@ -1,0 +1,385 @@
+"""DataPanel: a catalog dataset or an uploaded file, its column mapping, a preview and the split settings."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+import time
+import unicodedata
+from pathlib import Path
+from typing import Any
+
+import ipywidgets as W
+import traitlets as T
+
+from workbench import DataConfig, WorkbenchError
+from workbench.catalog import DATASETS, DEFAULT_DATASET
+from workbench.store import default_home
+
+from . import _style as S
+from ._background import run_job
+
+UPLOAD_EXTENSIONS = (".csv", ".tsv", ".jsonl", ".parquet")
+MAX_UPLOAD_BYTES = 50 * 1024 * 1024
+PREVIEW_ROWS = 5
+PREVIEW_CHARS = 160
+MAX_BARS = 30
+MODES = ("catalog", "file")
+
+
+def safe_filename(name: str) -> str:
+    """A file name that cannot leave its directory: last path part only, [A-Za-z0-9._-], no leading dot."""
+    base = re.split(r"[\\/]", unicodedata.normalize("NFKC", name))[-1]
+    stem, dot, ext = base.rpartition(".")
+    if not dot:
+        stem, ext = base, ""
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_-")[:80] or "upload"
+    ext = re.sub(r"[^A-Za-z0-9]+", "", ext).lower()[:10]
+    return f"{stem}.{ext}" if ext else stem
+
+
+class DataPanel(W.VBox):
+    """Choose the labelled data; `to_config()` gives the `DataConfig`.
+
+    Problems (unreadable file, missing column, a single class) land in `errors` (field -> words) and
+    show next to the field. With `background=False` files are read inline (tests, scripts).
+    """
+
+    source = T.Unicode(DEFAULT_DATASET, help="catalog name, or the path of a data file")
+    text_column = T.Unicode(None, allow_none=True)
+    label_column = T.Unicode(None, allow_none=True)
+    columns = T.List(T.Unicode(), help="the columns of the loaded table")
+    eval_fraction = T.Float(0.2, help="share held out for evaluation")
+    max_train_samples = T.Int(None, allow_none=True, min=1)
+    max_eval_samples = T.Int(None, allow_none=True, min=1)
+    label_counts = T.Dict(help="rows per label in the label column")
+    num_labels = T.Int(2, help="distinct labels (at least 2 for the method's estimate)")
+    rows = T.Int(0, help="rows in the loaded table")
+    errors = T.Dict(help="field -> message; empty when all is well")
+    busy = T.Bool(False)
+
+    def __init__(self, home: str | Path | None = None, background: bool = True, **kwargs: Any) -> None:
+        self.home = Path(home).resolve() if home is not None else default_home()
+        self.background = background
+        self._df: Any = None
+        self._load_lock = threading.Lock()
+        self._wanted_columns: tuple[str | None, str | None] = (None, None)
+        style = S.label_style()
+
+        self._mode = W.ToggleButtons(options=[("Catalog", "catalog"), ("Upload a file", "file")], value="catalog",
+                                     description="Data from", style={**style, "button_width": "auto"},
+                                     layout=S.full_width())
+        self._catalog = W.Dropdown(options=[(f"{n} - {a.description}", n) for n, a in DATASETS.items()],
+                                   value=DEFAULT_DATASET, description="Dataset", style=style,
+                                   layout=S.full_width(max_width="48em"))
+        self._upload = W.FileUpload(accept=",".join(UPLOAD_EXTENSIONS), multiple=False,
+                                    description="Upload", layout=W.Layout(width="auto"))
+        self._file_label = W.HTML("", layout=S.full_width())
+        self._upload_hint = W.HTML(S.message(f"CSV, TSV, JSONL or Parquet, up to {MAX_UPLOAD_BYTES >> 20} MB; "
+                                             "one text column and one label column", "muted"))
+        self._upload_box = W.VBox([W.HBox([self._upload, self._file_label], layout=S.wrap_row()),
+                                   self._upload_hint], layout=S.full_width())
+        self._source_error = S.inline_error()
+
+        self._text = W.Dropdown(options=[], description="Text column", style=style, layout=S.control_layout())
+        self._label = W.Dropdown(options=[], description="Label column", style=style, layout=S.control_layout())
+        self._text_error, self._label_error = S.inline_error(), S.inline_error()
+        columns_row = W.Box([W.VBox([self._text, self._text_error], layout=S.control_layout()),
+                             W.VBox([self._label, self._label_error], layout=S.control_layout())],
+                            layout=S.wrap_row())
+
+        self._fraction = W.FloatSlider(value=0.2, min=0.05, max=0.5, step=0.05, description="Eval fraction",
+                                       readout_format=".2f", style=style, layout=S.control_layout())
+        self._max_train = W.BoundedIntText(value=0, min=0, max=10**9, description="Max train rows",
+                                           style=style, layout=S.control_layout())
+        self._max_eval = W.BoundedIntText(value=0, min=0, max=10**9, description="Max eval rows",
+                                          style=style, layout=S.control_layout())
+        self._split_error = S.inline_error()
+        split_row = W.Box([self._fraction, self._max_train, self._max_eval], layout=S.wrap_row())
+        caps_hint = W.HTML(S.message("0 rows = use all rows", "muted"))
+
+        self._summary = W.HTML("", layout=S.full_width())
+        self._preview = W.HTML("", layout=S.full_width())
+        self._bars = W.HTML("", layout=S.full_width())
+        self._config_error = S.inline_error()
+        super().__init__(children=[
+            self._mode, self._catalog, self._upload_box, self._source_error,
+            S.section("Columns"), columns_row, self._summary, self._preview,
+            S.section("Label distribution"), self._bars,
+            S.section("Split"), split_row, caps_hint, self._split_error, self._config_error,
+        ], layout=S.full_width(), **kwargs)
+
+        self._mode.observe(self._on_mode, names="value")
+        self._catalog.observe(self._on_catalog, names="value")
+        self._upload.observe(self._on_upload, names="value")
+        self._text.observe(self._on_text_column, names="value")
+        self._label.observe(self._on_label_column, names="value")
+        self._fraction.observe(self._on_fraction, names="value")
+        self._max_train.observe(self._on_caps, names="value")
+        self._max_eval.observe(self._on_caps, names="value")
+        self.observe(self._on_source, names="source")
+        self.observe(self._show_errors, names="errors")
+        self.observe(self._on_columns_chosen, names=["text_column", "label_column"])
+        self.observe(self._show_split, names=["eval_fraction", "max_train_samples", "max_eval_samples"])
+        self._show_mode("catalog")
+        self._on_source()
+
+    # --- validation ---------------------------------------------------------------
+    @T.validate("eval_fraction")
+    def _valid_fraction(self, proposal: dict[str, Any]) -> float:
+        value = proposal["value"]
+        if not 0.0 < value < 1.0:
+            raise T.TraitError(f"eval_fraction = {value!r}: a fraction strictly between 0 and 1, e.g. 0.2")
+        return value
+
+    @T.validate("source")
+    def _valid_source(self, proposal: dict[str, Any]) -> str:
+        value = proposal["value"].strip()
+        if not value or "\x00" in value:
+            raise T.TraitError("the data source must be a catalog name or a file path")
+        return value
+
+    # --- the uploads directory ----------------------------------------------------------
+    @property
+    def upload_dir(self) -> Path:
+        return self.home / "uploads"
+
+    def save_upload(self, name: str, content: bytes) -> Path:
+        """Check an uploaded file (type by extension, size) and save it under <home>/uploads; returns its path."""
+        if not isinstance(name, str) or not name.strip():
+            raise WorkbenchError("the upload has no file name: upload a .csv, .tsv, .jsonl or .parquet file")
+        if not isinstance(content, (bytes, bytearray, memoryview)):
+            raise WorkbenchError(f"upload {name[:80]!r} arrived without its content: upload it again")
+        data = bytes(content)
+        safe = safe_filename(name)
+        ext = Path(safe).suffix
+        if ext not in UPLOAD_EXTENSIONS:
+            raise WorkbenchError(f"upload {name[:80]!r} has an unsupported type {ext or '(none)'!r}: "
+                                 f"use {', '.join(UPLOAD_EXTENSIONS)}")
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise WorkbenchError(f"upload {name[:80]!r} is {len(data) / 2**20:.1f} MB, over the "
+                                 f"{MAX_UPLOAD_BYTES >> 20} MB limit: sample it down first")
+        if not data.strip():
+            raise WorkbenchError(f"upload {name[:80]!r} is empty: it needs a header row and labelled rows")
+        folder = self.upload_dir.resolve()
+        folder.mkdir(parents=True, exist_ok=True)
+        target = (folder / safe).resolve()
+        if target.exists() and target.read_bytes() != data:  # never overwrite another upload of that name
+            target = folder / f"{Path(safe).stem}-{hashlib.sha256(data).hexdigest()[:8]}{ext}"
+        if target.parent != folder:
+            raise WorkbenchError(f"upload name {name[:80]!r} is not allowed: rename the file")
+        tmp = target.with_name(target.name + ".part")
+        tmp.write_bytes(data)
+        tmp.replace(target)
+        return target
+
+    def _on_upload(self, change: dict[str, Any]) -> None:
+        files = change["new"]
+        if not files:
+            return  # cleared
+        try:
+            item = files[0] if isinstance(files, (list, tuple)) else None
+            if not isinstance(item, dict):
+                raise WorkbenchError("the upload arrived in an unexpected form: upload the file again")
+            path = self.save_upload(item.get("name"), item.get("content"))
+        except WorkbenchError as exc:
+            self._set_error("source", str(exc))
+            return
+        finally:
+            self._upload.value = ()  # free the bytes held by the widget
+        self.source = str(path)
+
+    # --- control -> traits ----------------------------------------------------------------
+    def _on_mode(self, change: dict[str, Any]) -> None:
+        if change["new"] not in MODES:
+            return
+        self._show_mode(change["new"])
+        if change["new"] == "catalog" and self._catalog.value in DATASETS:
+            self.source = self._catalog.value
+
+    def _on_catalog(self, change: dict[str, Any]) -> None:
+        if change["new"] in DATASETS:
+            self.source = change["new"]
+
+    def _on_text_column(self, change: dict[str, Any]) -> None:
+        if change["new"] in self.columns:
+            self.text_column = change["new"]
+
+    def _on_label_column(self, change: dict[str, Any]) -> None:
+        if change["new"] in self.columns:
+            self.label_column = change["new"]
+
+    def _on_fraction(self, change: dict[str, Any]) -> None:
+        try:
+            self.eval_fraction = float(change["new"])
+        except (T.TraitError, TypeError, ValueError) as exc:
+            self._set_error("split", str(exc))
+
+    def _on_caps(self, change: dict[str, Any]) -> None:
+        def cap(value: Any) -> int | None:
+            return int(value) if isinstance(value, int) and value > 0 else None
+
+        self.max_train_samples = cap(self._max_train.value)
+        self.max_eval_samples = cap(self._max_eval.value)
+
+    # --- traits -> view ---------------------------------------------------------------------
+    def _show_mode(self, mode: str) -> None:
+        self._mode.value = mode
+        self._catalog.layout.display = "" if mode == "catalog" else "none"
+        self._upload_box.layout.display = "" if mode == "file" else "none"
+
+    def _show_errors(self, change: Any = None) -> None:
+        e = self.errors
+        self._source_error.value = S.message(e.get("source", ""))
+        self._text_error.value = S.message(e.get("text_column", ""))
+        self._label_error.value = S.message(e.get("label_column", ""))
+        self._split_error.value = S.message(e.get("split", ""))
+        self._config_error.value = S.message(e.get("config", ""))
+
+    def _show_split(self, change: Any = None) -> None:
+        self._fraction.value = min(max(self.eval_fraction, self._fraction.min), self._fraction.max)
+        self._max_train.value = self.max_train_samples or 0
+        self._max_eval.value = self.max_eval_samples or 0
+        self._set_error("split", "")
+
+    def _set_error(self, field: str, text: str) -> None:
+        errors = {k: v for k, v in self.errors.items() if k != field}
+        if text:
+            errors[field] = text
+        self.errors = errors
+
+    # --- loading the table -------------------------------------------------------------------
+    def _on_source(self, change: Any = None) -> None:
+        source = self.source
+        if source in DATASETS:
+            self._catalog.value = source
+            self._show_mode("catalog")
+        else:
+            self._show_mode("file")
+            self._file_label.value = S.message(f"file: {Path(source).name}", "ok")
+        self.busy = True
+        self._summary.value = S.message(f"reading {Path(source).name} ...", "muted")
+        run_job(lambda: self._load(source), sync=not self.background, name="data-panel-load")
+
+    def _load(self, source: str) -> None:
+        from workbench.data import detect_columns, load_table
+
+        with self._load_lock:
+            if source != self.source:
+                return  # superseded
+            wanted = self._wanted_columns
+            self._wanted_columns = (None, None)
+            errors = {k: v for k, v in self.errors.items() if k not in ("source", "text_column", "label_column")}
+            try:
+                df, _ = load_table(source)
+                if df.empty:
+                    raise WorkbenchError(f"data source {Path(source).name!r} has no rows: add labelled rows")
+                df = df.rename(columns=str)
+            except WorkbenchError as exc:
+                self._df, self.columns, self.rows = None, [], 0
+                self._text.options, self._label.options = [], []
+                errors["source"] = str(exc)
+                self._summary.value = self._preview.value = self._bars.value = ""
+                self.errors, self.busy = errors, False
+                return
+            except Exception as exc:  # pandas / pyarrow failures on a malformed file
+                self._df, self.columns, self.rows = None, [], 0
+                errors["source"] = f"{Path(source).name!r} could not be read ({type(exc).__name__}): check the format"
+                self.errors, self.busy = errors, False
+                return
+            if source != self.source:
+                return
+            self._df, self.rows = df, len(df)
+            columns = [str(c) for c in df.columns]
+            self.columns = columns
+            self._text.options = self._label.options = columns
+            try:
+                text, label = detect_columns(df, *wanted)
+            except WorkbenchError as exc:
+                field = "label_column" if "label column" in str(exc) else "text_column"
+                errors[field] = str(exc)
+                text = wanted[0] if wanted[0] in columns else None
+                label = wanted[1] if wanted[1] in columns else None
+            self.errors = errors
+            self.text_column, self.label_column = text, label
+            self._on_columns_chosen()
+            self.busy = False
+
+    def _on_columns_chosen(self, change: Any = None) -> None:
+        """Column choice changed: sync the dropdowns, check the mapping, redraw preview and bars."""
+        df = self._df
+        if df is None:
+            return
+        text, label = self.text_column, self.label_column
+        if text in self.columns:
+            self._text.value = text
+        if label in self.columns:
+            self._label.value = label
+        errors = {k: v for k, v in self.errors.items() if k not in ("text_column", "label_column")}
+        if text is not None and text not in df.columns:
+            errors["text_column"] = f"text column {text!r} not found: columns found are {', '.join(self.columns)}"
+        if label is not None and label not in df.columns:
+            errors["label_column"] = f"label column {label!r} not found: columns found are {', '.join(self.columns)}"
+        counts: dict[str, int] = {}
+        if label in df.columns:
+            values = df[label].map(lambda v: "" if v is None or v != v else str(v).strip())
+            series = values[values != ""].value_counts()
+            counts = {str(k): int(v) for k, v in series.items()}
+            if text == label:
+                errors["label_column"] = "the text and label columns are the same column: choose two different ones"
+            elif len(counts) < 2:
+                only = f" ({next(iter(counts))!r})" if counts else ""
+                errors["label_column"] = (f"label column {label!r} has a single class{only}: classification needs "
+                                          "at least two; choose another column or add rows")
+        self.label_counts = counts
+        self.num_labels = max(len(counts), 2)
+        self.errors = errors
+        self._summary.value = S.message(
+            f"{len(df):,} rows, {len(self.columns)} columns, {len(counts)} labels", "muted")
+        self._preview.value = self._preview_html(df, text, label)
+        shown = dict(list(counts.items())[:MAX_BARS])
+        more = f"<div>... and {len(counts) - MAX_BARS} more labels</div>" if len(counts) > MAX_BARS else ""
+        self._bars.value = S.bars_html(shown, total=sum(counts.values())) + more
+
+    @staticmethod
+    def _preview_html(df: Any, text: str | None, label: str | None) -> str:
+        cols = [c for c in (text, label) if c in df.columns] or [str(c) for c in df.columns[:4]]
+        rows = []
+        for _, row in df.head(PREVIEW_ROWS).iterrows():
+            cells = []
+            for c in cols:
+                value = "" if row[c] is None else str(row[c])
+                cells.append(value if len(value) <= PREVIEW_CHARS else value[:PREVIEW_CHARS] + "...")
+            rows.append(cells)
+        return S.table_html(cols, rows)
+
+    def wait(self, timeout: float = 30.0) -> bool:
+        """Block until a pending file read finished (scripts and tests)."""
+        deadline = time.monotonic() + timeout
+        while self.busy and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return not self.busy
+
+    # --- config ---------------------------------------------------------------------------------
+    def to_config(self) -> DataConfig:
+        """The DataConfig for the current choices; a WorkbenchError is shown inline and re-raised."""
+        try:
+            cfg = DataConfig(source=self.source, text_column=self.text_column, label_column=self.label_column,
+                             eval_fraction=float(self.eval_fraction), max_train_samples=self.max_train_samples,
+                             max_eval_samples=self.max_eval_samples)
+        except WorkbenchError as exc:
+            self._set_error("config", str(exc))
+            raise
+        self._set_error("config", "")
+        return cfg
+
+    def from_config(self, cfg: DataConfig) -> None:
+        """Show a DataConfig: its source (read again), columns and split settings."""
+        self.eval_fraction = cfg.eval_fraction
+        self.max_train_samples, self.max_eval_samples = cfg.max_train_samples, cfg.max_eval_samples
+        self._wanted_columns = (cfg.text_column, cfg.label_column)
+        if cfg.source == self.source:
+            self._on_source()  # read again so the wanted columns apply
+        else:
+            self.source = cfg.source
