@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 import threading
@@ -63,6 +64,7 @@ class DataPanel(W.VBox):
         self.home = Path(home).resolve() if home is not None else default_home()
         self.background = background
         self._df: Any = None
+        self._base = DataConfig()  # fields without a control (eval_source) come from the last from_config
         self._load_lock = threading.Lock()
         self._wanted_columns: tuple[str | None, str | None] = (None, None)
         style = S.label_style()
@@ -365,9 +367,10 @@ class DataPanel(W.VBox):
     def to_config(self) -> DataConfig:
         """The DataConfig for the current choices; a WorkbenchError is shown inline and re-raised."""
         try:
-            cfg = DataConfig(source=self.source, text_column=self.text_column, label_column=self.label_column,
-                             eval_fraction=float(self.eval_fraction), max_train_samples=self.max_train_samples,
-                             max_eval_samples=self.max_eval_samples)
+            cfg = dataclasses.replace(
+                self._base, source=self.source, text_column=self.text_column, label_column=self.label_column,
+                eval_fraction=float(self.eval_fraction), max_train_samples=self.max_train_samples,
+                max_eval_samples=self.max_eval_samples)
         except WorkbenchError as exc:
             self._set_error("config", str(exc))
             raise
@@ -375,7 +378,8 @@ class DataPanel(W.VBox):
         return cfg
 
     def from_config(self, cfg: DataConfig) -> None:
-        """Show a DataConfig: its source (read again), columns and split settings."""
+        """Show a DataConfig: its source (read again), columns and split settings; eval_source is kept."""
+        self._base = cfg
         self.eval_fraction = cfg.eval_fraction
         self.max_train_samples, self.max_eval_samples = cfg.max_train_samples, cfg.max_eval_samples
         self._wanted_columns = (cfg.text_column, cfg.label_column)

@@ -7,6 +7,7 @@ comes from polling the run store on a daemon thread.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -62,6 +63,7 @@ class TrainPanel(W.VBox):
         self.background = background
         self.config_factory: Callable[[], Config] = config_factory or self.default_config
         self.handle: Any = None
+        self._base_train, self._base_track = TrainConfig(), TrackConfig()
         self._seq = 0
         self._times: list[tuple[int, float]] = []
         self._poller = Poller(self._tick, POLL_S, name="train-panel-poll")
@@ -152,21 +154,27 @@ class TrainPanel(W.VBox):
 
     # --- config -------------------------------------------------------------------------------
     def to_config(self) -> TrainConfig:
+        """The TrainConfig; fields without a control here (scheduler, weight decay...) come from the last
+        `from_config`, else the defaults. A WorkbenchError is shown inline and re-raised."""
         try:
-            cfg = TrainConfig(epochs=self.epochs, batch_size=self.batch_size, learning_rate=self.learning_rate,
-                              warmup_ratio=self.warmup_ratio, gradient_accumulation=self.gradient_accumulation,
-                              max_length=self.max_length, eval_every=self.eval_every,
-                              early_stopping_patience=self.early_stopping_patience, seed=self.seed)
+            cfg = dataclasses.replace(
+                self._base_train, epochs=self.epochs, batch_size=self.batch_size, learning_rate=self.learning_rate,
+                warmup_ratio=self.warmup_ratio, gradient_accumulation=self.gradient_accumulation,
+                max_length=self.max_length, eval_every=self.eval_every,
+                early_stopping_patience=self.early_stopping_patience, seed=self.seed)
         except WorkbenchError as exc:
             self.error = str(exc)
             raise
         return cfg
 
     def to_track_config(self) -> TrackConfig:
-        return TrackConfig(wandb=self.wandb, tensorboard=self.tensorboard)
+        return dataclasses.replace(self._base_track, wandb=self.wandb, tensorboard=self.tensorboard)
 
     def from_config(self, cfg: TrainConfig, track: TrackConfig | None = None, name: str | None = None) -> None:
-        """Show a TrainConfig (fields this panel has no control for are kept by the caller's Config)."""
+        """Show a TrainConfig (and TrackConfig); fields without a control are kept for `to_config`."""
+        self._base_train = cfg
+        if track is not None:
+            self._base_track = track
         with self.hold_trait_notifications():
             for trait in ("epochs", "batch_size", "learning_rate", "warmup_ratio", "gradient_accumulation",
                           "eval_every", "early_stopping_patience", "seed"):

@@ -1,0 +1,20 @@
+"""Jupyter widgets for LLM Workbench: panels that build core configs, viewers that read runs.
+
+The core (`workbench`) never imports this package. Every panel is a trait class; `dashboard.wire`
+is the one place that connects them.
+"""
+
+from .compare import RunCompare
+from .confusion import ConfusionMatrix
+from .dashboard import Dashboard, wire
+from .data_panel import DataPanel
+from .loss_curve import LossCurve
+from .method_panel import METHOD_PANELS, MethodPanel, register_method
+from .model_picker import ModelPicker
+from .playground import Playground
+from .train_panel import TrainPanel
+
+__all__ = [
+    "ConfusionMatrix", "Dashboard", "DataPanel", "LossCurve", "METHOD_PANELS", "MethodPanel", "ModelPicker",
+    "Playground", "RunCompare", "TrainPanel", "register_method", "wire",
+]

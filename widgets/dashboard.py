@@ -1,0 +1,178 @@
+"""Dashboard: pick, configure, train, watch, inspect, compare, try. All wiring lives in `wire()`."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import ipywidgets as W
+import traitlets as T
+
+from workbench import Config, WorkbenchError
+from workbench.store import FINAL_STATUSES, RunStore
+
+from . import _style as S
+from .compare import RunCompare
+from .confusion import ConfusionMatrix
+from .data_panel import DataPanel
+from .loss_curve import LossCurve
+from .method_panel import MethodPanel
+from .model_picker import ModelPicker
+from .playground import Playground
+from .train_panel import TrainPanel
+
+CONFIG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,80}$")
+
+
+def wire(model: ModelPicker, data: DataPanel, method: MethodPanel, train: TrainPanel, curve: LossCurve,
+         confusion: ConfusionMatrix, compare: RunCompare, playground: Playground) -> None:
+    """Connect the panels: the ONE place where one widget follows another."""
+    # the method's estimate follows the model, the data and the schedule
+    T.dlink((model, "value"), (method, "model"))
+    T.dlink((model, "trust_remote_code"), (method, "trust_remote_code"))
+    T.dlink((data, "num_labels"), (method, "num_labels"))
+    T.dlink((train, "batch_size"), (method, "batch_size"))
+    T.dlink((train, "max_length"), (method, "max_length"))
+    T.dlink((model, "context_length"), (train, "max_length_limit"))
+
+    # Start gathers every panel into one Config
+    def build_config() -> Config:
+        return Config(model=model.value, trust_remote_code=model.trust_remote_code, name=train.run_name or None,
+                      data=data.to_config(), method=method.to_config(), train=train.to_config(),
+                      track=train.to_track_config())
+
+    train.config_factory = build_config
+
+    # the live views follow the run that Train launched
+    T.dlink((train, "run_id"), (curve, "run_ids"), transform=lambda run_id: [run_id] if run_id else [])
+    T.dlink((train, "run_id"), (confusion, "run_id"))
+
+    # a run that ends shows up in the comparison and the playground
+    def on_status(change: dict[str, Any]) -> None:
+        if change["new"] in FINAL_STATUSES or change["new"] == "queued":
+            compare.refresh()
+            playground.refresh_runs()
+
+    train.observe(on_status, names="status")
+
+
+class Dashboard(W.VBox):
+    """Every panel in tabs, one config load/save bar, and a `read_only` mode that hides training."""
+
+    read_only = T.Bool(False, help="view runs only: no training controls, no config files (public demos)")
+    message = T.Unicode("", help="the outcome of the last load/save")
+
+    def __init__(self, home: str | Path | None = None, read_only: bool = False, background: bool = True,
+                 **kwargs: Any) -> None:
+        self.store = RunStore(home)
+        home = self.store.home
+        self.model = ModelPicker(home=home, background=background)
+        self.data = DataPanel(home=home, background=background)
+        self.method = MethodPanel(home=home, background=background)
+        self.train = TrainPanel(home=home, background=background)
+        self.curve = LossCurve(store=self.store, background=background)
+        self.confusion = ConfusionMatrix(store=self.store, background=background)
+        self.compare = RunCompare(store=self.store, background=background)
+        self.playground = Playground(store=self.store, background=background)
+        wire(self.model, self.data, self.method, self.train, self.curve, self.confusion, self.compare,
+             self.playground)
+
+        style = S.label_style()
+        self._config_name = W.Combobox(placeholder="name.yaml", description="Config file", ensure_option=False,
+                                       style=style, layout=S.control_layout())
+        load = W.Button(description="Load", icon="folder-open", layout=W.Layout(width="auto"))
+        save = W.Button(description="Save", icon="save", layout=W.Layout(width="auto"))
+        load.on_click(lambda _: self._load_clicked())
+        save.on_click(lambda _: self._save_clicked())
+        self._message = W.HTML("", layout=S.full_width())
+        self._config_bar = W.VBox([W.Box([self._config_name, load, save], layout=S.wrap_row()), self._message],
+                                  layout=S.full_width())
+        self._setup = W.VBox([S.section("1. Model"), self.model, S.section("2. Data"), self.data,
+                              S.section("3. Method"), self.method], layout=S.full_width())
+        self._run_tab = W.VBox([S.section("4. Train"), self.train, S.section("5. Watch"), self.curve,
+                                S.section("6. Inspect"), self.confusion], layout=S.full_width())
+        self.tabs = W.Tab(layout=S.full_width())
+        super().__init__(children=[self._config_bar, self.tabs], layout=S.full_width(), **kwargs)
+        self.observe(self._show_read_only, names="read_only")
+        self.observe(lambda c: setattr(self._message, "value", S.message(c["new"], "muted")), names="message")
+        self.read_only = read_only
+        self._show_read_only()
+        self._list_configs()
+
+    # --- config files ---------------------------------------------------------------------------
+    @property
+    def config_dir(self) -> Path:
+        return self.store.home / "configs"
+
+    def config(self) -> Config:
+        """The whole Config from every panel (a WorkbenchError is shown in the panel it concerns)."""
+        return self.train.config_factory()
+
+    def from_config(self, cfg: Config) -> None:
+        """Show a Config in every panel."""
+        self.model.trust_remote_code = cfg.trust_remote_code
+        self.model.value = cfg.model
+        self.data.from_config(cfg.data)
+        self.method.from_config(cfg.method)
+        self.train.from_config(cfg.train, cfg.track, cfg.name or "")
+
+    def load_config(self, path: str | Path) -> Config:
+        """Load a YAML config (any path: this is the Python API) and show it."""
+        cfg = Config.load(path)
+        self.from_config(cfg)
+        self.message = f"loaded {Path(path).name}"
+        return cfg
+
+    def save_config(self, path: str | Path) -> Path:
+        """Save the current settings as YAML (any path: this is the Python API)."""
+        self.config().save(path)
+        self.message = f"saved {Path(path).name}"
+        return Path(path)
+
+    def _config_path(self) -> Path:
+        """The file named in the page: a plain name inside <home>/configs (a page visitor may type anything)."""
+        name = self._config_name.value if isinstance(self._config_name.value, str) else ""
+        name = name.strip()
+        if name and not name.endswith((".yaml", ".yml")):
+            name += ".yaml"
+        if not CONFIG_NAME.match(name) or ".." in name:
+            raise WorkbenchError(f"config name {name[:60]!r} is not allowed: use letters, digits, '.', '_' or '-' "
+                                 f"(it is saved in {self.config_dir})")
+        return self.config_dir / name
+
+    def _load_clicked(self) -> None:
+        if self.read_only:
+            return
+        try:
+            self.load_config(self._config_path())
+        except WorkbenchError as exc:
+            self.message = str(exc)
+
+    def _save_clicked(self) -> None:
+        if self.read_only:
+            return
+        try:
+            path = self._config_path()
+            self.config_dir.mkdir(parents=True, exist_ok=True)
+            self.save_config(path)
+        except WorkbenchError as exc:
+            self.message = str(exc)
+        self._list_configs()
+
+    def _list_configs(self) -> None:
+        files = sorted(p.name for p in self.config_dir.glob("*.y*ml")) if self.config_dir.is_dir() else []
+        self._config_name.options = files
+
+    # --- read-only mode --------------------------------------------------------------------------
+    def _show_read_only(self, change: Any = None) -> None:
+        self.train.read_only = self.read_only
+        self._config_bar.layout.display = "none" if self.read_only else ""
+        if self.read_only:
+            tabs = [("Runs", self.compare), ("Watch", W.VBox([self.curve, self.confusion], layout=S.full_width())),
+                    ("Try", self.playground)]
+        else:
+            tabs = [("Set up", self._setup), ("Train & watch", self._run_tab), ("Compare runs", self.compare),
+                    ("Try it", self.playground)]
+        self.tabs.children = [w for _, w in tabs]
+        self.tabs.titles = tuple(t for t, _ in tabs)
