@@ -31,7 +31,7 @@ def full_width(**extra: Any) -> W.Layout:
 def wrap_row(**extra: Any) -> W.Layout:
     """A flex row whose children wrap onto new lines at narrow widths."""
     return W.Layout(width="100%", display="flex", flex_flow="row wrap", align_items="flex-start",
-                    gap="4px 12px", **extra)
+                    grid_gap="4px 12px", **extra)
 
 
 def control_layout() -> W.Layout:
