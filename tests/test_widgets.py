@@ -492,7 +492,7 @@ def test_confusion_matrix_cells_and_examples(home: Path, wb_store: RunStore) -> 
     cm = ConfusionMatrix(home=home, run_id=run_id, background=False)
     heat = cm.fig.data[0]
     assert cm.steps == [5, 10] and cm.best_step == 5 and cm.shown_step == 10
-    assert heat.x == tuple(LABELS) and heat.z == ((3, 1), (2, 4))
+    assert heat.x == tuple(LABELS) and [list(r) for r in heat.z] == [[3, 1], [2, 4]]
     assert "precision" in cm._per_class.value and "0.75" in cm._per_class.value
 
     examples = cm.select_cell("pos", "neg")
@@ -500,7 +500,7 @@ def test_confusion_matrix_cells_and_examples(home: Path, wb_store: RunStore) -> 
     assert cm.selected == ("pos", "neg") and "pos called neg 1" in cm._examples.value
 
     cm.normalize = True
-    assert cm.fig.data[0].z[0] == pytest.approx((0.75, 0.25))
+    assert list(cm.fig.data[0].z[0]) == pytest.approx([0.75, 0.25])
     assert cm.examples == examples  # the selection survives a redraw
 
     cm._step_pick.value = 5  # the step dropdown

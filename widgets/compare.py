@@ -83,7 +83,7 @@ class RunCompare(W.VBox):
             W.HTML(S.message("Ctrl/Cmd-click to choose several runs to compare.", "muted")),
             self._error_html, S.section("Curves"), self.curve,
             S.section("Confusion matrices (best evaluation of each run)"), self._matrix_box,
-        ], layout=S.full_width(), **kwargs)
+        ], **{"layout": S.full_width(), **kwargs})
         W.link((self, "sort_by"), (sort, "value"))
         W.link((self, "descending"), (direction, "value"))
         self._pick.observe(self._on_pick, names="value")

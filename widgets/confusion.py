@@ -71,7 +71,7 @@ class ConfusionMatrix(W.VBox):
             W.Box([self._step_pick, norm], layout=S.wrap_row()), self._title,
             W.Box([plot_box, self._per_class], layout=S.wrap_row()),
             self._error_html, self._examples,
-        ], layout=S.full_width(), **kwargs)
+        ], **{"layout": S.full_width(), **kwargs})
         W.link((self, "normalize"), (norm, "value"))
         self._step_pick.observe(self._on_step_pick, names="value")
         self.observe(self._on_run, names="run_id")

@@ -93,7 +93,7 @@ class Dashboard(W.VBox):
         self._run_tab = W.VBox([S.section("4. Train"), self.train, S.section("5. Watch"), self.curve,
                                 S.section("6. Inspect"), self.confusion], layout=S.full_width())
         self.tabs = W.Tab(layout=S.full_width())
-        super().__init__(children=[self._config_bar, self.tabs], layout=S.full_width(), **kwargs)
+        super().__init__(children=[self._config_bar, self.tabs], **{"layout": S.full_width(), **kwargs})
         self.observe(self._show_read_only, names="read_only")
         self.observe(lambda c: setattr(self._message, "value", S.message(c["new"], "muted")), names="message")
         self.read_only = read_only

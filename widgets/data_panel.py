@@ -64,6 +64,7 @@ class DataPanel(W.VBox):
         self.home = Path(home).resolve() if home is not None else default_home()
         self.background = background
         self._df: Any = None
+        self._detect_error: tuple[str, str] | None = None  # (field, message) from detect_columns
         self._base = DataConfig()  # fields without a control (eval_source) come from the last from_config
         self._load_lock = threading.Lock()
         self._wanted_columns: tuple[str | None, str | None] = (None, None)
@@ -110,7 +111,7 @@ class DataPanel(W.VBox):
             S.section("Columns"), columns_row, self._summary, self._preview,
             S.section("Label distribution"), self._bars,
             S.section("Split"), split_row, caps_hint, self._split_error, self._config_error,
-        ], layout=S.full_width(), **kwargs)
+        ], **{"layout": S.full_width(), **kwargs})
 
         self._mode.observe(self._on_mode, names="value")
         self._catalog.observe(self._on_catalog, names="value")
@@ -296,11 +297,12 @@ class DataPanel(W.VBox):
             columns = [str(c) for c in df.columns]
             self.columns = columns
             self._text.options = self._label.options = columns
+            self._detect_error = None
             try:
                 text, label = detect_columns(df, *wanted)
             except WorkbenchError as exc:
                 field = "label_column" if "label column" in str(exc) else "text_column"
-                errors[field] = str(exc)
+                self._detect_error = (field, str(exc))
                 text = wanted[0] if wanted[0] in columns else None
                 label = wanted[1] if wanted[1] in columns else None
             self.errors = errors
@@ -319,6 +321,8 @@ class DataPanel(W.VBox):
         if label in self.columns:
             self._label.value = label
         errors = {k: v for k, v in self.errors.items() if k not in ("text_column", "label_column")}
+        if self._detect_error is not None and getattr(self, self._detect_error[0]) is None:
+            errors[self._detect_error[0]] = self._detect_error[1]  # until the user picks that column
         if text is not None and text not in df.columns:
             errors["text_column"] = f"text column {text!r} not found: columns found are {', '.join(self.columns)}"
         if label is not None and label not in df.columns:

@@ -133,7 +133,7 @@ class LossCurve(W.VBox):
         log = W.ToggleButton(description="log scale", icon="line-chart", layout=W.Layout(width="auto"))
         self._info = W.HTML("", layout=S.full_width())
         super().__init__(children=[W.Box([smoothing, log], layout=S.wrap_row()), self.fig, self._info],
-                         layout=S.full_width(), **kwargs)
+                         **{"layout": S.full_width(), **kwargs})
         W.link((self, "smoothing"), (smoothing, "value"))  # the trait is the source of truth
         W.link((self, "log_scale"), (log, "value"))
         self.observe(self._on_runs, names="run_ids")

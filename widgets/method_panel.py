@@ -130,7 +130,7 @@ class MethodPanel(W.VBox):
         self._error_html = S.inline_error()
         self._estimate = Debouncer(self._estimate_now, DEBOUNCE_S if background else 0)
         super().__init__(children=[self._method, self._body, S.section("Estimate"), self._readout,
-                                   self._error_html], layout=S.full_width(), **kwargs)
+                                   self._error_html], **{"layout": S.full_width(), **kwargs})
 
         self._method.observe(self._on_method_button, names="value")
         self._targets.observe(self._on_targets_control, names="value")

@@ -51,7 +51,7 @@ class ModelPicker(W.VBox):
         self._error_html = S.inline_error()
         self._inspect = Debouncer(self._inspect_now, DEBOUNCE_S if background else 0)
         super().__init__(children=[self._source_buttons, self._catalog, self._text, self._trust,
-                                   self._error_html, self._info_html], layout=S.full_width(), **kwargs)
+                                   self._error_html, self._info_html], **{"layout": S.full_width(), **kwargs})
 
         self._source_buttons.observe(self._on_source_button, names="value")
         self._catalog.observe(self._on_catalog, names="value")

@@ -49,7 +49,7 @@ class Playground(W.VBox):
         self._output = W.HTML("", layout=S.full_width())
         self._error_html = S.inline_error()
         super().__init__(children=[self._run, self._text, W.Box([self._predict, refresh], layout=S.wrap_row()),
-                                   self._error_html, self._output], layout=S.full_width(), **kwargs)
+                                   self._error_html, self._output], **{"layout": S.full_width(), **kwargs})
         self._run.observe(self._on_run_control, names="value")
         self._text.observe(self._on_text_control, names="value")
         self.observe(self._show_error, names="error")

@@ -104,7 +104,7 @@ class TrainPanel(W.VBox):
             W.Box([epochs, batch, lr, warmup, accum, self._max_length, eval_every, patience, seed, name],
                   layout=S.wrap_row()),
             hints, wandb, tensorboard, self._controls, self._bar, self._progress, self._error_html,
-        ], layout=S.full_width(), **kwargs)
+        ], **{"layout": S.full_width(), **kwargs})
         self._lr = lr
         self.observe(self._widen_lr_range, names="learning_rate")  # before the link: never clamp a config
         for control, trait in ((epochs, "epochs"), (batch, "batch_size"), (lr, "learning_rate"),
