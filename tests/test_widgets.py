@@ -143,6 +143,21 @@ def test_plotly_figurewidget_works() -> None:
     assert fig.data[0].x == (1, 2, 3)
 
 
+def test_debouncer_coalesces_bursts() -> None:
+    from widgets._background import Debouncer
+
+    calls = []
+    debounced = Debouncer(lambda: calls.append(time.monotonic()), delay=0.05)
+    for _ in range(20):  # a burst of keystrokes
+        debounced()
+    assert debounced.wait(5)
+    time.sleep(0.1)
+    assert len(calls) == 1
+    inline = Debouncer(lambda: calls.append(0.0), delay=0)
+    inline()
+    assert len(calls) == 2  # delay 0 runs at once, inline (what the tests use)
+
+
 # --- ModelPicker -----------------------------------------------------------------------------------------
 
 def test_model_picker_catalog_model(home: Path) -> None:
@@ -281,6 +296,8 @@ def test_data_panel_config_round_trip(home: Path, csv_file: Path) -> None:
     panel.from_config(cfg)
     assert panel._fraction.value == pytest.approx(0.3) and panel._max_eval.value == 8
     assert panel.to_config() == cfg
+    panel.from_config(DataConfig(source=str(csv_file), eval_fraction=0.7))  # beyond the slider's usual range
+    assert panel.to_config().eval_fraction == 0.7 and panel._fraction.value == pytest.approx(0.7)
     with pytest.raises(T.TraitError):
         panel.eval_fraction = 1.5
 

@@ -241,7 +241,10 @@ class DataPanel(W.VBox):
         self._config_error.value = S.message(e.get("config", ""))
 
     def _show_split(self, change: Any = None) -> None:
-        self._fraction.value = min(max(self.eval_fraction, self._fraction.min), self._fraction.max)
+        # widen the slider rather than clamp a config's value (a clamped slider would write it back)
+        self._fraction.min = min(self._fraction.min, self.eval_fraction)
+        self._fraction.max = max(self._fraction.max, self.eval_fraction)
+        self._fraction.value = self.eval_fraction
         self._max_train.value = self.max_train_samples or 0
         self._max_eval.value = self.max_eval_samples or 0
         self._set_error("split", "")

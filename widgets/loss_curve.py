@@ -228,7 +228,8 @@ class LossCurve(W.VBox):
                 go.Scatter(name=f"{prefix}train loss (raw)", mode="lines", legendgroup=group, showlegend=False,
                            line={"color": color, "width": 1}, opacity=0.3, hoverinfo="skip"),
                 go.Scatter(name=f"{prefix}train loss", mode="lines", legendgroup=group,
-                           line={"color": color, "width": 2}),
+                           line={"color": color, "width": 2},
+                           hovertemplate="step %{x}<br>loss %{y:.4f}<br>epoch %{customdata}<extra></extra>"),
                 go.Scatter(name=f"{prefix}eval loss", mode="lines+markers", legendgroup=group,
                            line={"color": color, "width": 2, "dash": "dot"}, marker={"size": 7, "symbol": "circle"}),
                 go.Scatter(name=f"{prefix}accuracy", mode="lines+markers", legendgroup=group, yaxis="y2",
@@ -257,8 +258,7 @@ class LossCurve(W.VBox):
                 steps = list(hist.train_steps)
                 raw.x, raw.y = (steps, list(hist.train_loss)) if self.smoothing > 0 else ([], [])
                 smooth.x, smooth.y = steps, ema(hist.train_loss, self.smoothing)
-                smooth.customdata = [[e + 1] for e in hist.train_epoch]
-                smooth.hovertemplate = "step %{x}<br>loss %{y:.4f}<br>epoch %{customdata[0]}<extra></extra>"
+                smooth.customdata = [int(e) + 1 for e in hist.train_epoch]
                 ev.x, ev.y = list(hist.eval_steps), list(hist.eval_loss)
                 acc.x, acc.y = list(hist.eval_steps), list(hist.accuracy)
                 if hist.best_step is not None and hist.best_step in hist.eval_steps:

@@ -135,7 +135,8 @@ class MethodPanel(W.VBox):
         self._method.observe(self._on_method_button, names="value")
         self._targets.observe(self._on_targets_control, names="value")
         self.observe(self._show_method, names="method")
-        self.observe(self._show_targets, names=["target_modules", "linear_layers"])
+        self.observe(self._show_layers, names="linear_layers")
+        self.observe(self._show_targets, names="target_modules")
         self.observe(self._show_error, names="error")
         self.observe(self._show_estimate, names="estimate")
         self.observe(self._schedule, names=["method", "r", "model", "trust_remote_code", "batch_size",
@@ -182,11 +183,15 @@ class MethodPanel(W.VBox):
         self._method.value = name
         self._body.children = [self._subpanels[name]]
 
-    def _show_targets(self, change: Any = None) -> None:
+    def _show_layers(self, change: Any = None) -> None:
+        """New model, new layer names: refill the multi-select, keeping the chosen names it still has."""
         keep = tuple(t for t in self.target_modules if t in self.linear_layers)
         if tuple(self._targets.options) != tuple(self.linear_layers):
-            self._targets.options = list(self.linear_layers)  # resets the selection
-        self._targets.value = keep
+            self._targets.options = list(self.linear_layers)  # resets the selection ...
+        self._targets.value = keep  # ... so restore it
+
+    def _show_targets(self, change: Any = None) -> None:
+        self._targets.value = tuple(t for t in self.target_modules if t in self._targets.options)
 
     def _show_error(self, change: Any = None) -> None:
         self._error_html.value = S.message(self.error)

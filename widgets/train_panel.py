@@ -66,6 +66,7 @@ class TrainPanel(W.VBox):
         self._base_train, self._base_track = TrainConfig(), TrackConfig()
         self._seq = 0
         self._times: list[tuple[int, float]] = []
+        self._steps_per_epoch = 0
         self._poller = Poller(self._tick, POLL_S, name="train-panel-poll")
         style = S.label_style()
         cl = S.control_layout
@@ -233,7 +234,7 @@ class TrainPanel(W.VBox):
 
     def follow(self, handle: Any) -> None:
         """Show the progress of a run (a RunHandle) and enable Stop."""
-        self.handle, self._seq, self._times = handle, 0, []
+        self.handle, self._seq, self._times, self._steps_per_epoch = handle, 0, [], 0
         self.step, self.max_steps, self.epoch, self.samples_per_second, self.eta_seconds = 0, 0, 0.0, 0.0, None
         self.run_id = handle.id
         self.status = "queued"
@@ -282,6 +283,7 @@ class TrainPanel(W.VBox):
             self._seq = max(self._seq, p["seq"])
             if p["kind"] == "event" and p.get("event") == "train_begin":
                 self.max_steps = int(p.get("max_steps") or 0)
+                self._steps_per_epoch = int(p.get("steps_per_epoch") or 0)
                 self._times = []
             elif p["kind"] == "train":
                 self.step = int(p["step"])
@@ -308,7 +310,8 @@ class TrainPanel(W.VBox):
         parts = [f"run {self.run_id}" if self.run_id else "", self.status]
         if self.max_steps:
             parts.append(f"step {self.step}/{self.max_steps}")
-            parts.append(f"epoch {int(self.epoch) + 1}/{self.epochs}" if self.step else "")
+            epochs = -(-self.max_steps // self._steps_per_epoch) if self._steps_per_epoch else None
+            parts.append(f"epoch {int(self.epoch) + 1}" + (f"/{epochs}" if epochs else "") if self.step else "")
         if self.samples_per_second:
             parts.append(f"{self.samples_per_second:,.0f} samples/s")
         if self.active and self.eta_seconds is not None:
