@@ -124,8 +124,14 @@ def upload_item(name: str, content: bytes) -> dict:
 # --- package shape ----------------------------------------------------------------------------------
 
 def test_public_api_and_core_never_imports_widgets() -> None:
-    from widgets import (ConfusionMatrix, Dashboard, DataPanel, LossCurve, MethodPanel, ModelPicker,  # noqa: F401
-                         Playground, RunCompare, TrainPanel)
+    import ipywidgets as W
+
+    from widgets import (ConfusionMatrix, Dashboard, DataPanel, LossCurve, MethodPanel, ModelPicker, Playground,
+                         RunCompare, TrainPanel)
+
+    for cls in (ConfusionMatrix, Dashboard, DataPanel, LossCurve, MethodPanel, ModelPicker, Playground, RunCompare,
+                TrainPanel):
+        assert issubclass(cls, W.Box), f"{cls.__name__} is not a VBox/HBox trait class"
 
     core = Path(__file__).resolve().parent.parent / "workbench"
     for source in core.glob("*.py"):
