@@ -13,6 +13,7 @@ trained for the task caps LoRA accuracy far below full fine-tuning.
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,7 +139,7 @@ def _in_any(name: str, prefixes: list[str]) -> bool:
 def resolve_targets(model: nn.Module, method: MethodConfig, heads: list[str]) -> list[str]:
     """Full names of the layers that get adapters; 'auto' = every backbone linear layer."""
     linear = [n for n in linear_layer_names(model) if not _in_any(n, heads)]
-    if method.target_modules == "auto":
+    if isinstance(method.target_modules, str):  # 'auto' and its alias 'all-linear'
         return linear
     chosen: list[str] = []
     short = sorted({n.rsplit(".", 1)[-1] for n in linear})
@@ -233,8 +234,8 @@ def _apply_lora(model: nn.Module, method: MethodConfig, targets: list[str], head
         r=method.r,
         lora_alpha=method.alpha,
         lora_dropout=method.dropout,
-        target_modules=targets,
-        modules_to_save=heads if method.train_head else classifier,
+        target_modules=list(targets),  # copies: peft extends these lists in place
+        modules_to_save=list(heads) if method.train_head else classifier,
     )
     return get_peft_model(model, lora)
 
@@ -304,6 +305,7 @@ def check_model_fits(config: Config, source: ModelSource, num_labels: int) -> No
 
 def inspect_model(name: str, home: Any = None, method: str = "lora", batch_size: int = 16,
                   max_length: int = 256, num_labels: int = 2, r: int = 8,
+                  target_modules: str | list[str] = "auto", train_head: bool = True,
                   trust_remote_code: bool = False) -> dict[str, Any]:
     """Architecture, parameter count, LoRA targets and a training-memory estimate, without loading weights."""
     from transformers import AutoModelForSequenceClassification
@@ -311,8 +313,18 @@ def inspect_model(name: str, home: Any = None, method: str = "lora", batch_size:
     from .catalog import resolve_model
     from .store import default_home
 
-    source = resolve_model(name, home or default_home(), trust_remote_code)
-    model_config = load_config(source, trust_remote_code)
+    home = Path(home) if home is not None else default_home()
+    asset = MODELS.get(name)
+    if asset is not None and asset.relpath.endswith(".gguf") and not (home / "models" / name).is_dir():
+        # read the GGUF header only: de-quantising the weights takes half a minute
+        from transformers import AutoConfig
+
+        gguf = asset.path()
+        source = ModelSource(name, str(gguf.parent), "catalog")
+        model_config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    else:
+        source = resolve_model(name, home, trust_remote_code)
+        model_config = load_config(source, trust_remote_code)
     model_config.num_labels = num_labels
     with torch.device("meta"):
         skeleton = AutoModelForSequenceClassification.from_config(model_config)
@@ -320,10 +332,14 @@ def inspect_model(name: str, home: Any = None, method: str = "lora", batch_size:
     heads = head_module_names(skeleton)
     linear = [n for n in linear_layer_names(skeleton) if not _in_any(n, heads)]
     head_params = sum(p.numel() for n, p in skeleton.named_parameters() if _in_any(n.rsplit(".", 1)[0], heads))
+    classifier = [h for h in heads if "." not in h and h != "pooler"]
+    adapter_head = head_params if train_head else sum(
+        p.numel() for n, p in skeleton.named_parameters() if _in_any(n.rsplit(".", 1)[0], classifier))
     modules = dict(skeleton.named_modules())
-    lora_params = sum(r * (modules[n].in_features + modules[n].out_features) for n in linear)
-    trainable = {"full": total, "head-only": head_params, "lora": lora_params + head_params,
-                 "qlora": lora_params + head_params}
+    targets = resolve_targets(skeleton, MethodConfig(r=max(r, 1), target_modules=target_modules), heads)
+    lora_params = sum(r * (modules[n].in_features + modules[n].out_features) for n in targets)
+    trainable = {"full": total, "head-only": head_params, "lora": lora_params + adapter_head,
+                 "qlora": lora_params + adapter_head}
     if method not in trainable:
         raise WorkbenchError(f"method {method!r} is unknown: choose from {', '.join(trainable)}")
     hidden = getattr(model_config, "hidden_size", 0) or 0

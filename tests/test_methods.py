@@ -1,0 +1,43 @@
+"""Methods: trainable parameters per method, LoRA targets, and the inspect estimate against reality."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from workbench.catalog import resolve_model
+from workbench.data import prepare
+from workbench.methods import build_model, inspect_model
+
+
+@pytest.mark.parametrize("method, targets, train_head", [
+    ("full", "auto", True),
+    ("head-only", "auto", True),
+    ("lora", "auto", True),
+    ("lora", ["query", "value"], False),
+    ("lora", "all-linear", True),
+])
+def test_inspect_counts_the_parameters_the_method_really_trains(tiny_config, method, targets, train_head):
+    cfg = tiny_config(method={"name": method, "r": 4, "target_modules": targets, "train_head": train_head})
+    split = prepare(cfg.data, cfg.train.seed)
+    built = build_model(cfg, resolve_model(cfg.model, Path("."), False), split.labels)
+    info = inspect_model(cfg.model, method=method, num_labels=2, r=4, target_modules=targets,
+                         train_head=train_head)
+    assert info["trainable_parameters"] == built.trainable_params
+    assert info["parameters"] == built.total_params or method in ("lora",)  # peft adds adapter weights
+    assert info["memory_estimate_mb"] > 0
+
+
+def test_pinned_counts_on_the_tiny_model(tiny_config):
+    """hidden 32, 2 layers, intermediate 64, 2 labels."""
+    counts = {}
+    for method in ("full", "head-only", "lora"):
+        cfg = tiny_config(method={"name": method, "r": 4})
+        split = prepare(cfg.data, cfg.train.seed)
+        counts[method] = build_model(cfg, resolve_model(cfg.model, Path("."), False), split.labels).trainable_params
+    head = 32 * 32 + 32 + 32 * 2 + 2  # pooler + classifier
+    per_layer_lora = 4 * ((32 + 32) * 4 + (32 + 64) + (64 + 32))  # q, k, v, attn-out; intermediate; output
+    assert counts["head-only"] == head
+    assert counts["lora"] == head + 2 * per_layer_lora
+    assert counts["full"] > 30522 * 32  # embeddings train too
