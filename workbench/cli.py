@@ -68,6 +68,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    # library deprecation chatter is for developers, not in front of a user
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     parser = _parser()
     args = parser.parse_args(argv)
     if args.home:
