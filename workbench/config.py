@@ -21,8 +21,9 @@ import yaml
 from .errors import WorkbenchError
 
 Task = Literal["text-classification"]
-MethodName = Literal["full", "head-only", "lora", "qlora"]
+MethodName = Literal["full", "head-only", "lora", "qlora", "adalora", "ia3", "prompt-tuning", "prefix-tuning"]
 METHODS: tuple[str, ...] = typing.get_args(MethodName)
+VIRTUAL_TOKEN_METHODS = ("prompt-tuning", "prefix-tuning")
 
 
 def _fail(section: str, name: str, value: Any, allowed: str) -> None:
@@ -58,18 +59,32 @@ class DataConfig:
 
 @dataclass
 class MethodConfig:
-    """The tuning method and its knobs; LoRA fields apply to lora and qlora."""
+    """The tuning method and its knobs; each field's help says which methods read it."""
 
-    name: MethodName = field(default="lora", metadata={"help": "full | head-only | lora | qlora"})
-    r: int = field(default=8, metadata={"help": "LoRA rank"})
-    alpha: float = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)"})
-    dropout: float = field(default=0.1, metadata={"help": "dropout on the LoRA path"})
+    name: MethodName = field(default="lora", metadata={
+        "help": "full | head-only | lora | qlora | adalora | ia3 | prompt-tuning | prefix-tuning"})
+    r: int = field(default=8, metadata={"help": "LoRA rank (lora, qlora); adalora: the target average rank"})
+    alpha: float = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r); lora, qlora, adalora"})
+    dropout: float = field(default=0.1, metadata={"help": "dropout on the adapter path; lora, qlora, adalora"})
     target_modules: Union[Literal["auto", "all-linear"], list[str]] = field(
-        default="auto", metadata={"help": "'auto', 'all-linear', or a list of layer names"}
+        default="auto", metadata={"help": "'auto', 'all-linear', or a list of layer names (lora, qlora, adalora, "
+                                          "ia3; ia3 'auto' = keys, values and feed-forward down projections)"}
     )
     train_head: bool = field(
         default=True, metadata={"help": "also train the task head and any freshly initialised layer (pooler)"}
     )
+    use_rslora: bool = field(default=False, metadata={
+        "help": "lora, qlora: rank-stabilised scaling alpha / sqrt(r) instead of alpha / r (rsLoRA)"})
+    use_dora: bool = field(default=False, metadata={
+        "help": "lora, qlora: weight-decomposed LoRA (DoRA): a trained magnitude per output feature"})
+    init_r: int = field(default=12, metadata={
+        "help": "adalora: starting rank of every target layer, pruned during training to an average of r"})
+    rank_warmup_ratio: float = field(default=0.1, metadata={
+        "help": "adalora: share of the steps trained at init_r before ranks are pruned"})
+    rank_final_ratio: float = field(default=0.2, metadata={
+        "help": "adalora: share of the last steps trained with the final, fixed ranks"})
+    num_virtual_tokens: int = field(default=20, metadata={
+        "help": "prompt-tuning, prefix-tuning: trained virtual tokens put before every input"})
     quant_type: Literal["nf4", "fp4"] = field(default="nf4", metadata={"help": "QLoRA 4-bit data type"})
     double_quant: bool = field(default=True, metadata={"help": "QLoRA: quantise the quantisation constants"})
     compute_dtype: Literal["float32", "bfloat16"] = field(
@@ -80,6 +95,9 @@ class MethodConfig:
         self._check_rank()
         self._check_dropout()
         self._check_targets()
+        self._check_lora_variants()
+        self._check_adalora()
+        self._check_virtual_tokens()
 
     def _check_rank(self) -> None:
         if self.r <= 0:
@@ -94,10 +112,42 @@ class MethodConfig:
     def _check_targets(self) -> None:
         if isinstance(self.target_modules, list) and not self.target_modules:
             _fail("method", "target_modules", self.target_modules, "'auto', 'all-linear', or a non-empty list")
+        if isinstance(self.target_modules, list) and self.name in VIRTUAL_TOKEN_METHODS:
+            _fail("method", "target_modules", self.target_modules,
+                  f"'auto' for {self.name}, which adds virtual tokens and adapts no layer")
+
+    def _check_lora_variants(self) -> None:
+        for name in ("use_rslora", "use_dora"):
+            if getattr(self, name) and self.name not in ("lora", "qlora"):
+                _fail("method", name, True, f"false for {self.name}; rsLoRA and DoRA are variants of lora and qlora")
+
+    def _check_adalora(self) -> None:
+        if self.init_r < 1:
+            _fail("method", "init_r", self.init_r, "a starting rank >= 1 (typical: 12)")
+        if self.name == "adalora" and self.init_r < self.r:
+            _fail("method", "init_r", self.init_r, f"at least method.r = {self.r}: adalora prunes ranks from "
+                                                   "init_r down to an average of r")
+        for name in ("rank_warmup_ratio", "rank_final_ratio"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                _fail("method", name, getattr(self, name), "a fraction of the steps in [0, 1), e.g. 0.1")
+        if self.rank_warmup_ratio + self.rank_final_ratio >= 1.0:
+            _fail("method", "rank_final_ratio", self.rank_final_ratio,
+                  f"less than 1 - method.rank_warmup_ratio ({1.0 - self.rank_warmup_ratio:g}): "
+                  "adalora needs steps left to prune ranks")
+
+    def _check_virtual_tokens(self) -> None:
+        if self.num_virtual_tokens < 1:
+            _fail("method", "num_virtual_tokens", self.num_virtual_tokens, "at least 1 token (typical: 10 to 30)")
 
     @property
     def uses_adapters(self) -> bool:
-        return self.name in ("lora", "qlora")
+        """Adapters on chosen linear layers (the target_modules apply)."""
+        return self.name in ("lora", "qlora", "adalora", "ia3")
+
+    @property
+    def uses_peft(self) -> bool:
+        """Built with peft: the model is a PeftModel with the head in modules_to_save."""
+        return self.name not in ("full", "head-only")
 
 
 @dataclass

@@ -4,6 +4,15 @@
 - head-only: the encoder is frozen; the task head trains (classifier and pooler).
 - lora:      low-rank adapters on the backbone's linear layers, plus the head.
 - qlora:     lora on a 4-bit (bitsandbytes) base; the head stays unquantised.
+             lora and qlora take two variants: rsLoRA (alpha / sqrt(r)) and DoRA.
+- adalora:   SVD-shaped adapters whose ranks are pruned from init_r to an average of r
+             while training; the loop calls `after_optimizer_step` after each step.
+- ia3:       learned vectors that rescale keys, values and the feed-forward activations.
+- prompt-tuning: trained virtual token embeddings put before every input.
+- prefix-tuning: trained keys and values before every layer's attention; refused where
+             peft cannot pass them to the architecture (BERT and others on this stack).
+
+Every peft method keeps the head trainable through peft's modules_to_save.
 
 "The head" is the classifier plus the pooler and any layer the checkpoint did
 not provide. TRAPS.md shows why that matters: a frozen pooler that was never
@@ -21,7 +30,7 @@ import torch
 from torch import nn
 
 from .catalog import MODELS, ModelSource, hub_error
-from .config import Config, MethodConfig
+from .config import VIRTUAL_TOKEN_METHODS, Config, MethodConfig
 from .errors import WorkbenchError
 
 HEAD_TOP_LEVEL = ("classifier", "score", "pre_classifier", "pooler")
@@ -38,6 +47,7 @@ class BuiltModel:
     trainable_params: int = 0
     total_params: int = 0
     max_length_limit: int | None = None
+    method: str = ""
 
 
 # --- loading -------------------------------------------------------------------
@@ -105,6 +115,11 @@ def _check_context(config: Config, model_config: Any) -> int | None:
     if limit is not None and config.train.max_length > limit:
         raise WorkbenchError(f"train.max_length = {config.train.max_length} is beyond the model's limit of "
                              f"{limit} tokens: set train.max_length <= {limit}")
+    virtual = config.method.num_virtual_tokens if config.method.name in VIRTUAL_TOKEN_METHODS else 0
+    if limit is not None and virtual and config.train.max_length + virtual > limit:
+        raise WorkbenchError(f"train.max_length = {config.train.max_length} plus method.num_virtual_tokens = "
+                             f"{virtual} is beyond the model's limit of {limit} tokens: "
+                             f"keep their sum <= {limit}")
     return limit
 
 
@@ -152,6 +167,81 @@ def resolve_targets(model: nn.Module, method: MethodConfig, heads: list[str]) ->
     return chosen
 
 
+# Short names of key and value projections across architectures (BERT, RoBERTa, DistilBERT,
+# Llama/Qwen/Mistral, T5-style and diffusers-style names).
+KEY_VALUE_NAMES = ("key", "value", "k_proj", "v_proj", "k_lin", "v_lin", "k", "v", "wk", "wv", "to_k", "to_v")
+_FFN_SIZE_ATTRS = ("intermediate_size", "n_inner", "ffn_dim", "hidden_dim", "d_ff", "encoder_ffn_dim")
+
+
+def _feedforward_size(model: nn.Module) -> int | None:
+    cfg = getattr(model, "config", None)
+    for attr in _FFN_SIZE_ATTRS:
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def feedforward_down_projections(model: nn.Module, names: list[str]) -> list[str]:
+    """Of `names`, the feed-forward down projections (intermediate -> hidden): IA3 scales their input.
+
+    Found by shape, not by name: a linear layer that narrows its input, and whose input width is
+    the config's feed-forward size where the config names one. Key/value layers that narrow
+    (grouped-query attention) are never counted.
+    """
+    modules = dict(model.named_modules())
+    ffn = _feedforward_size(model)
+    down = []
+    for n in names:
+        layer = modules[n]
+        if n.rsplit(".", 1)[-1] in KEY_VALUE_NAMES or layer.in_features <= layer.out_features:
+            continue
+        if ffn is None or layer.in_features == ffn:
+            down.append(n)
+    return down
+
+
+def ia3_targets(model: nn.Module, method: MethodConfig, heads: list[str]) -> tuple[list[str], list[str]]:
+    """(target layers, feed-forward layers) for IA3; the second is a subset of the first.
+
+    'auto' follows the IA3 paper: rescale keys, values and the feed-forward activations, found
+    among the backbone's linear layers for any architecture; 'all-linear' or a list picks the
+    layers as for lora, and the feed-forward ones among them are found by shape.
+    """
+    if method.target_modules != "auto":
+        targets = resolve_targets(model, method, heads)
+        return targets, feedforward_down_projections(model, targets)
+    linear = [n for n in linear_layer_names(model) if not _in_any(n, heads)]
+    kv = [n for n in linear if n.rsplit(".", 1)[-1] in KEY_VALUE_NAMES]
+    if not kv:
+        short = sorted({n.rsplit(".", 1)[-1] for n in linear})
+        raise WorkbenchError("method ia3: no key/value projection found among this model's linear layers "
+                             f"({', '.join(short) or 'none'}): set method.target_modules to the layers to rescale")
+    ff = feedforward_down_projections(model, linear)
+    return [n for n in linear if n in kv or n in ff], ff
+
+
+def prefix_tuning_refusal(model: nn.Module) -> str | None:
+    """Why peft's prefix tuning cannot run on this model, or None when it can.
+
+    peft 0.21 hands the prefix to the model (or its backbone) as `past_key_values`; transformers 5
+    renamed that argument (to `cache`) or dropped it, and peft then fails on the first forward.
+    The check reads the same signatures peft reads, so it lifts itself once either library catches up.
+    """
+    import inspect
+
+    prefix = getattr(model, "base_model_prefix", "")
+    backbone = getattr(model, prefix, None) if prefix else None
+    for module in (model, backbone):
+        if module is not None and "past_key_values" in inspect.signature(module.forward).parameters:
+            return None
+    arch = type(model).__name__
+    model_type = getattr(getattr(model, "config", None), "model_type", "?")
+    return (f"method prefix-tuning does not work on {arch} (model_type {model_type!r}) with this peft and "
+            "transformers: peft passes the prefix as `past_key_values`, which this architecture's forward no "
+            "longer accepts. Use prompt-tuning (trained virtual tokens, the closest method), lora or ia3 instead")
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total); a 4-bit weight stores two values per byte and counts twice its numel."""
     trainable = total = 0
@@ -176,8 +266,12 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*newly initialized.*")
 
 
-def build_model(config: Config, source: ModelSource, labels: list[str]) -> BuiltModel:
-    """Load the pretrained model for `config.task` and apply the tuning method."""
+def build_model(config: Config, source: ModelSource, labels: list[str], total_steps: int | None = None) -> BuiltModel:
+    """Load the pretrained model for `config.task` and apply the tuning method.
+
+    `total_steps` is the number of optimiser steps the run will take: adalora schedules its rank
+    pruning over them. Left out (prediction, export), adalora builds without a pruning schedule.
+    """
     from transformers import AutoModelForSequenceClassification
 
     quiet_libraries()
@@ -204,17 +298,24 @@ def build_model(config: Config, source: ModelSource, labels: list[str]) -> Built
         model.config.pad_token_id = tokenizer.pad_token_id
 
     heads = head_module_names(model, set(info.get("missing_keys", ())))
-    built = BuiltModel(model=model, tokenizer=tokenizer, head_modules=heads, max_length_limit=limit)
+    built = BuiltModel(model=model, tokenizer=tokenizer, head_modules=heads, max_length_limit=limit,
+                       method=method.name)
     if method.name == "full":
         model.requires_grad_(True)
     elif method.name == "head-only":
         model.requires_grad_(False)
         _unfreeze(model, heads)
     else:
+        if method.name == "prefix-tuning" and (why := prefix_tuning_refusal(model)):
+            raise WorkbenchError(why)
         if method.name == "qlora":
             disable_bnb_inference_repack(model)
-        built.target_modules = resolve_targets(model, method, heads)
-        built.model = _apply_lora(model, method, built.target_modules, heads)
+        feedforward: list[str] = []
+        if method.name == "ia3":
+            built.target_modules, feedforward = ia3_targets(model, method, heads)
+        elif method.uses_adapters:
+            built.target_modules = resolve_targets(model, method, heads)
+        built.model = _apply_peft(model, method, built.target_modules, heads, feedforward, total_steps)
     built.trainable_params, built.total_params = count_parameters(built.model)
     return built
 
@@ -225,19 +326,57 @@ def _unfreeze(model: nn.Module, names: list[str]) -> None:
         modules[name].requires_grad_(True)
 
 
-def _apply_lora(model: nn.Module, method: MethodConfig, targets: list[str], heads: list[str]) -> nn.Module:
-    from peft import LoraConfig, TaskType, get_peft_model
+def peft_config(method: MethodConfig, targets: list[str], heads: list[str], feedforward: list[str] = (),
+                total_steps: int | None = None) -> Any:
+    """The peft config of a peft method; the head trains through modules_to_save (TRAPS.md: pooler)."""
+    from peft import (AdaLoraConfig, IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig,
+                      TaskType)
 
     classifier = [h for h in heads if "." not in h and h != "pooler"]
-    lora = LoraConfig(
-        task_type=TaskType.SEQ_CLS,
-        r=method.r,
-        lora_alpha=method.alpha,
-        lora_dropout=method.dropout,
-        target_modules=list(targets),  # copies: peft extends these lists in place
-        modules_to_save=list(heads) if method.train_head else classifier,
-    )
-    return get_peft_model(model, lora)
+    common: dict[str, Any] = dict(task_type=TaskType.SEQ_CLS,
+                                  modules_to_save=list(heads) if method.train_head else classifier)
+    if method.name in ("lora", "qlora"):
+        return LoraConfig(r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout,
+                          target_modules=list(targets),  # copies: peft extends these lists in place
+                          use_rslora=method.use_rslora, use_dora=method.use_dora, **common)
+    if method.name == "adalora":
+        # Without a step count (prediction, export) the schedule is moot: one step, nothing pruned.
+        steps = total_steps if total_steps and total_steps > 0 else 1
+        tinit, tfinal = int(method.rank_warmup_ratio * steps), int(method.rank_final_ratio * steps)
+        return AdaLoraConfig(init_r=method.init_r, target_r=method.r, lora_alpha=method.alpha,
+                             lora_dropout=method.dropout, target_modules=list(targets), total_step=steps,
+                             tinit=tinit, tfinal=tfinal, **common)
+    if method.name == "ia3":
+        return IA3Config(target_modules=list(targets), feedforward_modules=list(feedforward), **common)
+    if method.name == "prompt-tuning":
+        return PromptTuningConfig(num_virtual_tokens=method.num_virtual_tokens, **common)
+    if method.name == "prefix-tuning":
+        return PrefixTuningConfig(num_virtual_tokens=method.num_virtual_tokens, **common)
+    raise WorkbenchError(f"method {method.name!r} is not a peft method")
+
+
+def _apply_peft(model: nn.Module, method: MethodConfig, targets: list[str], heads: list[str],
+                feedforward: list[str], total_steps: int | None) -> nn.Module:
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, peft_config(method, targets, heads, feedforward, total_steps))
+    if method.name == "adalora":
+        # our marker, read by after_optimizer_step: prune ranks only on a real schedule
+        peft_model.workbench_rank_schedule = bool(total_steps)
+    return peft_model
+
+
+def after_optimizer_step(built: BuiltModel, step: int) -> None:
+    """Call after each optimiser step, before zero_grad (step counts from 1); adalora prunes ranks here.
+
+    A no-op for every other method, and for adalora built without `total_steps`.
+    """
+    if built.method != "adalora" or not getattr(built.model, "workbench_rank_schedule", False):
+        return
+    model = built.model
+    if step > model.peft_config[model.active_adapter].total_step:
+        return  # past the schedule it was built for (a resumed or longer run): keep the ranks as they are
+    model.base_model.update_and_allocate(step)
 
 
 def _head_names_on_meta(model_config: Any, num_labels: int) -> list[str]:
@@ -280,12 +419,14 @@ def disable_bnb_inference_repack(model: nn.Module) -> int:
 
 
 def check_model_fits(config: Config, source: ModelSource, num_labels: int) -> None:
-    """The model-dependent checks, on an empty (meta) model: context length and LoRA targets."""
+    """The model-dependent checks, on an empty (meta) model: context length, adapter targets, and
+    whether the architecture can take the method at all (prefix-tuning)."""
     from transformers import AutoModelForSequenceClassification
 
+    method = config.method
     model_config = load_config(source, config.trust_remote_code)
-    limit = _check_context(config, model_config)
-    if config.method.uses_adapters:
+    _check_context(config, model_config)
+    if method.uses_peft:
         model_config.num_labels = num_labels
         try:
             with torch.device("meta"):
@@ -293,7 +434,12 @@ def check_model_fits(config: Config, source: ModelSource, num_labels: int) -> No
                     model_config, trust_remote_code=config.trust_remote_code)
         except ValueError as exc:
             raise WorkbenchError(f"model {source.name!r} cannot classify text ({str(exc).splitlines()[0]})") from None
-        resolve_targets(skeleton, config.method, head_module_names(skeleton))
+        if method.name == "prefix-tuning" and (why := prefix_tuning_refusal(skeleton)):
+            raise WorkbenchError(why)
+        if method.name == "ia3":
+            ia3_targets(skeleton, method, head_module_names(skeleton))
+        elif method.uses_adapters:
+            resolve_targets(skeleton, method, head_module_names(skeleton))
     if config.method.name == "qlora":
         try:
             import bitsandbytes  # noqa: F401
@@ -306,13 +452,21 @@ def check_model_fits(config: Config, source: ModelSource, num_labels: int) -> No
 def inspect_model(name: str, home: Any = None, method: str = "lora", batch_size: int = 16,
                   max_length: int = 256, num_labels: int = 2, r: int = 8,
                   target_modules: str | list[str] = "auto", train_head: bool = True,
-                  trust_remote_code: bool = False) -> dict[str, Any]:
-    """Architecture, parameter count, LoRA targets and a training-memory estimate, without loading weights."""
+                  trust_remote_code: bool = False, num_virtual_tokens: int = 20, init_r: int = 12,
+                  use_dora: bool = False) -> dict[str, Any]:
+    """Architecture, parameter count, adapter targets and a training-memory estimate, without loading weights.
+
+    The trainable count is exact for every method (tests pin it against build_model); where a method
+    cannot run on the architecture (prefix-tuning on BERT) it is None and `note` says why.
+    """
     from transformers import AutoModelForSequenceClassification
 
     from .catalog import resolve_model
+    from .config import METHODS
     from .store import default_home
 
+    if method not in METHODS:
+        raise WorkbenchError(f"method {method!r} is unknown: choose from {', '.join(METHODS)}")
     home = Path(home) if home is not None else default_home()
     asset = MODELS.get(name)
     if asset is not None and asset.relpath.endswith(".gguf") and not (home / "models" / name).is_dir():
@@ -335,21 +489,19 @@ def inspect_model(name: str, home: Any = None, method: str = "lora", batch_size:
     classifier = [h for h in heads if "." not in h and h != "pooler"]
     adapter_head = head_params if train_head else sum(
         p.numel() for n, p in skeleton.named_parameters() if _in_any(n.rsplit(".", 1)[0], classifier))
-    modules = dict(skeleton.named_modules())
-    targets = resolve_targets(skeleton, MethodConfig(r=max(r, 1), target_modules=target_modules), heads)
-    lora_params = sum(r * (modules[n].in_features + modules[n].out_features) for n in targets)
-    trainable = {"full": total, "head-only": head_params, "lora": lora_params + adapter_head,
-                 "qlora": lora_params + adapter_head}
-    if method not in trainable:
-        raise WorkbenchError(f"method {method!r} is unknown: choose from {', '.join(trainable)}")
+    knobs = MethodConfig(name=method, r=max(r, 1),
+                         target_modules=target_modules if method not in VIRTUAL_TOKEN_METHODS else "auto",
+                         init_r=max(init_r, r, 1), num_virtual_tokens=max(num_virtual_tokens, 1),
+                         use_dora=use_dora and method in ("lora", "qlora"))
+    train_p, note = _trainable_estimate(skeleton, knobs, heads, head_params, adapter_head, total)
     hidden = getattr(model_config, "hidden_size", 0) or 0
     layers = getattr(model_config, "num_hidden_layers", 0) or 0
     heads_n = getattr(model_config, "num_attention_heads", 1) or 1
     weight_bytes = total * 4 if method != "qlora" else (total - head_params) * 0.5 + head_params * 4
-    train_p = trainable[method]
-    optimiser_bytes = train_p * 4 * 3  # gradient + two AdamW moments, fp32
+    optimiser_bytes = (train_p or 0) * 4 * 3  # gradient + two AdamW moments, fp32
+    seq = max_length + (knobs.num_virtual_tokens if method in VIRTUAL_TOKEN_METHODS else 0)
     # Korthikanti et al. (2022): ~(34 s b h + 5 a s^2 b) bytes of 16-bit activations per layer; x2 for fp32
-    per_layer = (34 * max_length * batch_size * hidden + 5 * heads_n * max_length**2 * batch_size) * 2
+    per_layer = (34 * seq * batch_size * hidden + 5 * heads_n * seq**2 * batch_size) * 2
     activation_bytes = per_layer * layers if method != "head-only" else per_layer  # frozen layers keep nothing
     return {
         "name": name,
@@ -364,6 +516,7 @@ def inspect_model(name: str, home: Any = None, method: str = "lora", batch_size:
         "in_catalog": name in MODELS,
         "method": method,
         "trainable_parameters": train_p,
+        "note": note,
         "memory_estimate_mb": round((weight_bytes + optimiser_bytes + activation_bytes) / 2**20),
         "memory_breakdown_mb": {
             "weights": round(weight_bytes / 2**20),
@@ -371,3 +524,44 @@ def inspect_model(name: str, home: Any = None, method: str = "lora", batch_size:
             "activations": round(activation_bytes / 2**20),
         },
     }
+
+
+def _token_dim(model_config: Any) -> int:
+    """The width peft gives virtual tokens (its own lookup order)."""
+    for attr in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(model_config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 0
+
+
+def _trainable_estimate(skeleton: nn.Module, method: MethodConfig, heads: list[str], head_params: int,
+                        adapter_head: int, total: int) -> tuple[int | None, str | None]:
+    """Trainable parameters of `method` on an empty model, by each method's formula (peft's shapes)."""
+    modules = dict(skeleton.named_modules())
+    cfg = skeleton.config
+    name = method.name
+    if name == "full":
+        return total, None
+    if name == "head-only":
+        return head_params, None
+    if name in ("lora", "qlora"):
+        targets = resolve_targets(skeleton, method, heads)
+        per = sum(method.r * (modules[n].in_features + modules[n].out_features) for n in targets)
+        magnitude = sum(modules[n].out_features for n in targets) if method.use_dora else 0
+        return per + magnitude + adapter_head, None
+    if name == "adalora":  # A (r x in), B (out x r), E (r singular values) per target
+        targets = resolve_targets(skeleton, method, heads)
+        return sum(method.init_r * (modules[n].in_features + modules[n].out_features + 1)
+                   for n in targets) + adapter_head, None
+    if name == "ia3":  # one vector per target: its output width, or its input width for feed-forward layers
+        targets, ff = ia3_targets(skeleton, method, heads)
+        return sum(modules[n].in_features if n in ff else modules[n].out_features
+                   for n in targets) + adapter_head, None
+    if name == "prompt-tuning":
+        return method.num_virtual_tokens * _token_dim(cfg) + adapter_head, None
+    why = prefix_tuning_refusal(skeleton)
+    if why:
+        return None, why
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 0)
+    return method.num_virtual_tokens * layers * 2 * _token_dim(cfg) + adapter_head, None
