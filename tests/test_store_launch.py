@@ -106,3 +106,16 @@ def test_torchrun_two_processes_make_one_run_with_the_single_process_loss(tmp_pa
     train(single, store=RunStore(tmp_path / "single"), callbacks=[Losses()])
     assert len(dist_losses) == len(losses) == 9
     assert dist_losses == pytest.approx(losses, rel=1e-3, abs=1e-4), "DDP must log the same loss as 1 process"
+
+
+def test_sigterm_is_a_cooperative_stop(tmp_path, tiny_config):
+    import signal
+
+    handle = launch(tiny_config(train={"epochs": 200}), home=tmp_path / "home")
+    deadline = time.monotonic() + 120
+    while not handle.points(kind="train") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    handle._process.send_signal(signal.SIGTERM)
+    record = handle.wait(timeout=120)
+    assert record["status"] == "stopped" and record["error"] is None
+    assert list((Path(record["dir"]) / "checkpoints").glob("step-*")), "the stop saved a checkpoint"

@@ -63,6 +63,13 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--r", type=int, default=8)
     i.add_argument("--json", action="store_true")
 
+    e = sub.add_parser("export", help="write a run's model as a standalone directory (or a peft adapter)")
+    e.add_argument("run", help="run id ('latest' for the newest)")
+    e.add_argument("--merge", action="store_true",
+                   help="merge lora/qlora/adalora/ia3 adapters into the base weights (plain transformers model)")
+    e.add_argument("--out", help="destination directory (default: <home>/exports/<run id>)")
+    e.add_argument("--force", action="store_true", help="replace an earlier export in --out")
+
     sub.add_parser("config", help="print the default config as YAML")
     return p
 
@@ -108,6 +115,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                              max_length=args.max_length, num_labels=args.num_labels, r=args.r)
         _print(info, args.json)
         return EXIT_OK
+    if args.command == "export":
+        return _export(args)
     if args.command == "config":
         from .config import Config
 
@@ -228,6 +237,14 @@ def _assets(args: argparse.Namespace) -> int:
         for a in rows:
             print(f"{a['name']:<24} {a['kind']:<8} {'installed' if a['installed'] else 'missing':<10} "
                   f"{a['description']}")
+    return EXIT_OK
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_run
+
+    path = export_run(args.run, out=args.out, merge=args.merge, force=args.force)
+    print(f"exported to {path}")
     return EXIT_OK
 
 

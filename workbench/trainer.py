@@ -343,8 +343,8 @@ def train(config: Config, store: RunStore | None = None, run_id: str | None = No
             _save_stop_checkpoint(locals(), run_dir, hooks, state)
     except WorkbenchError as exc:
         error = str(exc)
-    except KeyboardInterrupt:
-        status, error = "stopped", "interrupted"
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now; resume starts from the last checkpoint
+        status = "stopped"
     except Exception as exc:  # a crash: the run is marked failed with the reason, and re-raised below
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         error = f"{INTERNAL_ERROR}{type(exc).__name__}: {detail} (traceback in {run_dir / 'log.txt'})"
@@ -543,22 +543,30 @@ def _timings(scope: dict[str, Any], wall_start: float, accelerator: Any) -> dict
     }
 
 
-def _install_sigterm(control: TrainControl) -> Any:
-    """SIGTERM asks for a cooperative stop: the step ends, a checkpoint is saved, the run is 'stopped'."""
+def _install_sigterm(control: TrainControl) -> dict[int, Any]:
+    """SIGTERM and a first Ctrl-C ask for a cooperative stop: the step ends, a checkpoint is
+    saved, the run is 'stopped'. A second Ctrl-C interrupts at once."""
+    previous: dict[int, Any] = {}
+
     def handler(signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and control.should_stop:
+            raise KeyboardInterrupt
         control.request_stop("stopped by signal")
 
-    try:
-        return signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (e.g. a widget's worker thread)
-        return signal.getsignal(signal.SIGTERM)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread (e.g. a widget's worker thread)
+            pass
+    return previous
 
 
-def _restore_sigterm(previous: Any) -> None:
-    try:
-        signal.signal(signal.SIGTERM, previous)
-    except (ValueError, TypeError):
-        pass
+def _restore_sigterm(previous: dict[int, Any]) -> None:
+    for sig, handler in previous.items():
+        try:
+            signal.signal(sig, handler)
+        except (ValueError, TypeError):
+            pass
 
 
 def _log_traceback(run_dir: Path) -> None:

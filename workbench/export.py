@@ -1,0 +1,137 @@
+"""Export a finished run as a model directory that needs neither the workbench nor the run store.
+
+Two shapes:
+
+- merged (`merge=True`, and always for full and head-only): a plain transformers model directory
+  (safetensors weights, config with the labels, tokenizer), loadable with
+  `AutoModelForSequenceClassification.from_pretrained(out)`. Adapters of lora, adalora and ia3 are
+  merged into the base weights with peft's merge_and_unload. A qlora run is merged into a freshly
+  loaded float32 base: its adapters were trained against the 4-bit weights, so the merged model
+  differs from the run by the quantisation error (small, not zero).
+- unmerged (peft methods without `merge`): a peft adapter directory (adapter_config.json,
+  adapter_model.safetensors) plus tokenizer and labels, loadable with `PeftModel.from_pretrained`
+  on the base model. prompt-tuning and prefix-tuning can only be exported this way: their virtual
+  tokens are an input to the model, not a change of its weights.
+
+The directory is written next to its destination and renamed into place, so an interrupted export
+never leaves a half-written model where a good one was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .config import VIRTUAL_TOKEN_METHODS, Config
+from .errors import WorkbenchError
+
+MERGEABLE = ("lora", "qlora", "adalora", "ia3")
+EXPORT_INFO = "workbench_export.json"
+
+
+def export_run(run_id: str = "latest", out: str | Path | None = None, merge: bool = False,
+               home: str | Path | None = None, force: bool = False) -> Path:
+    """Write the run's best model to `out` (default <home>/exports/<run id>) and return that path."""
+    from safetensors.torch import load_file
+
+    from .catalog import resolve_model
+    from .methods import build_model
+    from .store import RunStore
+    from .trainer import load_trainable_state, set_seed
+
+    store = RunStore(home)
+    record = store.get(run_id)
+    run = record["id"]
+    model_dir = Path(record["dir"]) / "model"
+    if not (model_dir / "trainable.safetensors").is_file():
+        raise WorkbenchError(f"run {run} has no trained model to export (status {record['status']}): "
+                             "wait until it completes an evaluation, or pick another run")
+    config = Config.from_dict(record["config"])
+    method = config.method.name
+    _check_merge(run, method, merge)
+    target = Path(out).expanduser().resolve() if out is not None else store.home / "exports" / run
+    _check_target(target, force)
+
+    labels = json.loads((model_dir / "labels.json").read_text())
+    build_config = config
+    if merge and method == "qlora":  # merge into a float32 base: a 4-bit base cannot hold merged weights
+        build_config = dataclasses.replace(config, method=dataclasses.replace(config.method, name="lora"))
+    source = resolve_model(config.model, store.home, config.trust_remote_code)
+    set_seed(config.train.seed)  # layers the run left frozen and random (a pooler) start as they did
+    built = build_model(build_config, source, labels)
+    load_trainable_state(built.model, load_file(str(model_dir / "trainable.safetensors")))
+
+    standalone = merge or method in ("full", "head-only")
+    model = built.model.merge_and_unload() if merge and method in MERGEABLE else built.model
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        model.save_pretrained(tmp)  # safetensors
+        built.tokenizer.save_pretrained(tmp)
+        (tmp / "labels.json").write_text(json.dumps(labels))
+        (tmp / EXPORT_INFO).write_text(json.dumps(
+            _export_info(run, config, source.path, labels, standalone), indent=2))
+        _replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _check_merge(run: str, method: str, merge: bool) -> None:
+    if merge and method in VIRTUAL_TOKEN_METHODS:
+        raise WorkbenchError(
+            f"run {run} used {method}: its virtual tokens are an input to the model, not a change of its "
+            "weights, so they cannot be merged into the base model. Export without --merge (a peft adapter "
+            "directory, loaded with PeftModel.from_pretrained on the base model)")
+
+
+def _check_target(target: Path, force: bool) -> None:
+    if target.exists() and not target.is_dir():
+        raise WorkbenchError(f"--out {str(target)!r} is a file: give a directory path")
+    if not target.is_dir() or not any(target.iterdir()):
+        return
+    if not force:
+        raise WorkbenchError(f"--out {str(target)!r} is not empty: choose another directory, or add --force "
+                             "to replace an earlier export")
+    if not (target / EXPORT_INFO).is_file():  # --force never deletes a directory we did not write
+        raise WorkbenchError(f"--out {str(target)!r} is not empty and holds no earlier export ({EXPORT_INFO} "
+                             "missing), so --force will not replace it: choose an empty or new directory")
+
+
+def _replace(tmp: Path, target: Path) -> None:
+    """Move the finished export into place; an earlier export is removed only once the new one is there."""
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    if target.exists():
+        target.replace(old)
+    tmp.replace(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _export_info(run: str, config: Config, base: str, labels: list[str], standalone: bool) -> dict[str, Any]:
+    method = config.method.name
+    if standalone:
+        load = "AutoModelForSequenceClassification.from_pretrained(<this directory>)"
+    else:
+        load = ("base = AutoModelForSequenceClassification.from_pretrained(<base_model>, "
+                f"num_labels={len(labels)}); PeftModel.from_pretrained(base, <this directory>)")
+    info: dict[str, Any] = {
+        "run_id": run,
+        "method": method,
+        "merged": standalone,
+        "base_model": base,
+        "labels": labels,
+        "max_length": config.train.max_length,
+        "load": load,
+    }
+    if method == "qlora" and standalone:
+        info["note"] = ("merged into a float32 base; the run trained against 4-bit weights, so "
+                        "probabilities differ from the run's by the quantisation error")
+    if not standalone and not config.method.train_head:
+        info["note"] = ("method.train_head was false: layers missing from the base checkpoint (a pooler) are "
+                        "not in the adapter and start random when the base loads; export with --merge to keep them")
+    return info
