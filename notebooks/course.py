@@ -112,3 +112,15 @@ def table(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "status": r["status"],
         })
     return rows
+
+
+def check_choice(question: str, answer: Any, allowed: list[Any], hint: str = "") -> bool:
+    """Like check_answer, when several answers are right (e.g. a tie); text compares case-blind."""
+    if answer is None:
+        return check_answer(question, None, None, hint)
+    norm = [a.strip().lower() if isinstance(a, str) else a for a in allowed]
+    given = answer.strip().lower() if isinstance(answer, str) else answer
+    if given not in norm:
+        raise WrongAnswer(f"[{question}] {answer!r} is not right. {hint}".rstrip())
+    print(f"[{question}] correct: {answer!r}")
+    return True

@@ -162,3 +162,17 @@ def test_core_does_not_import_ui_code():
            "bad = [m for m in ('ipywidgets', 'plotly', 'widgets', 'IPython') if m in sys.modules]; " \
            "assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
+
+
+def test_an_internal_error_is_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
+    import workbench.cli as cli
+
+    def boom(args):
+        raise RuntimeError("something broke\nsecond line")
+
+    monkeypatch.setattr(cli, "_runs", boom)
+    monkeypatch.delenv("WORKBENCH_DEBUG", raising=False)
+    code, out, err = _run(capsys, tmp_path / "home", "runs", "list")
+    assert code == 1
+    assert err.strip() == ("error: internal error: RuntimeError: something broke (set WORKBENCH_DEBUG=1 for the "
+                           "traceback, and please report it)")

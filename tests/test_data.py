@@ -129,3 +129,20 @@ def test_catalog_datasets_load_offline():
     assert set(rt["label"]) == {"fresh", "rotten"} and len(rt) == 12808
     chat = load_catalog_dataset("chatterbot")
     assert {"text", "answer", "label"} <= set(chat.columns) and len(chat) > 500
+
+
+def test_semicolon_csv_and_quoted_newlines(tmp_path):
+    path = tmp_path / "excel.csv"
+    body = "".join(f'"line one {i}\nline two; still text";{"ab"[i % 2]}\n' for i in range(20))
+    path.write_text("text;label\n" + body)
+    split = prepare(DataConfig(source=str(path)), seed=0)
+    assert split.labels == ["a", "b"] and all("\n" in t for t in split.train_texts)
+
+
+def test_nested_json_fields_are_not_mistaken_for_labels(tmp_path):
+    path = tmp_path / "nested.jsonl"
+    path.write_text("".join(json.dumps({"meta": {"k": i}, "body": f"text {i}", "stars": float(i % 2)}) + "\n"
+                            for i in range(20)))
+    split = prepare(DataConfig(source=str(path)), seed=0)
+    assert (split.report.text_column, split.report.label_column) == ("body", "stars")
+    assert split.labels == ["0", "1"]

@@ -92,6 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _error("interrupted")
         return EXIT_FAILED
+    except Exception as exc:  # a bug of ours: one line for the user, the traceback on request
+        if os.environ.get("WORKBENCH_DEBUG"):
+            raise
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        _error(f"internal error: {type(exc).__name__}: {detail} (set WORKBENCH_DEBUG=1 for the traceback, "
+               "and please report it)")
+        return EXIT_FAILED
 
 
 def _error(message: str) -> None:
@@ -169,6 +176,8 @@ def _train(args: argparse.Namespace) -> int:
 def _print_summary(record: dict[str, Any]) -> None:
     m, t = record.get("metrics") or {}, record.get("timings") or {}
     print(f"run {record['id']}: {record['status']}")
+    for note in (record.get("info") or {}).get("data_notes", []):
+        print(f"  data: {note}")
     if m:
         print(f"  accuracy {m['accuracy']:.4f}  f1_macro {m['f1_macro']:.4f}  eval_loss {m['eval_loss']:.4f}  "
               f"(best step {m.get('best_step')})")

@@ -105,7 +105,7 @@ def read_file(path: str | Path) -> tuple[pd.DataFrame, str]:
             raise WorkbenchError(f"data file {p.name!r} is empty: it needs a header row and labelled rows")
         if fmt == "jsonl":
             return _read_json_lines(text, p.name), encoding
-        sep = "\t" if fmt == "tsv" else ","
+        sep = "\t" if fmt == "tsv" else _csv_delimiter(text)
         return pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False,
                            skip_blank_lines=True), encoding
     except WorkbenchError:
@@ -114,6 +114,14 @@ def read_file(path: str | Path) -> tuple[pd.DataFrame, str]:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WorkbenchError(f"data file {p.name!r} could not be read as {fmt.upper()} ({first}): "
                              "check the format and the delimiter") from None
+
+
+def _csv_delimiter(text: str) -> str:
+    """',' unless the header row clearly uses ';', tab or '|' (spreadsheets in many locales write ';')."""
+    header = text.lstrip("\ufeff").split("\n", 1)[0]
+    counts = {d: header.count(d) for d in (",", ";", "\t", "|")}
+    best = max(counts, key=counts.get)
+    return best if counts[best] > counts[","] else ","
 
 
 def _read_json_lines(text: str, name: str) -> pd.DataFrame:
@@ -204,11 +212,20 @@ def detect_columns(df: pd.DataFrame, text_column: str | None = None,
     label = label_column or next((lower[n] for n in LABEL_NAMES if n in lower and lower[n] != text), None)
     if label is None:
         n = max(len(df), 1)
-        candidates = [c for c in columns if c != text and 2 <= df[c].nunique() <= min(100, max(2, n // 2))]
-        label = min(candidates, key=lambda c: df[c].nunique()) if candidates else None
+        distinct = {c: _distinct(df[c]) for c in columns if c != text}
+        candidates = [c for c, k in distinct.items() if 2 <= k <= min(100, max(2, n // 2))]
+        label = min(candidates, key=distinct.get) if candidates else None
     if label is None:
         raise WorkbenchError(f"no label column detected: columns found are {found} (set data.label_column)")
     return text, label
+
+
+def _distinct(column: pd.Series) -> int:
+    """Distinct values; a column of lists or dicts (nested JSON) cannot be a label: 0."""
+    try:
+        return int(column.nunique())
+    except TypeError:
+        return 0
 
 
 def _clean(df: pd.DataFrame, text: str, label: str, report: DataReport) -> pd.DataFrame:

@@ -1,0 +1,107 @@
+"""The dashboard page (notebooks/dashboard.ipynb under Voila): defaults, one run at a time, reattach.
+
+The page itself is `widgets.Dashboard`; this file only decides what it starts with:
+
+- the embedded default (minilm-l6 + bbc-news + LoRA, course-sized), or what the environment names:
+  WORKBENCH_DEMO_MODEL, WORKBENCH_DEMO_DATA, WORKBENCH_DEMO_OVERRIDES ("train.epochs=3 data.max_train_samples=64");
+- WORKBENCH_READ_ONLY=1 for public demos: runs can be watched, compared and tried, not started;
+- on load, the page follows the run that is training in the store, or shows the latest run: Voila gives
+  every visitor (and every reload) a new kernel, while the run goes on in its own process;
+- at most one training run at a time on this machine: Start is refused, in words, while one is going.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import shlex
+from typing import Any, Callable
+
+import ipywidgets as W
+from IPython.display import display
+
+import course
+from workbench import Config, WorkbenchError
+from workbench.launch import attach
+from workbench.store import RunStore
+from widgets import Dashboard
+
+ACTIVE = ("queued", "running")
+TITLE = "LLM Workbench"
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def demo_config() -> Config:
+    """The preselected run: the embedded default at course size, or what the environment names."""
+    config = course.config("dashboard-demo", method="lora",
+                           source=os.environ.get("WORKBENCH_DEMO_DATA", "bbc-news"))
+    model = os.environ.get("WORKBENCH_DEMO_MODEL")
+    overrides = ([f"model={model}"] if model else []) + shlex.split(os.environ.get("WORKBENCH_DEMO_OVERRIDES", ""))
+    return config.with_overrides(overrides) if overrides else config
+
+
+def active_run(store: RunStore) -> dict[str, Any] | None:
+    """The newest queued or running run in the store (a dead process reads as failed, see RunStore)."""
+    return next((r for r in store.list() if r["status"] in ACTIVE), None)
+
+
+def one_run_at_a_time(dash: Dashboard) -> None:
+    """Refuse Start while any run of this store is going (another visitor's included)."""
+    build: Callable[[], Config] = dash.train.config_factory
+
+    def guarded() -> Config:
+        going = active_run(dash.store)
+        if going is not None:
+            raise WorkbenchError(f"run {going['name'] or going['id']} is training on this machine: one run at a "
+                                 "time, wait for it to finish (its progress is shown below)")
+        return build()
+
+    dash.train.config_factory = guarded
+
+
+def show_latest(dash: Dashboard) -> None:
+    """Follow the run in progress (a reload reattaches), else show the newest run's curve and matrix."""
+    going = active_run(dash.store)
+    if going is not None:
+        dash.train.follow(attach(going["id"], dash.store.home))
+        dash.tabs.selected_index = 1
+        return
+    runs = dash.store.list()
+    if runs:
+        dash.curve.run_ids = [runs[0]["id"]]
+        dash.confusion.run_id = runs[0]["id"]
+
+
+def header(read_only: bool) -> W.HTML:
+    note = ("Read-only demo: browse the runs, their curves and confusion matrices, and try the models."
+            if read_only else
+            "Set up a run, press Start in <b>Train &amp; watch</b>, and follow it live. "
+            "One run trains at a time on this machine; reloading the page does not stop it.")
+    return W.HTML(f"<h1 style='margin:0.2em 0'>{TITLE}</h1>"
+                  f"<div style='color:var(--jp-ui-font-color2,#757575)'>{note}</div>",
+                  layout=W.Layout(width="100%"))
+
+
+def build(home: Any = None, read_only: bool | None = None) -> Dashboard:
+    read_only = env_flag("WORKBENCH_READ_ONLY") if read_only is None else read_only
+    dash = Dashboard(home=home or course.home(), read_only=read_only)
+    dash.from_config(demo_config())
+    one_run_at_a_time(dash)
+    show_latest(dash)
+    return dash
+
+
+def page() -> None:
+    """Display the whole page; a failure shows as one line of words, never a traceback."""
+    read_only = env_flag("WORKBENCH_READ_ONLY")
+    try:
+        body: W.Widget = build(read_only=read_only)
+    except Exception as exc:  # e.g. assets not installed: say what to do
+        text = str(exc) if isinstance(exc, WorkbenchError) else f"{type(exc).__name__}: {exc}"
+        body = W.HTML(f"<div style='color:var(--jp-error-color1,#d32f2f)'>The dashboard could not start: "
+                      f"{html.escape(text)}</div>")
+    display(W.VBox([header(read_only), body], layout=W.Layout(width="100%", max_width="1200px",
+                                                             margin="0 auto", padding="0 1em")))
