@@ -66,7 +66,7 @@ def export_run(run_id: str = "latest", out: str | Path | None = None, merge: boo
     load_trainable_state(built.model, load_file(str(model_dir / "trainable.safetensors")))
 
     standalone = merge or method in ("full", "head-only")
-    model = built.model.merge_and_unload() if merge and method in MERGEABLE else built.model
+    model = _merge(built.model) if merge and method in MERGEABLE else built.model
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -80,6 +80,23 @@ def export_run(run_id: str = "latest", out: str | Path | None = None, merge: boo
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _merge(peft_model: Any) -> Any:
+    """Adapters merged into the base weights; the trained head copies put in place of the originals.
+
+    The head copies (modules_to_save) are swapped in by hand first: peft 0.21's IA3 unload tries to
+    re-attach a `.weight` to every wrapped module and fails on a pooler, which has none.
+    """
+    from peft.utils import ModulesToSaveWrapper
+
+    model = peft_model.get_base_model()
+    for name, module in list(model.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, module.modules_to_save[module.active_adapters[0]])
+    return peft_model.merge_and_unload()
 
 
 def _check_merge(run: str, method: str, merge: bool) -> None:
