@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pandas as pd  # imported up front: plotly looks for pandas while widget threads may import it
+
 from workbench import Config
 
 MODEL = os.environ.get("WORKBENCH_COURSE_MODEL", "minilm-l6")
@@ -25,7 +27,7 @@ SCALE = os.environ.get("WORKBENCH_COURSE_SCALE", "course")
 # rows, tokens and passes per run: "course" fits 2 CPU cores in a few minutes per notebook
 SIZES: dict[str, dict[str, int]] = {
     "course": {"max_train_samples": 240, "max_eval_samples": 100, "max_length": 64, "epochs": 1, "batch_size": 16},
-    "smoke": {"max_train_samples": 48, "max_eval_samples": 40, "max_length": 32, "epochs": 1, "batch_size": 8},
+    "smoke": {"max_train_samples": 32, "max_eval_samples": 24, "max_length": 32, "epochs": 1, "batch_size": 8},
 }
 if SCALE not in SIZES:
     raise ValueError(f"WORKBENCH_COURSE_SCALE = {SCALE!r} is not allowed: one of {', '.join(SIZES)}")
@@ -53,6 +55,8 @@ def config(name: str, method: str = "lora", source: str = "bbc-news", **sections
                   "learning_rate": 1e-3, "early_stopping_patience": 0},
         "track": {"wandb": "disabled", "tensorboard": False},
     }
+    if SCALE == "smoke":
+        raw["train"]["threads"] = 1  # TRAPS.md: under load from other processes 1 thread holds up best
     for section, values in sections.items():
         if isinstance(values, dict):
             raw.setdefault(section, {}).update(values)
@@ -97,8 +101,8 @@ def last_train_losses(points: list[dict[str, Any]], steps: int) -> float:
     return sum(losses) / max(len(losses), 1)
 
 
-def table(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per run record: the measured numbers the comparison notebook discusses."""
+def table(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per run record (indexed by method): the measured numbers the comparison notebook discusses."""
     rows = []
     for r in records:
         info, timings, metrics = r["info"] or {}, r["timings"] or {}, r["metrics"] or {}
@@ -111,7 +115,7 @@ def table(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "peak memory MB": timings.get("peak_memory_mb"),
             "status": r["status"],
         })
-    return rows
+    return pd.DataFrame(rows).set_index("method")
 
 
 def check_choice(question: str, answer: Any, allowed: list[Any], hint: str = "") -> bool:

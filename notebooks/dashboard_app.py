@@ -18,6 +18,7 @@ import shlex
 from typing import Any, Callable
 
 import ipywidgets as W
+import pandas  # noqa: F401  before any worker thread: plotly checks pandas while a DataPanel thread imports it
 from IPython.display import display
 
 import course

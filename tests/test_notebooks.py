@@ -1,0 +1,167 @@
+"""The teaching notebooks run top to bottom under `pytest --nbval-lax`, and are committed without outputs.
+
+Each notebook runs in its own `python -m pytest --nbval-lax` process with its own run store. By default
+they run in "smoke" scale on the tiny BERT from conftest (seconds of training, the catalog data);
+WORKBENCH_NOTEBOOKS_COURSE=1 runs them as students do (the catalog's MiniLM, course sizes, < 5 min each).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "notebooks"
+TEACHING = sorted(p.name for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+ALL = TEACHING + ["dashboard.ipynb"]
+COURSE = os.environ.get("WORKBENCH_NOTEBOOKS_COURSE", "").lower() in ("1", "true", "yes")
+BUDGET_S = 300  # a student's notebook must finish within 5 minutes on 2 CPU cores
+
+
+def _course_module():
+    spec = importlib.util.spec_from_file_location("course", NOTEBOOKS / "course.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_four_teaching_notebooks_exist():
+    assert TEACHING == ["01_quickstart.ipynb", "02_full_vs_lora_vs_qlora.ipynb",
+                        "03_overfitting_and_schedules.ipynb", "04_your_own_data.ipynb"]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_notebook_is_committed_short_and_without_outputs(name):
+    nb = json.loads((NOTEBOOKS / name).read_text(encoding="utf-8"))
+    cells = nb["cells"]
+    assert cells[0]["cell_type"] == "markdown", f"{name} should open with a markdown introduction"
+    for i, cell in enumerate(cells):
+        if cell["cell_type"] == "code":
+            assert not cell.get("outputs"), f"{name} cell {i} has outputs: clear them before committing"
+            assert cell.get("execution_count") is None, f"{name} cell {i} has an execution count"
+            assert len("".join(cell["source"]).splitlines()) <= 25, f"{name} cell {i} is long: move code to the library"
+    assert sum(c["cell_type"] == "code" for c in cells) <= 12, f"{name} has many code cells: keep notebooks short"
+
+
+def test_check_answer_passes_right_answers_skips_none_and_explains_wrong_ones(capsys):
+    course = _course_module()
+    assert course.check_answer("q", None, 3, hint="add the diagonal") is False
+    assert "not answered yet" in capsys.readouterr().out
+    assert course.check_answer("q", 3, 3) is True
+    assert course.check_answer("q", 0.504, 0.5, tolerance=0.01) is True
+    assert course.check_answer("q", " Tech ", "tech") is True
+    with pytest.raises(course.WrongAnswer, match=r"\[q\] 4 is not right\. add the diagonal"):
+        course.check_answer("q", 4, 3, hint="add the diagonal")
+    assert course.check_choice("q", "LoRA", ["lora", "qlora"]) is True
+    with pytest.raises(course.WrongAnswer, match="'full' is not right"):
+        course.check_choice("q", "full", ["lora", "qlora"])
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(BUDGET_S + 120)
+@pytest.mark.parametrize("name", TEACHING)
+def test_notebook_runs_top_to_bottom(name, tiny_model_dir, tmp_path):
+    env = {**os.environ, "WORKBENCH_HOME": str(tmp_path / "runs"), "WANDB_MODE": "disabled",
+           "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false", "PYTHONDONTWRITEBYTECODE": "1"}
+    if COURSE:
+        env.update(WORKBENCH_COURSE_SCALE="course", WORKBENCH_COURSE_MODEL="minilm-l6")
+    else:
+        env.update(WORKBENCH_COURSE_SCALE="smoke", WORKBENCH_COURSE_MODEL=str(tiny_model_dir))
+    cmd = [sys.executable, "-m", "pytest", "--nbval-lax", "-q", "-p", "no:cacheprovider", "--timeout", str(BUDGET_S),
+           "-o", "addopts=", str(NOTEBOOKS / name)]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=BUDGET_S + 60)
+    took = time.monotonic() - start
+    assert proc.returncode == 0, f"{name} failed under nbval (rc {proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
+    assert took < BUDGET_S, f"{name} took {took:.0f} s, over the {BUDGET_S} s budget of a course notebook"
+
+
+# --- the dashboard page (notebooks/dashboard.ipynb), without a browser ------------------------------
+
+@pytest.fixture
+def dashboard_app(monkeypatch, tiny_model_dir, tiny_csv):
+    monkeypatch.setenv("WORKBENCH_DEMO_MODEL", str(tiny_model_dir))
+    monkeypatch.setenv("WORKBENCH_DEMO_DATA", str(tiny_csv))
+    monkeypatch.setenv("WORKBENCH_COURSE_SCALE", "smoke")
+    monkeypatch.syspath_prepend(str(NOTEBOOKS))
+    for name in ("course", "dashboard_app"):
+        sys.modules.pop(name, None)
+    import dashboard_app
+
+    yield dashboard_app
+    for name in ("course", "dashboard_app"):
+        sys.modules.pop(name, None)
+
+
+def _running_run(store, name="someone-else"):
+    run_id = store.create_run({"name": name, "model": "x"}, name)
+    store.mark_running(run_id, pid=os.getpid())  # alive: this very process
+    return run_id
+
+
+def test_dashboard_preselects_the_demo_config(dashboard_app, tiny_model_dir, tiny_csv, tmp_path):
+    dash = dashboard_app.build(home=tmp_path, read_only=False)
+    try:
+        dash.data.wait()
+        config = dash.config()
+        assert (config.model, config.data.source, config.method.name) == (str(tiny_model_dir), str(tiny_csv), "lora")
+        assert config.data.max_train_samples == 32 and config.train.max_length == 32
+        assert dash.read_only is False and dash.train.status == "idle"
+    finally:
+        dash.close()
+
+
+def test_dashboard_demo_overrides_and_default(dashboard_app, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_DEMO_OVERRIDES", "train.epochs=7 train.eval_every=5")
+    config = dashboard_app.demo_config()
+    assert (config.train.epochs, config.train.eval_every) == (7, 5)
+    for name in ("WORKBENCH_DEMO_MODEL", "WORKBENCH_DEMO_DATA", "WORKBENCH_DEMO_OVERRIDES"):
+        monkeypatch.delenv(name)
+    default = dashboard_app.demo_config()
+    assert (default.model, default.data.source, default.method.name) == ("minilm-l6", "bbc-news", "lora")
+
+
+def test_dashboard_reattaches_to_the_running_run_and_refuses_a_second(dashboard_app, tmp_path):
+    from workbench.store import RunStore
+
+    run_id = _running_run(RunStore(tmp_path))
+    dash = dashboard_app.build(home=tmp_path, read_only=False)
+    try:
+        assert dash.train.run_id == run_id, "a reload must follow the run in progress"
+        assert dash.curve.run_ids == [run_id] and dash.confusion.run_id == run_id
+        dash.train.start()
+        assert "already going" in dash.train.error
+    finally:
+        dash.close()
+
+
+def test_dashboard_start_is_refused_while_another_visitor_trains(dashboard_app, tmp_path):
+    from workbench.store import RunStore
+
+    dash = dashboard_app.build(home=tmp_path, read_only=False)
+    try:
+        _running_run(RunStore(tmp_path), name="visitor-2")
+        dash.train.start()
+        assert "visitor-2 is training on this machine: one run at a time" in dash.train.error
+        assert dash.train.status == "idle"
+    finally:
+        dash.close()
+
+
+def test_dashboard_read_only_from_the_environment(dashboard_app, monkeypatch, tmp_path):
+    monkeypatch.setenv("WORKBENCH_READ_ONLY", "1")
+    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path))
+    dash = dashboard_app.build()
+    try:
+        assert dash.read_only and dash.tabs.titles == ("Runs", "Watch", "Try")
+        dash.train.start()
+        assert "read-only" in dash.train.error
+    finally:
+        dash.close()
