@@ -14,8 +14,8 @@ from workbench.catalog import resolve_model
 from workbench.config import Config, MethodConfig
 from workbench.data import prepare
 from workbench.errors import WorkbenchError
-from workbench.methods import (after_optimizer_step, build_model, check_model_fits, ia3_targets,
-                               inspect_model)
+from workbench.methods import (after_optimizer_step, build_model, check_model_fits, head_module_names,
+                               ia3_targets, inspect_model)
 from workbench.trainer import collate, preflight, train
 
 # The tiny BERT of conftest: hidden 32, 2 layers, intermediate 64, 2 labels. Per layer it has six
@@ -139,8 +139,6 @@ def test_ia3_targets_are_found_by_shape_on_other_architectures():
                                           (distil, {"k_lin", "v_lin"}, {"lin2"})]:
         with torch.device("meta"):
             model = AutoModelForSequenceClassification.from_config(cfg)
-        from workbench.methods import head_module_names
-
         targets, ff = ia3_targets(model, MethodConfig(name="ia3"), head_module_names(model))
         short = lambda names: {n.rsplit(".", 1)[-1] for n in names}  # noqa: E731
         assert short(targets) == expected_kv | expected_ff and short(ff) == expected_ff
