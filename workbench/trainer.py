@@ -30,7 +30,7 @@ from .catalog import resolve_model
 from .config import Config
 from .data import Split, prepare
 from .errors import StopRequested, WorkbenchError
-from .methods import BuiltModel, build_model
+from .methods import BuiltModel, after_optimizer_step, build_model
 from .metrics import classification_result
 from .store import RunStore
 
@@ -253,10 +253,15 @@ def train(config: Config, store: RunStore | None = None, run_id: str | None = No
         set_seed(config.train.seed)
         split = prepare(config.data, config.train.seed)
         source = resolve_model(config.model, store.home, config.trust_remote_code)
-        set_seed(config.train.seed)  # new layers start the same whatever the data loading did
-        built = build_model(config, source, split.labels)
-        model, tokenizer = built.model, built.tokenizer
         _check_batch_fits(config, split, accelerator.num_processes)
+        accum = config.train.gradient_accumulation
+        micro_per_epoch = len(shard_batches(list(range(len(split.train_texts))), config.train.batch_size,
+                                            accelerator.process_index, accelerator.num_processes))
+        steps_per_epoch = math.ceil(micro_per_epoch / accum)
+        max_steps = steps_per_epoch * config.train.epochs
+        set_seed(config.train.seed)  # new layers start the same whatever the data loading did
+        built = build_model(config, source, split.labels, total_steps=max_steps)  # adalora plans its ranks
+        model, tokenizer = built.model, built.tokenizer
 
         tokenize = lambda texts: [dict(e) for e in _tokenize(tokenizer, texts, config.train.max_length)]
         train_enc, eval_enc = tokenize(split.train_texts), tokenize(split.eval_texts)
@@ -264,11 +269,6 @@ def train(config: Config, store: RunStore | None = None, run_id: str | None = No
             store.set_info(run_id, _run_info(config, built, split, accelerator.num_processes))
 
         # --- optimiser and schedule ------------------------------------------------------
-        accum = config.train.gradient_accumulation
-        micro_per_epoch = len(shard_batches(list(range(len(train_enc))), config.train.batch_size,
-                                            accelerator.process_index, accelerator.num_processes))
-        steps_per_epoch = math.ceil(micro_per_epoch / accum)
-        max_steps = steps_per_epoch * config.train.epochs
         warmup = math.ceil(config.train.warmup_ratio * max_steps)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.train.learning_rate, weight_decay=config.train.weight_decay)
@@ -308,6 +308,7 @@ def train(config: Config, store: RunStore | None = None, run_id: str | None = No
                 if config.train.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, config.train.max_grad_norm)
                 optimizer.step()
+                after_optimizer_step(built, progress.global_step + 1)  # adalora prunes ranks; needs the grads
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
 
