@@ -21,9 +21,12 @@ import yaml
 from .errors import WorkbenchError
 
 Task = Literal["text-classification"]
-MethodName = Literal["full", "head-only", "lora", "qlora", "adalora", "ia3", "prompt-tuning", "prefix-tuning"]
+MethodName = Literal["full", "head-only", "lora", "qlora", "adalora", "ia3", "prompt-tuning", "prefix-tuning",
+                     "zero-shot-embedding", "zero-shot-prompt"]
 METHODS: tuple[str, ...] = typing.get_args(MethodName)
 VIRTUAL_TOKEN_METHODS = ("prompt-tuning", "prefix-tuning")
+ZERO_SHOT_METHODS = ("zero-shot-embedding", "zero-shot-prompt")  # no training: the pretrained model as it is
+TRAINING_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m not in ZERO_SHOT_METHODS)
 
 
 def _fail(section: str, name: str, value: Any, allowed: str) -> None:
@@ -62,7 +65,8 @@ class MethodConfig:
     """The tuning method and its knobs; each field's help says which methods read it."""
 
     name: MethodName = field(default="lora", metadata={
-        "help": "full | head-only | lora | qlora | adalora | ia3 | prompt-tuning | prefix-tuning"})
+        "help": "full | head-only | lora | qlora | adalora | ia3 | prompt-tuning | prefix-tuning | "
+                "zero-shot-embedding | zero-shot-prompt (the last two train nothing: baselines)"})
     r: int = field(default=8, metadata={"help": "LoRA rank (lora, qlora); adalora: the target average rank"})
     alpha: float = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r); lora, qlora, adalora"})
     dropout: float = field(default=0.1, metadata={"help": "dropout on the adapter path; lora, qlora, adalora"})
@@ -90,6 +94,15 @@ class MethodConfig:
     compute_dtype: Literal["float32", "bfloat16"] = field(
         default="float32", metadata={"help": "QLoRA: dtype of the de-quantised matmul"}
     )
+    label_template: str = field(default="This text is about {label}.", metadata={
+        "help": "zero-shot-embedding: the text embedded for each label; {label} is replaced by the label name "
+                "('{label}' alone embeds the bare name)"})
+    prompt_scoring: Literal["mean", "sum", "first"] = field(default="mean", metadata={
+        "help": "zero-shot-prompt: a label's score is the mean (length-normalised), sum, or first-token "
+                "log-probability of its tokens after the prompt"})
+    few_shot_k: int = field(default=0, metadata={
+        "help": "zero-shot-prompt: labelled training examples shown in the prompt (0 = zero-shot), "
+                "drawn with train.seed, labels taken in turn"})
 
     def __post_init__(self) -> None:
         self._check_rank()
@@ -98,6 +111,7 @@ class MethodConfig:
         self._check_lora_variants()
         self._check_adalora()
         self._check_virtual_tokens()
+        self._check_zero_shot()
 
     def _check_rank(self) -> None:
         if self.r <= 0:
@@ -139,6 +153,27 @@ class MethodConfig:
         if self.num_virtual_tokens < 1:
             _fail("method", "num_virtual_tokens", self.num_virtual_tokens, "at least 1 token (typical: 10 to 30)")
 
+    def _check_zero_shot(self) -> None:
+        template = self.label_template
+        try:
+            ok = "\0" in template.format(label="\0")  # the label name really goes in
+        except (KeyError, IndexError, ValueError):
+            ok = False
+        if not ok:
+            _fail("method", "label_template", template,
+                  "text with {label} where the label name goes and no other {...} field, "
+                  "e.g. 'This text is about {label}.'")
+        if self.few_shot_k < 0:
+            _fail("method", "few_shot_k", self.few_shot_k, "0 (zero-shot) or a number of examples such as 5")
+        if self.few_shot_k and self.name != "zero-shot-prompt":
+            _fail("method", "few_shot_k", self.few_shot_k,
+                  f"0 for {self.name}; examples in the prompt are an option of zero-shot-prompt")
+
+    @property
+    def is_zero_shot(self) -> bool:
+        """No training: the pretrained model is evaluated as it is (workbench.zeroshot)."""
+        return self.name in ZERO_SHOT_METHODS
+
     @property
     def uses_adapters(self) -> bool:
         """Adapters on chosen linear layers (the target_modules apply)."""
@@ -147,7 +182,7 @@ class MethodConfig:
     @property
     def uses_peft(self) -> bool:
         """Built with peft: the model is a PeftModel with the head in modules_to_save."""
-        return self.name not in ("full", "head-only")
+        return self.name not in ("full", "head-only", *ZERO_SHOT_METHODS)
 
 
 @dataclass
