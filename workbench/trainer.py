@@ -218,6 +218,10 @@ def train(config: Config, store: RunStore | None = None, run_id: str | None = No
 
     With `run_id` the run must exist in the store (queued by `launch`, or to resume).
     """
+    if config.method.is_zero_shot:  # nothing to train: the pretrained model is evaluated as it is
+        from .zeroshot import run_zero_shot
+
+        return run_zero_shot(config, store=store, run_id=run_id, callbacks=callbacks, resume=resume)
     from accelerate import Accelerator
 
     from .tracking import default_callbacks
@@ -307,6 +311,7 @@ def train(config: Config, store: RunStore | None = None, run_id: str | None = No
                 step_loss = accumulate_gradients(model, accelerator, micro_batches)
                 if config.train.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, config.train.max_grad_norm)
+                learning_rate = scheduler.get_last_lr()[0]  # the rate this step used
                 optimizer.step()
                 after_optimizer_step(built, progress.global_step + 1)  # adalora prunes ranks; needs the grads
                 scheduler.step()
@@ -322,10 +327,10 @@ def train(config: Config, store: RunStore | None = None, run_id: str | None = No
                 progress.global_step += 1
                 progress.batch_in_epoch = (g + 1) * accum
                 progress.samples_seen += group_size * accelerator.num_processes
-                progress.train_seconds += elapsed
                 _sync_state(state, progress, epoch)
-                hooks.on_step_end(state, control, loss_value, scheduler.get_last_lr()[0],
+                hooks.on_step_end(state, control, loss_value, learning_rate,
                                   group_size * accelerator.num_processes / max(elapsed, 1e-9))
+                progress.train_seconds += time.perf_counter() - step_start  # hooks count: they are our cost
 
                 last_step = progress.global_step == max_steps
                 if progress.global_step % eval_every == 0 or last_step or (g == len(groups) - 1 and
