@@ -20,6 +20,7 @@ import json
 import os
 import secrets
 import sqlite3
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -87,21 +88,23 @@ class RunStore:
         self.home.mkdir(parents=True, exist_ok=True)
         (self.home / "runs").mkdir(exist_ok=True)
         self.db_path = self.home / "runs.sqlite"
+        self._local = threading.local()  # sqlite connections belong to one thread
         with self._connect() as db:
             db.executescript(_SCHEMA)
 
     # --- plumbing ------------------------------------------------------------
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.db_path, timeout=30)
-        try:
+        """One transaction on this thread's connection (opened once: a connect costs ~15 ms)."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.db_path, timeout=30)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.row_factory = sqlite3.Row
-            with db:  # one transaction
-                yield db
-        finally:
-            db.close()
+            self._local.db = db
+        with db:  # commits, or rolls back on an error
+            yield db
 
     def run_dir(self, run_id: str) -> Path:
         return self.home / "runs" / run_id
@@ -143,6 +146,15 @@ class RunStore:
             db.execute(
                 "INSERT INTO points (run_id, kind, step, time, data) VALUES (?, ?, ?, ?, ?)",
                 (run_id, kind, step, time.time(), json.dumps(data)),
+            )
+
+    def add_points(self, run_id: str, points: list[tuple[str, int, dict[str, Any]]]) -> None:
+        """Append several live records (kind, step, data) in one transaction."""
+        now = time.time()
+        with self._connect() as db:
+            db.executemany(
+                "INSERT INTO points (run_id, kind, step, time, data) VALUES (?, ?, ?, ?, ?)",
+                [(run_id, kind, step, now, json.dumps(data)) for kind, step, data in points],
             )
 
     def truncate_points(self, run_id: str, after_step: int) -> None:
