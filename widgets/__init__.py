@@ -8,6 +8,7 @@ from .compare import RunCompare
 from .confusion import ConfusionMatrix
 from .dashboard import Dashboard, wire
 from .data_panel import DataPanel
+from .ladder import MethodLadder
 from .loss_curve import LossCurve
 from .method_panel import METHOD_PANELS, MethodPanel, register_method
 from .model_picker import ModelPicker
@@ -15,6 +16,6 @@ from .playground import Playground
 from .train_panel import TrainPanel
 
 __all__ = [
-    "ConfusionMatrix", "Dashboard", "DataPanel", "LossCurve", "METHOD_PANELS", "MethodPanel", "ModelPicker",
-    "Playground", "RunCompare", "TrainPanel", "register_method", "wire",
+    "ConfusionMatrix", "Dashboard", "DataPanel", "LossCurve", "METHOD_PANELS", "MethodLadder", "MethodPanel",
+    "ModelPicker", "Playground", "RunCompare", "TrainPanel", "register_method", "wire",
 ]

@@ -71,6 +71,23 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--force", action="store_true", help="replace an earlier export in --out")
 
     sub.add_parser("config", help="print the default config as YAML")
+
+    lad = sub.add_parser("ladder", help="several methods on the same data, split and seed, one run each, one table")
+    lad.add_argument("config", nargs="?", help="YAML config file (the method in it is replaced by each rung's)")
+    lad.add_argument("--methods", default="zero-shot-embedding,head-only,lora,qlora,ia3,adalora,prompt-tuning,full",
+                     help="comma-separated methods, run in this order")
+    lad.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config value for every rung (repeatable); an explicit train.learning_rate "
+                          "replaces the per-method defaults")
+    lad.add_argument("--lr", action="append", default=[], metavar="METHOD=RATE",
+                     help="learning rate of one rung (repeatable): --lr lora=5e-4")
+    lad.add_argument("--model", dest="models", action="append", default=[], metavar="METHOD=MODEL",
+                     help="model of one rung (repeatable): --model zero-shot-prompt=smollm2-135m-instruct")
+    lad.add_argument("--resume", metavar="LADDER", help="run a stopped ladder's unfinished rungs ('latest' works)")
+    lad.add_argument("--in-process", action="store_true",
+                     help="run the rungs in this process (faster start; peak memory is then the process's so far)")
+    lad.add_argument("--list", action="store_true", help="list the ladders and their status")
+    lad.add_argument("--json", action="store_true", help="print the ladder (plan and table) as JSON")
     return p
 
 
@@ -124,6 +141,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.command == "export":
         return _export(args)
+    if args.command == "ladder":
+        return _ladder(args)
     if args.command == "config":
         from .config import Config
 
@@ -255,6 +274,61 @@ def _export(args: argparse.Namespace) -> int:
     path = export_run(args.run, out=args.out, merge=args.merge, force=args.force)
     print(f"exported to {path}")
     return EXIT_OK
+
+
+def _ladder(args: argparse.Namespace) -> int:
+    from .config import ZERO_SHOT_METHODS, Config, _read_yaml, apply_override
+    from .ladder import create_ladder, format_table, ladder_dir, list_ladders, parse_methods, resume_ladder
+    from .store import RunStore
+
+    home = RunStore().home
+    if args.list:
+        ladders = list_ladders(home)
+        if args.json:
+            print(json.dumps(ladders, indent=2))
+        for lad in ladders:
+            done = sum(r["status"] == "completed" for r in lad["rows"])
+            print(f"{lad['id']}  {lad['status']:<9}  {done}/{len(lad['rungs'])} rungs  {','.join(lad['methods'])}")
+        if not ladders:
+            print(f"no ladders in {home}")
+        return EXIT_OK
+    isolate = not args.in_process
+    if args.resume:
+        ladder = resume_ladder(args.resume, home, isolate=isolate, echo=not args.json)
+    else:
+        if not args.config:
+            raise WorkbenchError("ladder needs a config file: workbench ladder CONFIG --methods lora,full "
+                                 "(or --resume LADDER)")
+        methods = parse_methods(args.methods)
+        raw = _read_yaml(Path(args.config))
+        for item in args.overrides:
+            apply_override(raw, item)
+        config = Config.from_dict(raw)
+        rates: dict[str, float] = {}
+        models: dict[str, str] = {}
+        if "learning_rate" in (raw.get("train") or {}):  # the config's own rate, for every trained rung
+            rates = {m: config.train.learning_rate for m in methods if m not in ZERO_SHOT_METHODS}
+        for flag, target, kind in ((args.lr, rates, float), (args.models, models, str)):
+            for item in flag:
+                method, sep, value = item.partition("=")
+                if not sep or not value.strip():
+                    raise WorkbenchError(f"{item!r} must look like METHOD=VALUE, e.g. lora=5e-4")
+                try:
+                    target[method.strip()] = kind(value.strip())
+                except ValueError:
+                    raise WorkbenchError(f"{item!r}: {value!r} is not a number") from None
+        ladder_id = create_ladder(config, methods, home, learning_rates=rates, models=models, isolate=isolate)
+        if not args.json:
+            print(f"ladder {ladder_id}: {', '.join(methods)}", flush=True)
+        ladder = resume_ladder(ladder_id, home, echo=not args.json)
+    if args.json:
+        print(json.dumps(ladder, indent=2))
+    else:
+        print(format_table(ladder["rows"]))
+        print(f"ladder {ladder['id']} {ladder['status']}: table in {ladder_dir(ladder['id'], home)}/ladder.csv")
+        if ladder["status"] == "stopped":
+            print(f"resume with: workbench ladder --resume {ladder['id']}")
+    return EXIT_FAILED if any(r["status"] == "failed" for r in ladder["rows"]) else EXIT_OK
 
 
 def _print(obj: dict[str, Any], as_json: bool) -> None:

@@ -1,0 +1,204 @@
+"""The method ladder: rungs on the same split and seed, the table files, stop and resume, the CLI, the widget."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from workbench.callbacks import Callback
+from workbench.errors import WorkbenchError
+from workbench.ladder import (DEFAULT_LEARNING_RATES, format_table, ladder_dir, load_ladder, request_stop,
+                              resume_ladder, run_ladder)
+
+CHEAP = "zero-shot-embedding,head-only,lora"
+
+
+@pytest.fixture
+def one_epoch(tiny_config):
+    return lambda **kw: tiny_config(train={"epochs": 1, **kw})
+
+
+class Events(Callback):
+    """Records (run id, event) pairs; can ask the loop to stop at a chosen step of a chosen method."""
+
+    def __init__(self, stop_method: str | None = None, stop_step: int = 0) -> None:
+        self.events: list[tuple[str, str]] = []
+        self.stop_method, self.stop_step = stop_method, stop_step
+        self.method = ""
+
+    def on_train_begin(self, state, config):
+        self.method = config["method"]["name"]
+        self.events.append((self.method, f"begin@{state.global_step}"))
+
+    def on_step_end(self, state, control, loss, learning_rate, samples_per_second):
+        if self.method == self.stop_method and state.global_step == self.stop_step:
+            control.request_stop("stop requested")  # what Ctrl-C / SIGTERM does through the trainer's handler
+
+    def on_train_end(self, state, status, metrics):
+        self.events.append((self.method, status))
+
+
+def test_a_ladder_runs_each_rung_on_the_same_split_and_writes_its_table(one_epoch, store):
+    events = Events()
+    ladder = run_ladder(one_epoch(), CHEAP, home=store.home, callbacks=[events])
+    assert ladder["status"] == "completed" and ladder["error"] is None
+    assert [e for e in events.events if e[1] == "completed"] == [(m, "completed") for m in CHEAP.split(",")]
+    rows = ladder["rows"]
+    assert [r["method"] for r in rows] == CHEAP.split(",") and all(r["status"] == "completed" for r in rows)
+    records = [store.get(r["run_id"]) for r in rows]
+    assert [r["name"] for r in records] == [f"{ladder['id']}/{m}" for m in CHEAP.split(",")]
+    assert len({json.dumps(r["info"]["train_label_counts"]) for r in records}) == 1, "one split for every rung"
+    assert {r["config"]["train"]["seed"] for r in records} == {42}
+    assert [r["learning_rate"] for r in rows] == [None, DEFAULT_LEARNING_RATES["head-only"],
+                                                  DEFAULT_LEARNING_RATES["lora"]]
+    zero, head, lora = rows
+    assert zero["trainable_params"] == 0 and 0 < head["trainable_params"] < lora["trainable_params"]
+    assert all(r["accuracy"] is not None and r["wall_seconds"] > 0 and r["peak_memory_mb"] > 0 for r in rows)
+    directory = ladder_dir(ladder["id"], store.home)
+    saved = json.loads((directory / "ladder.json").read_text())
+    assert saved["rows"] == rows and saved["status"] == "completed"
+    table = list(csv.DictReader((directory / "ladder.csv").open()))
+    assert [t["method"] for t in table] == CHEAP.split(",") and float(table[1]["accuracy"]) == head["accuracy"]
+    text = format_table(rows)
+    assert text.splitlines()[0].split()[:5] == ["method", "model", "status", "accuracy", "macro-F1"]
+    assert "zero-shot-embedding" in text and "head-only" in text
+
+
+def test_a_stopped_ladder_resumes_where_it_stopped(one_epoch, store):
+    first = Events(stop_method="head-only", stop_step=3)
+    ladder = run_ladder(one_epoch(), CHEAP, home=store.home, callbacks=[first])
+    assert ladder["status"] == "stopped"
+    assert [r["status"] for r in ladder["rows"]] == ["completed", "stopped", "pending"]
+    done = store.get(ladder["rows"][0]["run_id"])
+
+    again = Events()
+    resumed = resume_ladder(ladder["id"][:10], home=store.home, callbacks=[again])
+    assert resumed["status"] == "completed" and [r["status"] for r in resumed["rows"]] == ["completed"] * 3
+    assert again.events == [("head-only", "begin@3"), ("head-only", "completed"), ("lora", "begin@0"),
+                            ("lora", "completed")], "the completed rung is skipped, the stopped one resumes"
+    assert store.get(done["id"])["ended_at"] == done["ended_at"]
+    assert resumed["rows"][1]["run_id"] == ladder["rows"][1]["run_id"], "the stopped rung keeps its run"
+    with pytest.raises(WorkbenchError, match=r"ladder .* is completed: nothing to resume"):
+        resume_ladder(ladder["id"], home=store.home)
+
+
+def test_request_stop_ends_the_ladder_before_the_next_rung(one_epoch, store):
+    class StopAfterFirst(Callback):
+        def on_train_end(self, state, status, metrics):
+            request_stop("latest", store.home)  # what the widget's Stop does, from any process
+
+    ladder = run_ladder(one_epoch(), "zero-shot-embedding,head-only", home=store.home, callbacks=[StopAfterFirst()])
+    assert ladder["status"] == "stopped" and [r["status"] for r in ladder["rows"]] == ["completed", "pending"]
+    assert not (ladder_dir(ladder["id"], store.home) / "STOP").exists()
+    assert load_ladder("latest", store.home)["status"] == "stopped"
+
+
+@pytest.mark.parametrize("methods, kwargs, message", [
+    ("lora,lorra", {}, r"method 'lorra' is unknown: did you mean 'lora'\? choose from full, head-only"),
+    ("lora,lora", {}, r"method 'lora' is listed twice: a ladder runs each method once"),
+    (" , ", {}, r"a ladder needs at least one method"),
+    ("lora", {"learning_rates": {"full": 1e-5}}, r"learning_rates names 'full', which is not a rung of this ladder"),
+    ("lora", {"callbacks": [Callback()], "isolate": True}, r"callbacks run in this process: use isolate=False"),
+    ("zero-shot-prompt", {"models": {"zero-shot-prompt": "/no/such/model"}},
+     r"ladder rung zero-shot-prompt: model directory '/no/such/model' not found"),
+])
+def test_bad_ladders_are_refused_before_any_run(one_epoch, store, methods, kwargs, message):
+    with pytest.raises(WorkbenchError, match=message):
+        run_ladder(one_epoch(), methods, home=store.home, **kwargs)
+    assert store.list() == []
+
+
+def test_cli_ladder_in_process_prints_the_table_and_lists_ladders(one_epoch, tmp_path, capsys):
+    from workbench.cli import main
+
+    path = tmp_path / "config.yaml"
+    one_epoch().save(path)
+    home = str(tmp_path / "home")
+    code = main(["--home", home, "ladder", str(path), "--methods", "zero-shot-embedding,head-only", "--in-process",
+                 "--lr", "head-only=3e-3"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "accuracy" in out and "head-only" in out and "ladder.csv" in out
+    ladder = load_ladder("latest", home)
+    assert ladder["rungs"][1]["learning_rate"] == 3e-3 and ladder["isolate"] is False
+    assert main(["--home", home, "ladder", "--list"]) == 0
+    assert ladder["id"] in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["ladder"], "error: ladder needs a config file: workbench ladder CONFIG"),
+    (["ladder", "--resume", "nope"], "error: no ladder 'nope' in"),
+    (["ladder", "CFG", "--lr", "lora"], "error: 'lora' must look like METHOD=VALUE"),
+    (["ladder", "CFG", "--lr", "lora=fast"], "error: 'lora=fast': 'fast' is not a number"),
+])
+def test_cli_ladder_bad_input_is_one_line(one_epoch, tmp_path, capsys, argv, message):
+    from workbench.cli import main
+
+    path = tmp_path / "config.yaml"
+    one_epoch().save(path)
+    argv = [str(path) if a == "CFG" else a for a in argv]
+    assert main(["--home", str(tmp_path / "home"), *argv, "--methods", "lora"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and len(err.strip().splitlines()) == 1
+
+
+# --- the widget --------------------------------------------------------------------------------------
+
+def test_method_ladder_widget_shows_a_finished_ladder(one_epoch, store):
+    from widgets import MethodLadder
+
+    ladder = run_ladder(one_epoch(), "zero-shot-embedding,head-only", home=store.home)
+    panel = MethodLadder(home=store.home, background=False)
+    try:
+        assert panel.ladder_id == ladder["id"], "the newest ladder is shown"
+        assert panel.refresh() is False and panel.status == "completed"
+        assert [r["method"] for r in panel.rows] == ["zero-shot-embedding", "head-only"]
+        assert "head-only" in panel._table.value and "zero-shot-embedding" in panel._table.value
+        trace = panel.fig.data[0]
+        assert list(trace.text) == ["head-only"] and list(trace.y) == [panel.rows[1]["accuracy"]]
+        assert panel.fig.layout.xaxis.type == "log"
+        assert len(panel.fig.layout.shapes) == 1 and panel.fig.layout.shapes[0].y0 == panel.rows[0]["accuracy"]
+        assert "peak" in trace.customdata[0] and "wall" in trace.customdata[0]
+    finally:
+        panel.close()
+
+
+def test_method_ladder_widget_start_launches_a_process_and_stop_asks_it(one_epoch, store, monkeypatch):
+    import widgets  # noqa: F401
+    from widgets import MethodLadder
+    from workbench import ladder as core
+
+    launched = []
+    monkeypatch.setattr(core, "launch_ladder", lambda lid, home=None: launched.append(lid) or "process")
+    panel = MethodLadder(config=one_epoch(), home=store.home, background=False)
+    try:
+        panel._pick.value = ("lora", "zero-shot-embedding")
+        assert panel.methods == ["zero-shot-embedding", "lora"], "ladder order: zero-shot first"
+        with pytest.raises(Exception, match="method 'nope' is unknown"):
+            panel.methods = ["nope"]
+        panel.start()
+        assert launched == [panel.ladder_id] and panel.status == "queued" and panel.error == ""
+        assert [r["status"] for r in panel.rows] == ["pending", "pending"]
+        panel.stop()
+        assert panel.status == "stopping" and (ladder_dir(panel.ladder_id, store.home) / "STOP").exists()
+        panel.start()
+        assert "already going" in panel.error
+    finally:
+        panel.close()
+
+
+def test_method_ladder_widget_shows_a_bad_config_inline(tiny_config, store):
+    from widgets import MethodLadder
+
+    bad = tiny_config(data={"source": str(store.home / "missing.csv")})
+    panel = MethodLadder(config=bad, home=store.home, background=False)
+    try:
+        panel.start()
+        assert panel.status == "idle" and "missing.csv' not found" in panel.error and panel.ladder_id == ""
+        panel.methods = []
+        panel.start()
+        assert panel.error == "choose at least one method"
+    finally:
+        panel.close()
