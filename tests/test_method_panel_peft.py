@@ -244,3 +244,24 @@ def test_registered_extra_method_is_offered_but_not_configurable(
     with pytest.raises(WorkbenchError, match="core does not know it"):
         panel.to_config()
     assert "core does not know it" in panel._error_html.value
+
+
+@pytest.mark.skipif("zero-shot-prompt" not in METHODS, reason="the core has no zero-shot methods")
+def test_zero_shot_methods_keep_their_options_through_the_panel(panel: Any) -> None:
+    """The zero-shot methods have no sub-panel of their own: the fallback shows, and the options of a
+    loaded config (no control here) come back from to_config while that method is chosen."""
+    from widgets import MethodPanel
+
+    for name in ("zero-shot-embedding", "zero-shot-prompt"):
+        panel._method.value = name
+        assert "Nothing trains" in panel._body.children[0].value and panel.estimate is None
+        assert panel.to_config() == MethodConfig(name=name)
+
+    cfg = MethodConfig(name="zero-shot-prompt", few_shot_k=5, prompt_scoring="sum", label_template="{label}")
+    fresh = MethodPanel(home=panel.home, background=False, model=panel.model)
+    fresh.from_config(cfg)
+    assert fresh.to_config() == cfg
+    fresh.method = "lora"  # few_shot_k belongs to zero-shot-prompt: lora gets the default
+    assert fresh.to_config() == MethodConfig(name="lora")
+    fresh.method = "zero-shot-prompt"
+    assert fresh.to_config() == cfg

@@ -76,8 +76,10 @@ def head_only_panel(panel: "MethodPanel") -> W.Widget:
 
 def no_settings_panel(panel: "MethodPanel") -> W.Widget:
     """The registry's fallback: a core method nobody has written a sub-panel for (e.g. a zero-shot one)."""
-    return _note(f"Method {panel.method!r} has no settings here: nothing to tune in this panel, "
-                 "it runs with the core's defaults.")
+    trains = ("Nothing trains: the pretrained model is evaluated as it is. "
+              if panel.method in getattr(core_config, "ZERO_SHOT_METHODS", ()) else "")
+    return _note(f"{trains}Method {panel.method!r} has no settings in this panel: it runs with the values of "
+                 "a loaded config, else the core's defaults.")
 
 
 def lora_panel(panel: "MethodPanel") -> W.Widget:
@@ -258,6 +260,7 @@ class MethodPanel(W.VBox):
     def __init__(self, home: str | Path | None = None, background: bool = True, **kwargs: Any) -> None:
         self.home = Path(home).resolve() if home is not None else None
         self._lora_box: W.Widget | None = None
+        self._loaded: tuple[str, dict[str, Any]] = ("", {})  # (method, fields with no trait) from from_config
         self._subpanels: dict[str, W.Widget] = {}
         self._targets = W.SelectMultiple(options=[], description="Target layers", rows=5,
                                          style=S.label_style(), layout=S.full_width(max_width="32em"))
@@ -434,7 +437,8 @@ class MethodPanel(W.VBox):
 
         Knobs the chosen method's sub-panel hides, and which the core would refuse for it, are left at
         their neutral value (no target list for virtual-token methods, no rsLoRA/DoRA outside lora and
-        qlora). A refusal by the model (`refusal`) raises like any invalid setting.
+        qlora); fields with no trait come from the last from_config() while its method is chosen, else
+        the defaults. A refusal by the model (`refusal`) raises like any invalid setting.
         """
         name = self.method
         values: dict[str, Any] = {}
@@ -448,6 +452,8 @@ class MethodPanel(W.VBox):
                 values[f.name] = getattr(self, f.name) and name in LORA_VARIANT_METHODS
             elif self.has_trait(f.name):
                 values[f.name] = getattr(self, f.name)
+            elif self._loaded[0] == name and f.name in self._loaded[1]:
+                values[f.name] = self._loaded[1][f.name]  # no control here: kept as loaded, for its method
         try:
             if name not in core_config.METHODS:
                 raise WorkbenchError(f"method {name!r} has a panel but the core does not know it: choose from "
@@ -463,7 +469,10 @@ class MethodPanel(W.VBox):
 
     def from_config(self, cfg: MethodConfig) -> None:
         """Show a MethodConfig. 'auto' and 'all-linear' both show as no selection (every backbone layer),
-        except for ia3, where 'all-linear' is its own choice (`all_linear`)."""
+        except for ia3, where 'all-linear' is its own choice (`all_linear`). Fields with no trait here
+        (another method's options, say) are kept and given back by to_config() while cfg's method is chosen."""
+        self._loaded = (cfg.name, {f.name: getattr(cfg, f.name) for f in dataclasses.fields(MethodConfig)
+                                   if f.name not in ("name", "target_modules") and not self.has_trait(f.name)})
         with self.hold_trait_notifications():
             for f in dataclasses.fields(MethodConfig):
                 if f.name == "name":
