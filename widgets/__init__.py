@@ -4,6 +4,8 @@ The core (`workbench`) never imports this package. Every panel is a trait class;
 is the one place that connects them.
 """
 
+import pandas  # noqa: F401  # imported once here: plotly and a panel's worker thread racing to import it deadlocked
+
 from .compare import RunCompare
 from .confusion import ConfusionMatrix
 from .dashboard import Dashboard, wire
