@@ -202,3 +202,42 @@ def test_method_ladder_widget_shows_a_bad_config_inline(tiny_config, store):
         assert panel.error == "choose at least one method"
     finally:
         panel.close()
+
+
+@pytest.mark.integration
+def test_sigterm_stops_an_isolated_ladder_and_its_rung_cooperatively(tiny_config, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from workbench.store import RunStore
+
+    root = Path(__file__).resolve().parent.parent
+    path, home = tmp_path / "config.yaml", tmp_path / "home"
+    tiny_config(train={"epochs": 200}).save(path)  # long enough to be mid-rung when the signal comes
+    env = {**os.environ, "PYTHONPATH": str(root), "WANDB_MODE": "disabled"}
+    proc = subprocess.Popen([sys.executable, "-m", "workbench", "--home", str(home), "ladder", str(path),
+                             "--methods", "head-only,lora"], cwd=root, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            runs = RunStore(home).list() if (home / "runs.sqlite").exists() else []
+            if runs and RunStore(home).points(runs[0]["id"], kind="train"):
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("the first rung never started training")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    ladder = load_ladder("latest", home)
+    assert ladder["status"] == "stopped" and [r["status"] for r in ladder["rows"]] == ["stopped", "pending"]
+    assert f"resume with: workbench ladder --resume {ladder['id']}" in out
+    assert ladder["peak_memory"].startswith("per rung")

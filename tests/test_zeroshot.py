@@ -230,7 +230,7 @@ def test_a_stop_before_the_evaluation_ends_the_run_stopped(tiny_config, store):
     ({"name": "zero-shot-embedding", "few_shot_k": 3}, r"method.few_shot_k = 3 is not allowed: 0 for "
                                                        r"zero-shot-embedding"),
     ({"name": "zero-shot-prompt", "prompt_scoring": "max"}, r"method.prompt_scoring = 'max' is not allowed: "
-                                                            r"expected one of 'mean', 'sum', 'first'"),
+                                                            r"expected one of 'sum', 'mean', 'first'"),
 ])
 def test_bad_zero_shot_settings_name_the_field(fields, message):
     with pytest.raises(WorkbenchError, match=message):

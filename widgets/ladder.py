@@ -177,10 +177,8 @@ class MethodLadder(W.VBox):
                 self.error = f"could not read the ladder's runs ({type(exc).__name__}: {exc})"
                 return False
             going = ladder["status"] in ("queued", "running")
-            if self.status == "stopping" and going:
-                return True
-            if self.status == "checking" and ladder["status"] == "queued":
-                return True
+            if self.status == "checking" or (self.status == "stopping" and going):
+                return True  # a ladder being checked is not this one yet; a stop takes until the step ends
             self.status = ladder["status"] if ladder["status"] in STATUSES else "failed"
             if ladder.get("error") and not going:
                 self.error = ladder["error"]

@@ -97,9 +97,9 @@ class MethodConfig:
     label_template: str = field(default="This text is about {label}.", metadata={
         "help": "zero-shot-embedding: the text embedded for each label; {label} is replaced by the label name "
                 "('{label}' alone embeds the bare name)"})
-    prompt_scoring: Literal["mean", "sum", "first"] = field(default="mean", metadata={
-        "help": "zero-shot-prompt: a label's score is the mean (length-normalised), sum, or first-token "
-                "log-probability of its tokens after the prompt"})
+    prompt_scoring: Literal["sum", "mean", "first"] = field(default="sum", metadata={
+        "help": "zero-shot-prompt: a label's score is the sum (the label's log-probability), mean "
+                "(length-normalised) or first-token log-probability of its tokens after the prompt"})
     few_shot_k: int = field(default=0, metadata={
         "help": "zero-shot-prompt: labelled training examples shown in the prompt (0 = zero-shot), "
                 "drawn with train.seed, labels taken in turn"})

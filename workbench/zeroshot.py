@@ -8,9 +8,11 @@
 - zero-shot-prompt: a causal LM is asked, through its chat template (or a plain "Answer:" prompt when
   the tokenizer has none), which of the labels fits the text. Nothing is generated: only the label
   tokens are scored. A label's score is the log-probability of its token sequence given the prompt,
-  per `method.prompt_scoring`: "mean" (length-normalised, the default, so long label names are not
-  penalised), "sum", or "first" (the first label token only). The probabilities are the softmax of the
-  label scores (renormalised over the label set). `method.few_shot_k` > 0 puts k labelled training
+  per `method.prompt_scoring`: "sum" (the default: log p of the whole label), "mean" (length-normalised)
+  or "first" (the first label token only). Sum is the default because the tokens after a label's first
+  are nearly certain ("entert" -> "ainment"), so averaging over them lifts long labels: on bbc-news
+  (100 eval articles, SmolLM2-135M) mean predicted "politics" for 94 of them (accuracy 0.21), sum and
+  first reached 0.34. The probabilities are the softmax of the label scores (renormalised over the labels). `method.few_shot_k` > 0 puts k labelled training
   examples (drawn with train.seed, labels taken in turn) in the prompt as earlier turns.
   The text in a prompt is cut to train.max_length tokens; the prompt itself is longer.
 
@@ -166,7 +168,7 @@ def _crop(cache: Any, keep: int) -> None:
 
 @torch.no_grad()
 def score_labels(model: torch.nn.Module, prompts: list[list[int]], continuations: list[list[int]],
-                 scoring: str = "mean", batch_size: int = 16, pad_id: int = 0,
+                 scoring: str = "sum", batch_size: int = 16, pad_id: int = 0,
                  should_stop: Callable[[], bool] | None = None) -> np.ndarray:
     """Log-probability score of every continuation (label tokens) after every prompt, shape (prompts, labels).
 
