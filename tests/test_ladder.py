@@ -40,9 +40,23 @@ class Events(Callback):
         self.events.append((self.method, status))
 
 
-def test_a_ladder_runs_each_rung_on_the_same_split_and_writes_its_table(one_epoch, store):
-    events = Events()
-    ladder = run_ladder(one_epoch(), CHEAP, home=store.home, callbacks=[events])
+@pytest.fixture(scope="module")
+def finished(tiny_model_dir, tiny_csv, tmp_path_factory):
+    """One completed three-rung ladder, shared by the tests that only read it."""
+    from workbench.config import Config
+    from workbench.store import RunStore
+
+    config = Config.from_dict({
+        "model": str(tiny_model_dir), "data": {"source": str(tiny_csv), "eval_fraction": 0.25},
+        "train": {"epochs": 1, "batch_size": 8, "max_length": 32, "warmup_ratio": 0.0,
+                  "early_stopping_patience": 0, "threads": 1},
+        "track": {"wandb": "disabled", "tensorboard": False}})
+    store, events = RunStore(tmp_path_factory.mktemp("ladder-home")), Events()
+    return run_ladder(config, CHEAP, home=store.home, callbacks=[events]), store, events
+
+
+def test_a_ladder_runs_each_rung_on_the_same_split_and_writes_its_table(finished):
+    ladder, store, events = finished
     assert ladder["status"] == "completed" and ladder["error"] is None
     assert [e for e in events.events if e[1] == "completed"] == [(m, "completed") for m in CHEAP.split(",")]
     rows = ladder["rows"]
@@ -146,18 +160,19 @@ def test_cli_ladder_bad_input_is_one_line(one_epoch, tmp_path, capsys, argv, mes
 
 # --- the widget --------------------------------------------------------------------------------------
 
-def test_method_ladder_widget_shows_a_finished_ladder(one_epoch, store):
+def test_method_ladder_widget_shows_a_finished_ladder(finished):
     from widgets import MethodLadder
 
-    ladder = run_ladder(one_epoch(), "zero-shot-embedding,head-only", home=store.home)
+    ladder, store, _ = finished
     panel = MethodLadder(home=store.home, background=False)
     try:
         assert panel.ladder_id == ladder["id"], "the newest ladder is shown"
         assert panel.refresh() is False and panel.status == "completed"
-        assert [r["method"] for r in panel.rows] == ["zero-shot-embedding", "head-only"]
+        assert [r["method"] for r in panel.rows] == CHEAP.split(",")
         assert "head-only" in panel._table.value and "zero-shot-embedding" in panel._table.value
         trace = panel.fig.data[0]
-        assert list(trace.text) == ["head-only"] and list(trace.y) == [panel.rows[1]["accuracy"]]
+        assert list(trace.text) == ["head-only", "lora"]
+        assert list(trace.y) == [panel.rows[1]["accuracy"], panel.rows[2]["accuracy"]]
         assert panel.fig.layout.xaxis.type == "log"
         assert len(panel.fig.layout.shapes) == 1 and panel.fig.layout.shapes[0].y0 == panel.rows[0]["accuracy"]
         assert "peak" in trace.customdata[0] and "wall" in trace.customdata[0]
@@ -166,7 +181,6 @@ def test_method_ladder_widget_shows_a_finished_ladder(one_epoch, store):
 
 
 def test_method_ladder_widget_start_launches_a_process_and_stop_asks_it(one_epoch, store, monkeypatch):
-    import widgets  # noqa: F401
     from widgets import MethodLadder
     from workbench import ladder as core
 

@@ -317,7 +317,8 @@ def _ordered(methods: Any) -> list[str]:
 
 def _hover(row: dict[str, Any]) -> str:
     return (f"<b>{row['method']}</b> ({row.get('model')})<br>accuracy {_fmt('accuracy', row.get('accuracy'))}, "
-            f"macro-F1 {_fmt('f1_macro', row.get('f1_macro'))}<br>trainable {S.human_count(row.get('trainable_params'))}"
+            f"macro-F1 {_fmt('f1_macro', row.get('f1_macro'))}<br>"
+            f"trainable {S.human_count(row.get('trainable_params'))}"
             f" ({_fmt('trainable_percent', row.get('trainable_percent'))} %)<br>wall "
             f"{S.human_seconds(row.get('wall_seconds'))}, peak {_fmt('peak_memory_mb', row.get('peak_memory_mb'))} MB")
 

@@ -12,8 +12,9 @@
   or "first" (the first label token only). Sum is the default because the tokens after a label's first
   are nearly certain ("entert" -> "ainment"), so averaging over them lifts long labels: on bbc-news
   (100 eval articles, SmolLM2-135M) mean predicted "politics" for 94 of them (accuracy 0.21), sum and
-  first reached 0.34. The probabilities are the softmax of the label scores (renormalised over the labels). `method.few_shot_k` > 0 puts k labelled training
-  examples (drawn with train.seed, labels taken in turn) in the prompt as earlier turns.
+  first reached 0.34. The probabilities are the softmax of the label scores (renormalised over the labels).
+  `method.few_shot_k` > 0 puts k labelled training examples (drawn with train.seed, labels taken in
+  turn) in the prompt as earlier turns.
   The text in a prompt is cut to train.max_length tokens; the prompt itself is longer.
 
 Memory stays flat: prompts run in batches of train.eval_batch_size, left-padded, and only the last
@@ -345,7 +346,8 @@ def _evaluate_embedding(config: Config, source: ModelSource, split: Split,
     label_texts = [config.method.label_template.format(label=y) for y in split.labels]
     cosines = embedding_scores(model, tokenizer, split.eval_texts, label_texts, config.train.max_length,
                                config.train.effective_eval_batch_size, should_stop)
-    details = {"kind": "embedding", "label_texts": label_texts, "pooling": "mean over the attention mask, L2-normalised",
+    details = {"kind": "embedding", "label_texts": label_texts,
+               "pooling": "mean over the attention mask, L2-normalised",
                "similarity": "cosine", "probabilities": f"softmax({EMBEDDING_SCALE:g} x cosine)"}
     return EMBEDDING_SCALE * cosines, details, sum(p.numel() for p in model.parameters())
 
