@@ -28,7 +28,6 @@ from workbench.store import RunStore
 from widgets import Dashboard
 
 ACTIVE = ("queued", "running")
-TITLE = "LLM Workbench"
 
 
 def env_flag(name: str) -> bool:
@@ -76,14 +75,35 @@ def show_latest(dash: Dashboard) -> None:
         dash.confusion.run_id = runs[0]["id"]
 
 
+def resync_when_shown(dash: Dashboard) -> None:
+    """Rebuild the loss curve's traces once the page has drawn it.
+
+    In Voila the notebook runs before the page connects, and LossCurve adds its traces with
+    `add_traces`, a message that a view created later never receives (only the figure's initial data
+    is synced): a reattached run's curve stayed empty. Plotly's view reports its layout back when it
+    first draws (`_js2py_layoutDelta`); then the traces are rebuilt and every array is sent whole.
+    TODO(widgets): LossCurve should survive late views itself; this hook can then go.
+    """
+    fig, done = dash.curve.fig, []
+
+    def on_drawn(change: dict[str, Any]) -> None:
+        if change["new"] is None or done or not dash.curve.run_ids:
+            return
+        done.append(True)
+        run_ids = list(dash.curve.run_ids)
+        dash.curve.run_ids = []
+        dash.curve.run_ids = run_ids
+
+    fig.observe(on_drawn, names="_js2py_layoutDelta")
+
+
 def header(read_only: bool) -> W.HTML:
+    """One line under the notebook's title: what this page lets a visitor do."""
     note = ("Read-only demo: browse the runs, their curves and confusion matrices, and try the models."
             if read_only else
             "Set up a run, press Start in <b>Train &amp; watch</b>, and follow it live. "
             "One run trains at a time on this machine; reloading the page does not stop it.")
-    return W.HTML(f"<h1 style='margin:0.2em 0'>{TITLE}</h1>"
-                  f"<div style='color:var(--jp-ui-font-color2,#757575)'>{note}</div>",
-                  layout=W.Layout(width="100%"))
+    return W.HTML(f"<div style='color:var(--jp-ui-font-color2,#757575)'>{note}</div>", layout=W.Layout(width="100%"))
 
 
 def build(home: Any = None, read_only: bool | None = None) -> Dashboard:
@@ -92,6 +112,7 @@ def build(home: Any = None, read_only: bool | None = None) -> Dashboard:
     dash.from_config(demo_config())
     one_run_at_a_time(dash)
     show_latest(dash)
+    resync_when_shown(dash)
     return dash
 
 
@@ -104,5 +125,4 @@ def page() -> None:
         text = str(exc) if isinstance(exc, WorkbenchError) else f"{type(exc).__name__}: {exc}"
         body = W.HTML(f"<div style='color:var(--jp-error-color1,#d32f2f)'>The dashboard could not start: "
                       f"{html.escape(text)}</div>")
-    display(W.VBox([header(read_only), body], layout=W.Layout(width="100%", max_width="1200px",
-                                                             margin="0 auto", padding="0 1em")))
+    display(W.VBox([header(read_only), body], layout=W.Layout(width="100%")))
