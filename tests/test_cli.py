@@ -54,6 +54,7 @@ def _run(capsys, home, *argv):
     (["train.max_length=4096"], r"train.max_length = 4096 is beyond the model's limit of 128 tokens"),
     (["method.name=prefix"], r"method.name = 'prefix' is not allowed: expected one of 'full', 'head-only'"),
     (["train.lr=0.1"], r"unknown config key 'train.lr'"),
+    (["method.name=zero-shot-prompt"], r"zero-shot-prompt.*zero-shot-embedding"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, config_file, overrides, match):
     files = {

@@ -41,3 +41,20 @@ def test_pinned_counts_on_the_tiny_model(tiny_config):
     assert counts["head-only"] == head
     assert counts["lora"] == head + 2 * per_layer_lora
     assert counts["full"] > 30522 * 32  # embeddings train too
+
+
+def test_inspect_zero_shot_trains_nothing(tiny_config):
+    info = inspect_model(str(tiny_config().model), method="zero-shot-embedding", num_labels=2)
+    assert info["trainable_parameters"] == 0 and "nothing is trained" in info["note"]
+    assert info["memory_breakdown_mb"]["gradients_and_optimiser"] == 0
+
+
+def test_zero_shot_runs_have_no_model_to_predict_with(tiny_config, store):
+    from workbench.errors import WorkbenchError
+    from workbench.predict import load_predictor
+    from workbench.trainer import train
+
+    record = train(tiny_config(method={"name": "zero-shot-embedding"}), store=store)
+    assert record["status"] == "completed"
+    with pytest.raises(WorkbenchError, match="zero-shot-embedding baseline: it trained no model"):
+        load_predictor(record["id"], home=store.home)

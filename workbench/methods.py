@@ -462,7 +462,7 @@ def inspect_model(name: str, home: Any = None, method: str = "lora", batch_size:
     from transformers import AutoModelForSequenceClassification
 
     from .catalog import resolve_model
-    from .config import METHODS
+    from .config import METHODS, ZERO_SHOT_METHODS
     from .store import default_home
 
     if method not in METHODS:
@@ -493,7 +493,10 @@ def inspect_model(name: str, home: Any = None, method: str = "lora", batch_size:
                          target_modules=target_modules if method not in VIRTUAL_TOKEN_METHODS else "auto",
                          init_r=max(init_r, r, 1), num_virtual_tokens=max(num_virtual_tokens, 1),
                          use_dora=use_dora and method in ("lora", "qlora"))
-    train_p, note = _trainable_estimate(skeleton, knobs, heads, head_params, adapter_head, total)
+    if knobs.is_zero_shot:
+        train_p, note = 0, f"{method}: nothing is trained; the estimate is for inference"
+    else:
+        train_p, note = _trainable_estimate(skeleton, knobs, heads, head_params, adapter_head, total)
     hidden = getattr(model_config, "hidden_size", 0) or 0
     layers = getattr(model_config, "num_hidden_layers", 0) or 0
     heads_n = getattr(model_config, "num_attention_heads", 1) or 1
@@ -502,7 +505,8 @@ def inspect_model(name: str, home: Any = None, method: str = "lora", batch_size:
     seq = max_length + (knobs.num_virtual_tokens if method in VIRTUAL_TOKEN_METHODS else 0)
     # Korthikanti et al. (2022): ~(34 s b h + 5 a s^2 b) bytes of 16-bit activations per layer; x2 for fp32
     per_layer = (34 * seq * batch_size * hidden + 5 * heads_n * seq**2 * batch_size) * 2
-    activation_bytes = per_layer * layers if method != "head-only" else per_layer  # frozen layers keep nothing
+    # frozen layers (and inference) keep nothing between layers
+    activation_bytes = per_layer * layers if method not in ("head-only", *ZERO_SHOT_METHODS) else per_layer
     activation_bytes *= ACTIVATION_CALIBRATION.get(method, ACTIVATION_CALIBRATION["adapters"])
     return {
         "name": name,

@@ -49,6 +49,10 @@ def load_predictor(run_id: str = "latest", home: str | Path | None = None) -> Pr
     store = RunStore(home)
     record = store.get(run_id)
     model_dir = Path(record["dir"]) / "model"
+    method = record["config"].get("method", {}).get("name", "")
+    if method.startswith("zero-shot"):
+        raise WorkbenchError(f"run {record['id']} is a {method} baseline: it trained no model to load; "
+                             "pick a trained run")
     if not (model_dir / "trainable.safetensors").is_file():
         raise WorkbenchError(f"run {record['id']} has no trained model yet (status {record['status']}): "
                              "wait until it completes an evaluation, or pick another run")

@@ -46,6 +46,11 @@ def preflight(config: Config, home: Path) -> Split:
     from .methods import check_model_fits
 
     split = prepare(config.data, config.train.seed)
+    if config.method.is_zero_shot:
+        from .zeroshot import check_zero_shot
+
+        check_zero_shot(config, home, split)
+        return split
     _check_batch_fits(config, split, 1)
     check_model_fits(config, resolve_model(config.model, home, config.trust_remote_code), len(split.labels))
     return split
