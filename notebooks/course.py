@@ -71,7 +71,7 @@ class WrongAnswer(AssertionError):
     """An exercise answer that does not match; the message says why and hints at the way."""
 
 
-def check_answer(question: str, answer: Any, expected: Any, hint: str = "", tolerance: float = 1e-6) -> bool:
+def check_answer(question: str, answer: Any, expected: Any, hint: str = "", tolerance: float = 1e-6) -> None:
     """Compare an exercise answer with the value computed from the runs.
 
     `answer` left as None means "not attempted yet": a note is printed and nothing fails, so the notebook
@@ -79,7 +79,7 @@ def check_answer(question: str, answer: Any, expected: Any, hint: str = "", tole
     """
     if answer is None:
         print(f"[{question}] not answered yet: replace None with your answer. {hint}".rstrip())
-        return False
+        return
     if isinstance(expected, float) or isinstance(answer, float):
         try:
             ok = math.isclose(float(answer), float(expected), rel_tol=max(tolerance, 1e-9), abs_tol=tolerance)
@@ -92,7 +92,6 @@ def check_answer(question: str, answer: Any, expected: Any, hint: str = "", tole
     if not ok:
         raise WrongAnswer(f"[{question}] {answer!r} is not right. {hint}".rstrip())
     print(f"[{question}] correct: {answer!r}")
-    return True
 
 
 def last_train_losses(points: list[dict[str, Any]], steps: int) -> float:
@@ -118,13 +117,13 @@ def table(records: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("method")
 
 
-def check_choice(question: str, answer: Any, allowed: list[Any], hint: str = "") -> bool:
+def check_choice(question: str, answer: Any, allowed: list[Any], hint: str = "") -> None:
     """Like check_answer, when several answers are right (e.g. a tie); text compares case-blind."""
     if answer is None:
-        return check_answer(question, None, None, hint)
+        check_answer(question, None, None, hint)
+        return
     norm = [a.strip().lower() if isinstance(a, str) else a for a in allowed]
     given = answer.strip().lower() if isinstance(answer, str) else answer
     if given not in norm:
         raise WrongAnswer(f"[{question}] {answer!r} is not right. {hint}".rstrip())
     print(f"[{question}] correct: {answer!r}")
-    return True
