@@ -101,6 +101,14 @@ def dashboard_app(monkeypatch, tiny_model_dir, tiny_csv):
         sys.modules.pop(name, None)
 
 
+def _close(dash) -> None:
+    """Let the panels' worker threads (model inspection, file reading) finish before closing: a torch
+    thread still running at interpreter exit aborts the process ("terminate called without an active exception")."""
+    for panel in (dash.model, dash.data, dash.method):
+        panel.wait(60)
+    dash.close()
+
+
 def _running_run(store, name="someone-else"):
     run_id = store.create_run({"name": name, "model": "x"}, name)
     store.mark_running(run_id, pid=os.getpid())  # alive: this very process
@@ -116,7 +124,7 @@ def test_dashboard_preselects_the_demo_config(dashboard_app, tiny_model_dir, tin
         assert config.data.max_train_samples == 32 and config.train.max_length == 32
         assert dash.read_only is False and dash.train.status == "idle"
     finally:
-        dash.close()
+        _close(dash)
 
 
 def test_dashboard_demo_overrides_and_default(dashboard_app, monkeypatch):
@@ -140,7 +148,7 @@ def test_dashboard_reattaches_to_the_running_run_and_refuses_a_second(dashboard_
         dash.train.start()
         assert "already going" in dash.train.error
     finally:
-        dash.close()
+        _close(dash)
 
 
 def test_dashboard_start_is_refused_while_another_visitor_trains(dashboard_app, tmp_path):
@@ -153,7 +161,7 @@ def test_dashboard_start_is_refused_while_another_visitor_trains(dashboard_app, 
         assert "visitor-2 is training on this machine: one run at a time" in dash.train.error
         assert dash.train.status == "idle"
     finally:
-        dash.close()
+        _close(dash)
 
 
 def test_dashboard_read_only_from_the_environment(dashboard_app, monkeypatch, tmp_path):
@@ -165,4 +173,4 @@ def test_dashboard_read_only_from_the_environment(dashboard_app, monkeypatch, tm
         dash.train.start()
         assert "read-only" in dash.train.error
     finally:
-        dash.close()
+        _close(dash)
