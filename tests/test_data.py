@@ -146,3 +146,9 @@ def test_nested_json_fields_are_not_mistaken_for_labels(tmp_path):
     split = prepare(DataConfig(source=str(path)), seed=0)
     assert (split.report.text_column, split.report.label_column) == ("body", "stars")
     assert split.labels == ["0", "1"]
+
+
+@pytest.mark.parametrize("cap", [1, 2, 23, 24, 25])
+def test_any_cap_up_to_the_split_size_works(tiny_csv, cap):
+    split = prepare(DataConfig(source=str(tiny_csv), eval_fraction=0.25, max_eval_samples=cap), seed=0)
+    assert len(split.eval_texts) == min(cap, 24)

@@ -335,7 +335,8 @@ def _cap(table: pd.DataFrame, cap: int | None, seed: int) -> pd.DataFrame:
     from sklearn.model_selection import train_test_split
 
     counts = table["label"].value_counts()
-    if cap < len(counts) or (counts < 2).any():
+    # a stratified split needs at least one row per class on both sides
+    if cap < len(counts) or len(table) - cap < len(counts) or (counts < 2).any():
         return table.sample(n=cap, random_state=seed)
     sample, _ = train_test_split(table, train_size=cap, stratify=table["label"], random_state=seed)
     return sample
