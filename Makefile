@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# Trains the embedded default (offline, ~2 min), prints its accuracy, then serves the dashboard on 127.0.0.1.
 demo: install
 	$(PY) -m workbench train configs/demo.yaml
+	$(PY) scripts/serve_dashboard.py
 
 # Browser tests drive Debian's chromium (never a downloaded browser). As root (CI) it is installed here;
 # elsewhere those tests skip and say how to enable them.

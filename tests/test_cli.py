@@ -159,9 +159,11 @@ def test_the_real_cli_process_exits_2_without_traceback(tmp_path):
 
 
 def test_core_does_not_import_ui_code():
-    code = "import workbench, workbench.cli, workbench.trainer, sys; " \
+    code = "import sys, workbench; assert 'torch' not in sys.modules, 'import workbench must stay light'; " \
+           "import workbench.cli, workbench.trainer, workbench.launch, workbench.predict; " \
            "bad = [m for m in ('ipywidgets', 'plotly', 'widgets', 'IPython') if m in sys.modules]; " \
-           "assert not bad, bad"
+           "assert not bad, bad; " \
+           "assert callable(workbench.launch) and callable(workbench.predict) and callable(workbench.train)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
 
 

@@ -17,22 +17,24 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Callback", "Config", "DataConfig", "EvalResult", "MethodConfig", "RunStore", "TrackConfig", "TrainConfig",
-    "TrainControl", "TrainState", "WorkbenchError", "train", "launch", "RunHandle", "load_predictor", "predict",
-    "inspect_model",
+    "TrainControl", "TrainState", "WorkbenchError", "train", "launch", "attach", "RunHandle", "load_predictor",
+    "predict", "inspect_model",
 ]
 
 
-def __getattr__(name: str) -> Any:  # lazy: keep `import workbench` light
-    if name == "train":
-        from .trainer import train
-        return train
-    if name in ("launch", "RunHandle"):
-        from . import launch as _launch
-        return getattr(_launch, name)
-    if name in ("load_predictor", "predict"):
-        from . import predict as _predict
-        return getattr(_predict, name)
-    if name == "inspect_model":
-        from .methods import inspect_model
-        return inspect_model
-    raise AttributeError(f"module 'workbench' has no attribute {name!r}")
+# Bound here, after their submodules load, so `workbench.launch` and `workbench.predict` are the
+# functions whatever else imports those modules later (both modules import torch only when used).
+from .launch import RunHandle, attach, launch  # noqa: E402
+from .predict import load_predictor, predict  # noqa: E402
+
+_LAZY = {"train": "trainer", "inspect_model": "methods"}
+
+
+def __getattr__(name: str) -> Any:  # lazy: keep `import workbench` light (no torch until needed)
+    import importlib
+
+    if name not in _LAZY:
+        raise AttributeError(f"module 'workbench' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value

@@ -6,8 +6,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .catalog import resolve_model
 from .config import Config
 from .errors import WorkbenchError
@@ -17,13 +15,14 @@ from .store import RunStore
 class Predictor:
     """A trained classifier: `predict(texts)` returns label and per-label scores for each text."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, labels: list[str], max_length: int,
+    def __init__(self, model: Any, tokenizer: Any, labels: list[str], max_length: int,
                  run_id: str = "") -> None:
         self.model, self.tokenizer, self.labels, self.max_length = model.eval(), tokenizer, labels, max_length
         self.run_id = run_id
 
-    @torch.no_grad()
     def predict(self, texts: str | list[str], batch_size: int = 32) -> list[dict[str, Any]]:
+        import torch
+
         if isinstance(texts, str):
             texts = [texts]
         out: list[dict[str, Any]] = []
@@ -31,7 +30,8 @@ class Predictor:
             chunk = texts[start: start + batch_size]
             batch = self.tokenizer(chunk, truncation=True, max_length=self.max_length, padding=True,
                                    return_tensors="pt")
-            probs = torch.softmax(self.model(**batch).logits.float(), dim=-1)
+            with torch.no_grad():
+                probs = torch.softmax(self.model(**batch).logits.float(), dim=-1)
             for text, p in zip(chunk, probs.tolist()):
                 best = max(range(len(p)), key=p.__getitem__)
                 out.append({"text": text, "label": self.labels[best],
