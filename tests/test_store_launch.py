@@ -119,3 +119,11 @@ def test_sigterm_is_a_cooperative_stop(tmp_path, tiny_config):
     record = handle.wait(timeout=120)
     assert record["status"] == "stopped" and record["error"] is None
     assert list((Path(record["dir"]) / "checkpoints").glob("step-*")), "the stop saved a checkpoint"
+
+
+def test_launched_run_resolves_relative_paths_from_the_callers_directory(tmp_path, tiny_config, tiny_csv,
+                                                                        monkeypatch):
+    monkeypatch.chdir(tiny_csv.parent)
+    handle = launch(tiny_config(data={"source": tiny_csv.name}, train={"epochs": 1}), home=tmp_path / "home")
+    record = handle.wait(timeout=180)
+    assert record["status"] == "completed", record["error"]

@@ -82,7 +82,7 @@ def launch(config: Config, home: str | Path | None = None, resume_id: str | None
     process = subprocess.Popen(
         [sys.executable, "-m", "workbench", "train", *args],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=child_env,
-        start_new_session=True, cwd=str(store.home),
+        start_new_session=True,  # the caller's working directory: relative data/model paths mean the same
     )
     log.close()
     return RunHandle(run_id, store, process)
