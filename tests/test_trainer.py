@@ -212,3 +212,13 @@ def test_predictions_file_backs_the_confusion_matrix(tiny_config, store):
     for i, t in enumerate(preds["labels"]):
         for j, p in enumerate(preds["labels"]):
             assert cm[i][j] == sum(1 for r in preds["rows"] if r["true"] == t and r["predicted"] == p)
+
+
+def test_a_run_leaves_the_callers_thread_count_alone(tiny_config, store):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        train(tiny_config(train={"epochs": 1, "threads": 1}), store=store)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

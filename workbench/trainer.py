@@ -234,6 +234,7 @@ def train(config: Config, store: RunStore | None = None, run_id: str | None = No
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               mixed_precision="bf16" if config.train.precision == "bf16" else "no")
     main = accelerator.is_main_process
+    previous_threads = torch.get_num_threads()  # restored at the end: a notebook kernel keeps its own
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     store = store or RunStore()
@@ -362,6 +363,7 @@ def train(config: Config, store: RunStore | None = None, run_id: str | None = No
         _log_traceback(run_dir)
     finally:
         _restore_sigterm(previous_sigterm)
+        torch.set_num_threads(previous_threads)
         try:
             if status in ("completed", "stopped") and "model" in locals() and "progress" in locals():
                 metrics = _finalise(locals(), accelerator, run_dir, status)
