@@ -13,6 +13,10 @@ Two shapes:
   on the base model. prompt-tuning and prefix-tuning can only be exported this way: their virtual
   tokens are an input to the model, not a change of its weights.
 
+A causal-LM classifier (llm_classifier.py) exports its causal LM the same two ways, loaded with
+`AutoModelForCausalLM` (or PeftModel on it); the export info holds what classifying with it takes: the
+prompt, each label's token ids and the scoring (`workbench.zeroshot.score_labels` does it).
+
 The directory is written next to its destination and renamed into place, so an interrupted export
 never leaves a half-written model where a good one was expected.
 """
@@ -39,7 +43,8 @@ def export_run(run_id: str = "latest", out: str | Path | None = None, merge: boo
     from safetensors.torch import load_file
 
     from .catalog import resolve_model
-    from .methods import build_model
+    from .llm_classifier import LLMClassifier, export_info
+    from .methods import build_model, peft_model_of
     from .store import RunStore
     from .trainer import load_trainable_state, set_seed
 
@@ -66,7 +71,11 @@ def export_run(run_id: str = "latest", out: str | Path | None = None, merge: boo
     load_trainable_state(built.model, load_file(str(model_dir / "trainable.safetensors")))
 
     standalone = merge or method in ("full", "head-only")
-    model = _merge(built.model) if merge and method in MERGEABLE else built.model
+    model = peft_model_of(built.model)  # a causal-LM classifier exports its causal LM
+    model = _merge(model) if merge and method in MERGEABLE else model
+    info = _export_info(run, config, source.path, labels, standalone, causal=built.prompt is not None)
+    if isinstance(built.model, LLMClassifier):
+        info["classifier"] = export_info(built.prompt, built.model)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -74,8 +83,7 @@ def export_run(run_id: str = "latest", out: str | Path | None = None, merge: boo
         model.save_pretrained(tmp)  # safetensors
         built.tokenizer.save_pretrained(tmp)
         (tmp / "labels.json").write_text(json.dumps(labels))
-        (tmp / EXPORT_INFO).write_text(json.dumps(
-            _export_info(run, config, source.path, labels, standalone), indent=2))
+        (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2))
         _replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -129,9 +137,15 @@ def _replace(tmp: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _export_info(run: str, config: Config, base: str, labels: list[str], standalone: bool) -> dict[str, Any]:
+def _export_info(run: str, config: Config, base: str, labels: list[str], standalone: bool,
+                 causal: bool = False) -> dict[str, Any]:
     method = config.method.name
-    if standalone:
+    if causal:
+        load = ("AutoModelForCausalLM.from_pretrained(<this directory>)" if standalone else
+                "base = AutoModelForCausalLM.from_pretrained(<base_model>); "
+                "PeftModel.from_pretrained(base, <this directory>)")
+        load += "; classify by scoring the label tokens after the prompt (see 'classifier')"
+    elif standalone:
         load = "AutoModelForSequenceClassification.from_pretrained(<this directory>)"
     else:
         load = ("base = AutoModelForSequenceClassification.from_pretrained(<base_model>, "
@@ -148,7 +162,7 @@ def _export_info(run: str, config: Config, base: str, labels: list[str], standal
     if method == "qlora" and standalone:
         info["note"] = ("merged into a float32 base; the run trained against 4-bit weights, so "
                         "probabilities differ from the run's by the quantisation error")
-    if not standalone and not config.method.train_head:
+    if not standalone and not config.method.train_head and not causal:
         info["note"] = ("method.train_head was false: layers missing from the base checkpoint (a pooler) are "
                         "not in the adapter and start random when the base loads; export with --merge to keep them")
     return info

@@ -14,6 +14,10 @@
 
 Every peft method keeps the head trainable through peft's modules_to_save.
 
+A causal-LM checkpoint (LlamaForCausalLM, ...) is not given a new classification head: it becomes an
+`llm_classifier.LLMClassifier`, which scores the label tokens after the zero-shot prompt (see that module;
+head-only and prefix-tuning are refused there).
+
 "The head" is the classifier plus the pooler and any layer the checkpoint did
 not provide. TRAPS.md shows why that matters: a frozen pooler that was never
 trained for the task caps LoRA accuracy far below full fine-tuning.
@@ -48,6 +52,25 @@ class BuiltModel:
     total_params: int = 0
     max_length_limit: int | None = None
     method: str = ""
+    prompt: Any = None  # a causal-LM classifier's zeroshot.PromptBuilder: texts go in as prompts
+
+    def encode(self, texts: list[str], max_length: int) -> list[dict[str, list[int]]]:
+        """Token ids (and masks) of each text as this model reads it, unpadded; collate pads them on the
+        tokenizer's padding side (left for a causal-LM classifier). An encoder reads the text cut to
+        `max_length` tokens; a causal-LM classifier reads its prompt with the text cut to `max_length`."""
+        if self.prompt is None:
+            return tokenize_texts(self.tokenizer, texts, max_length)
+        from .llm_classifier import prompt_encodings, with_max_length
+
+        longest_label = max(len(c) for c in self.prompt.label_ids())
+        return prompt_encodings(with_max_length(self.prompt, max_length), texts, self.max_length_limit,
+                                longest_label)
+
+
+def tokenize_texts(tokenizer: Any, texts: list[str], max_length: int) -> list[dict[str, list[int]]]:
+    """The tokenizer's ids of each text, truncated to `max_length`, as one dict per text."""
+    enc = tokenizer(texts, truncation=True, max_length=max_length)
+    return [{k: enc[k][i] for k in enc.keys()} for i in range(len(texts))]
 
 
 # --- loading -------------------------------------------------------------------
@@ -242,6 +265,12 @@ def prefix_tuning_refusal(model: nn.Module) -> str | None:
             "longer accepts. Use prompt-tuning (trained virtual tokens, the closest method), lora or ia3 instead")
 
 
+def _is_causal_lm(model_config: Any) -> bool:
+    from .zeroshot import is_causal_lm
+
+    return is_causal_lm(model_config)
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total); a 4-bit weight stores two values per byte and counts twice its numel."""
     trainable = total = 0
@@ -279,6 +308,10 @@ def build_model(config: Config, source: ModelSource, labels: list[str], total_st
     model_config = load_config(source, config.trust_remote_code)
     limit = _check_context(config, model_config)
     tokenizer = load_tokenizer(source, config.trust_remote_code)
+    if _is_causal_lm(model_config):  # label-token scoring, not a new head (llm_classifier.py)
+        from .llm_classifier import build_llm_classifier
+
+        return build_llm_classifier(config, source, labels, model_config, tokenizer, limit, total_steps)
     kwargs = load_kwargs(source, config.trust_remote_code)
     kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
                   label2id={name: i for i, name in enumerate(labels)}, dtype=torch.float32)
@@ -327,14 +360,16 @@ def _unfreeze(model: nn.Module, names: list[str]) -> None:
 
 
 def peft_config(method: MethodConfig, targets: list[str], heads: list[str], feedforward: list[str] = (),
-                total_steps: int | None = None) -> Any:
-    """The peft config of a peft method; the head trains through modules_to_save (TRAPS.md: pooler)."""
+                total_steps: int | None = None, task_type: str = "SEQ_CLS") -> Any:
+    """The peft config of a peft method; the head trains through modules_to_save (TRAPS.md: pooler).
+
+    `task_type` "CAUSAL_LM" is for a causal-LM classifier, which has no head (`heads` is empty)."""
     from peft import (AdaLoraConfig, IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig,
                       TaskType)
 
     classifier = [h for h in heads if "." not in h and h != "pooler"]
-    common: dict[str, Any] = dict(task_type=TaskType.SEQ_CLS,
-                                  modules_to_save=list(heads) if method.train_head else classifier)
+    to_save = list(heads) if method.train_head else classifier
+    common: dict[str, Any] = dict(task_type=TaskType(task_type), modules_to_save=to_save or None)
     if method.name in ("lora", "qlora"):
         return LoraConfig(r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout,
                           target_modules=list(targets),  # copies: peft extends these lists in place
@@ -356,10 +391,10 @@ def peft_config(method: MethodConfig, targets: list[str], heads: list[str], feed
 
 
 def _apply_peft(model: nn.Module, method: MethodConfig, targets: list[str], heads: list[str],
-                feedforward: list[str], total_steps: int | None) -> nn.Module:
+                feedforward: list[str], total_steps: int | None, task_type: str = "SEQ_CLS") -> nn.Module:
     from peft import get_peft_model
 
-    peft_model = get_peft_model(model, peft_config(method, targets, heads, feedforward, total_steps))
+    peft_model = get_peft_model(model, peft_config(method, targets, heads, feedforward, total_steps, task_type))
     if method.name == "adalora":
         # our marker, read by after_optimizer_step: prune ranks only on a real schedule
         peft_model.workbench_rank_schedule = bool(total_steps)
@@ -371,12 +406,21 @@ def after_optimizer_step(built: BuiltModel, step: int) -> None:
 
     A no-op for every other method, and for adalora built without `total_steps`.
     """
-    if built.method != "adalora" or not getattr(built.model, "workbench_rank_schedule", False):
+    if built.method != "adalora":
         return
-    model = built.model
+    model = peft_model_of(built.model)
+    if not getattr(model, "workbench_rank_schedule", False):
+        return
     if step > model.peft_config[model.active_adapter].total_step:
         return  # past the schedule it was built for (a resumed or longer run): keep the ranks as they are
     model.base_model.update_and_allocate(step)
+
+
+def peft_model_of(model: nn.Module) -> nn.Module:
+    """The model peft built: a causal-LM classifier holds it as `.lm`; otherwise the model itself."""
+    from .llm_classifier import LLMClassifier
+
+    return model.lm if isinstance(model, LLMClassifier) else model
 
 
 def _head_names_on_meta(model_config: Any, num_labels: int) -> list[str]:
@@ -426,7 +470,11 @@ def check_model_fits(config: Config, source: ModelSource, num_labels: int) -> No
     method = config.method
     model_config = load_config(source, config.trust_remote_code)
     _check_context(config, model_config)
-    if method.uses_peft:
+    if _is_causal_lm(model_config):
+        from .llm_classifier import check_llm_fits
+
+        check_llm_fits(config, model_config)
+    elif method.uses_peft:
         model_config.num_labels = num_labels
         try:
             with torch.device("meta"):
@@ -480,11 +528,18 @@ def inspect_model(name: str, home: Any = None, method: str = "lora", batch_size:
         source = resolve_model(name, home, trust_remote_code)
         model_config = load_config(source, trust_remote_code)
     model_config.num_labels = num_labels
+    causal = _is_causal_lm(model_config)  # a causal LM classifies by label tokens: no head (llm_classifier.py)
     with torch.device("meta"):
-        skeleton = AutoModelForSequenceClassification.from_config(model_config)
+        if causal:
+            from .llm_classifier import causal_skeleton, output_head_names, refusal
+
+            skeleton = causal_skeleton(model_config, trust_remote_code)
+        else:
+            skeleton = AutoModelForSequenceClassification.from_config(model_config)
     total = sum(p.numel() for p in skeleton.parameters())
-    heads = head_module_names(skeleton)
-    linear = [n for n in linear_layer_names(skeleton) if not _in_any(n, heads)]
+    heads = [] if causal else head_module_names(skeleton)
+    excluded = output_head_names(skeleton) if causal else heads  # never adapter targets
+    linear = [n for n in linear_layer_names(skeleton) if not _in_any(n, excluded)]
     head_params = sum(p.numel() for n, p in skeleton.named_parameters() if _in_any(n.rsplit(".", 1)[0], heads))
     classifier = [h for h in heads if "." not in h and h != "pooler"]
     adapter_head = head_params if train_head else sum(
@@ -495,8 +550,10 @@ def inspect_model(name: str, home: Any = None, method: str = "lora", batch_size:
                          use_dora=use_dora and method in ("lora", "qlora"))
     if knobs.is_zero_shot:
         train_p, note = 0, f"{method}: nothing is trained; the estimate is for inference"
+    elif causal and (why := refusal(method, type(skeleton).__name__)):
+        train_p, note = None, why
     else:
-        train_p, note = _trainable_estimate(skeleton, knobs, heads, head_params, adapter_head, total)
+        train_p, note = _trainable_estimate(skeleton, knobs, excluded, head_params, adapter_head, total)
     hidden = getattr(model_config, "hidden_size", 0) or 0
     layers = getattr(model_config, "num_hidden_layers", 0) or 0
     heads_n = getattr(model_config, "num_attention_heads", 1) or 1

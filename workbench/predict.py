@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .catalog import resolve_model
 from .config import Config
@@ -13,23 +13,35 @@ from .store import RunStore
 
 
 class Predictor:
-    """A trained classifier: `predict(texts)` returns label and per-label scores for each text."""
+    """A trained classifier: `predict(texts)` returns label and per-label scores for each text.
+
+    `encode` turns texts into token ids as the run's training did (BuiltModel.encode: a prompt for a
+    causal-LM classifier); left out, the tokenizer reads the text cut to `max_length`.
+    """
 
     def __init__(self, model: Any, tokenizer: Any, labels: list[str], max_length: int,
-                 run_id: str = "") -> None:
+                 run_id: str = "", encode: Callable[[list[str], int], list[dict[str, list[int]]]] | None = None
+                 ) -> None:
         self.model, self.tokenizer, self.labels, self.max_length = model.eval(), tokenizer, labels, max_length
         self.run_id = run_id
+        self.encode = encode
 
     def predict(self, texts: str | list[str], batch_size: int = 32) -> list[dict[str, Any]]:
         import torch
+
+        from .trainer import collate
 
         if isinstance(texts, str):
             texts = [texts]
         out: list[dict[str, Any]] = []
         for start in range(0, len(texts), batch_size):
             chunk = texts[start: start + batch_size]
-            batch = self.tokenizer(chunk, truncation=True, max_length=self.max_length, padding=True,
-                                   return_tensors="pt")
+            if self.encode is not None:
+                encodings = self.encode(chunk, self.max_length)
+                batch = collate(self.tokenizer, encodings, list(range(len(chunk))), None)
+            else:
+                batch = self.tokenizer(chunk, truncation=True, max_length=self.max_length, padding=True,
+                                       return_tensors="pt")
             with torch.no_grad():
                 probs = torch.softmax(self.model(**batch).logits.float(), dim=-1)
             for text, p in zip(chunk, probs.tolist()):
@@ -53,6 +65,10 @@ def load_predictor(run_id: str = "latest", home: str | Path | None = None) -> Pr
     if method.startswith("zero-shot"):
         raise WorkbenchError(f"run {record['id']} is a {method} baseline: it trained no model to load; "
                              "pick a trained run")
+    if record["config"].get("task") == "chat":  # a chat model answers: workbench.chat.ChatPredictor
+        from .chat import load_chat_predictor
+
+        return load_chat_predictor(record, store.home)
     if not (model_dir / "trainable.safetensors").is_file():
         raise WorkbenchError(f"run {record['id']} has no trained model yet (status {record['status']}): "
                              "wait until it completes an evaluation, or pick another run")
@@ -61,7 +77,7 @@ def load_predictor(run_id: str = "latest", home: str | Path | None = None) -> Pr
     set_seed(config.train.seed)
     built = build_model(config, resolve_model(config.model, store.home, config.trust_remote_code), labels)
     load_trainable_state(built.model, load_file(str(model_dir / "trainable.safetensors")))
-    return Predictor(built.model, built.tokenizer, labels, config.train.max_length, record["id"])
+    return Predictor(built.model, built.tokenizer, labels, config.train.max_length, record["id"], built.encode)
 
 
 def predict(run_id: str, texts: str | list[str], home: str | Path | None = None) -> list[dict[str, Any]]:

@@ -98,6 +98,7 @@ def shard_batches(order: list[int], batch_size: int, rank: int, world: int) -> l
 
 def collate(tokenizer: Any, encodings: list[dict[str, list[int]]], indices: list[int],
             labels: list[int] | None) -> dict[str, torch.Tensor]:
+    """Pad a micro-batch on the tokenizer's padding side (left for a causal-LM classifier)."""
     batch = tokenizer.pad([encodings[i] for i in indices], return_tensors="pt")
     if labels is not None:
         batch["labels"] = torch.tensor([labels[i] for i in indices])
@@ -276,7 +277,7 @@ def train(config: Config, store: RunStore | None = None, run_id: str | None = No
         if config.train.fast_dropout and accelerator.device.type == "cpu":
             undo_fast_dropout = use_fast_dropout(model)  # torch's bernoulli_ was a third of a CPU step
 
-        tokenize = lambda texts: [dict(e) for e in _tokenize(tokenizer, texts, config.train.max_length)]
+        tokenize = lambda texts: built.encode(texts, config.train.max_length)  # prompts for an LLM classifier
         train_enc, eval_enc = tokenize(split.train_texts), tokenize(split.eval_texts)
         if main:
             store.set_info(run_id, _run_info(config, built, split, accelerator.num_processes))
@@ -388,8 +389,10 @@ def train(config: Config, store: RunStore | None = None, run_id: str | None = No
 # --- pieces of the loop -------------------------------------------------------------
 
 def _tokenize(tokenizer: Any, texts: list[str], max_length: int) -> list[Any]:
-    enc = tokenizer(texts, truncation=True, max_length=max_length)
-    return [{k: enc[k][i] for k in enc.keys()} for i in range(len(texts))]
+    """An encoder's token ids per text; the loop itself goes through BuiltModel.encode."""
+    from .methods import tokenize_texts
+
+    return tokenize_texts(tokenizer, texts, max_length)
 
 
 def _check_batch_fits(config: Config, split: Split, world: int) -> None:

@@ -167,22 +167,85 @@ def _crop(cache: Any, keep: int) -> None:
         raise RuntimeError(f"cache crop left {cache.get_seq_length()} positions instead of {keep}")
 
 
+def label_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 continuations: list[list[int]], scoring: str = "sum",
+                 prefix_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """Score of every continuation (label tokens) after every prompt of one left-padded batch: (rows, labels).
+
+    The one implementation of label-token scoring: zero-shot prompting calls it under no_grad, the LLM
+    classifier (workbench.llm_classifier) trains through it. "sum": log p(label tokens | prompt); "mean": that
+    sum / the number of label tokens; "first": log p of the first label token. Positions follow the mask.
+    The LM head runs on the prompts' last position only (`logits_to_keep=1`, so the prompts must be
+    left-padded) and on each label's own tokens; a multi-token label runs on the prompts' key/value cache,
+    cropped back after it. `prefix_embeds` (rows, virtual tokens, hidden) go before every prompt: the
+    trained virtual tokens of prompt tuning.
+    """
+    if scoring not in ("mean", "sum", "first"):
+        raise WorkbenchError(f"method.prompt_scoring = {scoring!r} is not allowed: one of 'mean', 'sum', 'first'")
+    if any(not c for c in continuations):
+        raise WorkbenchError("a label has no tokens: every label needs a non-empty name")
+    if not bool(attention_mask[:, -1].all()):
+        raise ValueError("label scoring needs left-padded prompts: the last position of every row must be real")
+    device = input_ids.device
+    rows = input_ids.shape[0]
+    cache_kw, has_keep = _forward_names(model)
+    need_cache = scoring != "first" and any(len(c) > 1 for c in continuations)
+    mask = attention_mask
+    inputs: dict[str, torch.Tensor] = {"input_ids": input_ids}
+    if prefix_embeds is not None:
+        embeds = model.get_input_embeddings()(input_ids)
+        inputs = {"inputs_embeds": torch.cat([prefix_embeds.to(embeds.dtype), embeds], dim=1)}
+        mask = torch.cat([mask.new_ones(rows, prefix_embeds.shape[1]), mask], dim=1)
+    width = mask.shape[1]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(**inputs, attention_mask=mask, position_ids=positions, use_cache=need_cache,
+                **({"logits_to_keep": 1} if has_keep else {}))
+    next_logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (rows, vocab): the prompt's next token
+    cache = _output_cache(out) if need_cache else None
+    del out
+    lengths = mask.sum(dim=1, keepdim=True)
+    columns = []
+    for cont in continuations:
+        token_logp = [next_logp[:, cont[0]]]
+        if need_cache and len(cont) > 1:
+            # the label's own tokens, fed after every prompt of the batch at once, on the shared cache
+            feed = torch.tensor(cont[:-1], device=device).expand(rows, -1)
+            steps = feed.shape[1]
+            out = model(input_ids=feed, attention_mask=torch.cat([mask, torch.ones_like(feed)], dim=1),
+                        position_ids=lengths + torch.arange(steps, device=device), use_cache=True,
+                        **{cache_kw: cache})
+            logp = torch.log_softmax(out.logits.float(), dim=-1)  # (rows, label tokens - 1, vocab)
+            token_logp += [logp[:, t, cont[t + 1]] for t in range(steps)]
+            del out, logp
+            _crop(cache, width)
+        stacked = torch.stack(token_logp, dim=1)
+        columns.append(stacked[:, 0] if scoring == "first" else stacked.sum(1) if scoring == "sum"
+                       else stacked.mean(1))
+    return torch.stack(columns, dim=1)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of token-id lists, padded on the left to the longest."""
+    rows, width = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((rows, width), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[r, width - len(p):] = 1
+    return ids, mask
+
+
 @torch.no_grad()
 def score_labels(model: torch.nn.Module, prompts: list[list[int]], continuations: list[list[int]],
                  scoring: str = "sum", batch_size: int = 16, pad_id: int = 0,
                  should_stop: Callable[[], bool] | None = None) -> np.ndarray:
     """Log-probability score of every continuation (label tokens) after every prompt, shape (prompts, labels).
 
-    "sum": log p(label tokens | prompt); "mean": that sum / the number of label tokens; "first": log p of
-    the first label token. Prompts run `batch_size` at a time, left-padded (positions follow the mask).
+    `label_scores` on batches of `batch_size` prompts of similar length, left-padded.
     """
     if scoring not in ("mean", "sum", "first"):
         raise WorkbenchError(f"method.prompt_scoring = {scoring!r} is not allowed: one of 'mean', 'sum', 'first'")
-    if any(not c for c in continuations):
-        raise WorkbenchError("a label has no tokens: every label needs a non-empty name")
     device = next(model.parameters()).device
-    cache_kw, has_keep = _forward_names(model)
-    need_cache = scoring != "first" and any(len(c) > 1 for c in continuations)
     scores = np.zeros((len(prompts), len(continuations)), dtype=np.float64)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding per batch
     model.eval()
@@ -190,36 +253,9 @@ def score_labels(model: torch.nn.Module, prompts: list[list[int]], continuations
         if should_stop is not None and should_stop():
             raise StopRequested("stop requested")
         idx = order[start: start + batch_size]
-        rows, width = len(idx), max(len(prompts[i]) for i in idx)
-        ids = torch.full((rows, width), pad_id, dtype=torch.long)
-        mask = torch.zeros((rows, width), dtype=torch.long)
-        for r, i in enumerate(idx):
-            ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[r, width - len(prompts[i]):] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=need_cache,
-                    **({"logits_to_keep": 1} if has_keep else {}))
-        next_logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (rows, vocab): the prompt's next token
-        cache = _output_cache(out) if need_cache else None
-        del out
-        lengths = mask.sum(dim=1, keepdim=True)
-        for j, cont in enumerate(continuations):
-            token_logp = [next_logp[:, cont[0]]]
-            if need_cache and len(cont) > 1:
-                # the label's own tokens, fed after every prompt of the batch at once, on the shared cache
-                feed = torch.tensor(cont[:-1], device=device).expand(rows, -1)
-                steps = feed.shape[1]
-                out = model(input_ids=feed, attention_mask=torch.cat([mask, torch.ones_like(feed)], dim=1),
-                            position_ids=lengths + torch.arange(steps, device=device), use_cache=True,
-                            **{cache_kw: cache})
-                logp = torch.log_softmax(out.logits.float(), dim=-1)  # (rows, label tokens - 1, vocab)
-                token_logp += [logp[:, t, cont[t + 1]] for t in range(steps)]
-                del out, logp
-                _crop(cache, width)
-            stacked = torch.stack(token_logp, dim=1)
-            value = stacked[:, 0] if scoring == "first" else stacked.sum(1) if scoring == "sum" else stacked.mean(1)
-            scores[idx, j] = value.double().cpu().numpy()
+        ids, mask = left_pad([prompts[i] for i in idx], pad_id)
+        value = label_scores(model, ids.to(device), mask.to(device), continuations, scoring)
+        scores[idx] = value.double().cpu().numpy()
     return scores
 
 
