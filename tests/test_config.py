@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from workbench.config import Config, DataConfig, MethodConfig, TrackConfig, TrainConfig
+from workbench.config import ChatConfig, Config, DataConfig, MethodConfig, TrackConfig, TrainConfig
 from workbench.errors import WorkbenchError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,13 +61,27 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
     ({"track": {"wandb": "yes"}}, r"track.wandb = 'yes' is not allowed: expected one of 'offline'"),
     ({"method": {"train_head": "yes"}}, r"method.train_head = 'yes' is not allowed: expected true or false"),
     ({"data": "bbc-news"}, r"data. must be a mapping"),
+    ({"task": "translation"}, r"task = 'translation' is not allowed: expected one of 'text-classification', 'chat'"),
+    ({"task": "chat", "method": {"name": "ia3"}}, r"method.name = 'ia3' is not allowed: one of full, lora, qlora "
+                                                  r"for task: chat"),
+    ({"task": "chat", "data": {"label_column": "a"}}, r"data.label_column = 'a' is not allowed: nothing for task: "
+                                                      r"chat, which reads data.answer_column"),
+    ({"data": {"prompt_column": "q"}}, r"data.prompt_column = 'q' is not allowed: nothing for task: "
+                                       r"text-classification; it belongs to task: chat"),
+    ({"chat": {"sample_prompts": 5}}, r"chat.sample_prompts = 5 is not allowed: the default for task: "
+                                      r"text-classification"),
+    ({"task": "chat", "chat": {"sample_prompts": -1}}, r"chat.sample_prompts = -1 is not allowed: 0 \(none\) to 20"),
+    ({"task": "chat", "chat": {"max_new_tokens": 0}}, r"chat.max_new_tokens = 0 is not allowed: 1 to 2048 tokens"),
+    ({"task": "chat", "data": {"messages_column": "m", "prompt_column": "q"}},
+     r"data.messages_column = 'm' is not allowed: either a messages column or prompt/answer columns"),
+    ({"task": "chat", "data": {"answer_column": " "}}, r"data.answer_column = ' ' is not allowed: a column name"),
 ])
 def test_bad_values_name_the_field_and_the_fix(raw, match):
     with pytest.raises(WorkbenchError, match=match):
         Config.from_dict(raw)
 
 
-@pytest.mark.parametrize("cls", [DataConfig, MethodConfig, TrainConfig, TrackConfig, Config])
+@pytest.mark.parametrize("cls", [DataConfig, MethodConfig, TrainConfig, TrackConfig, ChatConfig, Config])
 def test_every_section_round_trips_and_documents_its_fields(cls):
     obj = cls()
     assert cls(**{f.name: getattr(obj, f.name) for f in dataclasses.fields(cls)}) == obj
@@ -90,3 +104,12 @@ def test_bad_yaml_and_missing_file(tmp_path):
         Config.load(tmp_path / "bad.yaml")
     with pytest.raises(WorkbenchError, match="must look like section.key=value"):
         Config().with_overrides(["epochs"])
+
+
+def test_the_chat_config_loads_and_round_trips():
+    cfg = Config.load(ROOT / "configs" / "chat-lora.yaml")
+    assert cfg.task == "chat" and cfg.model == "smollm2-135m-instruct" and cfg.data.source == "chatterbot"
+    assert cfg.method.name == "lora" and cfg.chat.eval_at_start
+    assert Config.from_dict(cfg.to_dict()) == cfg
+    classification = Config.load(ROOT / "configs" / "bbc-lora.yaml")
+    assert classification.task == "text-classification" and classification.chat == ChatConfig()

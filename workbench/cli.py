@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     rst = rs.add_parser("stop", help="ask a running run to stop at its next step")
     rst.add_argument("run")
 
-    pr = sub.add_parser("predict", help="classify texts with a run's best model")
+    pr = sub.add_parser("predict", help="classify texts with a run's best model (a chat run answers them)")
     pr.add_argument("run")
     pr.add_argument("--text", action="append", default=[], help="a text (repeatable)")
     pr.add_argument("--file", help="a file with one text per line")
@@ -156,6 +156,14 @@ def _train(args: argparse.Namespace) -> int:
     from .store import RunStore
     from .trainer import INTERNAL_ERROR, preflight, train
 
+    def check(config: Config) -> None:
+        if config.task == "chat":
+            from .chat import preflight_chat
+
+            preflight_chat(config, store.home)
+        else:
+            preflight(config, store.home)
+
     store = RunStore()
     rank0 = int(os.environ.get("RANK", "0")) == 0
     if args.resume or args.run_id:
@@ -170,11 +178,11 @@ def _train(args: argparse.Namespace) -> int:
         if not args.config:
             raise WorkbenchError("train needs a config file: workbench train CONFIG (see `workbench config`)")
         config = Config.load(args.config, args.overrides)
-        preflight(config, store.home)  # bad input fails here, before a run is registered
+        check(config)  # bad input fails here, before a run is registered
         run_id = None
     if args.run_id and not args.resume:
         try:
-            preflight(config, store.home)
+            check(config)
         except WorkbenchError as exc:
             store.finish(run_id, "failed", error=str(exc))
             raise
@@ -197,7 +205,14 @@ def _print_summary(record: dict[str, Any]) -> None:
     print(f"run {record['id']}: {record['status']}")
     for note in (record.get("info") or {}).get("data_notes", []):
         print(f"  data: {note}")
-    if m:
+    if m and "perplexity" in m:  # a chat run
+        start = (f" (step 0: eval_loss {m['start_eval_loss']:.4f}, perplexity {m['start_perplexity']:.2f})"
+                 if "start_eval_loss" in m else "")
+        print(f"  eval_loss {m['eval_loss']:.4f}  perplexity {m['perplexity']:.2f}  (best step {m.get('best_step')})"
+              + start)
+        for s in m.get("samples") or []:
+            print(f"  Q: {s['question'][:100]}\n  A: {s['answer'][:200]}")
+    elif m:
         print(f"  accuracy {m['accuracy']:.4f}  f1_macro {m['f1_macro']:.4f}  eval_loss {m['eval_loss']:.4f}  "
               f"(best step {m.get('best_step')})")
     if t:
@@ -218,13 +233,21 @@ def _runs(args: argparse.Namespace) -> int:
             print(f"no runs in {store.home}")
         for r in runs:
             cfg, m = r["config"], r["metrics"] or {}
-            acc = f"{m['accuracy']:.4f}" if "accuracy" in m else "-"
+            if "perplexity" in m:  # a chat run
+                figure = f"loss {m['eval_loss']:.4f} ppl {m['perplexity']:.2f}"
+            else:
+                figure = f"acc {m['accuracy']:.4f}" if "accuracy" in m else "acc -"
             print(f"{r['id']}  {r['status']:<9}  {cfg['model']:<24} {cfg['data']['source'][:24]:<24} "
-                  f"{cfg['method']['name']:<9} acc {acc}")
+                  f"{cfg['method']['name']:<9} {figure}")
         return EXIT_OK
     if args.runs_command == "show":
         record = store.get(args.run)
         _print(record, args.json)
+        m = record.get("metrics") or {}
+        if not args.json and "perplexity" in m:  # a chat run: its figures on lines of their own
+            print(f"eval_loss: {m['eval_loss']:.4f}\nperplexity: {m['perplexity']:.2f}")
+            if "start_eval_loss" in m:
+                print(f"step 0 eval_loss: {m['start_eval_loss']:.4f}\nstep 0 perplexity: {m['start_perplexity']:.2f}")
         return EXIT_OK
     store.request_stop(args.run)
     print(f"stop requested for run {store.resolve(args.run)}: it ends at its next step and saves a checkpoint")
@@ -245,6 +268,9 @@ def _predict(args: argparse.Namespace) -> int:
     results = load_predictor(args.run).predict(texts)
     if args.json:
         print(json.dumps(results, indent=2))
+    elif results and "answer" in results[0]:  # a chat run answers
+        for r in results:
+            print(r["answer"] if len(results) == 1 else f"Q: {r['text']}\nA: {r['answer']}\n")
     else:
         for r in results:
             print(f"{r['label']}\t{r['scores'][r['label']]:.3f}\t{r['text'][:80]}")

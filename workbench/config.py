@@ -20,13 +20,15 @@ import yaml
 
 from .errors import WorkbenchError
 
-Task = Literal["text-classification"]
+Task = Literal["text-classification", "chat"]
 MethodName = Literal["full", "head-only", "lora", "qlora", "adalora", "ia3", "prompt-tuning", "prefix-tuning",
                      "zero-shot-embedding", "zero-shot-prompt"]
 METHODS: tuple[str, ...] = typing.get_args(MethodName)
 VIRTUAL_TOKEN_METHODS = ("prompt-tuning", "prefix-tuning")
 ZERO_SHOT_METHODS = ("zero-shot-embedding", "zero-shot-prompt")  # no training: the pretrained model as it is
 TRAINING_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m not in ZERO_SHOT_METHODS)
+CHAT_METHODS = ("full", "lora", "qlora")  # what task: chat trains (a causal LM, loss on the answers)
+CHAT_COLUMNS = ("prompt_column", "answer_column", "messages_column")
 
 
 def _fail(section: str, name: str, value: Any, allowed: str) -> None:
@@ -44,10 +46,18 @@ class DataConfig:
     max_train_samples: int | None = field(default=None, metadata={"help": "cap on training rows"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "cap on evaluation rows"})
     eval_fraction: float = field(default=0.2, metadata={"help": "share held out for evaluation"})
+    prompt_column: str | None = field(default=None, metadata={
+        "help": "task chat: the question (user turn) column; detected when left out"})
+    answer_column: str | None = field(default=None, metadata={
+        "help": "task chat: the answer (assistant turn) column, the only text the loss is on; detected"})
+    messages_column: str | None = field(default=None, metadata={
+        "help": "task chat: a column of OpenAI-style message lists [{role, content}, ...] instead of "
+                "prompt/answer columns; detected ('messages')"})
 
     def __post_init__(self) -> None:
         self._check_caps()
         self._check_eval_fraction()
+        self._check_chat_columns()
 
     def _check_caps(self) -> None:
         for name in ("max_train_samples", "max_eval_samples"):
@@ -58,6 +68,15 @@ class DataConfig:
     def _check_eval_fraction(self) -> None:
         if not 0.0 < self.eval_fraction < 1.0:
             _fail("data", "eval_fraction", self.eval_fraction, "a fraction strictly between 0 and 1, e.g. 0.2")
+
+    def _check_chat_columns(self) -> None:
+        for name in CHAT_COLUMNS:
+            value = getattr(self, name)
+            if value is not None and not value.strip():
+                _fail("data", name, value, "a column name, or leave it out to detect it")
+        if self.messages_column and (self.prompt_column or self.answer_column):
+            _fail("data", "messages_column", self.messages_column,
+                  "either a messages column or prompt/answer columns, not both: leave one out")
 
 
 @dataclass
@@ -242,6 +261,32 @@ class TrainConfig:
 
 
 @dataclass
+class ChatConfig:
+    """Task chat only: what is generated while a chat model trains, and the base model's evaluation."""
+
+    max_new_tokens: int = field(default=64, metadata={
+        "help": "tokens generated per sample answer (and the default for predict and the chat playground)"})
+    sample_prompts: int = field(default=3, metadata={
+        "help": "held-out questions answered (greedy) and logged at each evaluation; 0 = none"})
+    eval_at_start: bool = field(default=True, metadata={
+        "help": "evaluate at step 0, before training: the base model's held-out loss and answers"})
+
+    def __post_init__(self) -> None:
+        self._check_generation()
+
+    def _check_generation(self) -> None:
+        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
+            _fail("chat", "max_new_tokens", self.max_new_tokens, f"1 to {MAX_NEW_TOKENS} tokens (typical: 64)")
+        if not 0 <= self.sample_prompts <= MAX_SAMPLE_PROMPTS:
+            _fail("chat", "sample_prompts", self.sample_prompts,
+                  f"0 (none) to {MAX_SAMPLE_PROMPTS} held-out questions (typical: 3)")
+
+
+MAX_NEW_TOKENS = 2048
+MAX_SAMPLE_PROMPTS = 20
+
+
+@dataclass
 class TrackConfig:
     """Experiment trackers besides the run store, which is always on."""
 
@@ -262,6 +307,32 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig, metadata={"help": "the tuning method"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "the optimisation schedule"})
     track: TrackConfig = field(default_factory=TrackConfig, metadata={"help": "experiment trackers"})
+    chat: ChatConfig = field(default_factory=ChatConfig, metadata={"help": "task chat: sample generations"})
+
+    def __post_init__(self) -> None:
+        self._check_task()
+
+    def _check_task(self) -> None:
+        """Settings that belong to one task are refused in the other, never silently ignored."""
+        if self.task == "chat":
+            if self.method.name not in CHAT_METHODS:
+                _fail("method", "name", self.method.name,
+                      f"one of {', '.join(CHAT_METHODS)} for task: chat (a causal LM tuned on the answers)")
+            for name, instead in (("text_column", "prompt_column"), ("label_column", "answer_column")):
+                if getattr(self.data, name) is not None:
+                    _fail("data", name, getattr(self.data, name),
+                          f"nothing for task: chat, which reads data.{instead} (or data.messages_column)")
+            return
+        for name in CHAT_COLUMNS:
+            if getattr(self.data, name) is not None:
+                _fail("data", name, getattr(self.data, name),
+                      f"nothing for task: {self.task}; it belongs to task: chat (set data.text_column "
+                      "and data.label_column instead)")
+        if self.chat != ChatConfig():
+            changed = next(f.name for f in dataclasses.fields(ChatConfig)
+                           if getattr(self.chat, f.name) != getattr(ChatConfig(), f.name))
+            _fail("chat", changed, getattr(self.chat, changed), f"the default for task: {self.task}; the chat "
+                                                                "section applies to task: chat only")
 
     # --- conversions -------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

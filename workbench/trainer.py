@@ -225,6 +225,10 @@ def train(config: Config, store: RunStore | None = None, run_id: str | None = No
 
     With `run_id` the run must exist in the store (queued by `launch`, or to resume).
     """
+    if config.task == "chat":  # a causal LM tuned on answers: its own batches, loss weighting and evaluation
+        from .chat import train_chat
+
+        return train_chat(config, store=store, run_id=run_id, callbacks=callbacks, resume=resume)
     if config.method.is_zero_shot:  # nothing to train: the pretrained model is evaluated as it is
         from .zeroshot import run_zero_shot
 
