@@ -15,6 +15,7 @@ from .loss_curve import LossCurve
 from .method_panel import METHOD_PANELS, MethodPanel, register_method
 from .model_picker import ModelPicker
 from .playground import Playground
+from .chat_playground import ChatPlayground  # noqa: F401  (task: chat; streams answers token by token)
 from .train_panel import TrainPanel
 
 __all__ = [
