@@ -75,28 +75,6 @@ def show_latest(dash: Dashboard) -> None:
         dash.confusion.run_id = runs[0]["id"]
 
 
-def resync_when_shown(dash: Dashboard) -> None:
-    """Rebuild the loss curve's traces once the page has drawn it.
-
-    In Voila the notebook runs before the page connects, and LossCurve adds its traces with
-    `add_traces`, a message that a view created later never receives (only the figure's initial data
-    is synced): a reattached run's curve stayed empty. Plotly's view reports its layout back when it
-    first draws (`_js2py_layoutDelta`); then the traces are rebuilt and every array is sent whole.
-    TODO(widgets): LossCurve should survive late views itself; this hook can then go.
-    """
-    fig, done = dash.curve.fig, []
-
-    def on_drawn(change: dict[str, Any]) -> None:
-        if change["new"] is None or done or not dash.curve.run_ids:
-            return
-        done.append(True)
-        run_ids = list(dash.curve.run_ids)
-        dash.curve.run_ids = []
-        dash.curve.run_ids = run_ids
-
-    fig.observe(on_drawn, names="_js2py_layoutDelta")
-
-
 def header(read_only: bool) -> W.HTML:
     """One line under the notebook's title: what this page lets a visitor do."""
     note = ("Read-only demo: browse the runs, their curves and confusion matrices, and try the models."
@@ -111,8 +89,7 @@ def build(home: Any = None, read_only: bool | None = None) -> Dashboard:
     dash = Dashboard(home=home or course.home(), read_only=read_only)
     dash.from_config(demo_config())
     one_run_at_a_time(dash)
-    show_latest(dash)
-    resync_when_shown(dash)
+    show_latest(dash)  # LossCurve and ConfusionMatrix draw on LiveFigures: a page loaded now shows it all
     return dash
 
 

@@ -484,6 +484,59 @@ def test_loss_curve_replaces_whole_arrays_live(home: Path, wb_store: RunStore) -
     assert curve.history(run_id).train_steps == [1, 2]
 
 
+def test_loss_curve_page_opened_late_gets_the_whole_history(home: Path, wb_store: RunStore) -> None:
+    """What a view opened after the points arrived starts from (a Voila page loaded or reloaded mid-run)."""
+    from widgets import LossCurve
+
+    run_id = wb_store.create_run(Config().to_dict())
+    wb_store.mark_running(run_id)
+    curve = LossCurve(home=home, run_ids=[run_id], background=False)  # traces added, then points
+    for step in range(1, 26):
+        wb_store.add_point(run_id, "train", step, {"loss": 1.0 / step, "learning_rate": 1e-3,
+                                                   "samples_per_second": 1.0, "epoch": 0, "max_steps": 50})
+        curve.refresh()
+    wb_store.add_point(run_id, "event", 20, {"event": "early_stop", "reason": "test"})
+    curve.refresh()
+    # plotly 7 alone keeps the state it had at creation (no traces): a late page drew an empty plot
+    state = curve.fig.get_state()
+    traces = state["_widget_data"]
+    assert len(traces) == 5 and list(traces[1]["x"]) == list(range(1, 26))
+    assert [s["x0"] for s in state["_widget_layout"]["shapes"]] == [20]
+    assert curve.fig.get_state("_widget_data")["_widget_data"][1]["x"] == traces[1]["x"]
+
+
+def test_loss_curve_thins_long_histories_but_keeps_them() -> None:
+    from widgets.loss_curve import MAX_LINE_POINTS, thin
+
+    assert thin(5) == [0, 1, 2, 3, 4]
+    drawn = thin(10 * MAX_LINE_POINTS + 3)
+    assert len(drawn) <= MAX_LINE_POINTS + 1 and drawn[0] == 0 and drawn[-1] == 10 * MAX_LINE_POINTS + 2
+
+
+def test_confusion_matrix_page_opened_late_gets_the_matrix(home: Path, wb_store: RunStore) -> None:
+    from widgets import ConfusionMatrix
+
+    cm = ConfusionMatrix(home=home, run_id=record_run(wb_store), background=False)
+    heat = cm.fig.get_state()["_widget_data"][0]
+    assert [list(r) for r in heat["z"]] == [[3, 1], [2, 4]] and list(heat["x"]) == LABELS
+
+
+def test_live_figure_shares_one_plotly_bundle_per_page() -> None:
+    import plotly.graph_objects as go
+
+    from widgets._figure import LiveFigure
+
+    a, b = LiveFigure(), LiveFigure()
+    a.add_scatter(x=[1, 2], y=[3, 4])  # after creation: plotly alone never puts this in the state
+    a.layout.title = "late"
+    assert a.get_state()["_widget_data"][0]["x"] == [1, 2]
+    assert a.get_state()["_widget_layout"]["title"]["text"] == "late"
+    assert b.get_state()["_widget_data"] == []
+    # anywidget gives each model 2 s to start: a small loader imports the 5 MB bundle once per page
+    assert a._esm == b._esm and len(a._esm) < 5000 and "globalThis[KEY] ??= import(" in a._esm
+    assert a.get_state()["_plotly_bundle"] == str(go.FigureWidget._esm)
+
+
 def test_loss_curve_overlays_runs_and_follows_live(home: Path, wb_store: RunStore) -> None:
     from widgets import LossCurve
 

@@ -19,6 +19,7 @@ from workbench.store import FINAL_STATUSES, RunStore
 
 from . import _style as S
 from ._background import Poller
+from ._figure import LiveFigure
 
 POLL_S = 1.0
 LATEST = -1  # step selector value meaning "the newest evaluation"
@@ -53,7 +54,7 @@ class ConfusionMatrix(W.VBox):
         self._step_pick = W.Dropdown(options=[("latest", LATEST)], value=LATEST, description="Evaluation",
                                      style=S.label_style(), layout=S.control_layout())
         norm = W.ToggleButton(description="row-normalised", icon="percent", layout=W.Layout(width="auto"))
-        self.fig = go.FigureWidget(
+        self.fig = LiveFigure(  # a page opened at any time shows the current matrix
             data=[go.Heatmap(z=[], x=[], y=[], colorscale="Blues", showscale=False, texttemplate="%{text}",
                              hovertemplate="true %{y}<br>predicted %{x}<br>%{text}<extra></extra>")],
             layout=S.figure_layout(height=height, margin={"l": 90, "r": 10, "t": 30, "b": 80},

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import ipywidgets as W
-import plotly.graph_objects as go
 import traitlets as T
 
 from workbench import Config, WorkbenchError
@@ -24,6 +23,7 @@ from workbench.store import RunStore
 
 from . import _style as S
 from ._background import Poller, run_job
+from ._figure import LiveFigure
 
 POLL_S = 1.0
 STATUSES = ("idle", "checking", "queued", "running", "stopping", "completed", "stopped", "failed")
@@ -77,7 +77,7 @@ class MethodLadder(W.VBox):
         self._status = W.HTML("", layout=S.full_width())
         self._error_html = S.inline_error()
         self._table = W.HTML("", layout=S.full_width())
-        self.fig = go.FigureWidget(layout=S.figure_layout(
+        self.fig = LiveFigure(layout=S.figure_layout(
             xaxis={**S.figure_layout()["xaxis"], "type": "log", "title": {"text": "trainable parameters"}},
             yaxis={**S.figure_layout()["yaxis"], "title": {"text": "accuracy"}, "range": [0, 1.02]},
             showlegend=False,
@@ -289,7 +289,7 @@ class MethodLadder(W.VBox):
         trained = [r for r in rows if r["method"] not in ZERO_SHOT_METHODS and r.get("accuracy") is not None
                    and r.get("trainable_params")]
         baselines = [r for r in rows if r["method"] in ZERO_SHOT_METHODS and r.get("accuracy") is not None]
-        with self.fig.batch_update():  # whole arrays each time: a page opened late shows everything
+        with self.fig.batch_update():  # whole arrays each time (LiveFigure: a page opened late shows them too)
             trace = self.fig.data[0]
             trace.x = [r["trainable_params"] for r in trained]
             trace.y = [r["accuracy"] for r in trained]

@@ -1,8 +1,10 @@
 """LossCurve: train loss, eval loss and accuracy of one or several runs, followed live from the store.
 
-TRAPS.md: in Voila, points appended to a FigureWidget before the browser connects never reach the
-page. So this widget keeps each run's history in Python and, on every redraw, REPLACES whole arrays
-(`trace.x = [...]`): a page opened mid-run shows the whole history. Redraws happen at most ~5x/s.
+TRAPS.md: in Voila, points added to a FigureWidget before the browser connects never reach the page.
+So this widget keeps each run's history in Python, REPLACES whole arrays on every redraw
+(`trace.x = [...]`), and draws on a LiveFigure, whose state for a view opened later (a Voila page
+loaded or reloaded mid-run or after the run) is the figure as it is now: the whole history.
+Redraws happen at most ~5x/s.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from workbench.store import FINAL_STATUSES, RunStore
 
 from . import _style as S
 from ._background import Poller
+from ._figure import LiveFigure
 
 REDRAW_MIN_S = 0.2  # at most ~5 redraws per second
+MAX_LINE_POINTS = 2000  # per train-loss line drawn; a longer history is drawn every k-th step (and the last)
 POLL_S = 0.2
 TRACES_PER_RUN = 5  # raw loss, smoothed loss, eval loss, accuracy, best
 
@@ -98,6 +102,19 @@ def ema(values: list[float], weight: float) -> list[float]:
     return out
 
 
+def thin(n: int, limit: int = MAX_LINE_POINTS) -> list[int]:
+    """Indexes of the points drawn out of `n`: all of them up to `limit`, else every k-th and the last.
+
+    Every redraw sends whole arrays (a page opened late must get the whole history), so the size of a
+    redraw is bounded here: 8000 steps at 5 redraws/s was ~1.5 MB/s and the page fell minutes behind.
+    """
+    if n <= limit:
+        return list(range(n))
+    k = -(-n // limit)
+    keep = list(range(0, n, k))
+    return keep if keep[-1] == n - 1 else [*keep, n - 1]
+
+
 def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x and abs(x) != float("inf")
 
@@ -121,7 +138,7 @@ class LossCurve(W.VBox):
         self._last_draw = 0.0
         self._dirty = False
         self._poller = Poller(self._tick, POLL_S, name="loss-curve-poll")
-        self.fig = go.FigureWidget(layout=S.figure_layout(
+        self.fig = LiveFigure(layout=S.figure_layout(
             xaxis={**S.figure_layout()["xaxis"], "title": {"text": "step"}},
             yaxis={**S.figure_layout()["yaxis"], "title": {"text": "loss"}},
             yaxis2={"title": {"text": "accuracy"}, "overlaying": "y", "side": "right", "range": [0, 1.02],
@@ -188,13 +205,17 @@ class LossCurve(W.VBox):
     def _tick(self) -> bool:
         if not self.live:
             return False
-        with self._lock:
-            going = self._read()
-            if self._dirty and time.monotonic() - self._last_draw >= REDRAW_MIN_S:
-                self._draw()
-        if not going and self._dirty:
+        try:
             with self._lock:
-                self._draw()
+                going = self._read()
+                if self._dirty and time.monotonic() - self._last_draw >= REDRAW_MIN_S:
+                    self._draw()
+                if not going and self._dirty:
+                    self._draw()
+        except Exception as exc:  # keep following: the next redraw replaces every array anyway
+            self._dirty = True
+            self._info.value = S.message(f"redraw failed ({type(exc).__name__}: {exc}); retrying", "muted")
+            return True
         return going
 
     # --- drawing -------------------------------------------------------------------------------
@@ -255,10 +276,12 @@ class LossCurve(W.VBox):
                 if base + TRACES_PER_RUN > len(self.fig.data):
                     break
                 raw, smooth, ev, acc, best = self.fig.data[base: base + TRACES_PER_RUN]
-                steps = list(hist.train_steps)
-                raw.x, raw.y = (steps, list(hist.train_loss)) if self.smoothing > 0 else ([], [])
-                smooth.x, smooth.y = steps, ema(hist.train_loss, self.smoothing)
-                smooth.customdata = [int(e) + 1 for e in hist.train_epoch]
+                drawn = thin(len(hist.train_steps))  # the smoothing runs over every step, then thins
+                steps = [hist.train_steps[j] for j in drawn]
+                smoothed = ema(hist.train_loss, self.smoothing)
+                raw.x, raw.y = (steps, [hist.train_loss[j] for j in drawn]) if self.smoothing > 0 else ([], [])
+                smooth.x, smooth.y = steps, [smoothed[j] for j in drawn]
+                smooth.customdata = [int(hist.train_epoch[j]) + 1 for j in drawn]
                 ev.x, ev.y = list(hist.eval_steps), list(hist.eval_loss)
                 acc.x, acc.y = list(hist.eval_steps), list(hist.accuracy)
                 if hist.best_step is not None and hist.best_step in hist.eval_steps:

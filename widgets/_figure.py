@@ -1,0 +1,112 @@
+"""LiveFigure: a plotly FigureWidget that a view opened at any time draws as it is now.
+
+plotly 7 gives a new view the state `_widget_data` / `_widget_layout`, which it sets once, when the
+figure is created. Every later change (`add_traces`, `trace.x = ...`, `layout.shapes = ...`) goes out
+as a one-off message that only the views open at that moment receive. In Voila the page connects after
+the notebook has run, and again after each reload (TRAPS.md), so its view started from the figure as
+created: empty traces, or no traces at all. Found by experiment in Voila 0.5.13 + plotly 7.1 +
+anywidget 0.11: neither replacing whole arrays nor a fixed trace layout fixes a finished run's plot,
+since no later message comes.
+
+Here that state is brought up to date whenever a new view asks for it (`get_state`), in place: views
+already open get nothing extra, and the one-off messages still update them as before.
+
+Second trap, same stack: anywidget 0.11 gives a model 2 s (AbortSignal.timeout) to load its module
+and run its `initialize`, and each plotly figure imports its own copy of the 5 MB bundle. Measured in
+headless chromium on 2 loaded cores: 1.5 s for one import, 4.8 s for three; a dashboard opens three or
+more figures at once, so some never started ("[anywidget] Failed to initialize model.") and never
+updated. A LiveFigure's module is a small loader instead (LOADER below): it imports the bundle once
+per page, not within the 2 s, and hands plotly the messages that arrived while it loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from copy import deepcopy
+from typing import Any
+
+import plotly.graph_objects as go
+import traitlets as T
+
+STATE_KEYS = ("_widget_data", "_widget_layout")  # what plotly's view draws from when it is created
+
+LOADER = """\
+// LiveFigure: plotly's FigureWidget module, imported once per page and outside anywidget's 2 s start limit.
+const KEY = Symbol.for("workbench.plotly-widget.%(digest)s");
+const MESSAGES = ["_py2js_addTraces", "_py2js_deleteTraces", "_py2js_moveTraces", "_py2js_restyle",
+                  "_py2js_relayout", "_py2js_update", "_py2js_animate", "_py2js_removeLayoutProps",
+                  "_py2js_removeTraceProps"];
+
+function bundle(model) {
+  globalThis[KEY] ??= import(URL.createObjectURL(new Blob([model.get("_plotly_bundle")], {type: "text/javascript"})));
+  return globalThis[KEY];
+}
+
+export default () => {
+  let plotly = null;
+  let loaded = null;
+  return {
+    initialize(context) {
+      const { model } = context;
+      // messages that come before plotly is there: kept, then replayed to it in order
+      const early = [];
+      const keep = MESSAGES.map((name) => [name, () => {
+        const value = model.get(name);
+        if (value !== null) early.push([name, value]);
+      }]);
+      for (const [name, fn] of keep) model.on(`change:${name}`, fn);
+      loaded = bundle(model).then((mod) => {
+        for (const [name, fn] of keep) model.off(`change:${name}`, fn);
+        plotly = mod.default();
+        plotly.initialize(context);
+        for (const [name, value] of early) {
+          model.set(name, value);
+          model.set(name, null);
+        }
+      });
+      // not awaited: anywidget would fail the model if this took more than 2 s
+    },
+    async render(context) {
+      await loaded;
+      return plotly.render(context);
+    },
+  };
+};
+"""
+
+
+def loader(code: str) -> str:
+    """The module every LiveFigure loads: small; plotly's bundle travels as a plain string trait."""
+    return LOADER % {"digest": hashlib.sha1(code.encode()).hexdigest()[:16]}
+
+
+class LiveFigure(go.FigureWidget):
+    """A FigureWidget whose state, as a view opened later reads it, is the figure as it is now."""
+
+    _esm = loader(str(go.FigureWidget._esm))
+    _plotly_bundle = T.Unicode(str(go.FigureWidget._esm), help="plotly's widget module, run by the loader").tag(
+        sync=True)
+
+    def get_state(self, key: str | Iterable[str] | None = None, drop_defaults: bool = False) -> dict[str, Any]:
+        keys = STATE_KEYS if key is None else [key] if isinstance(key, str) else list(key)
+        if any(k in STATE_KEYS for k in keys):
+            self.sync_view_state()
+        return super().get_state(key=key, drop_defaults=drop_defaults)
+
+    def sync_view_state(self) -> None:
+        """Copy the figure's data and layout into the state a new view starts from (nothing is sent)."""
+        if not hasattr(self, "_layout_obj"):  # the widget opens its comm before plotly has built the figure
+            return
+        for _ in range(5):  # a poller thread may be redrawing: copy again if a dict changed under us
+            try:
+                data, layout = deepcopy(self._data), deepcopy(self._layout_obj._props)
+                break
+            except RuntimeError:
+                continue
+        else:
+            return
+        # in place: assigning the traits would send the whole figure to every open view again
+        self._widget_data[:] = data
+        self._widget_layout.clear()
+        self._widget_layout.update(layout)
