@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-OURS, HF = "workbench", "hf_trainer"
+OURS, HF, CEILING = "workbench", "hf_trainer", "ceiling"
 
 
 # --- configuration ------------------------------------------------------------------
@@ -64,6 +64,47 @@ def thread_env(threads: int) -> dict[str, str]:
                WANDB_MODE="disabled", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
     return env
+
+
+# --- the CPU's ceiling: matmul peak and the FLOPs of one training sample ----------------------
+
+def worker_ceiling(cfg_dict: dict[str, Any], threads: int) -> dict[str, Any]:
+    """Best fp32 matmul rate of this CPU at `threads`, and the FLOPs one training sample costs.
+
+    The FLOPs are counted by torch.utils.flop_counter on one real forward + backward of the
+    config's model at batch_size x max_length (matmuls and attention; dropout, softmax and the
+    optimiser are not FLOPs to it), so achieved GFLOP/s = FLOPs per sample x samples/s, and
+    its share of the matmul peak says how far the loop is from the hardware's ceiling.
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    rates = []
+    for _ in range(12):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        rates.append(2 * 2048 ** 3 / (time.perf_counter() - start) / 1e9)
+
+    from workbench.catalog import resolve_model
+    from workbench.config import Config
+    from workbench.methods import build_model
+    from workbench.store import RunStore
+
+    config = Config.from_dict(cfg_dict)
+    with tempfile.TemporaryDirectory(prefix="bench-ceiling-") as home:
+        source = resolve_model(config.model, RunStore(home).home, False)
+        built = build_model(config, source, ["a", "b", "c", "d", "e"], total_steps=10)
+    model = built.model.train()
+    rows, length = config.train.batch_size, config.train.max_length
+    ids = torch.randint(1000, 20000, (rows, length))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.zeros(rows, dtype=torch.long)).loss.backward()
+    return {"matmul_peak_gflops": round(max(rates), 1), "matmul_median_gflops": round(statistics.median(rates), 1),
+            "train_gflop_per_sample": round(counter.get_total_flops() / rows / 1e9, 3),
+            "flops_counted_at": f"{rows} x {length} tokens"}
 
 
 # --- workers (each runs in its own process) ---------------------------------------------
@@ -278,7 +319,9 @@ def worker_hf(cfg_dict: dict[str, Any], threads: int, same_order: bool) -> dict[
 
 def run_worker(kind: str, cfg_dict: dict[str, Any], threads: int, out: Path, same_order: bool) -> None:
     load_before = _load_average()
-    if kind == OURS:
+    if kind == CEILING:
+        result = worker_ceiling(cfg_dict, threads)
+    elif kind == OURS:
         result = worker_ours(cfg_dict, threads)
     else:
         result = worker_hf(cfg_dict, threads, same_order)
@@ -365,7 +408,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="let HF Trainer shuffle with its own sampler instead of the workbench's example order")
     p.add_argument("--quick", action="store_true", help="smoke test: 64 train / 64 eval rows, max_length 64, 1 repeat")
     p.add_argument("--logs", default=None, help="keep per-run logs and results in this directory")
-    p.add_argument("--_worker", choices=[OURS, HF], help=argparse.SUPPRESS)
+    p.add_argument("--_worker", choices=[OURS, HF, CEILING], help=argparse.SUPPRESS)
     p.add_argument("--_config", help=argparse.SUPPRESS)
     p.add_argument("--_out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -400,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{i + 1}/{len(runs)}] {kind}: {r['samples_per_second']:.1f} samples/s "
                   f"(phase {r['phase_samples_per_second']:.1f}), accuracy {r['accuracy']:.4f}, "
                   f"load {r['load_average_before']:.2f}, {r['process_seconds']:.0f} s", file=sys.stderr, flush=True)
+        print("ceiling: matmul peak and FLOPs per sample ...", file=sys.stderr, flush=True)
+        ceiling = run_one(CEILING, cfg_dict, args, logs, len(runs))
     finally:
         if logs_ctx is not None:
             logs_ctx.cleanup()
@@ -429,6 +474,12 @@ def main(argv: list[str] | None = None) -> int:
         "phase_ratio": round(ours["median_phase"] / hf["median_phase"], 4),
         "cpu_ratio": round(hf["median_phase_cpu_ms_per_sample"] / ours["median_phase_cpu_ms_per_sample"], 4),
         "accuracy_gap_points": round(gap, 2),
+        "ceiling": {k: v for k, v in ceiling.items() if not k.startswith("load_average")},
+        "achieved_gflops": {side: round(ceiling["train_gflop_per_sample"] * summary["median"], 1)
+                            for side, summary in ((OURS, ours), (HF, hf))},
+        "fraction_of_matmul_peak": {side: round(ceiling["train_gflop_per_sample"] * summary["median"]
+                                                / ceiling["matmul_peak_gflops"], 3)
+                                    for side, summary in ((OURS, ours), (HF, hf))},
         "meets_target": bool(ratio >= 1.0 and abs(gap) <= 1.0),
     }
     if max(ours["load_average_before"] + hf["load_average_before"]) > args.threads:
