@@ -51,7 +51,8 @@ def build_config_dict(args: argparse.Namespace) -> dict[str, Any]:
         "train": {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.lr,
                   "warmup_ratio": args.warmup_ratio, "scheduler": "linear", "weight_decay": 0.0,
                   "max_length": args.max_length, "gradient_accumulation": 1, "max_grad_norm": 1.0,
-                  "eval_every": 0, "seed": args.seed, "precision": "fp32", "threads": args.threads},
+                  "eval_every": 0, "seed": args.seed, "precision": "fp32", "threads": args.threads,
+                  "fast_dropout": not args.torch_dropout},
         # tracking must not count: no wandb, no TensorBoard (the run store itself is always on)
         "track": {"wandb": "disabled", "tensorboard": False},
     }
@@ -406,6 +407,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="abab: ours,HF,ours,HF...; abba: the pair order flips every repeat")
     p.add_argument("--hf-own-order", action="store_true",
                    help="let HF Trainer shuffle with its own sampler instead of the workbench's example order")
+    p.add_argument("--torch-dropout", action="store_true",
+                   help="our side uses torch's dropout too (train.fast_dropout: false), to see the loop alone")
     p.add_argument("--quick", action="store_true", help="smoke test: 64 train / 64 eval rows, max_length 64, 1 repeat")
     p.add_argument("--logs", default=None, help="keep per-run logs and results in this directory")
     p.add_argument("--_worker", choices=[OURS, HF, CEILING], help=argparse.SUPPRESS)
