@@ -7,15 +7,20 @@ The page itself is `widgets.Dashboard`; this file only decides what it starts wi
 - WORKBENCH_READ_ONLY=1 for public demos: runs can be watched, compared and tried, not started;
 - on load, the page follows the run that is training in the store, or shows the latest run: Voila gives
   every visitor (and every reload) a new kernel, while the run goes on in its own process;
-- at most one training run at a time on this machine: Start is refused, in words, while one is going.
+- at most one training run at a time on this machine: Start is refused, in words, while one is going;
+  the check and the queueing of the new run happen under an OS file lock in the run store, so two
+  clicks (two pages, two kernels) cannot both start one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import html
 import os
 import shlex
-from typing import Any, Callable
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import ipywidgets as W
 import pandas  # noqa: F401  before any worker thread: plotly checks pandas while a DataPanel thread imports it
@@ -23,11 +28,12 @@ from IPython.display import display
 
 import course
 from workbench import Config, WorkbenchError
-from workbench.launch import attach
+from workbench.launch import RunHandle, attach
 from workbench.store import RunStore
 from widgets import Dashboard
 
 ACTIVE = ("queued", "running")
+START_LOCK = ".dashboard-start.lock"  # in the run store: every page (kernel) on this machine shares it
 
 
 def env_flag(name: str) -> bool:
@@ -48,18 +54,55 @@ def active_run(store: RunStore) -> dict[str, Any] | None:
     return next((r for r in store.list() if r["status"] in ACTIVE), None)
 
 
-def one_run_at_a_time(dash: Dashboard) -> None:
-    """Refuse Start while any run of this store is going (another visitor's included)."""
-    build: Callable[[], Config] = dash.train.config_factory
+@contextlib.contextmanager
+def start_lock(home: Path, timeout: float = 30.0) -> Iterator[None]:
+    """Hold the store's start lock (an OS file lock: it is released if the process dies)."""
+    import fcntl
 
-    def guarded() -> Config:
-        going = active_run(dash.store)
-        if going is not None:
-            raise WorkbenchError(f"run {going['name'] or going['id']} is training on this machine: one run at a "
-                                 "time, wait for it to finish (its progress is shown below)")
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / START_LOCK, "a") as f:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise WorkbenchError("another page is starting a run right now: try again in a moment") from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def refuse_if_going(store: RunStore) -> None:
+    going = active_run(store)
+    if going is not None:
+        raise WorkbenchError(f"run {going['name'] or going['id']} is training on this machine: one run at a "
+                             "time, wait for it to finish (its progress is shown below)")
+
+
+def one_run_at_a_time(dash: Dashboard) -> None:
+    """Refuse Start while any run of this store is going (another visitor's included).
+
+    Start checks at once (an answer before the preflight), and again when the run is queued: that second
+    check and the queueing hold the store's start lock, so of two clicks at the same moment one is refused.
+    """
+    build: Callable[[], Config] = dash.train.config_factory
+    launch: Callable[[Config], Any] = dash.train.launcher
+
+    def guarded_config() -> Config:
+        refuse_if_going(dash.store)
         return build()
 
-    dash.train.config_factory = guarded
+    def guarded_launch(config: Config) -> RunHandle:
+        with start_lock(dash.store.home):
+            refuse_if_going(dash.store)
+            return launch(config)  # the run is in the store, queued, before the lock is released
+
+    dash.train.config_factory = guarded_config
+    dash.train.launcher = guarded_launch
 
 
 def show_latest(dash: Dashboard) -> None:

@@ -164,6 +164,37 @@ def test_dashboard_start_is_refused_while_another_visitor_trains(dashboard_app, 
         _close(dash)
 
 
+def test_dashboard_two_clicks_at_once_start_one_run(dashboard_app, monkeypatch, tmp_path):
+    """Two pages press Start together: both pass the first check, the start lock lets one run in."""
+    from workbench.launch import attach
+    from widgets.train_panel import TrainPanel
+
+    def slow_launch(panel, config):
+        time.sleep(0.5)  # preflight done, run not queued yet: where a second click used to get through
+        return attach(panel.store.create_run(config.to_dict(), config.name), panel.store.home)
+
+    monkeypatch.setattr(TrainPanel, "launch", slow_launch)
+    pages = [dashboard_app.build(home=tmp_path, read_only=False) for _ in range(2)]
+    try:
+        for dash in pages:
+            dash.data.wait()
+        for dash in pages:
+            dash.train.start()
+        deadline = time.monotonic() + 60
+        while any(d.train.status == "checking" for d in pages) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        from workbench.store import RunStore
+
+        assert len(RunStore(tmp_path).list()) == 1
+        assert sorted(d.train.status for d in pages) == ["idle", "queued"]
+        refused = next(d for d in pages if d.train.status == "idle")
+        assert "is training on this machine: one run at a time" in refused.train.error
+    finally:
+        for dash in pages:
+            dash.train._poller.stop()
+            _close(dash)
+
+
 def test_dashboard_read_only_from_the_environment(dashboard_app, monkeypatch, tmp_path):
     monkeypatch.setenv("WORKBENCH_READ_ONLY", "1")
     monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path))

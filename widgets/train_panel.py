@@ -30,6 +30,8 @@ class TrainPanel(W.VBox):
     """Training settings (`to_config()` -> TrainConfig, `to_track_config()` -> TrackConfig) and run control.
 
     `config_factory` builds the whole Config at Start; the dashboard sets it to gather every panel.
+    `launcher` queues and starts the checked Config (default `workbench.launch.launch`); a page that allows
+    one run at a time wraps it in a lock (notebooks/dashboard_app.py).
     """
 
     epochs = T.Int(2, min=1, max=1000)
@@ -62,6 +64,7 @@ class TrainPanel(W.VBox):
         self.home = self.store.home
         self.background = background
         self.config_factory: Callable[[], Config] = config_factory or self.default_config
+        self.launcher: Callable[[Config], Any] = self.launch
         self.handle: Any = None
         self._base_train, self._base_track = TrainConfig(), TrackConfig()
         self._seq = 0
@@ -214,13 +217,18 @@ class TrainPanel(W.VBox):
         self._start.disabled = True
         run_job(lambda: self._preflight_and_launch(config), sync=not self.background, name="train-panel-start")
 
-    def _preflight_and_launch(self, config: Config) -> None:
+    def launch(self, config: Config) -> Any:
+        """Queue `config` in the store and start it as its own process; returns its RunHandle."""
         from workbench.launch import launch
+
+        return launch(config, home=self.store.home)
+
+    def _preflight_and_launch(self, config: Config) -> None:
         from workbench.trainer import preflight
 
         try:
             preflight(config, self.store.home)
-            handle = launch(config, home=self.store.home)
+            handle = self.launcher(config)
         except WorkbenchError as exc:
             self.error, self.status = str(exc), "idle"
             self._start.disabled = False
