@@ -480,6 +480,7 @@ def held_out_loss(model: torch.nn.Module, accelerator: Any, encodings: list[dict
     model.eval()
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = list(range(rank, len(encodings), world))
+    mine.sort(key=lambda i: len(encodings[i]["input_ids"]))  # similar lengths together: less padding, same sum
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # loss sum, tokens
     for start in range(0, len(mine), batch_size):
         batch = collate_chat(encodings, mine[start: start + batch_size], pad_id)
