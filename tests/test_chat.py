@@ -98,6 +98,18 @@ def qa_jsonl(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def uneven_jsonl(tmp_path_factory):
+    """Answers of 3 and 5 tokens: token weighting and example weighting give different losses here."""
+    rows = qa_rows(80, seed=1)
+    for i, row in enumerate(rows):
+        if i % 3 == 0:
+            row["completion"] = "it is " + row["completion"].rsplit(" ", 1)[1]
+    path = tmp_path_factory.mktemp("chat-data") / "uneven.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    return path
+
+
 @pytest.fixture
 def chat_config(tiny_chat_dir, qa_jsonl):
     def make(**sections):
@@ -331,12 +343,14 @@ def test_lora_chat_run_lowers_held_out_loss_and_logs_samples(chat_config, store)
     assert [p["step"] for p in trains] == list(range(1, 25)), "LossCurve follows the steps"
 
 
-def test_accumulated_chat_run_logs_the_same_losses_as_one_big_batch(chat_config, store):
+def test_accumulated_chat_run_logs_the_same_losses_as_one_big_batch(chat_config, store, uneven_jsonl):
     a, b = Recorder(), Recorder()
     common = {"epochs": 1, "learning_rate": 1e-2}
-    train(chat_config(train={**common, "batch_size": 16}, chat={"eval_at_start": False}), store=store, callbacks=[a])
-    train(chat_config(train={**common, "batch_size": 4, "gradient_accumulation": 4}, chat={"eval_at_start": False}),
-          store=store, callbacks=[b])
+    data = {"source": str(uneven_jsonl)}
+    train(chat_config(data=data, train={**common, "batch_size": 16}, chat={"eval_at_start": False}), store=store,
+          callbacks=[a])
+    train(chat_config(data=data, train={**common, "batch_size": 4, "gradient_accumulation": 4},
+                      chat={"eval_at_start": False}), store=store, callbacks=[b])
     assert len(a.losses) == len(b.losses) == 4
     assert b.losses == pytest.approx(a.losses, rel=1e-4)
     assert b.evals[-1].eval_loss == pytest.approx(a.evals[-1].eval_loss, rel=1e-4)
@@ -495,3 +509,35 @@ def test_check_messages_accepts_json_text():
     assert conv[1] == {"role": "assistant", "content": "yo"}
     with pytest.raises(WorkbenchError, match=r"row 2: a user message's content must be text \(got int\)"):
         check_messages([{"role": "user", "content": 3}], "row 2")
+
+
+def test_torchrun_two_processes_give_the_single_process_losses(tmp_path, chat_config, uneven_jsonl):
+    """DDP (gloo): 2 x batch 4 with uneven answer tokens per process = 1 x batch 8, token-weighted."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    if torchrun is None:
+        pytest.skip("torchrun not found next to the Python interpreter")
+    cfg_path = tmp_path / "dist.yaml"
+    data = {"source": str(uneven_jsonl)}
+    cfg_path.write_text(yaml.safe_dump(chat_config(data=data, train={"epochs": 1, "batch_size": 4}).to_dict()))
+    env = {**os.environ, "WORKBENCH_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "workbench", "train", str(cfg_path)],
+                          capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parent.parent,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    store = RunStore(tmp_path / "home")
+    (run,) = store.list()
+    assert run["status"] == "completed" and run["info"]["num_processes"] == 2
+    single = Recorder()
+    train(chat_config(data=data, train={"epochs": 1, "batch_size": 8}), store=RunStore(tmp_path / "single"),
+          callbacks=[single])
+    assert [p["loss"] for p in store.points(run["id"], kind="train")] == pytest.approx(single.losses, rel=1e-4)
+    evals = store.points(run["id"], kind="eval")
+    assert [p["eval_loss"] for p in evals] == pytest.approx([r.eval_loss for r in single.evals], rel=1e-4)
+    assert evals[-1]["eval_tokens"] == single.evals[-1].eval_tokens, "held-out loss over every answer token once"
