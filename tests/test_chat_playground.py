@@ -117,3 +117,16 @@ def test_the_package_exports_it():
 
     assert issubclass(ChatPlayground, W.VBox)
     assert Path(__file__).resolve().parent.parent.joinpath("widgets", "chat_playground.py").is_file()
+
+
+def test_loss_curve_follows_a_chat_run(chat_home):
+    """A chat run's store points are what LossCurve reads: train loss per step, held-out loss per evaluation."""
+    from widgets import LossCurve
+
+    home, record = chat_home
+    curve = LossCurve(home=home, run_ids=[record["id"]], background=False)
+    hist = curve.history(record["id"])
+    assert hist.train_steps == list(range(1, 25)) and hist.eval_steps == [0, 8, 16, 24]
+    assert all(isinstance(v, float) for v in hist.eval_loss) and hist.eval_loss[-1] < hist.eval_loss[0]
+    assert hist.accuracy == [None] * 4, "a chat run has no accuracy: the curve leaves it out"
+    assert hist.best_step == record["metrics"]["best_step"] and hist.status == "completed"
