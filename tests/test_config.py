@@ -75,6 +75,11 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
     ({"task": "chat", "data": {"messages_column": "m", "prompt_column": "q"}},
      r"data.messages_column = 'm' is not allowed: either a messages column or prompt/answer columns"),
     ({"task": "chat", "data": {"answer_column": " "}}, r"data.answer_column = ' ' is not allowed: a column name"),
+    ({"task": "seq2seq", "method": {"name": "head-only"}}, r"method.name = 'head-only' is not allowed: one of full, "
+                                                          r"lora, qlora for task: seq2seq"),
+    ({"task": "seq2seq", "data": {"text_column": "en"}}, r"data.text_column = 'en' is not allowed: nothing for task: "
+                                                         r"seq2seq, which reads the source from data.prompt_column"),
+    ({"task": "seq2seq", "chat": {"max_new_tokens": 0}}, r"chat.max_new_tokens = 0 is not allowed: 1 to 2048"),
 ])
 def test_bad_values_name_the_field_and_the_fix(raw, match):
     with pytest.raises(WorkbenchError, match=match):

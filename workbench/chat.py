@@ -19,9 +19,11 @@
 - Methods: full, lora and qlora (bitsandbytes nf4 base, its CPU repack trap disarmed). Adapters go on
   every linear layer but the output embedding (`auto`: the attention and MLP projections).
 
-`workbench.trainer.train` delegates here for task chat. The loop has the same shape and uses the same
-pieces as the classification loop (Accelerator, epoch order, shards, checkpoints with exact resume,
-signals, stop requests, store points and events), with the chat batch, loss weighting and evaluation.
+`workbench.trainer.train` delegates here for the generation tasks (chat, and seq2seq in
+workbench.seq2seq). `train_generation` has the same shape and uses the same pieces as the classification
+loop (Accelerator, epoch order, shards, checkpoints with exact resume, signals, stop requests, store points
+and events); a `GenerationTask` supplies what differs between the tasks: data, model, encoder, batches,
+the tokens the loss is on, and the generated outputs (and scores) of an evaluation.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -337,8 +339,8 @@ def answer_tokens(labels: torch.Tensor) -> int:
     return int((labels[..., 1:] != IGNORE_INDEX).sum())
 
 
-def accumulate_token_gradients(model: torch.nn.Module, accelerator: Any,
-                               micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+def accumulate_token_gradients(model: torch.nn.Module, accelerator: Any, micro_batches: list[dict[str, torch.Tensor]],
+                               count: Callable[[torch.Tensor], int] = answer_tokens) -> torch.Tensor:
     """Backward over one optimiser step's micro-batches; returns the step's loss per answer token.
 
     A micro-batch's loss is the mean over its answer tokens; weighting it by its share of the step's answer
@@ -347,7 +349,7 @@ def accumulate_token_gradients(model: torch.nn.Module, accelerator: Any,
     """
     import contextlib
 
-    counts = [answer_tokens(b["labels"]) for b in micro_batches]
+    counts = [count(b["labels"]) for b in micro_batches]
     if min(counts) == 0:
         raise RuntimeError("a micro-batch without answer tokens (encode drops such examples)")
     world = accelerator.num_processes
@@ -462,10 +464,11 @@ class ChatEvalResult(EvalResult):
     perplexity: float = float("nan")
     eval_tokens: int = 0
     samples: list[dict[str, str]] = field(default_factory=list)
+    scores: dict[str, float] = field(default_factory=dict)  # task seq2seq: corpus BLEU and chrF
 
     def summary(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "eval_loss": self.eval_loss, "perplexity": self.perplexity,
-                "eval_tokens": self.eval_tokens, "samples": self.samples,
+                **self.scores, "eval_tokens": self.eval_tokens, "samples": self.samples,
                 "labels": [], "confusion_matrix": []}  # empty: viewers of classification runs show nothing
 
 
@@ -475,7 +478,8 @@ def perplexity(loss: float) -> float:
 
 @torch.no_grad()
 def held_out_loss(model: torch.nn.Module, accelerator: Any, encodings: list[dict], batch_size: int,
-                  pad_id: int) -> tuple[float, int]:
+                  pad_id: int, collate: Callable[..., dict[str, torch.Tensor]] = collate_chat,
+                  count: Callable[[torch.Tensor], int] = answer_tokens) -> tuple[float, int]:
     """Mean loss over every held-out answer token (all processes together), and the token count."""
     model.eval()
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -483,8 +487,8 @@ def held_out_loss(model: torch.nn.Module, accelerator: Any, encodings: list[dict
     mine.sort(key=lambda i: len(encodings[i]["input_ids"]))  # similar lengths together: less padding, same sum
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # loss sum, tokens
     for start in range(0, len(mine), batch_size):
-        batch = collate_chat(encodings, mine[start: start + batch_size], pad_id)
-        n = answer_tokens(batch["labels"])
+        batch = collate(encodings, mine[start: start + batch_size], pad_id)
+        n = count(batch["labels"])
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with accelerator.autocast():
             loss = model(**batch).loss.double()
@@ -549,23 +553,29 @@ class ChatConsoleCallback(ConsoleCallback):
     """Progress lines; an evaluation prints loss, perplexity and the first sample answer."""
 
     def on_evaluate(self, state: TrainState, control: TrainControl, result: EvalResult) -> None:
+        scores = "".join(f" {k} {v:.2f}" for k, v in getattr(result, "scores", {}).items())
         self._print(f"eval step {result.step}: eval_loss {result.eval_loss:.4f} perplexity "
-                    f"{getattr(result, 'perplexity', float('nan')):.2f}"
+                    f"{getattr(result, 'perplexity', float('nan')):.2f}{scores}"
                     + (" (best)" if state.best_step == result.step else ""))
         for s in getattr(result, "samples", [])[:1]:
-            self._print(f"  Q: {s['question'][:120]}\n  A: {s['answer'][:240]}")
+            if "translation" in s:  # task seq2seq
+                self._print(f"  source: {s['source'][:120]}\n  output: {s['translation'][:240]}")
+            else:
+                self._print(f"  Q: {s['question'][:120]}\n  A: {s['answer'][:240]}")
 
 
 class ChatTensorBoardCallback(TensorBoardCallback):
     def on_evaluate(self, state: TrainState, control: TrainControl, result: EvalResult) -> None:
         self.writer.add_scalar("eval/loss", result.eval_loss, state.global_step)
         self.writer.add_scalar("eval/perplexity", getattr(result, "perplexity", float("nan")), state.global_step)
+        for name, value in getattr(result, "scores", {}).items():
+            self.writer.add_scalar(f"eval/{name}", value, state.global_step)
 
 
 class ChatWandbCallback(WandbCallback):
     def on_evaluate(self, state: TrainState, control: TrainControl, result: EvalResult) -> None:
-        self.run.log({"eval/loss": result.eval_loss, "eval/perplexity": getattr(result, "perplexity", None)},
-                     step=state.global_step)
+        self.run.log({"eval/loss": result.eval_loss, "eval/perplexity": getattr(result, "perplexity", None),
+                      **{f"eval/{k}": v for k, v in getattr(result, "scores", {}).items()}}, step=state.global_step)
 
 
 def chat_callbacks(config: Config, store: RunStore, run_id: str) -> list[Callback]:
@@ -579,14 +589,53 @@ def chat_callbacks(config: Config, store: RunStore, run_id: str) -> list[Callbac
     return callbacks
 
 
+# --- the generation tasks ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GenerationTask:
+    """What `train_generation` asks of a task; examples are conversations (seq2seq: source turn, target turn)."""
+
+    name: str
+    load_data: Callable[[DataConfig, int], ChatData]
+    check_model: Callable[[Config, ModelSource], None]
+    build_model: Callable[[Config, ModelSource], ChatModel]
+    encoder: Callable[[Any, int], Any]  # (tokenizer, max_length) -> an object with encode(conv) and prompt_format
+    collate: Callable[[list[dict], list[int], int], dict[str, torch.Tensor]]
+    count: Callable[[torch.Tensor], int]  # the tokens a batch's loss is on
+    # (model, encoder, held-out conversations, sample conversations, config) -> (samples, scores)
+    outputs: Callable[[torch.nn.Module, Any, list[Conversation], list[Conversation], Config],
+                      tuple[list[dict[str, str]], dict[str, float]]]
+
+
+def _chat_outputs(model: torch.nn.Module, encoder: ChatEncoder, held: list[Conversation],
+                  samples: list[Conversation], config: Config) -> tuple[list[dict[str, str]], dict[str, float]]:
+    return sample_answers(model, encoder, samples, config.chat.max_new_tokens), {}
+
+
+def generation_task(name: str) -> GenerationTask:
+    """The pieces of task `name` (chat here; seq2seq in workbench.seq2seq)."""
+    if name == "seq2seq":
+        from .seq2seq import SEQ2SEQ
+
+        return SEQ2SEQ
+    if name != "chat":
+        raise WorkbenchError(f"task {name!r} is not a generation task: chat or seq2seq")
+    return GenerationTask("chat", load_chat_data, check_chat_model, build_chat_model, ChatEncoder, collate_chat,
+                          answer_tokens, _chat_outputs)
+
+
 # --- checks before a run ----------------------------------------------------------------------------
 
 def preflight_chat(config: Config, home: Path) -> ChatData:
-    """Every chat check that needs no weights: data, columns, conversations, model kind, limits, targets."""
-    data = load_chat_data(config.data, config.train.seed)
+    """Every check that needs no weights (chat or seq2seq): data, columns, examples, model kind, limits, targets."""
+    task = generation_task(config.task)
+    data = task.load_data(config.data, config.train.seed)
     _check_batch_fits(config, data, 1)
-    check_chat_model(config, resolve_model(config.model, home, config.trust_remote_code))
+    task.check_model(config, resolve_model(config.model, home, config.trust_remote_code))
     return data
+
+
+preflight_generation = preflight_chat
 
 
 def _check_batch_fits(config: Config, data: ChatData, world: int) -> None:
@@ -598,9 +647,9 @@ def _check_batch_fits(config: Config, data: ChatData, world: int) -> None:
 
 # --- the loop ---------------------------------------------------------------------------------------
 
-def train_chat(config: Config, store: RunStore | None = None, run_id: str | None = None,
-               callbacks: list[Callback] | None = None, resume: bool = False) -> dict[str, Any]:
-    """Tune a causal LM on conversations to the end (completed, stopped or failed); returns the run record."""
+def train_generation(config: Config, store: RunStore | None = None, run_id: str | None = None,
+                     callbacks: list[Callback] | None = None, resume: bool = False) -> dict[str, Any]:
+    """Tune a generation model (task chat or seq2seq) to the end (completed, stopped or failed); returns the record."""
     from accelerate import Accelerator
     from accelerate.utils import broadcast_object_list
 
@@ -630,14 +679,15 @@ def train_chat(config: Config, store: RunStore | None = None, run_id: str | None
     previous_sigterm = _install_sigterm(control)
     try:
         # --- data and model -----------------------------------------------------------------------
+        task = generation_task(config.task)
         set_seed(config.train.seed)
-        data = load_chat_data(config.data, config.train.seed)
+        data = task.load_data(config.data, config.train.seed)
         source = resolve_model(config.model, store.home, config.trust_remote_code)
         _check_batch_fits(config, data, accelerator.num_processes)
         set_seed(config.train.seed)  # adapters start the same whatever the data loading did
-        built = build_chat_model(config, source)
+        built = task.build_model(config, source)
         model, tokenizer = built.model, built.tokenizer
-        encoder = ChatEncoder(tokenizer, config.train.max_length)
+        encoder = task.encoder(tokenizer, config.train.max_length)
         train_enc, train_cut = encode_all(encoder, data.train, "training")
         eval_enc, eval_cut = encode_all(encoder, data.eval, "held-out")
         if train_cut or eval_cut:
@@ -653,7 +703,7 @@ def train_chat(config: Config, store: RunStore | None = None, run_id: str | None
         steps_per_epoch = math.ceil(micro_per_epoch / accum)
         max_steps = steps_per_epoch * config.train.epochs
         if main:
-            store.set_info(run_id, _run_info(config, built, data, encoder, train_enc, eval_enc,
+            store.set_info(run_id, _run_info(config, task, built, data, encoder, train_enc, eval_enc,
                                              accelerator.num_processes))
 
         # --- optimiser and schedule ---------------------------------------------------------------
@@ -680,8 +730,8 @@ def train_chat(config: Config, store: RunStore | None = None, run_id: str | None
         eval_every = config.train.eval_every or steps_per_epoch
         hooks.on_train_begin(state, config.to_dict())
         evaluate = lambda epoch, fraction: _evaluate_and_checkpoint(  # noqa: E731
-            config, accelerator, model, encoder, eval_enc, samples, pad_id, optimizer, scheduler, progress,
-            state, control, hooks, run_dir, epoch, fraction)
+            config, task, accelerator, model, encoder, eval_enc, data.eval, samples, pad_id, optimizer, scheduler,
+            progress, state, control, hooks, run_dir, epoch, fraction)
 
         # --- the base model's figures -------------------------------------------------------------
         if ckpt is None and config.chat.eval_at_start:
@@ -699,8 +749,8 @@ def train_chat(config: Config, store: RunStore | None = None, run_id: str | None
             for g, group in enumerate(groups[first_group:], start=first_group):
                 step_start = time.perf_counter()
                 group_size = sum(len(b) for b in group)
-                micro_batches = [collate_chat(train_enc, idx, pad_id) for idx in group]
-                step_loss = accumulate_token_gradients(model, accelerator, micro_batches)
+                micro_batches = [task.collate(train_enc, idx, pad_id) for idx in group]
+                step_loss = accumulate_token_gradients(model, accelerator, micro_batches, task.count)
                 if config.train.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, config.train.max_grad_norm)
                 learning_rate = scheduler.get_last_lr()[0]  # the rate this step used
@@ -750,7 +800,7 @@ def train_chat(config: Config, store: RunStore | None = None, run_id: str | None
             undo_fast_dropout()
         try:
             if status in ("completed", "stopped") and "model" in locals() and "progress" in locals():
-                metrics = _finalise(accelerator.unwrap_model(model), accelerator, store, run_id, run_dir)
+                metrics = _finalise(accelerator.unwrap_model(model), accelerator, store, run_id, run_dir, config.task)
         except Exception as exc:  # finalising must not hide the run's outcome
             status, error = "failed", f"could not save the final model: {type(exc).__name__}: {exc}"
             _log_traceback(run_dir)
@@ -764,14 +814,17 @@ def train_chat(config: Config, store: RunStore | None = None, run_id: str | None
     return store.get(run_id) if main else {"id": run_id, "status": status}
 
 
-def _run_info(config: Config, built: ChatModel, data: ChatData, encoder: ChatEncoder, train_enc: list[dict],
-              eval_enc: list[dict], world: int) -> dict[str, Any]:
+train_chat = train_generation  # the name task chat has always used
+
+
+def _run_info(config: Config, task: GenerationTask, built: ChatModel, data: ChatData, encoder: Any,
+              train_enc: list[dict], eval_enc: list[dict], world: int) -> dict[str, Any]:
     return {
-        "task": "chat",
+        "task": task.name,
         "train_rows": len(train_enc),
         "eval_rows": len(eval_enc),
-        "train_answer_tokens": sum(answer_tokens(torch.tensor(e["labels"])) for e in train_enc),
-        "eval_answer_tokens": sum(answer_tokens(torch.tensor(e["labels"])) for e in eval_enc),
+        "train_answer_tokens": sum(task.count(torch.tensor([e["labels"]])) for e in train_enc),
+        "eval_answer_tokens": sum(task.count(torch.tensor([e["labels"]])) for e in eval_enc),
         "data_format": data.format,
         "data_columns": data.columns,
         "prompt_format": encoder.prompt_format,
@@ -788,22 +841,25 @@ def _run_info(config: Config, built: ChatModel, data: ChatData, encoder: ChatEnc
     }
 
 
-def _evaluate_and_checkpoint(config: Config, accelerator: Any, model: Any, encoder: ChatEncoder,
-                             eval_enc: list[dict], samples: list[Conversation], pad_id: int, optimizer: Any,
-                             scheduler: Any, progress: Any, state: TrainState, control: TrainControl,
-                             hooks: Callback, run_dir: Path, epoch: int, fraction: float) -> None:
+def _evaluate_and_checkpoint(config: Config, task: GenerationTask, accelerator: Any, model: Any, encoder: Any,
+                             eval_enc: list[dict], held: list[Conversation], samples: list[Conversation],
+                             pad_id: int, optimizer: Any, scheduler: Any, progress: Any, state: TrainState,
+                             control: TrainControl, hooks: Callback, run_dir: Path, epoch: int,
+                             fraction: float) -> None:
     from .trainer import _sync_state, save_checkpoint
 
     eval_start = time.perf_counter()
     unwrapped = accelerator.unwrap_model(model)  # no DDP hooks: processes evaluate different rows
-    loss, tokens = held_out_loss(unwrapped, accelerator, eval_enc, config.train.effective_eval_batch_size, pad_id)
+    loss, tokens = held_out_loss(unwrapped, accelerator, eval_enc, config.train.effective_eval_batch_size, pad_id,
+                                 task.collate, task.count)
     if not math.isfinite(loss):
         raise WorkbenchError(f"held-out loss is {loss} at step {progress.global_step}: lower train.learning_rate")
-    answers = (sample_answers(unwrapped, encoder, samples, config.chat.max_new_tokens)
-               if accelerator.is_main_process else [])
+    # generation on the main process only: its outputs go to the store, which only it writes
+    answers, scores = (task.outputs(unwrapped, encoder, held, samples, config)
+                       if accelerator.is_main_process else ([], {}))
     result = ChatEvalResult(step=progress.global_step, epoch=epoch + fraction, eval_loss=loss,
                             accuracy=float("nan"), f1_macro=float("nan"), labels=[], confusion_matrix=[],
-                            perplexity=perplexity(loss), eval_tokens=tokens, samples=answers)
+                            perplexity=perplexity(loss), eval_tokens=tokens, samples=answers, scores=scores)
     improved = progress.best_metric is None or loss < progress.best_metric  # lower held-out loss is better
     if improved:
         progress.best_metric, progress.best_step, progress.evals_without_improvement = loss, progress.global_step, 0
@@ -844,7 +900,7 @@ def _write_samples(run_dir: Path, result: ChatEvalResult) -> None:
 
 
 def _finalise(model: torch.nn.Module, accelerator: Any, store: RunStore, run_id: str,
-              run_dir: Path) -> dict[str, Any] | None:
+              run_dir: Path, task: str = "chat") -> dict[str, Any] | None:
     """Restore the best checkpoint's weights, save them as the run's model, return its metrics."""
     from safetensors.torch import load_file, save_file
 
@@ -860,7 +916,7 @@ def _finalise(model: torch.nn.Module, accelerator: Any, store: RunStore, run_id:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    (tmp / "task.json").write_text(json.dumps({"task": "chat"}))
+    (tmp / "task.json").write_text(json.dumps({"task": task}))
     shutil.rmtree(out, ignore_errors=True)
     tmp.replace(out)
     best_step = json.loads((best / "progress.json").read_text())["global_step"]
@@ -868,7 +924,7 @@ def _finalise(model: torch.nn.Module, accelerator: Any, store: RunStore, run_id:
     at_best = [p for p in evals if p["step"] == best_step]
     if not at_best:
         return None
-    keep = ("step", "epoch", "eval_loss", "perplexity", "eval_tokens", "samples")
+    keep = ("step", "epoch", "eval_loss", "perplexity", "bleu", "chrf", "eval_tokens", "samples")
     summary = {k: at_best[-1][k] for k in keep if k in at_best[-1]}
     summary["best_step"] = best_step
     summary["samples_file"] = str(run_dir / "eval" / f"step-{best_step}.json")

@@ -41,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     rst = rs.add_parser("stop", help="ask a running run to stop at its next step")
     rst.add_argument("run")
 
-    pr = sub.add_parser("predict", help="classify texts with a run's best model (a chat run answers them)")
+    pr = sub.add_parser("predict", help="classify texts with a run's best model (a chat run answers them, "
+                                        "a seq2seq run translates them)")
     pr.add_argument("run")
     pr.add_argument("--text", action="append", default=[], help="a text (repeatable)")
     pr.add_argument("--file", help="a file with one text per line")
@@ -157,12 +158,7 @@ def _train(args: argparse.Namespace) -> int:
     from .trainer import INTERNAL_ERROR, preflight, train
 
     def check(config: Config) -> None:
-        if config.task == "chat":
-            from .chat import preflight_chat
-
-            preflight_chat(config, store.home)
-        else:
-            preflight(config, store.home)
+        preflight(config, store.home)  # chat and seq2seq delegate to workbench.chat.preflight_generation
 
     store = RunStore()
     rank0 = int(os.environ.get("RANK", "0")) == 0
@@ -205,13 +201,17 @@ def _print_summary(record: dict[str, Any]) -> None:
     print(f"run {record['id']}: {record['status']}")
     for note in (record.get("info") or {}).get("data_notes", []):
         print(f"  data: {note}")
-    if m and "perplexity" in m:  # a chat run
+    if m and "perplexity" in m:  # a chat or seq2seq run
         start = (f" (step 0: eval_loss {m['start_eval_loss']:.4f}, perplexity {m['start_perplexity']:.2f})"
                  if "start_eval_loss" in m else "")
-        print(f"  eval_loss {m['eval_loss']:.4f}  perplexity {m['perplexity']:.2f}  (best step {m.get('best_step')})"
-              + start)
+        scores = "".join(f"  {k} {m[k]:.2f}" for k in ("bleu", "chrf") if k in m)
+        print(f"  eval_loss {m['eval_loss']:.4f}  perplexity {m['perplexity']:.2f}{scores}  "
+              f"(best step {m.get('best_step')})" + start)
         for s in m.get("samples") or []:
-            print(f"  Q: {s['question'][:100]}\n  A: {s['answer'][:200]}")
+            if "translation" in s:
+                print(f"  source: {s['source'][:100]}\n  output: {s['translation'][:200]}")
+            else:
+                print(f"  Q: {s['question'][:100]}\n  A: {s['answer'][:200]}")
     elif m:
         print(f"  accuracy {m['accuracy']:.4f}  f1_macro {m['f1_macro']:.4f}  eval_loss {m['eval_loss']:.4f}  "
               f"(best step {m.get('best_step')})")
@@ -233,8 +233,9 @@ def _runs(args: argparse.Namespace) -> int:
             print(f"no runs in {store.home}")
         for r in runs:
             cfg, m = r["config"], r["metrics"] or {}
-            if "perplexity" in m:  # a chat run
-                figure = f"loss {m['eval_loss']:.4f} ppl {m['perplexity']:.2f}"
+            if "perplexity" in m:  # a chat or seq2seq run
+                figure = f"loss {m['eval_loss']:.4f} ppl {m['perplexity']:.2f}" + (
+                    f" bleu {m['bleu']:.1f}" if "bleu" in m else "")
             else:
                 figure = f"acc {m['accuracy']:.4f}" if "accuracy" in m else "acc -"
             print(f"{r['id']}  {r['status']:<9}  {cfg['model']:<24} {cfg['data']['source'][:24]:<24} "
@@ -246,6 +247,9 @@ def _runs(args: argparse.Namespace) -> int:
         m = record.get("metrics") or {}
         if not args.json and "perplexity" in m:  # a chat run: its figures on lines of their own
             print(f"eval_loss: {m['eval_loss']:.4f}\nperplexity: {m['perplexity']:.2f}")
+            for k in ("bleu", "chrf"):
+                if k in m:
+                    print(f"{k}: {m[k]:.2f}")
             if "start_eval_loss" in m:
                 print(f"step 0 eval_loss: {m['start_eval_loss']:.4f}\nstep 0 perplexity: {m['start_perplexity']:.2f}")
         return EXIT_OK
@@ -268,6 +272,9 @@ def _predict(args: argparse.Namespace) -> int:
     results = load_predictor(args.run).predict(texts)
     if args.json:
         print(json.dumps(results, indent=2))
+    elif results and "translation" in results[0]:  # a seq2seq run translates
+        for r in results:
+            print(r["translation"] if len(results) == 1 else f"{r['text']}\t{r['translation']}")
     elif results and "answer" in results[0]:  # a chat run answers
         for r in results:
             print(r["answer"] if len(results) == 1 else f"Q: {r['text']}\nA: {r['answer']}\n")

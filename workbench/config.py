@@ -20,7 +20,7 @@ import yaml
 
 from .errors import WorkbenchError
 
-Task = Literal["text-classification", "chat"]
+Task = Literal["text-classification", "chat", "seq2seq"]
 MethodName = Literal["full", "head-only", "lora", "qlora", "adalora", "ia3", "prompt-tuning", "prefix-tuning",
                      "zero-shot-embedding", "zero-shot-prompt"]
 METHODS: tuple[str, ...] = typing.get_args(MethodName)
@@ -29,6 +29,7 @@ ZERO_SHOT_METHODS = ("zero-shot-embedding", "zero-shot-prompt")  # no training: 
 TRAINING_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m not in ZERO_SHOT_METHODS)
 CHAT_METHODS = ("full", "lora", "qlora")  # what task: chat trains (a causal LM, loss on the answers)
 CHAT_COLUMNS = ("prompt_column", "answer_column", "messages_column")
+GENERATION_TASKS = ("chat", "seq2seq")  # trained by workbench.chat.train_generation; the chat section applies
 
 
 def _fail(section: str, name: str, value: Any, allowed: str) -> None:
@@ -47,9 +48,11 @@ class DataConfig:
     max_eval_samples: int | None = field(default=None, metadata={"help": "cap on evaluation rows"})
     eval_fraction: float = field(default=0.2, metadata={"help": "share held out for evaluation"})
     prompt_column: str | None = field(default=None, metadata={
-        "help": "task chat: the question (user turn) column; detected when left out"})
+        "help": "task chat: the question (user turn) column; task seq2seq: the source text column; "
+                "detected when left out"})
     answer_column: str | None = field(default=None, metadata={
-        "help": "task chat: the answer (assistant turn) column, the only text the loss is on; detected"})
+        "help": "task chat: the answer (assistant turn) column, the only text the loss is on; "
+                "task seq2seq: the target text column; detected"})
     messages_column: str | None = field(default=None, metadata={
         "help": "task chat: a column of OpenAI-style message lists [{role, content}, ...] instead of "
                 "prompt/answer columns; detected ('messages')"})
@@ -262,12 +265,13 @@ class TrainConfig:
 
 @dataclass
 class ChatConfig:
-    """Task chat only: what is generated while a chat model trains, and the base model's evaluation."""
+    """Tasks chat and seq2seq: what is generated while the model trains, and the base model's evaluation."""
 
     max_new_tokens: int = field(default=64, metadata={
         "help": "tokens generated per sample answer (and the default for predict and the chat playground)"})
     sample_prompts: int = field(default=3, metadata={
-        "help": "held-out questions answered (greedy) and logged at each evaluation; 0 = none"})
+        "help": "held-out questions answered (seq2seq: sources translated) greedily and logged at each "
+                "evaluation; 0 = none"})
     eval_at_start: bool = field(default=True, metadata={
         "help": "evaluate at step 0, before training: the base model's held-out loss and answers"})
 
@@ -307,7 +311,8 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig, metadata={"help": "the tuning method"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "the optimisation schedule"})
     track: TrackConfig = field(default_factory=TrackConfig, metadata={"help": "experiment trackers"})
-    chat: ChatConfig = field(default_factory=ChatConfig, metadata={"help": "task chat: sample generations"})
+    chat: ChatConfig = field(default_factory=ChatConfig, metadata={
+        "help": "tasks chat and seq2seq: sample generations"})
 
     def __post_init__(self) -> None:
         self._check_task()
@@ -323,16 +328,30 @@ class Config:
                     _fail("data", name, getattr(self.data, name),
                           f"nothing for task: chat, which reads data.{instead} (or data.messages_column)")
             return
+        if self.task == "seq2seq":
+            self._check_seq2seq()
+            return
         for name in CHAT_COLUMNS:
             if getattr(self.data, name) is not None:
                 _fail("data", name, getattr(self.data, name),
-                      f"nothing for task: {self.task}; it belongs to task: chat (set data.text_column "
+                      f"nothing for task: {self.task}; it belongs to task: chat or seq2seq (set data.text_column "
                       "and data.label_column instead)")
         if self.chat != ChatConfig():
             changed = next(f.name for f in dataclasses.fields(ChatConfig)
                            if getattr(self.chat, f.name) != getattr(ChatConfig(), f.name))
             _fail("chat", changed, getattr(self.chat, changed), f"the default for task: {self.task}; the chat "
-                                                                "section applies to task: chat only")
+                                                                "section applies to tasks chat and seq2seq only")
+
+    def _check_seq2seq(self) -> None:
+        if self.method.name not in CHAT_METHODS:
+            _fail("method", "name", self.method.name,
+                  f"one of {', '.join(CHAT_METHODS)} for task: seq2seq (an encoder-decoder tuned on the targets)")
+        for name, instead in (("text_column", "prompt_column"), ("label_column", "answer_column"),
+                              ("messages_column", "prompt_column and data.answer_column")):
+            if getattr(self.data, name) is not None:
+                _fail("data", name, getattr(self.data, name),
+                      f"nothing for task: seq2seq, which reads the source from data.prompt_column and the "
+                      f"target from data.answer_column (set data.{instead} instead)")
 
     # --- conversions -------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

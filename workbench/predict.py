@@ -69,6 +69,10 @@ def load_predictor(run_id: str = "latest", home: str | Path | None = None) -> Pr
         from .chat import load_chat_predictor
 
         return load_chat_predictor(record, store.home)
+    if record["config"].get("task") == "seq2seq":  # an encoder-decoder translates: workbench.seq2seq
+        from .seq2seq import load_seq2seq_predictor
+
+        return load_seq2seq_predictor(record, store.home)
     if not (model_dir / "trainable.safetensors").is_file():
         raise WorkbenchError(f"run {record['id']} has no trained model yet (status {record['status']}): "
                              "wait until it completes an evaluation, or pick another run")

@@ -27,7 +27,7 @@ import torch
 
 from .callbacks import Callback, CallbackList, EvalResult, TrainControl, TrainState
 from .catalog import resolve_model
-from .config import Config
+from .config import GENERATION_TASKS, Config
 from .data import Split, prepare
 from .errors import StopRequested, WorkbenchError
 from .kernels import use_fast_dropout
@@ -46,6 +46,10 @@ def preflight(config: Config, home: Path) -> Split:
     """
     from .methods import check_model_fits
 
+    if config.task in GENERATION_TASKS:  # chat, seq2seq: their own data (conversations, source/target pairs)
+        from .chat import preflight_generation
+
+        return preflight_generation(config, home)  # type: ignore[return-value]
     split = prepare(config.data, config.train.seed)
     if config.method.is_zero_shot:
         from .zeroshot import check_zero_shot
@@ -225,10 +229,10 @@ def train(config: Config, store: RunStore | None = None, run_id: str | None = No
 
     With `run_id` the run must exist in the store (queued by `launch`, or to resume).
     """
-    if config.task == "chat":  # a causal LM tuned on answers: its own batches, loss weighting and evaluation
-        from .chat import train_chat
+    if config.task in GENERATION_TASKS:  # chat, seq2seq: their own batches, loss weighting and evaluation
+        from .chat import train_generation
 
-        return train_chat(config, store=store, run_id=run_id, callbacks=callbacks, resume=resume)
+        return train_generation(config, store=store, run_id=run_id, callbacks=callbacks, resume=resume)
     if config.method.is_zero_shot:  # nothing to train: the pretrained model is evaluated as it is
         from .zeroshot import run_zero_shot
 

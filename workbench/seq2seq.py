@@ -1,0 +1,327 @@
+"""Sequence to sequence (`task: seq2seq`): an encoder-decoder (Marian, M2M-100, T5) learns source -> target.
+
+It is the chat loop (`workbench.chat.train_generation`) with other pieces, gathered in `SEQ2SEQ`:
+
+- Data: a CSV/TSV/JSONL/Parquet file with a source and a target column, named by data.prompt_column /
+  data.answer_column or detected (source/target, src/tgt, input/output, or two language-code columns such
+  as en/de, the first being the source). Blank and duplicate pairs are dropped and counted; the held-out
+  split keeps every copy of a source on one side. A pair travels as a two-turn conversation (user: source,
+  assistant: target), so the chat data code (split, caps, samples) serves both tasks.
+- Tokens: the source is the encoder's input_ids; the target, tokenised as a target (`text_target`, which
+  Marian's separate target vocabulary needs) and ended by the end-of-sequence token, is the labels, padded
+  with -100. The model makes its decoder inputs from the labels (shifted right after its decoder start
+  token, the pad token for T5). The loss is on every target token, token-weighted as in chat.
+- Evaluation: held-out loss and perplexity, then greedy outputs for every held-out source, scored at corpus
+  level with sacrebleu (BLEU and chrF, 0 to 100) as the evaluation's `bleu` and `chrf`; `chat.sample_prompts`
+  of them are logged as samples. Early stopping and the best checkpoint follow the held-out loss.
+- Methods: full, lora and qlora; adapters on every linear layer but the output layer (`auto`), or named
+  ones (T5: [q, v]).
+
+M2M-100 and mBART need source and target language codes on the tokenizer and a forced first token when
+generating: not configured here (the tokenizer's defaults are used).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .catalog import DATASETS, ModelSource, hub_error, resolve_model
+from .chat import (IGNORE_INDEX, SAMPLE_CHARS, ChatData, ChatModel, Conversation, GenerationTask, _cap, _output_module,
+                   _text, generation_kwargs, split_conversations)
+from .config import Config, DataConfig
+from .errors import WorkbenchError
+
+SOURCE_NAMES = ("source", "src", "input", "source_text", "text", "document", "article")
+TARGET_NAMES = ("target", "tgt", "output", "target_text", "translation", "summary", "reference", "label")
+LANGUAGE_CODE = re.compile(r"[a-z]{2,3}([_-][a-zA-Z]{2,4})?")  # en, de, pt_br, zh-Hans
+NOT_LANGUAGES = ("id", "idx", "ids", "key", "row")  # row numbers, not Indonesian (id)
+
+
+# --- data -------------------------------------------------------------------------------------------
+
+def detect_seq2seq_columns(columns: list[str], cfg: DataConfig) -> dict[str, str]:
+    """{'prompt': source column, 'answer': target column}: the configured names, else by name."""
+    found = ", ".join(columns) or "none"
+    for name in ("prompt_column", "answer_column"):
+        given = getattr(cfg, name)
+        if given is not None and given not in columns:
+            raise WorkbenchError(f"data.{name} = {given!r} not found: columns found are {found}")
+    lower = {c.lower(): c for c in columns}
+    source = cfg.prompt_column or next((lower[n] for n in SOURCE_NAMES if n in lower), None)
+    target = cfg.answer_column or next((lower[n] for n in TARGET_NAMES if n in lower and lower[n] != source), None)
+    codes = [c for c in columns if LANGUAGE_CODE.fullmatch(c) and c not in NOT_LANGUAGES]
+    if source is None and target is None and len(codes) == 2:  # a language pair: en, de
+        source, target = codes
+    if source is None:
+        raise WorkbenchError(f"no source column detected: columns found are {found} (set data.prompt_column "
+                             "to the source text column)")
+    if target is None:
+        raise WorkbenchError(f"no target column detected: columns found are {found} (set data.answer_column "
+                             "to the target text column)")
+    if source == target:
+        raise WorkbenchError(f"data.prompt_column and data.answer_column are both {source!r}: "
+                             "sources and targets need their own columns")
+    return {"prompt": source, "answer": target}
+
+
+def _read_pairs(source: str, cfg: DataConfig, where: str, report: ChatData) -> list[Conversation]:
+    from .data import load_table
+
+    if source in DATASETS or source == "chatterbot":
+        raise WorkbenchError(f"dataset {source!r} is not a set of source/target pairs: task seq2seq needs a "
+                             "CSV/TSV/JSONL/Parquet file with source and target columns")
+    df, _ = load_table(source)
+    if df.empty:
+        raise WorkbenchError(f"{where} has no rows: add source/target rows")
+    df = df.rename(columns=str)
+    columns = detect_seq2seq_columns(list(df.columns), cfg)
+    report.columns = report.columns or columns
+    sources, targets = df[columns["prompt"]].map(_text).tolist(), df[columns["answer"]].map(_text).tolist()
+    report.rows_read += len(sources)
+    pairs: list[Conversation] = []
+    seen: set[tuple[str, str]] = set()
+    for s, t in zip(sources, targets):
+        if not s.strip() or not t.strip():
+            report.blank_dropped += 1
+        elif (s, t) in seen:
+            report.duplicates_dropped += 1
+        else:
+            seen.add((s, t))
+            pairs.append([{"role": "user", "content": s}, {"role": "assistant", "content": t}])
+    return pairs
+
+
+def load_seq2seq_data(cfg: DataConfig, seed: int) -> ChatData:
+    """Load, de-duplicate and split the source/target pairs the config names."""
+    data = ChatData([], [], cfg.source, "source/target", {})
+    pairs = _read_pairs(cfg.source, cfg, f"data source {cfg.source!r}", data)
+    if cfg.eval_source:
+        held = _read_pairs(cfg.eval_source, cfg, f"eval file {cfg.eval_source!r}", ChatData([], [], "", "", {}))
+        if not held:
+            raise WorkbenchError(f"eval file {cfg.eval_source!r} has no usable source/target rows")
+        train = pairs
+    else:
+        if len(pairs) < 2:
+            raise WorkbenchError(f"data source {cfg.source!r} has {len(pairs)} usable source/target pair(s): too "
+                                 "few to hold some out for evaluation; add rows")
+        train, held = split_conversations(pairs, cfg.eval_fraction, seed)
+        if not train:
+            raise WorkbenchError(f"data source {cfg.source!r}: every pair has the same source, so none is left "
+                                 "to train on once some are held out; add rows or lower data.eval_fraction")
+    data.train, data.eval = _cap(train, cfg.max_train_samples, seed), _cap(held, cfg.max_eval_samples, seed)
+    if not data.train:
+        raise WorkbenchError(f"data source {cfg.source!r} has no usable source/target rows")
+    return data
+
+
+# --- tokens and labels --------------------------------------------------------------------------------
+
+class Seq2SeqEncoder:
+    """The source as encoder input_ids, the target (ended by end-of-sequence) as labels."""
+
+    prompt_format = "source -> target (encoder-decoder; the loss on every target token)"
+
+    def __init__(self, tokenizer: Any, max_length: int) -> None:
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    def source_ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, truncation=True, max_length=self.max_length)["input_ids"])
+
+    def encode(self, pair: Conversation) -> dict[str, list[int]] | None:
+        """input_ids, attention_mask and labels; None when the source or the target has no token."""
+        source, target = pair[-2]["content"], pair[-1]["content"]
+        ids = self.source_ids(source)
+        labels = list(self.tokenizer(text_target=target, truncation=True, max_length=self.max_length)["input_ids"])
+        eos = self.tokenizer.eos_token_id
+        if labels and eos is not None and labels[-1] != eos:  # a model that never sees the end never stops
+            labels = labels[: self.max_length - 1] + [eos]
+        if not ids or not labels:
+            return None
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def collate_seq2seq(encodings: list[dict[str, list[int]]], indices: list[int],
+                    pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded sources (pad id, attention 0) and targets (label -100); the model shifts the labels."""
+    rows = [encodings[i] for i in indices]
+    src_width, tgt_width = max(len(e["input_ids"]) for e in rows), max(len(e["labels"]) for e in rows)
+    ids = torch.full((len(rows), src_width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), src_width), dtype=torch.long)
+    labels = torch.full((len(rows), tgt_width), IGNORE_INDEX, dtype=torch.long)
+    for row, e in enumerate(rows):
+        ids[row, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
+        mask[row, : len(e["input_ids"])] = 1
+        labels[row, : len(e["labels"])] = torch.tensor(e["labels"])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def target_tokens(labels: torch.Tensor) -> int:
+    """Tokens the loss is on: every target token (the decoder predicts each one, the first included)."""
+    return int((labels != IGNORE_INDEX).sum())
+
+
+# --- the model --------------------------------------------------------------------------------------
+
+def check_seq2seq_model(config: Config, source: ModelSource) -> None:
+    """The checks that need no weights: an encoder-decoder, the context length, adapter targets, bitsandbytes."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    from .methods import _check_context, load_config, resolve_targets
+    from .zeroshot import architecture
+
+    model_config = load_config(source, config.trust_remote_code)
+    if not getattr(model_config, "is_encoder_decoder", False):
+        raise WorkbenchError(f"task seq2seq needs an encoder-decoder model (Marian, M2M-100, T5): model "
+                             f"{config.model!r} is {architecture(model_config)}")
+    _check_context(config, model_config)
+    if config.method.uses_adapters:
+        with torch.device("meta"):
+            skeleton = AutoModelForSeq2SeqLM.from_config(model_config, trust_remote_code=config.trust_remote_code)
+        resolve_targets(skeleton, config.method, [_output_module(skeleton)])
+    if config.method.name == "qlora":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise WorkbenchError("method qlora needs bitsandbytes: pip install bitsandbytes") from None
+
+
+def build_seq2seq_model(config: Config, source: ModelSource) -> ChatModel:
+    """Load the encoder-decoder and apply full, lora or qlora (adapters on every linear layer but the output)."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    from .methods import (_bnb_config, count_parameters, disable_bnb_inference_repack, load_kwargs, load_tokenizer,
+                          quiet_libraries, resolve_targets)
+
+    quiet_libraries()
+    check_seq2seq_model(config, source)
+    method = config.method
+    tokenizer = load_tokenizer(source, config.trust_remote_code)
+    kwargs = load_kwargs(source, config.trust_remote_code)
+    kwargs["dtype"] = torch.float32
+    if method.name == "qlora":
+        kwargs["quantization_config"] = _bnb_config(method, ["lm_head"])
+    try:
+        model = AutoModelForSeq2SeqLM.from_pretrained(source.path, **kwargs)
+    except OSError as exc:
+        if source.origin == "hub":
+            raise hub_error(source.name, exc) from None
+        raise WorkbenchError(f"model {source.name!r} could not be loaded ({str(exc).splitlines()[0]})") from None
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if model.config.decoder_start_token_id is None:  # T5's convention: the decoder starts from the pad token
+        model.config.decoder_start_token_id = model.config.pad_token_id
+    output = _output_module(model)
+    targets: list[str] = []
+    if method.name == "full":
+        model.requires_grad_(True)
+    else:
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        if method.name == "qlora":
+            disable_bnb_inference_repack(model)  # TRAPS.md: else LoRA gradients vanish after an eval pass
+        targets = resolve_targets(model, method, [output])
+        model = get_peft_model(model, LoraConfig(
+            task_type=TaskType.SEQ_2_SEQ_LM, r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout,
+            target_modules=list(targets), use_rslora=method.use_rslora, use_dora=method.use_dora))
+    trainable, total = count_parameters(model)
+    return ChatModel(model, tokenizer, targets, trainable, total, output)
+
+
+# --- generation and scores ----------------------------------------------------------------------------
+
+@torch.no_grad()
+def translate(model: torch.nn.Module, encoder: Seq2SeqEncoder, sources: list[str], max_new_tokens: int,
+              batch_size: int = 16) -> list[str]:
+    """Greedy outputs for the sources, in their order (batches of similar length: less padding)."""
+    tokenizer = encoder.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    encoded = [encoder.source_ids(s) for s in sources]
+    order = sorted(range(len(sources)), key=lambda i: len(encoded[i]))
+    out = [""] * len(sources)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start: start + batch_size]
+            batch = collate_seq2seq([{"input_ids": encoded[i], "labels": [0]} for i in chunk],
+                                    list(range(len(chunk))), pad_id)
+            generated = model.generate(input_ids=batch["input_ids"].to(device),
+                                       attention_mask=batch["attention_mask"].to(device), num_beams=1,
+                                       **generation_kwargs(tokenizer, max_new_tokens))
+            for i, text in zip(chunk, tokenizer.batch_decode(generated, skip_special_tokens=True)):
+                out[i] = text.strip()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def corpus_scores(hypotheses: list[str], references: list[str]) -> dict[str, float]:
+    """Corpus-level BLEU and chrF (sacrebleu defaults, 0 to 100) of the outputs against one reference each."""
+    import sacrebleu
+
+    return {"bleu": float(sacrebleu.corpus_bleu(hypotheses, [references]).score),
+            "chrf": float(sacrebleu.corpus_chrf(hypotheses, [references]).score)}
+
+
+def _seq2seq_outputs(model: torch.nn.Module, encoder: Seq2SeqEncoder, held: list[Conversation],
+                     samples: list[Conversation], config: Config) -> tuple[list[dict[str, str]], dict[str, float]]:
+    """Every held-out source generated and scored; the sample pairs' outputs are logged."""
+    outputs = translate(model, encoder, [c[-2]["content"] for c in held], config.chat.max_new_tokens,
+                        config.train.effective_eval_batch_size)
+    scores = corpus_scores(outputs, [c[-1]["content"] for c in held])
+    position = {id(c): i for i, c in enumerate(held)}
+    logged = [{"source": c[-2]["content"][:SAMPLE_CHARS], "reference": c[-1]["content"][:SAMPLE_CHARS],
+               "translation": outputs[position[id(c)]][:SAMPLE_CHARS]} for c in samples if id(c) in position]
+    return logged, scores
+
+
+SEQ2SEQ = GenerationTask("seq2seq", load_seq2seq_data, check_seq2seq_model, build_seq2seq_model, Seq2SeqEncoder,
+                         collate_seq2seq, target_tokens, _seq2seq_outputs)
+
+
+# --- translating with a trained run -------------------------------------------------------------------
+
+class Seq2SeqPredictor:
+    """A tuned encoder-decoder: `predict(texts)` gives each text's greedy output."""
+
+    task = "seq2seq"
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, max_length: int, max_new_tokens: int,
+                 run_id: str = "") -> None:
+        self.model, self.encoder = model.eval(), Seq2SeqEncoder(tokenizer, max_length)
+        self.max_new_tokens, self.run_id = max_new_tokens, run_id
+        self._lock = threading.Lock()  # one generation at a time on this model
+
+    def predict(self, texts: str | list[str], batch_size: int = 16) -> list[dict[str, Any]]:
+        if isinstance(texts, str):
+            texts = [texts]
+        if any(not t.strip() for t in texts):
+            raise WorkbenchError("type a text to translate")
+        with self._lock:
+            outputs = translate(self.model, self.encoder, texts, self.max_new_tokens, batch_size)
+        return [{"text": t, "translation": o} for t, o in zip(texts, outputs)]
+
+
+def load_seq2seq_predictor(record: dict[str, Any], home: Path) -> Seq2SeqPredictor:
+    """Rebuild a seq2seq run's model (base weights + the run's trained parameters)."""
+    from safetensors.torch import load_file
+
+    from .trainer import load_trainable_state, set_seed
+
+    model_dir = Path(record["dir"]) / "model"
+    if not (model_dir / "trainable.safetensors").is_file():
+        raise WorkbenchError(f"run {record['id']} has no trained model yet (status {record['status']}): "
+                             "wait until it completes an evaluation, or pick another run")
+    config = Config.from_dict(record["config"])
+    set_seed(config.train.seed)
+    built = build_seq2seq_model(config, resolve_model(config.model, home, config.trust_remote_code))
+    load_trainable_state(built.model, load_file(str(model_dir / "trainable.safetensors")))
+    return Seq2SeqPredictor(built.model, built.tokenizer, config.train.max_length, config.chat.max_new_tokens,
+                            record["id"])
+
