@@ -626,7 +626,7 @@ def generation_task(name: str) -> GenerationTask:
 
 # --- checks before a run ----------------------------------------------------------------------------
 
-def preflight_chat(config: Config, home: Path) -> ChatData:
+def preflight_generation(config: Config, home: Path) -> ChatData:
     """Every check that needs no weights (chat or seq2seq): data, columns, examples, model kind, limits, targets."""
     task = generation_task(config.task)
     data = task.load_data(config.data, config.train.seed)
@@ -635,7 +635,7 @@ def preflight_chat(config: Config, home: Path) -> ChatData:
     return data
 
 
-preflight_generation = preflight_chat
+preflight_chat = preflight_generation  # the name task chat has always used
 
 
 def _check_batch_fits(config: Config, data: ChatData, world: int) -> None:
