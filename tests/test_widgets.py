@@ -502,7 +502,6 @@ def test_loss_curve_page_opened_late_gets_the_whole_history(home: Path, wb_store
     traces = state["_widget_data"]
     assert len(traces) == 5 and list(traces[1]["x"]) == list(range(1, 26))
     assert [s["x0"] for s in state["_widget_layout"]["shapes"]] == [20]
-    assert curve.fig.get_state("_widget_data")["_widget_data"][1]["x"] == traces[1]["x"]
 
 
 def test_loss_curve_thins_long_histories_but_keeps_them() -> None:
@@ -521,11 +520,18 @@ def test_confusion_matrix_page_opened_late_gets_the_matrix(home: Path, wb_store:
     assert [list(r) for r in heat["z"]] == [[3, 1], [2, 4]] and list(heat["x"]) == LABELS
 
 
-def test_live_figure_shares_one_plotly_bundle_per_page() -> None:
+def test_live_figure_shares_one_plotly_bundle_per_page(monkeypatch: pytest.MonkeyPatch) -> None:
     import plotly.graph_objects as go
 
     from widgets._figure import LiveFigure
 
+    sent: list[str] = []
+    send_state = LiveFigure.send_state
+    monkeypatch.setattr(LiveFigure, "send_state", lambda self, key=None: (sent.append(key), send_state(self, key)))
+    heat = LiveFigure(data=[go.Heatmap(z=[])])
+    assert "_widget_data" in sent, "the traces given at creation reach the views opened then (JupyterLab)"
+    heat.data[0].z = [[1, 2], [3, 4]]
+    assert heat.get_state()["_widget_data"][0]["z"] == [[1, 2], [3, 4]]
     a, b = LiveFigure(), LiveFigure()
     a.add_scatter(x=[1, 2], y=[3, 4])  # after creation: plotly alone never puts this in the state
     a.layout.title = "late"

@@ -16,7 +16,9 @@ and run its `initialize`, and each plotly figure imports its own copy of the 5 M
 headless chromium on 2 loaded cores: 1.5 s for one import, 4.8 s for three; a dashboard opens three or
 more figures at once, so some never started ("[anywidget] Failed to initialize model.") and never
 updated. A LiveFigure's module is a small loader instead (LOADER below): it imports the bundle once
-per page, not within the 2 s, and hands plotly the messages that arrived while it loaded.
+per page, not within the 2 s, and hands plotly the messages that arrived while it loaded. It also
+makes a figure follow the width of its box (under anywidget, plotly sized it once: 700 px when drawn in
+a hidden tab, overflowing a narrow page).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ STATE_KEYS = ("_widget_data", "_widget_layout")  # what plotly's view draws from
 
 LOADER = """\
 // LiveFigure: plotly's FigureWidget module, imported once per page and outside anywidget's 2 s start limit.
-const KEY = Symbol.for("workbench.plotly-widget.%(digest)s");
+const KEY = Symbol.for("workbench.plotly-widget.DIGEST");
+const VIEW = Symbol.for("workbench.plotly-view");
 const MESSAGES = ["_py2js_addTraces", "_py2js_deleteTraces", "_py2js_moveTraces", "_py2js_restyle",
                   "_py2js_relayout", "_py2js_update", "_py2js_animate", "_py2js_removeLayoutProps",
                   "_py2js_removeTraceProps"];
@@ -58,6 +61,15 @@ export default () => {
       for (const [name, fn] of keep) model.on(`change:${name}`, fn);
       loaded = bundle(model).then((mod) => {
         for (const [name, fn] of keep) model.off(`change:${name}`, fn);
+        const proto = mod.FigureView.prototype;  // each view is kept on its element, for resizing
+        if (!proto[VIEW]) {
+          const draw = proto.perform_render;
+          proto.perform_render = function (...args) {
+            this.el[VIEW] = this;
+            return draw.apply(this, args);
+          };
+          proto[VIEW] = true;
+        }
         plotly = mod.default();
         plotly.initialize(context);
         for (const [name, value] of early) {
@@ -69,7 +81,28 @@ export default () => {
     },
     async render(context) {
       await loaded;
-      return plotly.render(context);
+      const { el } = context;
+      el.style.width = "100%";  // as wide as its box, not as its drawing: it can then follow the box
+      el.style.minWidth = "0";
+      const cleanup = plotly.render(context);
+      // plotly sizes a figure once, as it is drawn (700 px when drawn in a hidden tab), and under anywidget
+      // nothing resizes it later: this view is resized whenever its box changes width
+      const view = el[VIEW];
+      let width = 0;
+      let frame = 0;
+      const observer = new ResizeObserver(([entry]) => {
+        const now = Math.round(entry.contentRect.width);
+        if (now > 0 && now !== width && view) {
+          width = now;
+          cancelAnimationFrame(frame);
+          frame = requestAnimationFrame(() => view.autosizeFigure());
+        }
+      });
+      observer.observe(el);
+      return () => {
+        observer.disconnect();
+        if (typeof cleanup === "function") cleanup();
+      };
     },
   };
 };
@@ -78,7 +111,7 @@ export default () => {
 
 def loader(code: str) -> str:
     """The module every LiveFigure loads: small; plotly's bundle travels as a plain string trait."""
-    return LOADER % {"digest": hashlib.sha1(code.encode()).hexdigest()[:16]}
+    return LOADER.replace("DIGEST", hashlib.sha1(code.encode()).hexdigest()[:16])
 
 
 class LiveFigure(go.FigureWidget):
@@ -89,9 +122,10 @@ class LiveFigure(go.FigureWidget):
         sync=True)
 
     def get_state(self, key: str | Iterable[str] | None = None, drop_defaults: bool = False) -> dict[str, Any]:
-        keys = STATE_KEYS if key is None else [key] if isinstance(key, str) else list(key)
-        if any(k in STATE_KEYS for k in keys):
+        if key is None:  # the whole state: a new view (a page connecting, a reload, an embed) is starting
             self.sync_view_state()
+        # one trait (an ordinary change being sent) is left alone: had it been updated in place here,
+        # plotly's own `_widget_data = ...` at creation would compare equal and never be sent
         return super().get_state(key=key, drop_defaults=drop_defaults)
 
     def sync_view_state(self) -> None:
