@@ -149,6 +149,20 @@ def test_the_loss_is_cross_entropy_over_the_label_scores_and_has_gradients(tok, 
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
+def test_more_left_padding_changes_nothing(tok, llama):
+    builder = PromptBuilder(tok, LABELS, 32, [])
+    clf = LLMClassifier(llama, builder.label_ids()).eval()
+    ids, mask = left_pad([builder.prompt_ids(t) for t in TEXTS], tok.pad_token_id)
+    pad = torch.full((len(TEXTS), 5), tok.pad_token_id)
+    with torch.no_grad():
+        tight = clf(ids, mask).logits
+        loose = clf(torch.cat([pad, ids], 1), torch.cat([torch.zeros_like(pad), mask], 1)).logits
+        alone = torch.cat([clf(ids[i:i + 1, -int(mask[i].sum()):], mask[i:i + 1, -int(mask[i].sum()):]).logits
+                           for i in range(len(TEXTS))])
+    torch.testing.assert_close(loose, tight, atol=1e-5, rtol=0)
+    torch.testing.assert_close(alone, tight, atol=1e-5, rtol=0)
+
+
 def test_right_padded_prompts_are_refused(tok, llama):
     builder = PromptBuilder(tok, LABELS, 32, [])
     ids, mask = left_pad([builder.prompt_ids(t) for t in TEXTS], tok.pad_token_id)

@@ -35,9 +35,6 @@ from .config import Config
 from .errors import WorkbenchError
 from .zeroshot import PromptBuilder, check_label_tokens, label_scores
 
-LLM_METHODS = ("full", "lora", "qlora", "adalora", "ia3", "prompt-tuning")
-
-
 def refusal(method: str, arch: str) -> str | None:
     """Why `method` cannot train a causal-LM classifier, or None when it can."""
     if method == "head-only":
