@@ -153,8 +153,8 @@ def save(target: Any, path: Path, page: Any = None) -> None:
     page = page or target
     size = page.viewport_size
     if target is page:
-        height = page.evaluate("() => Math.max(...Array.from(document.querySelectorAll('body *'))"
-                               ".map(e => e.scrollHeight))")
+        height = page.evaluate("() => Math.max(0, ...Array.from(document.querySelectorAll('.jp-Cell'))"
+                               ".map(e => e.getBoundingClientRect().bottom)) + 24")
     else:
         target.scroll_into_view_if_needed()
         height = target.bounding_box()["height"] + 400
@@ -164,11 +164,23 @@ def save(target: Any, path: Path, page: Any = None) -> None:
         target.screenshot(path=str(path), animations="disabled")
     finally:
         page.set_viewport_size(size)
+    trim_bottom(path)
     if path.stat().st_size > MAX_BYTES:
         from PIL import Image
 
         Image.open(path).convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
     print(f"  {path.name}: {path.stat().st_size // 1024} KB", flush=True)
+
+
+def trim_bottom(path: Path, margin: int = 16) -> None:
+    """Cut the empty rows (the page's background colour) under the content."""
+    from PIL import Image, ImageChops
+
+    image = Image.open(path).convert("RGB")
+    background = Image.new("RGB", image.size, image.getpixel((image.width - 1, image.height - 1)))
+    box = ImageChops.difference(image, background).getbbox()
+    if box and box[3] + margin < image.height:
+        image.crop((0, 0, image.width, box[3] + margin)).save(path, optimize=True)
 
 
 def lab_command(page: Any, command: str, args: dict[str, Any] | None = None) -> None:

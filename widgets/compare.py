@@ -74,8 +74,8 @@ class RunCompare(W.VBox):
         refresh = W.Button(description="Refresh", icon="refresh", layout=W.Layout(width="auto"))
         refresh.on_click(lambda _: self.refresh())
         self._pick = W.SelectMultiple(options=[], description="Overlay", rows=6, style=style,
-                                      layout=S.full_width(max_width="48em"))
-        self._table = W.HTML("", layout=S.full_width())
+                                      layout=S.full_width(max_width="48em", flex="0 0 auto"))
+        self._table = W.HTML("", layout=S.full_width(flex="0 0 auto"))  # never squeezed under the list below
         self._matrix_box = W.Box([], layout=S.wrap_row())
         self._error_html = S.inline_error()
         super().__init__(children=[

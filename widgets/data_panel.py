@@ -85,8 +85,9 @@ class DataPanel(W.VBox):
                                    self._upload_hint], layout=S.full_width())
         self._source_error = S.inline_error()
 
-        self._text = W.Dropdown(options=[], description="Text column", style=style, layout=S.control_layout())
-        self._label = W.Dropdown(options=[], description="Label column", style=style, layout=S.control_layout())
+        # full width of their column: control_layout's flex-basis (16em) would be a height in a VBox
+        self._text = W.Dropdown(options=[], description="Text column", style=style, layout=S.full_width())
+        self._label = W.Dropdown(options=[], description="Label column", style=style, layout=S.full_width())
         self._text_error, self._label_error = S.inline_error(), S.inline_error()
         columns_row = W.Box([W.VBox([self._text, self._text_error], layout=S.control_layout()),
                              W.VBox([self._label, self._label_error], layout=S.control_layout())],

@@ -72,7 +72,8 @@ class MethodLadder(W.VBox):
         self._start.on_click(lambda _: self.start())
         self._stop.on_click(lambda _: self.stop())
         refresh.on_click(lambda _: self.refresh())
-        self._ladders = W.Dropdown(options=[], description="Ladder", style=style, layout=S.control_layout())
+        self._ladders = W.Dropdown(options=[], description="Ladder", style=style,  # in a column: no flex-basis
+                                   layout=S.full_width(max_width="32em"))
         self._controls = W.Box([self._start, self._stop], layout=S.wrap_row())
         self._status = W.HTML("", layout=S.full_width())
         self._error_html = S.inline_error()
@@ -300,7 +301,7 @@ class MethodLadder(W.VBox):
                  "y1": r["accuracy"], "line": {"dash": "dash", "color": S.RUN_COLORS[i % len(S.RUN_COLORS)]}}
                 for i, r in enumerate(baselines)]
             self.fig.layout.annotations = [
-                {"xref": "paper", "x": 0.01, "xanchor": "left", "yref": "y", "y": r["accuracy"], "yanchor": "bottom",
+                {"xref": "paper", "x": 0.99, "xanchor": "right", "yref": "y", "y": r["accuracy"], "yanchor": "bottom",
                  "showarrow": False, "text": f"{r['method']} {r['accuracy']:.3f}", "hovertext": _hover(r)}
                 for r in baselines]
 

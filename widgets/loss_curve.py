@@ -223,8 +223,8 @@ class LossCurve(W.VBox):
         with self._lock:
             wanted = list(dict.fromkeys(self.run_ids))
             self._histories = {r: self._histories.get(r) or RunHistory(r) for r in wanted}
+            self._read()  # first: the legend names the runs
             self._rebuild_traces()
-            self._read()
             self._draw()
         if self.background and self.live and self.run_ids:
             self._poller.start()
@@ -243,7 +243,7 @@ class LossCurve(W.VBox):
         traces = []
         for i, hist in enumerate(self._histories.values()):
             color = S.RUN_COLORS[i % len(S.RUN_COLORS)]
-            prefix = f"{hist.run_id[-7:]} " if many else ""
+            prefix = f"{_short(hist.label or hist.run_id)}: " if many else ""
             group = hist.run_id
             traces += [
                 go.Scatter(name=f"{prefix}train loss (raw)", mode="lines", legendgroup=group, showlegend=False,
@@ -305,6 +305,11 @@ class LossCurve(W.VBox):
     def close(self) -> None:
         self._poller.stop()
         super().close()
+
+
+def _short(label: str, width: int = 18) -> str:
+    """A run's name for a legend entry: its end, where names differ (ladder rungs end in the method)."""
+    return label if len(label) <= width else "..." + label[-(width - 3):]
 
 
 def _vline(x: float, color: str, dash: str) -> dict[str, Any]:
