@@ -644,6 +644,21 @@ def test_playground_without_trained_runs(home: Path, wb_store: RunStore) -> None
         play.run_id = "nonexistent"
 
 
+def test_playground_offers_classification_runs_only(home: Path, wb_store: RunStore) -> None:
+    from widgets import Playground
+
+    ids = {}
+    for task in ("text-classification", "chat"):
+        cfg = Config(name=task).to_dict()
+        cfg["task"] = task
+        ids[task] = wb_store.create_run(cfg, task)
+        model_dir = wb_store.run_dir(ids[task]) / "model"
+        model_dir.mkdir(parents=True)
+        (model_dir / "trainable.safetensors").write_bytes(b"")
+    play = Playground(home=home, background=False)
+    assert play.runs == [ids["text-classification"]]  # a chat run belongs to ChatPlayground
+
+
 # --- Dashboard -------------------------------------------------------------------------------------------------
 
 def test_dashboard_save_load_and_read_only(home: Path, csv_file: Path) -> None:

@@ -15,10 +15,10 @@ from .loss_curve import LossCurve
 from .method_panel import METHOD_PANELS, MethodPanel, register_method
 from .model_picker import ModelPicker
 from .playground import Playground
-from .chat_playground import ChatPlayground  # noqa: F401  (task: chat; streams answers token by token)
+from .chat_playground import ChatPlayground  # task: chat; streams answers token by token
 from .train_panel import TrainPanel
 
 __all__ = [
-    "ConfusionMatrix", "Dashboard", "DataPanel", "LossCurve", "METHOD_PANELS", "MethodLadder", "MethodPanel",
+    "ChatPlayground", "ConfusionMatrix", "Dashboard", "DataPanel", "LossCurve", "METHOD_PANELS", "MethodLadder", "MethodPanel",
     "ModelPicker", "Playground", "RunCompare", "TrainPanel", "register_method", "wire",
 ]

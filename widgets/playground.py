@@ -68,13 +68,15 @@ class Playground(W.VBox):
 
     # --- public ----------------------------------------------------------------------------------
     def refresh_runs(self) -> None:
-        """Find the runs that have a trained model."""
+        """Find the classification runs that have a trained model (chat and seq2seq runs have their own)."""
         try:
             records = self.store.list()
         except Exception as exc:
             self.error = f"could not read the runs ({type(exc).__name__}: {exc})"
             return
-        ready = [r for r in records if (Path(r["dir"]) / "model" / "trainable.safetensors").is_file()]
+        ready = [r for r in records
+                 if (r.get("config") or {}).get("task", "text-classification") == "text-classification"
+                 and (Path(r["dir"]) / "model" / "trainable.safetensors").is_file()]
         self.runs = [r["id"] for r in ready]
         self._run.options = [(f"{r.get('name') or r['id']} ({r['id']}, accuracy "
                               f"{(r.get('metrics') or {}).get('accuracy', float('nan')):.3f})", r["id"]) for r in ready]
