@@ -133,3 +133,18 @@ def test_qlora_merges_into_a_float32_base(tiny_config, store):
     expected = _predictor_probs(run_id, store)
     # trained against 4-bit weights, merged into float32 ones: close, not equal
     assert (exported - expected).abs().max() < 0.1
+
+
+def test_export_refuses_a_chat_run_with_a_clear_message(tmp_path: Path) -> None:
+    from workbench.config import Config
+    from workbench.errors import WorkbenchError
+    from workbench.export import export_run
+    from workbench.store import RunStore
+
+    store = RunStore(tmp_path / "home")
+    cfg = Config.from_dict({"task": "chat", "model": "smollm2-135m-instruct", "data": {"source": "chatterbot"}})
+    run = store.create_run(cfg.to_dict(), "chat")
+    (store.run_dir(run) / "model").mkdir(parents=True)
+    (store.run_dir(run) / "model" / "trainable.safetensors").write_bytes(b"")
+    with pytest.raises(WorkbenchError, match="task: chat run, and export handles text-classification runs only"):
+        export_run(run, home=store.home)

@@ -56,6 +56,10 @@ def export_run(run_id: str = "latest", out: str | Path | None = None, merge: boo
         raise WorkbenchError(f"run {run} has no trained model to export (status {record['status']}): "
                              "wait until it completes an evaluation, or pick another run")
     config = Config.from_dict(record["config"])
+    if config.task != "text-classification":
+        raise WorkbenchError(f"run {run} is a task: {config.task} run, and export handles text-classification runs "
+                             f"only so far: its adapter weights are in {model_dir / 'trainable.safetensors'}, "
+                             f"and `workbench predict {run} --text ...` uses them")
     method = config.method.name
     _check_merge(run, method, merge)
     target = Path(out).expanduser().resolve() if out is not None else store.home / "exports" / run
