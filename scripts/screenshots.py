@@ -3,6 +3,7 @@
     python scripts/screenshots.py                      # trains its own runs in a temporary workspace
     python scripts/screenshots.py --home /tmp/runs     # reuses a run store (e.g. the one the notebooks filled)
     python scripts/screenshots.py --only lab voila     # parts: lab (widgets, themes, widths), notebooks, voila
+    python scripts/screenshots.py --only lab --widgets widget-run-compare --home /tmp/runs   # one widget again
 
 Debian chromium driven by Python playwright (never `playwright install`); the real packaged MiniLM at
 course size (notebooks/course.py). PNGs go to docs/screenshots/ (or --out), each under ~300 KB.
@@ -257,20 +258,25 @@ GALLERY = {  # screenshot name -> the cell that shows the widget
 }
 
 
-def lab_part(browser: Any, work: Path, home: Path, out: Path) -> None:
-    write_notebook(work / "gallery.ipynb", [SETUP, *GALLERY.values()])
+def lab_part(browser: Any, work: Path, home: Path, out: Path, names: list[str] | None = None) -> None:
+    gallery = {k: v for k, v in GALLERY.items() if not names or k in names}
+    write_notebook(work / "gallery.ipynb", [SETUP, *gallery.values()])
     with jupyter_lab(work, home) as base:
         page = browser.new_page(viewport={"width": 1200, "height": 900})
         run_notebook(page, base, "gallery.ipynb")
         print("JupyterLab, light theme:", flush=True)
-        for i, name in enumerate(GALLERY, start=1):
+        for i, name in enumerate(gallery, start=1):
             save(output(page, i), out / (f"{name}-lab-light.png" if name == "dashboard" else f"{name}.png"), page)
+        if "dashboard" not in gallery:
+            page.close()
+            return
         print("JupyterLab, dark theme:", flush=True)
         lab_command(page, "apputils:change-theme", {"theme": "JupyterLab Dark"})
         time.sleep(4)
-        dash = list(GALLERY).index("dashboard") + 1
+        dash = list(gallery).index("dashboard") + 1
         save(output(page, dash), out / "dashboard-lab-dark.png", page)
-        save(output(page, list(GALLERY).index("widget-loss-curve") + 1), out / "widget-loss-curve-dark.png", page)
+        if "widget-loss-curve" in gallery:
+            save(output(page, list(gallery).index("widget-loss-curve") + 1), out / "widget-loss-curve-dark.png", page)
         print("JupyterLab, 700 px wide:", flush=True)
         lab_command(page, "apputils:change-theme", {"theme": "JupyterLab Light"})
         page.set_viewport_size({"width": 700, "height": 1000})
@@ -353,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--home", type=Path, help="a run store to reuse (default: a new one, with runs made here)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshots")
     parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--widgets", nargs="+", choices=list(GALLERY), help="lab part: only these widgets")
     args = parser.parse_args(argv)
     if not Path(CHROMIUM).is_file():
         print(f"chromium not found at {CHROMIUM}: apt-get install -y chromium (as root)", file=sys.stderr)
@@ -369,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
         try:
             if "lab" in args.only:
-                lab_part(browser, work, home, args.out)
+                lab_part(browser, work, home, args.out, args.widgets)
             if "notebooks" in args.only:
                 notebooks_part(browser, work, home, args.out)
             if "voila" in args.only:

@@ -141,6 +141,37 @@ def test_cli_ladder_in_process_prints_the_table_and_lists_ladders(one_epoch, tmp
     assert ladder["id"] in capsys.readouterr().out
 
 
+def test_default_methods_follow_the_model_kind(one_epoch, tmp_path):
+    """A causal LM has no head to train alone: its default ladder starts from the prompt baseline instead."""
+    from transformers import LlamaConfig
+
+    from workbench.ladder import CAUSAL_LM_METHODS, DEFAULT_METHODS, default_methods
+
+    assert default_methods(one_epoch(), tmp_path) == DEFAULT_METHODS
+    llm = tmp_path / "tiny-llm"
+    LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=2, architectures=["LlamaForCausalLM"]).save_pretrained(llm)  # config.json only
+    config = one_epoch()
+    config.model = str(llm)
+    assert default_methods(config, tmp_path) == CAUSAL_LM_METHODS
+    assert "head-only" not in CAUSAL_LM_METHODS and CAUSAL_LM_METHODS[0] == "zero-shot-prompt"
+
+
+def test_a_learning_rate_in_the_file_goes_to_the_files_method_only(one_epoch):
+    """bbc-lora.yaml's 5e-4 suits LoRA; given to every rung it wrecked full fine-tuning and starved prompt
+    tuning (session 2's ladder). --set train.learning_rate still means every rung."""
+    from workbench.cli import ladder_rates
+
+    config = one_epoch(learning_rate=5e-4)  # method lora
+    methods = ["zero-shot-embedding", "lora", "full", "prompt-tuning"]
+    assert ladder_rates(config, methods, rate_in_file=True, overrides=[]) == {"lora": 5e-4}
+    assert ladder_rates(config, methods, rate_in_file=False, overrides=[]) == {}
+    assert ladder_rates(config, ["full"], rate_in_file=True, overrides=[]) == {}
+    every = ladder_rates(config, methods, rate_in_file=True, overrides=["data.max_train_samples=8",
+                                                                        "train.learning_rate = 5e-4"])
+    assert every == {"lora": 5e-4, "full": 5e-4, "prompt-tuning": 5e-4}
+
+
 @pytest.mark.parametrize("argv, message", [
     (["ladder"], "error: ladder needs a config file: workbench ladder CONFIG"),
     (["ladder", "--resume", "nope"], "error: no ladder 'nope' in"),

@@ -622,6 +622,17 @@ def test_run_compare_sorts_and_overlays(home: Path, wb_store: RunStore) -> None:
     assert compare._table.value.index("high") < compare._table.value.index(">low<")
     compare.descending = False
     assert [r["name"] for r in compare.sorted_runs()] == ["low", "high"]
+    table = compare._table.value
+    assert ">1.0k (1.00%)<" in table and ">12s<" in table  # count with share; wall time for reading
+    assert "accuracy \u25b2" in table and "white-space:nowrap" in table and "position:sticky" in table
+    assert "2 runs" in table and "scroll" not in table
+    compare.sort_by = "trainable %"  # a sort column folded into another shown column marks that one
+    assert "trainable \u25b2" in compare._table.value
+    for i in range(8):
+        record_run(wb_store, f"more-{i}")
+    compare.refresh()
+    assert "10 runs; scroll the table for the other 2" in compare._table.value
+    compare.sort_by = "accuracy"
 
     compare._pick.value = (low, high)  # the multi-select
     assert compare.selected == [low, high]

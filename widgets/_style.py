@@ -61,17 +61,24 @@ def section(title: str) -> W.HTML:
     return W.HTML(f'<b style="font-size:1.05em">{html.escape(title)}</b>', layout=full_width(margin="8px 0 2px 0"))
 
 
-def table_html(header: list[str], rows: list[list[Any]], max_height: str = "20em") -> str:
-    """A small scrolling table; every cell is escaped, colours come from the theme."""
-    th = "".join(f'<th style="text-align:left; padding:2px 8px; border-bottom:{BORDER}">{html.escape(str(h))}</th>'
-                 for h in header)
+def table_html(header: list[str], rows: list[list[Any]], max_height: str = "20em", nowrap: bool = False) -> str:
+    """A small table in its own scroll box; every cell is escaped, colours come from the theme.
+
+    The header stays in view while the rows scroll, and the box has a border so that a cut row reads as
+    "scroll for more" rather than as one widget drawn over another. `nowrap` keeps each cell on one line
+    (the box then scrolls sideways instead of wrapping ids into three lines).
+    """
+    wrap = "white-space:nowrap; " if nowrap else ""
+    th = "".join(f'<th style="text-align:left; padding:2px 8px; border-bottom:{BORDER}; {wrap}position:sticky; '
+                 f'top:0; background:var(--jp-layout-color1, #fff)">{html.escape(str(h))}</th>' for h in header)
     body = "".join(
-        "<tr>" + "".join(f'<td style="padding:2px 8px; vertical-align:top; border-bottom:{BORDER}">'
+        "<tr>" + "".join(f'<td style="padding:2px 8px; vertical-align:top; {wrap}border-bottom:{BORDER}">'
                          f"{html.escape(_cell(c))}</td>" for c in row) + "</tr>"
         for row in rows
     )
-    return (f'<div style="max-height:{max_height}; overflow:auto; width:100%">'
-            f'<table style="border-collapse:collapse; font-size:0.9em; width:100%">'
+    return (f'<div style="max-height:{max_height}; overflow:auto; width:100%; box-sizing:border-box; '
+            f'border:{BORDER}; line-height:1.5">'
+            f'<table style="border-collapse:collapse; font-size:0.9em; min-width:100%">'
             f"<thead><tr>{th}</tr></thead><tbody>{body}</tbody></table></div>")
 
 

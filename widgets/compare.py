@@ -43,7 +43,13 @@ COLUMNS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "samples/s": _get("timings.samples_per_second"),
     "peak MB": _get("timings.peak_memory_mb"),
 }
-SHOWN = [c for c in COLUMNS if c != "created"]
+# the table's columns: title -> the sort column it reads; "trainable" shows the count and the share together
+SHOWN: dict[str, str] = {
+    "name": "name", "status": "status", "model": "model", "data": "data", "method": "method",
+    "trainable": "trainable", "accuracy": "accuracy", "f1_macro": "f1_macro", "time": "wall s",
+    "samples/s": "samples/s", "peak MB": "peak MB", "run": "run", "created": "created",
+}
+VISIBLE_ROWS = 8  # about this many rows fit the table's scroll box
 
 
 def _sort_key(value: Any) -> tuple[int, Any]:
@@ -122,10 +128,16 @@ class RunCompare(W.VBox):
     # --- view ------------------------------------------------------------------------------------
     def _show_table(self, change: Any = None) -> None:
         runs = self.sorted_runs()
-        rows = [[_fmt(c, COLUMNS[c](r)) for c in SHOWN] for r in runs]
-        arrow = " v" if self.descending else " ^"
-        header = [c + (arrow if c == self.sort_by else "") for c in SHOWN]
-        self._table.value = S.table_html(header, rows) if runs else S.message("no runs yet", "muted")
+        rows = [[_cell(title, run) for title in SHOWN] for run in runs]
+        arrow = " \u25bc" if self.descending else " \u25b2"
+        header = [t + (arrow if SHOWN[t] == self.sort_by or (t == "trainable" and self.sort_by == "trainable %")
+                       else "") for t in SHOWN]
+        if runs:
+            more = f"; scroll the table for the other {len(runs) - VISIBLE_ROWS}" if len(runs) > VISIBLE_ROWS else ""
+            self._table.value = (S.table_html(header, rows, max_height="17em", nowrap=True)
+                                 + S.message(f"{len(runs)} run{'s' * (len(runs) != 1)}{more}", "muted"))
+        else:
+            self._table.value = S.message("no runs yet", "muted")
         options = [(f"{r.get('name') or r['id']} ({r['status']}, {r['id']})", r["id"]) for r in runs]
         keep = tuple(r for r in self.selected if r in {o[1] for o in options})
         if list(self._pick.options) != options:
@@ -151,12 +163,19 @@ class RunCompare(W.VBox):
         self._matrix_box.children = tuple(self.matrices)
 
 
-def _fmt(column: str, value: Any) -> Any:
-    if value is None:
+def _cell(title: str, run: dict[str, Any]) -> Any:
+    """One table cell, formatted for reading (sorting uses the raw values in COLUMNS)."""
+    value = COLUMNS[SHOWN[title]](run)
+    if value is None or value == "":
         return ""
-    if column == "trainable" and isinstance(value, (int, float)):
-        return S.human_count(value)
-    if column == "created" and isinstance(value, (int, float)):
+    if title == "trainable" and isinstance(value, (int, float)):
+        share = COLUMNS["trainable %"](run)
+        return S.human_count(value) + (f" ({_percent(share)})" if isinstance(share, (int, float)) else "")
+    if title == "time" and isinstance(value, (int, float)):
+        return S.human_seconds(value)
+    if title == "peak MB" and isinstance(value, (int, float)):
+        return f"{value:,.0f}"
+    if title == "created" and isinstance(value, (int, float)):
         import time
 
         return time.strftime("%Y-%m-%d %H:%M", time.localtime(value))
@@ -164,3 +183,7 @@ def _fmt(column: str, value: Any) -> Any:
         return round(value, 4)
     return value
 
+
+def _percent(share: float) -> str:
+    """100 -> "100%", 2.076 -> "2.08%", 0.0123 -> "0.012%"."""
+    return f"{share:.0f}%" if share >= 10 else f"{share:.2f}%" if share >= 0.1 else f"{share:.2g}%"

@@ -11,9 +11,12 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import WorkbenchError
+
+if TYPE_CHECKING:
+    from .config import Config
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -75,11 +78,12 @@ def _parser() -> argparse.ArgumentParser:
 
     lad = sub.add_parser("ladder", help="several methods on the same data, split and seed, one run each, one table")
     lad.add_argument("config", nargs="?", help="YAML config file (the method in it is replaced by each rung's)")
-    lad.add_argument("--methods", default="zero-shot-embedding,head-only,lora,qlora,ia3,adalora,prompt-tuning,full",
-                     help="comma-separated methods, run in this order")
+    lad.add_argument("--methods", default=None,
+                     help="comma-separated methods, run in this order (default: zero-shot-embedding,head-only,lora,"
+                          "qlora,ia3,adalora,prompt-tuning,full; for a causal LM zero-shot-prompt and no head-only)")
     lad.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config value for every rung (repeatable); an explicit train.learning_rate "
-                          "replaces the per-method defaults")
+                     help="override a config value for every rung (repeatable); --set train.learning_rate=X "
+                          "gives every trained rung that rate (a rate in the file goes to the file's method only)")
     lad.add_argument("--lr", action="append", default=[], metavar="METHOD=RATE",
                      help="learning rate of one rung (repeatable): --lr lora=5e-4")
     lad.add_argument("--model", dest="models", action="append", default=[], metavar="METHOD=MODEL",
@@ -309,9 +313,26 @@ def _export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def ladder_rates(config: Config, methods: list[str], rate_in_file: bool, overrides: list[str]) -> dict[str, float]:
+    """Which rungs take the config's learning rate instead of their method's default.
+
+    A rate typed with --set is meant for every rung. A rate in the file was chosen for the file's method
+    (5e-4 suits LoRA, would wreck full fine-tuning and starve prompt tuning): only that rung takes it.
+    """
+    from .config import ZERO_SHOT_METHODS
+
+    trained = [m for m in methods if m not in ZERO_SHOT_METHODS]
+    if any(item.partition("=")[0].strip() == "train.learning_rate" for item in overrides):
+        return {m: config.train.learning_rate for m in trained}
+    if rate_in_file and config.method.name in trained:
+        return {config.method.name: config.train.learning_rate}
+    return {}
+
+
 def _ladder(args: argparse.Namespace) -> int:
-    from .config import ZERO_SHOT_METHODS, Config, _read_yaml, apply_override
-    from .ladder import create_ladder, format_table, ladder_dir, list_ladders, parse_methods, resume_ladder
+    from .config import Config, _read_yaml, apply_override
+    from .ladder import (create_ladder, default_methods, format_table, ladder_dir, list_ladders, parse_methods,
+                         resume_ladder)
     from .store import RunStore
 
     home = RunStore().home
@@ -332,15 +353,14 @@ def _ladder(args: argparse.Namespace) -> int:
         if not args.config:
             raise WorkbenchError("ladder needs a config file: workbench ladder CONFIG --methods lora,full "
                                  "(or --resume LADDER)")
-        methods = parse_methods(args.methods)
         raw = _read_yaml(Path(args.config))
+        in_file = "learning_rate" in (raw.get("train") or {})
         for item in args.overrides:
             apply_override(raw, item)
         config = Config.from_dict(raw)
-        rates: dict[str, float] = {}
+        methods = parse_methods(args.methods if args.methods is not None else default_methods(config, home))
+        rates = ladder_rates(config, methods, in_file, args.overrides)
         models: dict[str, str] = {}
-        if "learning_rate" in (raw.get("train") or {}):  # the config's own rate, for every trained rung
-            rates = {m: config.train.learning_rate for m in methods if m not in ZERO_SHOT_METHODS}
         for flag, target, kind in ((args.lr, rates, float), (args.models, models, str)):
             for item in flag:
                 method, sep, value = item.partition("=")

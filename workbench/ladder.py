@@ -40,6 +40,8 @@ from .errors import WorkbenchError
 from .store import FINAL_STATUSES, RunStore, _pid_alive
 
 DEFAULT_METHODS = ("zero-shot-embedding", "head-only", "lora", "qlora", "ia3", "adalora", "prompt-tuning", "full")
+# a causal LM classifies by scoring label tokens: no head to train alone; its zero-shot rung is the prompt
+CAUSAL_LM_METHODS = ("zero-shot-prompt", "lora", "qlora", "ia3", "adalora", "prompt-tuning", "full")
 DEFAULT_LEARNING_RATES: dict[str, float] = {
     "full": 5e-5, "head-only": 2e-3, "lora": 1e-3, "qlora": 1e-3, "adalora": 1e-3, "ia3": 3e-3,
     "prompt-tuning": 3e-2, "prefix-tuning": 1e-2,
@@ -109,6 +111,21 @@ def list_ladders(home: str | Path | None = None) -> list[dict[str, Any]]:
 
 # --- planning --------------------------------------------------------------------------------------
 
+def default_methods(config: Config, home: str | Path | None = None) -> tuple[str, ...]:
+    """The ladder a model gets when none is named: the encoder ladder, or the causal-LM one."""
+    return CAUSAL_LM_METHODS if _is_causal(config, RunStore(home).home) else DEFAULT_METHODS
+
+
+def _is_causal(config: Config, home: Path) -> bool:
+    """Whether the config's model is a causal LM (its config file only; no weights are read)."""
+    from .catalog import resolve_model
+    from .methods import load_config
+    from .zeroshot import is_causal_lm
+
+    return is_causal_lm(load_config(resolve_model(config.model, home, config.trust_remote_code),
+                                    config.trust_remote_code))
+
+
 def parse_methods(methods: str | list[str] | tuple[str, ...]) -> list[str]:
     """A comma-separated string or a list of method names, checked: known, no repeats, at least one."""
     names = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else [str(m).strip() for m in methods]
@@ -134,12 +151,7 @@ def _model_for(method: str, config: Config, models: dict[str, str], home: Path) 
         return models[method]
     if method not in ZERO_SHOT_METHODS:
         return config.model
-    from .catalog import resolve_model
-    from .methods import load_config
-    from .zeroshot import is_causal_lm
-
-    causal = is_causal_lm(load_config(resolve_model(config.model, home, config.trust_remote_code),
-                                      config.trust_remote_code))
+    causal = _is_causal(config, home)
     fits = causal if method == "zero-shot-prompt" else not causal
     return config.model if fits else ZERO_SHOT_MODELS[method]
 
