@@ -40,6 +40,18 @@ def test_a_run_whose_process_died_is_reported_failed(store):
     assert record["status"] == "failed" and "exited unexpectedly" in record["error"]
 
 
+def test_a_launched_run_whose_process_never_started_is_failed_not_queued_forever(tmp_path, tiny_config,
+                                                                                    monkeypatch):
+    """A queued run holds the dashboard's one training slot: a launch that died before it started must free it."""
+    monkeypatch.setattr(sys, "executable", shutil.which("false"))  # the child exits 1 at once
+    handle = launch(tiny_config(), home=tmp_path / "home")
+    record = handle.wait(timeout=30)
+    assert record["status"] == "failed" and "exited before it started" in record["error"]
+    assert "log.txt" in record["error"]
+    queued = handle.store.create_run({"model": "m"})  # queued in this process, nothing launched: stays queued
+    assert handle.store.get(queued)["status"] == "queued"
+
+
 def test_id_prefix_and_latest(store):
     a = store.create_run({"model": "a"})
     time.sleep(0.01)

@@ -85,6 +85,7 @@ def launch(config: Config, home: str | Path | None = None, resume_id: str | None
         start_new_session=True,  # the caller's working directory: relative data/model paths mean the same
     )
     log.close()
+    store.set_pid(run_id, process.pid)
     return RunHandle(run_id, store, process)
 
 

@@ -127,6 +127,11 @@ class RunStore:
             )
         return run_id
 
+    def set_pid(self, run_id: str, pid: int) -> None:
+        """The process launched for a queued run: if it dies before it marks the run running, readers see why."""
+        with self._connect() as db:
+            db.execute("UPDATE runs SET pid=? WHERE id=? AND status='queued'", (pid, run_id))
+
     def mark_running(self, run_id: str, pid: int | None = None) -> None:
         with self._connect() as db:
             db.execute(
@@ -249,6 +254,11 @@ class RunStore:
         if status == "running" and not _pid_alive(row["pid"]):
             # the process died without a word (killed, out of memory): say so, once
             status, error = "failed", "the training process exited unexpectedly (killed or out of memory)"
+            self.finish(row["id"], status, error=error)
+        elif status == "queued" and row["pid"] and not _pid_alive(row["pid"]):
+            # launched, but gone before it started: without this the run would hold the machine's one slot forever
+            status = "failed"
+            error = f"the training process exited before it started: see {self.run_dir(row['id']) / 'log.txt'}"
             self.finish(row["id"], status, error=error)
         info = json.loads(row["info"]) if row["info"] else {}
         return {
