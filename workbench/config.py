@@ -29,6 +29,7 @@ ZERO_SHOT_METHODS = ("zero-shot-embedding", "zero-shot-prompt")  # no training: 
 TRAINING_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m not in ZERO_SHOT_METHODS)
 CHAT_METHODS = ("full", "lora", "qlora")  # what task: chat trains (a causal LM, loss on the answers)
 CHAT_COLUMNS = ("prompt_column", "answer_column", "messages_column")
+LANGUAGE_FIELDS = ("source_lang", "target_lang")  # task seq2seq: the language codes of M2M-100, NLLB, mBART
 GENERATION_TASKS = ("chat", "seq2seq")  # trained by workbench.chat.train_generation; the chat section applies
 
 
@@ -56,11 +57,18 @@ class DataConfig:
     messages_column: str | None = field(default=None, metadata={
         "help": "task chat: a column of OpenAI-style message lists [{role, content}, ...] instead of "
                 "prompt/answer columns; detected ('messages')"})
+    source_lang: str | None = field(default=None, metadata={
+        "help": "task seq2seq: the source language code of a model that marks languages (M2M-100: en, NLLB: "
+                "eng_Latn, mBART-50: en_XX); taken from the column names when they are codes (en, de)"})
+    target_lang: str | None = field(default=None, metadata={
+        "help": "task seq2seq: the target language code (M2M-100: de, NLLB: deu_Latn, mBART-50: de_DE); the "
+                "first generated token is forced to it"})
 
     def __post_init__(self) -> None:
         self._check_caps()
         self._check_eval_fraction()
         self._check_chat_columns()
+        self._check_languages()
 
     def _check_caps(self) -> None:
         for name in ("max_train_samples", "max_eval_samples"):
@@ -80,6 +88,15 @@ class DataConfig:
         if self.messages_column and (self.prompt_column or self.answer_column):
             _fail("data", "messages_column", self.messages_column,
                   "either a messages column or prompt/answer columns, not both: leave one out")
+
+    def _check_languages(self) -> None:
+        for name in LANGUAGE_FIELDS:
+            value = getattr(self, name)
+            if value is not None and (not value.strip() or value != value.strip()):
+                _fail("data", name, value, "a language code such as en, eng_Latn or en_XX, or leave it out")
+        if (self.source_lang is None) != (self.target_lang is None):
+            missing, given = ("target_lang", "source_lang") if self.target_lang is None else LANGUAGE_FIELDS
+            _fail("data", missing, None, f"a language code too, since data.{given} is set: set both, or neither")
 
 
 @dataclass
@@ -316,6 +333,15 @@ class Config:
 
     def __post_init__(self) -> None:
         self._check_task()
+        self._check_languages()
+
+    def _check_languages(self) -> None:
+        if self.task == "seq2seq":
+            return
+        for name in LANGUAGE_FIELDS:
+            if getattr(self.data, name) is not None:
+                _fail("data", name, getattr(self.data, name),
+                      f"nothing for task: {self.task}; language codes belong to task: seq2seq")
 
     def _check_task(self) -> None:
         """Settings that belong to one task are refused in the other, never silently ignored."""

@@ -16,9 +16,17 @@ It is the chat loop (`workbench.chat.train_generation`) with other pieces, gathe
   of them are logged as samples. Early stopping and the best checkpoint follow the held-out loss.
 - Methods: full, lora and qlora; adapters on every linear layer but the output layer (`auto`), or named
   ones (T5: [q, v]).
-
-M2M-100 and mBART need source and target language codes on the tokenizer and a forced first token when
-generating: not configured here (the tokenizer's defaults are used).
+- Languages: M2M-100, NLLB and mBART mark the source and the target with language tokens. Their codes come from
+  data.source_lang / data.target_lang, else from the column names when both are codes (en, de), and are
+  matched to the tokenizer's own codes (M2M-100 de, the token __de__; NLLB deu_Latn; mBART-50 de_DE, which
+  a bare de also finds). They are set as the tokenizer's src_lang / tgt_lang, so sources carry the source
+  token and labels the target token, and every generation (evaluation outputs, samples, predict) is forced to
+  start with the target token (forced_bos_token_id) when the labels start with it (M2M-100, NLLB, mBART-50;
+  mBART-cc25 ends its labels with it and starts decoding from it: nothing is forced). Such a model without
+  codes, or with codes it does not know, is refused in preflight with the fields to set. Marian and T5 take
+  no codes (setting them is refused).
+- Tokenizers: Marian and M2M-100 need sentencepiece (a dependency); a tokenizer that needs a missing package
+  fails with one line naming it and its pip command.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ SOURCE_NAMES = ("source", "src", "input", "source_text", "text", "document", "ar
 TARGET_NAMES = ("target", "tgt", "output", "target_text", "translation", "summary", "reference", "label")
 LANGUAGE_CODE = re.compile(r"[a-z]{2,3}([_-][a-zA-Z]{2,4})?")  # en, de, pt_br, zh-Hans
 NOT_LANGUAGES = ("id", "idx", "ids", "key", "row")  # row numbers, not Indonesian (id)
+PIP_NAMES = {"google": "protobuf"}  # import names whose pip package is named otherwise
 
 
 # --- data -------------------------------------------------------------------------------------------
@@ -128,6 +137,7 @@ class Seq2SeqEncoder:
 
     def __init__(self, tokenizer: Any, max_length: int) -> None:
         self.tokenizer, self.max_length = tokenizer, max_length
+        self.forced_bos_token_id = target_language_id(tokenizer)  # None for Marian and T5
 
     def source_ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, truncation=True, max_length=self.max_length)["input_ids"])
@@ -138,7 +148,8 @@ class Seq2SeqEncoder:
         ids = self.source_ids(source)
         labels = list(self.tokenizer(text_target=target, truncation=True, max_length=self.max_length)["input_ids"])
         eos = self.tokenizer.eos_token_id
-        if labels and eos is not None and labels[-1] != eos:  # a model that never sees the end never stops
+        # a model that never sees the end never stops; mBART-cc25 ends targets with eos and then the language
+        if labels and eos is not None and eos not in labels[-2:]:
             labels = labels[: self.max_length - 1] + [eos]
         if not ids or not labels:
             return None
@@ -165,10 +176,116 @@ def target_tokens(labels: torch.Tensor) -> int:
     return int((labels != IGNORE_INDEX).sum())
 
 
+# --- language codes (M2M-100, NLLB, mBART) --------------------------------------------------------------
+
+def language_codes(tokenizer: Any) -> list[str] | None:
+    """The codes a tokenizer marks languages with (M2M-100 de, NLLB deu_Latn, mBART-50 de_DE); None: it has none."""
+    if not isinstance(getattr(type(tokenizer), "src_lang", None), property):  # Marian, T5: no language tokens
+        return None
+    codes = getattr(tokenizer, "lang_code_to_id", None)  # M2M-100, mBART
+    if codes:
+        return [str(c) for c in codes]
+    return [str(t) for t in getattr(tokenizer, "extra_special_tokens", None) or []]  # NLLB: its added codes
+
+
+def _language_id(tokenizer: Any, code: str) -> int:
+    """The id of the language token: M2M-100 asks get_lang_id ('de' is the token __de__), the others are tokens."""
+    if hasattr(tokenizer, "get_lang_id"):
+        return int(tokenizer.get_lang_id(code))
+    return int(tokenizer.convert_tokens_to_ids(code))
+
+
+def target_language_id(tokenizer: Any) -> int | None:
+    """The token generation must start with (forced_bos_token_id): the target language's, when the tokenizer
+    starts targets with it (M2M-100, NLLB, mBART-50; mBART-cc25 ends them with it); else None."""
+    if language_codes(tokenizer) is None or not getattr(tokenizer, "tgt_lang", None):
+        return None
+    token = _language_id(tokenizer, tokenizer.tgt_lang)
+    first = tokenizer(text_target="a")["input_ids"][:1]  # the labels learn what the decoder must start with
+    return token if first == [token] else None
+
+
+def match_language(code: str, codes: list[str]) -> str | None:
+    """The tokenizer's code for `code`: itself, or the one code that adds a region or script (de -> de_DE)."""
+    bare = code.strip().strip("_").replace("-", "_")  # __de__ (M2M-100's token) -> de, pt-BR -> pt_BR
+    exact = [c for c in codes if c.lower() == bare.lower()]
+    if exact:
+        return exact[0]
+    longer = [c for c in codes if c.lower().startswith(bare.lower() + "_")]
+    return longer[0] if len(longer) == 1 else None
+
+
+def _examples(codes: list[str]) -> str:
+    common = [c for c in codes if c.split("_")[0].lower() in ("en", "eng", "de", "deu", "fr", "fra")]
+    return ", ".join((common or codes)[:3])
+
+
+def language_pair(cfg: DataConfig, columns: dict[str, str] | None = None) -> tuple[tuple[str, str], str] | None:
+    """(source, target) codes and where they come from: data.source_lang/target_lang, else the column names
+    when both are language codes (en, de); None when neither. `columns` left out: read from data.source."""
+    if cfg.source_lang and cfg.target_lang:
+        return (cfg.source_lang, cfg.target_lang), "data.source_lang and data.target_lang"
+    if columns is None:
+        if cfg.prompt_column and cfg.answer_column:
+            columns = {"prompt": cfg.prompt_column, "answer": cfg.answer_column}
+        else:
+            from .data import load_table
+
+            columns = detect_seq2seq_columns([str(c) for c in load_table(cfg.source)[0].columns], cfg)
+    pair = columns["prompt"], columns["answer"]
+    if all(LANGUAGE_CODE.fullmatch(c) and c not in NOT_LANGUAGES for c in pair):
+        return pair, "the data columns"
+    return None
+
+
+def set_languages(tokenizer: Any, config: Config, model_name: str,
+                  columns: dict[str, str] | None = None) -> tuple[str, str] | None:
+    """Set the tokenizer's src_lang/tgt_lang from the config or the columns; a one-line error when a model that
+    marks languages has no codes or does not know them, or a model that marks none is given some."""
+    codes = language_codes(tokenizer)
+    kind = type(tokenizer).__name__
+    if codes is None:
+        if config.data.source_lang:
+            raise WorkbenchError(f"data.source_lang = {config.data.source_lang!r} is not allowed: model "
+                                 f"{model_name!r} ({kind}) takes no language codes; leave data.source_lang and "
+                                 "data.target_lang out")
+        return None
+    found = language_pair(config.data, columns)
+    if found is None:
+        raise WorkbenchError(f"model {model_name!r} ({kind}) needs the source and target languages: set "
+                             f"data.source_lang and data.target_lang to its codes, e.g. {_examples(codes)}")
+    (source, target), origin = found
+    matched = []
+    for code in (source, target):
+        mine = match_language(code, codes)
+        if mine is None:
+            raise WorkbenchError(f"language {code!r} (from {origin}) is not a code of model {model_name!r} "
+                                 f"({kind}): set data.source_lang and data.target_lang to its codes, e.g. "
+                                 f"{_examples(codes)}")
+        matched.append(mine)
+    tokenizer.src_lang, tokenizer.tgt_lang = matched  # the setter re-marks sources; targets read tgt_lang
+    return matched[0], matched[1]
+
+
 # --- the model --------------------------------------------------------------------------------------
 
-def check_seq2seq_model(config: Config, source: ModelSource) -> None:
-    """The checks that need no weights: an encoder-decoder, the context length, adapter targets, bitsandbytes."""
+def _load_tokenizer(config: Config, source: ModelSource) -> Any:
+    """The model's tokenizer; a missing package (sentencepiece for Marian and M2M-100) is one line with its pip."""
+    from .methods import load_tokenizer
+
+    try:
+        return load_tokenizer(source, config.trust_remote_code)
+    except ImportError as exc:
+        named = re.search(r"requires the (\S+) library", str(exc))  # transformers' own message
+        module = named.group(1) if named else (getattr(exc, "name", None) or "").split(".")[0]
+        package = PIP_NAMES.get(module.lower(), module.lower()) or "the package it names"
+        raise WorkbenchError(f"model {source.name!r} needs the {package} package for its tokenizer: "
+                             f"pip install {package}") from None
+
+
+def check_seq2seq_model(config: Config, source: ModelSource, columns: dict[str, str] | None = None) -> Any:
+    """The checks that need no weights: an encoder-decoder, the context length, adapter targets, bitsandbytes,
+    the tokenizer and its language codes. Returns the tokenizer, languages set."""
     from transformers import AutoModelForSeq2SeqLM
 
     from .methods import _check_context, load_config, resolve_targets
@@ -188,19 +305,22 @@ def check_seq2seq_model(config: Config, source: ModelSource) -> None:
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise WorkbenchError("method qlora needs bitsandbytes: pip install bitsandbytes") from None
+    tokenizer = _load_tokenizer(config, source)
+    set_languages(tokenizer, config, source.name, columns)
+    return tokenizer
 
 
-def build_seq2seq_model(config: Config, source: ModelSource) -> ChatModel:
-    """Load the encoder-decoder and apply full, lora or qlora (adapters on every linear layer but the output)."""
+def build_seq2seq_model(config: Config, source: ModelSource, columns: dict[str, str] | None = None) -> ChatModel:
+    """Load the encoder-decoder and apply full, lora or qlora (adapters on every linear layer but the output).
+    `columns`: the run's source and target columns, for language codes named by them (else read from the data)."""
     from transformers import AutoModelForSeq2SeqLM
 
-    from .methods import (_bnb_config, count_parameters, disable_bnb_inference_repack, load_kwargs, load_tokenizer,
+    from .methods import (_bnb_config, count_parameters, disable_bnb_inference_repack, load_kwargs,
                           quiet_libraries, resolve_targets)
 
     quiet_libraries()
-    check_seq2seq_model(config, source)
+    tokenizer = check_seq2seq_model(config, source, columns)
     method = config.method
-    tokenizer = load_tokenizer(source, config.trust_remote_code)
     kwargs = load_kwargs(source, config.trust_remote_code)
     kwargs["dtype"] = torch.float32
     if method.name == "qlora":
@@ -215,6 +335,9 @@ def build_seq2seq_model(config: Config, source: ModelSource) -> ChatModel:
         model.config.pad_token_id = tokenizer.pad_token_id
     if model.config.decoder_start_token_id is None:  # T5's convention: the decoder starts from the pad token
         model.config.decoder_start_token_id = model.config.pad_token_id
+    forced = target_language_id(tokenizer)
+    if forced is not None:  # M2M-100, NLLB, mBART: any generate() starts with the target language
+        model.generation_config.forced_bos_token_id = forced
     output = _output_module(model)
     targets: list[str] = []
     if method.name == "full":
@@ -251,9 +374,11 @@ def translate(model: torch.nn.Module, encoder: Seq2SeqEncoder, sources: list[str
             chunk = order[start: start + batch_size]
             batch = collate_seq2seq([{"input_ids": encoded[i], "labels": [0]} for i in chunk],
                                     list(range(len(chunk))), pad_id)
+            forced = ({"forced_bos_token_id": encoder.forced_bos_token_id}
+                      if encoder.forced_bos_token_id is not None else {})  # the target language comes first
             generated = model.generate(input_ids=batch["input_ids"].to(device),
                                        attention_mask=batch["attention_mask"].to(device), num_beams=1,
-                                       **generation_kwargs(tokenizer, max_new_tokens))
+                                       **generation_kwargs(tokenizer, max_new_tokens), **forced)
             for i, text in zip(chunk, tokenizer.batch_decode(generated, skip_special_tokens=True)):
                 out[i] = text.strip()
     finally:
@@ -320,7 +445,8 @@ def load_seq2seq_predictor(record: dict[str, Any], home: Path) -> Seq2SeqPredict
                              "wait until it completes an evaluation, or pick another run")
     config = Config.from_dict(record["config"])
     set_seed(config.train.seed)
-    built = build_seq2seq_model(config, resolve_model(config.model, home, config.trust_remote_code))
+    built = build_seq2seq_model(config, resolve_model(config.model, home, config.trust_remote_code),
+                                record.get("info", {}).get("data_columns") or None)
     load_trainable_state(built.model, load_file(str(model_dir / "trainable.safetensors")))
     return Seq2SeqPredictor(built.model, built.tokenizer, config.train.max_length, config.chat.max_new_tokens,
                             record["id"])
