@@ -246,22 +246,32 @@ def test_registered_extra_method_is_offered_but_not_configurable(
     assert "core does not know it" in panel._error_html.value
 
 
-@pytest.mark.skipif("zero-shot-prompt" not in METHODS, reason="the core has no zero-shot methods")
-def test_zero_shot_methods_keep_their_options_through_the_panel(panel: Any) -> None:
-    """The zero-shot methods have no sub-panel of their own: the fallback shows, and the options of a
-    loaded config (no control here) come back from to_config while that method is chosen."""
+def test_zero_shot_methods_have_their_own_controls_and_round_trip(panel: Any) -> None:
+    """Label text for the embedding baseline; scoring, k examples and calibration for the prompt one. The
+    prompt's options go back to neutral for other methods (the core refuses them there)."""
     from widgets import MethodPanel
 
-    for name in ("zero-shot-embedding", "zero-shot-prompt"):
-        panel._method.value = name
-        assert "Nothing trains" in panel._body.children[0].value and panel.estimate is None
-        assert panel.to_config() == MethodConfig(name=name)
+    panel._method.value = "zero-shot-embedding"
+    body = panel._body.children[0]
+    assert "Nothing trains" in body.children[0].value and panel.estimate is None
+    assert panel.to_config() == MethodConfig(name="zero-shot-embedding")
+    body.children[1].children[0].value = "News about {label}."  # the label text box
+    assert panel.to_config().label_template == "News about {label}."
 
-    cfg = MethodConfig(name="zero-shot-prompt", few_shot_k=5, prompt_scoring="sum", label_template="{label}")
+    panel._method.value = "zero-shot-prompt"
+    scoring, shots = panel._body.children[0].children[1].children
+    calibrate = panel._body.children[0].children[2]
+    scoring.value, shots.value, calibrate.value = "first", 3, True
+    cfg = panel.to_config()
+    assert (cfg.prompt_scoring, cfg.few_shot_k, cfg.prompt_calibration) == ("first", 3, True)
+    panel.method = "lora"  # the prompt-only options are refused for lora by the core: neutral here
+    assert (panel.to_config().few_shot_k, panel.to_config().prompt_calibration) == (0, False)
+
     fresh = MethodPanel(home=panel.home, background=False, model=panel.model)
     fresh.from_config(cfg)
-    assert fresh.to_config() == cfg
-    fresh.method = "lora"  # few_shot_k belongs to zero-shot-prompt: lora gets the default
-    assert fresh.to_config() == MethodConfig(name="lora")
-    fresh.method = "zero-shot-prompt"
-    assert fresh.to_config() == cfg
+    assert fresh.to_config() == cfg and fresh.few_shot_k == 3 and fresh.prompt_calibration is True
+    panel.label_template = "no placeholder"
+    panel.method = "zero-shot-embedding"
+    with pytest.raises(WorkbenchError, match="label_template"):
+        panel.to_config()
+    assert "label_template" in panel._error_html.value

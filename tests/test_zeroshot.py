@@ -205,6 +205,41 @@ def test_prompt_zero_shot_few_shot_on_tiny_llama_is_a_completed_run(tiny_config,
     assert record["info"]["trainable_params"] == 0 and record["metrics"]["accuracy"] is not None
 
 
+def test_calibration_divides_out_the_prompts_label_prior():
+    from workbench.zeroshot import calibrate
+
+    # the prompt alone favours label 0 (0.8 vs 0.2); a text with p = (0.6, 0.4) is really evidence for label 1
+    free = np.log(np.array([[0.8, 0.2], [0.8, 0.2]]))
+    scores = np.log(np.array([[0.6, 0.4], [0.95, 0.05]])) + 3.0  # any offset: scores are log-probabilities
+    calibrated, prior = calibrate(scores, free)
+    np.testing.assert_allclose(prior, [0.8, 0.2])
+    assert calibrated.argmax(1).tolist() == [1, 0] and scores.argmax(1).tolist() == [0, 0]
+    probs = np.exp(calibrated) / np.exp(calibrated).sum(1, keepdims=True)
+    np.testing.assert_allclose(probs[0], np.array([0.6 / 0.8, 0.4 / 0.2]) / (0.6 / 0.8 + 0.4 / 0.2))
+
+
+def test_calibrated_prompt_run_records_its_prior_and_changes_only_the_bias(tiny_config, store, tiny_llama_dir):
+    from workbench.trainer import train
+
+    base = {"name": "zero-shot-prompt", "prompt_scoring": "sum"}
+    plain = train(tiny_config(model=str(tiny_llama_dir), method=base), store=store)
+    calibrated = train(tiny_config(model=str(tiny_llama_dir), method={**base, "prompt_calibration": True}),
+                       store=store)
+    assert calibrated["status"] == "completed", calibrated["error"]
+    info = calibrated["info"]["zero_shot"]["calibration"]
+    assert info["content_free"] == ["N/A", "", "[MASK]"] and set(info["label_prior"]) == {"neg", "pos"}
+    assert abs(sum(info["label_prior"].values()) - 1) < 1e-3 and plain["info"]["zero_shot"]["calibration"] is None
+    rows = [json.loads(Path(r["metrics"]["predictions_file"]).read_text())["rows"] for r in (plain, calibrated)]
+    prior = np.array([info["label_prior"]["neg"], info["label_prior"]["pos"]])
+    def probs(row: dict) -> np.ndarray:  # two labels: the predicted one's confidence gives both
+        pos = row["confidence"] if row["predicted"] == "pos" else 1 - row["confidence"]
+        return np.array([1 - pos, pos])
+
+    for a, b in zip(*rows):  # per text: calibrated probabilities = plain ones / prior, renormalised
+        p = probs(a) / prior
+        np.testing.assert_allclose(p / p.sum(), probs(b), atol=2e-3)
+
+
 def test_a_stop_before_the_evaluation_ends_the_run_stopped(tiny_config, store):
     from workbench.trainer import train
 
@@ -231,6 +266,8 @@ def test_a_stop_before_the_evaluation_ends_the_run_stopped(tiny_config, store):
                                                        r"zero-shot-embedding"),
     ({"name": "zero-shot-prompt", "prompt_scoring": "max"}, r"method.prompt_scoring = 'max' is not allowed: "
                                                             r"expected one of 'sum', 'mean', 'first'"),
+    ({"name": "lora", "prompt_calibration": True}, r"method.prompt_calibration = True is not allowed: false for "
+                                                   r"lora; calibration is an option of zero-shot-prompt"),
 ])
 def test_bad_zero_shot_settings_name_the_field(fields, message):
     with pytest.raises(WorkbenchError, match=message):

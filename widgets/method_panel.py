@@ -166,6 +166,31 @@ def prefix_tuning_panel(panel: "MethodPanel") -> W.Widget:
                                         "attention layer; the model itself stays frozen.")
 
 
+def zero_shot_embedding_panel(panel: "MethodPanel") -> W.Widget:
+    text = W.Text(description="Label text", style=S.label_style(), layout=S.control_layout())
+    W.link((panel, "label_template"), (text, "value"))
+    return W.VBox([
+        _note("Nothing trains: each text is compared with a text per label (cosine of the encoder's mean-pooled "
+              "embeddings); {label} is replaced by each label's name. An encoder model (minilm-l6)."),
+        W.Box([text], layout=S.wrap_row()),
+    ], layout=S.full_width())
+
+
+def zero_shot_prompt_panel(panel: "MethodPanel") -> W.Widget:
+    scoring = W.Dropdown(options=["sum", "mean", "first"], description="Label score", style=S.label_style(),
+                         layout=S.control_layout())
+    shots = W.BoundedIntText(min=0, max=64, description="Examples (k)", style=S.label_style(),
+                             layout=S.control_layout())
+    W.link((panel, "prompt_scoring"), (scoring, "value"))
+    W.link((panel, "few_shot_k"), (shots, "value"))
+    return W.VBox([
+        _note("Nothing trains: a causal LM (smollm2-135m-instruct) is asked which label fits each text; only the "
+              "label tokens are scored. Examples (k): labelled training texts shown in the prompt first."),
+        W.Box([scoring, shots], layout=S.wrap_row()),
+        _check(panel, "prompt_calibration", "calibrate: divide out the label bias the prompt alone has"),
+    ], layout=S.full_width())
+
+
 @dataclasses.dataclass(frozen=True)
 class MethodEntry:
     """A registered method: its sub-panel builder, and whether the live estimate applies.
@@ -190,7 +215,10 @@ METHOD_PANELS: dict[str, MethodEntry] = {
     "ia3": MethodEntry(ia3_panel, estimate=True),
     "prompt-tuning": MethodEntry(prompt_tuning_panel, estimate=True),
     "prefix-tuning": MethodEntry(prefix_tuning_panel, estimate=True),
+    "zero-shot-embedding": MethodEntry(zero_shot_embedding_panel),
+    "zero-shot-prompt": MethodEntry(zero_shot_prompt_panel),
 }
+PROMPT_ONLY = {"few_shot_k": 0, "prompt_calibration": False}  # zero-shot-prompt options: neutral elsewhere
 NO_SETTINGS = MethodEntry(no_settings_panel, estimate=False)
 LORA_VARIANT_METHODS = ("lora", "qlora")  # the methods that take use_rslora / use_dora
 ALL_LINEAR_DIFFERS = ("ia3",)  # where 'all-linear' is not the same layers as 'auto'
@@ -241,6 +269,10 @@ class MethodPanel(W.VBox):
     quant_type = T.Enum(("nf4", "fp4"), default_value="nf4")
     double_quant = T.Bool(True)
     compute_dtype = T.Enum(("float32", "bfloat16"), default_value="float32")
+    label_template = T.Unicode(MethodConfig.label_template, help="zero-shot-embedding")
+    prompt_scoring = T.Enum(("sum", "mean", "first"), default_value="sum", help="zero-shot-prompt")
+    few_shot_k = T.Int(0, min=0, help="zero-shot-prompt")
+    prompt_calibration = T.Bool(False, help="zero-shot-prompt")
 
     model = T.Unicode(DEFAULT_MODEL, help="followed from ModelPicker.value")
     trust_remote_code = T.Bool(False)
@@ -450,6 +482,8 @@ class MethodPanel(W.VBox):
                 values["target_modules"] = (list(self.target_modules) if uses_targets else []) or self._auto_targets()
             elif f.name in ("use_rslora", "use_dora"):
                 values[f.name] = getattr(self, f.name) and name in LORA_VARIANT_METHODS
+            elif f.name in PROMPT_ONLY and name != "zero-shot-prompt":
+                values[f.name] = PROMPT_ONLY[f.name]
             elif self.has_trait(f.name):
                 values[f.name] = getattr(self, f.name)
             elif self._loaded[0] == name and f.name in self._loaded[1]:

@@ -142,6 +142,10 @@ class MethodConfig:
     few_shot_k: int = field(default=0, metadata={
         "help": "zero-shot-prompt: labelled training examples shown in the prompt (0 = zero-shot), "
                 "drawn with train.seed, labels taken in turn"})
+    prompt_calibration: bool = field(default=False, metadata={
+        "help": "zero-shot-prompt: contextual calibration (Zhao et al. 2021): the label scores of content-free "
+                "inputs ('N/A', '', '[MASK]') in the same prompt estimate the prompt's own bias, which is "
+                "divided out of every prediction"})
 
     def __post_init__(self) -> None:
         self._check_rank()
@@ -207,6 +211,9 @@ class MethodConfig:
         if self.few_shot_k and self.name != "zero-shot-prompt":
             _fail("method", "few_shot_k", self.few_shot_k,
                   f"0 for {self.name}; examples in the prompt are an option of zero-shot-prompt")
+        if self.prompt_calibration and self.name != "zero-shot-prompt":
+            _fail("method", "prompt_calibration", self.prompt_calibration,
+                  f"false for {self.name}; calibration is an option of zero-shot-prompt")
 
     @property
     def is_zero_shot(self) -> bool:

@@ -14,7 +14,8 @@
   (100 eval articles, SmolLM2-135M) mean predicted "politics" for 94 of them (accuracy 0.21), sum and
   first reached 0.34. The probabilities are the softmax of the label scores (renormalised over the labels).
   `method.few_shot_k` > 0 puts k labelled training examples (drawn with train.seed, labels taken in
-  turn) in the prompt as earlier turns.
+  turn) in the prompt as earlier turns. `method.prompt_calibration` divides out the label prior the prompt
+  gives content-free inputs ("N/A", "", "[MASK]": contextual calibration, Zhao et al. 2021).
   The text in a prompt is cut to train.max_length tokens; the prompt itself is longer.
 
 Memory stays flat: prompts run in batches of train.eval_batch_size, left-padded, and only the last
@@ -259,6 +260,25 @@ def score_labels(model: torch.nn.Module, prompts: list[list[int]], continuations
     return scores
 
 
+CONTENT_FREE = ["N/A", "", "[MASK]"]  # Zhao et al. 2021, "Calibrate Before Use"
+
+
+def calibrate(scores: np.ndarray, content_free: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Contextual calibration: (calibrated scores, the prompt's label prior).
+
+    The label distribution the prompt gives content-free inputs (softmax over labels of their scores,
+    averaged) is the prompt's bias; calibrated score = log p(label | text) - log prior(label), i.e.
+    p(label | text) / prior(label) renormalised: a label the prompt favours whatever the text says loses
+    that advantage.
+    """
+    def log_softmax(x: np.ndarray) -> np.ndarray:
+        x = x - x.max(axis=1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+
+    prior = np.exp(log_softmax(content_free)).mean(axis=0)
+    return log_softmax(scores) - np.log(prior), prior
+
+
 def few_shot_indices(train_labels: list[int], k: int, seed: int) -> list[int]:
     """k training rows for the prompt: labels taken in turn (each label once before any twice), seeded."""
     rng = random.Random(seed)
@@ -409,8 +429,16 @@ def _evaluate_prompt(config: Config, source: ModelSource, split: Split,
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     scores = score_labels(model, prompts, continuations, method.prompt_scoring,
                           config.train.effective_eval_batch_size, pad, should_stop)
+    bias = None
+    if method.prompt_calibration:
+        free = score_labels(model, [builder.prompt_ids(t) for t in CONTENT_FREE], continuations,
+                            method.prompt_scoring, len(CONTENT_FREE), pad, should_stop)
+        scores, bias = calibrate(scores, free)
     details = {"kind": "prompt", "prompt_format": "chat" if builder.chat else "plain",
                "scoring": method.prompt_scoring, "few_shot_k": method.few_shot_k, "few_shot_rows": shots,
+               "calibration": None if bias is None else {
+                   "content_free": CONTENT_FREE,
+                   "label_prior": {y: round(float(b), 4) for y, b in zip(split.labels, bias)}},
                "label_tokens": {y: len(c) for y, c in zip(split.labels, continuations)},
                "probabilities": "softmax of the label scores (renormalised over the labels)",
                "prompt_tokens_max": max(len(p) for p in prompts),
