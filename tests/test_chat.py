@@ -417,6 +417,44 @@ def test_predict_and_stream_answer_with_the_tuned_model(chat_config, store):
     assert predictor.answer(samples[0]["question"]) == samples[0]["answer"], "predict rebuilds the evaluated model"
 
 
+def test_system_prompt_goes_first_in_training_evaluation_and_answers(chat_config, store, monkeypatch):
+    import workbench.chat as chat
+    from workbench.predict import load_predictor
+
+    system = "the colour bot answers"
+    seen: dict[str, list] = {}
+    real = chat.encode_all
+
+    def spy(encoder, convs, what):
+        seen[what] = convs
+        return real(encoder, convs, what)
+
+    monkeypatch.setattr(chat, "encode_all", spy)
+    record = train(chat_config(train={"epochs": 1}, chat={"system_prompt": system}), store=store)
+    assert record["status"] == "completed", record["error"]
+    for what in ("training", "held-out"):
+        assert seen[what] and all(c[0] == {"role": "system", "content": system} for c in seen[what])
+        assert all(sum(t["role"] == "system" for t in c) == 1 for c in seen[what])
+    predictor = load_predictor(record["id"], home=store.home)
+    assert predictor.system_prompt == system
+    asked = chat._as_messages("what colour is the sky 1 ?", predictor.system_prompt)
+    assert asked[0] == {"role": "system", "content": system} and asked[1]["role"] == "user"
+    own = [{"role": "system", "content": "another"}, {"role": "user", "content": "hi"}]
+    assert chat.with_system_prompt(own, system) == own  # a conversation's own system turn wins
+
+
+@pytest.mark.parametrize("raw, match", [
+    ({"task": "chat", "chat": {"system_prompt": "  "}}, r"chat.system_prompt = '  ' is not allowed: some text"),
+    ({"task": "seq2seq", "chat": {"system_prompt": "be brief"}}, r"chat.system_prompt = 'be brief' is not "
+                                                                 r"allowed: left out for task: seq2seq"),
+    ({"chat": {"system_prompt": "be brief"}}, r"chat.system_prompt = 'be brief' is not allowed: the default for "
+                                              r"task: text-classification"),
+])
+def test_bad_system_prompt_names_the_field(raw, match):
+    with pytest.raises(WorkbenchError, match=match):
+        Config.from_dict({**raw, "method": {"name": "lora"}})
+
+
 # --- the CLI -----------------------------------------------------------------------------------------
 
 def _cli(capsys, home, *argv):

@@ -682,6 +682,9 @@ def train_generation(config: Config, store: RunStore | None = None, run_id: str 
         task = generation_task(config.task)
         set_seed(config.train.seed)
         data = task.load_data(config.data, config.train.seed)
+        if config.chat.system_prompt:
+            data.train = [with_system_prompt(c, config.chat.system_prompt) for c in data.train]
+            data.eval = [with_system_prompt(c, config.chat.system_prompt) for c in data.eval]
         source = resolve_model(config.model, store.home, config.trust_remote_code)
         _check_batch_fits(config, data, accelerator.num_processes)
         set_seed(config.train.seed)  # adapters start the same whatever the data loading did
@@ -952,16 +955,17 @@ class ChatPredictor:
     task = "chat"
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, max_length: int, max_new_tokens: int,
-                 run_id: str = "") -> None:
+                 run_id: str = "", system_prompt: str | None = None) -> None:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.encoder = ChatEncoder(tokenizer, max_length)
         self.max_new_tokens, self.run_id = max_new_tokens, run_id
+        self.system_prompt = system_prompt  # the run's chat.system_prompt: asked as it was trained
         self._lock = threading.Lock()  # one generation at a time on this model
 
     def answer(self, question: str | Conversation, max_new_tokens: int | None = None) -> str:
         """The greedy answer to a question (or to a conversation ending with a user turn)."""
         with self._lock:
-            return generate_answer(self.model, self.encoder, _as_messages(question),
+            return generate_answer(self.model, self.encoder, _as_messages(question, self.system_prompt),
                                    max_new_tokens or self.max_new_tokens)
 
     def predict(self, texts: str | list[str], batch_size: int = 1) -> list[dict[str, Any]]:
@@ -974,7 +978,7 @@ class ChatPredictor:
         """Pieces of the greedy answer as they are generated (generation runs on its own thread)."""
         from transformers import StoppingCriteriaList, TextIteratorStreamer
 
-        messages = _as_messages(question)
+        messages = _as_messages(question, self.system_prompt)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
         stop = stop or threading.Event()
         failure: list[BaseException] = []
@@ -998,12 +1002,20 @@ class ChatPredictor:
             raise failure[0]
 
 
-def _as_messages(question: str | Conversation) -> Conversation:
+def with_system_prompt(conv: Conversation, system_prompt: str | None) -> Conversation:
+    """The conversation with `system_prompt` as its first turn, unless it has a system turn of its own."""
+    if not system_prompt or any(t["role"] == "system" for t in conv):
+        return conv
+    return [{"role": "system", "content": system_prompt}, *conv]
+
+
+def _as_messages(question: str | Conversation, system_prompt: str | None = None) -> Conversation:
     if isinstance(question, str):
         if not question.strip():
             raise WorkbenchError("type a question to answer")
-        return [{"role": "user", "content": question}]
-    return check_messages(list(question) + [{"role": "assistant", "content": "-"}], "the conversation")[:-1]
+        return with_system_prompt([{"role": "user", "content": question}], system_prompt)
+    conv = check_messages(list(question) + [{"role": "assistant", "content": "-"}], "the conversation")[:-1]
+    return with_system_prompt(conv, system_prompt)
 
 
 def load_chat_predictor(record: dict[str, Any], home: Path) -> ChatPredictor:
@@ -1021,5 +1033,5 @@ def load_chat_predictor(record: dict[str, Any], home: Path) -> ChatPredictor:
     built = build_chat_model(config, resolve_model(config.model, home, config.trust_remote_code))
     load_trainable_state(built.model, load_file(str(model_dir / "trainable.safetensors")))
     return ChatPredictor(built.model, built.tokenizer, config.train.max_length, config.chat.max_new_tokens,
-                         record["id"])
+                         record["id"], config.chat.system_prompt)
 

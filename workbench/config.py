@@ -298,9 +298,15 @@ class ChatConfig:
                 "evaluation; 0 = none"})
     eval_at_start: bool = field(default=True, metadata={
         "help": "evaluate at step 0, before training: the base model's held-out loss and answers"})
+    system_prompt: str | None = field(default=None, metadata={
+        "help": "task chat: a system message put first in every conversation that has none (training, "
+                "held-out evaluation, predict and the playground), e.g. 'You are the support assistant of "
+                "Acme; answer in two sentences.' Unset: the chat template's own default, if any"})
 
     def __post_init__(self) -> None:
         self._check_generation()
+        if self.system_prompt is not None and not self.system_prompt.strip():
+            _fail("chat", "system_prompt", self.system_prompt, "some text, or leave it out")
 
     def _check_generation(self) -> None:
         if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
@@ -376,6 +382,9 @@ class Config:
                                                                 "section applies to tasks chat and seq2seq only")
 
     def _check_seq2seq(self) -> None:
+        if self.chat.system_prompt is not None:
+            _fail("chat", "system_prompt", self.chat.system_prompt,
+                  "left out for task: seq2seq (an encoder-decoder reads the source text alone)")
         if self.method.name not in CHAT_METHODS:
             _fail("method", "name", self.method.name,
                   f"one of {', '.join(CHAT_METHODS)} for task: seq2seq (an encoder-decoder tuned on the targets)")
