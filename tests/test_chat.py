@@ -417,6 +417,24 @@ def test_predict_and_stream_answer_with_the_tuned_model(chat_config, store):
     assert predictor.answer(samples[0]["question"]) == samples[0]["answer"], "predict rebuilds the evaluated model"
 
 
+def test_gradient_checkpointing_keeps_the_chat_losses(chat_config, store, monkeypatch):
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    import workbench.methods as methods
+
+    enabled = []
+    real = methods.enable_gradient_checkpointing
+    monkeypatch.setattr(methods, "enable_gradient_checkpointing", lambda model: (real(model), enabled.append(
+        sum(isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing for m in model.modules()))))
+    plain, checkpointed = Recorder(), Recorder()
+    train(chat_config(train={"epochs": 1}, method={"dropout": 0.1}), store=store, callbacks=[plain])
+    record = train(chat_config(train={"epochs": 1, "gradient_checkpointing": True}, method={"dropout": 0.1}),
+                   store=store, callbacks=[checkpointed])
+    assert record["status"] == "completed", record["error"]
+    assert enabled == [2], "the chat loop checkpoints both decoder layers of the tiny Llama"
+    assert len(plain.losses) > 2 and checkpointed.losses == pytest.approx(plain.losses, rel=1e-5)
+
+
 def test_system_prompt_goes_first_in_training_evaluation_and_answers(chat_config, store, monkeypatch):
     import workbench.chat as chat
     from workbench.predict import load_predictor

@@ -111,6 +111,36 @@ def test_accumulated_run_logs_the_same_loss_as_one_big_batch(tiny_config, store)
     assert b.losses == pytest.approx(a.losses, rel=1e-4), "accumulation must not scale the loss (TRAPS.md)"
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_gradient_checkpointing_recomputes_layers_and_keeps_the_losses(tiny_config, store, monkeypatch, method):
+    """Each checkpointed layer runs twice per training step (forward, then again in the backward), and the
+    losses are those of a plain run, dropout included (the recomputation replays the RNG state)."""
+    import workbench.trainer as trainer
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    calls = {"n": 0}
+    real = trainer.enable_gradient_checkpointing
+
+    def spy(model):
+        real(model)
+        for m in model.modules():
+            if isinstance(m, GradientCheckpointingLayer):  # its forward is checkpointed: hook a module inside
+                next(m.children()).register_forward_pre_hook(
+                    lambda module, args: calls.__setitem__("n", calls["n"] + 1) if module.training else None)
+
+    monkeypatch.setattr(trainer, "enable_gradient_checkpointing", spy)
+    base = {"method": {"name": method, "dropout": 0.1}, "train": {"epochs": 1, "learning_rate": 1e-3}}
+    plain, checkpointed = Recorder(), Recorder()
+    train(tiny_config(**base), store=store, callbacks=[plain])
+    assert calls["n"] == 0
+    cfg = tiny_config(method=base["method"], train={**base["train"], "gradient_checkpointing": True})
+    record = train(cfg, store=store, callbacks=[checkpointed])
+    assert record["status"] == "completed", record["error"]
+    layers = 2  # the tiny BERT of conftest
+    assert calls["n"] == 2 * layers * len(checkpointed.losses), "each layer: one forward and one recomputation"
+    assert checkpointed.losses == pytest.approx(plain.losses, rel=1e-5)
+
+
 def test_same_seed_same_metrics(tiny_config, store):
     cfg = tiny_config(method={"dropout": 0.1})
     r1, r2 = Recorder(), Recorder()

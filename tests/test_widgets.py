@@ -383,10 +383,17 @@ def test_train_panel_config_round_trip(home: Path) -> None:
     assert panel.to_config() == TrainConfig()
     cfg = TrainConfig(epochs=3, batch_size=8, learning_rate=0.05, warmup_ratio=0.2, gradient_accumulation=2,
                       max_length=64, eval_every=5, early_stopping_patience=0, seed=7, weight_decay=0.01,
-                      scheduler="cosine")
+                      scheduler="cosine", gradient_checkpointing=True)
     track = TrackConfig(wandb="disabled", tensorboard=False, project="p")
     panel.from_config(cfg, track)
+    assert panel.gradient_checkpointing is True
     assert panel.to_config() == cfg  # weight_decay and scheduler kept although they have no control
+    import ipywidgets as W
+
+    boxes = [w for w in panel.children[3].children if isinstance(w, W.Checkbox)]
+    boxes[1].value = False  # the checkbox drives the config
+    assert panel.to_config().gradient_checkpointing is False
+    boxes[1].value = True
     assert panel.to_track_config() == track
     assert panel.learning_rate == 0.05  # the log slider widened instead of clamping
     panel.max_length_limit = 32  # the model's context: cross-field rule

@@ -46,6 +46,7 @@ class TrainPanel(W.VBox):
     seed = T.Int(42, min=0, max=2**31 - 1)
     wandb = T.Enum(("offline", "online", "disabled"), default_value="offline")
     tensorboard = T.Bool(True)
+    gradient_checkpointing = T.Bool(False, help="less activation memory, slower steps (train.gradient_checkpointing)")
     run_name = T.Unicode("", help="a label for the run in lists and plots")
 
     run_id = T.Unicode("", help="the run this panel launched (or follows)")
@@ -89,6 +90,8 @@ class TrainPanel(W.VBox):
                                 style={"description_width": S.LABEL_WIDTH, "button_width": "auto"},
                                 layout=S.full_width())
         tensorboard = W.Checkbox(description="TensorBoard files", indent=False, layout=W.Layout(width="auto"))
+        checkpointing = W.Checkbox(description="gradient checkpointing (less memory, ~1/3 slower steps)",
+                                   indent=False, layout=W.Layout(width="auto"))
         name = W.Text(placeholder="optional", description="Run name", style=style, layout=cl())
         name.observe(self._on_name, names="value")
         hints = W.HTML(S.message("Eval every 0 = each epoch; early stop after N evaluations without "
@@ -107,7 +110,7 @@ class TrainPanel(W.VBox):
         super().__init__(children=[
             W.Box([epochs, batch, lr, warmup, accum, self._max_length, eval_every, patience, seed, name],
                   layout=S.wrap_row()),
-            hints, wandb, tensorboard, self._controls, self._bar, self._progress, self._error_html,
+            hints, wandb, W.Box([tensorboard, checkpointing], layout=S.wrap_row()), self._controls, self._bar, self._progress, self._error_html,
         ], **{"layout": S.full_width(), **kwargs})
         self._lr = lr
         self.observe(self._widen_lr_range, names="learning_rate")  # before the link: never clamp a config
@@ -115,7 +118,7 @@ class TrainPanel(W.VBox):
                                (warmup, "warmup_ratio"), (accum, "gradient_accumulation"),
                                (self._max_length, "max_length"), (eval_every, "eval_every"),
                                (patience, "early_stopping_patience"), (seed, "seed"), (wandb, "wandb"),
-                               (tensorboard, "tensorboard")):
+                               (tensorboard, "tensorboard"), (checkpointing, "gradient_checkpointing")):
             W.link((self, trait), (control, "value"))  # the trait is the source of truth
         self.observe(self._show_error, names="error")
         self.observe(self._show_progress, names=["status", "step", "max_steps", "epoch", "samples_per_second",
@@ -165,7 +168,8 @@ class TrainPanel(W.VBox):
                 self._base_train, epochs=self.epochs, batch_size=self.batch_size, learning_rate=self.learning_rate,
                 warmup_ratio=self.warmup_ratio, gradient_accumulation=self.gradient_accumulation,
                 max_length=self.max_length, eval_every=self.eval_every,
-                early_stopping_patience=self.early_stopping_patience, seed=self.seed)
+                early_stopping_patience=self.early_stopping_patience, seed=self.seed,
+                gradient_checkpointing=self.gradient_checkpointing)
         except WorkbenchError as exc:
             self.error = str(exc)
             raise
@@ -181,7 +185,7 @@ class TrainPanel(W.VBox):
             self._base_track = track
         with self.hold_trait_notifications():
             for trait in ("epochs", "batch_size", "learning_rate", "warmup_ratio", "gradient_accumulation",
-                          "eval_every", "early_stopping_patience", "seed"):
+                          "eval_every", "early_stopping_patience", "seed", "gradient_checkpointing"):
                 setattr(self, trait, getattr(cfg, trait))
             if self.max_length_limit is not None and cfg.max_length > self.max_length_limit:
                 self.max_length_limit = None  # the config's model may differ; its own check runs at Start

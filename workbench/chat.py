@@ -654,6 +654,7 @@ def train_generation(config: Config, store: RunStore | None = None, run_id: str 
     from accelerate.utils import broadcast_object_list
 
     from .kernels import use_fast_dropout
+    from .methods import enable_gradient_checkpointing
     from .trainer import (INTERNAL_ERROR, Progress, _install_sigterm, _log_traceback, _restore_sigterm,
                           _save_stop_checkpoint, _stop_everywhere, _sync_state, _timings, epoch_order,
                           latest_checkpoint, load_checkpoint, set_seed, shard_batches)
@@ -700,6 +701,8 @@ def train_generation(config: Config, store: RunStore | None = None, run_id: str 
         samples = sample_conversations(data.eval, config.chat.sample_prompts)
         if config.train.fast_dropout and accelerator.device.type == "cpu":
             undo_fast_dropout = use_fast_dropout(model)  # torch's bernoulli_ was a third of a CPU step
+        if config.train.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         accum = config.train.gradient_accumulation
         micro_per_epoch = len(shard_batches(list(range(len(train_enc))), config.train.batch_size,
                                             accelerator.process_index, accelerator.num_processes))

@@ -416,6 +416,24 @@ def after_optimizer_step(built: BuiltModel, step: int) -> None:
     model.base_model.update_and_allocate(step)
 
 
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """transformers' gradient checkpointing on the pretrained model inside (peft, LLM classifier wrappers).
+
+    Non-reentrant checkpoints: they need no input that requires grad (frozen embeddings under peft are
+    fine) and restore the RNG state, so a recomputed dropout mask is the one first drawn.
+    """
+    from transformers import PreTrainedModel
+
+    inner = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    if inner is None or not getattr(inner, "supports_gradient_checkpointing", False):
+        kind = type(inner or model).__name__
+        raise WorkbenchError(f"{kind} does not support gradient checkpointing: set train.gradient_checkpointing "
+                             "to false")
+    inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(inner.config, "use_cache", False):
+        inner.config.use_cache = False  # a cache is useless in training and clashes with recomputation
+
+
 def peft_model_of(model: nn.Module) -> nn.Module:
     """The model peft built: a causal-LM classifier holds it as `.lm`; otherwise the model itself."""
     from .llm_classifier import LLMClassifier

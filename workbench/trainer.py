@@ -31,7 +31,7 @@ from .config import GENERATION_TASKS, Config
 from .data import Split, prepare
 from .errors import StopRequested, WorkbenchError
 from .kernels import use_fast_dropout
-from .methods import BuiltModel, after_optimizer_step, build_model
+from .methods import BuiltModel, after_optimizer_step, build_model, enable_gradient_checkpointing
 from .metrics import classification_result
 from .store import RunStore
 
@@ -284,6 +284,8 @@ def train(config: Config, store: RunStore | None = None, run_id: str | None = No
         model, tokenizer = built.model, built.tokenizer
         if config.train.fast_dropout and accelerator.device.type == "cpu":
             undo_fast_dropout = use_fast_dropout(model)  # torch's bernoulli_ was a third of a CPU step
+        if config.train.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
 
         tokenize = lambda texts: built.encode(texts, config.train.max_length)  # prompts for an LLM classifier
         train_enc, eval_enc = tokenize(split.train_texts), tokenize(split.eval_texts)
