@@ -275,3 +275,29 @@ def test_zero_shot_methods_have_their_own_controls_and_round_trip(panel: Any) ->
     with pytest.raises(WorkbenchError, match="label_template"):
         panel.to_config()
     assert "label_template" in panel._error_html.value
+
+
+@pytest.mark.parametrize("method", ["full", "head-only", "lora", "qlora", "adalora", "ia3", "prompt-tuning",
+                                    "zero-shot-embedding"])
+def test_each_method_chosen_in_the_panel_trains_and_the_readout_is_what_trains(panel: Any, tiny_config: Any,
+                                                                               tmp_path: Path, method: str) -> None:
+    """A user picks the method in the dropdown, the run trains it, and the panel's live trainable-parameter
+    count is the run's own (zero-shot: nothing trains, no readout)."""
+    import dataclasses
+
+    from workbench import RunStore
+    from workbench.trainer import train
+
+    panel._method.value = method
+    if method in ("lora", "qlora", "adalora"):
+        control(panel, "Rank r" if method != "adalora" else "Average rank r").value = 4
+    panel.refresh()
+    config = dataclasses.replace(tiny_config(train={"epochs": 1, "batch_size": 12, "learning_rate": 5e-3}),
+                                 method=panel.to_config())
+    record = train(config, store=RunStore(tmp_path / "runs"))
+    assert record["status"] == "completed", record["error"]
+    assert record["config"]["method"]["name"] == method
+    if method == "zero-shot-embedding":
+        assert panel.estimate is None and record["info"]["trainable_params"] == 0
+    else:
+        assert record["info"]["trainable_params"] == panel.estimate["trainable_parameters"] > 0
