@@ -416,37 +416,51 @@ def build_chat_model(config: Config, source: ModelSource) -> ChatModel:
     """Load the causal LM and apply full, lora or qlora (adapters on every linear layer but the output)."""
     from transformers import AutoModelForCausalLM
 
-    from .methods import (_bnb_config, count_parameters, disable_bnb_inference_repack, load_kwargs, load_tokenizer,
-                          quiet_libraries, resolve_targets)
+    from .methods import load_tokenizer, quiet_libraries
 
     quiet_libraries()
     check_chat_model(config, source)
-    method = config.method
     tokenizer = load_tokenizer(source, config.trust_remote_code)
+    return load_generation_model(config, source, tokenizer, AutoModelForCausalLM, "CAUSAL_LM")
+
+
+def load_generation_model(config: Config, source: ModelSource, tokenizer: Any, auto_class: Any, task_type: str,
+                          prepare: Callable[[torch.nn.Module], None] | None = None) -> ChatModel:
+    """Load a generation model (`auto_class`: causal LM or seq2seq) and apply full, lora or qlora.
+
+    The one loader of both generation tasks: fp32 weights (qlora: a 4-bit backbone, the output layer in full
+    precision), the pad token set from the tokenizer, `prepare(model)` for what a task adds (the decoder
+    start, a forced first token), then adapters on every linear layer but the output (peft `task_type`).
+    """
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    from .methods import _bnb_config, count_parameters, disable_bnb_inference_repack, load_kwargs, resolve_targets
+
+    method = config.method
     kwargs = load_kwargs(source, config.trust_remote_code)
     kwargs["dtype"] = torch.float32
     if method.name == "qlora":
         kwargs["quantization_config"] = _bnb_config(method, ["lm_head"])  # the output layer stays full precision
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+        model = auto_class.from_pretrained(source.path, **kwargs)
     except OSError as exc:
         if source.origin == "hub":
             raise hub_error(source.name, exc) from None
         raise WorkbenchError(f"model {source.name!r} could not be loaded ({str(exc).splitlines()[0]})") from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if prepare is not None:
+        prepare(model)
     output = _output_module(model)
     targets: list[str] = []
     if method.name == "full":
         model.requires_grad_(True)
     else:
-        from peft import LoraConfig, TaskType, get_peft_model
-
         if method.name == "qlora":
             disable_bnb_inference_repack(model)  # TRAPS.md: else LoRA gradients vanish after an eval pass
         targets = resolve_targets(model, method, [output])
         model = get_peft_model(model, LoraConfig(
-            task_type=TaskType.CAUSAL_LM, r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout,
+            task_type=getattr(TaskType, task_type), r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout,
             target_modules=list(targets), use_rslora=method.use_rslora, use_dora=method.use_dora))
     trainable, total = count_parameters(model)
     return ChatModel(model, tokenizer, targets, trainable, total, output)

@@ -38,9 +38,9 @@ from typing import Any
 
 import torch
 
-from .catalog import DATASETS, ModelSource, hub_error, resolve_model
+from .catalog import DATASETS, ModelSource, resolve_model
 from .chat import (IGNORE_INDEX, SAMPLE_CHARS, ChatData, ChatModel, Conversation, GenerationTask, _cap, _output_module,
-                   _text, generation_kwargs, split_conversations)
+                   _text, generation_kwargs, load_generation_model, split_conversations)
 from .config import Config, DataConfig
 from .errors import WorkbenchError
 
@@ -315,44 +315,19 @@ def build_seq2seq_model(config: Config, source: ModelSource, columns: dict[str, 
     `columns`: the run's source and target columns, for language codes named by them (else read from the data)."""
     from transformers import AutoModelForSeq2SeqLM
 
-    from .methods import (_bnb_config, count_parameters, disable_bnb_inference_repack, load_kwargs,
-                          quiet_libraries, resolve_targets)
+    from .methods import quiet_libraries
 
     quiet_libraries()
     tokenizer = check_seq2seq_model(config, source, columns)
-    method = config.method
-    kwargs = load_kwargs(source, config.trust_remote_code)
-    kwargs["dtype"] = torch.float32
-    if method.name == "qlora":
-        kwargs["quantization_config"] = _bnb_config(method, ["lm_head"])
-    try:
-        model = AutoModelForSeq2SeqLM.from_pretrained(source.path, **kwargs)
-    except OSError as exc:
-        if source.origin == "hub":
-            raise hub_error(source.name, exc) from None
-        raise WorkbenchError(f"model {source.name!r} could not be loaded ({str(exc).splitlines()[0]})") from None
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    if model.config.decoder_start_token_id is None:  # T5's convention: the decoder starts from the pad token
-        model.config.decoder_start_token_id = model.config.pad_token_id
-    forced = target_language_id(tokenizer)
-    if forced is not None:  # M2M-100, NLLB, mBART: any generate() starts with the target language
-        model.generation_config.forced_bos_token_id = forced
-    output = _output_module(model)
-    targets: list[str] = []
-    if method.name == "full":
-        model.requires_grad_(True)
-    else:
-        from peft import LoraConfig, TaskType, get_peft_model
 
-        if method.name == "qlora":
-            disable_bnb_inference_repack(model)  # TRAPS.md: else LoRA gradients vanish after an eval pass
-        targets = resolve_targets(model, method, [output])
-        model = get_peft_model(model, LoraConfig(
-            task_type=TaskType.SEQ_2_SEQ_LM, r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout,
-            target_modules=list(targets), use_rslora=method.use_rslora, use_dora=method.use_dora))
-    trainable, total = count_parameters(model)
-    return ChatModel(model, tokenizer, targets, trainable, total, output)
+    def prepare(model: torch.nn.Module) -> None:
+        if model.config.decoder_start_token_id is None:  # T5's convention: the decoder starts from the pad token
+            model.config.decoder_start_token_id = model.config.pad_token_id
+        forced = target_language_id(tokenizer)
+        if forced is not None:  # M2M-100, NLLB, mBART: any generate() starts with the target language
+            model.generation_config.forced_bos_token_id = forced
+
+    return load_generation_model(config, source, tokenizer, AutoModelForSeq2SeqLM, "SEQ_2_SEQ_LM", prepare)
 
 
 # --- generation and scores ----------------------------------------------------------------------------
