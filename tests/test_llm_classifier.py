@@ -136,6 +136,30 @@ def test_label_logits_equal_a_direct_computation(tok, llama, scoring, kind):
     torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["plain", "lora", "prompt-tuning"])
+def test_label_logits_under_gradient_checkpointing_equal_a_direct_computation(tok, llama, kind):
+    """Checkpointed training switches the key/value cache off: multi-token labels then run whole, same scores."""
+    import copy
+
+    from workbench.methods import enable_gradient_checkpointing
+    from workbench.zeroshot import _checkpointing
+
+    builder = PromptBuilder(tok, LABELS, 32, [])
+    prompts, conts = [builder.prompt_ids(t) for t in TEXTS], builder.label_ids()
+    lm = copy.deepcopy(llama) if kind == "plain" else _lora_llama(llama, kind)
+    enable_gradient_checkpointing(lm)
+    clf = LLMClassifier(lm, conts, "sum").train()  # no dropout in the tiny Llama: training mode is deterministic
+    assert _checkpointing(clf)
+    ids, mask = left_pad(prompts, tok.pad_token_id)
+    got = clf(ids, mask).logits
+    with torch.no_grad():
+        virtual = lm.get_prompt(batch_size=1) if kind == "prompt-tuning" else None
+        expected = direct_logits(clf.causal_lm, prompts, conts, "sum", virtual)
+    torch.testing.assert_close(got.detach().double(), expected, atol=1e-5, rtol=0)
+    got.sum().backward()  # and it trains
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lm.parameters() if p.requires_grad)
+
+
 def test_the_loss_is_cross_entropy_over_the_label_scores_and_has_gradients(tok, llama):
     builder = PromptBuilder(tok, LABELS, 32, [])
     lm = _lora_llama(llama, "lora").train()

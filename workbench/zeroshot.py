@@ -190,7 +190,9 @@ def label_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
     device = input_ids.device
     rows = input_ids.shape[0]
     cache_kw, has_keep = _forward_names(model)
-    need_cache = scoring != "first" and any(len(c) > 1 for c in continuations)
+    multi = scoring != "first" and any(len(c) > 1 for c in continuations)
+    # gradient checkpointing in training drops every key/value cache: multi-token labels then run whole
+    need_cache = multi and not _checkpointing(model)
     mask = attention_mask
     inputs: dict[str, torch.Tensor] = {"input_ids": input_ids}
     if prefix_embeds is not None:
@@ -208,7 +210,21 @@ def label_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
     columns = []
     for cont in continuations:
         token_logp = [next_logp[:, cont[0]]]
-        if need_cache and len(cont) > 1:
+        if multi and not need_cache and len(cont) > 1:
+            # no cache: prompt + the label's tokens but the last, in one pass; the head on the label positions
+            feed = torch.tensor(cont[:-1], device=device).expand(rows, -1)
+            steps = feed.shape[1]
+            extra = {"input_ids": torch.cat([input_ids, feed], dim=1)}
+            if prefix_embeds is not None:
+                embeds = model.get_input_embeddings()(extra["input_ids"])
+                extra = {"inputs_embeds": torch.cat([prefix_embeds.to(embeds.dtype), embeds], dim=1)}
+            full_mask = torch.cat([mask, torch.ones_like(feed)], dim=1)
+            out = model(**extra, attention_mask=full_mask, position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0),
+                        use_cache=False, **({"logits_to_keep": steps} if has_keep else {}))
+            logp = torch.log_softmax(out.logits[:, -steps:].float(), dim=-1)  # predicts label tokens 2..L
+            token_logp += [logp[:, t, cont[t + 1]] for t in range(steps)]
+            del out, logp
+        elif need_cache and len(cont) > 1:
             # the label's own tokens, fed after every prompt of the batch at once, on the shared cache
             feed = torch.tensor(cont[:-1], device=device).expand(rows, -1)
             steps = feed.shape[1]
@@ -223,6 +239,12 @@ def label_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
         columns.append(stacked[:, 0] if scoring == "first" else stacked.sum(1) if scoring == "sum"
                        else stacked.mean(1))
     return torch.stack(columns, dim=1)
+
+
+def _checkpointing(model: torch.nn.Module) -> bool:
+    """Training under gradient checkpointing, where transformers switches every cache off."""
+    return model.training and torch.is_grad_enabled() and any(
+        getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
