@@ -373,7 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     if "lab" in args.only:
         make_runs(home)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        # headless chromium hides scrollbars by default: show them, as a user's browser does
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True,
+                                    ignore_default_args=["--hide-scrollbars"])
         try:
             if "lab" in args.only:
                 lab_part(browser, work, home, args.out, args.widgets)

@@ -24,8 +24,13 @@ LABEL_WIDTH = "9em"
 
 
 def full_width(**extra: Any) -> W.Layout:
-    """A layout that takes the row and may shrink below its content width."""
-    return W.Layout(width="100%", min_width="0", **extra)
+    """A layout that takes the row and may shrink below its content width.
+
+    Widgets carry a margin (--jp-widgets-margin, 2px a side) outside their width: 100% would overflow the
+    parent box by that much, and the box would show a horizontal scrollbar for it.
+    """
+    width = "100%" if "margin" in extra else "calc(100% - 2 * var(--jp-widgets-margin, 2px))"
+    return W.Layout(width=width, min_width="0", **extra)
 
 
 def wrap_row(**extra: Any) -> W.Layout:
@@ -76,7 +81,8 @@ def table_html(header: list[str], rows: list[list[Any]], max_height: str = "20em
                          f"{html.escape(_cell(c))}</td>" for c in row) + "</tr>"
         for row in rows
     )
-    return (f'<div style="max-height:{max_height}; overflow:auto; width:100%; box-sizing:border-box; '
+    # width 0 + min-width 100%: the box fills its row but never widens it (a wide table scrolls inside)
+    return (f'<div style="max-height:{max_height}; overflow:auto; width:0; min-width:100%; box-sizing:border-box; '
             f'border:{BORDER}; line-height:1.5">'
             f'<table style="border-collapse:collapse; font-size:0.9em; min-width:100%">'
             f"<thead><tr>{th}</tr></thead><tbody>{body}</tbody></table></div>")
