@@ -31,6 +31,7 @@ from workbench import Config, WorkbenchError
 from workbench.launch import RunHandle, attach
 from workbench.store import RunStore
 from widgets import Dashboard
+from widgets._style import full_width
 
 ACTIVE = ("queued", "running")
 START_LOCK = ".dashboard-start.lock"  # in the run store: every page (kernel) on this machine shares it
@@ -124,7 +125,7 @@ def header(read_only: bool) -> W.HTML:
             if read_only else
             "Set up a run, press Start in <b>Train &amp; watch</b>, and follow it live. "
             "One run trains at a time on this machine; reloading the page does not stop it.")
-    return W.HTML(f"<div style='color:var(--jp-ui-font-color2,#757575)'>{note}</div>", layout=W.Layout(width="100%"))
+    return W.HTML(f"<div style='color:var(--jp-ui-font-color2,#757575)'>{note}</div>", layout=full_width())
 
 
 def build(home: Any = None, read_only: bool | None = None) -> Dashboard:

@@ -191,6 +191,17 @@ def test_cli_ladder_bad_input_is_one_line(one_epoch, tmp_path, capsys, argv, mes
 
 # --- the widget --------------------------------------------------------------------------------------
 
+def test_ladder_plot_labels_never_pile_up():
+    from widgets.ladder import label_shifts, point_labels
+
+    rows = [{"method": "head-only", "trainable_params": 10}, {"method": "lora", "trainable_params": 50},
+            {"method": "qlora", "trainable_params": 50}, {"method": "full", "trainable_params": 900}]
+    assert point_labels(rows) == ["head-only", "lora / qlora", "", "full"]  # same count: one shared label
+    assert label_shifts([0.59, 0.58]) == [0, -14]  # rotten-tomatoes' two baselines: the lower steps down
+    assert label_shifts([0.34, 0.83]) == [0, 0]
+    assert label_shifts([0.50, 0.52, 0.51]) == [-28, 0, -14]  # each below the one above it
+
+
 def test_method_ladder_widget_shows_a_finished_ladder(finished):
     from widgets import MethodLadder
 

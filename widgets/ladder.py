@@ -81,7 +81,7 @@ class MethodLadder(W.VBox):
         self.fig = LiveFigure(layout=S.figure_layout(
             xaxis={**S.figure_layout()["xaxis"], "type": "log", "title": {"text": "trainable parameters"}},
             yaxis={**S.figure_layout()["yaxis"], "title": {"text": "accuracy"}, "range": [0, 1.02]},
-            showlegend=False,
+            showlegend=False, margin={**S.figure_layout()["margin"], "r": 150},  # room for the baselines' names
         ))
         self.fig.add_scatter(x=[], y=[], mode="markers+text", textposition="top center", name="trained",
                              marker={"size": 11, "color": S.RUN_COLORS[0]},
@@ -294,20 +294,47 @@ class MethodLadder(W.VBox):
             trace = self.fig.data[0]
             trace.x = [r["trainable_params"] for r in trained]
             trace.y = [r["accuracy"] for r in trained]
-            trace.text = [r["method"] for r in trained]
+            trace.text = point_labels(trained)
             trace.customdata = [_hover(r) for r in trained]
             self.fig.layout.shapes = [
                 {"type": "line", "xref": "paper", "x0": 0, "x1": 1, "yref": "y", "y0": r["accuracy"],
                  "y1": r["accuracy"], "line": {"dash": "dash", "color": S.RUN_COLORS[i % len(S.RUN_COLORS)]}}
                 for i, r in enumerate(baselines)]
+            # in the right margin, clear of the points (full fine-tuning sits at the right edge); close
+            # baselines step down so their words never overlap
             self.fig.layout.annotations = [
-                {"xref": "paper", "x": 0.99, "xanchor": "right", "yref": "y", "y": r["accuracy"], "yanchor": "bottom",
-                 "showarrow": False, "text": f"{r['method']} {r['accuracy']:.3f}", "hovertext": _hover(r)}
-                for r in baselines]
+                {"xref": "paper", "x": 1.01, "xanchor": "left", "yref": "y", "y": r["accuracy"], "yanchor": "middle",
+                 "yshift": shift, "showarrow": False, "text": f"{_short(r['method'])} {r['accuracy']:.3f}",
+                 "hovertext": _hover(r), "font": {"color": S.RUN_COLORS[baselines.index(r) % len(S.RUN_COLORS)]}}
+                for r, shift in zip(baselines, label_shifts([r["accuracy"] for r in baselines]))]
 
     def _show_read_only(self, change: Any = None) -> None:
         self._controls.layout.display = "none" if self.read_only else ""
         self._start.disabled = self.read_only or self.active
+
+
+def point_labels(rows: list[dict[str, Any]]) -> list[str]:
+    """One label per point; methods with the same trainable count (lora and qlora) share one: "lora / qlora"."""
+    labels = []
+    for i, r in enumerate(rows):
+        same = [x["method"] for x in rows if x["trainable_params"] == r["trainable_params"]]
+        first = next(j for j, x in enumerate(rows) if x["trainable_params"] == r["trainable_params"])
+        labels.append(" / ".join(same) if i == first else "")
+    return labels
+
+
+def label_shifts(values: list[float], close: float = 0.04, step: int = 14) -> list[int]:
+    """Pixel shifts that stack labels whose values are within `close` of the one above them."""
+    shifts = [0] * len(values)
+    order = sorted(range(len(values)), key=lambda i: -values[i])
+    for above, i in zip(order, order[1:]):
+        if values[above] - values[i] < close:
+            shifts[i] = shifts[above] - step
+    return shifts
+
+
+def _short(method: str) -> str:
+    return method.replace("zero-shot-", "zero-shot ")
 
 
 def _ordered(methods: Any) -> list[str]:
