@@ -192,7 +192,7 @@ def test_cli_ladder_bad_input_is_one_line(one_epoch, tmp_path, capsys, argv, mes
 # --- the widget --------------------------------------------------------------------------------------
 
 def test_ladder_plot_labels_never_pile_up():
-    from widgets.ladder import label_shifts, point_labels
+    from widgets.ladder import label_shifts, point_labels, text_positions
 
     rows = [{"method": "head-only", "trainable_params": 10}, {"method": "lora", "trainable_params": 50},
             {"method": "qlora", "trainable_params": 50}, {"method": "full", "trainable_params": 900}]
@@ -200,6 +200,9 @@ def test_ladder_plot_labels_never_pile_up():
     assert label_shifts([0.59, 0.58]) == [0, -14]  # rotten-tomatoes' two baselines: the lower steps down
     assert label_shifts([0.34, 0.83]) == [0, 0]
     assert label_shifts([0.50, 0.52, 0.51]) == [-28, 0, -14]  # each below the one above it
+    # bbc-news: prompt-tuning 157k, head-only 150k, ia3 164k cluster; lora 482k and full 22.7M stand alone
+    assert text_positions([157_445, 149_765, 163_589, 481_541, 22_715_141]) == [
+        "bottom center", "top center", "middle right", "top center", "top center"]
 
 
 def test_method_ladder_widget_shows_a_finished_ladder(finished):

@@ -81,7 +81,7 @@ class MethodLadder(W.VBox):
         self.fig = LiveFigure(layout=S.figure_layout(
             xaxis={**S.figure_layout()["xaxis"], "type": "log", "title": {"text": "trainable parameters"}},
             yaxis={**S.figure_layout()["yaxis"], "title": {"text": "accuracy"}, "range": [0, 1.02]},
-            showlegend=False, margin={**S.figure_layout()["margin"], "r": 150},  # room for the baselines' names
+            showlegend=False, margin={**S.figure_layout()["margin"], "r": 175},  # room for the baselines' names
         ))
         self.fig.add_scatter(x=[], y=[], mode="markers+text", textposition="top center", name="trained",
                              marker={"size": 11, "color": S.RUN_COLORS[0]},
@@ -295,6 +295,7 @@ class MethodLadder(W.VBox):
             trace.x = [r["trainable_params"] for r in trained]
             trace.y = [r["accuracy"] for r in trained]
             trace.text = point_labels(trained)
+            trace.textposition = text_positions([r["trainable_params"] for r in trained])
             trace.customdata = [_hover(r) for r in trained]
             self.fig.layout.shapes = [
                 {"type": "line", "xref": "paper", "x0": 0, "x1": 1, "yref": "y", "y0": r["accuracy"],
@@ -321,6 +322,22 @@ def point_labels(rows: list[dict[str, Any]]) -> list[str]:
         first = next(j for j, x in enumerate(rows) if x["trainable_params"] == r["trainable_params"])
         labels.append(" / ".join(same) if i == first else "")
     return labels
+
+
+POSITIONS = ("top center", "bottom center", "middle right", "middle left")
+
+
+def text_positions(xs: list[float], near: float = 1.5) -> list[str]:
+    """Where each point's label goes: points within a factor `near` of each other on the (log) x axis take
+    turns above, below, left and right of their marker, so a cluster (head-only, ia3, prompt tuning) stays
+    readable."""
+    out = ["top center"] * len(xs)
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    turn = 0
+    for prev, i in zip(order, order[1:]):
+        turn = turn + 1 if xs[prev] > 0 and xs[i] / xs[prev] < near else 0
+        out[i] = POSITIONS[turn % len(POSITIONS)]
+    return out
 
 
 def label_shifts(values: list[float], close: float = 0.04, step: int = 14) -> list[int]:
