@@ -225,25 +225,36 @@ def load_chat_data(cfg: DataConfig, seed: int) -> ChatData:
     df = df.rename(columns=str)
     data = ChatData([], [], cfg.source, "messages" if "messages" in columns else "prompt/answer", columns)
     convs = _conversations(df, columns, f"data source {cfg.source!r}", data)
+    held = None
     if cfg.eval_source:
         eval_df = _read_table(cfg.eval_source).rename(columns=str)
-        eval_convs = _conversations(eval_df, detect_chat_columns(list(eval_df.columns), cfg),
-                                    f"eval file {cfg.eval_source!r}", ChatData([], [], "", "", {}))
-        if not eval_convs:
-            raise WorkbenchError(f"eval file {cfg.eval_source!r} has no usable question/answer rows")
-        train = convs
-    else:
-        if len(convs) < 2:
-            raise WorkbenchError(f"data source {cfg.source!r} has {len(convs)} usable conversation(s): too few to "
-                                 "hold some out for evaluation; add rows")
-        train, eval_convs = split_conversations(convs, cfg.eval_fraction, seed)
-        if not train:
-            raise WorkbenchError(f"data source {cfg.source!r}: every conversation asks the same thing, so none "
-                                 "is left to train on once some are held out; add rows or lower data.eval_fraction")
-    data.train, data.eval = _cap(train, cfg.max_train_samples, seed), _cap(eval_convs, cfg.max_eval_samples, seed)
-    if not data.train:
-        raise WorkbenchError(f"data source {cfg.source!r} has no usable question/answer rows")
+        held = _conversations(eval_df, detect_chat_columns(list(eval_df.columns), cfg),
+                              f"eval file {cfg.eval_source!r}", ChatData([], [], "", "", {}))
+    data.train, data.eval = split_and_cap(convs, held, cfg, seed, "conversation", "question", "question/answer")
     return data
+
+
+def split_and_cap(items: list[Conversation], held: list[Conversation] | None, cfg: DataConfig, seed: int,
+                  what: str, prompt: str, rows: str) -> tuple[list[Conversation], list[Conversation]]:
+    """Training and held-out items of a generation task, capped: the eval file's (`held`), else a seeded split
+    of `items` that keeps every copy of a prompt on one side. The words name the task's items in messages
+    (chat: conversation / question / question/answer; seq2seq: source/target pair / source / source/target)."""
+    if held is not None:
+        if not held:
+            raise WorkbenchError(f"eval file {cfg.eval_source!r} has no usable {rows} rows")
+        train = items
+    else:
+        if len(items) < 2:
+            raise WorkbenchError(f"data source {cfg.source!r} has {len(items)} usable {what}(s): too few to hold "
+                                 "some out for evaluation; add rows")
+        train, held = split_conversations(items, cfg.eval_fraction, seed)
+        if not train:
+            raise WorkbenchError(f"data source {cfg.source!r}: every {what} has the same {prompt}, so none is left "
+                                 "to train on once some are held out; add rows or lower data.eval_fraction")
+    train, held = _cap(train, cfg.max_train_samples, seed), _cap(held, cfg.max_eval_samples, seed)
+    if not train:
+        raise WorkbenchError(f"data source {cfg.source!r} has no usable {rows} rows")
+    return train, held
 
 
 # --- tokens and labels --------------------------------------------------------------------------------
@@ -393,17 +404,25 @@ def check_chat_model(config: Config, source: ModelSource) -> None:
     """The model checks that need no weights: a causal LM, the context length, adapter targets, bitsandbytes."""
     from transformers import AutoModelForCausalLM
 
-    from .methods import _check_context, load_config, resolve_targets
+    from .methods import load_config
     from .zeroshot import architecture, is_causal_lm
 
     model_config = load_config(source, config.trust_remote_code)
     if not is_causal_lm(model_config):
         raise WorkbenchError(f"task chat needs a causal language model such as smollm2-135m-instruct: model "
                              f"{config.model!r} is {architecture(model_config)}, which cannot generate text")
+    check_generation_method(config, model_config, AutoModelForCausalLM)
+
+
+def check_generation_method(config: Config, model_config: Any, auto_class: Any) -> None:
+    """Weight-free checks both generation tasks share: the context length, the adapter targets (on a meta
+    skeleton of `auto_class`), bitsandbytes for qlora."""
+    from .methods import _check_context, resolve_targets
+
     _check_context(config, model_config)
     if config.method.uses_adapters:
         with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.trust_remote_code)
+            skeleton = auto_class.from_config(model_config, trust_remote_code=config.trust_remote_code)
         resolve_targets(skeleton, config.method, [_output_module(skeleton)])
     if config.method.name == "qlora":
         try:
@@ -1035,8 +1054,9 @@ def _as_messages(question: str | Conversation, system_prompt: str | None = None)
     return with_system_prompt(conv, system_prompt)
 
 
-def load_chat_predictor(record: dict[str, Any], home: Path) -> ChatPredictor:
-    """Rebuild a chat run's model (base weights + the run's trained parameters)."""
+def rebuild_generation_run(record: dict[str, Any], home: Path,
+                           build: Callable[[Config, ModelSource], ChatModel]) -> tuple[Config, ChatModel]:
+    """A generation run's config and model: `build` (base weights, same seed) + the run's trained parameters."""
     from safetensors.torch import load_file
 
     from .trainer import load_trainable_state, set_seed
@@ -1047,8 +1067,14 @@ def load_chat_predictor(record: dict[str, Any], home: Path) -> ChatPredictor:
                              "wait until it completes an evaluation, or pick another run")
     config = Config.from_dict(record["config"])
     set_seed(config.train.seed)
-    built = build_chat_model(config, resolve_model(config.model, home, config.trust_remote_code))
+    built = build(config, resolve_model(config.model, home, config.trust_remote_code))
     load_trainable_state(built.model, load_file(str(model_dir / "trainable.safetensors")))
+    return config, built
+
+
+def load_chat_predictor(record: dict[str, Any], home: Path) -> ChatPredictor:
+    """Rebuild a chat run's model (base weights + the run's trained parameters)."""
+    config, built = rebuild_generation_run(record, home, build_chat_model)
     return ChatPredictor(built.model, built.tokenizer, config.train.max_length, config.chat.max_new_tokens,
                          record["id"], config.chat.system_prompt)
 

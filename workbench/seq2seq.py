@@ -38,9 +38,10 @@ from typing import Any
 
 import torch
 
-from .catalog import DATASETS, ModelSource, resolve_model
-from .chat import (IGNORE_INDEX, SAMPLE_CHARS, ChatData, ChatModel, Conversation, GenerationTask, _cap, _output_module,
-                   _text, generation_kwargs, load_generation_model, split_conversations)
+from .catalog import DATASETS, ModelSource
+from .chat import (IGNORE_INDEX, SAMPLE_CHARS, ChatData, ChatModel, Conversation, GenerationTask,
+                   _text, check_generation_method, generation_kwargs, load_generation_model, rebuild_generation_run,
+                   split_and_cap)
 from .config import Config, DataConfig
 from .errors import WorkbenchError
 
@@ -109,22 +110,9 @@ def load_seq2seq_data(cfg: DataConfig, seed: int) -> ChatData:
     """Load, de-duplicate and split the source/target pairs the config names."""
     data = ChatData([], [], cfg.source, "source/target", {})
     pairs = _read_pairs(cfg.source, cfg, f"data source {cfg.source!r}", data)
-    if cfg.eval_source:
-        held = _read_pairs(cfg.eval_source, cfg, f"eval file {cfg.eval_source!r}", ChatData([], [], "", "", {}))
-        if not held:
-            raise WorkbenchError(f"eval file {cfg.eval_source!r} has no usable source/target rows")
-        train = pairs
-    else:
-        if len(pairs) < 2:
-            raise WorkbenchError(f"data source {cfg.source!r} has {len(pairs)} usable source/target pair(s): too "
-                                 "few to hold some out for evaluation; add rows")
-        train, held = split_conversations(pairs, cfg.eval_fraction, seed)
-        if not train:
-            raise WorkbenchError(f"data source {cfg.source!r}: every pair has the same source, so none is left "
-                                 "to train on once some are held out; add rows or lower data.eval_fraction")
-    data.train, data.eval = _cap(train, cfg.max_train_samples, seed), _cap(held, cfg.max_eval_samples, seed)
-    if not data.train:
-        raise WorkbenchError(f"data source {cfg.source!r} has no usable source/target rows")
+    held = (_read_pairs(cfg.eval_source, cfg, f"eval file {cfg.eval_source!r}", ChatData([], [], "", "", {}))
+            if cfg.eval_source else None)
+    data.train, data.eval = split_and_cap(pairs, held, cfg, seed, "source/target pair", "source", "source/target")
     return data
 
 
@@ -288,23 +276,14 @@ def check_seq2seq_model(config: Config, source: ModelSource, columns: dict[str, 
     the tokenizer and its language codes. Returns the tokenizer, languages set."""
     from transformers import AutoModelForSeq2SeqLM
 
-    from .methods import _check_context, load_config, resolve_targets
+    from .methods import load_config
     from .zeroshot import architecture
 
     model_config = load_config(source, config.trust_remote_code)
     if not getattr(model_config, "is_encoder_decoder", False):
         raise WorkbenchError(f"task seq2seq needs an encoder-decoder model (Marian, M2M-100, T5): model "
                              f"{config.model!r} is {architecture(model_config)}")
-    _check_context(config, model_config)
-    if config.method.uses_adapters:
-        with torch.device("meta"):
-            skeleton = AutoModelForSeq2SeqLM.from_config(model_config, trust_remote_code=config.trust_remote_code)
-        resolve_targets(skeleton, config.method, [_output_module(skeleton)])
-    if config.method.name == "qlora":
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise WorkbenchError("method qlora needs bitsandbytes: pip install bitsandbytes") from None
+    check_generation_method(config, model_config, AutoModelForSeq2SeqLM)
     tokenizer = _load_tokenizer(config, source)
     set_languages(tokenizer, config, source.name, columns)
     return tokenizer
@@ -410,19 +389,9 @@ class Seq2SeqPredictor:
 
 def load_seq2seq_predictor(record: dict[str, Any], home: Path) -> Seq2SeqPredictor:
     """Rebuild a seq2seq run's model (base weights + the run's trained parameters)."""
-    from safetensors.torch import load_file
-
-    from .trainer import load_trainable_state, set_seed
-
-    model_dir = Path(record["dir"]) / "model"
-    if not (model_dir / "trainable.safetensors").is_file():
-        raise WorkbenchError(f"run {record['id']} has no trained model yet (status {record['status']}): "
-                             "wait until it completes an evaluation, or pick another run")
-    config = Config.from_dict(record["config"])
-    set_seed(config.train.seed)
-    built = build_seq2seq_model(config, resolve_model(config.model, home, config.trust_remote_code),
-                                record.get("info", {}).get("data_columns") or None)
-    load_trainable_state(built.model, load_file(str(model_dir / "trainable.safetensors")))
+    columns = record.get("info", {}).get("data_columns") or None  # language codes named by the run's columns
+    config, built = rebuild_generation_run(record, home,
+                                           lambda config, source: build_seq2seq_model(config, source, columns))
     return Seq2SeqPredictor(built.model, built.tokenizer, config.train.max_length, config.chat.max_new_tokens,
                             record["id"])
 

@@ -526,7 +526,7 @@ def _finalise(scope: dict[str, Any], accelerator: Any, run_dir: Path, status: st
     """Restore the best checkpoint's weights, save them as the run's model, return its metrics."""
     from safetensors.torch import load_file, save_file
 
-    model, progress = scope["model"], scope["progress"]
+    model = scope["model"]
     best = run_dir / "checkpoints" / "best"
     if not (best / "trainable.safetensors").is_file():
         return None
