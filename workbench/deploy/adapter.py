@@ -1,0 +1,191 @@
+"""A small adapter between the server and the predictors `workbench.load_predictor` returns.
+
+The server sees one `ServedModel` whatever the task:
+
+- classification (`Predictor`: `.model`, `.tokenizer`, `.labels`, `.predict(texts, batch_size)`):
+  `predict(texts)` gives per text `{"label", "scores"}`. A task whose predictor returns `{"text", "value"}`
+  (text regression) passes through unchanged as `{"value"}`: /v1/classify serves it with no change here;
+- chat (`ChatPredictor`: `.answer(conversation, max_new_tokens)`, `.stream(...)`): `answer`, `stream`;
+- seq2seq (`Seq2SeqPredictor`: `.predict(texts, batch_size)` giving `{"translation"}`): `translate`.
+
+Also here: the run's evaluation split (texts and true labels, rebuilt from the run's config and seed exactly
+as training split it) and the drift baseline read from the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..errors import WorkbenchError
+from ..store import RunStore
+from .monitor import Baseline
+
+CLASSIFICATION, CHAT, SEQ2SEQ = "classification", "chat", "seq2seq"
+MERGEABLE = ("lora", "adalora", "ia3")
+
+
+def task_of(predictor: Any) -> str:
+    task = getattr(predictor, "task", None)
+    if task in (CHAT, SEQ2SEQ):
+        return task
+    return CLASSIFICATION
+
+
+def tokenizer_of(predictor: Any) -> Any:
+    tok = getattr(predictor, "tokenizer", None)
+    if tok is None and getattr(predictor, "encoder", None) is not None:
+        tok = getattr(predictor.encoder, "tokenizer", None)
+    return tok
+
+
+def merge_adapters(model: Any) -> Any:
+    """A peft model's lora/adalora/ia3 adapters merged into its weights (same outputs, faster); else unchanged.
+
+    The trained head copies (peft's modules_to_save) are put in place of the originals first.
+    """
+    try:
+        from peft import PeftModel
+        from peft.utils import ModulesToSaveWrapper
+    except ImportError:
+        return model
+    if not isinstance(model, PeftModel):
+        return model
+    kind = str(getattr(model.peft_config.get(model.active_adapter), "peft_type", "")).lower()
+    if not any(m in kind for m in MERGEABLE):
+        return model  # prompt tuning: the virtual tokens are an input, nothing to merge
+    base = model.get_base_model()
+    for name, module in list(base.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper):
+            parent_name, _, child = name.rpartition(".")
+            parent = base.get_submodule(parent_name) if parent_name else base
+            setattr(parent, child, module.modules_to_save[module.active_adapters[0]])
+    return model.merge_and_unload().eval()
+
+
+class ServedModel:
+    """One run's model, as the server calls it. Every model call runs on the caller's (worker) thread."""
+
+    def __init__(self, predictor: Any, run_id: str, artifact: str = "fp32", info: dict[str, Any] | None = None
+                 ) -> None:
+        self.predictor, self.run_id, self.artifact = predictor, run_id, artifact
+        self.task = task_of(predictor)
+        self.tokenizer = tokenizer_of(predictor)
+        self.labels: list[str] = list(getattr(predictor, "labels", []) or [])
+        self.max_length = getattr(predictor, "max_length", None) or getattr(
+            getattr(predictor, "encoder", None), "max_length", None) or 512
+        self.max_new_tokens = int(getattr(predictor, "max_new_tokens", 0) or 64)
+        self.info = info or {}  # the artifact's record (marked, reasons) when one is served
+        self._count_lock = threading.Lock()
+
+    # --- classification --------------------------------------------------------------------------------
+    def predict(self, texts: list[str]) -> list[dict[str, Any]]:
+        """Per text, in order, its label and each label's score (or its value, for a regression task)."""
+        results = self.predictor.predict(list(texts), batch_size=max(1, len(texts)))
+        return [{k: v for k, v in r.items() if k != "text"} for r in results]
+
+    # --- seq2seq -----------------------------------------------------------------------------------------
+    def translate(self, texts: list[str]) -> list[str]:
+        results = self.predictor.predict(list(texts), batch_size=max(1, len(texts)))
+        return [r["translation"] for r in results]
+
+    # --- chat --------------------------------------------------------------------------------------------
+    def answer(self, messages: list[dict[str, str]], max_tokens: int) -> str:
+        return self.predictor.answer(messages, max_new_tokens=max_tokens)
+
+    def stream(self, messages: list[dict[str, str]], max_tokens: int, stop: threading.Event) -> Iterator[str]:
+        return self.predictor.stream(messages, max_new_tokens=max_tokens, stop=stop)
+
+    # --- token counts (metrics, usage) -------------------------------------------------------------------
+    def count_tokens(self, texts: list[str], truncate: bool = True) -> list[int]:
+        if self.tokenizer is None or not texts:
+            return [0] * len(texts)
+        with self._count_lock:  # a fast tokenizer is not safe to call from two threads at once
+            enc = self.tokenizer(list(texts), truncation=truncate, max_length=self.max_length if truncate else None,
+                                 add_special_tokens=truncate)
+        return [len(ids) for ids in enc["input_ids"]]
+
+    def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int:
+        tok = self.tokenizer
+        if tok is None:
+            return 0
+        try:
+            if getattr(tok, "chat_template", None):
+                with self._count_lock:
+                    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+                if isinstance(ids, dict) or hasattr(ids, "keys"):
+                    ids = ids["input_ids"]
+                return len(ids)
+        except Exception:  # a template that needs more than the messages: count the contents instead
+            pass
+        return sum(self.count_tokens([m["content"] for m in messages], truncate=False))
+
+
+def load_served_model(run: str = "latest", home: str | Path | None = None, artifact: str | None = None
+                      ) -> ServedModel:
+    """The run's model ready to serve: fp32 (adapters merged where they can be) or an optimised artifact."""
+    from ..predict import load_predictor
+
+    store = RunStore(home)
+    record = store.get(run)
+    predictor = load_predictor(record["id"], store.home)
+    if task_of(predictor) == CLASSIFICATION and hasattr(predictor, "model"):
+        predictor.model = merge_adapters(predictor.model)
+    if not artifact or artifact == "fp32":
+        return ServedModel(predictor, record["id"])
+    if task_of(predictor) != CLASSIFICATION:
+        raise WorkbenchError(f"run {record['id']} is a {task_of(predictor)} run: optimised artifacts exist for "
+                             "classification runs only; serve it without --artifact")
+    from .optimize import apply_artifact
+
+    predictor, info = apply_artifact(predictor, Path(record["dir"]), artifact)
+    return ServedModel(predictor, record["id"], artifact, info)
+
+
+# --- the run's evaluation split ---------------------------------------------------------------------------
+
+def eval_split(record: dict[str, Any]) -> tuple[list[str], list[int], list[str]]:
+    """The run's evaluation texts, true label indices and label names, split as training split them."""
+    from ..config import Config
+    from ..data import prepare
+
+    config = Config.from_dict(record["config"])
+    if config.task != "text-classification":
+        raise WorkbenchError(f"run {record['id']} is a task: {config.task} run: only classification runs have "
+                             "an evaluation split of labelled texts")
+    split = prepare(config.data, config.train.seed)
+    model_dir = Path(record["dir"]) / "model"
+    labels = json.loads((model_dir / "labels.json").read_text()) if (model_dir / "labels.json").is_file() \
+        else split.labels
+    if labels != split.labels:
+        raise WorkbenchError(f"run {record['id']}: its data now gives labels {split.labels[:5]}, the run was "
+                             f"trained on {labels[:5]}: the data source changed since training")
+    return split.eval_texts, split.eval_labels, labels
+
+
+def predictions_file(record: dict[str, Any]) -> Path | None:
+    """The best evaluation's per-example predictions (<run>/eval/step-N.json), when the run wrote them."""
+    named = (record.get("metrics") or {}).get("predictions_file")
+    if named and Path(named).is_file():
+        return Path(named)
+    best = (record.get("metrics") or {}).get("best_step")
+    path = Path(record["dir"]) / "eval" / f"step-{best}.json"
+    return path if best is not None and path.is_file() else None
+
+
+def drift_baseline(record: dict[str, Any]) -> Baseline | None:
+    """Predicted labels from the run's best evaluation and the evaluation texts' lengths (characters)."""
+    preds = predictions_file(record)
+    if preds is None:
+        return None
+    rows = json.loads(preds.read_text())["rows"]
+    try:  # the full texts (the predictions file keeps the first 600 characters of each)
+        texts = eval_split(record)[0]
+        if len(texts) != len(rows):
+            raise WorkbenchError("split changed")
+        lengths = [len(t) for t in texts]
+    except Exception:
+        lengths = [len(r["text"]) for r in rows]
+    return Baseline.from_eval([r["predicted"] for r in rows], lengths, str(preds))

@@ -1,0 +1,486 @@
+"""The HTTP API: a FastAPI app wrapped in one ASGI guard.
+
+The guard, outermost, does for every request what must never be forgotten by a route: the API key
+(every route but /healthz; `Authorization: Bearer KEY`, compared in constant time), the body size limit
+(Content-Length first, then the bytes actually received), the request count by route and status, the
+latency histogram and the in-flight gauge. Routes answer errors as JSON `{"error": {"message", "type",
+"limit"}}`; an unexpected exception becomes a 500 with no traceback and no input text in it. Request log
+lines (logger `workbench.serve`) hold route, status, latency and counts; input text only with
+`log_text=True`.
+
+Routes: GET /healthz, /readyz, /metrics, /v1/models; POST /v1/classify, /v1/translate,
+/v1/chat/completions (OpenAI-compatible, `stream: true` as server-sent events).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+from .adapter import CHAT, CLASSIFICATION, SEQ2SEQ, ServedModel
+from .batching import MicroBatcher
+from .keys import keys_match
+from .monitor import Baseline, ServerMetrics
+
+log = logging.getLogger("workbench.serve")
+
+ROUTES = {"/healthz": "healthz", "/readyz": "readyz", "/metrics": "metrics", "/v1/models": "models",
+          "/v1/classify": "classify", "/v1/translate": "translate", "/v1/chat/completions": "chat"}
+TASK_ROUTE = {CLASSIFICATION: "/v1/classify", CHAT: "/v1/chat/completions", SEQ2SEQ: "/v1/translate"}
+
+
+@dataclass
+class ServeSettings:
+    """Batching and the limits every request is held to (each a 4xx naming the limit when passed)."""
+
+    max_batch_size: int = 32          # inputs per model call; 1 = batch-1 serving (no grouping)
+    max_wait_ms: float = 5.0          # how long the first request of a group waits for others
+    max_body_bytes: int = 1_000_000   # request body size (413)
+    max_texts: int = 64               # texts in one classify/translate request (413)
+    max_chars: int = 20_000           # characters in one text or one chat message (413)
+    max_messages: int = 64            # messages in one chat request (413)
+    max_tokens: int = 512             # the largest max_tokens a chat request may ask for (422)
+    log_text: bool = False            # put input texts in request log lines (off: logs carry no text)
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_body_bytes", "max_texts", "max_chars", "max_messages", "max_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+        if self.max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms!r}")
+
+
+class ApiError(Exception):
+    """An answer other than 2xx, as JSON: status, message (the problem and the fix), type, the limit's name."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", limit: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.limit, self.headers = status, message, kind, limit, headers
+
+    def body(self) -> bytes:
+        error: dict[str, Any] = {"message": self.message, "type": self.kind}
+        if self.limit:
+            error["limit"] = self.limit
+        return json.dumps({"error": error}).encode()
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"request body is larger than max_body_bytes={limit}: send less per request "
+                         "(or start the server with a larger --max-body-bytes)", "limit_exceeded", "max_body_bytes")
+
+
+async def _send_error(send: Callable[[dict], Awaitable[None]], error: ApiError) -> None:
+    body = error.body()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in (error.headers or {}).items()]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Guard:
+    """ASGI wrapper: API key, body limit, request metrics, and a JSON 500 when anything escapes."""
+
+    def __init__(self, app: Any, api_key: str | None, settings: ServeSettings, metrics: ServerMetrics) -> None:
+        self.app, self.api_key, self.settings, self.metrics = app, api_key, settings, metrics
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        route = ROUTES.get(path, "other")
+        start = time.perf_counter()
+        status = [0]
+
+        async def tracked_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            headers = {k.lower(): v for k, v in scope.get("headers", [])}
+            if path != "/healthz" and self.api_key is not None:
+                auth = headers.get(b"authorization", b"").decode("latin-1")
+                scheme, _, given = auth.partition(" ")
+                if scheme.lower() != "bearer" or not keys_match(given.strip(), self.api_key):
+                    await _send_error(tracked_send, ApiError(
+                        401, "missing or wrong API key: send the header 'Authorization: Bearer <key>' (the key "
+                             "was printed by the first `workbench serve`; it is stored in <home>/serve/api_key)",
+                        "authentication_error", headers={"WWW-Authenticate": "Bearer"}))
+                    return
+            limit = self.settings.max_body_bytes
+            try:
+                declared = int(headers.get(b"content-length", b"0") or 0)
+            except ValueError:
+                declared = 0
+            if declared > limit:
+                await _send_error(tracked_send, _too_large(limit))
+                return
+            received = [0]
+
+            async def limited_receive() -> dict:
+                message = await receive()
+                if message["type"] == "http.request":
+                    received[0] += len(message.get("body", b""))
+                    if received[0] > limit:
+                        raise BodyTooLarge()
+                return message
+
+            try:
+                await self.app(scope, limited_receive, tracked_send)
+            except BodyTooLarge:
+                if not status[0]:
+                    await _send_error(tracked_send, _too_large(limit))
+        except Exception as exc:  # never a traceback to the client: one line in the server log, type only
+            log.error("internal error on %s: %s", route, type(exc).__name__)
+            if not status[0]:
+                await _send_error(tracked_send, ApiError(500, "internal error: the server failed on this request "
+                                                              "(see the server log)", "internal_error"))
+        finally:
+            elapsed = time.perf_counter() - start
+            self.metrics.in_flight.dec()
+            self.metrics.requests.labels(route=route, status=str(status[0] or 500)).inc()
+            if route not in ("other",):
+                self.metrics.latency.labels(route=route).observe(elapsed)
+            log.info("%s %s %d %.1f ms", scope.get("method", ""), route, status[0] or 500, elapsed * 1000)
+
+
+class ServerState:
+    """What the routes share: the model once loaded, the batcher, the metrics."""
+
+    def __init__(self, settings: ServeSettings, metrics: ServerMetrics) -> None:
+        self.settings, self.metrics = settings, metrics
+        self.served: ServedModel | None = None
+        self.batcher: MicroBatcher | None = None
+        self.load_error: str | None = None
+        self.created = int(time.time())
+
+    def ready(self) -> ServedModel:
+        if self.served is None:
+            if self.load_error:
+                raise ApiError(503, f"the model failed to load: {self.load_error}", "unavailable")
+            raise ApiError(503, "the model is still loading: retry when GET /readyz answers 200", "unavailable")
+        return self.served
+
+    def run_batch(self, texts: list[str]) -> list[Any]:
+        """One micro-batch on the model thread: the outputs, and the token counts for /metrics."""
+        served = self.ready()
+        self.metrics.tokens_in.inc(sum(served.count_tokens(texts)))
+        if served.task == SEQ2SEQ:
+            outputs = served.translate(texts)
+            self.metrics.tokens_out.inc(sum(served.count_tokens(outputs, truncate=False)))
+            return outputs
+        return served.predict(texts)
+
+
+# --- input checks ----------------------------------------------------------------------------------------
+
+def _json_body(raw: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(422, f"the body is not valid JSON ({type(exc).__name__} at position "
+                            f"{getattr(exc, 'pos', 0)}): send a JSON object") from None
+    if not isinstance(data, dict):
+        raise ApiError(422, f"the body is a JSON {type(data).__name__}: send a JSON object")
+    return data
+
+
+def _texts(data: dict[str, Any], settings: ServeSettings) -> list[str]:
+    texts = data.get("texts")
+    if texts is None:
+        raise ApiError(422, 'field "texts" is missing: send {"texts": ["a text", ...]}')
+    if not isinstance(texts, list) or not texts:
+        raise ApiError(422, 'field "texts" must be a non-empty list of strings: {"texts": ["a text", ...]}')
+    if len(texts) > settings.max_texts:
+        raise ApiError(413, f"{len(texts)} texts is more than max_texts={settings.max_texts}: send at most "
+                            f"{settings.max_texts} per request", "limit_exceeded", "max_texts")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise ApiError(422, f"texts[{i}] is a {type(t).__name__}: every text must be a string")
+        if not t.strip():
+            raise ApiError(422, f"texts[{i}] is empty: send text to process")
+        if len(t) > settings.max_chars:
+            raise ApiError(413, f"texts[{i}] has {len(t)} characters, more than max_chars={settings.max_chars}: "
+                                "shorten it or split it", "limit_exceeded", "max_chars")
+    return texts
+
+
+def _messages(data: dict[str, Any], settings: ServeSettings) -> list[dict[str, str]]:
+    messages = data.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(422, 'field "messages" must be a non-empty list: [{"role": "user", "content": "..."}]')
+    if len(messages) > settings.max_messages:
+        raise ApiError(413, f"{len(messages)} messages is more than max_messages={settings.max_messages}",
+                       "limit_exceeded", "max_messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise ApiError(422, f"messages[{i}] needs a role of system, user or assistant")
+        content = m.get("content")
+        if isinstance(content, list):  # OpenAI content parts: text parts only
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise ApiError(422, f"messages[{i}].content: only text parts are supported")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise ApiError(422, f"messages[{i}].content must be a string")
+        if len(content) > settings.max_chars:
+            raise ApiError(413, f"messages[{i}] has {len(content)} characters, more than "
+                                f"max_chars={settings.max_chars}", "limit_exceeded", "max_chars")
+        out.append({"role": m["role"], "content": content})
+    if out[-1]["role"] != "user":
+        raise ApiError(422, "the last message must come from the user: the model answers it")
+    if not out[-1]["content"].strip():
+        raise ApiError(422, "the last user message is empty: ask something")
+    return out
+
+
+def _max_tokens(data: dict[str, Any], served: ServedModel, settings: ServeSettings) -> int:
+    value = data.get("max_tokens", data.get("max_completion_tokens"))
+    if value is None:
+        return min(served.max_new_tokens, settings.max_tokens)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ApiError(422, f"max_tokens must be a whole number >= 1, got {value!r}")
+    if value > settings.max_tokens:
+        raise ApiError(422, f"max_tokens={value} is more than the server's limit max_tokens={settings.max_tokens}: "
+                            "ask for fewer", "limit_exceeded", "max_tokens")
+    return value
+
+
+def _check_sampling(data: dict[str, Any]) -> None:
+    t = data.get("temperature", 1.0)
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 2):
+        raise ApiError(422, f"temperature must be a number from 0 to 2, got {t!r}")
+    n = data.get("n", 1)
+    if n not in (1, None):
+        raise ApiError(422, f"n={n!r}: this server returns one choice per request; send n=1")
+
+
+def _wrong_task(served: ServedModel, path: str) -> ApiError:
+    return ApiError(404, f"run {served.run_id} is a {served.task} run: it answers on {TASK_ROUTE[served.task]}, "
+                         f"not {path}", "not_found")
+
+
+# --- the app ---------------------------------------------------------------------------------------------
+
+def create_app(loader: Callable[[], ServedModel] | ServedModel, settings: ServeSettings | None = None,
+               api_key: str | None = None, baseline: Callable[[ServedModel], Baseline | None] | None = None
+               ) -> tuple[Any, ServerState]:
+    """The ASGI app (the FastAPI app inside its Guard) and its state.
+
+    `loader` builds the model on a background thread once the server runs (/readyz says 503 until then),
+    or is an already loaded ServedModel. `baseline` gives the drift baseline of the loaded model.
+    `api_key=None` switches authentication off (the caller allows that on loopback only).
+    """
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    settings = settings or ServeSettings()
+    metrics = ServerMetrics()
+    state = ServerState(settings, metrics)
+
+    def on_batch(n: int) -> None:
+        metrics.batch_size.observe(n)
+
+    def load() -> None:
+        try:
+            served = loader if isinstance(loader, ServedModel) else loader()
+            metrics.set_model(served.labels, baseline(served) if baseline else None)
+            state.served = served
+            log.info("model ready: run %s (%s, %s)", served.run_id, served.task, served.artifact)
+        except Exception as exc:
+            state.load_error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            log.error("model failed to load: %s", state.load_error)
+
+    @asynccontextmanager
+    async def lifespan(app: Any):  # startup: batcher and model loading; shutdown: after uvicorn drained requests
+        state.batcher = MicroBatcher(state.run_batch, settings.max_batch_size, settings.max_wait_ms, on_batch)
+        await state.batcher.start()
+        if isinstance(loader, ServedModel):
+            load()
+        else:
+            threading.Thread(target=load, name="model-load", daemon=True).start()
+        try:
+            yield
+        finally:
+            await state.batcher.stop()
+
+    app = FastAPI(title="LLM Workbench serving API", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+
+    def error_response(error: ApiError) -> JSONResponse:
+        return JSONResponse(json.loads(error.body()), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = {404: f"no route {request.url.path}: see GET /v1/models and the routes of this run's task",
+                   405: f"method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code,
+                                                                                        str(exc.detail))
+        return error_response(ApiError(exc.status_code, message, "not_found" if exc.status_code == 404
+                                       else "invalid_request_error"))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(ApiError(422, "malformed request: check the fields and their types"))
+
+    @app.exception_handler(BodyTooLarge)
+    async def _body_too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
+        return error_response(_too_large(settings.max_body_bytes))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        log.error("internal error on %s: %s", request.url.path, type(exc).__name__)
+        return error_response(ApiError(500, "internal error: the server failed on this request (see the server "
+                                            "log)", "internal_error"))
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> dict[str, Any]:
+        served = state.ready()
+        return {"status": "ready", "run": served.run_id, "task": served.task, "artifact": served.artifact,
+                "marked": bool(served.info.get("marked"))}
+
+    @app.get("/metrics")
+    async def metrics_route() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        served = state.ready()
+        return {"object": "list", "data": [{"id": served.run_id, "object": "model", "created": state.created,
+                                            "owned_by": "workbench", "task": served.task,
+                                            "artifact": served.artifact}]}
+
+    @app.post("/v1/classify")
+    async def classify(request: Request) -> dict[str, Any]:
+        served = state.ready()
+        if served.task != CLASSIFICATION:
+            raise _wrong_task(served, "/v1/classify")
+        texts = _texts(_json_body(await request.body()), settings)
+        metrics.observe_inputs([len(t) for t in texts])
+        if settings.log_text:
+            log.info("classify texts: %s", json.dumps(texts)[:2000])
+        results = await state.batcher.submit(texts)
+        metrics.texts.inc(len(texts))
+        metrics.observe_labels([r["label"] for r in results if "label" in r])
+        return {"model": served.run_id, "artifact": served.artifact, "results": results}
+
+    @app.post("/v1/translate")
+    async def translate(request: Request) -> dict[str, Any]:
+        served = state.ready()
+        if served.task != SEQ2SEQ:
+            raise _wrong_task(served, "/v1/translate")
+        texts = _texts(_json_body(await request.body()), settings)
+        metrics.observe_inputs([len(t) for t in texts])
+        if settings.log_text:
+            log.info("translate texts: %s", json.dumps(texts)[:2000])
+        outputs = await state.batcher.submit(texts)
+        metrics.texts.inc(len(texts))
+        return {"model": served.run_id, "translations": outputs}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Any:
+        served = state.ready()
+        if served.task != CHAT:
+            raise _wrong_task(served, "/v1/chat/completions")
+        data = _json_body(await request.body())
+        messages = _messages(data, settings)
+        max_tokens = _max_tokens(data, served, settings)
+        _check_sampling(data)
+        if settings.log_text:
+            log.info("chat messages: %s", json.dumps(messages)[:2000])
+        metrics.observe_inputs([len(messages[-1]["content"])])
+        prompt_tokens = served.count_prompt_tokens(messages)
+        metrics.tokens_in.inc(prompt_tokens)
+        completion_id, created = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
+        if data.get("stream"):
+            return StreamingResponse(_stream(served, messages, max_tokens, completion_id, created, prompt_tokens),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+        def work() -> str:
+            metrics.batch_size.observe(1)
+            return served.answer(messages, max_tokens)
+
+        answer = await state.batcher.run_alone(work)
+        completion_tokens = sum(served.count_tokens([answer], truncate=False)) if answer else 0
+        metrics.tokens_out.inc(completion_tokens)
+        metrics.texts.inc()
+        return {"id": completion_id, "object": "chat.completion", "created": created, "model": served.run_id,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
+                             "finish_reason": "length" if completion_tokens >= max_tokens else "stop"}],
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens}}
+
+    async def _stream(served: ServedModel, messages: list[dict[str, str]], max_tokens: int, completion_id: str,
+                      created: int, prompt_tokens: int):
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        stop = threading.Event()
+
+        def produce() -> None:  # the model's thread: pieces go to the event loop as they come
+            try:
+                metrics.batch_size.observe(1)
+                for piece in served.stream(messages, max_tokens, stop):
+                    loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))
+                loop.call_soon_threadsafe(queue.put_nowait, ("end", None))
+            except Exception as exc:
+                loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
+            body = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                    "model": served.run_id, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            return f"data: {json.dumps(body)}\n\n"
+
+        thread = threading.Thread(target=produce, name="chat-stream", daemon=True)
+        text = []
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            thread.start()
+            while True:
+                kind, value = await queue.get()
+                if kind == "piece":
+                    text.append(value)
+                    yield chunk({"content": value})
+                elif kind == "error":
+                    log.error("internal error on chat stream: %s", type(value).__name__)
+                    yield f"data: {json.dumps({'error': {'message': 'internal error while generating', 'type': 'internal_error'}})}\n\n"
+                    return
+                else:
+                    break
+            completion_tokens = sum(served.count_tokens(["".join(text)], truncate=False)) if text else 0
+            metrics.tokens_out.inc(completion_tokens)
+            metrics.texts.inc()
+            yield chunk({}, "length" if completion_tokens >= max_tokens else "stop")
+            yield "data: [DONE]\n\n"
+        finally:
+            stop.set()  # a client that went away stops the generation at its next token
+
+    return Guard(app, api_key, settings, metrics), state

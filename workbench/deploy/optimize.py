@@ -1,0 +1,517 @@
+"""`workbench optimize RUN`: faster CPU artifacts of a classification run, measured against fp32.
+
+Artifacts go to `<run dir>/deploy/<name>/`, each with `artifact.json`; the report to
+`<run dir>/deploy/report.json` and `report.md`. Every artifact and the fp32 reference (the run's model with
+its adapters merged) are measured on the run's evaluation split in one session, interleaved round by round
+(a machine shared with other work slows all of them alike): size on disk, latency p50/p95 at batch 1 and
+batch 32, samples/s at batch 32, accuracy, and agreement (share of predictions equal to fp32's).
+
+- int8: dynamic quantisation of every Linear layer, two ways: torch (`quantize_dynamic`, qint8 weights,
+  activations quantised on the fly) and ONNX Runtime (`quantize_dynamic` on the exported graph). Both are
+  measured; the faster at batch 32 is kept as `int8` (the other stays in the report under `candidates`).
+- prune: structured pruning that removes work, not zeroed weights that cost the same with dense kernels:
+  the least important attention heads (weight norm of the head's value and output projections) and
+  feed-forward neurons (mean |activation| on up to 64 training texts times the norm of the neuron's output
+  weights) are cut out of the Linear layers of every BERT-style layer, shrinking the matrices.
+  Without retraining this costs accuracy; the report says how much.
+- onnx: the merged fp32 model exported to ONNX (opset 17, dynamic batch and sequence axes), run with
+  ONNX Runtime.
+
+An artifact slower than fp32 at batch 32 or losing more than 1 accuracy point is marked, with the reasons;
+`workbench serve RUN --artifact NAME` warns before serving a marked one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import WorkbenchError
+from ..store import RunStore
+
+ARTIFACTS = ("int8", "prune", "onnx")
+NAMES = {"int8": "int8", "prune": "pruned", "onnx": "onnx"}
+MAX_ACCURACY_LOSS = 0.01
+Progress = Callable[[str, float], None]
+
+
+def _noop(stage: str, fraction: float) -> None:
+    pass
+
+
+# --- predictors over optimised models -----------------------------------------------------------------------
+
+class TorchPredictor:
+    """`predict(texts, batch_size)` of a plain (merged, pruned or int8) sequence classifier."""
+
+    def __init__(self, model: Any, tokenizer: Any, labels: list[str], max_length: int) -> None:
+        self.model, self.tokenizer, self.labels, self.max_length = model.eval(), tokenizer, labels, max_length
+
+    def probabilities(self, texts: list[str]) -> Any:
+        import torch
+
+        batch = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
+        with torch.inference_mode():
+            return torch.softmax(self.model(**batch).logits.float(), dim=-1).numpy()
+
+    def predict(self, texts: str | list[str], batch_size: int = 32) -> list[dict[str, Any]]:
+        return _results(self, [texts] if isinstance(texts, str) else list(texts), batch_size)
+
+
+class OnnxPredictor(TorchPredictor):
+    """The same over an ONNX Runtime session."""
+
+    def __init__(self, path: Path, tokenizer: Any, labels: list[str], max_length: int, threads: int) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.inputs = {i.name for i in self.session.get_inputs()}
+        self.tokenizer, self.labels, self.max_length, self.model = tokenizer, labels, max_length, None
+
+    def probabilities(self, texts: list[str]) -> Any:
+        import numpy as np
+
+        batch = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="np")
+        feed = {k: v.astype(np.int64) for k, v in batch.items() if k in self.inputs}
+        logits = self.session.run(None, feed)[0].astype(np.float64)
+        e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+
+
+def _results(p: TorchPredictor, texts: list[str], batch_size: int) -> list[dict[str, Any]]:
+    out = []
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start: start + batch_size]
+        for text, probs in zip(chunk, p.probabilities(chunk).tolist()):
+            best = max(range(len(probs)), key=probs.__getitem__)
+            out.append({"text": text, "label": p.labels[best],
+                        "scores": {name: float(s) for name, s in zip(p.labels, probs)}})
+    return out
+
+
+# --- making each artifact ---------------------------------------------------------------------------------
+
+def quantize_torch(model: Any) -> Any:
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():  # torch.ao.quantization is deprecated upstream but works (tested here)
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).eval(), {torch.nn.Linear},
+                                                      dtype=torch.qint8)
+
+
+def export_onnx(model: Any, tokenizer: Any, path: Path, max_length: int) -> None:
+    import warnings
+
+    import torch
+
+    sample = tokenizer(["a short sample text", "another one"], padding=True, return_tensors="pt",
+                       truncation=True, max_length=max_length)
+    names = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in sample]
+    axes = {n: {0: "batch", 1: "sequence"} for n in names}
+    axes["logits"] = {0: "batch"}
+
+    class Logits(torch.nn.Module):  # plain tensors in and out, positional in `names` order
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args: Any) -> Any:
+            return self.inner(**dict(zip(names, args))).logits
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Logits(model.eval()), tuple(sample[n] for n in names), str(path), input_names=names,
+                          output_names=["logits"], dynamic_axes=axes, opset_version=17, dynamo=False)
+
+
+def quantize_onnx(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+
+
+def _bert_layers(model: Any) -> list[Any]:
+    """The encoder layers with BERT's shape: attention.self.{query,key,value}, attention.output.dense,
+    intermediate.dense, output.dense."""
+    layers = []
+    for module in model.modules():
+        att = getattr(module, "attention", None)
+        if (att is not None and hasattr(getattr(att, "self", None), "query") and hasattr(module, "intermediate")
+                and hasattr(getattr(module, "output", None), "dense")):
+            layers.append(module)
+    return layers
+
+
+def _slice_linear(linear: Any, keep: Any, dim: int) -> Any:
+    """A new Linear keeping `keep` output rows (dim 0) or input columns (dim 1)."""
+    import torch
+
+    weight = linear.weight.data.index_select(dim, keep).clone()
+    out_f, in_f = weight.shape
+    new = torch.nn.Linear(in_f, out_f, bias=linear.bias is not None)
+    new.weight.data.copy_(weight)
+    if linear.bias is not None:
+        new.bias.data.copy_(linear.bias.data if dim == 1 else linear.bias.data.index_select(0, keep))
+    return new
+
+
+def apply_pruning(model: Any, plan: list[dict[str, list[int]]]) -> Any:
+    """Cut each layer down to the heads and neurons that `plan` keeps (in place; returns the model)."""
+    import torch
+
+    layers = _bert_layers(model)
+    if len(layers) != len(plan):
+        raise WorkbenchError(f"the pruning plan has {len(plan)} layers, the model {len(layers)}: re-run optimize")
+    for layer, keep in zip(layers, plan):
+        sa, out = layer.attention.self, layer.attention.output
+        size = sa.attention_head_size
+        rows = torch.tensor([h * size + i for h in keep["heads"] for i in range(size)], dtype=torch.long)
+        for name in ("query", "key", "value"):
+            setattr(sa, name, _slice_linear(getattr(sa, name), rows, 0))
+        out.dense = _slice_linear(out.dense, rows, 1)
+        sa.num_attention_heads = len(keep["heads"])
+        sa.all_head_size = len(rows)
+        neurons = torch.tensor(keep["neurons"], dtype=torch.long)
+        layer.intermediate.dense = _slice_linear(layer.intermediate.dense, neurons, 0)
+        layer.output.dense = _slice_linear(layer.output.dense, neurons, 1)
+    return model
+
+
+def pruning_plan(model: Any, tokenizer: Any, texts: list[str], max_length: int, heads_fraction: float,
+                 ffn_fraction: float) -> list[dict[str, list[int]]]:
+    """Which heads and feed-forward neurons each layer keeps (the most important; at least one head)."""
+    import torch
+
+    layers = _bert_layers(model)
+    if not layers:
+        raise WorkbenchError("structured pruning handles BERT-style encoders (attention.self.query/key/value, "
+                             "intermediate.dense, output.dense): this model has none; leave out --prune")
+    acts: list[Any] = [None] * len(layers)
+    hooks = []
+    for i, layer in enumerate(layers):
+        def hook(module: Any, inputs: Any, output: Any, i: int = i) -> None:
+            a = output.detach().abs().flatten(0, -2).sum(0)
+            acts[i] = a if acts[i] is None else acts[i] + a
+        hooks.append(layer.intermediate.register_forward_hook(hook))
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(texts), 16):
+                batch = tokenizer(texts[start: start + 16], truncation=True, max_length=max_length, padding=True,
+                                  return_tensors="pt")
+                model(**batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    plan = []
+    for layer, act in zip(layers, acts):
+        sa, out = layer.attention.self, layer.attention.output
+        n_heads, size = sa.num_attention_heads, sa.attention_head_size
+        v = sa.value.weight.data.view(n_heads, size, -1)
+        o = out.dense.weight.data.view(out.dense.weight.shape[0], n_heads, size)
+        head_score = v.flatten(1).norm(dim=1) * o.transpose(0, 1).flatten(1).norm(dim=1)
+        n_keep = max(1, n_heads - int(round(n_heads * heads_fraction)))
+        heads = sorted(head_score.topk(n_keep).indices.tolist())
+        neuron_score = act * layer.output.dense.weight.data.norm(dim=0)
+        n_neurons = neuron_score.numel()
+        keep_n = max(1, n_neurons - int(round(n_neurons * ffn_fraction)))
+        neurons = sorted(neuron_score.topk(keep_n).indices.tolist())
+        plan.append({"heads": heads, "neurons": neurons})
+    return plan
+
+
+# --- measuring -------------------------------------------------------------------------------------------------
+
+def _size_mb(path: Path) -> float:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return round(sum(p.stat().st_size for p in files) / 1e6, 2)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, int(round(q * (len(ordered) - 1)))))
+    return ordered[k]
+
+
+def measure(predictors: dict[str, TorchPredictor], texts: list[str], gold: list[int], singles: int = 48,
+            batch: int = 32, progress: Progress = _noop) -> dict[str, dict[str, Any]]:
+    """Accuracy, predictions, latency and throughput of each predictor, interleaved round by round."""
+    import numpy as np
+
+    names = list(predictors)
+    preds: dict[str, list[int]] = {n: [] for n in names}
+    b32: dict[str, list[float]] = {n: [] for n in names}
+    b1: dict[str, list[float]] = {n: [] for n in names}
+    for p in predictors.values():  # warm-up: first calls allocate
+        p.probabilities(texts[:2])
+    chunks = [texts[i: i + batch] for i in range(0, len(texts), batch)]
+    for c, chunk in enumerate(chunks):
+        for n in names:
+            start = time.perf_counter()
+            probs = predictors[n].probabilities(chunk)
+            b32[n].append(time.perf_counter() - start)
+            preds[n].extend(np.asarray(probs).argmax(axis=-1).tolist())
+        progress("measuring batch 32", (c + 1) / len(chunks))
+    for i, text in enumerate(texts[:singles]):
+        for n in names:
+            start = time.perf_counter()
+            predictors[n].probabilities([text])
+            b1[n].append(time.perf_counter() - start)
+        progress("measuring batch 1", (i + 1) / min(singles, len(texts)))
+    out = {}
+    for n in names:
+        full_times = [t for c, t in zip(chunks, b32[n]) if len(c) == batch] or b32[n]
+        out[n] = {
+            "accuracy": round(float(np.mean(np.asarray(preds[n]) == np.asarray(gold))), 4),
+            "predictions": preds[n],
+            "latency_ms": {"batch_1": {"p50": round(1000 * statistics.median(b1[n]), 2),
+                                       "p95": round(1000 * _percentile(b1[n], 0.95), 2)},
+                           "batch_32": {"p50": round(1000 * statistics.median(full_times), 2),
+                                        "p95": round(1000 * _percentile(full_times, 0.95), 2)}},
+            "samples_per_s": round(len(texts) / sum(b32[n]), 1),
+            "samples_per_s_batch_1": round(len(b1[n]) / sum(b1[n]), 1),
+        }
+    return out
+
+
+# --- the command ----------------------------------------------------------------------------------------------
+
+def _classifier(run: str, home: str | Path | None) -> tuple[dict[str, Any], TorchPredictor]:
+    from ..predict import load_predictor
+    from .adapter import CLASSIFICATION, merge_adapters, task_of
+
+    store = RunStore(home)
+    record = store.get(run)
+    predictor = load_predictor(record["id"], store.home)
+    if task_of(predictor) != CLASSIFICATION:
+        raise WorkbenchError(f"run {record['id']} is a {task_of(predictor)} run: optimize handles classification "
+                             "runs (encoder classifiers)")
+    if getattr(predictor, "encode", None) is not None:
+        raise WorkbenchError(f"run {record['id']} classifies with a causal LM prompt: optimize handles encoder "
+                             "classifiers (BERT-style); serve this run as fp32")
+    model = merge_adapters(predictor.model)
+    return record, TorchPredictor(model, predictor.tokenizer, list(predictor.labels), predictor.max_length)
+
+
+def optimize(run: str = "latest", home: str | Path | None = None, int8: bool = True, prune: bool = False,
+             onnx: bool = False, prune_heads: float = 0.25, prune_ffn: float = 0.4, max_eval: int | None = None,
+             progress: Progress | None = None) -> dict[str, Any]:
+    """Make the asked artifacts, measure them against fp32, write the report; returns it (plain values).
+
+    `progress(stage, fraction)` is called as work goes (fraction 0..1 within the stage).
+    """
+    import torch
+
+    from .adapter import eval_split
+
+    progress = progress or _noop
+    if not (int8 or prune or onnx):
+        raise WorkbenchError("nothing to make: ask for at least one of --int8, --prune, --onnx")
+    for name, value in (("prune_heads", prune_heads), ("prune_ffn", prune_ffn)):
+        if not 0 <= value < 1:
+            raise WorkbenchError(f"{name} must be a fraction from 0 to below 1, got {value}")
+    progress("loading the run", 0.0)
+    record, fp32 = _classifier(run, home)
+    run_dir = Path(record["dir"])
+    texts, gold, labels = eval_split(record)
+    if max_eval:
+        texts, gold = texts[:max_eval], gold[:max_eval]
+    out_root = run_dir / "deploy"
+    out_root.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    predictors: dict[str, TorchPredictor] = {"fp32": fp32}
+    made: dict[str, dict[str, Any]] = {}
+    tmp_root = out_root / ".building"
+    shutil.rmtree(tmp_root, ignore_errors=True)
+    tmp_root.mkdir()
+    try:
+        fp32_dir = tmp_root / "fp32"
+        fp32_dir.mkdir()
+        _save_state(fp32.model, fp32_dir / "model.safetensors")
+        onnx_fp32 = tmp_root / "onnx" / "model.onnx"
+        if onnx or int8:
+            progress("exporting to ONNX", 0.0)
+            export_onnx(fp32.model, fp32.tokenizer, onnx_fp32, fp32.max_length)
+        if onnx:
+            predictors["onnx"] = OnnxPredictor(onnx_fp32, fp32.tokenizer, labels, fp32.max_length, threads)
+            made["onnx"] = {"kind": "onnx", "dir": onnx_fp32.parent}
+        if int8:
+            progress("quantising to int8", 0.0)
+            q = quantize_torch(fp32.model)
+            d = tmp_root / "int8-torch"
+            d.mkdir()
+            torch.save(q.state_dict(), d / "model.pt")
+            predictors["int8-torch"] = TorchPredictor(q, fp32.tokenizer, labels, fp32.max_length)
+            made["int8-torch"] = {"kind": "torch-int8", "dir": d}
+            d = tmp_root / "int8-onnx"
+            d.mkdir()
+            quantize_onnx(onnx_fp32, d / "model.onnx")
+            predictors["int8-onnx"] = OnnxPredictor(d / "model.onnx", fp32.tokenizer, labels, fp32.max_length,
+                                                    threads)
+            made["int8-onnx"] = {"kind": "onnx-int8", "dir": d}
+        if prune:
+            progress("pruning heads and neurons", 0.0)
+            train_texts = _calibration_texts(record, texts)
+            plan = pruning_plan(fp32.model, fp32.tokenizer, train_texts, fp32.max_length, prune_heads, prune_ffn)
+            pruned = apply_pruning(copy.deepcopy(fp32.model), plan)
+            d = tmp_root / "pruned"
+            d.mkdir()
+            _save_state(pruned, d / "model.safetensors")
+            (d / "pruning.json").write_text(json.dumps({"heads_fraction": prune_heads, "ffn_fraction": prune_ffn,
+                                                        "plan": plan}))
+            predictors["pruned"] = TorchPredictor(pruned, fp32.tokenizer, labels, fp32.max_length)
+            made["pruned"] = {"kind": "pruned", "dir": d}
+        results = measure(predictors, texts, gold, progress=progress)
+        report = _report(record, results, made, fp32_dir, labels, len(texts), threads)
+        _install(out_root, tmp_root, report, made)
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+    (out_root / "report.json").write_text(json.dumps(report, indent=2))
+    (out_root / "report.md").write_text(report_markdown(report))
+    progress("done", 1.0)
+    return report
+
+
+def _calibration_texts(record: dict[str, Any], fallback: list[str]) -> list[str]:
+    """Up to 64 training texts (never the evaluation texts the report measures on)."""
+    from ..config import Config
+    from ..data import prepare
+
+    try:
+        config = Config.from_dict(record["config"])
+        return prepare(config.data, config.train.seed).train_texts[:64]
+    except Exception:
+        return fallback[:16]
+
+
+def _save_state(model: Any, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+def _report(record: dict[str, Any], results: dict[str, dict[str, Any]], made: dict[str, dict[str, Any]],
+            fp32_dir: Path, labels: list[str], n_eval: int, threads: int) -> dict[str, Any]:
+    base = results["fp32"]
+
+    def entry(name: str) -> dict[str, Any]:
+        r = results[name]
+        agreement = sum(a == b for a, b in zip(r["predictions"], base["predictions"])) / max(1, n_eval)
+        e = {k: v for k, v in r.items() if k != "predictions"}
+        e["size_mb"] = _size_mb(made[name]["dir"]) if name in made else _size_mb(fp32_dir)
+        if name != "fp32":
+            e["kind"] = made[name]["kind"]
+            e["speedup"] = round(r["samples_per_s"] / base["samples_per_s"], 2)
+            e["speedup_batch_1"] = round(base["latency_ms"]["batch_1"]["p50"] / r["latency_ms"]["batch_1"]["p50"], 2)
+            e["agreement"] = round(agreement, 4)
+            e["accuracy_delta"] = round(r["accuracy"] - base["accuracy"], 4)
+            reasons = []
+            if e["speedup"] < 1.0:
+                reasons.append(f"slower than fp32 at batch 32 ({e['speedup']:.2f}x)")
+            if base["accuracy"] - r["accuracy"] > MAX_ACCURACY_LOSS:
+                reasons.append(f"loses {100 * (base['accuracy'] - r['accuracy']):.1f} accuracy points")
+            e["marked"], e["reasons"] = bool(reasons), reasons
+        return e
+
+    artifacts: dict[str, Any] = {}
+    candidates = [n for n in ("int8-torch", "int8-onnx") if n in results]
+    if candidates:
+        best = max(candidates, key=lambda n: results[n]["samples_per_s"])
+        artifacts["int8"] = entry(best)
+        artifacts["int8"]["backend"] = "torch" if best == "int8-torch" else "onnxruntime"
+        artifacts["int8"]["candidates"] = {n: entry(n) for n in candidates}
+    for name in ("pruned", "onnx"):
+        if name in results:
+            artifacts[name] = entry(name)
+    import platform
+
+    return {"run": record["id"], "model": record["config"].get("model"), "eval_size": n_eval, "labels": labels,
+            "threads": threads, "load_average": list(os.getloadavg()), "machine": platform.processor() or
+            platform.machine(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "fp32": entry("fp32"), "artifacts": artifacts,
+            "paths": {n: str(Path(record["dir"]) / "deploy" / n) for n in artifacts}}
+
+
+def _install(out_root: Path, tmp_root: Path, report: dict[str, Any], made: dict[str, dict[str, Any]]) -> None:
+    """Move each kept artifact into <run>/deploy/<name>/ with its artifact.json (replacing an older one)."""
+    for name, entry in report["artifacts"].items():
+        source = made["int8-" + entry["backend"].replace("onnxruntime", "onnx")]["dir"] if name == "int8" \
+            else made[name]["dir"]
+        info = {k: v for k, v in entry.items() if k != "candidates"}
+        info["name"] = name
+        info["run"] = report["run"]
+        (source / "artifact.json").write_text(json.dumps(info, indent=2))
+        target = out_root / name
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.move(str(source), str(target))
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    rows = [("fp32", report["fp32"])] + [(n, a) for n, a in report["artifacts"].items()]
+    lines = [f"# Optimize report: run {report['run']}", "",
+             f"{report['eval_size']} evaluation texts, {report['threads']} threads, load average "
+             f"{report['load_average'][0]:.2f}, measured {report['measured_at']}.", "",
+             "| artifact | size MB | b1 p50 ms | b1 p95 ms | b32 p50 ms | b32 p95 ms | samples/s | speedup | "
+             "accuracy | agreement | marked |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, a in rows:
+        lat = a["latency_ms"]
+        label = name + (f" ({a['backend']})" if "backend" in a else "")
+        lines.append(f"| {label} | {a['size_mb']} | {lat['batch_1']['p50']} | {lat['batch_1']['p95']} | "
+                     f"{lat['batch_32']['p50']} | {lat['batch_32']['p95']} | {a['samples_per_s']} | "
+                     f"{a.get('speedup', 1.0)}x | {a['accuracy']:.4f} | {a.get('agreement', 1.0):.4f} | "
+                     f"{'; '.join(a.get('reasons', [])) or '-'} |")
+    int8 = report["artifacts"].get("int8")
+    if int8 and int8.get("candidates"):
+        lines += ["", "int8 backends measured: " + ", ".join(
+            f"{n} {c['samples_per_s']} samples/s" for n, c in int8["candidates"].items())
+            + f"; kept {int8['backend']}."]
+    return "\n".join(lines) + "\n"
+
+
+# --- loading an artifact to serve ------------------------------------------------------------------------------
+
+def artifact_record(run_dir: str | Path, name: str) -> dict[str, Any]:
+    path = Path(run_dir) / "deploy" / name / "artifact.json"
+    if not path.is_file():
+        have = sorted(p.parent.name for p in (Path(run_dir) / "deploy").glob("*/artifact.json"))
+        raise WorkbenchError(f"run has no artifact {name!r} (has: {', '.join(have) or 'none'}): make it with "
+                             f"`workbench optimize RUN --{'prune' if name == 'pruned' else name}`")
+    return json.loads(path.read_text())
+
+
+def apply_artifact(predictor: Any, run_dir: Path, name: str) -> tuple[TorchPredictor, dict[str, Any]]:
+    """A predictor over artifact `name` of the run whose fp32 predictor (adapters merged) is given."""
+    import torch
+
+    info = artifact_record(run_dir, name)
+    d = run_dir / "deploy" / name
+    labels, tokenizer, max_length = list(predictor.labels), predictor.tokenizer, predictor.max_length
+    kind = info["kind"]
+    if kind in ("onnx", "onnx-int8"):
+        return OnnxPredictor(d / "model.onnx", tokenizer, labels, max_length, torch.get_num_threads()), info
+    if kind == "torch-int8":
+        q = quantize_torch(predictor.model)  # the structure; the saved int8 weights go into it
+        q.load_state_dict(torch.load(d / "model.pt", weights_only=True))
+        return TorchPredictor(q, tokenizer, labels, max_length), info
+    if kind == "pruned":
+        from safetensors.torch import load_file
+
+        plan = json.loads((d / "pruning.json").read_text())["plan"]
+        model = apply_pruning(predictor.model, plan)
+        model.load_state_dict(load_file(str(d / "model.safetensors")))
+        return TorchPredictor(model, tokenizer, labels, max_length), info
+    raise WorkbenchError(f"artifact {name!r} has an unknown kind {kind!r}: re-run workbench optimize")

@@ -1,0 +1,245 @@
+"""Running the server: in this process (`serve`, what `workbench serve` calls) or as a background process that
+outlives its caller (`start_server` / `server_status` / `stop_server`, for notebooks and the dashboard).
+
+A running server records itself in `<run dir>/deploy/server.json` (mode 0600: it holds the key): pid, host,
+port, url, artifact, the key and the key file. uvicorn drains on SIGTERM or Ctrl-C: it stops accepting
+connections, lets the requests in flight (streams included) finish, up to `drain_seconds`, then the
+micro-batcher stops and the record is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import WorkbenchError
+from ..store import RunStore
+from .app import ServeSettings, create_app
+from .keys import ensure_api_key, is_loopback, key_path, mask, read_key_file, write_key_file
+
+STATE_FILE = "server.json"
+
+
+def _pid_alive(pid: int | None) -> bool:
+    """True while process `pid` runs (a zombie, dead but not yet reaped, counts as gone)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def deploy_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "deploy"
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise WorkbenchError(f"cannot listen on {host}:{port} ({exc.strerror}): pick another --port, or leave "
+                             "it out for a free one") from None
+    return sock
+
+
+def resolve_key(home: Path, host: str, api_key_file: str | None, no_api_key: bool) -> tuple[str | None, bool, str]:
+    """The key to require, whether it was made now, and where it is kept. Refuses an open non-loopback server."""
+    if no_api_key:
+        if not is_loopback(host):
+            raise WorkbenchError(f"refusing to listen on {host} without an API key: anyone who reaches this "
+                                 "machine could call the model; drop --no-api-key (or listen on 127.0.0.1)")
+        return None, False, ""
+    if api_key_file:
+        return read_key_file(api_key_file), False, str(Path(api_key_file).resolve())
+    key, created = ensure_api_key(home)
+    return key, created, str(key_path(home))
+
+
+def serve(run: str = "latest", home: str | Path | None = None, host: str = "127.0.0.1", port: int = 0,
+          artifact: str | None = None, settings: ServeSettings | None = None, api_key_file: str | None = None,
+          no_api_key: bool = False, drain_seconds: float = 30.0, echo: Callable[[str], None] = print) -> None:
+    """Serve a run until SIGTERM / Ctrl-C (blocking). Prints the URL (and the key, the first time only)."""
+    import uvicorn
+
+    from .adapter import drift_baseline, load_served_model
+    from .optimize import artifact_record
+
+    store = RunStore(home)
+    record = store.get(run)
+    run_id, run_dir = record["id"], Path(record["dir"])
+    if not (run_dir / "model" / "trainable.safetensors").is_file():
+        raise WorkbenchError(f"run {run_id} has no trained model to serve (status {record['status']}): wait "
+                             "until it completes an evaluation, or pick another run")
+    if artifact and artifact != "fp32":
+        info = artifact_record(run_dir, artifact)  # refuses an unknown artifact before anything listens
+        if info.get("marked"):
+            echo(f"warning: artifact {artifact} is marked in the optimize report: {'; '.join(info['reasons'])}")
+    key, created, key_file = resolve_key(store.home, host, api_key_file, no_api_key)
+    settings = settings or ServeSettings()
+    sock = _bind(host, port)
+    port = sock.getsockname()[1]
+    shown_host = f"[{host}]" if ":" in host else host
+    url = f"http://{shown_host}:{port}"
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    app, state = create_app(lambda: load_served_model(run_id, store.home, artifact), settings, key,
+                            baseline=lambda served: drift_baseline(record) if served.task == "classification"
+                            else None)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=drain_seconds,
+                            lifespan="on", server_header=False)
+    server = uvicorn.Server(config)
+    state_path = deploy_dir(run_dir) / STATE_FILE
+    write_key_file(state_path, json.dumps({
+        "run": run_id, "pid": os.getpid(), "host": host, "port": port, "url": url, "artifact": artifact or "fp32",
+        "api_key": key, "api_key_file": key_file, "started_at": time.time(),
+        "max_batch_size": settings.max_batch_size, "max_wait_ms": settings.max_wait_ms}))
+    echo(f"serving run {run_id} ({artifact or 'fp32'}) at {url}")
+    if key is None:
+        echo("no API key: every route is open (loopback only)")
+    elif created:
+        echo(f"API key (shown once; kept in {key_file}, mode 0600): {key}")
+    else:
+        echo(f"API key {mask(key)} from {key_file}")
+    echo(f"try: curl -H 'Authorization: Bearer <key>' {url}/readyz   (Ctrl-C or SIGTERM stops it, draining)")
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+        try:
+            if json.loads(state_path.read_text()).get("pid") == os.getpid():
+                state_path.unlink()
+        except (OSError, ValueError):
+            pass
+
+
+# --- a background server that outlives its caller ---------------------------------------------------------
+
+def server_status(run: str = "latest", home: str | Path | None = None) -> dict[str, Any] | None:
+    """The run's server record (pid, port, url, api_key, ...) when its process is alive, else None."""
+    store = RunStore(home)
+    record = store.get(run)
+    path = deploy_dir(record["dir"]) / STATE_FILE
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not _pid_alive(info.get("pid")):
+        path.unlink(missing_ok=True)  # a server killed without draining left its record behind
+        return None
+    return info
+
+
+def start_server(run: str = "latest", home: str | Path | None = None, artifact: str | None = None,
+                 port: int = 0, host: str = "127.0.0.1", max_batch_size: int = 32, max_wait_ms: float = 5.0,
+                 api_key_file: str | None = None, timeout: float = 180.0, extra_args: list[str] | None = None
+                 ) -> dict[str, Any]:
+    """Start `workbench serve` as its own process (a new session: closing a notebook or a page does not stop it),
+    wait until /readyz answers, and return its record (see `server_status`). One server per run."""
+    import httpx
+
+    store = RunStore(home)
+    record = store.get(run)
+    run_id = record["id"]
+    running = server_status(run_id, store.home)
+    if running:
+        raise WorkbenchError(f"run {run_id} is already served at {running['url']} (pid {running['pid']}): "
+                             "stop it first")
+    out_dir = deploy_dir(record["dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_path = out_dir / "server.log"
+    cmd = [sys.executable, "-m", "workbench", "--home", str(store.home), "serve", run_id, "--host", host,
+           "--port", str(port), "--max-batch-size", str(max_batch_size), "--max-wait-ms", str(max_wait_ms)]
+    if artifact:
+        cmd += ["--artifact", artifact]
+    if api_key_file:
+        cmd += ["--api-key-file", str(api_key_file)]
+    cmd += list(extra_args or [])
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + timeout
+    state_path = out_dir / STATE_FILE
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
+            raise WorkbenchError(f"the server for run {run_id} exited (code {proc.returncode}): "
+                                 + " | ".join(tail))
+        try:
+            info = json.loads(state_path.read_text())
+        except (OSError, ValueError):
+            info = None
+        if info and info.get("pid") == proc.pid:
+            headers = {"Authorization": f"Bearer {info['api_key']}"} if info.get("api_key") else {}
+            try:
+                r = httpx.get(info["url"] + "/readyz", headers=headers, timeout=5)
+                if r.status_code == 200:
+                    return info
+                if r.status_code == 503 and "failed" in r.text:
+                    stop_server(run_id, store.home)
+                    raise WorkbenchError(f"run {run_id}: {r.json()['error']['message']}")
+            except httpx.HTTPError:
+                pass
+        time.sleep(0.25)
+    proc.terminate()
+    raise WorkbenchError(f"the server for run {run_id} was not ready within {timeout:.0f} s: see {log_path}")
+
+
+def stop_server(run: str = "latest", home: str | Path | None = None, timeout: float = 30.0) -> bool:
+    """SIGTERM the run's server (it drains its requests first); True if one was running."""
+    info = server_status(run, home)
+    if info is None:
+        return False
+    pid = int(info["pid"])
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _pid_alive(pid):
+        try:  # our own child (started in this process) must be reaped, or it stays a zombie
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.1)
+    if _pid_alive(pid):
+        os.kill(pid, signal.SIGKILL)
+    record = RunStore(home).get(run)
+    (deploy_dir(record["dir"]) / STATE_FILE).unlink(missing_ok=True)
+    return True
+
+
+def read_metrics(server: dict[str, Any] | str, api_key: str | None = None, timeout: float = 5.0) -> dict[str, Any]:
+    """GET /metrics of a server (its record from `start_server`/`server_status`, or a URL) as plain values
+    (`monitor.parse_metrics`: requests, latency p50/p95, batches, labels, drift, tokens)."""
+    import httpx
+
+    from .monitor import parse_metrics
+
+    if isinstance(server, dict):
+        url, api_key = server["url"], api_key or server.get("api_key")
+    else:
+        url = server.rstrip("/")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    r = httpx.get(url + "/metrics", headers=headers, timeout=timeout)
+    if r.status_code != 200:
+        raise WorkbenchError(f"{url}/metrics answered {r.status_code}: {r.text[:200]}")
+    return parse_metrics(r.text)
