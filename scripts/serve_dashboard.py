@@ -1,30 +1,76 @@
 """Serve the dashboard (notebooks/dashboard.ipynb) with Voila on a free local port and print its URL.
 
-    python scripts/serve_dashboard.py                 # http://127.0.0.1:<free port>/
+    python scripts/serve_dashboard.py                 # http://127.0.0.1:<free port>/, this machine only
     python scripts/serve_dashboard.py --read-only     # a public demo: watch, compare, try; no training
     python scripts/serve_dashboard.py --port 8866 --home workbench-runs
+    WORKBENCH_DASHBOARD_TOKEN=... python scripts/serve_dashboard.py --host 0.0.0.0 --allowed-host demo.example.org
 
 Voila runs standalone: code cells are hidden, tracebacks are not shown, and every visitor gets a new
 kernel; training runs are their own processes in the run store ($WORKBENCH_HOME), so a reload
 reattaches to them. Stop with Ctrl-C (a run in progress goes on; stop it from the page or the CLI).
+
+What the server enforces:
+- beyond loopback (any --host other than 127.x.x.x, ::1 or localhost) a token is required
+  (--token, or $WORKBENCH_DASHBOARD_TOKEN; --token auto makes one), and the Host header must be one of the
+  --allowed-host names (DNS rebinding: a page of another site that resolves its name to this server is
+  refused); on loopback the Host must be localhost or a loopback address;
+- a visitor's kernel is shut down after --cull-idle seconds without activity once its tab is closed
+  (default 600 s), which gives its memory back; a page that is open is never culled;
+- a websocket message may be up to twice the dashboard's upload limit, so an upload over the limit
+  reaches the page's kernel and is refused there in words instead of closing the connection.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import json
 import os
+import secrets
 import socket
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "notebooks" / "dashboard.ipynb"
+TOKEN_ENV = "WORKBENCH_DASHBOARD_TOKEN"
+MIN_TOKEN_CHARS = 16
+CULL_IDLE_S = 600  # a closed tab's kernel goes after 10 minutes without activity
+CULL_INTERVAL_S = 60  # how often the server looks for idle kernels
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def upload_limit_bytes() -> int:
+    """The dashboard's upload limit (widgets/data_panel.py): one number for the page and the server."""
+    from widgets.data_panel import MAX_UPLOAD_BYTES
+
+    return MAX_UPLOAD_BYTES
+
+
+def websocket_limit_bytes() -> int:
+    """Twice the upload limit: an upload a little over the limit still reaches the kernel and is refused in words."""
+    return 2 * upload_limit_bytes()
+
+
+class Refused(Exception):
+    """A setting the server will not start with; the message names the fix."""
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def free_port(preferred: int | None = None, host: str = "127.0.0.1") -> int:
     """`preferred` when it is free, else a port the OS picks."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     for port in ([preferred] if preferred else []) + [0]:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
             try:
                 s.bind((host, port))
             except OSError:
@@ -33,23 +79,105 @@ def free_port(preferred: int | None = None, host: str = "127.0.0.1") -> int:
     raise RuntimeError("no free port")  # unreachable: port 0 always binds
 
 
-def voila_command(port: int, host: str = "127.0.0.1") -> list[str]:
-    return [sys.executable, "-m", "voila", str(NOTEBOOK), "--no-browser", f"--port={port}", f"--Voila.ip={host}",
-            "--show_tracebacks=False", "--strip_sources=True"]
+def tornado_settings(host: str, allowed_hosts: list[str]) -> dict:
+    """The Host check (on unless '*' is allowed) and the websocket message limit."""
+    settings: dict = {"websocket_max_message_size": websocket_limit_bytes()}
+    if "*" in allowed_hosts:
+        settings["allow_remote_access"] = True  # the operator asked for no Host check (a token still guards)
+    else:
+        # jupyter_server accepts loopback addresses and these names only
+        settings["allow_remote_access"] = False
+        settings["local_hostnames"] = sorted({"localhost", *allowed_hosts})
+    return settings
+
+
+def write_voila_config(folder: Path, host: str, allowed_hosts: list[str]) -> Path:
+    """<folder>/voila.json with the tornado settings (a command line would pass their booleans as strings)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "voila.json"
+    path.write_text(json.dumps({"Voila": {"tornado_settings": tornado_settings(host, allowed_hosts)}}, indent=1))
+    return path
+
+
+def voila_command(port: int, host: str, config_dir: Path, token: bool = False,
+                  cull_idle: int = CULL_IDLE_S) -> list[str]:
+    """The Voila command line (the token itself travels in $JUPYTER_TOKEN, never on a command line)."""
+    command = [sys.executable, "-m", "voila", str(NOTEBOOK), "--no-browser", f"--port={port}", f"--Voila.ip={host}",
+               "--show_tracebacks=False", "--strip_sources=True",
+               f"--Voila.config_file_paths={config_dir}",  # only ours: no stray voila.json from elsewhere
+               f"--MappingKernelManager.cull_idle_timeout={cull_idle}",
+               f"--MappingKernelManager.cull_interval={min(CULL_INTERVAL_S, max(cull_idle // 2, 1))}",
+               "--MappingKernelManager.cull_connected=False",  # an open page keeps its kernel
+               "--MappingKernelManager.cull_busy=False"]
+    if token:
+        command.append("--Voila.auto_token=True")  # the identity provider reads $JUPYTER_TOKEN
+    return command
+
+
+def check_exposure(host: str, token: str, allowed_hosts: list[str]) -> list[str]:
+    """Refuse an unprotected server beyond loopback (Refused, one line); returns the warnings to print."""
+    if is_loopback(host):
+        return []
+    if not token:
+        raise Refused(f"--host {host} listens beyond this machine: set a token (--token auto, --token TOKEN, "
+                         f"or ${TOKEN_ENV}) so that only visitors with the link can use the dashboard")
+    if not allowed_hosts:
+        raise Refused(f"--host {host} listens beyond this machine: name the host visitors type in their browser "
+                         "with --allowed-host NAME (repeatable; '*' turns the Host check off)")
+    warnings = []
+    if host in ("0.0.0.0", "::", ""):
+        warnings.append(f"warning: --host {host} listens on every network interface of this machine; "
+                        "anyone who can reach it and has the token can use the dashboard")
+    if "*" in allowed_hosts:
+        warnings.append("warning: --allowed-host '*' turns the Host-header check off (DNS rebinding is then only "
+                        "stopped by the token)")
+    return warnings
+
+
+def resolve_token(value: str | None) -> str:
+    token = value if value is not None else os.environ.get(TOKEN_ENV, "")
+    token = token.strip()
+    if token == "auto":
+        return secrets.token_urlsafe(24)
+    if token and len(token) < MIN_TOKEN_CHARS:
+        raise Refused(f"the token is {len(token)} characters: use at least {MIN_TOKEN_CHARS} "
+                         "(or --token auto for a random one)")
+    return token
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=8866, help="preferred port; another free one if taken")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    parser.add_argument("--token", help=f"required beyond loopback: a secret of {MIN_TOKEN_CHARS}+ characters, "
+                                        f"or 'auto' (default: ${TOKEN_ENV})")
+    parser.add_argument("--allowed-host", dest="allowed_hosts", action="append", default=[], metavar="NAME",
+                        help="a host name visitors use (beyond loopback; repeatable; '*' = no Host check)")
+    parser.add_argument("--cull-idle", type=int, default=CULL_IDLE_S, metavar="SECONDS",
+                        help=f"shut down a closed page's kernel after this many idle seconds (default {CULL_IDLE_S})")
     parser.add_argument("--home", help="run store (default: $WORKBENCH_HOME or ./workbench-runs)")
     parser.add_argument("--read-only", action="store_true", help="no training controls (public demos)")
     args = parser.parse_args(argv)
+
+    try:
+        token = resolve_token(args.token)
+        warnings = check_exposure(args.host, token, args.allowed_hosts)
+        if args.cull_idle < 1:
+            raise Refused(f"--cull-idle {args.cull_idle}: give a number of seconds (at least 1)")
+    except Refused as exc:
+        print(f"serve_dashboard: {exc}", file=sys.stderr)
+        return 2
+    for line in warnings:
+        print(line, file=sys.stderr)
 
     env = dict(os.environ)
     env["WORKBENCH_HOME"] = str(Path(args.home or env.get("WORKBENCH_HOME", ROOT / "workbench-runs")).resolve())
     if args.read_only:
         env["WORKBENCH_READ_ONLY"] = "1"
+    env.pop(TOKEN_ENV, None)
+    env.pop("JUPYTER_TOKEN", None)
+    if token:
+        env["JUPYTER_TOKEN"] = token
     env.setdefault("WANDB_SILENT", "true")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
@@ -59,10 +187,16 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     port = free_port(args.port, args.host)
-    print(f"LLM Workbench dashboard: http://{args.host}:{port}/  (runs in {env['WORKBENCH_HOME']}; Ctrl-C stops)",
-          flush=True)
+    names = [h for h in args.allowed_hosts if h != "*"]
+    shown = names[0] if names and not is_loopback(args.host) else args.host
+    shown = f"[{shown}]" if ":" in shown else shown
+    query = f"?token={token}" if token else ""
+    print(f"LLM Workbench dashboard: http://{shown}:{port}/{query}  (runs in {env['WORKBENCH_HOME']}; "
+          "Ctrl-C stops)", flush=True)
     os.chdir(ROOT / "notebooks")
-    command = voila_command(port, args.host)
+    config_dir = write_voila_config(Path(env["WORKBENCH_HOME"]) / ".dashboard-server", args.host,
+                                    args.allowed_hosts).parent
+    command = voila_command(port, args.host, config_dir, bool(token), args.cull_idle)
     os.execve(command[0], command, env)  # become Voila: signals (Ctrl-C, SIGTERM) reach it directly
     return 0  # not reached
 
