@@ -4,7 +4,9 @@ The page itself is `widgets.Dashboard`; this file only decides what it starts wi
 
 - the embedded default (minilm-l6 + bbc-news + LoRA, course-sized), or what the environment names:
   WORKBENCH_DEMO_MODEL, WORKBENCH_DEMO_DATA, WORKBENCH_DEMO_OVERRIDES ("train.epochs=3 data.max_train_samples=64");
-- WORKBENCH_READ_ONLY=1 for public demos: runs can be watched, compared and tried, not started;
+- WORKBENCH_READ_ONLY=1 for public demos: runs can be watched, compared and tried, not started or stopped
+  (the setup panels, the upload and Start/Stop are not built at all);
+- catalog models only (plus the demo's model), trust_remote_code off: no model repository's code runs here;
 - on load, the page follows the run that is training in the store, or shows the latest run: Voila gives
   every visitor (and every reload) a new kernel, while the run goes on in its own process;
 - at most one training run at a time on this machine: Start is refused, in words, while one is going;
@@ -28,10 +30,10 @@ from IPython.display import display
 
 import course
 from workbench import Config, WorkbenchError
-from workbench.launch import RunHandle, attach
+from workbench.catalog import MODELS
+from workbench.launch import RunHandle, attach, launch
 from workbench.store import RunStore
 from widgets import Dashboard
-from widgets._style import full_width
 
 ACTIVE = ("queued", "running")
 START_LOCK = ".dashboard-start.lock"  # in the run store: every page (kernel) on this machine shares it
@@ -84,39 +86,41 @@ def refuse_if_going(store: RunStore) -> None:
                              "time, wait for it to finish (its progress is shown below)")
 
 
-def one_run_at_a_time(dash: Dashboard) -> None:
-    """Refuse Start while any run of this store is going (another visitor's included).
+def one_run_at_a_time(home: Path) -> tuple[Callable[[], None], Callable[[Config], RunHandle]]:
+    """The TrainPanel's `start_check` and `launcher`: refuse Start while any run of this store is going
+    (another visitor's included).
 
     Start checks at once (an answer before the preflight), and again when the run is queued: that second
     check and the queueing hold the store's start lock, so of two clicks at the same moment one is refused.
     """
-    build: Callable[[], Config] = dash.train.config_factory
-    launch: Callable[[Config], Any] = dash.train.launcher
+    store = RunStore(home)
 
-    def guarded_config() -> Config:
-        refuse_if_going(dash.store)
-        return build()
+    def start_check() -> None:
+        refuse_if_going(store)
 
-    def guarded_launch(config: Config) -> RunHandle:
-        with start_lock(dash.store.home):
-            refuse_if_going(dash.store)
-            return launch(config)  # the run is in the store, queued, before the lock is released
+    def launcher(config: Config) -> RunHandle:
+        with start_lock(store.home):
+            refuse_if_going(store)
+            return launch(config, home=store.home)  # the run is in the store, queued, before the lock is released
 
-    dash.train.config_factory = guarded_config
-    dash.train.launcher = guarded_launch
+    return start_check, launcher
+
+
+def offered_models(config: Config) -> tuple[str, ...]:
+    """The catalog, plus the demo's model when the server's environment names another one (the operator's
+    choice; a visitor can only pick from this list, and trust_remote_code stays off)."""
+    return tuple(dict.fromkeys([*MODELS, config.model]))
 
 
 def show_latest(dash: Dashboard) -> None:
-    """Follow the run in progress (a reload reattaches), else show the newest run's curve and matrix."""
+    """Follow the run in progress (a reload reattaches), else show the newest run: the Train tab names it
+    and says how it ended, the curve and the matrix are its own."""
     going = active_run(dash.store)
+    latest = going or next(iter(dash.store.list()), None)
+    if latest is not None:
+        dash.train.follow(attach(latest["id"], dash.store.home))
     if going is not None:
-        dash.train.follow(attach(going["id"], dash.store.home))
         dash.tabs.selected_index = 1
-        return
-    runs = dash.store.list()
-    if runs:
-        dash.curve.run_ids = [runs[0]["id"]]
-        dash.confusion.run_id = runs[0]["id"]
 
 
 def header(read_only: bool) -> W.HTML:
@@ -125,14 +129,19 @@ def header(read_only: bool) -> W.HTML:
             if read_only else
             "Set up a run, press Start in <b>Train &amp; watch</b>, and follow it live. "
             "One run trains at a time on this machine; reloading the page does not stop it.")
-    return W.HTML(f"<div style='color:var(--jp-ui-font-color2,#757575)'>{note}</div>", layout=full_width())
+    return W.HTML(f"<div style='color:var(--jp-ui-font-color2,#757575)'>{note}</div>", layout=W.Layout(width="100%"))
 
 
 def build(home: Any = None, read_only: bool | None = None) -> Dashboard:
     read_only = env_flag("WORKBENCH_READ_ONLY") if read_only is None else read_only
-    dash = Dashboard(home=home or course.home(), read_only=read_only)
-    dash.from_config(demo_config())
-    one_run_at_a_time(dash)
+    home = RunStore(home or course.home()).home
+    start_check, launcher = one_run_at_a_time(home)
+    if read_only:  # viewers only: no setup panel, no upload, no Start or Stop is built
+        dash = Dashboard(home=home, read_only=True)
+    else:
+        config = demo_config()
+        dash = Dashboard(home=home, models=offered_models(config), launcher=launcher, start_check=start_check)
+        dash.from_config(config)
     show_latest(dash)  # LossCurve and ConfusionMatrix draw on LiveFigures: a page loaded now shows it all
     return dash
 

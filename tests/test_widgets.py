@@ -304,8 +304,13 @@ def test_data_panel_config_round_trip(home: Path, csv_file: Path) -> None:
     assert panel.to_config() == cfg
     panel.from_config(DataConfig(source=str(csv_file), eval_fraction=0.7))  # beyond the slider's usual range
     assert panel.to_config().eval_fraction == 0.7 and panel._fraction.value == pytest.approx(0.7)
-    with pytest.raises(T.TraitError):
-        panel.eval_fraction = 1.5
+    panel.eval_fraction = 1.5  # the panel has no rule of its own: DataConfig's words show inline
+    assert "data.eval_fraction = 1.5 is not allowed" in panel.errors["split"]
+    assert "eval_fraction" in panel._split_error.value
+    with pytest.raises(WorkbenchError, match="eval_fraction"):
+        panel.to_config()
+    panel.eval_fraction = 0.25
+    assert "split" not in panel.errors and panel.to_config().eval_fraction == 0.25
 
 
 # --- MethodPanel --------------------------------------------------------------------------------------------
@@ -381,21 +386,36 @@ def test_train_panel_config_round_trip(home: Path) -> None:
 
     panel = TrainPanel(home=home, background=False)
     assert panel.to_config() == TrainConfig()
-    cfg = TrainConfig(epochs=3, batch_size=8, learning_rate=0.05, warmup_ratio=0.2, gradient_accumulation=2,
+    cfg = TrainConfig(epochs=3, batch_size=8, learning_rate=0.05, warmup_ratio=0.7, gradient_accumulation=2,
                       max_length=64, eval_every=5, early_stopping_patience=0, seed=7, weight_decay=0.01,
                       scheduler="cosine", gradient_checkpointing=True)
     track = TrackConfig(wandb="disabled", tensorboard=False, project="p")
     panel.from_config(cfg, track)
     assert panel.gradient_checkpointing is True
     assert panel.to_config() == cfg  # weight_decay and scheduler kept although they have no control
-    import ipywidgets as W
-
-    boxes = [w for w in panel.children[3].children if isinstance(w, W.Checkbox)]
-    boxes[1].value = False  # the checkbox drives the config
+    assert panel._controls["warmup_ratio"].value == 0.7  # no control clamps a value the config accepts
+    panel._controls["gradient_checkpointing"].value = False  # the checkbox drives the config
     assert panel.to_config().gradient_checkpointing is False
-    boxes[1].value = True
+    panel._controls["gradient_checkpointing"].value = True
     assert panel.to_track_config() == track
-    assert panel.learning_rate == 0.05  # the log slider widened instead of clamping
+
+    # every control is one field of TrainConfig or TrackConfig, declared once
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} | {f.name for f in dataclasses.fields(TrackConfig)}
+    assert set(panel._controls) == set(TrainPanel.field_names()) and set(panel._controls) <= fields
+
+    # the panel accepts what TrainConfig accepts (a learning rate of 1 or more included) ...
+    panel._controls["learning_rate"].value = 1.5
+    assert panel.to_config().learning_rate == 1.5 and panel.error == ""
+    # ... and refuses what it refuses, in its words, inline, as soon as the value is set
+    panel._controls["learning_rate"].value = 0.0
+    assert "train.learning_rate = 0.0 is not allowed" in panel.error
+    assert "learning_rate" in panel._error_html.value
+    with pytest.raises(WorkbenchError, match="learning_rate"):
+        panel.to_config()
+    panel.learning_rate = 5e-4
+    assert panel.error == ""
     panel.max_length_limit = 32  # the model's context: cross-field rule
     assert panel.max_length == 32
     with pytest.raises(T.TraitError):
@@ -420,10 +440,8 @@ def test_train_panel_start_shows_preflight_error_inline(home: Path, tmp_path: Pa
     panel._start.click()
     assert "epochs" in panel.error
 
-    panel.read_only = True
-    assert panel._controls.layout.display == "none"
-    panel.start()
-    assert "read-only" in panel.error
+    with pytest.raises(T.TraitError):
+        panel.read_only = True  # fixed at construction: read-only panels are built without controls
 
 
 def test_train_panel_progress_from_store(home: Path, wb_store: RunStore) -> None:
@@ -710,9 +728,11 @@ def test_dashboard_save_load_and_read_only(home: Path, csv_file: Path) -> None:
         dash.load_config(repo_config)
         assert dash.config().to_dict() == Config.load(repo_config).to_dict()
 
-    dash.read_only = True
-    assert dash._config_bar.layout.display == "none" and dash.train.read_only
-    assert dash.tabs.titles == ("Runs", "Watch", "Try")
+    viewer = Dashboard(home=home, background=False, read_only=True)
+    assert viewer.train.read_only and viewer.model is None and viewer.data is None
+    assert viewer.tabs.titles == ("Runs", "Watch", "Try")
+    with pytest.raises(T.TraitError):
+        dash.read_only = True  # fixed at construction
 
 
 # --- a real run -----------------------------------------------------------------------------------------------
@@ -721,7 +741,7 @@ def test_dashboard_save_load_and_read_only(home: Path, csv_file: Path) -> None:
 def test_real_run_from_train_panel(home: Path, tiny_bert: Path, csv_file: Path) -> None:
     from widgets import Dashboard
 
-    dash = Dashboard(home=home)  # background threads, as in a notebook
+    dash = Dashboard(home=home, models=None)  # any model (a local directory here); background threads
     dash.from_config(Config(
         model=str(tiny_bert), name="tiny",
         data=DataConfig(source=str(csv_file), text_column="review", label_column="sentiment"),

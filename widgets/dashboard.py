@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import ipywidgets as W
 import traitlets as T
 
 from workbench import Config, WorkbenchError
+from workbench.catalog import MODELS
 from workbench.store import FINAL_STATUSES, RunStore
 
 from . import _style as S
@@ -25,26 +26,20 @@ from .train_panel import TrainPanel
 CONFIG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,80}$")
 
 
-def wire(model: ModelPicker, data: DataPanel, method: MethodPanel, train: TrainPanel, curve: LossCurve,
-         confusion: ConfusionMatrix, compare: RunCompare, playground: Playground) -> None:
-    """Connect the panels: the ONE place where one widget follows another."""
-    # the method's estimate follows the model, the data and the schedule
-    T.dlink((model, "value"), (method, "model"))
-    T.dlink((model, "trust_remote_code"), (method, "trust_remote_code"))
-    T.dlink((data, "num_labels"), (method, "num_labels"))
-    T.dlink((train, "batch_size"), (method, "batch_size"))
-    T.dlink((train, "max_length"), (method, "max_length"))
-    T.dlink((model, "context_length"), (train, "max_length_limit"))
+def wire(train: TrainPanel, curve: LossCurve, confusion: ConfusionMatrix, compare: RunCompare,
+         playground: Playground, model: ModelPicker | None = None, data: DataPanel | None = None,
+         method: MethodPanel | None = None) -> None:
+    """Connect the panels: the ONE place where one widget follows another (no setup panels when read-only)."""
+    if model is not None and data is not None and method is not None:
+        # the method's estimate follows the model, the data and the schedule
+        T.dlink((model, "value"), (method, "model"))
+        T.dlink((model, "trust_remote_code"), (method, "trust_remote_code"))
+        T.dlink((data, "num_labels"), (method, "num_labels"))
+        T.dlink((train, "batch_size"), (method, "batch_size"))
+        T.dlink((train, "max_length"), (method, "max_length"))
+        T.dlink((model, "context_length"), (train, "max_length_limit"))
 
-    # Start gathers every panel into one Config
-    def build_config() -> Config:
-        return Config(model=model.value, trust_remote_code=model.trust_remote_code, name=train.run_name or None,
-                      data=data.to_config(), method=method.to_config(), train=train.to_config(),
-                      track=train.to_track_config())
-
-    train.config_factory = build_config
-
-    # the live views follow the run that Train launched
+    # the live views follow the run that Train launched (or shows)
     T.dlink((train, "run_id"), (curve, "run_ids"), transform=lambda run_id: [run_id] if run_id else [])
     T.dlink((train, "run_id"), (confusion, "run_id"))
 
@@ -58,26 +53,62 @@ def wire(model: ModelPicker, data: DataPanel, method: MethodPanel, train: TrainP
 
 
 class Dashboard(W.VBox):
-    """Every panel in tabs, one config load/save bar, and a `read_only` mode that hides training."""
+    """Every panel in tabs and one config load/save bar; `read_only` builds the viewers only.
 
-    read_only = T.Bool(False, help="view runs only: no training controls, no config files (public demos)")
+    `models` limits the model picker (default: the catalog; `None` = any name, local directory or hub id,
+    with the "trust remote code" box): a page others can reach keeps the default, so no model
+    repository's code runs in its kernels. `read_only=True` (set at construction, not changeable) builds
+    no model, data or method panel, no upload, no config files and no Start/Stop at all, so a forged
+    widget message has nothing to reach; the run status stays (which run is shown, and how it is going).
+    `launcher` and `start_check` go to the TrainPanel (one run at a time: notebooks/dashboard_app.py).
+    """
+
+    read_only = T.Bool(False, read_only=True, help="view runs only: no training controls (public demos)")
     message = T.Unicode("", help="the outcome of the last load/save")
 
     def __init__(self, home: str | Path | None = None, read_only: bool = False, background: bool = True,
-                 **kwargs: Any) -> None:
+                 models: Sequence[str] | None = tuple(MODELS), launcher: Callable[[Config], Any] | None = None,
+                 start_check: Callable[[], None] | None = None, **kwargs: Any) -> None:
         self.store = RunStore(home)
         home = self.store.home
-        self.model = ModelPicker(home=home, background=background)
-        self.data = DataPanel(home=home, background=background)
-        self.method = MethodPanel(home=home, background=background)
-        self.train = TrainPanel(home=home, background=background)
+        self.set_trait("read_only", bool(read_only))
+        self.model: ModelPicker | None = None
+        self.data: DataPanel | None = None
+        self.method: MethodPanel | None = None
+        if not read_only:
+            self.model = ModelPicker(home=home, background=background, choices=models)
+            self.data = DataPanel(home=home, background=background)
+            self.method = MethodPanel(home=home, background=background)
+        self.train = TrainPanel(home=home, background=background, read_only=read_only, config_factory=self.config,
+                                launcher=launcher, start_check=start_check)
         self.curve = LossCurve(store=self.store, background=background)
         self.confusion = ConfusionMatrix(store=self.store, background=background)
         self.compare = RunCompare(store=self.store, background=background)
         self.playground = Playground(store=self.store, background=background)
-        wire(self.model, self.data, self.method, self.train, self.curve, self.confusion, self.compare,
-             self.playground)
+        wire(self.train, self.curve, self.confusion, self.compare, self.playground, self.model, self.data,
+             self.method)
+        self.tabs = W.Tab(layout=S.full_width())
+        if read_only:
+            tabs = [("Runs", self.compare),
+                    ("Watch", W.VBox([self.train, self.curve, self.confusion], layout=S.full_width())),
+                    ("Try", self.playground)]
+            children: list[W.Widget] = [self.tabs]
+        else:
+            children = [self._build_config_bar(), self.tabs]
+            setup = W.VBox([S.section("1. Model"), self.model, S.section("2. Data"), self.data,
+                            S.section("3. Method"), self.method], layout=S.full_width())
+            run_tab = W.VBox([S.section("4. Train"), self.train, S.section("5. Watch"), self.curve,
+                              S.section("6. Inspect"), self.confusion], layout=S.full_width())
+            tabs = [("Set up", setup), ("Train & watch", run_tab), ("Compare runs", self.compare),
+                    ("Try it", self.playground)]
+        self.tabs.children = [w for _, w in tabs]
+        self.tabs.titles = tuple(t for t, _ in tabs)
+        super().__init__(children=children, **{"layout": S.full_width(), **kwargs})
+        if not read_only:
+            self.observe(lambda c: setattr(self._message, "value", S.message(c["new"], "muted")), names="message")
+            self._list_configs()
 
+    def _build_config_bar(self) -> W.VBox:
         style = S.label_style()
         self._config_name = W.Combobox(placeholder="name.yaml", description="Config file", ensure_option=False,
                                        style=style, layout=S.control_layout())
@@ -86,39 +117,40 @@ class Dashboard(W.VBox):
         load.on_click(lambda _: self._load_clicked())
         save.on_click(lambda _: self._save_clicked())
         self._message = W.HTML("", layout=S.full_width())
-        self._config_bar = W.VBox([W.Box([self._config_name, load, save], layout=S.wrap_row()), self._message],
-                                  layout=S.full_width())
-        self._setup = W.VBox([S.section("1. Model"), self.model, S.section("2. Data"), self.data,
-                              S.section("3. Method"), self.method], layout=S.full_width())
-        self._run_tab = W.VBox([S.section("4. Train"), self.train, S.section("5. Watch"), self.curve,
-                                S.section("6. Inspect"), self.confusion], layout=S.full_width())
-        self.tabs = W.Tab(layout=S.full_width())
-        super().__init__(children=[self._config_bar, self.tabs], **{"layout": S.full_width(), **kwargs})
-        self.observe(self._show_read_only, names="read_only")
-        self.observe(lambda c: setattr(self._message, "value", S.message(c["new"], "muted")), names="message")
-        self.read_only = read_only
-        self._show_read_only()
-        self._list_configs()
+        return W.VBox([W.Box([self._config_name, load, save], layout=S.wrap_row()), self._message],
+                      layout=S.full_width())
 
     # --- config files ---------------------------------------------------------------------------
     @property
     def config_dir(self) -> Path:
         return self.store.home / "configs"
 
+    def _refuse_if_read_only(self) -> None:
+        if self.read_only:
+            raise WorkbenchError("this page is read-only: runs can be watched, compared and tried, not set up")
+
     def config(self) -> Config:
         """The whole Config from every panel (a WorkbenchError is shown in the panel it concerns)."""
-        return self.train.config_factory()
+        self._refuse_if_read_only()
+        return Config(model=self.model.value, trust_remote_code=self.model.trust_remote_code,
+                      name=self.train.run_name or None, data=self.data.to_config(), method=self.method.to_config(),
+                      train=self.train.to_config(), track=self.train.to_track_config())
 
     def from_config(self, cfg: Config) -> None:
-        """Show a Config in every panel."""
-        self.model.trust_remote_code = cfg.trust_remote_code
-        self.model.value = cfg.model
+        """Show a Config in every panel (a model this page does not offer is refused, nothing changed)."""
+        self._refuse_if_read_only()
+        try:
+            self.model.trust_remote_code = cfg.trust_remote_code
+            self.model.value = cfg.model
+        except T.TraitError as exc:
+            raise WorkbenchError(str(exc)) from None
         self.data.from_config(cfg.data)
         self.method.from_config(cfg.method)
         self.train.from_config(cfg.train, cfg.track, cfg.name or "")
 
     def load_config(self, path: str | Path) -> Config:
         """Load a YAML config (any path: this is the Python API) and show it."""
+        self._refuse_if_read_only()
         cfg = Config.load(path)
         self.from_config(cfg)
         self.message = f"loaded {Path(path).name}"
@@ -132,6 +164,7 @@ class Dashboard(W.VBox):
 
     def _config_path(self) -> Path:
         """The file named in the page: a plain name inside <home>/configs (a page visitor may type anything)."""
+        self._refuse_if_read_only()
         name = self._config_name.value if isinstance(self._config_name.value, str) else ""
         name = name.strip()
         if name and not name.endswith((".yaml", ".yml")):
@@ -142,16 +175,12 @@ class Dashboard(W.VBox):
         return self.config_dir / name
 
     def _load_clicked(self) -> None:
-        if self.read_only:
-            return
         try:
             self.load_config(self._config_path())
         except WorkbenchError as exc:
             self.message = str(exc)
 
     def _save_clicked(self) -> None:
-        if self.read_only:
-            return
         try:
             path = self._config_path()
             self.config_dir.mkdir(parents=True, exist_ok=True)
@@ -163,16 +192,3 @@ class Dashboard(W.VBox):
     def _list_configs(self) -> None:
         files = sorted(p.name for p in self.config_dir.glob("*.y*ml")) if self.config_dir.is_dir() else []
         self._config_name.options = files
-
-    # --- read-only mode --------------------------------------------------------------------------
-    def _show_read_only(self, change: Any = None) -> None:
-        self.train.read_only = self.read_only
-        self._config_bar.layout.display = "none" if self.read_only else ""
-        if self.read_only:
-            tabs = [("Runs", self.compare), ("Watch", W.VBox([self.curve, self.confusion], layout=S.full_width())),
-                    ("Try", self.playground)]
-        else:
-            tabs = [("Set up", self._setup), ("Train & watch", self._run_tab), ("Compare runs", self.compare),
-                    ("Try it", self.playground)]
-        self.tabs.children = [w for _, w in tabs]
-        self.tabs.titles = tuple(t for t, _ in tabs)

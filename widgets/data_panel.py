@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import re
@@ -9,7 +10,7 @@ import threading
 import time
 import unicodedata
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import ipywidgets as W
 import traitlets as T
@@ -22,7 +23,16 @@ from . import _style as S
 from ._background import run_job
 
 UPLOAD_EXTENSIONS = (".csv", ".tsv", ".jsonl", ".parquet")
+# One upload travels as one websocket message: scripts/serve_dashboard.py sets the server's message limit to
+# twice this, so a file somewhat over it still arrives and is refused here in words (tornado's default of
+# 10 MiB would close the connection instead).
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024
+# A Parquet file declares its rows and sizes: a small file can expand to gigabytes in the kernel
+MAX_UPLOAD_ROWS = 1_000_000
+MAX_DECODED_BYTES = 256 * 1024 * 1024  # the table's text and numbers once decoded (dictionaries expanded)
+# Per workspace (<home>/uploads): what all uploads together may hold
+UPLOAD_QUOTA_BYTES = 500 * 1024 * 1024
+MAX_UPLOAD_FILES = 200
 PREVIEW_ROWS = 5
 PREVIEW_CHARS = 160
 MAX_BARS = 30
@@ -40,6 +50,68 @@ def safe_filename(name: str) -> str:
     return f"{stem}.{ext}" if ext else stem
 
 
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An OS file lock on <folder>/.lock (released if the process dies)."""
+    import fcntl
+
+    with open(folder / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def check_parquet(source: str | Path | bytes, what: str) -> None:
+    """Refuse a Parquet file that would not fit the kernel, before reading its table.
+
+    Its metadata gives the row count and the uncompressed size of its pages; dictionary-encoded text can
+    still expand far beyond that (one long string repeated on every row), so each row group is then read
+    with its text kept as dictionaries (small) and the expanded length is summed from them.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    def open_file(**options: Any) -> Any:
+        return pq.ParquetFile(pa.BufferReader(source) if isinstance(source, bytes) else source, **options)
+
+    try:
+        meta = open_file().metadata
+        rows = meta.num_rows
+        declared = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WorkbenchError(f"{what} could not be read as Parquet ({first[:200]}): check the format") from None
+    limit = f"the limit is {MAX_UPLOAD_ROWS:,} rows and {MAX_DECODED_BYTES >> 20} MB decoded: sample it down first"
+    if rows > MAX_UPLOAD_ROWS:
+        raise WorkbenchError(f"{what} declares {rows:,} rows; {limit}")
+    if declared > MAX_DECODED_BYTES:
+        raise WorkbenchError(f"{what} declares {declared / 2**20:,.0f} MB of uncompressed data; {limit}")
+    try:
+        schema = open_file().schema_arrow
+        text = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)
+                or pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)]
+        reader = open_file(read_dictionary=text)
+        decoded = 0
+        for i in range(meta.num_row_groups):
+            for column in reader.read_row_group(i).columns:
+                for chunk in column.chunks:
+                    if pa.types.is_dictionary(chunk.type):  # expanded length without expanding
+                        lengths = pc.binary_length(chunk.dictionary)
+                        decoded += (pc.sum(pc.take(lengths, chunk.indices)).as_py() or 0) + 8 * len(chunk)
+                    else:
+                        decoded += chunk.nbytes
+            if decoded > MAX_DECODED_BYTES:
+                raise WorkbenchError(f"{what} expands to over {decoded / 2**20:,.0f} MB once decoded; {limit}")
+    except WorkbenchError:
+        raise
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WorkbenchError(f"{what} could not be read as Parquet ({first[:200]}): check the format") from None
+
+
 class DataPanel(W.VBox):
     """Choose the labelled data; `to_config()` gives the `DataConfig`.
 
@@ -51,9 +123,9 @@ class DataPanel(W.VBox):
     text_column = T.Unicode(None, allow_none=True)
     label_column = T.Unicode(None, allow_none=True)
     columns = T.List(T.Unicode(), help="the columns of the loaded table")
-    eval_fraction = T.Float(0.2, help="share held out for evaluation")
-    max_train_samples = T.Int(None, allow_none=True, min=1)
-    max_eval_samples = T.Int(None, allow_none=True, min=1)
+    eval_fraction = T.Float(DataConfig.eval_fraction, help="share held out for evaluation (checked by DataConfig)")
+    max_train_samples = T.Int(None, allow_none=True)
+    max_eval_samples = T.Int(None, allow_none=True)
     label_counts = T.Dict(help="rows per label in the label column")
     num_labels = T.Int(2, help="distinct labels (at least 2 for the method's estimate)")
     rows = T.Int(0, help="rows in the loaded table")
@@ -79,8 +151,9 @@ class DataPanel(W.VBox):
         self._upload = W.FileUpload(accept=",".join(UPLOAD_EXTENSIONS), multiple=False,
                                     description="Upload", layout=W.Layout(width="auto"))
         self._file_label = W.HTML("", layout=S.full_width())
-        self._upload_hint = W.HTML(S.message(f"CSV, TSV, JSONL or Parquet, up to {MAX_UPLOAD_BYTES >> 20} MB; "
-                                             "one text column and one label column", "muted"))
+        self._upload_hint = W.HTML(S.message(f"one CSV, TSV, JSONL or Parquet file, up to {MAX_UPLOAD_BYTES >> 20} MB "
+                                             f"and {MAX_UPLOAD_ROWS:,} rows; one text column and one label column",
+                                             "muted"))
         self._upload_box = W.VBox([W.HBox([self._upload, self._file_label], layout=S.wrap_row()),
                                    self._upload_hint], layout=S.full_width())
         self._source_error = S.inline_error()
@@ -130,13 +203,6 @@ class DataPanel(W.VBox):
         self._on_source()
 
     # --- validation ---------------------------------------------------------------
-    @T.validate("eval_fraction")
-    def _valid_fraction(self, proposal: dict[str, Any]) -> float:
-        value = proposal["value"]
-        if not 0.0 < value < 1.0:
-            raise T.TraitError(f"eval_fraction = {value!r}: a fraction strictly between 0 and 1, e.g. 0.2")
-        return value
-
     @T.validate("source")
     def _valid_source(self, proposal: dict[str, Any]) -> str:
         value = proposal["value"].strip()
@@ -149,8 +215,15 @@ class DataPanel(W.VBox):
     def upload_dir(self) -> Path:
         return self.home / "uploads"
 
+    def upload_usage(self) -> tuple[int, int]:
+        """(bytes, files) held by <home>/uploads."""
+        folder = self.upload_dir
+        files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")] if folder.is_dir() else []
+        return sum(p.stat().st_size for p in files), len(files)
+
     def save_upload(self, name: str, content: bytes) -> Path:
-        """Check an uploaded file (type by extension, size) and save it under <home>/uploads; returns its path."""
+        """Check an uploaded file (type by extension, size, a Parquet file's declared rows and decoded size,
+        the workspace's quota) and save it under <home>/uploads; returns its path."""
         if not isinstance(name, str) or not name.strip():
             raise WorkbenchError("the upload has no file name: upload a .csv, .tsv, .jsonl or .parquet file")
         if not isinstance(content, (bytes, bytearray, memoryview)):
@@ -166,16 +239,29 @@ class DataPanel(W.VBox):
                                  f"{MAX_UPLOAD_BYTES >> 20} MB limit: sample it down first")
         if not data.strip():
             raise WorkbenchError(f"upload {name[:80]!r} is empty: it needs a header row and labelled rows")
+        if ext == ".parquet":
+            check_parquet(data, f"upload {name[:80]!r}")
         folder = self.upload_dir.resolve()
         folder.mkdir(parents=True, exist_ok=True)
-        target = (folder / safe).resolve()
-        if target.exists() and target.read_bytes() != data:  # never overwrite another upload of that name
-            target = folder / f"{Path(safe).stem}-{hashlib.sha256(data).hexdigest()[:8]}{ext}"
-        if target.parent != folder:
-            raise WorkbenchError(f"upload name {name[:80]!r} is not allowed: rename the file")
-        tmp = target.with_name(target.name + ".part")
-        tmp.write_bytes(data)
-        tmp.replace(target)
+        with _folder_lock(folder):  # two pages (two kernels) of one workspace: one quota
+            target = (folder / safe).resolve()
+            if target.exists() and target.read_bytes() == data:
+                return target  # the same file again: nothing new to store
+            if target.exists():  # never overwrite another upload of that name
+                target = folder / f"{Path(safe).stem}-{hashlib.sha256(data).hexdigest()[:8]}{ext}"
+                if target.exists():
+                    return target
+            if target.parent != folder:
+                raise WorkbenchError(f"upload name {name[:80]!r} is not allowed: rename the file")
+            used, count = self.upload_usage()
+            if count >= MAX_UPLOAD_FILES or used + len(data) > UPLOAD_QUOTA_BYTES:
+                raise WorkbenchError(
+                    f"upload {name[:80]!r} is refused: this workspace's uploads hold {count} files, "
+                    f"{used / 2**20:.0f} MB of the {UPLOAD_QUOTA_BYTES >> 20} MB / {MAX_UPLOAD_FILES} files allowed; "
+                    f"delete old uploads in {folder} first")
+            tmp = target.with_name(target.name + ".part")
+            tmp.write_bytes(data)
+            tmp.replace(target)
         return target
 
     def _on_upload(self, change: dict[str, Any]) -> None:
@@ -183,7 +269,7 @@ class DataPanel(W.VBox):
         if not files:
             return  # cleared
         try:
-            item = files[0] if isinstance(files, (list, tuple)) else None
+            item = files[0] if isinstance(files, (list, tuple)) and len(files) == 1 else None
             if not isinstance(item, dict):
                 raise WorkbenchError("the upload arrived in an unexpected form: upload the file again")
             path = self.save_upload(item.get("name"), item.get("content"))
@@ -246,9 +332,14 @@ class DataPanel(W.VBox):
         self._fraction.min = min(self._fraction.min, self.eval_fraction)
         self._fraction.max = max(self._fraction.max, self.eval_fraction)
         self._fraction.value = self.eval_fraction
-        self._max_train.value = self.max_train_samples or 0
-        self._max_eval.value = self.max_eval_samples or 0
-        self._set_error("split", "")
+        self._max_train.value = max(self.max_train_samples or 0, 0)
+        self._max_eval.value = max(self.max_eval_samples or 0, 0)
+        try:  # DataConfig says whether it accepts the split; the panel has no rule of its own
+            dataclasses.replace(self._base, eval_fraction=float(self.eval_fraction),
+                                max_train_samples=self.max_train_samples, max_eval_samples=self.max_eval_samples)
+            self._set_error("split", "")
+        except WorkbenchError as exc:
+            self._set_error("split", str(exc))
 
     def _set_error(self, field: str, text: str) -> None:
         errors = {k: v for k, v in self.errors.items() if k != field}
@@ -279,6 +370,9 @@ class DataPanel(W.VBox):
             self._wanted_columns = (None, None)
             errors = {k: v for k, v in self.errors.items() if k not in ("source", "text_column", "label_column")}
             try:
+                if source not in DATASETS and Path(source).suffix.lower() in (".parquet", ".pq") \
+                        and Path(source).is_file():
+                    check_parquet(source, f"data file {Path(source).name!r}")  # before the table is read
                 df, _ = load_table(source)
                 if df.empty:
                     raise WorkbenchError(f"data source {Path(source).name!r} has no rows: add labelled rows")

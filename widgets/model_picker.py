@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import html
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import ipywidgets as W
 import traitlets as T
@@ -23,6 +23,9 @@ DEBOUNCE_S = 0.3
 class ModelPicker(W.VBox):
     """Choose the model to fine-tune. `value` is what `Config.model` gets; `info` is `inspect_model`'s answer.
 
+    `choices` (e.g. the catalog, for a public page) limits the picker to those names: it then builds no
+    text box and no "trust remote code" box, refuses any other value (a forged widget message included)
+    and keeps `trust_remote_code` off, so no model repository's code can run in the page's kernel.
     With `background=False` inspections run inline (tests, scripts); otherwise on a worker thread.
     """
 
@@ -35,28 +38,39 @@ class ModelPicker(W.VBox):
     busy = T.Bool(False, help="an inspection is running")
 
     def __init__(self, value: str = DEFAULT_MODEL, home: str | Path | None = None, background: bool = True,
-                 **kwargs: Any) -> None:
+                 choices: Sequence[str] | None = None, **kwargs: Any) -> None:
         self.home = Path(home).resolve() if home is not None else None
-        self._source_buttons = W.ToggleButtons(options=list(SOURCES), value="catalog", description="Model from",
-                                               style={"description_width": S.LABEL_WIDTH, "button_width": "auto"},
-                                               layout=S.full_width())
-        self._catalog = W.Dropdown(options=[(f"{n} - {a.description}", n) for n, a in MODELS.items()],
-                                   value=DEFAULT_MODEL, description="Catalog", style=S.label_style(),
+        self.choices = tuple(dict.fromkeys(choices)) if choices is not None else None
+        if self.choices is not None and value not in self.choices:
+            value = self.choices[0]
+        options = ([(f"{n} - {MODELS[n].description}" if n in MODELS else n, n) for n in self.choices]
+                   if self.choices is not None else [(f"{n} - {a.description}", n) for n, a in MODELS.items()])
+        self._catalog = W.Dropdown(options=options, value=value if self.choices is not None else DEFAULT_MODEL,
+                                   description="Catalog" if self.choices is None else "Model", style=S.label_style(),
                                    layout=S.full_width(max_width="48em"))
-        self._text = W.Text(value="", placeholder="/path/to/saved/model or org/model-name", description="Model",
-                            continuous_update=False, style=S.label_style(), layout=S.full_width(max_width="48em"))
-        self._trust = W.Checkbox(value=False, description="trust remote code (runs the model author's code)",
-                                 indent=False, layout=W.Layout(width="auto"))
         self._info_html = W.HTML("", layout=S.full_width())
         self._error_html = S.inline_error()
         self._inspect = Debouncer(self._inspect_now, DEBOUNCE_S if background else 0)
-        super().__init__(children=[self._source_buttons, self._catalog, self._text, self._trust,
-                                   self._error_html, self._info_html], **{"layout": S.full_width(), **kwargs})
+        if self.choices is None:
+            self._source_buttons = W.ToggleButtons(options=list(SOURCES), value="catalog", description="Model from",
+                                                   style={"description_width": S.LABEL_WIDTH, "button_width": "auto"},
+                                                   layout=S.full_width())
+            self._text = W.Text(value="", placeholder="/path/to/saved/model or org/model-name", description="Model",
+                                continuous_update=False, style=S.label_style(), layout=S.full_width(max_width="48em"))
+            self._trust = W.Checkbox(value=False, description="trust remote code (runs the model author's code)",
+                                     indent=False, layout=W.Layout(width="auto"))
+            controls: list[W.Widget] = [self._source_buttons, self._catalog, self._text, self._trust]
+        else:  # a fixed list: nothing else to choose, nothing to trust
+            self._source_buttons = self._text = self._trust = None
+            controls = [self._catalog]
+        super().__init__(children=[*controls, self._error_html, self._info_html],
+                         **{"layout": S.full_width(), **kwargs})
 
-        self._source_buttons.observe(self._on_source_button, names="value")
         self._catalog.observe(self._on_catalog, names="value")
-        self._text.observe(self._on_text, names="value")
-        self._trust.observe(self._on_trust, names="value")
+        if self.choices is None:
+            self._source_buttons.observe(self._on_source_button, names="value")
+            self._text.observe(self._on_text, names="value")
+            self._trust.observe(self._on_trust, names="value")
         self.observe(self._on_value, names=["value", "trust_remote_code"])
         self.observe(self._show_error, names="error")
         self.observe(self._show_source, names="source")
@@ -72,9 +86,19 @@ class ModelPicker(W.VBox):
         if not isinstance(text, str):
             raise T.TraitError("the model must be given as text")
         text = text.strip()
+        if self.choices is not None and text not in self.choices:
+            raise T.TraitError(f"model {text[:80]!r} is not offered on this page: choose one of "
+                               f"{', '.join(self.choices)}")
         if not text or len(text) > MAX_NAME_CHARS or "\x00" in text:
             raise T.TraitError(f"give a catalog model ({', '.join(MODELS)}), a local directory or a hub id")
         return text
+
+    @T.validate("trust_remote_code")
+    def _valid_trust(self, proposal: dict[str, Any]) -> bool:
+        if proposal["value"] and self.choices is not None:
+            raise T.TraitError("trust_remote_code is switched off on this page: it would run a model "
+                               "repository's code on the server")
+        return bool(proposal["value"])
 
     # --- control -> traits ------------------------------------------------------
     def _on_source_button(self, change: dict[str, Any]) -> None:
@@ -86,7 +110,7 @@ class ModelPicker(W.VBox):
             self._on_text({"new": self._text.value})
 
     def _on_catalog(self, change: dict[str, Any]) -> None:
-        if change["new"] in MODELS:
+        if change["new"] in (MODELS if self.choices is None else self.choices):
             self.value = change["new"]
 
     def _on_text(self, change: dict[str, Any]) -> None:
@@ -100,6 +124,8 @@ class ModelPicker(W.VBox):
 
     # --- traits -> view -----------------------------------------------------------
     def _show_source(self, change: Any = None) -> None:
+        if self._source_buttons is None:
+            return
         self._source_buttons.value = self.source
         self._catalog.layout.display = "" if self.source == "catalog" else "none"
         self._text.layout.display = "none" if self.source == "catalog" else ""
@@ -110,14 +136,17 @@ class ModelPicker(W.VBox):
     def _on_value(self, change: Any = None) -> None:
         name = self.value
         # the control first, then the source: switching the source reads the control
-        if name in MODELS:
+        if self.choices is not None:
+            self._catalog.value = name
+        elif name in MODELS:
             self._catalog.value = name
             self.source = "catalog"
         else:
             self._text.value = name
             local = Path(name).expanduser().is_dir() or name.startswith((".", "/", "~"))
             self.source = "local directory" if local else "hub id"
-        self._trust.value = self.trust_remote_code
+        if self._trust is not None:
+            self._trust.value = self.trust_remote_code
         self.busy = True
         self._info_html.value = S.message(f"inspecting {name} ...", "muted")
         self._inspect()
@@ -127,7 +156,7 @@ class ModelPicker(W.VBox):
 
     # --- inspection (worker thread) -------------------------------------------------
     def _inspect_now(self) -> None:
-        from workbench.methods import inspect_model
+        from workbench import inspect_model
 
         name, trust = self.value, self.trust_remote_code
         try:

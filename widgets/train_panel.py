@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, get_args, get_type_hints
 
 import ipywidgets as W
 import traitlets as T
@@ -26,30 +26,49 @@ ETA_WINDOW = 20  # recent steps used for the time per step
 STATUSES = ("idle", "checking", "queued", "running", "stopping", "completed", "stopped", "failed")
 
 
+def _field(section: str, control: type, **options: Any) -> dict[str, Any]:
+    """Metadata for a trait that mirrors a TrainConfig/TrackConfig field: its section and its control."""
+    return {"section": section, "control": control, "options": options}
+
+
+_TRACK_HINTS = get_type_hints(TrackConfig)
+
+
 class TrainPanel(W.VBox):
     """Training settings (`to_config()` -> TrainConfig, `to_track_config()` -> TrackConfig) and run control.
 
-    `config_factory` builds the whole Config at Start; the dashboard sets it to gather every panel.
-    `launcher` queues and starts the checked Config (default `workbench.launch.launch`); a page that allows
-    one run at a time wraps it in a lock (notebooks/dashboard_app.py).
+    Each setting is declared once, below: a trait named after its config field, with its default from the
+    config and its control in the tag. The panel checks nothing itself: `to_config()` builds the config,
+    whose ValueError shows inline (as soon as a setting changes, and again at Start).
+
+    `config_factory` builds the whole Config at Start (the dashboard gathers every panel); `launcher` queues
+    and starts the checked Config (default `workbench.launch.launch`); `start_check` may refuse Start before
+    the preflight (a page that allows one run at a time). All three are given at construction.
+    `read_only=True` builds no settings and no Start/Stop at all, and refuses start() and stop().
     """
 
-    epochs = T.Int(2, min=1, max=1000)
-    batch_size = T.Int(16, min=1, max=4096)
-    learning_rate = T.Float(5e-4)
-    warmup_ratio = T.Float(0.1, min=0.0, max=0.99)
-    gradient_accumulation = T.Int(1, min=1, max=1024)
-    max_length = T.Int(256, min=8)
+    epochs = T.Int(TrainConfig.epochs).tag(**_field("train", W.IntText, description="Epochs"))
+    batch_size = T.Int(TrainConfig.batch_size).tag(**_field("train", W.IntText, description="Batch size"))
+    learning_rate = T.Float(TrainConfig.learning_rate).tag(**_field("train", W.FloatText, description="Learning rate"))
+    warmup_ratio = T.Float(TrainConfig.warmup_ratio).tag(**_field("train", W.FloatText, description="Warmup ratio"))
+    gradient_accumulation = T.Int(TrainConfig.gradient_accumulation).tag(
+        **_field("train", W.IntText, description="Grad accum."))
+    max_length = T.Int(TrainConfig.max_length).tag(**_field("train", W.IntText, description="Max length"))
+    eval_every = T.Int(TrainConfig.eval_every).tag(**_field("train", W.IntText, description="Eval every"))
+    early_stopping_patience = T.Int(TrainConfig.early_stopping_patience).tag(
+        **_field("train", W.IntText, description="Early stop after"))
+    seed = T.Int(TrainConfig.seed).tag(**_field("train", W.IntText, description="Seed"))
+    gradient_checkpointing = T.Bool(TrainConfig.gradient_checkpointing).tag(**_field(
+        "train", W.Checkbox, description="gradient checkpointing (less memory, ~1/3 slower steps)", indent=False))
+    wandb = T.Unicode(TrackConfig.wandb).tag(**_field("track", W.ToggleButtons, description="wandb",
+                                                      options=list(get_args(_TRACK_HINTS["wandb"]))))
+    tensorboard = T.Bool(TrackConfig.tensorboard).tag(**_field("track", W.Checkbox, description="TensorBoard files",
+                                                               indent=False))
     max_length_limit = T.Int(None, allow_none=True, help="the model's context length (followed from ModelPicker)")
-    eval_every = T.Int(0, min=0, help="0 = evaluate each epoch")
-    early_stopping_patience = T.Int(2, min=0, max=100)
-    seed = T.Int(42, min=0, max=2**31 - 1)
-    wandb = T.Enum(("offline", "online", "disabled"), default_value="offline")
-    tensorboard = T.Bool(True)
-    gradient_checkpointing = T.Bool(False, help="less activation memory, slower steps (train.gradient_checkpointing)")
     run_name = T.Unicode("", help="a label for the run in lists and plots")
 
     run_id = T.Unicode("", help="the run this panel launched (or follows)")
+    run_label = T.Unicode("", help="that run's name, when it has one")
     status = T.Enum(STATUSES, default_value="idle")
     step = T.Int(0)
     max_steps = T.Int(0)
@@ -57,84 +76,86 @@ class TrainPanel(W.VBox):
     samples_per_second = T.Float(0.0)
     eta_seconds = T.Float(None, allow_none=True)
     error = T.Unicode("")
-    read_only = T.Bool(False, help="hide Start/Stop (view runs only)")
+    read_only = T.Bool(False, read_only=True, help="no settings, no Start/Stop (view runs only); set at construction")
 
     def __init__(self, home: str | Path | None = None, background: bool = True,
-                 config_factory: Callable[[], Config] | None = None, **kwargs: Any) -> None:
+                 config_factory: Callable[[], Config] | None = None,
+                 launcher: Callable[[Config], Any] | None = None,
+                 start_check: Callable[[], None] | None = None, read_only: bool = False, **kwargs: Any) -> None:
         self.store = RunStore(home)
         self.home = self.store.home
         self.background = background
         self.config_factory: Callable[[], Config] = config_factory or self.default_config
-        self.launcher: Callable[[Config], Any] = self.launch
+        self.launcher: Callable[[Config], Any] = launcher or self.launch
+        self.start_check = start_check
         self.handle: Any = None
         self._base_train, self._base_track = TrainConfig(), TrackConfig()
+        self._field_error = ""
         self._seq = 0
         self._times: list[tuple[int, float]] = []
         self._steps_per_epoch = 0
         self._poller = Poller(self._tick, POLL_S, name="train-panel-poll")
-        style = S.label_style()
-        cl = S.control_layout
+        self._bar = W.IntProgress(value=0, min=0, max=1, layout=S.full_width())
+        self._progress = W.HTML("", layout=S.full_width())
+        self._error_html = S.inline_error()
+        self.set_trait("read_only", bool(read_only))
+        if read_only:  # nothing a visitor could press or set: the controls do not exist
+            self._controls: dict[str, W.ValueWidget] = {}
+            self._start = self._stop = None
+            children: list[W.Widget] = [self._bar, self._progress, self._error_html]
+        else:
+            children = self._build_controls()
+        super().__init__(children=children, **{"layout": S.full_width(), **kwargs})
+        self.observe(self._check_fields, names=self.field_names())
+        self.observe(self._show_error, names="error")
+        self.observe(self._show_progress, names=["status", "step", "max_steps", "epoch", "samples_per_second",
+                                                 "eta_seconds", "run_id", "run_label"])
+        self.observe(self._on_limit, names="max_length_limit")
+        self._show_progress()
 
-        epochs = W.BoundedIntText(min=1, max=1000, description="Epochs", style=style, layout=cl())
-        batch = W.BoundedIntText(min=1, max=4096, description="Batch size", style=style, layout=cl())
-        lr = W.FloatLogSlider(base=10, min=-6, max=-2, step=0.1, description="Learning rate", readout_format=".1e",
-                              style=style, layout=cl())
-        warmup = W.FloatSlider(min=0.0, max=0.5, step=0.01, description="Warmup ratio", readout_format=".2f",
-                               style=style, layout=cl())
-        accum = W.BoundedIntText(min=1, max=1024, description="Grad accum.", style=style, layout=cl())
-        self._max_length = W.BoundedIntText(min=8, max=131072, description="Max length", style=style, layout=cl())
-        eval_every = W.BoundedIntText(min=0, max=10**7, description="Eval every", style=style, layout=cl())
-        patience = W.BoundedIntText(min=0, max=100, description="Early stop after", style=style, layout=cl())
-        seed = W.BoundedIntText(min=0, max=2**31 - 1, description="Seed", style=style, layout=cl())
-        wandb = W.ToggleButtons(options=["offline", "online", "disabled"], description="wandb",
-                                style={"description_width": S.LABEL_WIDTH, "button_width": "auto"},
-                                layout=S.full_width())
-        tensorboard = W.Checkbox(description="TensorBoard files", indent=False, layout=W.Layout(width="auto"))
-        checkpointing = W.Checkbox(description="gradient checkpointing (less memory, ~1/3 slower steps)",
-                                   indent=False, layout=W.Layout(width="auto"))
-        name = W.Text(placeholder="optional", description="Run name", style=style, layout=cl())
+    @classmethod
+    def field_names(cls, section: str | None = None) -> list[str]:
+        """The traits that mirror config fields, in declaration order (the order of the controls)."""
+        names = []
+        for klass in reversed(cls.__mro__):
+            for name, value in vars(klass).items():
+                if isinstance(value, T.TraitType) and "section" in value.metadata and name not in names:
+                    if section is None or value.metadata["section"] == section:
+                        names.append(name)
+        return names
+
+    def _build_controls(self) -> list[W.Widget]:
+        style = S.label_style()
+        self._controls = {}
+        for name in self.field_names():
+            meta = self.trait_metadata(name, "control"), self.trait_metadata(name, "options")
+            control, options = meta
+            if control is W.Checkbox:
+                widget = control(layout=W.Layout(width="auto"), **options)
+            elif control is W.ToggleButtons:
+                widget = control(style={**style, "button_width": "auto"}, layout=S.full_width(), **options)
+            else:
+                widget = control(style=style, layout=S.control_layout(), **options)
+            widget.value = getattr(self, name)
+            W.link((self, name), (widget, "value"))  # the trait is the source of truth; no control clamps it
+            self._controls[name] = widget
+        name = W.Text(placeholder="optional", description="Run name", style=style, layout=S.control_layout())
         name.observe(self._on_name, names="value")
         hints = W.HTML(S.message("Eval every 0 = each epoch; early stop after N evaluations without "
                                  "improvement, 0 = off.", "muted"), layout=S.full_width())
-
         self._start = W.Button(description="Start", icon="play", button_style="success",
                                layout=W.Layout(width="auto"))
         self._stop = W.Button(description="Stop", icon="stop", button_style="warning", disabled=True,
                               layout=W.Layout(width="auto"))
         self._start.on_click(lambda _: self.start())
         self._stop.on_click(lambda _: self.stop())
-        self._controls = W.Box([self._start, self._stop], layout=S.wrap_row())
-        self._bar = W.IntProgress(value=0, min=0, max=1, layout=S.full_width())
-        self._progress = W.HTML("", layout=S.full_width())
-        self._error_html = S.inline_error()
-        super().__init__(children=[
-            W.Box([epochs, batch, lr, warmup, accum, self._max_length, eval_every, patience, seed, name],
-                  layout=S.wrap_row()),
-            hints, wandb, W.Box([tensorboard, checkpointing], layout=S.wrap_row()), self._controls, self._bar, self._progress, self._error_html,
-        ], **{"layout": S.full_width(), **kwargs})
-        self._lr = lr
-        self.observe(self._widen_lr_range, names="learning_rate")  # before the link: never clamp a config
-        for control, trait in ((epochs, "epochs"), (batch, "batch_size"), (lr, "learning_rate"),
-                               (warmup, "warmup_ratio"), (accum, "gradient_accumulation"),
-                               (self._max_length, "max_length"), (eval_every, "eval_every"),
-                               (patience, "early_stopping_patience"), (seed, "seed"), (wandb, "wandb"),
-                               (tensorboard, "tensorboard"), (checkpointing, "gradient_checkpointing")):
-            W.link((self, trait), (control, "value"))  # the trait is the source of truth
-        self.observe(self._show_error, names="error")
-        self.observe(self._show_progress, names=["status", "step", "max_steps", "epoch", "samples_per_second",
-                                                 "eta_seconds", "run_id"])
-        self.observe(self._show_read_only, names="read_only")
-        self.observe(self._on_limit, names="max_length_limit")
-        self._show_progress()
+        boxes = [w for w in self._controls.values() if isinstance(w, W.Checkbox)]
+        toggles = [w for w in self._controls.values() if isinstance(w, W.ToggleButtons)]
+        fields = [w for w in self._controls.values() if w not in boxes and w not in toggles]
+        return [W.Box([*fields, name], layout=S.wrap_row()), hints, *toggles, W.Box(boxes, layout=S.wrap_row()),
+                W.Box([self._start, self._stop], layout=S.wrap_row()), self._bar, self._progress, self._error_html]
 
-    # --- validation ---------------------------------------------------------------------
-    @T.validate("learning_rate")
-    def _valid_lr(self, proposal: dict[str, Any]) -> float:
-        value = proposal["value"]
-        if not 0 < value < 1:
-            raise T.TraitError(f"learning_rate = {value!r}: a positive number below 1, e.g. 5e-4")
-        return value
-
+    # --- cross-field rule with the model (the config cannot know the model's context) --------------
     @T.validate("max_length")
     def _valid_max_length(self, proposal: dict[str, Any]) -> int:
         """Cross-field: no more tokens than the model's context length."""
@@ -143,15 +164,8 @@ class TrainPanel(W.VBox):
             raise T.TraitError(f"max_length = {proposal['value']} is beyond the model's limit of {limit} tokens")
         return proposal["value"]
 
-    def _widen_lr_range(self, change: dict[str, Any]) -> None:
-        import math
-
-        exponent = math.log10(change["new"])
-        self._lr.min, self._lr.max = min(self._lr.min, math.floor(exponent)), max(self._lr.max, math.ceil(exponent))
-
     def _on_limit(self, change: dict[str, Any]) -> None:
         limit = change["new"]
-        self._max_length.max = limit or 131072
         if limit is not None and self.max_length > limit:
             self.max_length = limit
 
@@ -159,24 +173,36 @@ class TrainPanel(W.VBox):
         value = change["new"] if isinstance(change["new"], str) else ""
         self.run_name = value.strip()[:100]
 
+    def _check_fields(self, change: Any = None) -> None:
+        """A setting changed: the config says at once whether it accepts it (shown inline)."""
+        try:
+            self.to_config()
+            self.to_track_config()
+            problem = ""
+        except WorkbenchError as exc:
+            problem = str(exc)
+        if problem:
+            self.error = problem
+        elif self.error and self.error == self._field_error:
+            self.error = ""
+        self._field_error = problem
+
     # --- config -------------------------------------------------------------------------------
     def to_config(self) -> TrainConfig:
         """The TrainConfig; fields without a control here (scheduler, weight decay...) come from the last
-        `from_config`, else the defaults. A WorkbenchError is shown inline and re-raised."""
+        `from_config`, else the defaults. The config's WorkbenchError is shown inline and re-raised."""
         try:
-            cfg = dataclasses.replace(
-                self._base_train, epochs=self.epochs, batch_size=self.batch_size, learning_rate=self.learning_rate,
-                warmup_ratio=self.warmup_ratio, gradient_accumulation=self.gradient_accumulation,
-                max_length=self.max_length, eval_every=self.eval_every,
-                early_stopping_patience=self.early_stopping_patience, seed=self.seed,
-                gradient_checkpointing=self.gradient_checkpointing)
+            return dataclasses.replace(self._base_train, **{n: getattr(self, n) for n in self.field_names("train")})
         except WorkbenchError as exc:
             self.error = str(exc)
             raise
-        return cfg
 
     def to_track_config(self) -> TrackConfig:
-        return dataclasses.replace(self._base_track, wandb=self.wandb, tensorboard=self.tensorboard)
+        try:
+            return dataclasses.replace(self._base_track, **{n: getattr(self, n) for n in self.field_names("track")})
+        except WorkbenchError as exc:
+            self.error = str(exc)
+            raise
 
     def from_config(self, cfg: TrainConfig, track: TrackConfig | None = None, name: str | None = None) -> None:
         """Show a TrainConfig (and TrackConfig); fields without a control are kept for `to_config`."""
@@ -184,14 +210,12 @@ class TrainPanel(W.VBox):
         if track is not None:
             self._base_track = track
         with self.hold_trait_notifications():
-            for trait in ("epochs", "batch_size", "learning_rate", "warmup_ratio", "gradient_accumulation",
-                          "eval_every", "early_stopping_patience", "seed", "gradient_checkpointing"):
-                setattr(self, trait, getattr(cfg, trait))
             if self.max_length_limit is not None and cfg.max_length > self.max_length_limit:
                 self.max_length_limit = None  # the config's model may differ; its own check runs at Start
-            self.max_length = cfg.max_length
-            if track is not None:
-                self.wandb, self.tensorboard = track.wandb, track.tensorboard
+            for trait in self.field_names("train"):
+                setattr(self, trait, getattr(cfg, trait))
+            for trait in self.field_names("track") if track is not None else ():
+                setattr(self, trait, getattr(track, trait))
             if name is not None:
                 self.run_name = name
 
@@ -213,12 +237,14 @@ class TrainPanel(W.VBox):
             self.error = "a run is already going: stop it first"
             return
         try:
+            if self.start_check is not None:
+                self.start_check()
             config = self.config_factory()
         except WorkbenchError as exc:
             self.error = str(exc)
             return
         self.error, self.status = "", "checking"
-        self._start.disabled = True
+        self._enable(start=False, stop=False)
         run_job(lambda: self._preflight_and_launch(config), sync=not self.background, name="train-panel-start")
 
     def launch(self, config: Config) -> Any:
@@ -228,40 +254,52 @@ class TrainPanel(W.VBox):
         return launch(config, home=self.store.home)
 
     def _preflight_and_launch(self, config: Config) -> None:
-        from workbench.trainer import preflight
+        from workbench.loop import preflight
 
         try:
             preflight(config, self.store.home)
             handle = self.launcher(config)
         except WorkbenchError as exc:
             self.error, self.status = str(exc), "idle"
-            self._start.disabled = False
+            self._enable(start=True, stop=False)
             return
         except Exception as exc:  # an unexpected failure still reads as words, not a traceback
             self.error = f"could not start the run ({type(exc).__name__}: {str(exc)[:300]})"
             self.status = "idle"
-            self._start.disabled = False
+            self._enable(start=True, stop=False)
             return
         self.follow(handle)
 
     def follow(self, handle: Any) -> None:
-        """Show the progress of a run (a RunHandle) and enable Stop."""
+        """Show a run (a RunHandle): its name, status and progress at once (a finished run too, e.g. after a
+        reload), then follow it while it goes on; Stop is enabled while it does."""
         self.handle, self._seq, self._times, self._steps_per_epoch = handle, 0, [], 0
         self.step, self.max_steps, self.epoch, self.samples_per_second, self.eta_seconds = 0, 0, 0.0, 0.0, None
+        try:
+            self.run_label = str(handle.record.get("name") or "")
+        except Exception:  # the record is read again by the first tick, which reports a lost store
+            self.run_label = ""
         self.run_id = handle.id
         self.status = "queued"
-        self._stop.disabled = False
-        self._start.disabled = True
-        if self.background:
+        self._enable(start=False, stop=True)
+        if self._tick() and self.background:
             self._poller.start()
 
     def stop(self) -> None:
         """Ask the run to stop at its next step boundary (it saves a checkpoint and ends 'stopped')."""
+        if self.read_only:  # a forged click or call from a read-only page
+            self.error = "this page is read-only: runs cannot be stopped from it"
+            return
         if self.handle is None or not self.active:
             return
         self.handle.stop()
         self.status = "stopping"
-        self._stop.disabled = True
+        self._enable(start=False, stop=False)
+
+    def _enable(self, start: bool, stop: bool) -> None:
+        if self._start is not None:
+            self._start.disabled = not start
+            self._stop.disabled = not stop
 
     def refresh(self) -> bool:
         """Read new progress from the store now; returns True while the run is still going."""
@@ -284,7 +322,7 @@ class TrainPanel(W.VBox):
             if status == "failed":
                 self.error = record.get("error") or "the run failed: see its log.txt"
             self.eta_seconds = 0.0 if status == "completed" else None
-            self._stop.disabled, self._start.disabled = True, self.read_only
+            self._enable(start=True, stop=False)
             return False
         if status == "running" and self.status != "stopping":
             self.status = "running"
@@ -319,7 +357,8 @@ class TrainPanel(W.VBox):
         if self.status == "idle" and not self.run_id:
             self._progress.value = S.message("not started", "muted")
             return
-        parts = [f"run {self.run_id}" if self.run_id else "", self.status]
+        title = f"run {self.run_id}" + (f" ({self.run_label})" if self.run_label else "") if self.run_id else ""
+        parts = [title, self.status]
         if self.max_steps:
             parts.append(f"step {self.step}/{self.max_steps}")
             epochs = -(-self.max_steps // self._steps_per_epoch) if self._steps_per_epoch else None
@@ -329,10 +368,6 @@ class TrainPanel(W.VBox):
         if self.active and self.eta_seconds is not None:
             parts.append(f"ETA {S.human_seconds(self.eta_seconds)}")
         self._progress.value = S.message(" | ".join(p for p in parts if p), "muted")
-
-    def _show_read_only(self, change: Any = None) -> None:
-        self._controls.layout.display = "none" if self.read_only else ""
-        self._start.disabled = self.read_only or self.active
 
     def wait(self, timeout: float = 60.0, poll: float = 0.2) -> str:
         """Block until the launched run ends (scripts and tests); returns the status."""
