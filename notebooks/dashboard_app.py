@@ -31,7 +31,7 @@ from IPython.display import display
 import course
 from workbench import Config, WorkbenchError
 from workbench.catalog import MODELS
-from workbench.launch import RunHandle, attach, launch
+from workbench.launch import RunHandle, attach
 from workbench.store import RunStore
 from widgets import Dashboard
 
@@ -86,9 +86,10 @@ def refuse_if_going(store: RunStore) -> None:
                              "time, wait for it to finish (its progress is shown below)")
 
 
-def one_run_at_a_time(home: Path) -> tuple[Callable[[], None], Callable[[Config], RunHandle]]:
-    """The TrainPanel's `start_check` and `launcher`: refuse Start while any run of this store is going
-    (another visitor's included).
+def one_run_at_a_time(home: Path, launch: Callable[[Config], RunHandle]
+                      ) -> tuple[Callable[[], None], Callable[[Config], RunHandle]]:
+    """The TrainPanel's `start_check` and `launcher` (which wraps `launch`): refuse Start while any run of
+    this store is going (another visitor's included).
 
     Start checks at once (an answer before the preflight), and again when the run is queued: that second
     check and the queueing hold the store's start lock, so of two clicks at the same moment one is refused.
@@ -101,7 +102,7 @@ def one_run_at_a_time(home: Path) -> tuple[Callable[[], None], Callable[[Config]
     def launcher(config: Config) -> RunHandle:
         with start_lock(store.home):
             refuse_if_going(store)
-            return launch(config, home=store.home)  # the run is in the store, queued, before the lock is released
+            return launch(config)  # the run is in the store, queued, before the lock is released
 
     return start_check, launcher
 
@@ -135,7 +136,8 @@ def header(read_only: bool) -> W.HTML:
 def build(home: Any = None, read_only: bool | None = None) -> Dashboard:
     read_only = env_flag("WORKBENCH_READ_ONLY") if read_only is None else read_only
     home = RunStore(home or course.home()).home
-    start_check, launcher = one_run_at_a_time(home)
+    # the panel's own launch, under the store's start lock (`dash` is bound below, before any Start)
+    start_check, launcher = one_run_at_a_time(home, lambda config: dash.train.launch(config))
     if read_only:  # viewers only: no setup panel, no upload, no Start or Stop is built
         dash = Dashboard(home=home, read_only=True)
     else:

@@ -190,5 +190,7 @@ class Dashboard(W.VBox):
         self._list_configs()
 
     def _list_configs(self) -> None:
+        if self.read_only:
+            return
         files = sorted(p.name for p in self.config_dir.glob("*.y*ml")) if self.config_dir.is_dir() else []
         self._config_name.options = files
