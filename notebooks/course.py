@@ -1,19 +1,25 @@
 """Course settings for the teaching notebooks: run sizes that fit 2 CPU cores, and answer checks.
 
-The notebooks import this file from their own folder. Everything heavy lives in `workbench` and
-`widgets`; this file only chooses small sizes and checks exercise answers.
+Each notebook's first cell puts this folder on `sys.path`, found from the installed `workbench` package
+(`pip install -e .` keeps it in this repository), so `import course` works whatever the kernel's working
+directory. Everything heavy lives in `workbench` and `widgets`; this file chooses small sizes, reads run
+records into tables and checks exercise answers.
 
 Environment variables (all optional):
 
-- WORKBENCH_HOME: where runs are stored (default: ./workbench-runs next to the notebooks)
+- WORKBENCH_HOME: where runs are stored (default: ./workbench-runs in the working directory)
 - WORKBENCH_COURSE_MODEL: the model to fine-tune (default: the catalog's minilm-l6)
+- WORKBENCH_COURSE_CHAT_MODEL: the chat model of 07_chat_tuning (default: the catalog's smollm2-135m-instruct)
 - WORKBENCH_COURSE_SCALE: "course" (default, a few minutes per notebook) or "smoke" (seconds; the tests)
 """
 
 from __future__ import annotations
 
+import contextlib
+import html
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +28,7 @@ import pandas as pd  # imported up front: plotly looks for pandas while widget t
 from workbench import Config
 
 MODEL = os.environ.get("WORKBENCH_COURSE_MODEL", "minilm-l6")
+CHAT_MODEL = os.environ.get("WORKBENCH_COURSE_CHAT_MODEL", "smollm2-135m-instruct")
 SCALE = os.environ.get("WORKBENCH_COURSE_SCALE", "course")
 
 # rows, tokens and passes per run: "course" fits 2 CPU cores in a few minutes per notebook
@@ -29,13 +36,22 @@ SIZES: dict[str, dict[str, int]] = {
     "course": {"max_train_samples": 240, "max_eval_samples": 100, "max_length": 64, "epochs": 1, "batch_size": 16},
     "smoke": {"max_train_samples": 32, "max_eval_samples": 24, "max_length": 32, "epochs": 1, "batch_size": 8},
 }
+# 07_chat_tuning: SmolLM2-135M answers; "course" keeps the whole notebook under 5 minutes on 2 CPU cores
+CHAT_SIZES: dict[str, dict[str, int]] = {
+    "course": {"max_train_samples": 64, "max_eval_samples": 24, "max_length": 64, "epochs": 2, "batch_size": 8,
+               "eval_every": 8, "sample_prompts": 5, "max_new_tokens": 32},
+    "smoke": {"max_train_samples": 24, "max_eval_samples": 8, "max_length": 48, "epochs": 1, "batch_size": 8,
+              "eval_every": 0, "sample_prompts": 3, "max_new_tokens": 8},
+}
 if SCALE not in SIZES:
     raise ValueError(f"WORKBENCH_COURSE_SCALE = {SCALE!r} is not allowed: one of {', '.join(SIZES)}")
 
 
 def home() -> Path:
-    """The notebooks' own run store, so course runs never mix with other work."""
-    return Path(os.environ.get("WORKBENCH_HOME", "workbench-runs")).resolve()
+    """The notebooks' own run store (next to this file, whatever the working directory), so course runs
+    never mix with other work."""
+    default = Path(__file__).resolve().parent / "workbench-runs"
+    return Path(os.environ.get("WORKBENCH_HOME") or default).resolve()
 
 
 def size(name: str) -> int:
@@ -127,3 +143,138 @@ def check_choice(question: str, answer: Any, allowed: list[Any], hint: str = "")
     if given not in norm:
         raise WrongAnswer(f"[{question}] {answer!r} is not right. {hint}".rstrip())
     print(f"[{question}] correct: {answer!r}")
+
+
+# --- 07_chat_tuning: chat runs, read as tables ------------------------------------------------------
+
+def chat_config(name: str, source: str = "chatterbot", system_prompt: str | None = None,
+                **sections: dict[str, Any]) -> Config:
+    """A course-sized LoRA chat run (task chat) of the course's chat model; `sections` override fields."""
+    s = CHAT_SIZES[SCALE]
+    raw: dict[str, Any] = {
+        "task": "chat",
+        "model": CHAT_MODEL,
+        "name": name,
+        "data": {"source": source, "max_train_samples": s["max_train_samples"],
+                 "max_eval_samples": s["max_eval_samples"]},
+        "method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.05},
+        "train": {"epochs": s["epochs"], "batch_size": s["batch_size"], "max_length": s["max_length"],
+                  "learning_rate": 1e-3, "warmup_ratio": 0.1, "eval_every": s["eval_every"],
+                  "early_stopping_patience": 0},
+        "chat": {"max_new_tokens": s["max_new_tokens"], "sample_prompts": s["sample_prompts"],
+                 "eval_at_start": True, "system_prompt": system_prompt},
+        "track": {"wandb": "disabled", "tensorboard": False},
+    }
+    if SCALE == "smoke":
+        raw["train"]["threads"] = 1
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return Config.from_dict(raw)
+
+
+def wait_for_eval(handle: Any, step: int = 0, timeout: float = 600) -> dict[str, Any]:
+    """The evaluation point of a launched run at `step` (0: the base model, before any training step),
+    waiting while the run gets there."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [p for p in handle.points("eval") if p["step"] == step]
+        if found:
+            return found[-1]
+        record = handle.record
+        if record["status"] in ("completed", "failed", "stopped"):
+            raise RuntimeError(f"run {handle.id} ended {record['status']} before its step-{step} evaluation: "
+                               f"{record['error'] or 'see ' + str(handle.log_path)}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no step-{step} evaluation of run {handle.id} after {timeout:.0f} s: "
+                               f"see {handle.log_path}")
+        time.sleep(1)
+
+
+def samples(point: dict[str, Any]) -> pd.DataFrame:
+    """An evaluation's sample answers: one row per held-out question, with the reference answer."""
+    return pd.DataFrame(point["samples"], columns=["question", "reference", "answer"])
+
+
+def eval_table(points: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per evaluation of a chat run: held-out loss per answer token and perplexity exp(loss)."""
+    rows = [{"step": p["step"], "held-out loss": round(p["eval_loss"], 3), "perplexity": round(p["perplexity"], 2)}
+            for p in points if p["kind"] == "eval"]
+    return pd.DataFrame(rows).set_index("step")
+
+
+@contextlib.contextmanager
+def base_model(predictor: Any):
+    """Inside this block the tuned predictor answers as the base model: its LoRA adapters are switched off."""
+    switch = getattr(predictor.model, "disable_adapter", None)
+    if switch is None:
+        raise ValueError("this run has no adapters to switch off (method full?): train it with method lora")
+    with switch():
+        yield predictor
+
+
+def conversation(question: str, answer: str | None = None, system_prompt: str | None = None) -> list[dict[str, str]]:
+    """Messages as the chat template reads them: an optional system turn, the question, the answer."""
+    turns = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    turns.append({"role": "user", "content": question})
+    if answer is not None:
+        turns.append({"role": "assistant", "content": answer})
+    return turns
+
+
+def answer_loss(predictor: Any, question: str, reference: str) -> float:
+    """The mean loss per answer token of `reference` after `question` (the training loss of one example)."""
+    import torch
+
+    enc = predictor.encoder.encode(conversation(question, reference, predictor.system_prompt))
+    if enc is None:
+        return float("nan")  # the answer did not fit in max_length
+    batch = {k: torch.tensor([v]) for k, v in enc.items()}
+    with torch.no_grad():
+        return float(predictor.model(**batch).loss)
+
+
+def side_by_side(base: dict[str, Any], tuned: dict[str, Any], predictor: Any) -> pd.DataFrame:
+    """The same held-out questions before and after tuning: answers, and the loss of the reference answer."""
+    table = samples(base).rename(columns={"answer": "base answer"})
+    table["tuned answer"] = samples(tuned)["answer"]
+    with base_model(predictor):
+        table["base loss"] = [answer_loss(predictor, q, r) for q, r in zip(table["question"], table["reference"])]
+    table["tuned loss"] = [answer_loss(predictor, q, r) for q, r in zip(table["question"], table["reference"])]
+    return table.round(3)
+
+
+def persona_table(predictor: Any, questions: list[str], persona: str,
+                  plain: str = "You are a helpful assistant.") -> pd.DataFrame:
+    """What a system prompt alone does (base model, plain vs persona) and what tuning adds (tuned, persona)."""
+    rows = []
+    for q in questions:
+        with base_model(predictor):
+            plain_answer = predictor.answer(conversation(q, system_prompt=plain))
+            base_answer = predictor.answer(conversation(q, system_prompt=persona))
+        rows.append({"question": q, "base, plain prompt": plain_answer, "base, persona": base_answer,
+                     "tuned, persona": predictor.answer(conversation(q, system_prompt=persona))})
+    return pd.DataFrame(rows)
+
+
+def loss_mask(predictor: Any, question: str, answer: str) -> pd.DataFrame:
+    """One example as training encodes it: each token, its id, and its label (-100: not in the loss)."""
+    enc = predictor.encoder.encode(conversation(question, answer, predictor.system_prompt))
+    if enc is None:
+        raise ValueError("the answer does not fit in the run's max_length: pick a shorter example")
+    tok = predictor.tokenizer
+    return pd.DataFrame({"token": [tok.decode([i]) for i in enc["input_ids"]], "id": enc["input_ids"],
+                         "label": enc["labels"], "in the loss": [lab != -100 for lab in enc["labels"]]})
+
+
+def show_mask(mask: pd.DataFrame) -> Any:
+    """The encoded example as text: tokens in the loss on green, tokens labelled -100 in grey."""
+    from IPython.display import HTML
+
+    cells = []
+    for token, on in zip(mask["token"], mask["in the loss"]):
+        colour = "background:#c8e6c9; color:#1b5e20" if on else "background:#eeeeee; color:#757575"
+        cells.append(f'<span style="{colour}; border:1px solid #bdbdbd; margin:1px; padding:0 2px; '
+                     f'white-space:pre">{html.escape(token.replace(chr(10), chr(8629)))}</span>')
+    legend = (f"<p>{int(mask['in the loss'].sum())} of {len(mask)} tokens carry a label (green); "
+              "the rest are -100 (grey). &#8629; is a line break.</p>")
+    return HTML(legend + '<div style="line-height:2; font-family:monospace">' + "".join(cells) + "</div>")

@@ -1,15 +1,20 @@
 """The teaching notebooks run top to bottom under `pytest --nbval-lax`, and are committed without outputs.
 
-Each notebook runs in its own `python -m pytest --nbval-lax` process with its own run store. By default
-they run in "smoke" scale on the tiny BERT from conftest (seconds of training, the catalog data);
-WORKBENCH_NOTEBOOKS_COURSE=1 runs them as students do (the catalog's MiniLM, course sizes, < 5 min each).
+Each notebook runs in its own `python -m pytest --nbval-lax` process with its own run store, from a copy
+in a folder of its own: the kernel's working directory is not notebooks/, so `import course` is proven to
+work from anywhere. By default they run in "smoke" scale on tiny models (the BERT from conftest; for the
+chat lab a 2-layer Llama with a word-level tokenizer of the ChatterBot corpus's words): seconds of training
+on the catalog data. WORKBENCH_NOTEBOOKS_COURSE=1 runs them as students do (the catalog's MiniLM and
+SmolLM2-135M-Instruct, course sizes, < 5 min each).
 """
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -23,6 +28,8 @@ TEACHING = sorted(p.name for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
 ALL = TEACHING + ["dashboard.ipynb"]
 COURSE = os.environ.get("WORKBENCH_NOTEBOOKS_COURSE", "").lower() in ("1", "true", "yes")
 BUDGET_S = 300  # a student's notebook must finish within 5 minutes on 2 CPU cores
+CHAT_NOTEBOOKS = {"07_chat_tuning.ipynb"}  # task chat: a causal LM with a chat template
+BOOTSTRAP = 'sys.path.insert(0, str(Path(workbench.__file__).resolve().parents[1] / "notebooks"))'
 
 
 def _course_module():
@@ -32,9 +39,57 @@ def _course_module():
     return module
 
 
-def test_the_four_teaching_notebooks_exist():
+def _code_cells(name: str) -> list[str]:
+    nb = json.loads((NOTEBOOKS / name).read_text(encoding="utf-8"))
+    return ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+
+
+def test_the_teaching_notebooks_exist():
     assert {"01_quickstart.ipynb", "02_full_vs_lora_vs_qlora.ipynb", "03_overfitting_and_schedules.ipynb",
-            "04_your_own_data.ipynb"} <= set(TEACHING)
+            "04_your_own_data.ipynb", "05_method_ladder.ipynb", "07_chat_tuning.ipynb"} <= set(TEACHING)
+
+
+@pytest.mark.parametrize("name", TEACHING)
+def test_notebook_finds_course_from_any_working_directory(name, tmp_path):
+    """The first code cell puts notebooks/ on sys.path (from the installed workbench) before `import course`;
+    run from another folder, it imports this repository's course.py."""
+    first = _code_cells(name)[0]
+    assert BOOTSTRAP in first and first.index(BOOTSTRAP) < first.index("import course"), \
+        f"{name}: the first code cell must put notebooks/ on sys.path before `import course`"
+    setup = first[: first.index("import course")] + "import course\nprint(course.__file__)\n"
+    proc = subprocess.run([sys.executable, "-c", setup], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": ""})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert Path(proc.stdout.strip().splitlines()[-1]) == NOTEBOOKS / "course.py"
+
+
+def _private_imports(source: str) -> list[str]:
+    """`_private` modules or names imported by the code (`__future__` aside)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if any(p.startswith("_") for p in a.name.split("."))]
+        elif isinstance(node, ast.ImportFrom) and node.module != "__future__":
+            parts = (node.module or "").split(".")
+            if any(p.startswith("_") for p in parts):
+                found.append(node.module)
+            found += [f"{node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    return found
+
+
+@pytest.mark.parametrize("name", ALL + sorted(p.name for p in NOTEBOOKS.glob("*.py")))
+def test_notebooks_import_no_private_module_or_name(name):
+    path = NOTEBOOKS / name
+    sources = _code_cells(name) if name.endswith(".ipynb") else [path.read_text(encoding="utf-8")]
+    private = [m for src in sources for m in _private_imports(src)]
+    assert not private, f"{name} imports private code {private}: use the public names of workbench and widgets"
+
+
+def test_private_imports_are_found():
+    assert _private_imports("from widgets._style import full_width\nimport workbench._x\n"
+                            "from workbench.chat import _as_messages\nfrom __future__ import annotations") == [
+        "widgets._style", "workbench._x", "workbench.chat._as_messages"]
+    assert _private_imports("import course\nfrom widgets import Dashboard") == []
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -68,20 +123,55 @@ def test_check_answer_passes_right_answers_skips_none_and_explains_wrong_ones(ca
 @pytest.mark.integration
 @pytest.mark.timeout(BUDGET_S + 120)
 @pytest.mark.parametrize("name", TEACHING)
-def test_notebook_runs_top_to_bottom(name, tiny_model_dir, tmp_path):
+def test_notebook_runs_top_to_bottom(name, tiny_model_dir, request, tmp_path):
     env = {**os.environ, "WORKBENCH_HOME": str(tmp_path / "runs"), "WANDB_MODE": "disabled",
            "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false", "PYTHONDONTWRITEBYTECODE": "1"}
     if COURSE:
-        env.update(WORKBENCH_COURSE_SCALE="course", WORKBENCH_COURSE_MODEL="minilm-l6")
+        env.update(WORKBENCH_COURSE_SCALE="course", WORKBENCH_COURSE_MODEL="minilm-l6",
+                   WORKBENCH_COURSE_CHAT_MODEL="smollm2-135m-instruct")
     else:
         env.update(WORKBENCH_COURSE_SCALE="smoke", WORKBENCH_COURSE_MODEL=str(tiny_model_dir))
+        if name in CHAT_NOTEBOOKS:
+            env["WORKBENCH_COURSE_CHAT_MODEL"] = str(request.getfixturevalue("tiny_chat_model_dir"))
+    elsewhere = tmp_path / "elsewhere"  # nbval starts the kernel in the notebook's folder: not notebooks/ here
+    elsewhere.mkdir()
+    shutil.copy(NOTEBOOKS / name, elsewhere / name)
     cmd = [sys.executable, "-m", "pytest", "--nbval-lax", "-q", "-p", "no:cacheprovider", "--timeout", str(BUDGET_S),
-           "-o", "addopts=", str(NOTEBOOKS / name)]
+           "-o", "addopts=", "--rootdir", str(elsewhere), str(elsewhere / name)]
     start = time.monotonic()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=BUDGET_S + 60)
+    proc = subprocess.run(cmd, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=BUDGET_S + 60)
     took = time.monotonic() - start
     assert proc.returncode == 0, f"{name} failed under nbval (rc {proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
     assert took < BUDGET_S, f"{name} took {took:.0f} s, over the {BUDGET_S} s budget of a course notebook"
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model_dir(tmp_path_factory):
+    """A 2-layer Llama (hidden 32) with a ChatML template and a word-level tokenizer whose vocabulary is the
+    ChatterBot corpus's words: the chat lab runs in seconds, on the real data, and its tokens read as words."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from workbench.data import load_catalog_dataset
+
+    pairs = load_catalog_dataset("chatterbot")
+    words = {w for text in (*pairs["text"], *pairs["answer"]) for w in str(text).split()}
+    specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "system", "user", "assistant"]
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(specials + sorted(words)))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>")
+    tok.chat_template = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> "
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+    out = tmp_path_factory.mktemp("tiny-chat-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, architectures=["LlamaForCausalLM"])
+    LlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
 
 
 # --- the dashboard page (notebooks/dashboard.ipynb), without a browser ------------------------------
