@@ -120,6 +120,26 @@ def test_check_answer_passes_right_answers_skips_none_and_explains_wrong_ones(ca
         course.check_choice("q", "full", ["lora", "qlora"])
 
 
+def test_course_chat_config_and_chat_tables(monkeypatch):
+    monkeypatch.setenv("WORKBENCH_COURSE_SCALE", "smoke")
+    monkeypatch.delenv("WORKBENCH_COURSE_CHAT_MODEL", raising=False)
+    course = _course_module()
+    config = course.chat_config("c", system_prompt="Be brief.", train={"epochs": 3})
+    assert (config.task, config.model, config.method.name) == ("chat", "smollm2-135m-instruct", "lora")
+    assert (config.chat.system_prompt, config.chat.eval_at_start, config.train.epochs) == ("Be brief.", True, 3)
+    assert config.data.max_train_samples == course.CHAT_SIZES["smoke"]["max_train_samples"]
+    points = [{"kind": "train", "step": 1, "loss": 3.0},
+              {"kind": "eval", "step": 0, "eval_loss": 3.2, "perplexity": 24.53, "samples": [
+                  {"question": "Hi", "reference": "Hello", "answer": "Hey"}]},
+              {"kind": "eval", "step": 4, "eval_loss": 2.5, "perplexity": 12.18, "samples": []}]
+    table = course.eval_table(points)
+    assert list(table.index) == [0, 4] and table.loc[4, "perplexity"] == 12.18
+    assert course.samples(points[1]).to_dict("records") == [{"question": "Hi", "reference": "Hello", "answer": "Hey"}]
+    assert course.conversation("q", "a", "s") == [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
+                                                  {"role": "assistant", "content": "a"}]
+    assert course.conversation("q") == [{"role": "user", "content": "q"}]
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(BUDGET_S + 120)
 @pytest.mark.parametrize("name", TEACHING)
