@@ -65,14 +65,15 @@ def test_launched_run_outlives_its_handle_and_can_be_stopped(tmp_path, tiny_conf
     handle = launch(tiny_config(train={"epochs": 200}), home=home)
     deadline = time.monotonic() + 120
     while not handle.points(kind="train") and time.monotonic() < deadline:
-        assert handle.status in ("queued", "running"), handle.record
+        record = handle.record
+        assert record["status"] in ("queued", "running"), (record["error"], handle.log_path.read_text()[-3000:])
         time.sleep(0.2)
     assert handle.points(kind="train"), "the run never started stepping"
     follower = attach(handle.id, home=home)  # as after a kernel restart
     assert follower.status == "running"
     follower.stop()
     record = handle.wait(timeout=120)
-    assert record["status"] == "stopped"
+    assert record["status"] == "stopped", (record, handle.log_path.read_text()[-3000:])
     assert list((Path(record["dir"]) / "checkpoints").glob("step-*"))
     assert "stopped" in handle.log_path.read_text()
 
@@ -107,7 +108,7 @@ def test_torchrun_two_processes_make_one_run_with_the_single_process_loss(tmp_pa
     dist_losses = [p["loss"] for p in store.points(run["id"], kind="train")]
 
     from workbench.callbacks import Callback
-    from workbench.trainer import train
+    from workbench.loop import train
 
     losses = []
 

@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     rsh.add_argument("--json", action="store_true")
     rst = rs.add_parser("stop", help="ask a running run to stop at its next step")
     rst.add_argument("run")
+    rst.add_argument("--force", action="store_true",
+                     help="mark a stale run stopped (its process is gone or on another machine)")
 
     pr = sub.add_parser("predict", help="classify texts with a run's best model (a chat run answers them, "
                                         "a seq2seq run translates them)")
@@ -75,6 +77,30 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--force", action="store_true", help="replace an earlier export in --out")
 
     sub.add_parser("config", help="print the default config as YAML")
+
+    sv = sub.add_parser("serve", help="serve a run over HTTP (classify, OpenAI-compatible chat, translate, metrics)")
+    sv.add_argument("run", help="run id ('latest' for the newest)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=0, help="port (default: a free one, printed)")
+    sv.add_argument("--artifact", help="serve an optimised artifact of the run (int8, pruned, onnx) instead of fp32")
+    sv.add_argument("--api-key-file", help="read the API key from this file (mode 0600) instead of the workspace key")
+    sv.add_argument("--no-api-key", action="store_true", help="no authentication (refused beyond loopback)")
+    sv.add_argument("--max-batch-size", type=int, default=32, help="inputs grouped into one model call (1 = no batching)")
+    sv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
+    sv.add_argument("--max-body-bytes", type=int, default=1_000_000)
+    sv.add_argument("--max-texts", type=int, default=64, help="texts per request")
+    sv.add_argument("--max-chars", type=int, default=20_000, help="characters per text or chat message")
+    sv.add_argument("--max-tokens", type=int, default=512, help="the largest max_tokens a chat request may ask")
+    sv.add_argument("--log-text", action="store_true", help="put request texts in the log (off by default)")
+
+    op = sub.add_parser("optimize", help="int8, pruned and ONNX artifacts of a classification run, with a report")
+    op.add_argument("run", help="run id ('latest' for the newest)")
+    op.add_argument("--int8", action="store_true", help="dynamic int8 quantisation (torch or onnxruntime: the faster)")
+    op.add_argument("--prune", action="store_true", help="structured pruning of attention heads and FFN neurons")
+    op.add_argument("--onnx", action="store_true", help="ONNX export of the merged model (no flag at all: all three)")
+    op.add_argument("--prune-heads", type=float, default=0.25, help="share of attention heads removed per layer")
+    op.add_argument("--prune-ffn", type=float, default=0.4, help="share of feed-forward neurons removed per layer")
+    op.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
     lad = sub.add_parser("ladder", help="several methods on the same data, split and seed, one run each, one table")
     lad.add_argument("config", nargs="?", help="YAML config file (the method in it is replaced by each rung's)")
@@ -138,7 +164,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "assets":
         return _assets(args)
     if args.command == "inspect":
-        from .methods import inspect_model
+        from .models.inspect import inspect_model
 
         info = inspect_model(args.model, method=args.method, batch_size=args.batch_size,
                              max_length=args.max_length, num_labels=args.num_labels, r=args.r)
@@ -148,6 +174,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _export(args)
     if args.command == "ladder":
         return _ladder(args)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "optimize":
+        return _optimize(args)
     if args.command == "config":
         from .config import Config
 
@@ -159,10 +189,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from .config import Config
     from .store import RunStore
-    from .trainer import INTERNAL_ERROR, preflight, train
+    from .loop import preflight, train
+    from .loop.lifecycle import INTERNAL_ERROR
 
     def check(config: Config) -> None:
-        preflight(config, store.home)  # chat and seq2seq delegate to workbench.chat.preflight_generation
+        preflight(config, store.home)  # the task's data and weight-free model checks
 
     store = RunStore()
     rank0 = int(os.environ.get("RANK", "0")) == 0
@@ -216,6 +247,9 @@ def _print_summary(record: dict[str, Any]) -> None:
                 print(f"  source: {s['source'][:100]}\n  output: {s['translation'][:200]}")
             else:
                 print(f"  Q: {s['question'][:100]}\n  A: {s['answer'][:200]}")
+    elif m and "rmse" in m:  # a text-regression run
+        print(f"  rmse {m['rmse']:.4f} (predicting the mean: {m['baseline_rmse']:.4f})  mae {m['mae']:.4f}  "
+              f"pearson {m['pearson']:.3f}  spearman {m['spearman']:.3f}  (best step {m.get('best_step')})")
     elif m:
         print(f"  accuracy {m['accuracy']:.4f}  f1_macro {m['f1_macro']:.4f}  eval_loss {m['eval_loss']:.4f}  "
               f"(best step {m.get('best_step')})")
@@ -257,8 +291,13 @@ def _runs(args: argparse.Namespace) -> int:
             if "start_eval_loss" in m:
                 print(f"step 0 eval_loss: {m['start_eval_loss']:.4f}\nstep 0 perplexity: {m['start_perplexity']:.2f}")
         return EXIT_OK
-    store.request_stop(args.run)
-    print(f"stop requested for run {store.resolve(args.run)}: it ends at its next step and saves a checkpoint")
+    run_id = store.resolve(args.run)
+    done = store.force_stop(run_id) if args.force else store.request_stop(run_id)
+    print({"stopping": f"stop requested for run {run_id}: it ends at its next step and saves a checkpoint",
+           "stopped": f"run {run_id} was queued: marked stopped (a process already launched for it stops at "
+                      "its first step)",
+           "forced": f"run {run_id} marked stopped (--force: its process could not be reached)",
+           }.get(done, f"run {run_id} is {done}: nothing to stop"))
     return EXIT_OK
 
 
@@ -282,6 +321,9 @@ def _predict(args: argparse.Namespace) -> int:
     elif results and "answer" in results[0]:  # a chat run answers
         for r in results:
             print(r["answer"] if len(results) == 1 else f"Q: {r['text']}\nA: {r['answer']}\n")
+    elif results and "value" in results[0]:  # a text-regression run
+        for r in results:
+            print(f"value {r['value']:.4f}\t{r['text'][:80]}")
     else:
         for r in results:
             print(f"{r['label']}\t{r['scores'][r['label']]:.3f}\t{r['text'][:80]}")
@@ -313,6 +355,39 @@ def _export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from .deploy.app import ServeSettings
+    from .deploy.server import serve
+
+    try:
+        settings = ServeSettings(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+                                 max_body_bytes=args.max_body_bytes, max_texts=args.max_texts,
+                                 max_chars=args.max_chars, max_tokens=args.max_tokens, log_text=args.log_text)
+    except ValueError as exc:
+        raise WorkbenchError(f"{exc}: fix the serve option") from None
+    serve(args.run, host=args.host, port=args.port, artifact=args.artifact, settings=settings,
+          api_key_file=args.api_key_file, no_api_key=args.no_api_key, echo=lambda line: print(line, flush=True))
+    return EXIT_OK
+
+
+def _optimize(args: argparse.Namespace) -> int:
+    from .deploy.optimize import optimize, report_markdown
+
+    def progress(stage: str, fraction: float) -> None:
+        if not args.json and fraction in (0.0, 1.0):
+            print(f"  {stage}", file=sys.stderr, flush=True)
+
+    every = not (args.int8 or args.prune or args.onnx)  # no flag: all three
+    report = optimize(args.run, int8=args.int8 or every, prune=args.prune or every, onnx=args.onnx or every,
+                      prune_heads=args.prune_heads,
+                      prune_ffn=args.prune_ffn, progress=progress)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(report_markdown(report), end="")
+    return EXIT_OK
+
+
 def ladder_rates(config: Config, methods: list[str], rate_in_file: bool, overrides: list[str]) -> dict[str, float]:
     """Which rungs take the config's learning rate instead of their method's default.
 
@@ -330,7 +405,7 @@ def ladder_rates(config: Config, methods: list[str], rate_in_file: bool, overrid
 
 
 def _ladder(args: argparse.Namespace) -> int:
-    from .config import Config, _read_yaml, apply_override
+    from .config import Config, apply_override, read_yaml
     from .ladder import (create_ladder, default_methods, format_table, ladder_dir, list_ladders, parse_methods,
                          resume_ladder)
     from .store import RunStore
@@ -353,7 +428,7 @@ def _ladder(args: argparse.Namespace) -> int:
         if not args.config:
             raise WorkbenchError("ladder needs a config file: workbench ladder CONFIG --methods lora,full "
                                  "(or --resume LADDER)")
-        raw = _read_yaml(Path(args.config))
+        raw = read_yaml(Path(args.config))
         in_file = "learning_rate" in (raw.get("train") or {})
         for item in args.overrides:
             apply_override(raw, item)

@@ -43,9 +43,12 @@ class RunHandle:
     def points(self, kind: str | None = None, after_seq: int = 0) -> list[dict[str, Any]]:
         return self.store.points(self.id, kind=kind, after_seq=after_seq)
 
-    def stop(self) -> None:
-        """Ask the run to stop at its next step boundary; it saves a checkpoint and ends 'stopped'."""
-        self.store.request_stop(self.id)
+    def stop(self) -> str:
+        """Ask the run to stop at its next step boundary; it saves a checkpoint and ends 'stopped'.
+
+        Returns what happened (RunStore.request_stop): 'stopping', 'stopped' (it was queued) or 'already <status>'.
+        """
+        return self.store.request_stop(self.id)
 
     def wait(self, timeout: float | None = None, poll: float = 0.5) -> dict[str, Any]:
         """Block until the run ends (or `timeout` seconds pass); returns its record."""
@@ -74,6 +77,7 @@ def launch(config: Config, home: str | Path | None = None, resume_id: str | None
         args = ["--run-id", run_id]
     else:
         run_id = store.resolve(resume_id)
+        store.requeue(run_id)  # queued again until its process starts: a stop pressed meanwhile reaches it
         args = ["--resume", run_id]
     log = open(store.run_dir(run_id) / "log.txt", "ab")
     child_env = {**os.environ, "WORKBENCH_HOME": str(store.home), "PYTHONUNBUFFERED": "1", **(env or {})}
