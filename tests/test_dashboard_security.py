@@ -218,6 +218,25 @@ def test_read_only_dashboard_names_the_run_it_shows_after_a_reload(home: Path) -
         assert dash.curve.run_ids == [run_id] and dash.confusion.run_id == run_id
 
 
+def test_the_served_page_offers_the_catalog_and_the_operators_demo_model_only(home: Path, monkeypatch) -> None:
+    from workbench.catalog import MODELS
+
+    monkeypatch.syspath_prepend(str(ROOT / "notebooks"))
+    import dashboard_app
+
+    assert dashboard_app.offered_models(Config()) == tuple(MODELS)
+    assert dashboard_app.offered_models(Config(model="/srv/demo-model")) == (*MODELS, "/srv/demo-model")
+    monkeypatch.delenv("WORKBENCH_DEMO_MODEL", raising=False)
+    monkeypatch.setenv("WORKBENCH_DEMO_OVERRIDES", "data.max_train_samples=16")
+    dash = dashboard_app.build(home=home, read_only=False)
+    try:
+        assert dash.model.choices == tuple(MODELS) and dash.model._trust is None
+    finally:
+        for panel in (dash.model, dash.data, dash.method):
+            panel.wait(60)
+        dash.close()
+
+
 # --- the model: catalog only, no remote code -------------------------------------------------------------------
 
 def test_dashboard_offers_catalog_models_only_and_never_trusts_remote_code(home: Path, tmp_path: Path) -> None:
@@ -225,7 +244,8 @@ def test_dashboard_offers_catalog_models_only_and_never_trusts_remote_code(home:
 
     from widgets import Dashboard
 
-    dash = Dashboard(home=home, background=False)
+    assert Dashboard(home=home, background=False).model._trust is not None  # a notebook of one's own: any model
+    dash = Dashboard(home=home, background=False, models=tuple(MODELS))  # what the Voila page builds
     picker = dash.model
     assert picker.choices == tuple(MODELS)
     assert picker._text is None and picker._trust is None  # no box to type a hub id or tick "trust"

@@ -23,6 +23,7 @@ from .model_picker import ModelPicker
 from .playground import Playground
 from .train_panel import TrainPanel
 
+CATALOG_ONLY = tuple(MODELS)  # for Dashboard(models=...) on a page others can reach
 CONFIG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,80}$")
 
 
@@ -55,9 +56,10 @@ def wire(train: TrainPanel, curve: LossCurve, confusion: ConfusionMatrix, compar
 class Dashboard(W.VBox):
     """Every panel in tabs and one config load/save bar; `read_only` builds the viewers only.
 
-    `models` limits the model picker (default: the catalog; `None` = any name, local directory or hub id,
-    with the "trust remote code" box): a page others can reach keeps the default, so no model
-    repository's code runs in its kernels. `read_only=True` (set at construction, not changeable) builds
+    `models` limits the model picker to those names (`CATALOG_ONLY`: the catalog) and keeps
+    trust_remote_code off: a page others can reach (the Voila dashboard) passes it, so no model
+    repository's code runs in its kernels; the default `None` (a notebook of one's own) allows any name,
+    local directory or hub id, with the "trust remote code" box. `read_only=True` (set at construction, not changeable) builds
     no model, data or method panel, no upload, no config files and no Start/Stop at all, so a forged
     widget message has nothing to reach; the run status stays (which run is shown, and how it is going).
     `launcher` and `start_check` go to the TrainPanel (one run at a time: notebooks/dashboard_app.py).
@@ -67,7 +69,7 @@ class Dashboard(W.VBox):
     message = T.Unicode("", help="the outcome of the last load/save")
 
     def __init__(self, home: str | Path | None = None, read_only: bool = False, background: bool = True,
-                 models: Sequence[str] | None = tuple(MODELS), launcher: Callable[[Config], Any] | None = None,
+                 models: Sequence[str] | None = None, launcher: Callable[[Config], Any] | None = None,
                  start_check: Callable[[], None] | None = None, **kwargs: Any) -> None:
         self.store = RunStore(home)
         home = self.store.home
@@ -95,9 +97,9 @@ class Dashboard(W.VBox):
             children: list[W.Widget] = [self.tabs]
         else:
             children = [self._build_config_bar(), self.tabs]
-            setup = W.VBox([S.section("1. Model"), self.model, S.section("2. Data"), self.data,
+            self._setup = setup = W.VBox([S.section("1. Model"), self.model, S.section("2. Data"), self.data,
                             S.section("3. Method"), self.method], layout=S.full_width())
-            run_tab = W.VBox([S.section("4. Train"), self.train, S.section("5. Watch"), self.curve,
+            self._run_tab = run_tab = W.VBox([S.section("4. Train"), self.train, S.section("5. Watch"), self.curve,
                               S.section("6. Inspect"), self.confusion], layout=S.full_width())
             tabs = [("Set up", setup), ("Train & watch", run_tab), ("Compare runs", self.compare),
                     ("Try it", self.playground)]
