@@ -23,6 +23,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
+from fastapi import Request  # at module level: FastAPI resolves route annotations in this module's globals
+from fastapi.responses import JSONResponse, Response
+
 from .adapter import CHAT, CLASSIFICATION, SEQ2SEQ, ServedModel
 from .batching import MicroBatcher
 from .keys import keys_match
@@ -288,9 +291,9 @@ def create_app(loader: Callable[[], ServedModel] | ServedModel, settings: ServeS
     """
     from contextlib import asynccontextmanager
 
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from fastapi.responses import StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     settings = settings or ServeSettings()

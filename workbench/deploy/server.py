@@ -74,6 +74,18 @@ def resolve_key(home: Path, host: str, api_key_file: str | None, no_api_key: boo
     return key, created, str(key_path(home))
 
 
+def artifact_warning(run_dir: str | Path, artifact: str | None) -> str | None:
+    """The warning to print before serving a marked artifact (slower than fp32, or > 1 point less accurate)."""
+    from .optimize import artifact_record
+
+    if not artifact or artifact == "fp32":
+        return None
+    info = artifact_record(run_dir, artifact)
+    if not info.get("marked"):
+        return None
+    return f"warning: artifact {artifact} is marked in the optimize report: {'; '.join(info['reasons'])}"
+
+
 def serve(run: str = "latest", home: str | Path | None = None, host: str = "127.0.0.1", port: int = 0,
           artifact: str | None = None, settings: ServeSettings | None = None, api_key_file: str | None = None,
           no_api_key: bool = False, drain_seconds: float = 30.0, echo: Callable[[str], None] = print) -> None:
@@ -81,7 +93,6 @@ def serve(run: str = "latest", home: str | Path | None = None, host: str = "127.
     import uvicorn
 
     from .adapter import drift_baseline, load_served_model
-    from .optimize import artifact_record
 
     store = RunStore(home)
     record = store.get(run)
@@ -89,10 +100,9 @@ def serve(run: str = "latest", home: str | Path | None = None, host: str = "127.
     if not (run_dir / "model" / "trainable.safetensors").is_file():
         raise WorkbenchError(f"run {run_id} has no trained model to serve (status {record['status']}): wait "
                              "until it completes an evaluation, or pick another run")
-    if artifact and artifact != "fp32":
-        info = artifact_record(run_dir, artifact)  # refuses an unknown artifact before anything listens
-        if info.get("marked"):
-            echo(f"warning: artifact {artifact} is marked in the optimize report: {'; '.join(info['reasons'])}")
+    warning = artifact_warning(run_dir, artifact)  # refuses an unknown artifact before anything listens
+    if warning:
+        echo(warning)
     key, created, key_file = resolve_key(store.home, host, api_key_file, no_api_key)
     settings = settings or ServeSettings()
     sock = _bind(host, port)
@@ -243,3 +253,44 @@ def read_metrics(server: dict[str, Any] | str, api_key: str | None = None, timeo
     if r.status_code != 200:
         raise WorkbenchError(f"{url}/metrics answered {r.status_code}: {r.text[:200]}")
     return parse_metrics(r.text)
+
+
+class ThreadedServer:
+    """An app served by uvicorn on a thread of this process, on a free loopback port (tests, notebooks).
+
+    `with ThreadedServer(app) as url: ...`; leaving the block drains and stops it.
+    """
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, drain_seconds: float = 10.0) -> None:
+        import threading
+
+        import uvicorn
+
+        self.sock = _bind(host, port)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://{host}:{self.port}"
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                                timeout_graceful_shutdown=drain_seconds)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       name="uvicorn", daemon=True)
+
+    def start(self, timeout: float = 30.0) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        return self.url
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+
+    def __enter__(self) -> str:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
