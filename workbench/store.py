@@ -253,6 +253,13 @@ class RunStore:
         except sqlite3.DatabaseError as exc:
             raise self._translate(exc) from None
 
+    def close(self) -> None:
+        """Close this thread's connection (the last one to close folds the WAL back into runs.sqlite)."""
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
     def run_dir(self, run_id: str) -> Path:
         return self.home / "runs" / run_id
 
