@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -130,6 +131,10 @@ def serve(run: str = "latest", home: str | Path | None = None, host: str = "127.
     else:
         echo(f"API key {mask(key)} from {key_file}")
     echo(f"try: curl -H 'Authorization: Bearer <key>' {url}/readyz   (Ctrl-C or SIGTERM stops it, draining)")
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn drains on SIGTERM, then re-raises it with the handler found at start: a no-op here, so the
+        # process ends normally (exit 0, its server.json removed) instead of dying on the re-raised signal
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
         server.run(sockets=[sock])
     finally:
