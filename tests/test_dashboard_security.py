@@ -378,3 +378,70 @@ def test_upload_over_the_limit_is_refused_in_words(home: Path) -> None:
     panel._upload.value = (upload_item("big.csv", big),)
     assert re.search(r"is 50\.0 MB, over the 50 MB limit", panel.errors["source"])
     assert not (home / "uploads" / "big.csv").exists()
+
+
+# --- the websocket: an upload over tornado's 10 MiB default reaches the kernel -----------------------------------
+
+def _message(msg_type: str, content: dict) -> dict:
+    import uuid
+
+    msg_id = uuid.uuid4().hex
+    return {"header": {"msg_id": msg_id, "msg_type": msg_type, "username": "", "session": "s", "version": "5.3"},
+            "parent_header": {}, "metadata": {}, "content": content, "channel": "shell", "buffers": []}
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(importlib.util.find_spec("voila") is None, reason="voila is not installed")
+def test_a_20_mb_widget_message_reaches_the_kernel(tmp_path: Path) -> None:
+    """A file of 20 MB (over tornado's 10 MiB, under the server's limit) travels as one widget message: the
+    connection must stay open, so that the page's kernel can answer with the upload limit in words."""
+    import asyncio
+    import json
+
+    from tornado.websocket import WebSocketClosedError, websocket_connect
+
+    serve = _serve_module()
+    port = serve.free_port(None)
+    env = {**os.environ, "WORKBENCH_HOME": str(tmp_path / "home")}
+    env.pop("WORKBENCH_DASHBOARD_TOKEN", None)
+    proc = subprocess.Popen([sys.executable, str(SERVE), "--port", str(port)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        proc.stdout.readline()
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=300) as response:
+                    page = response.read().decode()  # runs the dashboard in a new kernel
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.5)
+        kernel_id = re.search(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", page).group(0)
+
+        async def exchange() -> bool:
+            ws = await websocket_connect(f"ws://127.0.0.1:{port}/api/kernels/{kernel_id}/channels",
+                                         max_message_size=64 * 2**20)
+            big = _message("comm_msg", {"comm_id": "no-such-comm", "data": {"x": "a" * (20 * 2**20)}})
+            ask = _message("kernel_info_request", {})
+            try:
+                await ws.write_message(json.dumps(big))
+                await ws.write_message(json.dumps(ask))
+            except WebSocketClosedError:
+                return False  # closed by the server: tornado's default limit (10 MiB) is what did that
+            end = time.monotonic() + 120
+            while time.monotonic() < end:
+                raw = await asyncio.wait_for(ws.read_message(), timeout=max(end - time.monotonic(), 1))
+                if raw is None:
+                    return False  # closed: the message was too big for the server
+                reply = json.loads(raw) if isinstance(raw, str) else {}
+                if reply.get("parent_header", {}).get("msg_id") == ask["header"]["msg_id"] \
+                        and reply.get("msg_type") == "kernel_info_reply":
+                    ws.close()
+                    return True
+            return False
+
+        assert asyncio.run(exchange()), "the connection closed on a 20 MB message"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
