@@ -172,9 +172,9 @@ def chat_config(name: str, source: str = "chatterbot", system_prompt: str | None
     return Config.from_dict(raw)
 
 
-def wait_for_eval(handle: Any, step: int = 0, timeout: float = 600) -> dict[str, Any]:
+def wait_for_eval(handle: Any, step: int = 0, timeout: float = 1800) -> dict[str, Any]:
     """The evaluation point of a launched run at `step` (0: the base model, before any training step),
-    waiting while the run gets there."""
+    waiting while the run gets there (on 2 busy cores the first evaluation took 13 minutes, 40 s when quiet)."""
     deadline = time.monotonic() + timeout
     while True:
         found = [p for p in handle.points("eval") if p["step"] == step]
