@@ -23,6 +23,7 @@ import lzma
 import math
 import unicodedata
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable
@@ -105,7 +106,7 @@ class _Capped(io.RawIOBase):
         buffer[:n] = data
         self.count += n
         if self.count > self.cap:
-            raise WorkbenchError(f"data file {self.name!r} holds more than {self.cap >> 20} MiB of text "
+            raise WorkbenchError(f"data file {self.name!r} holds more than {_size(self.cap)} of text "
                                  f"{'once decompressed ' if self.name.lower().endswith(COMPRESSIONS) else ''}"
                                  f"(the limit): sample it down first")
         return n
@@ -115,6 +116,10 @@ class _Capped(io.RawIOBase):
             self.raw.close()
         finally:
             super().close()
+
+
+def _size(n: int) -> str:
+    return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n} bytes"
 
 
 def _opener(p: Path, compression: str | None) -> Callable[[], io.BufferedReader]:
@@ -239,7 +244,7 @@ def read_file(path: str | Path) -> tuple[pd.DataFrame, str]:
     except RecursionError:
         raise WorkbenchError(f"data file {p.name!r} nests values too deeply to read: flatten it to plain "
                              "columns (one text and one label per row)") from None
-    except (pd.errors.ParserError, ValueError, OSError, EOFError, zipfile.BadZipFile, lzma.LZMAError,
+    except (pd.errors.ParserError, ValueError, OSError, EOFError, zipfile.BadZipFile, lzma.LZMAError, zlib.error,
             UnicodeDecodeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         what = f"{fmt.upper()}{' (' + compression + ')' if compression else ''}"
@@ -281,7 +286,7 @@ def _read_json(open_stream: Callable[[], IO[bytes]], encoding: str, sample: byte
         with open_stream() as f:
             raw = f.read(MAX_JSON_DOCUMENT_BYTES + 1)
         if len(raw) > MAX_JSON_DOCUMENT_BYTES:
-            raise WorkbenchError(f"data file {name!r} is a JSON array over {MAX_JSON_DOCUMENT_BYTES >> 20} MiB: "
+            raise WorkbenchError(f"data file {name!r} is a JSON array over {_size(MAX_JSON_DOCUMENT_BYTES)}: "
                                  "write it as JSON Lines (.jsonl, one object per line), which is read as a stream")
         try:
             records = json.loads(raw.decode(encoding))
@@ -344,7 +349,7 @@ def _read_parquet(p: Path) -> pd.DataFrame:
     declared = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
     if declared > MAX_TEXT_BYTES:
         raise WorkbenchError(f"data file {p.name!r} declares {declared >> 20} MiB of uncompressed data, over the "
-                             f"{MAX_TEXT_BYTES >> 20} MiB limit: sample it down first")
+                             f"{_size(MAX_TEXT_BYTES)} limit: sample it down first")
     batches, decoded = [], 0
     for batch in pf.iter_batches(batch_size=16384):
         keep = [i for i, n in enumerate(batch.schema.names) if not n.startswith("__index_level_")]
@@ -353,7 +358,7 @@ def _read_parquet(p: Path) -> pd.DataFrame:
         batch = pa.RecordBatch.from_arrays(columns, names=[batch.schema.names[i] for i in keep])
         decoded += batch.nbytes  # repeated long strings expand here: count what is really held
         if decoded > MAX_TEXT_BYTES:
-            raise WorkbenchError(f"data file {p.name!r} expands to more than {MAX_TEXT_BYTES >> 20} MiB once read "
+            raise WorkbenchError(f"data file {p.name!r} expands to more than {_size(MAX_TEXT_BYTES)} once read "
                                  "(the limit): sample it down first")
         batches.append(batch)
     if not batches:
