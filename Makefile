@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
-# A bare `torch` requirement can pull a multi-GB CUDA build; install the CPU release first (TRAPS.md).
+# A bare `torch` requirement can pull a multi-GB CUDA build; install the CPU release first.
 TORCH_SPEC ?= torch==2.13.0
 export WORKBENCH_HOME ?= $(CURDIR)/workbench-runs
 

@@ -189,7 +189,7 @@ def lab_command(page: Any, command: str, args: dict[str, Any] | None = None) -> 
 
 
 def run_notebook(page: Any, base: str, name: str, timeout: float = 900) -> None:
-    """Open a notebook, Run All once the kernel is idle (TRAPS.md), wait for every cell, hide the code."""
+    """Open a notebook, Run All once the kernel is idle (earlier, Run All runs nothing), wait for every cell, hide the code."""
     page.goto(f"{base}/lab/tree/{name}?reset", timeout=180_000)  # ?reset: no tab left from an earlier session
     page.wait_for_selector("#jp-main-statusbar >> text=Idle", timeout=180_000)
     page.wait_for_function("() => window.jupyterapp && window.jupyterapp.commands", timeout=60_000)

@@ -18,13 +18,14 @@ import pytest
 import torch
 
 from workbench.callbacks import Callback
-from workbench.chat import (IGNORE_INDEX, ChatEncoder, accumulate_token_gradients, answer_tokens, check_messages,
-                            collate_chat, load_chat_data, split_conversations)
+from workbench.loop.trainer import accumulate_gradients
+from workbench.tasks.chat import ChatEncoder, ChatTask, check_messages, collate_chat, load_chat_data
+from workbench.tasks.generation import IGNORE_INDEX, answer_tokens, split_conversations
 from workbench.cli import main
 from workbench.config import Config
 from workbench.errors import WorkbenchError
 from workbench.store import RunStore
-from workbench.trainer import train
+from workbench.loop import train
 
 CHATML = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
           "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
@@ -250,7 +251,7 @@ def test_accumulation_is_token_weighted_and_equals_one_big_batch(tiny_chat_dir):
         for n in sizes:
             batches.append(collate_chat(encs, list(range(start, start + n)), tok.pad_token_id))
             start += n
-        loss = accumulate_token_gradients(model, accelerator, batches).item()
+        loss = accumulate_gradients(ChatTask(), None, model, accelerator, batches).item()
         results.append((loss, {n: p.grad.clone() for n, p in model.named_parameters()}))
     loss16, g16 = results[0]
     for loss, grads in results[1:]:
@@ -393,13 +394,12 @@ def test_full_and_qlora_chat_runs_train(chat_config, store):
         record = train(chat_config(method={"name": method}, train={"epochs": 1}), store=store, callbacks=[rec])
         assert record["status"] == "completed", record["error"]
         assert rec.evals[-1].eval_loss < rec.evals[0].eval_loss, method
-    from workbench.chat import load_chat_predictor
 
-    predictor = load_chat_predictor(store.get(record["id"]), store.home)
+    predictor = ChatTask().load_predictor(store.get(record["id"]), store.home)
     four_bit = [n for n, m in predictor.model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert four_bit and not any("lm_head" in n for n in four_bit), "the backbone is 4-bit, the output layer not"
     assert all(m.support_avx512bf16_for_cpu is False for m in predictor.model.modules()
-               if isinstance(m, bnb.nn.Linear4bit)), "the repack trap is disarmed (TRAPS.md)"
+               if isinstance(m, bnb.nn.Linear4bit)), "the 4-bit repack that zeroes LoRA gradients is disarmed"
 
 
 def test_predict_and_stream_answer_with_the_tuned_model(chat_config, store):
@@ -420,7 +420,7 @@ def test_predict_and_stream_answer_with_the_tuned_model(chat_config, store):
 def test_gradient_checkpointing_keeps_the_chat_losses(chat_config, store, monkeypatch):
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    import workbench.methods as methods
+    import workbench.loop.trainer as methods
 
     enabled = []
     real = methods.enable_gradient_checkpointing
@@ -436,18 +436,20 @@ def test_gradient_checkpointing_keeps_the_chat_losses(chat_config, store, monkey
 
 
 def test_system_prompt_goes_first_in_training_evaluation_and_answers(chat_config, store, monkeypatch):
-    import workbench.chat as chat
+    import workbench.tasks.chat as chat
     from workbench.predict import load_predictor
 
     system = "the colour bot answers"
     seen: dict[str, list] = {}
-    real = chat.encode_all
+    import workbench.tasks.generation as generation
+
+    real = generation.encode_all
 
     def spy(encoder, convs, what):
         seen[what] = convs
         return real(encoder, convs, what)
 
-    monkeypatch.setattr(chat, "encode_all", spy)
+    monkeypatch.setattr(generation, "encode_all", spy)
     record = train(chat_config(train={"epochs": 1}, chat={"system_prompt": system}), store=store)
     assert record["status"] == "completed", record["error"]
     for what in ("training", "held-out"):

@@ -10,7 +10,7 @@ import traitlets as T
 
 from test_chat import chat_config, qa_jsonl, tiny_chat_dir  # noqa: F401  (fixtures)
 from workbench.store import RunStore
-from workbench.trainer import train
+from workbench.loop import train
 
 
 def wait_idle(play, timeout: float = 60.0) -> None:

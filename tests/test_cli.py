@@ -110,7 +110,7 @@ def test_train_show_predict_round_trip(tmp_path, capsys, config_file):
 def test_predictor_reproduces_the_best_evaluation(tmp_path, tiny_config, method):
     """Rebuilding base + saved trainable weights gives exactly the evaluated model."""
     from workbench.predict import load_predictor
-    from workbench.trainer import train
+    from workbench.loop import train
 
     store = RunStore(tmp_path / "home")
     record = train(tiny_config(method={"name": method, "dropout": 0.1}), store=store)
@@ -160,7 +160,7 @@ def test_the_real_cli_process_exits_2_without_traceback(tmp_path):
 
 def test_core_does_not_import_ui_code():
     code = "import sys, workbench; assert 'torch' not in sys.modules, 'import workbench must stay light'; " \
-           "import workbench.cli, workbench.trainer, workbench.launch, workbench.predict; " \
+           "import workbench.cli, workbench.loop, workbench.launch, workbench.predict; " \
            "bad = [m for m in ('ipywidgets', 'plotly', 'widgets', 'IPython') if m in sys.modules]; " \
            "assert not bad, bad; " \
            "assert callable(workbench.launch) and callable(workbench.predict) and callable(workbench.train)"

@@ -61,7 +61,7 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
     ({"track": {"wandb": "yes"}}, r"track.wandb = 'yes' is not allowed: expected one of 'offline'"),
     ({"method": {"train_head": "yes"}}, r"method.train_head = 'yes' is not allowed: expected true or false"),
     ({"data": "bbc-news"}, r"data. must be a mapping"),
-    ({"task": "translation"}, r"task = 'translation' is not allowed: expected one of 'text-classification', 'chat'"),
+    ({"task": "translation"}, r"task = 'translation' is not allowed: expected one of 'text-classification', 'text-regression', 'chat'"),
     ({"task": "chat", "method": {"name": "ia3"}}, r"method.name = 'ia3' is not allowed: one of full, lora, qlora "
                                                   r"for task: chat"),
     ({"task": "chat", "data": {"label_column": "a"}}, r"data.label_column = 'a' is not allowed: nothing for task: "

@@ -12,7 +12,7 @@ from workbench.cli import main as cli
 from workbench.errors import WorkbenchError
 from workbench.export import EXPORT_INFO, export_run
 from workbench.predict import load_predictor
-from workbench.trainer import train
+from workbench.loop import train
 
 from conftest import sentiment_rows
 
@@ -147,5 +147,5 @@ def test_export_refuses_a_chat_run_with_a_clear_message(tmp_path: Path) -> None:
     run = store.create_run(cfg.to_dict(), "chat")
     (store.run_dir(run) / "model").mkdir(parents=True)
     (store.run_dir(run) / "model" / "trainable.safetensors").write_bytes(b"")
-    with pytest.raises(WorkbenchError, match="task: chat run, and export handles text-classification runs only"):
+    with pytest.raises(WorkbenchError, match="task: chat run, and export handles text-classification and text-regression runs only"):
         export_run(run, home=store.home)

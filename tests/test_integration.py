@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from workbench.config import Config
-from workbench.trainer import train
+from workbench.loop import train
 
 pytestmark = pytest.mark.integration
 

@@ -18,10 +18,12 @@ from workbench.catalog import resolve_model
 from workbench.config import Config
 from workbench.data import prepare
 from workbench.errors import WorkbenchError
-from workbench.llm_classifier import LLMClassifier
-from workbench.methods import build_model, check_model_fits, inspect_model
-from workbench.trainer import collate, train
-from workbench.zeroshot import PromptBuilder, left_pad
+from workbench.models.llm_classifier import LLMClassifier
+from workbench.models.classifier import build_model, check_model_fits
+from workbench.models.inspect import inspect_model
+from workbench.loop import train
+from workbench.tasks.classification import collate
+from workbench.models.prompting import PromptBuilder, left_pad
 
 LABELS = ["very good", "bad", "good", "pos"]  # multi-token, and two labels sharing a first token
 TEXTS = ["great film", "the plot was awful and boring", "story",
@@ -141,8 +143,8 @@ def test_label_logits_under_gradient_checkpointing_equal_a_direct_computation(to
     """Checkpointed training switches the key/value cache off: multi-token labels then run whole, same scores."""
     import copy
 
-    from workbench.methods import enable_gradient_checkpointing
-    from workbench.zeroshot import _checkpointing
+    from workbench.models.adapters import enable_gradient_checkpointing
+    from workbench.models.prompting import _checkpointing  # noqa: PLC2701 - the scorer's own switch
 
     builder = PromptBuilder(tok, LABELS, 32, [])
     prompts, conts = [builder.prompt_ids(t) for t in TEXTS], builder.label_ids()
@@ -262,7 +264,7 @@ def test_qlora_keeps_the_repack_off_and_trains(llm_config):
     batch = collate(built.tokenizer, built.encode(split.train_texts[:8], 32), list(range(8)), split.train_labels)
     built.model.eval()
     with torch.no_grad():
-        built.model(**batch)  # an eval pass first: the repack trap (TRAPS.md) would strike after it
+        built.model(**batch)  # an eval pass first: bitsandbytes' 4-bit repack would zero LoRA gradients after it
     built.model.train()
     built.model(**batch).loss.backward()
     grads = [p.grad for n, p in built.model.named_parameters() if "lora_B" in n]
@@ -340,7 +342,7 @@ def test_training_lowers_the_loss_and_the_run_predicts_and_exports(llm_config, s
 
     from workbench.export import EXPORT_INFO, export_run
     from workbench.predict import load_predictor
-    from workbench.zeroshot import score_labels
+    from workbench.models.prompting import score_labels
 
     config = llm_config(train={"epochs": 2, "batch_size": 8, "learning_rate": 1e-2, "eval_every": 9})
     record = train(config, store=store)

@@ -1,7 +1,7 @@
 """MethodPanel with every core method: the sub-panels' controls, to_config / from_config, the live
 readout against inspect_model, the prefix-tuning refusal inline, and the registry's fallback.
 
-Headless (STYLE 11): build with background=False, set controls and traits, assert on traits and HTML.
+Headless, without a browser: build with background=False, set controls and traits, assert on traits and HTML.
 The model is conftest's tiny 2-layer BERT (`tiny_model_dir`), read as a config only.
 """
 
@@ -43,7 +43,7 @@ def control(panel: Any, description: str) -> W.Widget:
 
 
 def direct_count(model: Path, home: Path, **kwargs: Any) -> int | None:
-    from workbench.methods import inspect_model
+    from workbench.models.inspect import inspect_model
 
     return inspect_model(str(model), home, **kwargs)["trainable_parameters"]
 
@@ -286,7 +286,7 @@ def test_each_method_chosen_in_the_panel_trains_and_the_readout_is_what_trains(p
     import dataclasses
 
     from workbench import RunStore
-    from workbench.trainer import train
+    from workbench.loop import train
 
     panel._method.value = method
     if method in ("lora", "qlora", "adalora"):

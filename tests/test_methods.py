@@ -8,7 +8,8 @@ import pytest
 
 from workbench.catalog import resolve_model
 from workbench.data import prepare
-from workbench.methods import build_model, inspect_model
+from workbench.models.classifier import build_model
+from workbench.models.inspect import inspect_model
 
 
 @pytest.mark.parametrize("method, targets, train_head", [
@@ -52,7 +53,7 @@ def test_inspect_zero_shot_trains_nothing(tiny_config):
 def test_zero_shot_runs_have_no_model_to_predict_with(tiny_config, store):
     from workbench.errors import WorkbenchError
     from workbench.predict import load_predictor
-    from workbench.trainer import train
+    from workbench.loop import train
 
     record = train(tiny_config(method={"name": "zero-shot-embedding"}), store=store)
     assert record["status"] == "completed"

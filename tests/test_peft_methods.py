@@ -3,7 +3,6 @@ rules, IA3 targets on other architectures, AdaLoRA's rank pruning, and the prefi
 
 from __future__ import annotations
 
-import inspect
 import math
 from pathlib import Path
 
@@ -14,9 +13,11 @@ from workbench.catalog import resolve_model
 from workbench.config import Config, MethodConfig
 from workbench.data import prepare
 from workbench.errors import WorkbenchError
-from workbench.methods import (after_optimizer_step, build_model, check_model_fits, head_module_names,
-                               ia3_targets, inspect_model)
-from workbench.trainer import collate, preflight, train
+from workbench.models.adapters import after_optimizer_step, head_module_names, ia3_targets
+from workbench.models.classifier import build_model, check_model_fits
+from workbench.models.inspect import inspect_model
+from workbench.loop import preflight, train
+from workbench.tasks.classification import collate
 
 # The tiny BERT of conftest: hidden 32, 2 layers, intermediate 64, 2 labels. Per layer it has six
 # linear layers: query, key, value, attention output (32 -> 32), intermediate (32 -> 64) and
@@ -159,7 +160,7 @@ def test_adalora_prunes_ranks_to_the_budget_on_its_schedule(tiny_config):
     for step in range(1, steps + 1):
         model(**collate(tok, encs, list(range(16)), split.train_labels)).loss.backward()
         opt.step()
-        after_optimizer_step(built, step)
+        after_optimizer_step(built.model, built.method, step)
         opt.zero_grad(set_to_none=True)
     e = [p for n, p in model.named_parameters() if "lora_E" in n]
     kept = sum(int(torch.count_nonzero(p)) for p in e)
@@ -169,14 +170,12 @@ def test_adalora_prunes_ranks_to_the_budget_on_its_schedule(tiny_config):
 def test_the_hook_is_a_no_op_elsewhere(tiny_config):
     lora, _ = _build(tiny_config())
     before = {n: p.clone() for n, p in lora.model.named_parameters() if p.requires_grad}
-    after_optimizer_step(lora, 1)
+    after_optimizer_step(lora.model, lora.method, 1)
     unscheduled, _ = _build(tiny_config(method={"name": "adalora", "init_r": 8}))  # no total_steps
-    after_optimizer_step(unscheduled, 1)  # no gradients exist: it would fail if it ran the allocator
+    after_optimizer_step(unscheduled.model, unscheduled.method, 1)  # no gradients exist: it would fail if it ran the allocator
     assert all(torch.equal(p, before[n]) for n, p in lora.model.named_parameters() if p.requires_grad)
 
 
-@pytest.mark.skipif("after_optimizer_step" not in inspect.getsource(train),
-                    reason="trainer.train does not call methods.after_optimizer_step yet")
 def test_the_loop_prunes_adalora_ranks(tiny_config, store):
     from safetensors.torch import load_file
 

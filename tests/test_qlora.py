@@ -1,4 +1,4 @@
-"""QLoRA on CPU (bitsandbytes nf4 + LoRA) and the traps TRAPS.md found in it."""
+"""QLoRA on CPU (bitsandbytes nf4 + LoRA) and the silent failures found in it on this stack."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ bnb = pytest.importorskip("bitsandbytes")
 
 from workbench.catalog import resolve_model  # noqa: E402
 from workbench.data import prepare  # noqa: E402
-from workbench.methods import build_model  # noqa: E402
-from workbench.trainer import collate, train  # noqa: E402
+from workbench.models.classifier import build_model  # noqa: E402
+from workbench.loop import train  # noqa: E402
+from workbench.tasks.classification import collate  # noqa: E402
 
 
 def _built(tiny_config, **method):
@@ -32,7 +33,7 @@ def test_backbone_is_4bit_and_the_head_is_not(tiny_config):
 
 
 def test_lora_gradients_survive_an_evaluation_pass(tiny_config):
-    """TRAPS.md: after a no-grad eval forward, 4-bit weights were repacked and LoRA grads went to zero."""
+    """After a no-grad eval forward on an AVX512-BF16 CPU, 4-bit weights were repacked and LoRA grads went to zero."""
     cfg, split, built = _built(tiny_config)
     model, tok = built.model, built.tokenizer
     enc = tok(split.train_texts[:8], truncation=True, max_length=32)

@@ -19,16 +19,16 @@ import sacrebleu
 import torch
 
 from workbench.catalog import resolve_model
-from workbench.chat import IGNORE_INDEX
+from workbench.tasks.generation import IGNORE_INDEX
 from workbench.cli import main
 from workbench.config import Config, DataConfig
 from workbench.errors import WorkbenchError
 from workbench.predict import load_predictor
-from workbench.seq2seq import (Seq2SeqEncoder, build_seq2seq_model, collate_seq2seq, corpus_scores,
-                               detect_seq2seq_columns, language_codes, load_seq2seq_data, match_language,
-                               set_languages, target_language_id, target_tokens, translate)
+from workbench.tasks.seq2seq import (Seq2SeqEncoder, build_seq2seq_model, collate_seq2seq, corpus_scores,
+                                     detect_seq2seq_columns, language_codes, load_seq2seq_data, match_language,
+                                     set_languages, target_language_id, target_tokens, translate)
 from workbench.store import RunStore
-from workbench.trainer import train
+from workbench.loop import train
 
 LETTERS = ["a", "b", "c", "d", "e", "f", "g", "h"]
 WORDS = ["<pad>", "</s>", "<unk>"] + LETTERS + ["hello", "world", "x"]
@@ -325,7 +325,7 @@ def test_lora_on_t5_targets_q_and_v_or_every_linear_layer_but_the_output(s2s_con
                               train={"epochs": 1}), store=store)
     assert record["status"] == "completed", record["error"]
     assert record["info"]["target_modules"] == ["q", "v"]
-    from workbench.seq2seq import build_seq2seq_model
+    from workbench.tasks.seq2seq import build_seq2seq_model
     from workbench.catalog import resolve_model
 
     config = s2s_config(method={"name": "lora"})
@@ -509,7 +509,7 @@ def test_a_tokenizer_package_that_is_missing_is_named_with_its_pip_command(tmp_p
     def no_sentencepiece(source, trust_remote_code=False):  # what transformers raises without sentencepiece
         raise ImportError(SENTENCEPIECE_IMPORT_ERROR.format("MarianTokenizer"))
 
-    monkeypatch.setattr("workbench.methods.load_tokenizer", no_sentencepiece)
+    monkeypatch.setattr("workbench.tasks.seq2seq.load_tokenizer", no_sentencepiece)
     path = tmp_path / "s2s.yaml"
     path.write_text(yaml.safe_dump(s2s_config(model=str(marian_dir)).to_dict()))
     code, out, err = _cli(capsys, tmp_path / "home", "train", str(path))

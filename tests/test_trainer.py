@@ -13,8 +13,10 @@ import torch
 from workbench.callbacks import Callback
 from workbench.catalog import resolve_model
 from workbench.data import prepare
-from workbench.methods import build_model
-from workbench.trainer import accumulate_gradients, collate, train
+from workbench.models.classifier import build_model
+from workbench.loop import train
+from workbench.loop.trainer import accumulate_gradients
+from workbench.tasks.classification import ClassificationTask, collate
 
 
 class Recorder(Callback):
@@ -94,7 +96,7 @@ def test_gradient_accumulation_4x4_equals_one_batch_of_16(tiny_config):
         for n in sizes:
             batches.append(collate(tok, enc, list(range(start, start + n)), split.train_labels))
             start += n
-        loss = accumulate_gradients(model, acc, batches)
+        loss = accumulate_gradients(ClassificationTask(), built, model, acc, batches)
         grads.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (loss16, g16) = grads[0]
     for loss, g in grads[1:]:
@@ -108,14 +110,14 @@ def test_accumulated_run_logs_the_same_loss_as_one_big_batch(tiny_config, store)
     train(tiny_config(train={"batch_size": 16, "epochs": 1}), store=store, callbacks=[a])
     train(tiny_config(train={"batch_size": 4, "gradient_accumulation": 4, "epochs": 1}), store=store, callbacks=[b])
     assert len(a.losses) == len(b.losses) == 5
-    assert b.losses == pytest.approx(a.losses, rel=1e-4), "accumulation must not scale the loss (TRAPS.md)"
+    assert b.losses == pytest.approx(a.losses, rel=1e-4), "accumulation must not scale the loss (HF Trainer multiplies it by the steps)"
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_gradient_checkpointing_recomputes_layers_and_keeps_the_losses(tiny_config, store, monkeypatch, method):
     """Each checkpointed layer runs twice per training step (forward, then again in the backward), and the
     losses are those of a plain run, dropout included (the recomputation replays the RNG state)."""
-    import workbench.trainer as trainer
+    import workbench.loop.trainer as trainer
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     calls = {"n": 0}

@@ -14,8 +14,9 @@ from conftest import FILLER, NEGATIVE, POSITIVE
 from workbench.callbacks import Callback
 from workbench.config import Config, MethodConfig
 from workbench.errors import WorkbenchError
-from workbench.zeroshot import (INSTRUCTION, PromptBuilder, check_label_tokens, check_zero_shot, few_shot_indices,
-                                mean_pool, score_labels)
+from workbench.models.prompting import (INSTRUCTION, PromptBuilder, check_label_tokens, few_shot_indices, mean_pool,
+                                        score_labels)
+from workbench.tasks.zeroshot import check_zero_shot
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
@@ -172,7 +173,7 @@ class Recorder(Callback):
 
 
 def test_embedding_zero_shot_on_tiny_bert_is_a_completed_run(tiny_config, store):
-    from workbench.trainer import train
+    from workbench.loop import train
 
     config = tiny_config(method={"name": "zero-shot-embedding", "label_template": "a {label} film"})
     recorder = Recorder()
@@ -193,7 +194,7 @@ def test_embedding_zero_shot_on_tiny_bert_is_a_completed_run(tiny_config, store)
 
 
 def test_prompt_zero_shot_few_shot_on_tiny_llama_is_a_completed_run(tiny_config, store, tiny_llama_dir):
-    from workbench.trainer import train
+    from workbench.loop import train
 
     config = tiny_config(model=str(tiny_llama_dir), method={"name": "zero-shot-prompt", "few_shot_k": 2,
                                                               "prompt_scoring": "sum"})
@@ -206,7 +207,7 @@ def test_prompt_zero_shot_few_shot_on_tiny_llama_is_a_completed_run(tiny_config,
 
 
 def test_calibration_divides_out_the_prompts_label_prior():
-    from workbench.zeroshot import calibrate
+    from workbench.models.prompting import calibrate
 
     # the prompt alone favours label 0 (0.8 vs 0.2); a text with p = (0.6, 0.4) is really evidence for label 1
     free = np.log(np.array([[0.8, 0.2], [0.8, 0.2]]))
@@ -219,7 +220,7 @@ def test_calibration_divides_out_the_prompts_label_prior():
 
 
 def test_calibrated_prompt_run_records_its_prior_and_changes_only_the_bias(tiny_config, store, tiny_llama_dir):
-    from workbench.trainer import train
+    from workbench.loop import train
 
     base = {"name": "zero-shot-prompt", "prompt_scoring": "sum"}
     plain = train(tiny_config(model=str(tiny_llama_dir), method=base), store=store)
@@ -241,7 +242,7 @@ def test_calibrated_prompt_run_records_its_prior_and_changes_only_the_bias(tiny_
 
 
 def test_a_stop_before_the_evaluation_ends_the_run_stopped(tiny_config, store):
-    from workbench.trainer import train
+    from workbench.loop import train
 
     class StopAtBegin(Recorder):
         def on_train_begin(self, state, config):
@@ -295,7 +296,7 @@ def test_model_of_the_wrong_kind_is_refused_with_the_fix(tiny_config, tiny_llama
 
 
 def test_a_refused_model_fails_the_run_with_the_message(tiny_config, tiny_llama_dir, store):
-    from workbench.trainer import train
+    from workbench.loop import train
 
     record = train(tiny_config(model=str(tiny_llama_dir), method={"name": "zero-shot-embedding"}), store=store)
     assert record["status"] == "failed" and record["error"].startswith("method zero-shot-embedding needs an encoder")

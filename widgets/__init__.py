@@ -15,10 +15,11 @@ from .loss_curve import LossCurve
 from .method_panel import METHOD_PANELS, MethodPanel, register_method
 from .model_picker import ModelPicker
 from .playground import Playground
+from .regression import RegressionView  # task: text-regression; ConfusionMatrix shows it for such runs
 from .chat_playground import ChatPlayground  # task: chat; streams answers token by token
 from .train_panel import TrainPanel
 
 __all__ = [
     "ChatPlayground", "ConfusionMatrix", "Dashboard", "DataPanel", "LossCurve", "METHOD_PANELS", "MethodLadder", "MethodPanel",
-    "ModelPicker", "Playground", "RunCompare", "TrainPanel", "register_method", "wire",
+    "ModelPicker", "Playground", "RegressionView", "RunCompare", "TrainPanel", "register_method", "wire",
 ]

@@ -1,4 +1,4 @@
-"""Work off the UI thread (STYLE 13): debounced recomputation, one-off jobs, and polling.
+"""Work off the UI thread (long work never blocks the kernel): debounced recomputation, one-off jobs, and polling.
 
 Widgets keep the kernel free by running slow calls (model inspection, file
 reading, preflight, store polling) on daemon threads. Each helper can also run

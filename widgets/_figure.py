@@ -3,7 +3,7 @@
 plotly 7 gives a new view the state `_widget_data` / `_widget_layout`, which it sets once, when the
 figure is created. Every later change (`add_traces`, `trace.x = ...`, `layout.shapes = ...`) goes out
 as a one-off message that only the views open at that moment receive. In Voila the page connects after
-the notebook has run, and again after each reload (TRAPS.md), so its view started from the figure as
+the notebook has run, and again after each reload (Voila drops points added before the page connects), so its view started from the figure as
 created: empty traces, or no traces at all. Found by experiment in Voila 0.5.13 + plotly 7.1 +
 anywidget 0.11: neither replacing whole arrays nor a fixed trace layout fixes a finished run's plot,
 since no later message comes.

@@ -1,5 +1,8 @@
 """ConfusionMatrix: the eval confusion matrix of a run, per-class scores, and the examples behind a cell.
 
+A text-regression run has no classes: for one, the widget shows a RegressionView (predicted against true
+values and the worst errors) in the same place, so a dashboard needs one diagnostics slot for every task.
+
 Each evaluation of a run writes <run dir>/eval/step-<N>.json with every eval example's prediction;
 clicking a cell (or `select_cell(true, predicted)`) lists those examples, most confident first.
 """
@@ -20,6 +23,7 @@ from workbench.store import FINAL_STATUSES, RunStore
 from . import _style as S
 from ._background import Poller
 from ._figure import LiveFigure
+from .regression import RegressionView
 
 POLL_S = 1.0
 LATEST = -1  # step selector value meaning "the newest evaluation"
@@ -68,11 +72,14 @@ class ConfusionMatrix(W.VBox):
         self._examples = W.HTML("", layout=S.full_width())
         self._error_html = S.inline_error()
         plot_box = W.Box([self.fig], layout=W.Layout(flex="3 1 22em", min_width="0"))
-        super().__init__(children=[
+        self._classification_view = (
             W.Box([self._step_pick, norm], layout=S.wrap_row()), self._title,
             W.Box([plot_box, self._per_class], layout=S.wrap_row()),
             self._error_html, self._examples,
-        ], **{"layout": S.full_width(), **kwargs})
+        )
+        self.regression: RegressionView | None = None  # made when a text-regression run is shown
+        self._height = height
+        super().__init__(children=self._classification_view, **{"layout": S.full_width(), **kwargs})
         W.link((self, "normalize"), (norm, "value"))
         self._step_pick.observe(self._on_step_pick, names="value")
         self.observe(self._on_run, names="run_id")
@@ -115,6 +122,8 @@ class ConfusionMatrix(W.VBox):
 
     # --- reading --------------------------------------------------------------------------------
     def _on_run(self, change: Any = None) -> None:
+        if self._show_regression():
+            return
         with self._lock:
             self._evals, self._seq, self._status = {}, 0, ""
             self.selected, self.examples, self.step = None, [], None
@@ -123,6 +132,23 @@ class ConfusionMatrix(W.VBox):
             self._draw()
         if self.background and self.run_id and self._status not in FINAL_STATUSES:
             self._poller.start()
+
+    def _show_regression(self) -> bool:
+        """For a text-regression run, show its RegressionView instead of a matrix; True when it did."""
+        try:
+            task = self.store.get(self.run_id)["config"].get("task") if self.run_id else None
+        except Exception:  # an unknown run: the matrix view reports it
+            task = None
+        if task != "text-regression":
+            if self.children != self._classification_view:
+                self.children = self._classification_view
+            return False
+        self._poller.stop()
+        if self.regression is None:
+            self.regression = RegressionView(store=self.store, background=self.background, height=self._height)
+        self.children = (self.regression,)
+        self.regression.run_id = self.run_id
+        return True
 
     def _read(self) -> bool:
         if not self.run_id:
@@ -235,4 +261,6 @@ class ConfusionMatrix(W.VBox):
 
     def close(self) -> None:
         self._poller.stop()
+        if self.regression is not None:
+            self.regression.close()
         super().close()

@@ -1,6 +1,6 @@
 """LossCurve: train loss, eval loss and accuracy of one or several runs, followed live from the store.
 
-TRAPS.md: in Voila, points added to a FigureWidget before the browser connects never reach the page.
+In Voila, points added to a FigureWidget before the browser connects never reach the page.
 So this widget keeps each run's history in Python, REPLACES whole arrays on every redraw
 (`trace.x = [...]`), and draws on a LiveFigure, whose state for a view opened later (a Voila page
 loaded or reloaded mid-run or after the run) is the figure as it is now: the whole history.

@@ -433,7 +433,7 @@ class MethodPanel(W.VBox):
         return "all-linear" if self.all_linear and self.method in ALL_LINEAR_DIFFERS else "auto"
 
     def _estimate_now(self) -> None:
-        from workbench.methods import inspect_model
+        from workbench.models.inspect import inspect_model
 
         args = self._estimate_args()
         if not method_entry(self.method).estimate or self.method not in core_config.METHODS:

@@ -27,7 +27,7 @@ __all__ = [
 from .launch import RunHandle, attach, launch  # noqa: E402
 from .predict import load_predictor, predict  # noqa: E402
 
-_LAZY = {"train": "trainer", "inspect_model": "methods"}
+_LAZY = {"train": "loop", "inspect_model": "models.inspect"}
 
 
 def __getattr__(name: str) -> Any:  # lazy: keep `import workbench` light (no torch until needed)

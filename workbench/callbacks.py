@@ -67,6 +67,14 @@ class EvalResult:
             "per_class": self.per_class,
         }
 
+    def scalars(self) -> dict[str, float]:
+        """The figures trackers plot, by name (TensorBoard and wandb log them as eval/<name>)."""
+        return {"accuracy": self.accuracy, "f1_macro": self.f1_macro, "loss": self.eval_loss}
+
+    def report(self) -> list[str]:
+        """The console's lines for this evaluation: the figures, then anything worth reading."""
+        return [f"accuracy {self.accuracy:.4f} f1_macro {self.f1_macro:.4f} eval_loss {self.eval_loss:.4f}"]
+
 
 class Callback:
     """Base class of no-op hooks. Subclass and override the ones you need."""

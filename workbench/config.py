@@ -20,7 +20,7 @@ import yaml
 
 from .errors import WorkbenchError
 
-Task = Literal["text-classification", "chat", "seq2seq"]
+Task = Literal["text-classification", "text-regression", "chat", "seq2seq"]
 MethodName = Literal["full", "head-only", "lora", "qlora", "adalora", "ia3", "prompt-tuning", "prefix-tuning",
                      "zero-shot-embedding", "zero-shot-prompt"]
 METHODS: tuple[str, ...] = typing.get_args(MethodName)
@@ -30,7 +30,9 @@ TRAINING_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m not in ZERO_SH
 CHAT_METHODS = ("full", "lora", "qlora")  # what task: chat trains (a causal LM, loss on the answers)
 CHAT_COLUMNS = ("prompt_column", "answer_column", "messages_column")
 LANGUAGE_FIELDS = ("source_lang", "target_lang")  # task seq2seq: the language codes of M2M-100, NLLB, mBART
-GENERATION_TASKS = ("chat", "seq2seq")  # trained by workbench.chat.train_generation; the chat section applies
+GENERATION_TASKS = ("chat", "seq2seq")  # generated text: the chat section applies to these tasks
+# what task text-regression trains: an encoder with a one-output head (prompts and label scoring do not apply)
+REGRESSION_METHODS = ("full", "head-only", "lora", "qlora", "adalora", "ia3", "prompt-tuning")
 
 
 def _fail(section: str, name: str, value: Any, allowed: str) -> None:
@@ -248,7 +250,12 @@ class TrainConfig:
     eval_every: int = field(default=0, metadata={"help": "evaluate every N optimiser steps; 0 = each epoch"})
     early_stopping_patience: int = field(default=2, metadata={"help": "evaluations without improvement; 0 = off"})
     seed: int = field(default=42, metadata={"help": "seeds data order, dropout and new layers"})
-    precision: Literal["fp32", "bf16"] = field(default="fp32", metadata={"help": "bf16 autocast; slower on most CPUs"})
+    precision: Literal["auto", "fp32", "bf16"] = field(default="fp32", metadata={
+        "help": "fp32; bf16 (frozen base weights and their matmuls in bf16, adapters, head and optimiser in fp32); "
+                "auto: bf16 where the device computes it natively, else fp32"})
+    class_weights: Literal["none", "balanced"] = field(default="none", metadata={
+        "help": "classification: balanced weighs each class's loss by n_rows / (n_classes x its rows), so a "
+                "minority class counts as much as the majority"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads; default: all cores"})
     fast_dropout: bool = field(default=True, metadata={
         "help": "on CPU, draw dropout masks from uniform numbers: same distribution, ~25 % faster steps"})
@@ -361,6 +368,9 @@ class Config:
 
     def _check_task(self) -> None:
         """Settings that belong to one task are refused in the other, never silently ignored."""
+        if self.task in GENERATION_TASKS and self.train.class_weights != "none":
+            _fail("train", "class_weights", self.train.class_weights,
+                  f"none for task: {self.task} (class weights apply to text-classification)")
         if self.task == "chat":
             if self.method.name not in CHAT_METHODS:
                 _fail("method", "name", self.method.name,
@@ -373,6 +383,8 @@ class Config:
         if self.task == "seq2seq":
             self._check_seq2seq()
             return
+        if self.task == "text-regression":
+            self._check_regression()
         for name in CHAT_COLUMNS:
             if getattr(self.data, name) is not None:
                 _fail("data", name, getattr(self.data, name),
@@ -383,6 +395,15 @@ class Config:
                            if getattr(self.chat, f.name) != getattr(ChatConfig(), f.name))
             _fail("chat", changed, getattr(self.chat, changed), f"the default for task: {self.task}; the chat "
                                                                 "section applies to tasks chat and seq2seq only")
+
+    def _check_regression(self) -> None:
+        if self.method.name not in REGRESSION_METHODS:
+            _fail("method", "name", self.method.name,
+                  f"one of {', '.join(REGRESSION_METHODS)} for task: text-regression (an encoder with a "
+                  "one-output head; the mean-prediction baseline is in every run's record)")
+        if self.train.class_weights != "none":
+            _fail("train", "class_weights", self.train.class_weights,
+                  "none for task: text-regression (there are no classes to weigh)")
 
     def _check_seq2seq(self) -> None:
         if self.chat.system_prompt is not None:
@@ -414,7 +435,7 @@ class Config:
 
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] | None = None) -> "Config":
-        raw = _read_yaml(Path(path))
+        raw = read_yaml(Path(path))
         for item in overrides or []:
             apply_override(raw, item)
         return cls.from_dict(raw)
@@ -428,7 +449,7 @@ class Config:
 
 # --- YAML and overrides ----------------------------------------------------
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise WorkbenchError(f"config file {str(path)!r} not found: give the path of a YAML config")
     try:

@@ -13,9 +13,9 @@ Two shapes:
   on the base model. prompt-tuning and prefix-tuning can only be exported this way: their virtual
   tokens are an input to the model, not a change of its weights.
 
-A causal-LM classifier (llm_classifier.py) exports its causal LM the same two ways, loaded with
+A causal-LM classifier (models/llm_classifier.py) exports its causal LM the same two ways, loaded with
 `AutoModelForCausalLM` (or PeftModel on it); the export info holds what classifying with it takes: the
-prompt, each label's token ids and the scoring (`workbench.zeroshot.score_labels` does it).
+prompt, each label's token ids and the scoring (`workbench.models.prompting.score_labels` does it).
 
 The directory is written next to its destination and renamed into place, so an interrupted export
 never leaves a half-written model where a good one was expected.
@@ -43,10 +43,11 @@ def export_run(run_id: str = "latest", out: str | Path | None = None, merge: boo
     from safetensors.torch import load_file
 
     from .catalog import resolve_model
-    from .llm_classifier import LLMClassifier, export_info
-    from .methods import build_model, peft_model_of
+    from .models.adapters import peft_model_of
+    from .models.classifier import build_model
+    from .models.llm_classifier import LLMClassifier, export_info
+    from .models.state import load_trainable_state, set_seed
     from .store import RunStore
-    from .trainer import load_trainable_state, set_seed
 
     store = RunStore(home)
     record = store.get(run_id)
@@ -56,22 +57,23 @@ def export_run(run_id: str = "latest", out: str | Path | None = None, merge: boo
         raise WorkbenchError(f"run {run} has no trained model to export (status {record['status']}): "
                              "wait until it completes an evaluation, or pick another run")
     config = Config.from_dict(record["config"])
-    if config.task != "text-classification":
-        raise WorkbenchError(f"run {run} is a task: {config.task} run, and export handles text-classification runs "
-                             f"only so far: its adapter weights are in {model_dir / 'trainable.safetensors'}, "
+    regression = config.task == "text-regression"
+    if config.task not in ("text-classification", "text-regression"):
+        raise WorkbenchError(f"run {run} is a task: {config.task} run, and export handles text-classification and "
+                             f"text-regression runs only so far: its adapter weights are in {model_dir / 'trainable.safetensors'}, "
                              f"and `workbench predict {run} --text ...` uses them")
     method = config.method.name
     _check_merge(run, method, merge)
     target = Path(out).expanduser().resolve() if out is not None else store.home / "exports" / run
     _check_target(target, force)
 
-    labels = json.loads((model_dir / "labels.json").read_text())
+    labels = ["value"] if regression else json.loads((model_dir / "labels.json").read_text())
     build_config = config
     if merge and method == "qlora":  # merge into a float32 base: a 4-bit base cannot hold merged weights
         build_config = dataclasses.replace(config, method=dataclasses.replace(config.method, name="lora"))
     source = resolve_model(config.model, store.home, config.trust_remote_code)
     set_seed(config.train.seed)  # layers the run left frozen and random (a pooler) start as they did
-    built = build_model(build_config, source, labels)
+    built = build_model(build_config, source, labels, regression=regression)
     load_trainable_state(built.model, load_file(str(model_dir / "trainable.safetensors")))
 
     standalone = merge or method in ("full", "head-only")

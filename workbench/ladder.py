@@ -119,8 +119,7 @@ def default_methods(config: Config, home: str | Path | None = None) -> tuple[str
 def _is_causal(config: Config, home: Path) -> bool:
     """Whether the config's model is a causal LM (its config file only; no weights are read)."""
     from .catalog import resolve_model
-    from .methods import load_config
-    from .zeroshot import is_causal_lm
+    from .models.loading import is_causal_lm, load_config
 
     return is_causal_lm(load_config(resolve_model(config.model, home, config.trust_remote_code),
                                     config.trust_remote_code))
@@ -178,15 +177,9 @@ def rung_config(config: Config, method: str, ladder_id: str, learning_rate: floa
 
 
 def _preflight(config: Config, home: Path) -> None:
-    if config.method.is_zero_shot:
-        from .data import prepare
-        from .zeroshot import check_zero_shot
+    from .loop import preflight
 
-        check_zero_shot(config, home, prepare(config.data, config.train.seed))
-    else:
-        from .trainer import preflight
-
-        preflight(config, home)
+    preflight(config, home)
 
 
 def create_ladder(config: Config, methods: str | list[str] | tuple[str, ...] = DEFAULT_METHODS,
@@ -284,7 +277,7 @@ def _run_rung(config: Config, store: RunStore, run_id: str, resume: bool, callba
     stopper.run_id = run_id
     try:
         if not isolate:
-            from .trainer import train
+            from .loop import train
 
             return train(config, store=store, run_id=run_id, callbacks=callbacks, resume=resume)["status"]
         from .launch import launch

@@ -102,8 +102,10 @@ class ConsoleCallback(Callback):
                         f"lr {learning_rate:.2e} {samples_per_second:.1f} samples/s")
 
     def on_evaluate(self, state: TrainState, control: TrainControl, result: EvalResult) -> None:
-        self._print(f"eval step {result.step}: accuracy {result.accuracy:.4f} f1_macro {result.f1_macro:.4f} "
-                    f"eval_loss {result.eval_loss:.4f}" + (" (best)" if state.best_step == result.step else ""))
+        first, *rest = result.report()
+        self._print(f"eval step {result.step}: {first}" + (" (best)" if state.best_step == result.step else ""))
+        for line in rest:
+            self._print(line)
 
     def on_exception(self, state: TrainState, message: str) -> None:
         self._print(f"run {state.run_id} failed: {message}")
@@ -135,8 +137,7 @@ class WandbCallback(Callback):
                       "train/samples_per_second": samples_per_second}, step=state.global_step)
 
     def on_evaluate(self, state: TrainState, control: TrainControl, result: EvalResult) -> None:
-        self.run.log({"eval/accuracy": result.accuracy, "eval/f1_macro": result.f1_macro,
-                      "eval/loss": result.eval_loss}, step=state.global_step)
+        self.run.log({f"eval/{k}": v for k, v in result.scalars().items()}, step=state.global_step)
 
     def on_train_end(self, state: TrainState, status: str, metrics: dict[str, Any]) -> None:
         if self.run is not None:
@@ -171,9 +172,8 @@ class TensorBoardCallback(Callback):
         self.writer.add_scalar("train/learning_rate", learning_rate, state.global_step)
 
     def on_evaluate(self, state: TrainState, control: TrainControl, result: EvalResult) -> None:
-        self.writer.add_scalar("eval/accuracy", result.accuracy, state.global_step)
-        self.writer.add_scalar("eval/f1_macro", result.f1_macro, state.global_step)
-        self.writer.add_scalar("eval/loss", result.eval_loss, state.global_step)
+        for name, value in result.scalars().items():
+            self.writer.add_scalar(f"eval/{name}", value, state.global_step)
 
     def on_train_end(self, state: TrainState, status: str, metrics: dict[str, Any]) -> None:
         if self.writer is not None:

@@ -1,6 +1,6 @@
 """Sequence to sequence (`task: seq2seq`): an encoder-decoder (Marian, M2M-100, T5) learns source -> target.
 
-It is the chat loop (`workbench.chat.train_generation`) with other pieces, gathered in `SEQ2SEQ`:
+`Seq2SeqTask` is a `generation.GenerationTask`, trained by the one loop like chat, with these pieces:
 
 - Data: a CSV/TSV/JSONL/Parquet file with a source and a target column, named by data.prompt_column /
   data.answer_column or detected (source/target, src/tgt, input/output, or two language-code columns such
@@ -38,12 +38,14 @@ from typing import Any
 
 import torch
 
-from .catalog import DATASETS, ModelSource
-from .chat import (IGNORE_INDEX, SAMPLE_CHARS, ChatData, ChatModel, Conversation, GenerationTask,
-                   _text, check_generation_method, generation_kwargs, load_generation_model, rebuild_generation_run,
-                   split_and_cap)
-from .config import Config, DataConfig
-from .errors import WorkbenchError
+from ..catalog import DATASETS, ModelSource
+from ..config import Config, DataConfig
+from ..data import load_table
+from ..errors import WorkbenchError
+from ..models.generation import GenerationModel, check_generation_method, generation_kwargs, load_generation_model
+from ..models.loading import architecture, load_config, load_tokenizer, quiet_libraries
+from .generation import (IGNORE_INDEX, SAMPLE_CHARS, ChatData, Conversation, GenerationTask, rebuild_generation_run,
+                         split_and_cap, text_of)
 
 SOURCE_NAMES = ("source", "src", "input", "source_text", "text", "document", "article")
 TARGET_NAMES = ("target", "tgt", "output", "target_text", "translation", "summary", "reference", "label")
@@ -80,8 +82,6 @@ def detect_seq2seq_columns(columns: list[str], cfg: DataConfig) -> dict[str, str
 
 
 def _read_pairs(source: str, cfg: DataConfig, where: str, report: ChatData) -> list[Conversation]:
-    from .data import load_table
-
     if source in DATASETS or source == "chatterbot":
         raise WorkbenchError(f"dataset {source!r} is not a set of source/target pairs: task seq2seq needs a "
                              "CSV/TSV/JSONL/Parquet file with source and target columns")
@@ -91,7 +91,7 @@ def _read_pairs(source: str, cfg: DataConfig, where: str, report: ChatData) -> l
     df = df.rename(columns=str)
     columns = detect_seq2seq_columns(list(df.columns), cfg)
     report.columns = report.columns or columns
-    sources, targets = df[columns["prompt"]].map(_text).tolist(), df[columns["answer"]].map(_text).tolist()
+    sources, targets = df[columns["prompt"]].map(text_of).tolist(), df[columns["answer"]].map(text_of).tolist()
     report.rows_read += len(sources)
     pairs: list[Conversation] = []
     seen: set[tuple[str, str]] = set()
@@ -217,8 +217,6 @@ def language_pair(cfg: DataConfig, columns: dict[str, str] | None = None) -> tup
         if cfg.prompt_column and cfg.answer_column:
             columns = {"prompt": cfg.prompt_column, "answer": cfg.answer_column}
         else:
-            from .data import load_table
-
             columns = detect_seq2seq_columns([str(c) for c in load_table(cfg.source)[0].columns], cfg)
     pair = columns["prompt"], columns["answer"]
     if all(LANGUAGE_CODE.fullmatch(c) and c not in NOT_LANGUAGES for c in pair):
@@ -259,8 +257,6 @@ def set_languages(tokenizer: Any, config: Config, model_name: str,
 
 def _load_tokenizer(config: Config, source: ModelSource) -> Any:
     """The model's tokenizer; a missing package (sentencepiece for Marian and M2M-100) is one line with its pip."""
-    from .methods import load_tokenizer
-
     try:
         return load_tokenizer(source, config.trust_remote_code)
     except ImportError as exc:
@@ -276,9 +272,6 @@ def check_seq2seq_model(config: Config, source: ModelSource, columns: dict[str, 
     the tokenizer and its language codes. Returns the tokenizer, languages set."""
     from transformers import AutoModelForSeq2SeqLM
 
-    from .methods import load_config
-    from .zeroshot import architecture
-
     model_config = load_config(source, config.trust_remote_code)
     if not getattr(model_config, "is_encoder_decoder", False):
         raise WorkbenchError(f"task seq2seq needs an encoder-decoder model (Marian, M2M-100, T5): model "
@@ -289,12 +282,10 @@ def check_seq2seq_model(config: Config, source: ModelSource, columns: dict[str, 
     return tokenizer
 
 
-def build_seq2seq_model(config: Config, source: ModelSource, columns: dict[str, str] | None = None) -> ChatModel:
+def build_seq2seq_model(config: Config, source: ModelSource, columns: dict[str, str] | None = None) -> GenerationModel:
     """Load the encoder-decoder and apply full, lora or qlora (adapters on every linear layer but the output).
     `columns`: the run's source and target columns, for language codes named by them (else read from the data)."""
     from transformers import AutoModelForSeq2SeqLM
-
-    from .methods import quiet_libraries
 
     quiet_libraries()
     tokenizer = check_seq2seq_model(config, source, columns)
@@ -360,8 +351,39 @@ def _seq2seq_outputs(model: torch.nn.Module, encoder: Seq2SeqEncoder, held: list
     return logged, scores
 
 
-SEQ2SEQ = GenerationTask("seq2seq", load_seq2seq_data, check_seq2seq_model, build_seq2seq_model, Seq2SeqEncoder,
-                         collate_seq2seq, target_tokens, _seq2seq_outputs)
+class Seq2SeqTask(GenerationTask):
+    name = "seq2seq"
+    examples = "training source/target pairs"
+
+    def read(self, cfg: DataConfig, seed: int) -> ChatData:
+        return load_seq2seq_data(cfg, seed)
+
+    def check(self, config: Config, source: ModelSource, data: ChatData | None) -> None:
+        check_seq2seq_model(config, source, data.columns if data is not None else None)
+
+    def build_model(self, config: Config, source: ModelSource, data: ChatData | None) -> GenerationModel:
+        return build_seq2seq_model(config, source, data.columns if data is not None else None)
+
+    def encoder(self, tokenizer: Any, max_length: int) -> Seq2SeqEncoder:
+        return Seq2SeqEncoder(tokenizer, max_length)
+
+    def collate_examples(self, encodings: list[dict], indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+        return collate_seq2seq(encodings, indices, pad_id)
+
+    def count(self, labels: torch.Tensor) -> int:
+        return target_tokens(labels)
+
+    def outputs(self, model: torch.nn.Module, encoder: Seq2SeqEncoder, held: list[Conversation],
+                samples: list[Conversation], config: Config) -> tuple[list[dict[str, str]], dict[str, float]]:
+        return _seq2seq_outputs(model, encoder, held, samples, config)
+
+    def load_predictor(self, record: dict[str, Any], home: Path) -> "Seq2SeqPredictor":
+        """Rebuild a seq2seq run's model (base weights + the run's trained parameters)."""
+        columns = record.get("info", {}).get("data_columns") or None  # language codes named by the run's columns
+        config, built = rebuild_generation_run(record, home,
+                                               lambda config, source: build_seq2seq_model(config, source, columns))
+        return Seq2SeqPredictor(built.model, built.tokenizer, config.train.max_length, config.chat.max_new_tokens,
+                                record["id"])
 
 
 # --- translating with a trained run -------------------------------------------------------------------
@@ -385,13 +407,3 @@ class Seq2SeqPredictor:
         with self._lock:
             outputs = translate(self.model, self.encoder, texts, self.max_new_tokens, batch_size)
         return [{"text": t, "translation": o} for t, o in zip(texts, outputs)]
-
-
-def load_seq2seq_predictor(record: dict[str, Any], home: Path) -> Seq2SeqPredictor:
-    """Rebuild a seq2seq run's model (base weights + the run's trained parameters)."""
-    columns = record.get("info", {}).get("data_columns") or None  # language codes named by the run's columns
-    config, built = rebuild_generation_run(record, home,
-                                           lambda config, source: build_seq2seq_model(config, source, columns))
-    return Seq2SeqPredictor(built.model, built.tokenizer, config.train.max_length, config.chat.max_new_tokens,
-                            record["id"])
-

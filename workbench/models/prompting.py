@@ -1,106 +1,43 @@
-"""Zero-shot baselines: the pretrained model, untrained, scored on the same eval split as training methods.
+"""Prompting a pretrained model for a label: embedding similarity and label-token scoring.
 
-- zero-shot-embedding: every eval text and every label description (`method.label_template`, e.g.
-  "This text is about {label}.") is embedded with an encoder: mean of the last hidden state over the
-  attention mask, L2-normalised. The prediction is the label with the highest cosine similarity; the
-  class probabilities are softmax(EMBEDDING_SCALE x cosine). Encoders only: a causal LM is refused
-  (its mean-pooled states are not sentence embeddings); use zero-shot-prompt for those.
-- zero-shot-prompt: a causal LM is asked, through its chat template (or a plain "Answer:" prompt when
-  the tokenizer has none), which of the labels fits the text. Nothing is generated: only the label
-  tokens are scored. A label's score is the log-probability of its token sequence given the prompt,
-  per `method.prompt_scoring`: "sum" (the default: log p of the whole label), "mean" (length-normalised)
-  or "first" (the first label token only). Sum is the default because the tokens after a label's first
-  are nearly certain ("entert" -> "ainment"), so averaging over them lifts long labels: on bbc-news
-  (100 eval articles, SmolLM2-135M) mean predicted "politics" for 94 of them (accuracy 0.21), sum and
-  first reached 0.34. The probabilities are the softmax of the label scores (renormalised over the labels).
-  `method.few_shot_k` > 0 puts k labelled training examples (drawn with train.seed, labels taken in
-  turn) in the prompt as earlier turns. `method.prompt_calibration` divides out the label prior the prompt
-  gives content-free inputs ("N/A", "", "[MASK]": contextual calibration, Zhao et al. 2021).
-  The text in a prompt is cut to train.max_length tokens; the prompt itself is longer.
+- Embedding similarity (zero-shot-embedding): every text and every label description is embedded with
+  an encoder (mean of the last hidden state over the attention mask, L2-normalised); a label's score is
+  its cosine similarity, and the class probabilities are softmax(EMBEDDING_SCALE x cosine).
+- Label-token scoring (zero-shot-prompt and the causal-LM classifier): a causal LM is asked, through its
+  chat template (or a plain "Answer:" prompt when the tokenizer has none), which label fits the text.
+  Nothing is generated: a label's score is the log-probability of its tokens after the prompt, per
+  `method.prompt_scoring`: "sum" (the default: log p of the whole label), "mean" (length-normalised) or
+  "first" (the first label token only). Sum is the default because the tokens after a label's first are
+  nearly certain ("entert" -> "ainment"), so averaging over them lifts long labels: on bbc-news (100 eval
+  articles, SmolLM2-135M) mean predicted "politics" for 94 of them (accuracy 0.21), sum and first 0.34.
+  `few_shot_indices` picks k labelled examples for earlier turns; `calibrate` divides out the label prior
+  the prompt gives content-free inputs (contextual calibration, Zhao et al. 2021).
 
-Memory stays flat: prompts run in batches of train.eval_batch_size, left-padded, and only the last
-position's logits are computed (`logits_to_keep=1`); each multi-token label then runs its own few tokens
-on the prompts' key/value cache, which is cropped back after each label. No (batch x prompt x vocab)
-tensor is ever made.
-
-A zero-shot run is a run like any other: registered in the store, the same events (train_begin,
-evaluate, train_end), one eval point at step 0, the predictions file eval/step-0.json, run info with
-trainable_params 0, timings, and a final status. `workbench.trainer.train` delegates here.
+Memory stays flat: prompts run in batches, left-padded, and only the last position's logits are computed
+(`logits_to_keep=1`); each multi-token label then runs its own few tokens on the prompts' key/value cache,
+which is cropped back after each label. No (batch x prompt x vocab) tensor is ever made.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
-import os
 import random
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from .callbacks import Callback, CallbackList, TrainControl, TrainState
-from .catalog import ModelSource, hub_error, resolve_model
-from .config import ZERO_SHOT_METHODS, Config
-from .data import Split, prepare
-from .errors import StopRequested, WorkbenchError
-from .metrics import classification_result
-from .store import RunStore
+from ..errors import StopRequested, WorkbenchError
 
 EMBEDDING_SCALE = 20.0  # softmax temperature 1/20 on cosines, the scale sentence-transformers trains with
 INSTRUCTION = ("Classify the text into one of these categories: {labels}.\n\n"
                "Text: {text}\n\nAnswer with the category only.")
+
+
 PLAIN_ANSWER = "Answer:"  # the plain-prompt fallback ends here; the label follows after a space
-STOP_POLL_SECONDS = 0.5
-PROMPT_SHOWN_CHARS = 4000
 
-
-# --- checks -------------------------------------------------------------------------------
-
-def architecture(model_config: Any) -> str:
-    archs = getattr(model_config, "architectures", None) or []
-    return archs[0] if archs else getattr(model_config, "model_type", "unknown")
-
-
-def is_causal_lm(model_config: Any) -> bool:
-    """A decoder that predicts the next token (LlamaForCausalLM, GPT2LMHeadModel, ...)."""
-    archs = getattr(model_config, "architectures", None) or []
-    if archs:
-        return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
-    return bool(getattr(model_config, "is_decoder", False)) and not getattr(model_config, "is_encoder_decoder", False)
-
-
-def check_zero_shot(config: Config, home: Path, split: Split | None = None) -> ModelSource:
-    """The checks a zero-shot run needs before loading weights: the model's kind, few_shot_k, context."""
-    from .methods import _check_context, load_config
-
-    method = config.method
-    if method.name not in ZERO_SHOT_METHODS:
-        raise WorkbenchError(f"method {method.name!r} trains a model: use workbench.trainer.train")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise WorkbenchError(f"method {method.name} trains nothing and runs in one process: start it without "
-                             "torchrun")
-    source = resolve_model(config.model, home, config.trust_remote_code)
-    model_config = load_config(source, config.trust_remote_code)
-    causal, arch = is_causal_lm(model_config), architecture(model_config)
-    if method.name == "zero-shot-embedding" and causal:
-        raise WorkbenchError(f"method zero-shot-embedding needs an encoder such as minilm-l6: model "
-                             f"{config.model!r} is a causal language model ({arch}), whose mean-pooled states "
-                             "are not sentence embeddings. Use method zero-shot-prompt for it")
-    if method.name == "zero-shot-prompt" and not causal:
-        raise WorkbenchError(f"method zero-shot-prompt needs a causal language model such as "
-                             f"smollm2-135m-instruct: model {config.model!r} is {arch}, which cannot score "
-                             "next tokens. Use method zero-shot-embedding for it")
-    _check_context(config, model_config)
-    if split is not None and method.few_shot_k > len(split.train_texts):
-        raise WorkbenchError(f"method.few_shot_k = {method.few_shot_k} is more than the {len(split.train_texts)} "
-                             "training rows: lower it or raise data.max_train_samples")
-    return source
-
-
-# --- embedding similarity ----------------------------------------------------------------------
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Mean of the token states where the mask is 1, L2-normalised: one unit vector per text."""
@@ -138,8 +75,6 @@ def embedding_scores(model: torch.nn.Module, tokenizer: Any, texts: list[str], l
     docs = embed(model, tokenizer, texts, max_length, batch_size, should_stop)
     return (docs @ labels.T).numpy().astype(np.float64)
 
-
-# --- prompting: label-token scoring --------------------------------------------------------------
 
 def _forward_names(model: torch.nn.Module) -> tuple[str, bool]:
     """The keyword that passes a key/value cache (transformers renamed it), and whether logits_to_keep exists."""
@@ -379,177 +314,19 @@ def check_label_tokens(labels: list[str], continuations: list[list[int]], scorin
                                      f"{labels[b]!r} apart: they start with the same token. Use 'mean'")
 
 
-# --- the run ---------------------------------------------------------------------------------------
-
-def _stop_check(store: RunStore, run_id: str, control: TrainControl) -> Callable[[], bool]:
-    """True once a stop was asked, by a signal (control) or through the store (another process)."""
-    last = [0.0]
-
-    def should_stop() -> bool:
-        now = time.monotonic()
-        if now - last[0] >= STOP_POLL_SECONDS:
-            last[0] = now
-            if store.stop_requested(run_id):
-                control.request_stop("stop requested")
-        return control.should_stop
-
-    return should_stop
+def prompt_encodings(builder: PromptBuilder, texts: list[str], limit: int | None,
+                     max_label_tokens: int) -> list[dict[str, list[int]]]:
+    """Each text's prompt ids and mask; a prompt (plus the longest label) beyond the context is refused."""
+    out = []
+    for text in texts:
+        ids = builder.prompt_ids(text)
+        if limit is not None and len(ids) + max_label_tokens > limit:
+            raise WorkbenchError(f"a prompt is {len(ids) + max_label_tokens} tokens with its label, beyond the "
+                                 f"model's limit of {limit}: lower train.max_length (now {builder.max_length}, "
+                                 "the text's share of the prompt)")
+        out.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
+    return out
 
 
-def _load(config: Config, source: ModelSource, causal: bool) -> tuple[torch.nn.Module, Any]:
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    from .methods import load_kwargs, load_tokenizer, quiet_libraries
-
-    quiet_libraries()
-    tokenizer = load_tokenizer(source, config.trust_remote_code)
-    loader = AutoModelForCausalLM if causal else AutoModel
-    try:
-        model = loader.from_pretrained(source.path, dtype=torch.float32,
-                                       **load_kwargs(source, config.trust_remote_code))
-    except OSError as exc:
-        if source.origin == "hub":
-            raise hub_error(source.name, exc) from None
-        raise WorkbenchError(f"model {source.name!r} could not be loaded ({str(exc).splitlines()[0]})") from None
-    return model.to(_device()).eval(), tokenizer
-
-
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _evaluate_embedding(config: Config, source: ModelSource, split: Split,
-                        should_stop: Callable[[], bool]) -> tuple[np.ndarray, dict[str, Any], int]:
-    model, tokenizer = _load(config, source, causal=False)
-    label_texts = [config.method.label_template.format(label=y) for y in split.labels]
-    cosines = embedding_scores(model, tokenizer, split.eval_texts, label_texts, config.train.max_length,
-                               config.train.effective_eval_batch_size, should_stop)
-    details = {"kind": "embedding", "label_texts": label_texts,
-               "pooling": "mean over the attention mask, L2-normalised",
-               "similarity": "cosine", "probabilities": f"softmax({EMBEDDING_SCALE:g} x cosine)"}
-    return EMBEDDING_SCALE * cosines, details, sum(p.numel() for p in model.parameters())
-
-
-def _evaluate_prompt(config: Config, source: ModelSource, split: Split,
-                     should_stop: Callable[[], bool]) -> tuple[np.ndarray, dict[str, Any], int]:
-    from .methods import context_limit
-
-    method = config.method
-    model, tokenizer = _load(config, source, causal=True)
-    shots = few_shot_indices(split.train_labels, method.few_shot_k, config.train.seed)
-    builder = PromptBuilder(tokenizer, split.labels, config.train.max_length,
-                            [(split.train_texts[i], split.labels[split.train_labels[i]]) for i in shots])
-    continuations = builder.label_ids()
-    check_label_tokens(split.labels, continuations, method.prompt_scoring)
-    prompts = [builder.prompt_ids(t) for t in split.eval_texts]
-    limit = context_limit(model.config)
-    longest = max(len(p) for p in prompts) + max(len(c) for c in continuations)
-    if limit is not None and longest > limit:
-        raise WorkbenchError(f"the longest prompt is {longest} tokens, beyond the model's limit of {limit}: lower "
-                             f"method.few_shot_k (now {method.few_shot_k}) or train.max_length "
-                             f"(now {config.train.max_length})")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    scores = score_labels(model, prompts, continuations, method.prompt_scoring,
-                          config.train.effective_eval_batch_size, pad, should_stop)
-    bias = None
-    if method.prompt_calibration:
-        free = score_labels(model, [builder.prompt_ids(t) for t in CONTENT_FREE], continuations,
-                            method.prompt_scoring, len(CONTENT_FREE), pad, should_stop)
-        scores, bias = calibrate(scores, free)
-    details = {"kind": "prompt", "prompt_format": "chat" if builder.chat else "plain",
-               "scoring": method.prompt_scoring, "few_shot_k": method.few_shot_k, "few_shot_rows": shots,
-               "calibration": None if bias is None else {
-                   "content_free": CONTENT_FREE,
-                   "label_prior": {y: round(float(b), 4) for y, b in zip(split.labels, bias)}},
-               "label_tokens": {y: len(c) for y, c in zip(split.labels, continuations)},
-               "probabilities": "softmax of the label scores (renormalised over the labels)",
-               "prompt_tokens_max": max(len(p) for p in prompts),
-               "example_prompt": builder.prompt(split.eval_texts[0])[:PROMPT_SHOWN_CHARS]}
-    return scores, details, sum(p.numel() for p in model.parameters())
-
-
-def run_zero_shot(config: Config, store: RunStore | None = None, run_id: str | None = None,
-                  callbacks: list[Callback] | None = None, resume: bool = False) -> dict[str, Any]:
-    """Evaluate the untrained model as a run (completed, stopped or failed) and return its record.
-
-    Nothing is trained, so there is nothing to resume: `resume` re-evaluates from the start.
-    """
-    from .methods import BuiltModel
-    from .tracking import default_callbacks
-    from .trainer import (INTERNAL_ERROR, _install_sigterm, _log_traceback, _restore_sigterm, _run_info,
-                          _write_predictions, peak_memory_mb, set_seed)
-
-    if config.train.threads:
-        torch.set_num_threads(config.train.threads)
-    store = store or RunStore()
-    run_id = store.create_run(config.to_dict(), config.name) if run_id is None else store.resolve(run_id)
-    store.mark_running(run_id, os.getpid())
-    store.truncate_points(run_id, -1)  # a re-run (resume) starts its history over
-    run_dir = store.run_dir(run_id)
-
-    state = TrainState(run_id=run_id, is_main_process=True)
-    control = TrainControl()
-    hooks = CallbackList(default_callbacks(config, store, run_id) + list(callbacks or []))
-    status, metrics, error = "failed", None, None
-    wall_start = time.perf_counter()
-    eval_seconds = 0.0
-    rows = 0
-    previous = _install_sigterm(control)
-    try:
-        # --- data and model checks ------------------------------------------------------------
-        set_seed(config.train.seed)
-        split = prepare(config.data, config.train.seed)  # the same split as every training method
-        source = check_zero_shot(config, store.home, split)
-        should_stop = _stop_check(store, run_id, control)
-        hooks.on_train_begin(state, config.to_dict())
-
-        # --- the one evaluation -----------------------------------------------------------------
-        eval_start = time.perf_counter()
-        evaluate = _evaluate_embedding if config.method.name == "zero-shot-embedding" else _evaluate_prompt
-        scores, details, total = evaluate(config, source, split, should_stop)
-        built = BuiltModel(model=torch.nn.Module(), tokenizer=None, head_modules=[], total_params=total,
-                           method=config.method.name)
-        info = _run_info(config, built, split, 1)
-        info["zero_shot"] = details
-        store.set_info(run_id, info)
-        logp = torch.log_softmax(torch.from_numpy(scores), dim=-1)
-        y = torch.tensor(split.eval_labels)
-        loss = float(-logp[torch.arange(len(y)), y].mean())
-        probs = logp.exp().numpy()
-        result = classification_result(0, 0.0, split.labels, np.asarray(split.eval_labels), probs, loss,
-                                       split.eval_texts)
-        rows = len(y)
-        state.best_metric, state.best_step = result.accuracy, 0
-        hooks.on_evaluate(state, control, result)
-        _write_predictions(run_dir, result, split, probs)
-        eval_seconds = time.perf_counter() - eval_start
-        metrics = {**result.summary(), "is_best": True, "best_step": 0,
-                   "predictions_file": str(run_dir / "eval" / "step-0.json")}
-        status = "completed"
-    except StopRequested:
-        status = "stopped"
-    except KeyboardInterrupt:  # a second Ctrl-C
-        status = "stopped"
-    except WorkbenchError as exc:
-        error = str(exc)
-    except Exception as exc:  # a crash: the run is marked failed with the reason
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        error = f"{INTERNAL_ERROR}{type(exc).__name__}: {detail} (traceback in {run_dir / 'log.txt'})"
-        _log_traceback(run_dir)
-    finally:
-        _restore_sigterm(previous)
-        if error is not None:
-            status = "failed"
-            hooks.on_exception(state, error)
-        timings = {
-            "wall_seconds": round(time.perf_counter() - wall_start, 3),
-            "train_seconds": 0.0,
-            "eval_seconds": round(eval_seconds, 3),
-            "samples_per_second": 0.0,  # training samples: none
-            "eval_samples_per_second": round(rows / eval_seconds, 3) if eval_seconds > 0 else 0.0,
-            "peak_memory_mb": round(peak_memory_mb(_device()), 1),
-            "steps": 0,
-        }
-        store.finish(run_id, status, metrics=metrics, timings=timings, error=error)
-        hooks.on_train_end(state, status, metrics or {})
-    return store.get(run_id)
+def with_max_length(builder: PromptBuilder, max_length: int) -> PromptBuilder:
+    return builder if builder.max_length == max_length else dataclasses.replace(builder, max_length=max_length)

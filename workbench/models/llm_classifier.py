@@ -2,13 +2,13 @@
 
 `task: text-classification` with a causal-LM checkpoint (LlamaForCausalLM, GPT2LMHeadModel, ...) builds an
 `LLMClassifier` instead of a sequence-classification head. Each text is put in the prompt that zero-shot
-prompting uses (`zeroshot.PromptBuilder`: the chat template or the plain "Answer:" prompt, the same
+prompting uses (`prompting.PromptBuilder`: the chat template or the plain "Answer:" prompt, the same
 instruction, the same label verbalisations), and a label's logit is its score after that prompt per
 `method.prompt_scoring` (default "sum": log p of the label's tokens). Training minimises the cross-entropy
 over those label scores; before the first step the classifier predicts exactly what the zero-shot-prompt
 run of the same model does, so that run is step 0 of this method.
 
-Memory stays flat at evaluation and in training: the scoring (`zeroshot.label_scores`, shared with
+Memory stays flat at evaluation and in training: the scoring (`prompting.label_scores`, shared with
 zero-shot prompting) applies the LM head to the last prompt position only, and a multi-token label runs
 its own few tokens on the prompts' key/value cache. No (batch x sequence x vocabulary) tensor is made;
 with 49k vocabulary entries that tensor is what runs other tools out of memory at evaluation.
@@ -24,16 +24,18 @@ the prefix in as a key/value cache, which the label scoring uses for itself).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
 from torch import nn
 
-from .catalog import ModelSource, hub_error
-from .config import Config
-from .errors import WorkbenchError
-from .zeroshot import PromptBuilder, check_label_tokens, label_scores
+from ..catalog import ModelSource
+from ..config import Config
+from ..errors import WorkbenchError
+from .adapters import apply_peft, bnb_config, disable_bnb_inference_repack, ia3_targets, resolve_targets
+from .built import BuiltModel
+from .loading import architecture, count_parameters, load_pretrained
+from .prompting import PromptBuilder, check_label_tokens, label_scores
 
 def refusal(method: str, arch: str) -> str | None:
     """Why `method` cannot train a causal-LM classifier, or None when it can."""
@@ -67,6 +69,11 @@ class LLMClassifier(nn.Module):
         self.lm = lm
         self.label_ids = [list(c) for c in label_ids]
         self.scoring = scoring
+
+    @property
+    def workbench_peft_model(self) -> nn.Module:
+        """The peft-wrapped model inside (adapters.peft_model_of reads it)."""
+        return self.lm
 
     @property
     def causal_lm(self) -> nn.Module:
@@ -111,28 +118,10 @@ def _adalora_penalty(lm: nn.Module) -> torch.Tensor | float:
     return weight * torch.stack(terms).mean() if terms else 0.0
 
 
-def prompt_encodings(builder: PromptBuilder, texts: list[str], limit: int | None,
-                     max_label_tokens: int) -> list[dict[str, list[int]]]:
-    """Each text's prompt ids and mask; a prompt (plus the longest label) beyond the context is refused."""
-    out = []
-    for text in texts:
-        ids = builder.prompt_ids(text)
-        if limit is not None and len(ids) + max_label_tokens > limit:
-            raise WorkbenchError(f"a prompt is {len(ids) + max_label_tokens} tokens with its label, beyond the "
-                                 f"model's limit of {limit}: lower train.max_length (now {builder.max_length}, "
-                                 "the text's share of the prompt)")
-        out.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
-    return out
-
-
 def build_llm_classifier(config: Config, source: ModelSource, labels: list[str], model_config: Any,
                          tokenizer: Any, limit: int | None, total_steps: int | None = None) -> Any:
-    """Load the causal LM, apply the method, wrap it as an LLMClassifier; returns a methods.BuiltModel."""
+    """Load the causal LM, apply the method, wrap it as an LLMClassifier; returns a BuiltModel."""
     from transformers import AutoModelForCausalLM
-
-    from .methods import (BuiltModel, _apply_peft, _bnb_config, count_parameters, disable_bnb_inference_repack,
-                          ia3_targets, load_kwargs, resolve_targets)
-    from .zeroshot import architecture
 
     method = config.method
     why = refusal(method.name, architecture(model_config))
@@ -142,16 +131,10 @@ def build_llm_classifier(config: Config, source: ModelSource, labels: list[str],
     label_ids = builder.label_ids()
     check_label_tokens(list(labels), label_ids, method.prompt_scoring)
 
-    kwargs = load_kwargs(source, config.trust_remote_code)
-    kwargs["dtype"] = torch.float32
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
     if method.name == "qlora":
-        kwargs["quantization_config"] = _bnb_config(method, _output_head_on_meta(model_config))
-    try:
-        lm = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
-    except OSError as exc:
-        if source.origin == "hub":
-            raise hub_error(source.name, exc) from None
-        raise WorkbenchError(f"model {source.name!r} could not be loaded ({str(exc).splitlines()[0]})") from None
+        kwargs["quantization_config"] = bnb_config(method, _output_head_on_meta(model_config))
+    lm = load_pretrained(AutoModelForCausalLM, source, config.trust_remote_code, **kwargs)
     lm.config.id2label, lm.config.label2id = dict(enumerate(labels)), {y: i for i, y in enumerate(labels)}
     if lm.config.pad_token_id is None:
         lm.config.pad_token_id = tokenizer.pad_token_id
@@ -164,13 +147,13 @@ def build_llm_classifier(config: Config, source: ModelSource, labels: list[str],
         lm.requires_grad_(True)
     else:
         if method.name == "qlora":
-            disable_bnb_inference_repack(lm)  # TRAPS.md: else LoRA gradients silently become zero
+            disable_bnb_inference_repack(lm)  # else LoRA gradients silently become zero after an eval pass
         feedforward: list[str] = []
         if method.name == "ia3":
             built.target_modules, feedforward = ia3_targets(lm, method, excluded)
         elif method.uses_adapters:
             built.target_modules = resolve_targets(lm, method, excluded)
-        lm = _apply_peft(lm, method, built.target_modules, [], feedforward, total_steps, task_type="CAUSAL_LM")
+        lm = apply_peft(lm, method, built.target_modules, [], feedforward, total_steps, task_type="CAUSAL_LM")
     built.model = LLMClassifier(lm, label_ids, method.prompt_scoring)
     built.trainable_params, built.total_params = count_parameters(built.model)
     return built
@@ -191,9 +174,6 @@ def causal_skeleton(model_config: Any, trust_remote_code: bool = False) -> nn.Mo
 
 def check_llm_fits(config: Config, model_config: Any) -> None:
     """Preflight for a causal-LM classifier, without weights: the method, and the adapter targets."""
-    from .methods import ia3_targets, resolve_targets
-    from .zeroshot import architecture
-
     method = config.method
     why = refusal(method.name, architecture(model_config))
     if why:
@@ -219,9 +199,5 @@ def export_info(builder: PromptBuilder, classifier: LLMClassifier) -> dict[str, 
         "scoring": classifier.scoring,
         "text_max_tokens": builder.max_length,
         "how": ("build the prompt (the text cut to text_max_tokens tokens), left-pad, and score each label's "
-                "tokens after it: workbench.zeroshot.score_labels(model, prompts, label_token_ids, scoring)"),
+                "tokens after it: workbench.models.prompting.score_labels(model, prompts, label_token_ids, scoring)"),
     }
-
-
-def with_max_length(builder: PromptBuilder, max_length: int) -> PromptBuilder:
-    return builder if builder.max_length == max_length else dataclasses.replace(builder, max_length=max_length)

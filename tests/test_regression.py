@@ -1,0 +1,137 @@
+"""Task text-regression: data, training through the one loop, figures, predict, export, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+
+import numpy as np
+import pytest
+
+from workbench.cli import main
+from workbench.config import Config
+from workbench.errors import WorkbenchError
+from workbench.loop import train
+from workbench.predict import load_predictor
+from workbench.tasks.regression import load_regression_data, regression_result
+
+GOOD = ["great", "wonderful", "superb"]
+BAD = ["awful", "terrible", "dreadful"]
+FILLER = ["the", "film", "was", "really", "quite", "a", "story", "with"]
+
+
+def rating_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """A rating 1..10 given away by how many good and bad words a text has: a tiny model can learn it."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        good = rng.randint(0, 3)
+        bad = 3 - good
+        words = rng.sample(FILLER, 3) + [rng.choice(GOOD) for _ in range(good)] + [rng.choice(BAD) for _ in range(bad)]
+        rng.shuffle(words)
+        rows.append({"review": " ".join(words) + f" {i}", "stars": str(1 + 3 * good)})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def ratings_csv(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ratings") / "ratings.csv"
+    rows = rating_rows(120) + [{"review": "no number here", "stars": "n/a"}, {"review": "", "stars": "5"}]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["review", "stars"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture
+def regression_config(tiny_config, ratings_csv):
+    def make(**sections):
+        cfg = tiny_config(**sections).to_dict()
+        cfg["task"] = "text-regression"
+        cfg["data"]["source"] = str(ratings_csv)
+        cfg["train"].update({"epochs": 4, "learning_rate": 1e-2})
+        for section, values in sections.items():
+            cfg[section].update(values)
+        return Config.from_dict(cfg)
+
+    return make
+
+
+def test_data_finds_the_number_drops_what_is_not_one_and_standardises(regression_config):
+    data = load_regression_data(regression_config().data, 42)
+    assert (data.text_column, data.value_column) == ("review", "stars")
+    assert len(data.train_texts) + len(data.eval_texts) == 120
+    assert any("dropped 2 rows" in n for n in data.notes)
+    assert data.mean == pytest.approx(np.mean(data.train_values)) and data.std > 0
+
+
+def test_figures_match_a_direct_computation():
+    y = np.array([1.0, 2.0, 3.0, 4.0])
+    p = np.array([1.5, 2.0, 2.5, 5.0])
+    r = regression_result(3, 1.0, y, p, train_mean=2.0, texts=["a", "b", "c", "d"])
+    assert r.rmse == pytest.approx(np.sqrt(np.mean((p - y) ** 2)))
+    assert r.mae == pytest.approx(np.mean(np.abs(p - y)))
+    assert r.spearman == pytest.approx(1.0) and 0.9 < r.pearson < 1.0
+    assert r.baseline_rmse == pytest.approx(np.sqrt(np.mean((y - 2.0) ** 2)))
+    assert r.mistakes[0]["index"] == 3 and r.mistakes[0]["error"] == pytest.approx(1.0)  # the worst error first
+
+
+@pytest.mark.parametrize("method", ["lora", "full", "head-only"])
+def test_training_beats_the_mean_and_predicts_in_the_data_units(regression_config, store, method):
+    record = train(regression_config(method={"name": method}), store=store)
+    assert record["status"] == "completed", record["error"]
+    m = record["metrics"]
+    assert set(m) >= {"rmse", "mae", "pearson", "spearman", "baseline_rmse", "best_step"}
+    if method != "head-only":  # a frozen random tiny backbone cannot learn this; the adapters and full can
+        assert m["rmse"] < 0.8 * m["baseline_rmse"], m
+        assert m["spearman"] > 0.5, m
+    rows = json.loads(open(m["predictions_file"]).read())["rows"]
+    assert len(rows) == record["info"]["eval_rows"] and {"true", "predicted", "text"} <= set(rows[0])
+    predictor = load_predictor(record["id"], store.home)
+    values = [r["value"] for r in predictor.predict(["great superb wonderful film", "awful terrible dreadful film"])]
+    assert all(0.0 < v < 12.0 for v in values)  # stars, not standardised units
+    saved = [r["predicted"] for r in rows[:4]]
+    again = [r["value"] for r in predictor.predict([r["text"] for r in rows[:4]])]
+    assert again == pytest.approx(saved, abs=1e-4)
+
+
+def test_best_checkpoint_is_the_lowest_rmse(regression_config, store):
+    record = train(regression_config(train={"eval_every": 3}), store=store)
+    evals = [p for p in store.points(record["id"], kind="eval")]
+    best = min(evals, key=lambda p: p["rmse"])
+    assert record["metrics"]["best_step"] == best["step"]
+
+
+@pytest.mark.parametrize("raw, match", [
+    ({"method": {"name": "zero-shot-embedding"}}, r"method.name = 'zero-shot-embedding' is not allowed: one of full"),
+    ({"train": {"class_weights": "balanced"}}, r"train.class_weights = 'balanced' is not allowed: none for task: "
+                                               r"text-regression"),
+])
+def test_settings_that_do_not_apply_are_refused(raw, match):
+    with pytest.raises(WorkbenchError, match=match):
+        Config.from_dict({"task": "text-regression", **raw})
+
+
+def test_a_text_column_is_not_a_number(regression_config, store, tmp_path):
+    path = tmp_path / "words.csv"
+    path.write_text("review,stars\n" + "".join(f"text {i},many\n" for i in range(20)))
+    cfg = regression_config(data={"source": str(path), "label_column": "stars"})
+    with pytest.raises(WorkbenchError, match=r"0 rows with a text and a numeric 'stars'"):
+        load_regression_data(cfg.data, 42)
+
+
+def test_cli_trains_predicts_and_exports(regression_config, tmp_path, capsys, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("WORKBENCH_HOME", str(home))
+    cfg_path = tmp_path / "reg.yaml"
+    regression_config(train={"epochs": 1}).save(cfg_path)
+    assert main(["train", str(cfg_path)]) == 0
+    out = capsys.readouterr().out
+    assert "rmse" in out
+    assert main(["predict", "latest", "--text", "great superb film"]) == 0
+    assert "value" in capsys.readouterr().out
+    assert main(["export", "latest", "--merge", "--out", str(tmp_path / "exported")]) == 0
+    exported = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert exported["problem_type"] == "regression" and len(exported["id2label"]) == 1

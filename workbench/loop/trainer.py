@@ -1,0 +1,344 @@
+"""The training loop: one for every task, on accelerate for devices and processes.
+
+`accelerate.Accelerator` owns the device, mixed precision and the process group (so the same loop runs
+under `torchrun` with DDP on CPU/gloo or GPUs/NCCL); the task (workbench/tasks/) supplies the data, the
+model, the batches, the loss and the evaluation; this file owns the order of things: seeding, batches and
+their shards, the optimiser step (the only one in the core), evaluation cadence, the best checkpoint,
+early stopping, resume and stop. lifecycle.py owns the run record, signals and failures around it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..callbacks import Callback
+from ..catalog import resolve_model
+from ..config import Config
+from ..errors import StopRequested, WorkbenchError
+from ..kernels import use_fast_dropout
+from ..models.adapters import after_optimizer_step, enable_gradient_checkpointing
+from ..models.state import set_seed
+from ..store import RunStore
+from ..tasks import Task, task_of
+from .checkpoints import Progress, keep_only, latest_checkpoint, load_checkpoint, mark_best, save_checkpoint, save_model
+from .lifecycle import RunContext, run_lifecycle
+from .zero_shot import run_zero_shot
+
+
+def preflight(config: Config, home: Any) -> Any:
+    """Every check that needs no weights: data, columns, labels, model config, limits, adapter targets.
+
+    Runs before a run is registered, so a typo never leaves a failed run behind. Returns the task's data.
+    """
+    if config.method.is_zero_shot:
+        from ..data import prepare
+        from ..tasks.zeroshot import check_zero_shot
+
+        split = prepare(config.data, config.train.seed)
+        check_zero_shot(config, home, split)
+        return split
+    task = task_of(config)
+    data = task.load_data(config, home)
+    check_batch_fits(config, task, data, 1)
+    task.check_model(config, resolve_model(config.model, home, config.trust_remote_code), data)
+    return data
+
+
+def check_batch_fits(config: Config, task: Task, data: Any, world: int) -> None:
+    rows = task.train_size(data)
+    if config.train.batch_size * world > rows:
+        raise WorkbenchError(f"train.batch_size = {config.train.batch_size} x {world} process(es) is larger than "
+                             f"the {rows} {task.examples}: lower train.batch_size or add data")
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled example order of one epoch; depends only on (seed, epoch), so resume can replay it."""
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def shard_batches(order: list[int], batch_size: int, rank: int, world: int) -> list[list[int]]:
+    """Split one epoch into this process's micro-batches; every process gets the same count."""
+    per_step = batch_size * world
+    steps = math.ceil(len(order) / per_step)
+    if world > 1:  # pad by wrapping around, as DistributedSampler does
+        order = (order * (1 + steps * per_step // max(len(order), 1)))[: steps * per_step]
+    mine = order[rank::world]
+    return [mine[i: i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
+def train(config: Config, store: RunStore | None = None, run_id: str | None = None,
+          callbacks: list[Callback] | None = None, resume: bool = False) -> dict[str, Any]:
+    """Train one run to the end (completed, stopped or failed) and return its record.
+
+    With `run_id` the run must exist in the store (queued by `launch`, or to resume). A zero-shot method
+    trains nothing: its one evaluation runs in the same lifecycle.
+    """
+    store = store or RunStore()
+    if config.method.is_zero_shot:
+        return run_zero_shot(config, store, run_id, callbacks)
+    from accelerate import Accelerator
+    from accelerate.utils import broadcast_object_list
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              mixed_precision="bf16" if config.train.precision == "bf16" else "no")
+    share = ((lambda rid: broadcast_object_list([rid])[0]) if accelerator.num_processes > 1 else (lambda rid: rid))
+    task = task_of(config)
+    return run_lifecycle(config, store, run_id, callbacks, lambda ctx: _train(ctx, task, accelerator, resume),
+                         accelerator.device, accelerator.is_main_process, share)
+
+
+@dataclass
+class Session:
+    """Everything one training run holds while it runs."""
+
+    ctx: RunContext
+    task: Task
+    accelerator: Any
+    data: Any
+    built: Any
+    model: Any
+    train: list[dict]
+    held: list[dict]
+    optimizer: Any
+    scheduler: Any
+    params: list[torch.nn.Parameter]
+    progress: Progress
+    steps_per_epoch: int
+    max_steps: int
+
+
+def _train(ctx: RunContext, task: Task, accelerator: Any, resume: bool) -> None:
+    s = _setup(ctx, task, accelerator)
+    config, progress, world = ctx.config, s.progress, accelerator.num_processes
+    ckpt = latest_checkpoint(ctx.run_dir) if resume else None
+    if resume and ckpt is None and ctx.main:
+        ctx.store.truncate_points(ctx.run_id, -1)  # nothing to resume from: start over cleanly
+    if ckpt is not None:
+        s.progress = progress = load_checkpoint(ckpt, accelerator.unwrap_model(s.model), s.optimizer, s.scheduler)
+        if ctx.main:
+            ctx.store.truncate_points(ctx.run_id, progress.global_step)
+    _sync_state(ctx, progress)
+    eval_every = config.train.eval_every or s.steps_per_epoch
+    ctx.hooks.on_train_begin(ctx.state, config.to_dict())
+
+    # --- the untrained model's figures (tasks that ask for them) -------------------------------------
+    if ckpt is None and task.eval_at_start(config):
+        _evaluate_and_checkpoint(s, 0, 0.0)
+        _honour_stop(s)
+
+    # --- training ------------------------------------------------------------------------------------
+    accum = config.train.gradient_accumulation
+    s.model.train()
+    for epoch in range(progress.epoch, config.train.epochs):
+        batches = shard_batches(epoch_order(len(s.train), config.train.seed, epoch), config.train.batch_size,
+                                accelerator.process_index, world)
+        groups = [batches[i: i + accum] for i in range(0, len(batches), accum)]
+        first_group = progress.batch_in_epoch // accum if epoch == progress.epoch else 0
+        for g, group in enumerate(groups[first_group:], start=first_group):
+            step_start = time.perf_counter()
+            loss, learning_rate = _optimizer_step(s, [task.collate(s.built, s.train, idx) for idx in group])
+            elapsed = time.perf_counter() - step_start
+            rows = sum(len(b) for b in group) * world
+            progress.global_step += 1
+            progress.batch_in_epoch = (g + 1) * accum
+            progress.samples_seen += rows
+            _sync_state(ctx, progress, epoch)
+            ctx.hooks.on_step_end(ctx.state, ctx.control, loss, learning_rate, rows / max(elapsed, 1e-9))
+            progress.train_seconds += time.perf_counter() - step_start  # hooks count: they are our cost
+
+            end_of_epoch = g == len(groups) - 1 and not config.train.eval_every
+            if progress.global_step % eval_every == 0 or progress.global_step == s.max_steps or end_of_epoch:
+                _evaluate_and_checkpoint(s, epoch, (g + 1) / len(groups))
+            _honour_stop(s)
+        progress.epoch, progress.batch_in_epoch = epoch + 1, 0
+
+
+def _setup(ctx: RunContext, task: Task, accelerator: Any) -> Session:
+    """Data, model, examples, optimiser and schedule; registers the stop, finalise and timing hooks."""
+    config, world = ctx.config, accelerator.num_processes
+    set_seed(config.train.seed)
+    data = task.load_data(config, ctx.store.home)
+    source = resolve_model(config.model, ctx.store.home, config.trust_remote_code)
+    check_batch_fits(config, task, data, world)
+    micro_per_epoch = len(shard_batches(list(range(task.train_size(data))), config.train.batch_size,
+                                        accelerator.process_index, world))
+    steps_per_epoch = math.ceil(micro_per_epoch / config.train.gradient_accumulation)
+    max_steps = steps_per_epoch * config.train.epochs
+    set_seed(config.train.seed)  # new layers start the same whatever the data loading did
+    built = task.build(config, source, data, max_steps)  # adalora plans its rank pruning over max_steps
+    if config.train.fast_dropout and accelerator.device.type == "cpu":
+        ctx.cleanups.append(use_fast_dropout(built.model))  # torch's bernoulli_ was a third of a CPU step
+    if config.train.gradient_checkpointing:
+        enable_gradient_checkpointing(built.model)
+    train_enc, held_enc = task.encode(config, built, data)
+    if ctx.main:
+        info = task.run_info(config, built, data, train_enc, held_enc)
+        ctx.store.set_info(ctx.run_id, {**info, "num_processes": world, "torch_threads": torch.get_num_threads()})
+
+    # --- optimiser and schedule -----------------------------------------------------------------------
+    from transformers import get_scheduler
+
+    warmup = math.ceil(config.train.warmup_ratio * max_steps)
+    params = [p for p in built.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.train.learning_rate, weight_decay=config.train.weight_decay)
+    scheduler = get_scheduler(config.train.scheduler if config.train.scheduler != "constant"
+                              else "constant_with_warmup", optimizer, num_warmup_steps=warmup,
+                              num_training_steps=max_steps)
+    model, optimizer = accelerator.prepare(built.model, optimizer)  # DDP wrap when distributed
+    ctx.state.max_steps, ctx.state.steps_per_epoch, ctx.state.warmup_steps = max_steps, steps_per_epoch, warmup
+    s = Session(ctx, task, accelerator, data, built, model, train_enc, held_enc, optimizer, scheduler, params,
+                Progress(), steps_per_epoch, max_steps)
+    ctx.save_on_stop = lambda: _save_stop_checkpoint(s)
+    ctx.finalise = lambda status: _finalise(s)
+    ctx.timings = lambda: _timings(s.progress)
+    return s
+
+
+def accumulate_gradients(task: Task, built: Any, model: torch.nn.Module, accelerator: Any,
+                         micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Backward over one optimiser step's micro-batches; returns the step's loss (this process's share).
+
+    Each micro-batch's mean loss is weighted by its share of the step's loss units (rows, or the tokens the
+    loss is on), counted over every process: DDP then averages the gradients over processes, so loss and
+    gradients equal those of one big batch whatever the accumulation, the processes and however uneven
+    the micro-batches (HF Trainer multiplies both by the accumulation steps for classifiers).
+    """
+    world = accelerator.num_processes
+    counts = [task.loss_weight(b) for b in micro_batches]
+    if min(counts) == 0:
+        raise RuntimeError("a micro-batch with nothing to learn from (encode drops such examples)")
+    total = torch.tensor(float(sum(counts)), device=accelerator.device)
+    if world > 1:
+        total = accelerator.reduce(total, reduction="sum")  # sync point: every process's loss units
+    total_units = float(total.item())
+    step_loss = torch.zeros((), device=accelerator.device)
+    for m, (batch, n) in enumerate(zip(micro_batches, counts)):
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        # no gradient all-reduce until the last micro-batch of the step
+        sync = accelerator.no_sync(model) if m < len(micro_batches) - 1 else contextlib.nullcontext()
+        with sync:
+            with accelerator.autocast():
+                scaled = task.loss(built, model, batch) * (n * world / total_units)
+            accelerator.backward(scaled)
+        step_loss += scaled.detach().float() / world
+    return step_loss
+
+
+def _optimizer_step(s: Session, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+    """Gradients of one step's micro-batches, clipping, the optimiser step; returns (loss, learning rate)."""
+    accelerator, config = s.accelerator, s.ctx.config
+    step_loss = accumulate_gradients(s.task, s.built, s.model, accelerator, micro_batches)
+    if config.train.max_grad_norm > 0:
+        accelerator.clip_grad_norm_(s.params, config.train.max_grad_norm)
+    learning_rate = s.scheduler.get_last_lr()[0]  # the rate this step used
+    s.optimizer.step()
+    after_optimizer_step(s.built.model, config.method.name, s.progress.global_step + 1)  # adalora prunes
+    s.scheduler.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    if accelerator.num_processes > 1:
+        step_loss = accelerator.reduce(step_loss, reduction="sum")  # the same number on every process
+    loss = step_loss.item()  # sync point
+    if not math.isfinite(loss):
+        raise WorkbenchError(f"training loss became {loss} at step {s.progress.global_step + 1}: lower "
+                             f"train.learning_rate (now {config.train.learning_rate}) or keep "
+                             "train.max_grad_norm > 0")
+    return loss, learning_rate
+
+
+def _evaluate_and_checkpoint(s: Session, epoch: int, fraction: float) -> None:
+    ctx, progress, accelerator = s.ctx, s.progress, s.accelerator
+    eval_start = time.perf_counter()
+    evaluation = s.task.evaluate(s.model, accelerator, ctx.config, s.built, s.data, s.held, progress.global_step,
+                                 epoch + fraction)
+    metric = evaluation.metric
+    improved = progress.best_metric is None or (metric > progress.best_metric if s.task.greater_is_better
+                                                else metric < progress.best_metric)
+    if improved:
+        progress.best_metric, progress.best_step, progress.evals_without_improvement = metric, progress.global_step, 0
+    else:
+        progress.evals_without_improvement += 1
+    _sync_state(ctx, progress, epoch)
+    patience = ctx.config.train.early_stopping_patience
+    if patience and progress.evals_without_improvement >= patience:
+        ctx.control.request_stop(f"early stopping: no better {s.task.best_metric} in {patience} evaluations")
+    ctx.hooks.on_evaluate(ctx.state, ctx.control, evaluation.result)
+    if accelerator.is_main_process:
+        s.task.write_evaluation(ctx.run_dir, evaluation, s.data)
+        path = ctx.run_dir / "checkpoints" / f"step-{progress.global_step}"
+        save_checkpoint(path, accelerator.unwrap_model(s.model), s.optimizer, s.scheduler, progress)
+        if improved:
+            mark_best(path)
+        keep_only(path)  # the newest resumable checkpoint
+        ctx.hooks.on_checkpoint(ctx.state, str(path), improved)
+    accelerator.wait_for_everyone()
+    progress.eval_seconds += time.perf_counter() - eval_start
+
+
+def _honour_stop(s: Session) -> None:
+    """A stop asked of any process (Stop button, signal, early stopping) stops all of them at this step."""
+    should_stop = s.ctx.control.should_stop
+    if s.accelerator.num_processes > 1:
+        flag = torch.tensor([1.0 if should_stop else 0.0], device=s.accelerator.device)
+        should_stop = bool(s.accelerator.reduce(flag, reduction="sum").item() > 0)
+    if should_stop:
+        raise StopRequested(s.ctx.control.stop_reason or "stop requested")
+
+
+def _save_stop_checkpoint(s: Session) -> None:
+    path = s.ctx.run_dir / "checkpoints" / f"step-{s.progress.global_step}"
+    if path.exists():
+        return  # the evaluation at this very step already saved it
+    save_checkpoint(path, s.accelerator.unwrap_model(s.model), s.optimizer, s.scheduler, s.progress)
+    keep_only(path)
+    s.ctx.hooks.on_checkpoint(s.ctx.state, str(path), False)
+
+
+def _finalise(s: Session) -> dict[str, Any] | None:
+    """Restore the best checkpoint's weights, save them as the run's model, return its metrics."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from ..models.state import load_trainable_state
+
+    best = s.ctx.run_dir / "checkpoints" / "best"
+    if not (best / "trainable.safetensors").is_file():
+        return None
+    unwrapped = s.accelerator.unwrap_model(s.model)
+    load_trainable_state(unwrapped, load_file(str(best / "trainable.safetensors")))
+    if not s.accelerator.is_main_process:
+        return None
+    save_model(s.ctx.run_dir, unwrapped, s.task.model_files(s.data))
+    best_step = json.loads((best / "progress.json").read_text())["global_step"]
+    evals = s.ctx.store.points(s.ctx.run_id, kind="eval")
+    at_best = [p for p in evals if p["step"] == best_step]
+    if not at_best:
+        return None
+    return {**s.task.final_metrics(at_best[-1], evals[0], s.ctx.run_dir), "best_step": best_step}
+
+
+def _sync_state(ctx: RunContext, progress: Progress, epoch: int | None = None) -> None:
+    state = ctx.state
+    state.epoch = progress.epoch if epoch is None else epoch
+    state.global_step = progress.global_step
+    state.samples_seen = progress.samples_seen
+    state.best_metric = progress.best_metric
+    state.best_step = progress.best_step
+    state.evals_without_improvement = progress.evals_without_improvement
+
+
+def _timings(progress: Progress) -> dict[str, Any]:
+    return {
+        "train_seconds": round(progress.train_seconds, 3),
+        "eval_seconds": round(progress.eval_seconds, 3),
+        "samples_per_second": round(progress.samples_seen / progress.train_seconds, 3)
+        if progress.train_seconds > 0 else 0.0,
+        "steps": progress.global_step,
+    }

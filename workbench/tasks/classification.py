@@ -1,0 +1,260 @@
+"""Text classification (`task: text-classification`): one label per text.
+
+An encoder gets a sequence-classification head; a causal LM scores the label tokens after the zero-shot
+prompt (models/llm_classifier.py). The loss is cross-entropy, a mean over the batch's rows; evaluation
+gathers every held-out row's class probabilities from all processes, and reports accuracy, macro-F1,
+per-class figures, the confusion matrix and the most confident mistakes. The best checkpoint has the
+highest accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..catalog import ModelSource, resolve_model
+from ..config import Config
+from ..data import Split, prepare
+from ..errors import WorkbenchError
+from ..metrics import classification_result
+from ..models.built import BuiltModel
+from ..models.classifier import build_model, check_model_fits
+from ..models.state import load_trainable_state, set_seed
+from .base import Evaluation
+
+PREDICTION_TEXT_CHARS = 600  # a prediction row keeps this much of its text for drill-down
+
+
+def pad_batch(tokenizer: Any, encodings: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Pad token ids on the tokenizer's padding side (left for a causal-LM classifier); `labels` are stacked."""
+    labels = [e["labels"] for e in encodings if "labels" in e]
+    batch = dict(tokenizer.pad([{k: v for k, v in e.items() if k != "labels"} for e in encodings],
+                               return_tensors="pt"))
+    if labels:
+        batch["labels"] = torch.tensor(labels)
+    return batch
+
+
+def collate(tokenizer: Any, encodings: list[dict[str, Any]], indices: list[int],
+            labels: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """A padded batch of the encodings at `indices`, with their labels when given."""
+    return pad_batch(tokenizer, [{**encodings[i], **({"labels": labels[i]} if labels is not None else {})}
+                                 for i in indices])
+
+
+@torch.no_grad()
+def gather_outputs(model: torch.nn.Module, accelerator: Any, tokenizer: Any, encodings: list[dict],
+                   batch_size: int) -> torch.Tensor:
+    """The model's logits for every held-out example, in order, gathered from all processes."""
+    model.eval()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = list(range(rank, len(encodings), world))
+    per_rank = math.ceil(len(encodings) / world)
+    mine += mine[-1:] * (per_rank - len(mine))  # equal counts for the gather; duplicates dropped below
+    chunks_idx, chunks_logits = [], []
+    for start in range(0, per_rank, batch_size):
+        idx = mine[start: start + batch_size]
+        batch = pad_batch(tokenizer, [{k: v for k, v in encodings[i].items() if k != "labels"} for i in idx])
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        with accelerator.autocast():
+            logits = model(**batch).logits.float()
+        chunks_idx.append(torch.tensor(idx, device=accelerator.device))
+        chunks_logits.append(logits)
+    idx_all = accelerator.gather(torch.cat(chunks_idx)).cpu().numpy()
+    logits_all = accelerator.gather(torch.cat(chunks_logits)).cpu()
+    _, first = np.unique(idx_all, return_index=True)
+    order = idx_all[first].argsort()
+    model.train()
+    return logits_all[first][order]
+
+
+def balanced_weights(labels: list[int], num_classes: int) -> torch.Tensor:
+    """n_rows / (n_classes x rows of the class), scikit-learn's "balanced" class weights."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    present = np.unique(labels)
+    weights = np.ones(num_classes)
+    weights[present] = compute_class_weight("balanced", classes=present, y=np.asarray(labels))
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def encoder_run_info(built: BuiltModel) -> dict[str, Any]:
+    """What the method did to the model, for the run record."""
+    return {
+        "trainable_params": built.trainable_params,
+        "total_params": built.total_params,
+        "trainable_percent": round(100 * built.trainable_params / max(built.total_params, 1), 4),
+        "head_modules": built.head_modules,
+        "target_modules": sorted({t.rsplit(".", 1)[-1] for t in built.target_modules}),
+    }
+
+
+def split_info(split: Split) -> dict[str, Any]:
+    r = split.report
+    return {
+        "labels": split.labels,
+        "train_rows": len(split.train_texts),
+        "eval_rows": len(split.eval_texts),
+        "train_label_counts": split.label_counts("train"),
+        "text_column": r.text_column,
+        "label_column": r.label_column,
+        "data_notes": r.notes + ([f"dropped {r.blank_dropped} blank rows"] if r.blank_dropped else [])
+        + ([f"dropped {r.duplicates_dropped} duplicate rows"] if r.duplicates_dropped else []),
+    }
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Write atomically: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload))
+    tmp.replace(path)
+
+
+class ClassificationTask:
+    name = "text-classification"
+    best_metric = "accuracy"
+    greater_is_better = True
+    examples = "training rows"
+
+    def load_data(self, config: Config, home: Path) -> Split:
+        return prepare(config.data, config.train.seed)
+
+    def train_size(self, data: Split) -> int:
+        return len(data.train_texts)
+
+    def check_model(self, config: Config, source: ModelSource, data: Split) -> None:
+        check_model_fits(config, source, len(data.labels))
+
+    def build(self, config: Config, source: ModelSource, data: Split, total_steps: int | None) -> BuiltModel:
+        built = build_model(config, source, data.labels, total_steps=total_steps)
+        if config.train.class_weights == "balanced" and data.train_labels:
+            built.class_weights = balanced_weights(data.train_labels, len(data.labels))
+        return built
+
+    def encode(self, config: Config, built: BuiltModel, data: Split) -> tuple[list[dict], list[dict]]:
+        def with_labels(texts: list[str], labels: list[Any]) -> list[dict]:
+            encoded = built.encode(texts, config.train.max_length)  # prompts for an LLM classifier
+            return [{**e, "labels": y} for e, y in zip(encoded, labels)]
+
+        return (with_labels(data.train_texts, data.train_labels), with_labels(data.eval_texts, data.eval_labels))
+
+    def collate(self, built: BuiltModel, examples: list[dict], indices: list[int]) -> dict[str, torch.Tensor]:
+        return pad_batch(built.tokenizer, [examples[i] for i in indices])
+
+    def loss(self, built: BuiltModel, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if built.class_weights is None:
+            return model(**batch).loss
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+        return torch.nn.functional.cross_entropy(logits, batch["labels"], weight=built.class_weights.to(logits.device))
+
+    def loss_weight(self, batch: dict[str, torch.Tensor]) -> int:
+        return len(batch["labels"])
+
+    def run_info(self, config: Config, built: BuiltModel, data: Split, train: list[dict],
+                 held: list[dict]) -> dict[str, Any]:
+        return {**split_info(data), **encoder_run_info(built)}
+
+    def eval_at_start(self, config: Config) -> bool:
+        return False
+
+    def evaluate(self, model: torch.nn.Module, accelerator: Any, config: Config, built: BuiltModel, data: Split,
+                 held: list[dict], step: int, epoch: float) -> Evaluation:
+        logits = gather_outputs(model, accelerator, built.tokenizer, held, config.train.effective_eval_batch_size)
+        loss = torch.nn.functional.cross_entropy(logits, torch.tensor(data.eval_labels)).item()
+        if not math.isfinite(loss):
+            raise WorkbenchError(f"evaluation loss is {loss} at step {step}: lower train.learning_rate")
+        probs = torch.softmax(logits, dim=-1).numpy()
+        result = classification_result(step, epoch, data.labels, np.asarray(data.eval_labels), probs, loss,
+                                       data.eval_texts)
+        return Evaluation(result, result.accuracy, probs)
+
+    def write_evaluation(self, run_dir: Path, evaluation: Evaluation, data: Split) -> None:
+        """Every eval example's prediction, for drill-down (confusion matrix cells)."""
+        probs = evaluation.details
+        rows = [{"index": i, "text": data.eval_texts[i][:PREDICTION_TEXT_CHARS], "true": data.labels[y],
+                 "predicted": data.labels[int(p.argmax())], "confidence": float(p.max())}
+                for i, (y, p) in enumerate(zip(data.eval_labels, probs))]
+        step = evaluation.result.step
+        write_json(run_dir / "eval" / f"step-{step}.json", {"step": step, "labels": data.labels, "rows": rows})
+
+    def model_files(self, data: Split) -> dict[str, Any]:
+        return {"labels.json": data.labels}
+
+    def final_metrics(self, best: dict[str, Any], first: dict[str, Any] | None, run_dir: Path) -> dict[str, Any]:
+        summary = {k: v for k, v in best.items() if k not in ("seq", "kind", "time", "mistakes")}
+        preds = run_dir / "eval" / f"step-{best['step']}.json"
+        summary["predictions_file"] = str(preds) if preds.is_file() else None
+        return summary
+
+    def load_predictor(self, record: dict[str, Any], home: Path) -> "Predictor":
+        from safetensors.torch import load_file
+
+        config, model_dir = Config.from_dict(record["config"]), trained_model_dir(record)
+        labels = json.loads((model_dir / "labels.json").read_text())
+        set_seed(config.train.seed)
+        built = self.build(config, resolve_model(config.model, home, config.trust_remote_code),
+                           _labels_only(labels), None)
+        load_trainable_state(built.model, load_file(str(model_dir / "trainable.safetensors")))
+        return Predictor(built.model, built.tokenizer, labels, config.train.max_length, record["id"], built.encode)
+
+
+def _labels_only(labels: list[str]) -> Split:
+    """A split that carries only the label names: what building a trained run's model needs."""
+    from ..data import DataReport
+
+    return Split([], [], [], [], labels, DataReport("", "", ""))
+
+
+def trained_model_dir(record: dict[str, Any]) -> Path:
+    """<run>/model, refused with the reason when the run has no trained weights yet."""
+    model_dir = Path(record["dir"]) / "model"
+    if not (model_dir / "trainable.safetensors").is_file():
+        raise WorkbenchError(f"run {record['id']} has no trained model yet (status {record['status']}): "
+                             "wait until it completes an evaluation, or pick another run")
+    return model_dir
+
+
+class Predictor:
+    """A trained classifier: `predict(texts)` returns label and per-label scores for each text.
+
+    `encode` turns texts into token ids as the run's training did (BuiltModel.encode: a prompt for a
+    causal-LM classifier); left out, the tokenizer reads the text cut to `max_length`.
+    """
+
+    task = "text-classification"
+
+    def __init__(self, model: Any, tokenizer: Any, labels: list[str], max_length: int, run_id: str = "",
+                 encode: Any = None) -> None:
+        self.model, self.tokenizer, self.labels, self.max_length = model.eval(), tokenizer, labels, max_length
+        self.run_id = run_id
+        self.encode = encode
+
+    def logits(self, texts: list[str]) -> torch.Tensor:
+        """The model's raw outputs for one batch of texts."""
+        if self.encode is not None:
+            batch = pad_batch(self.tokenizer, self.encode(texts, self.max_length))
+        else:
+            batch = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True,
+                                   return_tensors="pt")
+        device = next(self.model.parameters()).device
+        with torch.no_grad():
+            return self.model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
+
+    def predict(self, texts: str | list[str], batch_size: int = 32) -> list[dict[str, Any]]:
+        if isinstance(texts, str):
+            texts = [texts]
+        out: list[dict[str, Any]] = []
+        for start in range(0, len(texts), batch_size):
+            chunk = texts[start: start + batch_size]
+            probs = torch.softmax(self.logits(chunk), dim=-1)
+            for text, p in zip(chunk, probs.tolist()):
+                best = max(range(len(p)), key=p.__getitem__)
+                out.append({"text": text, "label": self.labels[best],
+                            "scores": {name: float(s) for name, s in zip(self.labels, p)}})
+        return out
