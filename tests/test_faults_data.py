@@ -302,7 +302,7 @@ def test_a_small_rise_of_the_eval_set_is_said(tmp_path):
 # --- through the CLI ----------------------------------------------------------------------
 
 CLI_CASES = [
-    ("bomb.csv.bz2", lambda: _bomb(bz2.BZ2Compressor(9), 600), r"more than 512 MiB of text once decompressed"),
+    ("bomb.csv.bz2", lambda: _bomb(bz2.BZ2Compressor(9), 24), r"more than 16 MiB of text once decompressed"),
     ("arrays.json", json.dumps([["t1", "a"], ["t2", "b"]] * 10).encode(), r"JSON array of arrays"),
     ("deep.jsonl", (_deep(200_000) + "\n").encode(), r"nests JSON too deeply"),
     ("classes.csv", ("text,label\n" + "".join(f"t{i},c{i // 2}\n" for i in range(1200))).encode(),
@@ -313,6 +313,7 @@ CLI_CASES = [
 @pytest.mark.parametrize("name, content, match", CLI_CASES, ids=[c[0] for c in CLI_CASES])
 def test_cli_train_on_a_hostile_file_exits_2_with_one_line(tmp_path, monkeypatch, capsys, tiny_config, name,
                                                             content, match):
+    monkeypatch.setattr(data, "MAX_TEXT_BYTES", 16 << 20)
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / name).write_bytes(content() if callable(content) else content)
@@ -334,12 +335,12 @@ def test_cli_train_on_a_hostile_file_exits_2_with_one_line(tmp_path, monkeypatch
     assert not list((tmp_path / "home" / "runs").iterdir()), "bad input left a run behind"
 
 
-def test_cli_subprocess_on_a_bomb_prints_one_line(tmp_path, tiny_config):
-    path = tmp_path / "bomb.csv.xz"
-    path.write_bytes(_bomb(lzma.LZMACompressor(preset=1), 600))
+def test_cli_subprocess_on_a_hostile_file_prints_one_line(tmp_path, tiny_config):
+    path = tmp_path / "deep.json"
+    path.write_bytes(('[{"text": ' + _deep(100_000) + ', "label": "a"}]').encode())
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(tiny_config(data={"source": str(path)}).to_dict()))
     proc = subprocess.run([sys.executable, "-m", "workbench", "--home", str(tmp_path / "home"), "train", str(config)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout
-    assert proc.stderr.strip().count("\n") == 0 and "more than 512 MiB of text once decompressed" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "nests JSON too deeply to read" in proc.stderr
