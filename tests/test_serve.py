@@ -165,12 +165,12 @@ def test_classify_answers_each_text_in_order_as_the_predictor_does(cls_model, cl
 
 def test_every_route_but_healthz_needs_the_key(cls_model):
     server, _ = _serve(cls_model)
-    with server as url:
-        assert httpx.get(url + "/healthz").status_code == 200
+    with server as url, httpx.Client(base_url=url) as client:
+        assert client.get("/healthz").status_code == 200
         for method, path in PROTECTED:
             for headers in ({}, {"Authorization": "Bearer wrong-key-0123456789"}, {"Authorization": KEY},
                             {"Authorization": f"Basic {KEY}"}):
-                r = httpx.request(method, url + path, headers=headers, json={"texts": ["x"]})
+                r = client.request(method, path, headers=headers, json={"texts": ["x"]})
                 assert r.status_code == 401, (method, path, headers, r.status_code)
                 assert r.json()["error"]["type"] == "authentication_error"
                 assert r.headers["www-authenticate"] == "Bearer"

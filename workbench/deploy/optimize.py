@@ -299,10 +299,11 @@ def _classifier(run: str, home: str | Path | None) -> tuple[dict[str, Any], Torc
     if task_of(predictor) != CLASSIFICATION:
         raise WorkbenchError(f"run {record['id']} is a {task_of(predictor)} run: optimize handles classification "
                              "runs (encoder classifiers)")
-    if getattr(predictor, "encode", None) is not None:
+    prompt = getattr(getattr(getattr(predictor, "encode", None), "__self__", None), "prompt", None)
+    model = merge_adapters(predictor.model)
+    if prompt is not None or not type(model).__name__.endswith("ForSequenceClassification"):
         raise WorkbenchError(f"run {record['id']} classifies with a causal LM prompt: optimize handles encoder "
                              "classifiers (BERT-style); serve this run as fp32")
-    model = merge_adapters(predictor.model)
     return record, TorchPredictor(model, predictor.tokenizer, list(predictor.labels), predictor.max_length)
 
 
