@@ -183,7 +183,8 @@ def _scan(open_stream: Callable[[], IO[bytes]], name: str) -> tuple[str, bytes]:
         from charset_normalizer import from_bytes
 
         best = from_bytes(sample[:262144]).best()
-        if best is not None and best.encoding in _OTHER_SCRIPTS and best.chaos < 0.1:
+        if best is not None and best.encoding in _OTHER_SCRIPTS and best.chaos < 0.1 \
+                and _mostly_other_script(sample.decode(best.encoding, errors="ignore")):
             candidates.append(best.encoding)
     except ImportError:  # an optional helper: without it, Western encodings only
         pass
@@ -191,6 +192,17 @@ def _scan(open_stream: Callable[[], IO[bytes]], name: str) -> tuple[str, bytes]:
         if _decodes(open_stream, encoding):
             return encoding, sample
     return "latin-1", sample
+
+
+def _mostly_other_script(text: str) -> bool:
+    """Whether the letters beyond ASCII are mostly not Latin ones: the guess of another script is then believed.
+
+    charset-normalizer reads a French Latin-1 file with a stray 0x81 as Arabic cp1256 ('café پگ'); a real
+    Arabic or Cyrillic file has almost no accented Latin letters.
+    """
+    letters = [c for c in text if ord(c) > 127 and c.isalpha()]
+    latin = sum(unicodedata.name(c, "").startswith("LATIN") for c in letters)
+    return bool(letters) and latin <= 0.2 * len(letters)
 
 
 def _decodes(open_stream: Callable[[], IO[bytes]], encoding: str) -> bool:
