@@ -445,3 +445,50 @@ def test_a_20_mb_widget_message_reaches_the_kernel(tmp_path: Path) -> None:
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
+
+
+# --- hostile files through the data panel: one line of words each, nothing outside the workspace ----------------
+
+HOSTILE_UPLOADS = [
+    ("x.exe", b"MZ\x90\x00", "unsupported type"),
+    ("x", b"text,label\na,b\n", "unsupported type"),
+    ("x.csv.exe", b"text,label\n", "unsupported type"),
+    ("x.csv", b"", "empty"),
+    ("x.csv", b"   \n\n  ", "empty"),
+    ("x.parquet", b"PAR1 not really", "Parquet"),
+    ("x.parquet", b"\x00" * 64, "Parquet"),
+    ("x.jsonl", b"{not json}\n{\"a\": 1}\n", None),
+    ("x.jsonl", b"[[1, 2], [3, 4]]\n", None),
+    ("x.jsonl", b"[" * 5000 + b"]" * 5000 + b"\n", None),
+    ("x.csv", b"text,label\n" + b"\x00\xff\xfe" * 100, None),
+    ("x.csv", b"only a header\n", None),
+    ("x.tsv", b"text\tlabel\nsame\tone\nsame\tone\n", "single class"),
+    ("x.csv", b"a,b\n" + b"\"unclosed quote,1\n" * 3, None),
+    ("x.csv", ("text,label\n" + "\u202e\u0000evil,\u200b\n" * 3).encode(), None),
+    ("../../outside.csv", b"text,label\nx,pos\ny,neg\n", "ok"),
+    ("/etc/passwd.csv", b"text,label\nx,pos\ny,neg\n", "ok"),
+    ("\x00.csv", b"text,label\nx,pos\ny,neg\n", "ok"),
+    ("a" * 5000 + ".csv", b"text,label\nx,pos\ny,neg\n", "ok"),
+    ("C:\\Windows\\x.csv", b"text,label\nx,pos\ny,neg\n", "ok"),
+    (".hidden.csv", b"text,label\nx,pos\ny,neg\n", "ok"),
+]
+
+
+@pytest.mark.parametrize("name, content, expected", HOSTILE_UPLOADS)
+def test_hostile_uploads_end_in_one_line_of_words(home: Path, name: str, content: bytes, expected) -> None:
+    from widgets import DataPanel
+
+    panel = DataPanel(home=home, background=False)
+    panel._upload.value = (upload_item(name, content),)
+    messages = [m for m in panel.errors.values() if m]
+    for m in messages:
+        assert "Traceback" not in m and "\n" not in m.strip() and len(m) < 600, m
+    if expected == "ok":  # a hostile name, sound content: saved inside <home>/uploads under a plain name
+        assert messages == [] and Path(panel.source).parent == (home / "uploads").resolve()
+        assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", Path(panel.source).name)
+    elif expected:
+        assert any(expected in m for m in messages), messages
+    else:  # read or refused, but never an exception out of the panel
+        assert messages or panel.rows > 0
+    outside = [p for p in home.parent.rglob("*") if p.is_file() and home not in p.parents]
+    assert outside == []
