@@ -63,6 +63,15 @@ def test_a_stop_pressed_while_queued_reaches_the_launched_process(store):
     assert store.stop_requested(run_id), "mark_running reset the stop: the run would train to the end"
 
 
+def test_a_stop_while_queued_reaches_a_rank_started_by_torchrun(store):
+    """Under torchrun the launched pid is the launcher; rank 0, its child, marks the run running."""
+    run_id = store.create_run(CONFIG)
+    store.set_pid(run_id, os.getppid())  # this test process stands for rank 0, its parent for the launcher
+    assert store.request_stop(run_id) == "stopped"
+    store.mark_running(run_id)
+    assert store.stop_requested(run_id)
+
+
 def test_a_resumed_run_does_not_inherit_an_old_stop(store):
     run_id = store.create_run(CONFIG)
     store.mark_running(run_id)

@@ -301,13 +301,15 @@ class RunStore:
         """The run's process has started it. A stop pressed while it was queued, with this very process launched
         for it, is kept: the run then stops at its first step boundary (it used to be lost)."""
         pid = pid or os.getpid()
+        # the launched process itself, or (under torchrun) the launcher whose child this rank is
+        launcher = os.getppid() if pid == os.getpid() else pid
         with self._connect() as db:
             db.execute(
-                "UPDATE runs SET stop_requested = CASE WHEN status='stopped' AND stop_requested=1 AND pid=? "
+                "UPDATE runs SET stop_requested = CASE WHEN status='stopped' AND stop_requested=1 AND pid IN (?, ?) "
                 "THEN 1 ELSE 0 END, status='running', "
                 "started_at=COALESCE(started_at, ?), ended_at=NULL, error=NULL, pid=?, pid_start=?, host=? "
                 "WHERE id=?",
-                (pid, time.time(), pid, process_start(pid), self._host, run_id),
+                (pid, launcher, time.time(), pid, process_start(pid), self._host, run_id),
             )
         self._reserve_outcome(run_id)
 
