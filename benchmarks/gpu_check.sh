@@ -161,7 +161,8 @@ def load(name):
 status = dict(line.split("\t", 1) for line in os.environ["STATUS_JSON"].splitlines() if "\t" in line)
 tests = (out / "tests.log").read_text(errors="replace") if (out / "tests.log").exists() else ""
 counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?|xfailed)", tests.splitlines()[-1] if tests.strip() else "")}
-summary = {"cuda": True, "phases": status, "env": load("env.json"), "tests": counts}
+env = load("env.json") or {}
+summary = {"cuda": env.get("cuda"), "phases": status, "env": env, "tests": counts}
 for name in ("steps_cuda.json", "steps_cpu.json"):
     steps = load(name)
     if steps:
