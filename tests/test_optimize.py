@@ -154,6 +154,9 @@ def test_a_generation_run_is_refused_with_the_reason(run, monkeypatch):
     class Chat:
         task = "chat"
 
-    monkeypatch.setattr("workbench.predict.load_predictor", lambda *a, **k: Chat())
+    import sys
+
+    # the module, not `workbench.predict` the function that workbench/__init__ binds over its name
+    monkeypatch.setattr(sys.modules["workbench.predict"], "load_predictor", lambda *a, **k: Chat())
     with pytest.raises(WorkbenchError, match="is a chat run: optimize handles classification"):
         optimize(run_id, home, int8=True)
