@@ -422,7 +422,7 @@ def _report(record: dict[str, Any], results: dict[str, dict[str, Any]], made: di
             reasons = []
             if e["speedup"] < 1.0:
                 reasons.append(f"slower than fp32 at batch 32 ({e['speedup']:.2f}x)")
-            if base["accuracy"] - r["accuracy"] > MAX_ACCURACY_LOSS:
+            if round(base["accuracy"] - r["accuracy"], 6) > MAX_ACCURACY_LOSS:  # 1.0 point lost is not > 1
                 reasons.append(f"loses {100 * (base['accuracy'] - r['accuracy']):.1f} accuracy points")
             e["marked"], e["reasons"] = bool(reasons), reasons
         return e
