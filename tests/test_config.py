@@ -61,6 +61,13 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
     ({"track": {"wandb": "yes"}}, r"track.wandb = 'yes' is not allowed: expected one of 'offline'"),
     ({"method": {"train_head": "yes"}}, r"method.train_head = 'yes' is not allowed: expected true or false"),
     ({"data": "bbc-news"}, r"data. must be a mapping"),
+    ({"train": {"seed": -1}}, r"train.seed = -1 is not allowed: a whole number from 0 to 4294967295"),
+    ({"train": {"device": "tpu"}}, r"train.device = 'tpu' is not allowed: expected one of 'auto', 'cpu'"),
+    ({"train": {"class_weights": "inverse"}}, r"train.class_weights = 'inverse' is not allowed: expected one of"),
+    ({"data": {"source": "  "}}, r"data.source = '  ' is not allowed: a catalog dataset name or a file path"),
+    ({"data": {"source": "a\x00b"}}, r"data.source = 'a\\x00b' is not allowed"),
+    ({"task": "chat", "train": {"class_weights": "balanced"}}, r"train.class_weights = 'balanced' is not allowed: "
+                                                                r"none for task: chat"),
     ({"task": "translation"}, r"task = 'translation' is not allowed: expected one of 'text-classification', 'text-regression', 'chat'"),
     ({"task": "chat", "method": {"name": "ia3"}}, r"method.name = 'ia3' is not allowed: one of full, lora, qlora "
                                                   r"for task: chat"),

@@ -9,14 +9,13 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
 from workbench.cli import main
 from workbench.errors import WorkbenchError
-from workbench.store import SCHEMA_VERSION, RunStore, _pid_alive, process_start
+from workbench.store import SCHEMA_VERSION, RunStore, pid_alive, process_start
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = {"model": "m", "data": {"source": "d.csv"}, "method": {"name": "lora"}}
@@ -121,7 +120,7 @@ def test_a_reused_pid_is_not_our_run(store):
     _sql(store, "UPDATE runs SET pid_start=pid_start-1 WHERE id=?", run_id)  # an earlier process with our pid
     record = store.get(run_id)
     assert record["status"] == "failed" and "exited unexpectedly" in record["error"]
-    assert _pid_alive(os.getpid()) and not _pid_alive(os.getpid(), process_start(os.getpid()) - 1)
+    assert pid_alive(os.getpid()) and not pid_alive(os.getpid(), process_start(os.getpid()) - 1)
 
 
 def test_a_run_on_another_machine_is_not_failed_and_force_clears_it(tmp_path, capsys):

@@ -16,6 +16,7 @@ import ipywidgets as W
 import traitlets as T
 
 from workbench import Config, TrackConfig, TrainConfig, WorkbenchError
+from workbench.launch import check_processes
 from workbench.store import FINAL_STATUSES, RunStore
 
 from . import _style as S
@@ -64,6 +65,7 @@ class TrainPanel(W.VBox):
                                                       options=list(get_args(_TRACK_HINTS["wandb"]))))
     tensorboard = T.Bool(TrackConfig.tensorboard).tag(**_field("track", W.Checkbox, description="TensorBoard files",
                                                                indent=False))
+    processes = T.Int(1, help="processes the run trains with (torchrun): CPU processes, or one per GPU")
     max_length_limit = T.Int(None, allow_none=True, help="the model's context length (followed from ModelPicker)")
     run_name = T.Unicode("", help="a label for the run in lists and plots")
 
@@ -139,6 +141,9 @@ class TrainPanel(W.VBox):
             widget.value = getattr(self, name)
             W.link((self, name), (widget, "value"))  # the trait is the source of truth; no control clamps it
             self._controls[name] = widget
+        processes = W.IntText(value=self.processes, description="Processes", style=style,
+                              layout=S.control_layout(), tooltip="torchrun: CPU processes, or one per GPU")
+        W.link((self, "processes"), (processes, "value"))
         name = W.Text(placeholder="optional", description="Run name", style=style, layout=S.control_layout())
         name.observe(self._on_name, names="value")
         hints = W.HTML(S.message("Eval every 0 = each epoch; early stop after N evaluations without "
@@ -152,7 +157,7 @@ class TrainPanel(W.VBox):
         boxes = [w for w in self._controls.values() if isinstance(w, W.Checkbox)]
         toggles = [w for w in self._controls.values() if isinstance(w, W.ToggleButtons)]
         fields = [w for w in self._controls.values() if w not in boxes and w not in toggles]
-        return [W.Box([*fields, name], layout=S.wrap_row()), hints, *toggles, W.Box(boxes, layout=S.wrap_row()),
+        return [W.Box([*fields, processes, name], layout=S.wrap_row()), hints, *toggles, W.Box(boxes, layout=S.wrap_row()),
                 W.Box([self._start, self._stop], layout=S.wrap_row()), self._bar, self._progress, self._error_html]
 
     # --- cross-field rule with the model (the config cannot know the model's context) --------------
@@ -240,6 +245,7 @@ class TrainPanel(W.VBox):
             if self.start_check is not None:
                 self.start_check()
             config = self.config_factory()
+            check_processes(self.processes, config)
         except WorkbenchError as exc:
             self.error = str(exc)
             return
@@ -251,7 +257,7 @@ class TrainPanel(W.VBox):
         """Queue `config` in the store and start it as its own process; returns its RunHandle."""
         from workbench.launch import launch
 
-        return launch(config, home=self.store.home)
+        return launch(config, home=self.store.home, processes=self.processes)
 
     def _preflight_and_launch(self, config: Config) -> None:
         from workbench.loop import preflight

@@ -67,10 +67,18 @@ class DataConfig:
                 "first generated token is forced to it"})
 
     def __post_init__(self) -> None:
+        self._check_source()
         self._check_caps()
         self._check_eval_fraction()
         self._check_chat_columns()
         self._check_languages()
+
+    def _check_source(self) -> None:
+        for name in ("source", "eval_source"):
+            value = getattr(self, name)
+            if value is not None and (not value.strip() or "\x00" in value):
+                _fail("data", name, value, "a catalog dataset name or a file path"
+                      + (", or leave it out" if name == "eval_source" else ""))
 
     def _check_caps(self) -> None:
         for name in ("max_train_samples", "max_eval_samples"):
@@ -253,6 +261,9 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = field(default="fp32", metadata={
         "help": "fp32; bf16 (frozen base weights and their matmuls in bf16, adapters, head and optimiser in fp32); "
                 "auto: bf16 where the device computes it natively, else fp32"})
+    device: Literal["auto", "cpu"] = field(default="auto", metadata={
+        "help": "auto: a GPU when there is one (one per process under torchrun), else the CPU; cpu: always the "
+                "CPU (processes talk over gloo)"})
     class_weights: Literal["none", "balanced"] = field(default="none", metadata={
         "help": "classification: balanced weighs each class's loss by n_rows / (n_classes x its rows), so a "
                 "minority class counts as much as the majority"})
@@ -282,6 +293,8 @@ class TrainConfig:
             _fail("train", "eval_batch_size", self.eval_batch_size, "at least 1, or leave it out")
         if self.learning_rate <= 0:
             _fail("train", "learning_rate", self.learning_rate, "a positive number such as 5.0e-4 (LoRA) or 2.0e-5 (full)")
+        if not 0 <= self.seed < 2**32:
+            _fail("train", "seed", self.seed, f"a whole number from 0 to {2**32 - 1}")
         if self.threads is not None and self.threads < 1:
             _fail("train", "threads", self.threads, "at least 1, or leave it out")
         for name in ("eval_every", "early_stopping_patience", "weight_decay", "max_grad_norm"):

@@ -37,7 +37,7 @@ from typing import Any
 from .callbacks import Callback
 from .config import METHODS, ZERO_SHOT_METHODS, Config
 from .errors import WorkbenchError
-from .store import FINAL_STATUSES, RunStore, _pid_alive
+from .store import FINAL_STATUSES, RunStore, pid_alive
 
 DEFAULT_METHODS = ("zero-shot-embedding", "head-only", "lora", "qlora", "ia3", "adalora", "prompt-tuning", "full")
 # a causal LM classifies by scoring label tokens: no head to train alone; its zero-shot rung is the prompt
@@ -94,7 +94,7 @@ def load_ladder(ladder_id: str = "latest", home: str | Path | None = None) -> di
     """The ladder as saved; a 'running' ladder whose process is gone reads as 'stopped'."""
     lid = resolve_ladder(ladder_id, home)
     ladder = _read(ladder_dir(lid, home))
-    if ladder["status"] == "running" and not _pid_alive(ladder.get("pid")):
+    if ladder["status"] == "running" and not pid_alive(ladder.get("pid")):
         ladder["status"] = "stopped"
         ladder["error"] = ladder.get("error") or "the ladder's process ended without finishing: resume it"
     return ladder
@@ -310,7 +310,7 @@ def resume_ladder(ladder_id: str, home: str | Path | None = None, callbacks: lis
     lid = resolve_ladder(ladder_id, store.home)
     directory = ladder_dir(lid, store.home)
     ladder = _read(directory)
-    if ladder["status"] == "running" and _pid_alive(ladder.get("pid")) and ladder.get("pid") != os.getpid():
+    if ladder["status"] == "running" and pid_alive(ladder.get("pid")) and ladder.get("pid") != os.getpid():
         raise WorkbenchError(f"ladder {lid} is still running (process {ladder['pid']}): stop it first")
     if ladder["status"] == "completed" and all(r["run_id"] and store.get(r["run_id"])["status"] == "completed"
                                                for r in ladder["rungs"]):

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config
+from .errors import WorkbenchError
 from .store import FINAL_STATUSES, RunStore
 
 
@@ -68,9 +69,32 @@ class RunHandle:
         return self.store.run_dir(self.id) / "log.txt"
 
 
+def check_processes(processes: int, config: Config) -> None:
+    """Refuse, before anything starts, a process count this machine cannot run."""
+    if not isinstance(processes, int) or processes < 1:
+        raise WorkbenchError(f"processes = {processes!r} is not allowed: 1 or more")
+    if processes == 1:
+        return
+    import torch
+
+    gpus = torch.cuda.device_count() if config.train.device == "auto" else 0
+    if gpus and processes > gpus:
+        raise WorkbenchError(f"processes = {processes} but this machine has {gpus} GPU(s): each process takes its "
+                             f"own GPU, so start at most {gpus}, or set train.device: cpu")
+    cores = os.cpu_count() or 1
+    if not gpus and processes > cores:
+        raise WorkbenchError(f"processes = {processes} but this machine has {cores} CPU core(s): start at most "
+                             f"{cores}")
+
+
 def launch(config: Config, home: str | Path | None = None, resume_id: str | None = None,
-           env: dict[str, str] | None = None) -> RunHandle:
-    """Queue a run and start it in its own process (its own session: it outlives the caller)."""
+           env: dict[str, str] | None = None, processes: int = 1) -> RunHandle:
+    """Queue a run and start it in its own process (its own session: it outlives the caller).
+
+    `processes` > 1 starts it under torchrun (`python -m torch.distributed.run --standalone`): one process per
+    GPU, or CPU processes talking over gloo, each with its share of the cores. The run is one record.
+    """
+    check_processes(processes, config)
     store = RunStore(home)
     if resume_id is None:
         run_id = store.create_run(config.to_dict(), config.name)
@@ -83,8 +107,13 @@ def launch(config: Config, home: str | Path | None = None, resume_id: str | None
     child_env = {**os.environ, "WORKBENCH_HOME": str(store.home), "PYTHONUNBUFFERED": "1", **(env or {})}
     root = str(Path(__file__).resolve().parent.parent)
     child_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, child_env.get("PYTHONPATH")) if p)
+    command = [sys.executable, "-m", "workbench", "train", *args]
+    if processes > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                   str(processes), "-m", "workbench", "train", *args]
+        child_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
     process = subprocess.Popen(
-        [sys.executable, "-m", "workbench", "train", *args],
+        command,
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=child_env,
         start_new_session=True,  # the caller's working directory: relative data/model paths mean the same
     )

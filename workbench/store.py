@@ -123,7 +123,7 @@ def host_id() -> str:
         return socket.gethostname()
 
 
-def _pid_alive(pid: int | None, start: int | None = None) -> bool:
+def pid_alive(pid: int | None, start: int | None = None) -> bool:
     """Whether process `pid` runs (and, given its start time, is still the same process, not a reused pid)."""
     if not pid:
         return False
@@ -409,7 +409,7 @@ class RunStore:
         with self._connect() as db:
             row = db.execute("SELECT status, pid, pid_start, host FROM runs WHERE id=?", (run_id,)).fetchone()
         # alive for sure only when seen from its own machine with the start time recorded (a pid alone may be reused)
-        if row["host"] in (None, self._host) and row["pid_start"] is not None and _pid_alive(row["pid"],
+        if row["host"] in (None, self._host) and row["pid_start"] is not None and pid_alive(row["pid"],
                                                                                             row["pid_start"]):
             raise WorkbenchError(
                 f"run {run_id} is alive (process {row['pid']}): `workbench runs stop {run_id}` asks it to stop "
@@ -538,9 +538,9 @@ class RunStore:
             update = (outcome["status"], outcome.get("error"), outcome.get("metrics"))
         elif row["host"] not in (None, self._host):
             return row  # its process lives where we cannot see it: only `runs stop --force` clears it
-        elif status == "running" and not _pid_alive(row["pid"], row["pid_start"]):
+        elif status == "running" and not pid_alive(row["pid"], row["pid_start"]):
             update = ("failed", DIED_RUNNING, None)  # killed, out of memory, or the pid now names another process
-        elif status == "queued" and row["pid"] and not _pid_alive(row["pid"], row["pid_start"]):
+        elif status == "queued" and row["pid"] and not pid_alive(row["pid"], row["pid_start"]):
             # launched, but gone before it started: without this the run would hold the machine's one slot forever
             update = ("failed", f"the training process exited before it started: see "
                                 f"{self.run_dir(row['id']) / 'log.txt'}", None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -86,12 +87,23 @@ def train(config: Config, store: RunStore | None = None, run_id: str | None = No
     from accelerate import Accelerator
     from accelerate.utils import broadcast_object_list
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              mixed_precision="bf16" if config.train.precision == "bf16" else "no")
+    on_gpu = config.train.device == "auto" and torch.cuda.is_available()
+    check_gpus_fit(on_gpu)
+    accelerator = Accelerator(cpu=not on_gpu, mixed_precision="bf16" if config.train.precision == "bf16" else "no")
     share = ((lambda rid: broadcast_object_list([rid])[0]) if accelerator.num_processes > 1 else (lambda rid: rid))
     task = task_of(config)
     return run_lifecycle(config, store, run_id, callbacks, lambda ctx: _train(ctx, task, accelerator, resume),
                          accelerator.device, accelerator.is_main_process, share)
+
+
+def check_gpus_fit(on_gpu: bool) -> None:
+    """Each process takes its own GPU (LOCAL_RANK): more processes on a node than GPUs is refused before
+    anything starts (two ranks on one GPU fail deep inside NCCL with "invalid usage")."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    if on_gpu and local > torch.cuda.device_count():
+        raise WorkbenchError(f"{local} processes on this machine but {torch.cuda.device_count()} GPU(s): start at "
+                             f"most {torch.cuda.device_count()} (torchrun --nproc_per_node), or set train.device: "
+                             "cpu to run the processes on the CPU")
 
 
 @dataclass
