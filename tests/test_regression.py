@@ -135,3 +135,38 @@ def test_cli_trains_predicts_and_exports(regression_config, tmp_path, capsys, mo
     assert main(["export", "latest", "--merge", "--out", str(tmp_path / "exported")]) == 0
     exported = json.loads((tmp_path / "exported" / "config.json").read_text())
     assert exported["problem_type"] == "regression" and len(exported["id2label"]) == 1
+
+
+def test_the_dashboard_sets_up_trains_and_shows_a_regression_run(tiny_model_dir, ratings_csv, tmp_path):
+    """Task text-regression chosen in the page: the data panel reads the numbers, Start launches the run, and
+    the diagnostics slot shows predicted against true values instead of a confusion matrix."""
+    from widgets import Dashboard
+
+    dash = Dashboard(home=tmp_path / "home", background=False, models=None)
+    dash.model.value = str(tiny_model_dir)
+    dash.task.value = "text-regression"
+    dash.data.source = str(ratings_csv)
+    dash.data.wait(60)
+    assert dash.data.label_column == "stars" and dash.data.value_range is not None
+    assert not dash.data.errors, dash.data.errors
+    dash.method.from_config(Config.from_dict({"method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0}}).method)
+    dash.train.from_config(Config.from_dict({"train": {"epochs": 2, "batch_size": 8, "learning_rate": 1e-2,
+                                                       "max_length": 32, "threads": 1}}).train)
+    config = dash.config()
+    assert config.task == "text-regression" and config.data.label_column == "stars"
+    dash.train.start()
+    assert dash.train.error == "", dash.train.error
+    record = dash.train.handle.wait(timeout=600)
+    assert record["status"] == "completed", record["error"]
+    assert dash.confusion.run_id == record["id"]  # the page follows the run it started
+    dash.confusion.refresh()
+    view = dash.confusion.regression
+    assert view is not None and dash.confusion.children == (view,)
+    assert view.points == record["info"]["eval_rows"] and view.figures["rmse"] == pytest.approx(record["metrics"]["rmse"])
+    assert view.worst and abs(view.worst[0]["predicted"] - view.worst[0]["true"]) >= abs(
+        view.worst[-1]["predicted"] - view.worst[-1]["true"])
+    saved = dash.config().to_dict()
+    dash.from_config(Config.from_dict(saved))
+    assert dash.task.value == "text-regression"
+    with pytest.raises(WorkbenchError, match="this page sets up text-classification and text-regression runs"):
+        dash.from_config(Config.from_dict({"task": "chat", "data": {"source": "chatterbot"}}))

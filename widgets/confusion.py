@@ -91,6 +91,8 @@ class ConfusionMatrix(W.VBox):
     # --- public -------------------------------------------------------------------------------
     def refresh(self) -> bool:
         """Read new evaluations from the store and redraw now; True while the run goes on."""
+        if self.regression is not None and self.children == (self.regression,):
+            return self.regression.refresh()
         with self._lock:
             changed = self._read()
             if changed:

@@ -24,6 +24,8 @@ from .playground import Playground
 from .train_panel import TrainPanel
 
 CATALOG_ONLY = tuple(MODELS)  # for Dashboard(models=...) on a page others can reach
+TASK_CHOICES = (("text classification: a label per text", "text-classification"),
+                ("text regression: a number per text", "text-regression"))  # chat and seq2seq: CLI or notebook
 CONFIG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,80}$")
 
 
@@ -77,9 +79,13 @@ class Dashboard(W.VBox):
         self.model: ModelPicker | None = None
         self.data: DataPanel | None = None
         self.method: MethodPanel | None = None
+        self.task: W.Dropdown | None = None
         if not read_only:
             self.model = ModelPicker(home=home, background=background, choices=models)
+            self.task = W.Dropdown(options=list(TASK_CHOICES), value="text-classification", description="Task",
+                                   style=S.label_style(), layout=S.control_layout())
             self.data = DataPanel(home=home, background=background)
+            W.dlink((self.task, "value"), (self.data, "task"))
             self.method = MethodPanel(home=home, background=background)
         self.train = TrainPanel(home=home, background=background, read_only=read_only, config_factory=self.config,
                                 launcher=launcher, start_check=start_check)
@@ -97,7 +103,7 @@ class Dashboard(W.VBox):
             children: list[W.Widget] = [self.tabs]
         else:
             children = [self._build_config_bar(), self.tabs]
-            self._setup = setup = W.VBox([S.section("1. Model"), self.model, S.section("2. Data"), self.data,
+            self._setup = setup = W.VBox([S.section("1. Model"), self.model, S.section("2. Data"), self.task, self.data,
                             S.section("3. Method"), self.method], layout=S.full_width())
             self._run_tab = run_tab = W.VBox([S.section("4. Train"), self.train, S.section("5. Watch"), self.curve,
                               S.section("6. Inspect"), self.confusion], layout=S.full_width())
@@ -134,14 +140,18 @@ class Dashboard(W.VBox):
     def config(self) -> Config:
         """The whole Config from every panel (a WorkbenchError is shown in the panel it concerns)."""
         self._refuse_if_read_only()
-        return Config(model=self.model.value, trust_remote_code=self.model.trust_remote_code,
+        return Config(task=self.task.value, model=self.model.value, trust_remote_code=self.model.trust_remote_code,
                       name=self.train.run_name or None, data=self.data.to_config(), method=self.method.to_config(),
                       train=self.train.to_config(), track=self.train.to_track_config())
 
     def from_config(self, cfg: Config) -> None:
         """Show a Config in every panel (a model this page does not offer is refused, nothing changed)."""
         self._refuse_if_read_only()
+        if cfg.task not in {value for _, value in TASK_CHOICES}:
+            raise WorkbenchError(f"this page sets up {' and '.join(v for _, v in TASK_CHOICES)} runs: a task: "
+                                 f"{cfg.task} run starts from the CLI (workbench train CONFIG) or a notebook")
         try:
+            self.task.value = cfg.task
             self.model.trust_remote_code = cfg.trust_remote_code
             self.model.value = cfg.model
         except T.TraitError as exc:

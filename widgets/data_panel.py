@@ -126,7 +126,10 @@ class DataPanel(W.VBox):
     eval_fraction = T.Float(DataConfig.eval_fraction, help="share held out for evaluation (checked by DataConfig)")
     max_train_samples = T.Int(None, allow_none=True)
     max_eval_samples = T.Int(None, allow_none=True)
+    task = T.Enum(("text-classification", "text-regression"), default_value="text-classification",
+                  help="a label per text, or a number per text (then the label column holds the numbers)")
     label_counts = T.Dict(help="rows per label in the label column")
+    value_range = T.Tuple(allow_none=True, default_value=None, help="text-regression: (min, mean, max) of the numbers")
     num_labels = T.Int(2, help="distinct labels (at least 2 for the method's estimate)")
     rows = T.Int(0, help="rows in the loaded table")
     errors = T.Dict(help="field -> message; empty when all is well")
@@ -196,6 +199,7 @@ class DataPanel(W.VBox):
         self._max_train.observe(self._on_caps, names="value")
         self._max_eval.observe(self._on_caps, names="value")
         self.observe(self._on_source, names="source")
+        self.observe(self._on_task, names="task")
         self.observe(self._show_errors, names="errors")
         self.observe(self._on_columns_chosen, names=["text_column", "label_column"])
         self.observe(self._show_split, names=["eval_fraction", "max_train_samples", "max_eval_samples"])
@@ -347,6 +351,12 @@ class DataPanel(W.VBox):
             errors[field] = text
         self.errors = errors
 
+    def _on_task(self, change: Any = None) -> None:
+        """Another task reads the label column differently: detect it again for the same table."""
+        self._wanted_columns = (self.text_column, None)
+        self.label_column = None
+        self._on_source()
+
     # --- loading the table -------------------------------------------------------------------
     def _on_source(self, change: Any = None) -> None:
         source = self.source
@@ -397,6 +407,8 @@ class DataPanel(W.VBox):
             self._text.options = self._label.options = columns
             self._detect_error = None
             try:
+                if self.task == "text-regression" and wanted[1] is None:
+                    wanted = (wanted[0], _number_column(df, wanted[0]))
                 text, label = detect_columns(df, *wanted)
             except WorkbenchError as exc:
                 field = "label_column" if "label column" in str(exc) else "text_column"
@@ -426,6 +438,10 @@ class DataPanel(W.VBox):
         if label is not None and label not in df.columns:
             errors["label_column"] = f"label column {label!r} not found: columns found are {', '.join(self.columns)}"
         counts: dict[str, int] = {}
+        if label in df.columns and self.task == "text-regression":
+            self._show_numbers(df, text, label, errors)
+            return
+        self.value_range = None
         if label in df.columns:
             values = df[label].map(lambda v: "" if v is None or v != v else str(v).strip())
             series = values[values != ""].value_counts()
@@ -445,6 +461,30 @@ class DataPanel(W.VBox):
         shown = dict(list(counts.items())[:MAX_BARS])
         more = f"<div>... and {len(counts) - MAX_BARS} more labels</div>" if len(counts) > MAX_BARS else ""
         self._bars.value = S.bars_html(shown, total=sum(counts.values())) + more
+
+    def _show_numbers(self, df: Any, text: str | None, label: str, errors: dict[str, str]) -> None:
+        """Task text-regression: the label column's numbers, their range and a histogram."""
+        import pandas as pd
+
+        values = pd.to_numeric(df[label], errors="coerce").dropna()
+        if text == label:
+            errors["label_column"] = "the text and value columns are the same column: choose two different ones"
+        elif len(values) < 2 or values.nunique() < 2:
+            errors["label_column"] = (f"column {label!r} holds {len(values)} numbers ({values.nunique()} distinct): "
+                                      "text regression needs a column of varied numbers")
+        self.errors = errors
+        self.label_counts, self.num_labels = {}, 2
+        if len(values) == 0:
+            self.value_range, self._bars.value = None, ""
+            return
+        self.value_range = (float(values.min()), float(values.mean()), float(values.max()))
+        self._summary.value = S.message(
+            f"{len(df):,} rows, {len(values):,} numbers in {label!r} from {values.min():.3g} to {values.max():.3g} "
+            f"(mean {values.mean():.3g})", "muted")
+        self._preview.value = self._preview_html(df, text, label)
+        bins = pd.cut(values, bins=min(10, values.nunique()))
+        self._bars.value = S.bars_html({str(k): int(v) for k, v in bins.value_counts(sort=False).items()},
+                                       total=len(values))
 
     @staticmethod
     def _preview_html(df: Any, text: str | None, label: str | None) -> str:
@@ -489,3 +529,18 @@ class DataPanel(W.VBox):
             self._on_source()  # read again so the wanted columns apply
         else:
             self.source = cfg.source
+
+
+NUMBER_NAMES = ("score", "rating", "stars", "value", "label", "target", "points", "y")
+
+
+def _number_column(df: Any, text: str | None) -> str | None:
+    """The column a text regression predicts: one named like a score, else the only numeric one."""
+    import pandas as pd
+
+    lower = {str(c).lower(): str(c) for c in df.columns if str(c) != text}
+    named = next((lower[n] for n in NUMBER_NAMES if n in lower), None)
+    if named is not None:
+        return named
+    numeric = [str(c) for c in df.columns if str(c) != text and pd.api.types.is_numeric_dtype(df[c])]
+    return numeric[0] if len(numeric) == 1 else None
