@@ -87,10 +87,13 @@ def test_report_compares_every_artifact_with_fp32_on_the_evaluation_split(run, r
 def test_onnx_export_gives_the_torch_logits(run, tmp_path):
     run_id, home = run
     fp32 = _fp32(run_id, home)
+    texts = ["great great film", "an awful awful plot with music", "x"]  # other lengths than the export sample
+    before = fp32.probabilities(texts)
     export_onnx(fp32.model, fp32.tokenizer, tmp_path / "m.onnx", fp32.max_length)
     onnx = OnnxPredictor(tmp_path / "m.onnx", fp32.tokenizer, fp32.labels, fp32.max_length, threads=1)
-    texts = ["great great film", "an awful awful plot with music", "x"]  # other lengths than the export sample
-    np.testing.assert_allclose(onnx.probabilities(texts), fp32.probabilities(texts), atol=1e-5)
+    np.testing.assert_allclose(onnx.probabilities(texts), before, atol=1e-5)
+    # exporting leaves the torch model as it was (exporting MiniLM itself changed 4 of 96 later predictions)
+    np.testing.assert_array_equal(fp32.probabilities(texts), before)
 
 
 def test_pruning_shrinks_the_matrices_and_keeping_everything_changes_nothing(run):
