@@ -254,3 +254,19 @@ def test_a_run_leaves_the_callers_thread_count_alone(tiny_config, store):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_bf16_precision_keeps_a_frozen_bf16_base_and_fp32_adapters(tiny_config, store):
+    """train.precision bf16 with LoRA: the frozen base is stored in bf16, what trains stays fp32, and the run
+    follows the fp32 one closely (auto resolves per device: fp32 on a CPU without native bf16)."""
+    a, b = Recorder(), Recorder()
+    fp32 = train(tiny_config(train={"precision": "fp32"}), store=store, callbacks=[a])
+    bf16 = train(tiny_config(train={"precision": "bf16"}), store=store, callbacks=[b])
+    assert fp32["status"] == bf16["status"] == "completed", bf16["error"]
+    assert (fp32["info"]["precision"], bf16["info"]["precision"]) == ("fp32", "bf16")
+    assert b.losses[0] == pytest.approx(a.losses[0], rel=2e-2)
+    assert abs(bf16["metrics"]["accuracy"] - fp32["metrics"]["accuracy"]) <= 0.1
+    from safetensors.torch import load_file
+
+    saved = load_file(str(Path(bf16["dir"]) / "model" / "trainable.safetensors"))
+    assert saved and all(t.dtype == torch.float32 for t in saved.values()), "adapters and head stay fp32"

@@ -29,6 +29,7 @@ from ..store import RunStore
 from ..tasks import Task, task_of
 from .checkpoints import Progress, keep_only, latest_checkpoint, load_checkpoint, mark_best, save_checkpoint, save_model
 from .lifecycle import RunContext, run_lifecycle
+from .precision import freeze_base_in_bf16, resolve_precision
 from .zero_shot import run_zero_shot
 
 
@@ -89,11 +90,22 @@ def train(config: Config, store: RunStore | None = None, run_id: str | None = No
 
     on_gpu = config.train.device == "auto" and torch.cuda.is_available()
     check_gpus_fit(on_gpu)
-    accelerator = Accelerator(cpu=not on_gpu, mixed_precision="bf16" if config.train.precision == "bf16" else "no")
+    precision = resolve_precision(config.train.precision, "cuda" if on_gpu else "cpu")
+    # bf16 for a method with a frozen base: that base is stored and multiplied in bf16 while what trains stays
+    # fp32 (precision.py); for full fine-tuning and qlora: autocast
+    autocast = precision == "bf16" and not frozen_base(config)
+    accelerator = Accelerator(cpu=not on_gpu, mixed_precision="bf16" if autocast else "no")
     share = ((lambda rid: broadcast_object_list([rid])[0]) if accelerator.num_processes > 1 else (lambda rid: rid))
     task = task_of(config)
-    return run_lifecycle(config, store, run_id, callbacks, lambda ctx: _train(ctx, task, accelerator, resume),
+    return run_lifecycle(config, store, run_id, callbacks,
+                         lambda ctx: _train(ctx, task, accelerator, resume, precision),
                          accelerator.device, accelerator.is_main_process, share)
+
+
+def frozen_base(config: Config) -> bool:
+    """Whether the method leaves the pretrained weights frozen in floating point (every peft method but
+    qlora, whose base is 4-bit, and head-only)."""
+    return config.method.name not in ("full", "qlora")
 
 
 def check_gpus_fit(on_gpu: bool) -> None:
@@ -126,8 +138,8 @@ class Session:
     max_steps: int
 
 
-def _train(ctx: RunContext, task: Task, accelerator: Any, resume: bool) -> None:
-    s = _setup(ctx, task, accelerator)
+def _train(ctx: RunContext, task: Task, accelerator: Any, resume: bool, precision: str) -> None:
+    s = _setup(ctx, task, accelerator, precision)
     config, progress, world = ctx.config, s.progress, accelerator.num_processes
     ckpt = latest_checkpoint(ctx.run_dir) if resume else None
     if resume and ckpt is None and ctx.main:
@@ -172,7 +184,7 @@ def _train(ctx: RunContext, task: Task, accelerator: Any, resume: bool) -> None:
         progress.epoch, progress.batch_in_epoch = epoch + 1, 0
 
 
-def _setup(ctx: RunContext, task: Task, accelerator: Any) -> Session:
+def _setup(ctx: RunContext, task: Task, accelerator: Any, precision: str) -> Session:
     """Data, model, examples, optimiser and schedule; registers the stop, finalise and timing hooks."""
     config, world = ctx.config, accelerator.num_processes
     set_seed(config.train.seed)
@@ -185,6 +197,8 @@ def _setup(ctx: RunContext, task: Task, accelerator: Any) -> Session:
     max_steps = steps_per_epoch * config.train.epochs
     set_seed(config.train.seed)  # new layers start the same whatever the data loading did
     built = task.build(config, source, data, max_steps)  # adalora plans its rank pruning over max_steps
+    if precision == "bf16" and frozen_base(config):
+        freeze_base_in_bf16(built.model)
     if config.train.fast_dropout and accelerator.device.type == "cpu":
         ctx.cleanups.append(use_fast_dropout(built.model))  # torch's bernoulli_ was a third of a CPU step
     if config.train.gradient_checkpointing:
@@ -192,14 +206,16 @@ def _setup(ctx: RunContext, task: Task, accelerator: Any) -> Session:
     train_enc, held_enc = task.encode(config, built, data)
     if ctx.main:
         info = task.run_info(config, built, data, train_enc, held_enc)
-        ctx.store.set_info(ctx.run_id, {**info, "num_processes": world, "torch_threads": torch.get_num_threads()})
+        ctx.store.set_info(ctx.run_id, {**info, "num_processes": world, "torch_threads": torch.get_num_threads(),
+                                        "precision": precision, "device": accelerator.device.type})
 
     # --- optimiser and schedule -----------------------------------------------------------------------
     from transformers import get_scheduler
 
     warmup = math.ceil(config.train.warmup_ratio * max_steps)
     params = [p for p in built.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.train.learning_rate, weight_decay=config.train.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=config.train.learning_rate, weight_decay=config.train.weight_decay,
+                                  fused=accelerator.device.type == "cuda")  # one kernel for every parameter
     scheduler = get_scheduler(config.train.scheduler if config.train.scheduler != "constant"
                               else "constant_with_warmup", optimizer, num_warmup_steps=warmup,
                               num_training_steps=max_steps)
@@ -232,7 +248,7 @@ def accumulate_gradients(task: Task, built: Any, model: torch.nn.Module, acceler
     total_units = float(total.item())
     step_loss = torch.zeros((), device=accelerator.device)
     for m, (batch, n) in enumerate(zip(micro_batches, counts)):
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
         # no gradient all-reduce until the last micro-batch of the step
         sync = accelerator.no_sync(model) if m < len(micro_batches) - 1 else contextlib.nullcontext()
         with sync:
