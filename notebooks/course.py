@@ -278,3 +278,84 @@ def show_mask(mask: pd.DataFrame) -> Any:
     legend = (f"<p>{int(mask['in the loss'].sum())} of {len(mask)} tokens carry a label (green); "
               "the rest are -100 (grey). &#8629; is a line break.</p>")
     return HTML(legend + '<div style="line-height:2; font-family:monospace">' + "".join(cells) + "</div>")
+
+
+# --- 08_text_regression: a number per text; RMSE, Spearman and the mean-prediction baseline --------------
+
+# MiniLM on the catalog's movie-ratings (-4..+4); "course" keeps the notebook (two runs) under 5 minutes on 2 cores
+REGRESSION_SIZES: dict[str, dict[str, int]] = {
+    "course": {"max_train_samples": 600, "max_eval_samples": 200, "max_length": 48, "epochs": 2, "batch_size": 16},
+    "smoke": {"max_train_samples": 48, "max_eval_samples": 32, "max_length": 32, "epochs": 1, "batch_size": 8},
+}
+
+
+def regression_config(name: str, method: str = "lora", source: str = "movie-ratings",
+                      **sections: dict[str, Any]) -> Config:
+    """A course-sized text-regression run of the course model; `sections` override fields."""
+    s = REGRESSION_SIZES[SCALE]
+    raw: dict[str, Any] = {
+        "task": "text-regression",
+        "model": MODEL,
+        "name": name,
+        "data": {"source": source, "max_train_samples": s["max_train_samples"],
+                 "max_eval_samples": s["max_eval_samples"]},
+        "method": {"name": method},
+        "train": {"epochs": s["epochs"], "batch_size": s["batch_size"], "max_length": s["max_length"],
+                  "learning_rate": 1e-3, "early_stopping_patience": 0},
+        "track": {"wandb": "disabled", "tensorboard": False},
+    }
+    if SCALE == "smoke":
+        raw["train"]["threads"] = 1
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return Config.from_dict(raw)
+
+
+def regression_split(config: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The training and held-out rows (text, value) exactly as a run of `config` splits them."""
+    from workbench.tasks.regression import load_regression_data
+
+    data = load_regression_data(config.data, config.train.seed)
+    return (pd.DataFrame({"text": data.train_texts, "value": data.train_values}),
+            pd.DataFrame({"text": data.eval_texts, "value": data.eval_values}))
+
+
+def regression_predictions(record: dict[str, Any]) -> pd.DataFrame:
+    """Every held-out prediction of a regression run's best evaluation: text, true, predicted, error."""
+    import json
+
+    path = Path(record["metrics"]["predictions_file"])
+    rows = json.loads(path.read_text(encoding="utf-8"))["rows"]
+    table = pd.DataFrame(rows, columns=["text", "true", "predicted"])
+    table["error"] = table["predicted"] - table["true"]
+    return table
+
+
+def regression_scores(true: Any, predicted: Any) -> dict[str, float]:
+    """RMSE, MAE (lower is better) and the Pearson and Spearman correlations (higher is better)."""
+    import numpy as np
+    from scipy.stats import pearsonr, spearmanr
+
+    y, p = np.asarray(true, dtype=float), np.asarray(predicted, dtype=float)
+    constant = np.ptp(p) == 0 or np.ptp(y) == 0  # a correlation with a constant is undefined
+    return {"RMSE": float(np.sqrt(np.mean((p - y) ** 2))), "MAE": float(np.mean(np.abs(p - y))),
+            "Pearson": float("nan") if constant else float(pearsonr(y, p)[0]),
+            "Spearman": float("nan") if constant else float(spearmanr(y, p)[0])}
+
+
+def scores_table(true: Any, variants: dict[str, Any]) -> pd.DataFrame:
+    """One row of regression_scores per named set of predictions of the same true values."""
+    return pd.DataFrame({name: regression_scores(true, p) for name, p in variants.items()}).T.round(3)
+
+
+def regression_table(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per regression run (indexed by method): its best evaluation's figures and its cost."""
+    rows = []
+    for r in records:
+        info, timings, metrics = r["info"] or {}, r["timings"] or {}, r["metrics"] or {}
+        rows.append({"method": r["config"]["method"]["name"],
+                     **{k: round(metrics.get(k, float("nan")), 3)
+                        for k in ("rmse", "baseline_rmse", "mae", "spearman", "pearson", "r2")},
+                     "trainable params": info.get("trainable_params"), "train seconds": timings.get("train_seconds"),
+                     "status": r["status"]})
+    return pd.DataFrame(rows).set_index("method")
