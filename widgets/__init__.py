@@ -10,6 +10,7 @@ from .compare import RunCompare
 from .confusion import ConfusionMatrix
 from .dashboard import Dashboard, wire
 from .data_panel import DataPanel
+from .deploy import DeployPanel  # optimise, serve and monitor a trained run
 from .ladder import MethodLadder
 from .loss_curve import LossCurve
 from .method_panel import METHOD_PANELS, MethodPanel, register_method
@@ -20,6 +21,6 @@ from .chat_playground import ChatPlayground  # task: chat; streams answers token
 from .train_panel import TrainPanel
 
 __all__ = [
-    "ChatPlayground", "ConfusionMatrix", "Dashboard", "DataPanel", "LossCurve", "METHOD_PANELS", "MethodLadder", "MethodPanel",
+    "ChatPlayground", "ConfusionMatrix", "Dashboard", "DataPanel", "DeployPanel", "LossCurve", "METHOD_PANELS", "MethodLadder", "MethodPanel",
     "ModelPicker", "Playground", "RegressionView", "RunCompare", "TrainPanel", "register_method", "wire",
 ]
