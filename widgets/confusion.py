@@ -18,6 +18,7 @@ import ipywidgets as W
 import plotly.graph_objects as go
 import traitlets as T
 
+from workbench.metrics import collapse_note
 from workbench.store import FINAL_STATUSES, RunStore
 
 from . import _style as S
@@ -238,9 +239,11 @@ class ConfusionMatrix(W.VBox):
             heat.z, heat.x, heat.y, heat.text = z, labels, labels, text
         best = " (best)" if step == self.best_step else ""
         acc = p.get("accuracy")
+        collapsed = collapse_note(labels, counts)
         self._title.value = S.message(
             f"run {self.run_id}, step {step}{best}: accuracy {acc:.3f}, macro-F1 {p.get('f1_macro', 0):.3f} "
-            f"- click a cell to see its examples" if isinstance(acc, (int, float)) else f"step {step}", "muted")
+            f"- click a cell to see its examples" if isinstance(acc, (int, float)) else f"step {step}", "muted") + (
+            S.message(f"warning: {collapsed}") if collapsed else "")
         per = p.get("per_class") or {}
         rows = [[name, per.get(name, {}).get("precision"), per.get(name, {}).get("recall"),
                  per.get(name, {}).get("f1"), per.get(name, {}).get("support")] for name in labels]

@@ -253,6 +253,8 @@ def _print_summary(record: dict[str, Any]) -> None:
     elif m:
         print(f"  accuracy {m['accuracy']:.4f}  f1_macro {m['f1_macro']:.4f}  eval_loss {m['eval_loss']:.4f}  "
               f"(best step {m.get('best_step')})")
+        if m.get("collapsed"):
+            print(f"  warning: {m['collapsed']}")
     if t:
         print(f"  {t['samples_per_second']:.1f} samples/s  {t['wall_seconds']:.0f} s wall  "
               f"peak memory {t['peak_memory_mb']:.0f} MB")

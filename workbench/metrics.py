@@ -8,6 +8,7 @@ from .callbacks import EvalResult
 
 MISTAKES_KEPT = 50
 TEXT_CHARS_KEPT = 600
+COLLAPSE_SHARE = 0.95  # a model that gives one label to this share of the rows has (nearly) stopped looking
 
 
 def classification_result(step: int, epoch: float, labels: list[str], y_true: np.ndarray, probs: np.ndarray,
@@ -55,3 +56,22 @@ def worst_mistakes(labels: list[str], y_true: np.ndarray, probs: np.ndarray, tex
         }
         for i in order
     ]
+
+
+def collapse_note(labels: list[str], confusion_matrix: list[list[int]]) -> str | None:
+    """A one-line warning when one label takes (nearly) every prediction, else None.
+
+    Such a model scores the majority share as accuracy and looks fine on that figure alone; macro-F1 and
+    the matrix's single full column give it away.
+    """
+    if len(labels) < 2 or not confusion_matrix:
+        return None
+    predicted = [sum(row[j] for row in confusion_matrix) for j in range(len(labels))]
+    total = sum(predicted)
+    top = max(range(len(labels)), key=predicted.__getitem__)
+    if total == 0 or predicted[top] / total < COLLAPSE_SHARE:
+        return None
+    true_share = sum(confusion_matrix[top]) / total
+    return (f"the model predicts {labels[top]!r} for {predicted[top] / total:.0%} of the held-out rows (the true "
+            f"share is {true_share:.0%}): it has collapsed to one class. Try train.class_weights: balanced, "
+            "another learning rate, more epochs or more data")

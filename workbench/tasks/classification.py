@@ -21,7 +21,7 @@ from ..catalog import ModelSource, resolve_model
 from ..config import Config
 from ..data import Split, prepare
 from ..errors import WorkbenchError
-from ..metrics import classification_result
+from ..metrics import classification_result, collapse_note
 from ..models.built import BuiltModel
 from ..models.classifier import build_model, check_model_fits
 from ..models.state import load_trainable_state, set_seed
@@ -190,6 +190,9 @@ class ClassificationTask:
         summary = {k: v for k, v in best.items() if k not in ("seq", "kind", "time", "mistakes")}
         preds = run_dir / "eval" / f"step-{best['step']}.json"
         summary["predictions_file"] = str(preds) if preds.is_file() else None
+        note = collapse_note(best.get("labels") or [], best.get("confusion_matrix") or [])
+        if note:
+            summary["collapsed"] = note
         return summary
 
     def load_predictor(self, record: dict[str, Any], home: Path) -> "Predictor":
