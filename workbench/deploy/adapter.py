@@ -23,46 +23,10 @@ from ..errors import WorkbenchError
 from ..store import RunStore
 from .monitor import Baseline
 
-CLASSIFICATION, CHAT, SEQ2SEQ = "classification", "chat", "seq2seq"
-MERGEABLE = ("lora", "adalora", "ia3")
+from .runs import CHAT, CLASSIFICATION, SEQ2SEQ, eval_split, merge_adapters, task_of, tokenizer_of
 
-
-def task_of(predictor: Any) -> str:
-    task = getattr(predictor, "task", None)
-    if task in (CHAT, SEQ2SEQ):
-        return task
-    return CLASSIFICATION
-
-
-def tokenizer_of(predictor: Any) -> Any:
-    tok = getattr(predictor, "tokenizer", None)
-    if tok is None and getattr(predictor, "encoder", None) is not None:
-        tok = getattr(predictor.encoder, "tokenizer", None)
-    return tok
-
-
-def merge_adapters(model: Any) -> Any:
-    """A peft model's lora/adalora/ia3 adapters merged into its weights (same outputs, faster); else unchanged.
-
-    The trained head copies (peft's modules_to_save) are put in place of the originals first.
-    """
-    try:
-        from peft import PeftModel
-        from peft.utils import ModulesToSaveWrapper
-    except ImportError:
-        return model
-    if not isinstance(model, PeftModel):
-        return model
-    kind = str(getattr(model.peft_config.get(model.active_adapter), "peft_type", "")).lower()
-    if not any(m in kind for m in MERGEABLE):
-        return model  # prompt tuning: the virtual tokens are an input, nothing to merge
-    base = model.get_base_model()
-    for name, module in list(base.named_modules()):
-        if isinstance(module, ModulesToSaveWrapper):
-            parent_name, _, child = name.rpartition(".")
-            parent = base.get_submodule(parent_name) if parent_name else base
-            setattr(parent, child, module.modules_to_save[module.active_adapters[0]])
-    return model.merge_and_unload().eval()
+__all__ = ["CHAT", "CLASSIFICATION", "SEQ2SEQ", "ServedModel", "drift_baseline", "eval_split", "load_served_model",
+           "merge_adapters", "predictions_file", "task_of", "tokenizer_of"]
 
 
 class ServedModel:
@@ -145,24 +109,6 @@ def load_served_model(run: str = "latest", home: str | Path | None = None, artif
 
 
 # --- the run's evaluation split ---------------------------------------------------------------------------
-
-def eval_split(record: dict[str, Any]) -> tuple[list[str], list[int], list[str]]:
-    """The run's evaluation texts, true label indices and label names, split as training split them."""
-    from ..config import Config
-    from ..data import prepare
-
-    config = Config.from_dict(record["config"])
-    if config.task != "text-classification":
-        raise WorkbenchError(f"run {record['id']} is a task: {config.task} run: only classification runs have "
-                             "an evaluation split of labelled texts")
-    split = prepare(config.data, config.train.seed)
-    model_dir = Path(record["dir"]) / "model"
-    labels = json.loads((model_dir / "labels.json").read_text()) if (model_dir / "labels.json").is_file() \
-        else split.labels
-    if labels != split.labels:
-        raise WorkbenchError(f"run {record['id']}: its data now gives labels {split.labels[:5]}, the run was "
-                             f"trained on {labels[:5]}: the data source changed since training")
-    return split.eval_texts, split.eval_labels, labels
 
 
 def predictions_file(record: dict[str, Any]) -> Path | None:

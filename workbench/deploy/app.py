@@ -289,19 +289,26 @@ def create_app(loader: Callable[[], ServedModel] | ServedModel, settings: ServeS
     or is an already loaded ServedModel. `baseline` gives the drift baseline of the loaded model.
     `api_key=None` switches authentication off (the caller allows that on loopback only).
     """
-    from contextlib import asynccontextmanager
-
     from fastapi import FastAPI
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import StreamingResponse
-    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     settings = settings or ServeSettings()
     metrics = ServerMetrics()
     state = ServerState(settings, metrics)
+    app = FastAPI(title="LLM Workbench serving API", lifespan=_lifespan(loader, state, baseline), docs_url=None,
+                  redoc_url=None, openapi_url=None)
+    _add_error_handlers(app, settings)
+    _add_info_routes(app, state)
+    _add_text_routes(app, state)
+    _add_chat_route(app, state)
+    return Guard(app, api_key, settings, metrics), state
 
-    def on_batch(n: int) -> None:
-        metrics.batch_size.observe(n)
+
+def _lifespan(loader: Callable[[], ServedModel] | ServedModel, state: ServerState,
+              baseline: Callable[[ServedModel], Baseline | None] | None) -> Callable[[Any], Any]:
+    """Startup: the batcher, and the model loaded (on a thread unless given); shutdown after uvicorn drained."""
+    from contextlib import asynccontextmanager
+
+    settings, metrics = state.settings, state.metrics
 
     def load() -> None:
         try:
@@ -314,8 +321,9 @@ def create_app(loader: Callable[[], ServedModel] | ServedModel, settings: ServeS
             log.error("model failed to load: %s", state.load_error)
 
     @asynccontextmanager
-    async def lifespan(app: Any):  # startup: batcher and model loading; shutdown: after uvicorn drained requests
-        state.batcher = MicroBatcher(state.run_batch, settings.max_batch_size, settings.max_wait_ms, on_batch)
+    async def lifespan(app: Any):
+        state.batcher = MicroBatcher(state.run_batch, settings.max_batch_size, settings.max_wait_ms,
+                                     metrics.batch_size.observe)
         await state.batcher.start()
         if isinstance(loader, ServedModel):
             load()
@@ -326,38 +334,46 @@ def create_app(loader: Callable[[], ServedModel] | ServedModel, settings: ServeS
         finally:
             await state.batcher.stop()
 
-    app = FastAPI(title="LLM Workbench serving API", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+    return lifespan
 
-    def error_response(error: ApiError) -> JSONResponse:
-        return JSONResponse(json.loads(error.body()), status_code=error.status, headers=error.headers)
+
+def _error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse(json.loads(error.body()), status_code=error.status, headers=error.headers)
+
+
+def _add_error_handlers(app: Any, settings: ServeSettings) -> None:
+    """Every failure answers as a JSON error naming the problem; no traceback ever reaches a client."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc)
+        return _error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = {404: f"no route {request.url.path}: see GET /v1/models and the routes of this run's task",
                    405: f"method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code,
                                                                                         str(exc.detail))
-        return error_response(ApiError(exc.status_code, message, "not_found" if exc.status_code == 404
-                                       else "invalid_request_error"))
+        return _error_response(ApiError(exc.status_code, message, "not_found" if exc.status_code == 404
+                                        else "invalid_request_error"))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(ApiError(422, "malformed request: check the fields and their types"))
+        return _error_response(ApiError(422, "malformed request: check the fields and their types"))
 
     @app.exception_handler(BodyTooLarge)
     async def _body_too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
-        return error_response(_too_large(settings.max_body_bytes))
+        return _error_response(_too_large(settings.max_body_bytes))
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
         log.error("internal error on %s: %s", request.url.path, type(exc).__name__)
-        return error_response(ApiError(500, "internal error: the server failed on this request (see the server "
-                                            "log)", "internal_error"))
+        return _error_response(ApiError(500, "internal error: the server failed on this request (see the server "
+                                             "log)", "internal_error"))
 
+
+def _add_info_routes(app: Any, state: ServerState) -> None:
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
@@ -372,7 +388,7 @@ def create_app(loader: Callable[[], ServedModel] | ServedModel, settings: ServeS
     async def metrics_route() -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
 
-        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+        return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -380,6 +396,10 @@ def create_app(loader: Callable[[], ServedModel] | ServedModel, settings: ServeS
         return {"object": "list", "data": [{"id": served.run_id, "object": "model", "created": state.created,
                                             "owned_by": "workbench", "task": served.task,
                                             "artifact": served.artifact}]}
+
+
+def _add_text_routes(app: Any, state: ServerState) -> None:
+    settings, metrics = state.settings, state.metrics
 
     @app.post("/v1/classify")
     async def classify(request: Request) -> dict[str, Any]:
@@ -408,6 +428,12 @@ def create_app(loader: Callable[[], ServedModel] | ServedModel, settings: ServeS
         metrics.texts.inc(len(texts))
         return {"model": served.run_id, "translations": outputs}
 
+
+def _add_chat_route(app: Any, state: ServerState) -> None:
+    from fastapi.responses import StreamingResponse
+
+    settings, metrics = state.settings, state.metrics
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
         served = state.ready()
@@ -424,9 +450,9 @@ def create_app(loader: Callable[[], ServedModel] | ServedModel, settings: ServeS
         metrics.tokens_in.inc(prompt_tokens)
         completion_id, created = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
         if data.get("stream"):
-            return StreamingResponse(_stream(served, messages, max_tokens, completion_id, created, prompt_tokens),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(
+                _stream(served, metrics, messages, max_tokens, completion_id, created),
+                media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
         def work() -> str:
             metrics.batch_size.observe(1)
@@ -442,48 +468,49 @@ def create_app(loader: Callable[[], ServedModel] | ServedModel, settings: ServeS
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "total_tokens": prompt_tokens + completion_tokens}}
 
-    async def _stream(served: ServedModel, messages: list[dict[str, str]], max_tokens: int, completion_id: str,
-                      created: int, prompt_tokens: int):
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        stop = threading.Event()
 
-        def produce() -> None:  # the model's thread: pieces go to the event loop as they come
-            try:
-                metrics.batch_size.observe(1)
-                for piece in served.stream(messages, max_tokens, stop):
-                    loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))
-                loop.call_soon_threadsafe(queue.put_nowait, ("end", None))
-            except Exception as exc:
-                loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
+async def _stream(served: ServedModel, metrics: ServerMetrics, messages: list[dict[str, str]], max_tokens: int,
+                  completion_id: str, created: int):
+    """Server-sent events of an OpenAI chat completion: the model's pieces as they are generated."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+    stop = threading.Event()
 
-        def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
-            body = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                    "model": served.run_id, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-            return f"data: {json.dumps(body)}\n\n"
-
-        thread = threading.Thread(target=produce, name="chat-stream", daemon=True)
-        text = []
+    def produce() -> None:  # the model's thread: pieces go to the event loop as they come
         try:
-            yield chunk({"role": "assistant", "content": ""})
-            thread.start()
-            while True:
-                kind, value = await queue.get()
-                if kind == "piece":
-                    text.append(value)
-                    yield chunk({"content": value})
-                elif kind == "error":
-                    log.error("internal error on chat stream: %s", type(value).__name__)
-                    yield f"data: {json.dumps({'error': {'message': 'internal error while generating', 'type': 'internal_error'}})}\n\n"
-                    return
-                else:
-                    break
-            completion_tokens = sum(served.count_tokens(["".join(text)], truncate=False)) if text else 0
-            metrics.tokens_out.inc(completion_tokens)
-            metrics.texts.inc()
-            yield chunk({}, "length" if completion_tokens >= max_tokens else "stop")
-            yield "data: [DONE]\n\n"
-        finally:
-            stop.set()  # a client that went away stops the generation at its next token
+            metrics.batch_size.observe(1)
+            for piece in served.stream(messages, max_tokens, stop):
+                loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))
+            loop.call_soon_threadsafe(queue.put_nowait, ("end", None))
+        except Exception as exc:
+            loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
 
-    return Guard(app, api_key, settings, metrics), state
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
+        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                "model": served.run_id, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return f"data: {json.dumps(body)}\n\n"
+
+    thread = threading.Thread(target=produce, name="chat-stream", daemon=True)
+    text = []
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        thread.start()
+        while True:
+            kind, value = await queue.get()
+            if kind == "piece":
+                text.append(value)
+                yield chunk({"content": value})
+            elif kind == "error":
+                log.error("internal error on chat stream: %s", type(value).__name__)
+                error = {"error": {"message": "internal error while generating", "type": "internal_error"}}
+                yield f"data: {json.dumps(error)}\n\n"
+                return
+            else:
+                break
+        completion_tokens = sum(served.count_tokens(["".join(text)], truncate=False)) if text else 0
+        metrics.tokens_out.inc(completion_tokens)
+        metrics.texts.inc()
+        yield chunk({}, "length" if completion_tokens >= max_tokens else "stop")
+        yield "data: [DONE]\n\n"
+    finally:
+        stop.set()  # a client that went away stops the generation at its next token

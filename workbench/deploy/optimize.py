@@ -294,7 +294,7 @@ def measure(predictors: dict[str, TorchPredictor], texts: list[str], gold: list[
 
 def _classifier(run: str, home: str | Path | None) -> tuple[dict[str, Any], TorchPredictor]:
     from ..predict import load_predictor
-    from .adapter import CLASSIFICATION, merge_adapters, task_of
+    from .runs import CLASSIFICATION, merge_adapters, task_of
 
     store = RunStore(home)
     record = store.get(run)
@@ -319,7 +319,7 @@ def optimize(run: str = "latest", home: str | Path | None = None, int8: bool = T
     """
     import torch
 
-    from .adapter import eval_split
+    from .runs import eval_split
 
     progress = progress or _noop
     if not (int8 or prune or onnx):

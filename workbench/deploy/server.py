@@ -22,27 +22,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import WorkbenchError
-from ..store import RunStore
+from ..store import RunStore, pid_alive
 from .app import ServeSettings, create_app
 from .keys import ensure_api_key, is_loopback, key_path, mask, read_key_file, write_key_file
 
 STATE_FILE = "server.json"
-
-
-def _pid_alive(pid: int | None) -> bool:
-    """True while process `pid` runs (a zombie, dead but not yet reaped, counts as gone)."""
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def deploy_dir(run_dir: str | Path) -> Path:
@@ -157,7 +141,7 @@ def server_status(run: str = "latest", home: str | Path | None = None) -> dict[s
         info = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if not _pid_alive(info.get("pid")):
+    if not pid_alive(info.get("pid")):
         path.unlink(missing_ok=True)  # a server killed without draining left its record behind
         return None
     return info
@@ -229,13 +213,13 @@ def stop_server(run: str = "latest", home: str | Path | None = None, timeout: fl
     except ProcessLookupError:
         return False
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _pid_alive(pid):
+    while time.monotonic() < deadline and pid_alive(pid):
         try:  # our own child (started in this process) must be reaped, or it stays a zombie
             os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
             pass
         time.sleep(0.1)
-    if _pid_alive(pid):
+    if pid_alive(pid):
         os.kill(pid, signal.SIGKILL)
     record = RunStore(home).get(run)
     (deploy_dir(record["dir"]) / STATE_FILE).unlink(missing_ok=True)
