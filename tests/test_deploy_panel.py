@@ -155,3 +155,42 @@ def test_examples_and_drift_words():
     assert "httpx.post('http://127.0.0.1:9/v1/chat/completions'" in chat["python"]
     assert "/v1/translate" in examples("seq2seq", "http://h", "/k")["curl"]
     assert [psi_words(v) for v in (None, 0.05, 0.2, 0.3)] == ["no data yet", "stable", "moderate shift", "large shift"]
+
+
+def test_dashboard_has_a_deploy_tab_except_when_read_only(run):
+    from widgets import Dashboard
+
+    run_id, home = run
+    dash = Dashboard(home=home, background=False)
+    viewer = Dashboard(home=home, background=False, read_only=True)
+    try:
+        assert dash.tabs.titles[-1] == "Deploy" and dash.tabs.children[-1] is dash.deploy
+        assert dash.deploy.run_id == run_id and dash.deploy.store is dash.store
+        assert viewer.deploy is None and "Deploy" not in viewer.tabs.titles
+        assert "Start server" not in _all_states(viewer) and "Optimise" not in _all_states(viewer)
+    finally:
+        for d in (dash, viewer):
+            for panel in (d.model, d.data, d.method):
+                if panel is not None:
+                    panel.wait(60)
+            d.close()
+
+
+def test_without_the_serve_extra_the_panel_says_what_to_install(run, monkeypatch):
+    import sys
+
+    from workbench import WorkbenchError
+    from widgets.deploy import core
+
+    run_id, home = run
+    monkeypatch.setitem(sys.modules, "workbench.deploy", None)  # as if fastapi & co. were not installed
+    monkeypatch.delattr("workbench.deploy", raising=False)
+    with pytest.raises(WorkbenchError, match=r"pip install 'llm-workbench\[serve\]'"):
+        core()
+    panel = DeployPanel(home=home, background=False)
+    try:
+        assert panel.run_id == run_id and "pip install 'llm-workbench[serve]'" in panel.error
+        panel._start.click()
+        assert panel.server_state == "stopped" and "llm-workbench[serve]" in panel.error
+    finally:
+        panel.close()

@@ -17,6 +17,7 @@ from . import _style as S
 from .compare import RunCompare
 from .confusion import ConfusionMatrix
 from .data_panel import DataPanel
+from .deploy import DeployPanel
 from .loss_curve import LossCurve
 from .method_panel import MethodPanel
 from .model_picker import ModelPicker
@@ -31,7 +32,7 @@ CONFIG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,80}$")
 
 def wire(train: TrainPanel, curve: LossCurve, confusion: ConfusionMatrix, compare: RunCompare,
          playground: Playground, model: ModelPicker | None = None, data: DataPanel | None = None,
-         method: MethodPanel | None = None) -> None:
+         method: MethodPanel | None = None, deploy: DeployPanel | None = None) -> None:
     """Connect the panels: the ONE place where one widget follows another (no setup panels when read-only)."""
     if model is not None and data is not None and method is not None:
         # the method's estimate follows the model, the data and the schedule
@@ -51,6 +52,8 @@ def wire(train: TrainPanel, curve: LossCurve, confusion: ConfusionMatrix, compar
         if change["new"] in FINAL_STATUSES or change["new"] == "queued":
             compare.refresh()
             playground.refresh_runs()
+            if deploy is not None:  # a finished run can be optimised and served
+                deploy.refresh_runs()
 
     train.observe(on_status, names="status")
 
@@ -62,7 +65,7 @@ class Dashboard(W.VBox):
     trust_remote_code off: a page others can reach (the Voila dashboard) passes it, so no model
     repository's code runs in its kernels; the default `None` (a notebook of one's own) allows any name,
     local directory or hub id, with the "trust remote code" box. `read_only=True` (set at construction, not changeable) builds
-    no model, data or method panel, no upload, no config files and no Start/Stop at all, so a forged
+    no model, data, method or deploy panel, no upload, no config files and no Start/Stop at all, so a forged
     widget message has nothing to reach; the run status stays (which run is shown, and how it is going).
     `launcher` and `start_check` go to the TrainPanel (one run at a time: notebooks/dashboard_app.py).
     """
@@ -80,6 +83,7 @@ class Dashboard(W.VBox):
         self.data: DataPanel | None = None
         self.method: MethodPanel | None = None
         self.task: W.Dropdown | None = None
+        self.deploy: DeployPanel | None = None  # not built on a read-only page: it starts servers
         if not read_only:
             self.model = ModelPicker(home=home, background=background, choices=models)
             self.task = W.Dropdown(options=list(TASK_CHOICES), value="text-classification", description="Task",
@@ -87,6 +91,7 @@ class Dashboard(W.VBox):
             self.data = DataPanel(home=home, background=background)
             W.dlink((self.task, "value"), (self.data, "task"))
             self.method = MethodPanel(home=home, background=background)
+            self.deploy = DeployPanel(store=self.store, background=background)
         self.train = TrainPanel(home=home, background=background, read_only=read_only, config_factory=self.config,
                                 launcher=launcher, start_check=start_check)
         self.curve = LossCurve(store=self.store, background=background)
@@ -94,7 +99,7 @@ class Dashboard(W.VBox):
         self.compare = RunCompare(store=self.store, background=background)
         self.playground = Playground(store=self.store, background=background)
         wire(self.train, self.curve, self.confusion, self.compare, self.playground, self.model, self.data,
-             self.method)
+             self.method, self.deploy)
         self.tabs = W.Tab(layout=S.full_width())
         if read_only:
             tabs = [("Runs", self.compare),
@@ -108,7 +113,7 @@ class Dashboard(W.VBox):
             self._run_tab = run_tab = W.VBox([S.section("4. Train"), self.train, S.section("5. Watch"), self.curve,
                               S.section("6. Inspect"), self.confusion], layout=S.full_width())
             tabs = [("Set up", setup), ("Train & watch", run_tab), ("Compare runs", self.compare),
-                    ("Try it", self.playground)]
+                    ("Try it", self.playground), ("Deploy", self.deploy)]
         self.tabs.children = [w for _, w in tabs]
         self.tabs.titles = tuple(t for t, _ in tabs)
         super().__init__(children=children, **{"layout": S.full_width(), **kwargs})

@@ -24,7 +24,7 @@ import ipywidgets as W
 import plotly.graph_objects as go
 import traitlets as T
 
-from workbench import WorkbenchError, deploy
+from workbench import WorkbenchError
 from workbench.store import RunStore
 
 from . import _style as S
@@ -39,6 +39,17 @@ TASK_ROUTE = {"text-classification": "/v1/classify", "text-regression": "/v1/cla
               "chat": "/v1/chat/completions", "seq2seq": "/v1/translate"}
 OPTIMIZABLE = ("text-classification",)  # deploy.optimize makes artifacts of encoder classifiers
 MARKED_COLOR = "#d62728"
+
+
+def core() -> Any:
+    """`workbench.deploy`, imported on first use: it needs the serve extra (fastapi, uvicorn, onnxruntime...),
+    which a notebook that never deploys does without."""
+    try:
+        from workbench import deploy
+    except ImportError as exc:
+        raise WorkbenchError(f"deploying needs the serve extra ({exc.name or exc} is not installed): "
+                             "pip install 'llm-workbench[serve]'") from None
+    return deploy
 
 
 def psi_words(value: float | None) -> str:
@@ -234,8 +245,8 @@ class DeployPanel(W.VBox):
             self.report = None
             return
         try:
-            self.report = deploy.load_report(self.run_id, self.store.home)
-            info = deploy.server_status(self.run_id, self.store.home)
+            self.report = core().load_report(self.run_id, self.store.home)
+            info = core().server_status(self.run_id, self.store.home)
         except Exception as exc:
             self.error = f"run {self.run_id}: {exc}"
             return
@@ -271,7 +282,7 @@ class DeployPanel(W.VBox):
 
     def _optimize_job(self, run_id: str, asked: dict[str, bool]) -> None:
         try:
-            report = deploy.optimize(run_id, self.store.home, progress=self._on_progress, **asked)
+            report = core().optimize(run_id, self.store.home, progress=self._on_progress, **asked)
         except WorkbenchError as exc:
             self.error, self.stage = str(exc), "failed"
         except Exception as exc:  # an unexpected failure still reads as words, not a traceback
@@ -308,7 +319,7 @@ class DeployPanel(W.VBox):
 
     def _start_job(self, run_id: str, artifact: str | None) -> None:
         try:
-            info = deploy.start_server(run_id, self.store.home, artifact=artifact)
+            info = core().start_server(run_id, self.store.home, artifact=artifact)
         except WorkbenchError as exc:
             self.error, self.server_state = str(exc), "stopped"
             return
@@ -327,7 +338,7 @@ class DeployPanel(W.VBox):
                 info["artifact"] == "fp32" or info["artifact"] in self.artifacts):
             self.artifact = info["artifact"]
         self.url = str(info.get("url", ""))
-        self.masked_key = deploy.mask(info["api_key"]) if info.get("api_key") else "none (loopback, open)"
+        self.masked_key = core().mask(info["api_key"]) if info.get("api_key") else "none (loopback, open)"
         self.server_state = "running"
         self.refresh_metrics()
         if self.background:
@@ -344,7 +355,7 @@ class DeployPanel(W.VBox):
 
     def _stop_job(self, run_id: str) -> None:
         try:
-            deploy.stop_server(run_id, self.store.home)
+            core().stop_server(run_id, self.store.home)
         except Exception as exc:
             self.error = f"could not stop the server ({type(exc).__name__}: {str(exc)[:300]})"
         self.server, self.url, self.masked_key, self.server_state = None, "", "", "stopped"
@@ -356,9 +367,9 @@ class DeployPanel(W.VBox):
         if info is None:
             return False
         try:
-            m = deploy.read_metrics(info)
+            m = core().read_metrics(info)
         except Exception as exc:  # the server went away (stopped elsewhere, killed): say so, stop polling
-            if deploy.server_status(self.run_id, self.store.home) is None:
+            if core().server_status(self.run_id, self.store.home) is None:
                 self.error = f"the server of run {self.run_id} is no longer running"
                 self.server, self.url, self.masked_key, self.server_state = None, "", "", "stopped"
             else:
