@@ -215,7 +215,8 @@ def _close(dash) -> None:
     """Let the panels' worker threads (model inspection, file reading) finish before closing: a torch
     thread still running at interpreter exit aborts the process ("terminate called without an active exception")."""
     for panel in (dash.model, dash.data, dash.method):
-        panel.wait(60)
+        if panel is not None:  # a read-only dashboard builds no setup panels
+            panel.wait(60)
     dash.close()
 
 
