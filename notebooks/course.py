@@ -359,3 +359,34 @@ def regression_table(records: list[dict[str, Any]]) -> pd.DataFrame:
                      "trainable params": info.get("trainable_params"), "train seconds": timings.get("train_seconds"),
                      "status": r["status"]})
     return pd.DataFrame(rows).set_index("method")
+
+
+# --- 06_deploy: a trained run reused, the optimize report as a table --------------------------------------
+
+def trained_run(config: Config, home_dir: Any = None) -> dict[str, Any]:
+    """A completed run of this config (its name aside) from the store, else one trained now in this process
+    (course mode: about a minute on 2 CPU cores). Re-running the lab reuses its run."""
+    from workbench import RunStore, train
+
+    store = RunStore(home_dir or home())
+    wanted = {k: v for k, v in config.to_dict().items() if k != "name"}
+    for r in store.list():
+        same = {k: v for k, v in (r.get("config") or {}).items() if k != "name"} == wanted
+        if same and r["status"] == "completed" and (Path(r["dir"]) / "model" / "trainable.safetensors").is_file():
+            return r
+    record = train(config, store=store)
+    if record["status"] != "completed":
+        raise RuntimeError(f"run {record['id']} ended {record['status']}: {record.get('error') or 'see its log.txt'}")
+    return record
+
+
+def report_table(report: dict[str, Any]) -> pd.DataFrame:
+    """The optimize report, one row per artifact against fp32: size, latency, throughput, accuracy, marks."""
+    rows = []
+    for name, a in [("fp32", report["fp32"]), *report["artifacts"].items()]:
+        rows.append({"artifact": name + (f" ({a['backend']})" if a.get("backend") else ""),
+                     "size MB": a["size_mb"], "batch-1 p50 ms": a["latency_ms"]["batch_1"]["p50"],
+                     "batch-32 p50 ms": a["latency_ms"]["batch_32"]["p50"], "samples/s": a["samples_per_s"],
+                     "speedup": a.get("speedup", 1.0), "accuracy": a["accuracy"],
+                     "agreement": a.get("agreement", 1.0), "marked": "; ".join(a.get("reasons") or []) or "-"})
+    return pd.DataFrame(rows).set_index("artifact")
