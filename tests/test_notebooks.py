@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -46,7 +47,8 @@ def _code_cells(name: str) -> list[str]:
 
 def test_the_teaching_notebooks_exist():
     assert {"01_quickstart.ipynb", "02_full_vs_lora_vs_qlora.ipynb", "03_overfitting_and_schedules.ipynb",
-            "04_your_own_data.ipynb", "05_method_ladder.ipynb", "07_chat_tuning.ipynb"} <= set(TEACHING)
+            "04_your_own_data.ipynb", "05_method_ladder.ipynb", "06_deploy.ipynb", "07_chat_tuning.ipynb",
+            "08_text_regression.ipynb"} <= set(TEACHING)
 
 
 @pytest.mark.parametrize("name", TEACHING)
@@ -138,6 +140,38 @@ def test_course_chat_config_and_chat_tables(monkeypatch):
     assert course.conversation("q", "a", "s") == [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
                                                   {"role": "assistant", "content": "a"}]
     assert course.conversation("q") == [{"role": "user", "content": "q"}]
+
+
+def test_course_regression_config_split_scores_and_tables(monkeypatch, tmp_path):
+    monkeypatch.setenv("WORKBENCH_COURSE_SCALE", "smoke")
+    course = _course_module()
+    config = course.regression_config("r", method="head-only", train={"learning_rate": 5e-3})
+    assert (config.task, config.method.name, config.train.learning_rate) == ("text-regression", "head-only", 5e-3)
+    assert (config.data.source, config.data.max_train_samples) == (
+        "movie-ratings", course.REGRESSION_SIZES["smoke"]["max_train_samples"])
+    csv = tmp_path / "scores.csv"
+    csv.write_text("text,rating\n" + "".join(f"sentence {i},{i % 9 - 4}\n" for i in range(40)), encoding="utf-8")
+    train, held = course.regression_split(course.regression_config("r", source=str(csv)))
+    assert (len(train), len(held)) == (32, 8) and set(train["text"]).isdisjoint(held["text"])
+    assert sorted(train["value"].tolist() + held["value"].tolist()) == sorted(i % 9 - 4 for i in range(40))
+    # a perfect order shifted by 2: Spearman 1, RMSE and MAE exactly the shift
+    shifted = course.regression_scores([1, 2, 3, 4], [3, 4, 5, 6])
+    assert shifted == pytest.approx({"RMSE": 2.0, "MAE": 2.0, "Pearson": 1.0, "Spearman": 1.0})
+    reversed_ = course.regression_scores([1, 2, 3, 4], [4, 3, 2, 1])
+    assert reversed_["Spearman"] == pytest.approx(-1.0) and reversed_["RMSE"] == pytest.approx(5 ** 0.5)
+    assert math.isnan(course.regression_scores([1, 2, 3], [2, 2, 2])["Spearman"])  # a constant has no ranks
+    table = course.scores_table([1, 2, 3, 4], {"shifted": [3, 4, 5, 6], "exact": [1, 2, 3, 4]})
+    assert list(table.index) == ["shifted", "exact"] and table.loc["exact", "RMSE"] == 0.0
+    predictions = tmp_path / "step-4.json"
+    predictions.write_text(json.dumps({"rows": [{"index": 0, "text": "a", "true": 1.0, "predicted": 1.5},
+                                                {"index": 1, "text": "b", "true": -2.0, "predicted": -1.0}]}))
+    record = {"config": {"method": {"name": "lora"}}, "status": "completed", "info": {"trainable_params": 10},
+              "timings": {"train_seconds": 3.0}, "metrics": {"rmse": 0.79, "baseline_rmse": 1.5, "mae": 0.75,
+                                                             "spearman": 1.0, "pearson": 1.0, "r2": 0.72,
+                                                             "predictions_file": str(predictions)}}
+    assert course.regression_predictions(record)["error"].tolist() == [0.5, 1.0]
+    row = course.regression_table([record]).loc["lora"]
+    assert (row["rmse"], row["baseline_rmse"], row["trainable params"]) == (0.79, 1.5, 10)
 
 
 @pytest.mark.integration
