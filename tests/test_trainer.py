@@ -270,3 +270,23 @@ def test_bf16_precision_keeps_a_frozen_bf16_base_and_fp32_adapters(tiny_config, 
 
     saved = load_file(str(Path(bf16["dir"]) / "model" / "trainable.safetensors"))
     assert saved and all(t.dtype == torch.float32 for t in saved.values()), "adapters and head stay fp32"
+
+
+def test_length_bucketing_covers_every_row_once_and_keeps_accumulation_exact(tiny_config, store):
+    from workbench.loop.trainer import epoch_steps
+
+    cfg = tiny_config(train={"batch_size": 4, "gradient_accumulation": 4, "length_bucketing": True})
+    lengths = [5 + (i * 7) % 40 for i in range(72)]
+    for epoch in (0, 1):
+        steps = epoch_steps(cfg, lengths, epoch, 0, 1)
+        rows = [i for step in steps for micro in step for i in micro]
+        assert sorted(rows) == list(range(72)), "every row exactly once per epoch"
+        assert all(len(micro) <= 4 for step in steps for micro in step)
+        assert steps == epoch_steps(cfg, lengths, epoch, 0, 1), "reproducible from the seed"
+    a, b = Recorder(), Recorder()
+    one = train(tiny_config(train={"batch_size": 16, "epochs": 1, "length_bucketing": True}), store=store,
+                callbacks=[a])
+    accumulated = train(tiny_config(train={"batch_size": 4, "gradient_accumulation": 4, "epochs": 1,
+                                           "length_bucketing": True}), store=store, callbacks=[b])
+    assert one["status"] == accumulated["status"] == "completed"
+    assert len(a.losses) == len(b.losses) == 5 and b.losses == pytest.approx(a.losses, rel=1e-4)

@@ -27,6 +27,7 @@ from ..models.adapters import after_optimizer_step, enable_gradient_checkpointin
 from ..models.state import set_seed
 from ..store import RunStore
 from ..tasks import Task, task_of
+from .bucketing import bucketed_batches
 from .checkpoints import Progress, keep_only, latest_checkpoint, load_checkpoint, mark_best, save_checkpoint, save_model
 from .lifecycle import RunContext, run_lifecycle
 from .precision import freeze_base_in_bf16, resolve_precision
@@ -73,6 +74,21 @@ def shard_batches(order: list[int], batch_size: int, rank: int, world: int) -> l
         order = (order * (1 + steps * per_step // max(len(order), 1)))[: steps * per_step]
     mine = order[rank::world]
     return [mine[i: i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
+def epoch_steps(config: Config, lengths: list[int], epoch: int, rank: int, world: int) -> list[list[list[int]]]:
+    """This process's optimiser steps of one epoch, each a list of micro-batches (lists of row indices).
+
+    The plain order shuffles rows by (seed, epoch); with train.length_bucketing the step batches come from
+    bucketing.bucketed_batches (rows of similar length together, every row once per epoch) and are then cut
+    into micro-batches, so accumulation sees the same rows per step as one big batch would.
+    """
+    size, accum = config.train.batch_size, config.train.gradient_accumulation
+    if not config.train.length_bucketing:
+        batches = shard_batches(epoch_order(len(lengths), config.train.seed, epoch), size, rank, world)
+        return [batches[i: i + accum] for i in range(0, len(batches), accum)]
+    steps = bucketed_batches(lengths, size * accum, config.train.seed, epoch, rank, world)
+    return [[step[i: i + size] for i in range(0, len(step), size)] for step in steps]
 
 
 def train(config: Config, store: RunStore | None = None, run_id: str | None = None,
@@ -159,11 +175,10 @@ def _train(ctx: RunContext, task: Task, accelerator: Any, resume: bool, precisio
 
     # --- training ------------------------------------------------------------------------------------
     accum = config.train.gradient_accumulation
+    lengths = [len(e["input_ids"]) for e in s.train]
     s.model.train()
     for epoch in range(progress.epoch, config.train.epochs):
-        batches = shard_batches(epoch_order(len(s.train), config.train.seed, epoch), config.train.batch_size,
-                                accelerator.process_index, world)
-        groups = [batches[i: i + accum] for i in range(0, len(batches), accum)]
+        groups = epoch_steps(config, lengths, epoch, accelerator.process_index, world)
         first_group = progress.batch_in_epoch // accum if epoch == progress.epoch else 0
         for g, group in enumerate(groups[first_group:], start=first_group):
             step_start = time.perf_counter()
@@ -191,9 +206,7 @@ def _setup(ctx: RunContext, task: Task, accelerator: Any, precision: str) -> Ses
     data = task.load_data(config, ctx.store.home)
     source = resolve_model(config.model, ctx.store.home, config.trust_remote_code)
     check_batch_fits(config, task, data, world)
-    micro_per_epoch = len(shard_batches(list(range(task.train_size(data))), config.train.batch_size,
-                                        accelerator.process_index, world))
-    steps_per_epoch = math.ceil(micro_per_epoch / config.train.gradient_accumulation)
+    steps_per_epoch = len(epoch_steps(config, [1] * task.train_size(data), 0, accelerator.process_index, world))
     max_steps = steps_per_epoch * config.train.epochs
     set_seed(config.train.seed)  # new layers start the same whatever the data loading did
     built = task.build(config, source, data, max_steps)  # adalora plans its rank pruning over max_steps
