@@ -350,3 +350,102 @@ def test_quickstart_runs_in_jupyterlab(browser, jupyter_lab):
     assert page.locator(".jp-OutputArea-output:has-text('[exercise 3]')").count() == 1
     _shot(page, "lab-quickstart.png")
     page.close()
+
+
+# --- the Deploy tab: a server started from the page, its live metrics ------------------------------------
+
+@pytest.fixture(scope="module")
+def deploy_dashboard(tiny_model_dir, tiny_csv, tmp_path_factory):
+    """The Voila dashboard over a store that holds one trained tiny run (trained here, in seconds)."""
+    import workbench
+    from workbench.config import Config
+    from workbench.store import RunStore
+
+    home = tmp_path_factory.mktemp("deploy-home")
+    raw = {"model": str(tiny_model_dir), "name": "deploy-me",
+           "data": {"source": str(tiny_csv), "eval_fraction": 0.25},
+           "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+           "train": {"epochs": 1, "batch_size": 8, "learning_rate": 5e-3, "max_length": 32, "warmup_ratio": 0.0,
+                     "early_stopping_patience": 0, "threads": 1},
+           "track": {"wandb": "disabled", "tensorboard": False}}
+    record = workbench.train(Config.from_dict(raw), store=RunStore(home))
+    assert record["status"] == "completed", record.get("error")
+    env = _env(home, WORKBENCH_DEMO_MODEL=str(tiny_model_dir), WORKBENCH_DEMO_DATA=str(tiny_csv))
+    log = open(home / "voila.log", "w")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve_dashboard.py"), "--port",
+                             str(_free_port())], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log,
+                            text=True, start_new_session=True)
+    try:
+        first = proc.stdout.readline()
+        match = re.search(r"http://127\.0\.0\.1:\d+/", first)
+        assert match, f"serve_dashboard.py printed no URL: {first!r}"
+        _wait_http(match.group(0), proc)
+        yield match.group(0), home, record["id"]
+    finally:
+        from workbench import deploy
+
+        deploy.stop_server(record["id"], home)  # its own process: it outlives the page and Voila
+        _stop_server(proc)
+        log.close()
+        if ARTIFACTS.is_dir():
+            shutil.copyfile(home / "voila.log", ARTIFACTS / "voila-deploy.log")
+
+
+# the live-metrics table of the Deploy tab: its first row, as the page shows it
+METRICS_ROW = """() => {
+  for (const table of document.querySelectorAll('table')) {
+    const head = Array.from(table.querySelectorAll('th')).map(th => th.innerText.trim());
+    if (head[0] === 'requests' && head.includes('p95 latency')) {
+      return Object.fromEntries(head.map((h, i) => [h, (table.querySelectorAll('tbody td')[i] || {}).innerText]));
+    }
+  }
+  return null;
+}"""
+
+
+def test_deploy_tab_starts_a_server_and_shows_its_requests_live(browser, deploy_dashboard):
+    import httpx
+
+    from workbench import deploy
+
+    url, home, run_id = deploy_dashboard
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        page.goto(url, timeout=180_000)
+        page.wait_for_selector(".lm-TabBar-tabLabel:has-text('Deploy')", timeout=180_000)
+        page.locator(".lm-TabBar-tabLabel:has-text('Deploy')").click()
+        # optimise (int8 is ticked by default): the report's figure and table appear
+        page.get_by_role("button", name="Optimise").click()
+        page.wait_for_selector("text=done: the report below is new", timeout=300_000)
+        _wait_until(lambda: (page.evaluate(TRACE_LENGTHS) or [[]])[-1] == [2, 2], 60,
+                    "the report figure (fp32 and int8 bars) in the page")
+        # start the server from the page: its own process, found from here through the run store
+        page.get_by_role("button", name="Start server").click()
+        info = _wait_until(lambda: deploy.server_status(run_id, home), 180, "the server to start")
+        page.wait_for_selector(f"text={info['url']}", timeout=120_000)
+        assert info["api_key"] not in page.inner_text("body"), "the page must show the key masked only"
+        assert page.locator(f"text={deploy.mask(info['api_key'])}").count() >= 1
+        headers = {"Authorization": f"Bearer {info['api_key']}"}
+        for _ in range(5):
+            r = httpx.post(info["url"] + "/v1/classify", json={"texts": ["great film", "awful plot"]},
+                           headers=headers, timeout=60)
+            assert r.status_code == 200
+        row = _wait_until(lambda: (lambda r: r if r and r["requests"] == "5" else None)(page.evaluate(METRICS_ROW)),
+                          60, "the page's live metrics to count the 5 requests")
+        assert row["texts"] == "10" and row["p95 latency"].endswith("ms"), row
+        page.wait_for_selector("text=predicted labels", timeout=30_000)
+        assert page.locator("text=drift predicted label").count() == 1
+        _shot(page, "dashboard-deploy.png", publish=True)
+        # stop from the page: the server drains and exits
+        page.get_by_role("button", name="Stop server").click()
+        _wait_until(lambda: deploy.server_status(run_id, home) is None, 60, "the server to stop")
+        page.wait_for_selector("text=no server running for this run", timeout=60_000)
+        assert page.locator("text=Traceback").count() == 0
+        assert not [e for e in errors if ANYWIDGET_TIMEOUT not in e], f"JavaScript errors in the page: {errors[:3]}"
+    except BaseException:
+        _shot(page, "deploy-failure.png")
+        raise
+    finally:
+        page.close()
