@@ -301,11 +301,12 @@ def regression_config(name: str, method: str = "lora", source: str = "movie-rati
                  "max_eval_samples": s["max_eval_samples"]},
         "method": {"name": method},
         "train": {"epochs": s["epochs"], "batch_size": s["batch_size"], "max_length": s["max_length"],
-                  "learning_rate": 1e-3, "early_stopping_patience": 0},
+                  "learning_rate": 1e-3, "early_stopping_patience": 0,
+                  # 1 thread: on 2 cores shared with other work (load 8), LoRA ran 6 samples/s on 1 thread and
+                  # 0.6-1 on 2 (threads spin while waiting); a quiet machine can set train={"threads": 2}
+                  "threads": 1},
         "track": {"wandb": "disabled", "tensorboard": False},
     }
-    if SCALE == "smoke":
-        raw["train"]["threads"] = 1
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
     return Config.from_dict(raw)

@@ -147,6 +147,7 @@ def test_course_regression_config_split_scores_and_tables(monkeypatch, tmp_path)
     course = _course_module()
     config = course.regression_config("r", method="head-only", train={"learning_rate": 5e-3})
     assert (config.task, config.method.name, config.train.learning_rate) == ("text-regression", "head-only", 5e-3)
+    assert config.train.threads == 1  # 2 threads on 2 shared cores ran LoRA 6-10x slower
     assert (config.data.source, config.data.max_train_samples) == (
         "movie-ratings", course.REGRESSION_SIZES["smoke"]["max_train_samples"])
     csv = tmp_path / "scores.csv"
