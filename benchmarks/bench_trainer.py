@@ -81,7 +81,7 @@ def build_config_dict(args: argparse.Namespace, precision: str) -> dict[str, Any
                   "warmup_ratio": args.warmup_ratio, "scheduler": "linear", "weight_decay": 0.0,
                   "max_length": args.max_length, "gradient_accumulation": 1, "max_grad_norm": 1.0,
                   "eval_every": 0, "seed": args.seed, "precision": precision, "threads": args.threads,
-                  "fast_dropout": not args.torch_dropout},
+                  "fast_dropout": not args.torch_dropout, "length_bucketing": args.bucketing},
         # tracking must not count: no wandb, no TensorBoard (the run store itself is always on)
         "track": {"wandb": "disabled", "tensorboard": False},
     }
@@ -737,6 +737,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "only meaningful while our loop does not bucket batches by length")
     p.add_argument("--torch-dropout", action="store_true",
                    help="our side uses torch's dropout too (train.fast_dropout: false), to see the loop alone")
+    p.add_argument("--bucketing", action="store_true",
+                   help="our side batches rows of similar length together (train.length_bucketing: true)")
     p.add_argument("--quick", action="store_true", help="smoke test: 64 train / 64 eval rows, max_length 64, 1 repeat")
     p.add_argument("--steps", action="store_true",
                    help="instead of training runs: median ms of one LoRA step, fp32 vs bf16 base vs bf16 autocast")

@@ -72,7 +72,7 @@ def config(name: str, method: str = "lora", source: str = "bbc-news", **sections
         "track": {"wandb": "disabled", "tensorboard": False},
     }
     if SCALE == "smoke":
-        raw["train"]["threads"] = 1  # TRAPS.md: under load from other processes 1 thread holds up best
+        raw["train"]["threads"] = 1  # under load from other processes, 1 thread holds up best
     for section, values in sections.items():
         if isinstance(values, dict):
             raw.setdefault(section, {}).update(values)

@@ -1,4 +1,4 @@
-"""Headless tests of the widgets: build, set traits, click, assert on traits and state (STYLE 11).
+"""Headless tests of the widgets: build, set traits, click, assert on traits and state, no browser.
 
 LossCurve and ConfusionMatrix are driven from runs recorded by hand in a temporary store; one
 integration test trains a tiny BERT for real from the dashboard's Start button.
