@@ -1,4 +1,4 @@
-"""Real-browser tests: what only a browser shows (TRAPS.md: Voila sync, reloads, JupyterLab Run All).
+"""Real-browser tests: what only a browser shows (Voila sync, reloads, JupyterLab Run All).
 
 Debian chromium driven by Python playwright (never `playwright install`: it downloads browsers).
 Outside CI these tests skip when chromium or playwright is missing; with CI=true they fail instead.
@@ -329,7 +329,7 @@ def test_quickstart_runs_in_jupyterlab(browser, jupyter_lab):
     base, work = jupyter_lab
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.goto(f"{base}/lab/tree/01_quickstart.ipynb", timeout=180_000)
-    # TRAPS.md: Run All before the kernel is idle runs nothing
+    # Run All before the kernel is idle runs nothing
     page.wait_for_selector("#jp-main-statusbar >> text=Idle", timeout=180_000)
     page.locator(".lm-MenuBar-itemLabel:text-is('Run')").click()
     page.locator(".lm-Menu-itemLabel:text-is('Run All Cells')").click()
@@ -409,7 +409,7 @@ def test_deploy_tab_starts_a_server_and_shows_its_requests_live(browser, deploy_
     from workbench import deploy
 
     url, home, run_id = deploy_dashboard
-    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page = browser.new_page(viewport={"width": 1280, "height": 1900})  # the whole tab: report, server, metrics
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     try:

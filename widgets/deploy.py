@@ -139,9 +139,12 @@ class DeployPanel(W.VBox):
         self._stage = W.HTML("", layout=S.full_width())
         self._report_table = W.HTML("", layout=S.full_width())
         self.fig = LiveFigure(  # a page opened at any time shows the current report
+            # offsetgroup: side by side although on two y axes (barmode "group" alone overlays them)
             data=[go.Bar(x=[], y=[], name="samples/s at batch 32", text=[], textposition="outside",
+                         offsetgroup="throughput",
                          hovertemplate="%{x}: %{y:.1f} samples/s<br>%{text}<extra></extra>"),
                   go.Bar(x=[], y=[], name="p50 latency at batch 1 (ms)", yaxis="y2", opacity=0.6,
+                         offsetgroup="latency", marker={"color": S.RUN_COLORS[1]},
                          hovertemplate="%{x}: %{y:.1f} ms<extra></extra>")],
             layout=S.figure_layout(height=320, barmode="group",
                                    yaxis={"title": {"text": "samples/s (batch 32)"}, "gridcolor": S.GRID_GREY},
