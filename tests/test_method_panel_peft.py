@@ -193,11 +193,12 @@ def test_prefix_tuning_refused_on_bert_inline(panel: Any, tiny_model_dir: Path) 
 def test_prefix_tuning_round_trip_where_the_model_takes_it(panel: Any, tiny_model_dir: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Once peft and transformers agree again the refusal lifts itself; the panel follows the core."""
-    from workbench import methods
+    from workbench.models import classifier, inspect
 
     from widgets import MethodPanel
 
-    monkeypatch.setattr(methods, "prefix_tuning_refusal", lambda model: None)
+    for module in (classifier, inspect):  # the estimate and the real build both ask
+        monkeypatch.setattr(module, "prefix_tuning_refusal", lambda model: None)
     panel.method = "prefix-tuning"
     control(panel, "Virtual tokens").value = 4
     expected = direct_count(tiny_model_dir, panel.home, method="prefix-tuning", num_virtual_tokens=4)

@@ -14,7 +14,7 @@ from workbench.cli import main
 from workbench.config import Config
 from workbench.deploy.adapter import eval_split, load_served_model, merge_adapters
 from workbench.deploy.app import create_app
-from workbench.deploy.optimize import (OnnxPredictor, TorchPredictor, apply_pruning, export_onnx, optimize,
+from workbench.deploy.artifacts import (OnnxPredictor, TorchPredictor, apply_pruning, export_onnx, optimize,
                                        pruning_plan)
 from workbench.deploy.server import ThreadedServer, artifact_warning
 from workbench.errors import WorkbenchError

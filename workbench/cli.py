@@ -373,7 +373,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _optimize(args: argparse.Namespace) -> int:
-    from .deploy.optimize import optimize, report_markdown
+    from .deploy.artifacts import optimize, report_markdown
 
     def progress(stage: str, fraction: float) -> None:
         if not args.json and fraction in (0.0, 1.0):

@@ -41,8 +41,8 @@ from .server import read_metrics, serve, server_status, start_server, stop_serve
 
 
 def optimize(*args: Any, **kwargs: Any) -> dict[str, Any]:
-    """See `workbench.deploy.optimize.optimize` (imported on use: it pulls in torch and onnxruntime)."""
-    from .optimize import optimize as run
+    """See `workbench.deploy.artifacts.optimize` (imported on use: it pulls in torch and onnxruntime)."""
+    from .artifacts import optimize as run
 
     return run(*args, **kwargs)
 

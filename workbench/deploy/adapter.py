@@ -102,7 +102,7 @@ def load_served_model(run: str = "latest", home: str | Path | None = None, artif
     if task_of(predictor) != CLASSIFICATION:
         raise WorkbenchError(f"run {record['id']} is a {task_of(predictor)} run: optimised artifacts exist for "
                              "classification runs only; serve it without --artifact")
-    from .optimize import apply_artifact
+    from .artifacts import apply_artifact
 
     predictor, info = apply_artifact(predictor, Path(record["dir"]), artifact)
     return ServedModel(predictor, record["id"], artifact, info)

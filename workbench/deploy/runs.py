@@ -1,5 +1,5 @@
 """What the server and the optimiser both read from a trained run: its task kind, tokenizer, merged model and
-evaluation split (adapter.py serves it, optimize.py makes faster artifacts of it)."""
+evaluation split (adapter.py serves it, artifacts.py makes faster artifacts of it)."""
 
 from __future__ import annotations
 

@@ -61,7 +61,7 @@ def resolve_key(home: Path, host: str, api_key_file: str | None, no_api_key: boo
 
 def artifact_warning(run_dir: str | Path, artifact: str | None) -> str | None:
     """The warning to print before serving a marked artifact (slower than fp32, or > 1 point less accurate)."""
-    from .optimize import artifact_record
+    from .artifacts import artifact_record
 
     if not artifact or artifact == "fp32":
         return None
