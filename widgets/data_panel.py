@@ -531,15 +531,14 @@ class DataPanel(W.VBox):
             self.source = cfg.source
 
 
-NUMBER_NAMES = ("score", "rating", "stars", "value", "label", "target", "points", "y")
-
-
 def _number_column(df: Any, text: str | None) -> str | None:
     """The column a text regression predicts: one named like a score, else the only numeric one."""
     import pandas as pd
 
+    from workbench.data import VALUE_NAMES
+
     lower = {str(c).lower(): str(c) for c in df.columns if str(c) != text}
-    named = next((lower[n] for n in NUMBER_NAMES if n in lower), None)
+    named = next((lower[n] for n in VALUE_NAMES if n in lower), None)
     if named is not None:
         return named
     numeric = [str(c) for c in df.columns if str(c) != text and pd.api.types.is_numeric_dtype(df[c])]

@@ -40,6 +40,8 @@ FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndj
 COMPRESSIONS = (".bz2", ".gz", ".xz", ".zip")
 TEXT_NAMES = ("text", "sentence", "review", "content", "body", "document", "message", "utterance",
               "comment", "tweet", "question", "input")
+# text-regression: names of the column holding the number to predict, most specific first
+VALUE_NAMES = ("score", "rating", "stars", "value", "label", "target", "points", "y")
 LABEL_NAMES = ("label", "labels", "category", "class", "target", "sentiment", "intent", "topic", "y")
 MAX_FILE_BYTES = 512 * 1024 * 1024   # the file on disk
 MAX_TEXT_BYTES = 512 * 1024 * 1024   # after decompression (Parquet: decoded column data)

@@ -28,7 +28,7 @@ import torch
 from ..callbacks import EvalResult
 from ..catalog import ModelSource, resolve_model
 from ..config import Config, DataConfig
-from ..data import detect_columns, load_table
+from ..data import VALUE_NAMES, detect_columns, load_table
 from ..errors import WorkbenchError
 from ..models.built import BuiltModel
 from ..models.classifier import build_model, check_model_fits
@@ -37,7 +37,6 @@ from .base import Evaluation
 from .classification import (PREDICTION_TEXT_CHARS, encoder_run_info, gather_outputs, pad_batch, trained_model_dir,
                              write_json)
 
-VALUE_NAMES = ("score", "rating", "stars", "value", "label", "target", "points", "y")
 WORST_KEPT = 50
 OUTPUT = ["value"]  # the head's one output
 
