@@ -412,3 +412,42 @@ def test_background_server_survives_its_caller_drains_on_sigterm_and_cleans_up(c
         assert server_status(cls_run, home) is None and not state_file.exists()
     finally:
         stop_server(cls_run, home)
+
+
+def _accepted_nodelay(listener) -> int:
+    """TCP_NODELAY of the server side of one connection accepted by asyncio on `listener` (as uvicorn does)."""
+    import asyncio
+    import socket
+
+    async def main() -> int:
+        seen: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        class Proto(asyncio.Protocol):
+            def connection_made(self, transport) -> None:
+                seen.set_result(transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        server = await asyncio.get_running_loop().create_server(Proto, sock=listener)
+        _, writer = await asyncio.open_connection(*listener.getsockname()[:2])
+        value = await asyncio.wait_for(seen, 10)
+        writer.close()
+        server.close()
+        return value
+
+    return asyncio.run(main())
+
+
+def test_served_connections_send_without_waiting_for_acks():
+    """Pins a trap: asyncio sets TCP_NODELAY only where the socket's proto is IPPROTO_TCP, and accepted sockets
+    copy the listener's. A listener made with proto 0 left Nagle on: each keep-alive response after the first
+    waited ~40 ms for the client's delayed ACK."""
+    import socket
+
+    from workbench.deploy.server import _bind
+
+    plain = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # the trap: proto 0
+    plain.bind(("127.0.0.1", 0))
+    assert _accepted_nodelay(plain) == 0
+    listener = _bind("127.0.0.1", 0)
+    assert listener.proto == socket.IPPROTO_TCP
+    assert _accepted_nodelay(listener) != 0

@@ -35,7 +35,11 @@ def deploy_dir(run_dir: str | Path) -> Path:
 
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto named, not 0: asyncio sets TCP_NODELAY only on connections whose socket says IPPROTO_TCP, and an
+    # accepted socket copies the listener's proto. With 0, every response after the first on a keep-alive
+    # connection waited ~40 ms (Nagle holding the body until the client's delayed ACK of the headers):
+    # measured 44 ms for /healthz, 2 ms with this.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
