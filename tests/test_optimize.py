@@ -8,7 +8,6 @@ import json
 import httpx
 import numpy as np
 import pytest
-import torch
 
 from workbench.cli import main
 from workbench.config import Config

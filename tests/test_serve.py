@@ -451,3 +451,30 @@ def test_served_connections_send_without_waiting_for_acks():
     listener = _bind("127.0.0.1", 0)
     assert listener.proto == socket.IPPROTO_TCP
     assert _accepted_nodelay(listener) != 0
+
+
+def test_chat_samples_at_a_temperature_and_is_greedy_without_one(chat_run, home):
+    served = load_served_model(chat_run, home)
+    question = [{"role": "user", "content": "what colour is the sky 3 ?"}]
+    greedy = served.predictor.answer(question, max_new_tokens=8)
+    server, _ = _serve(served, max_tokens=32)
+    with server as url:
+        def ask(**sampling):
+            r = httpx.post(url + "/v1/chat/completions", headers=AUTH, timeout=60,
+                           json={"messages": question, "max_tokens": 8, **sampling})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["message"]["content"]
+
+        plain = [ask() for _ in range(2)] + [ask(temperature=0)]
+        torch.manual_seed(0)
+        sampled = [ask(temperature=2.0) for _ in range(6)]
+        nucleus = ask(temperature=2.0, top_p=1e-6)  # only the most likely token survives: greedy again
+        bad = [httpx.post(url + "/v1/chat/completions", headers=AUTH, json={"messages": question, **s})
+               for s in ({"temperature": 2.5}, {"top_p": 0}, {"top_p": "high"})]
+    assert plain == [greedy] * 3
+    # at temperature 2 the tiny model (4 training steps) is far from sure of any token: six sampled answers of
+    # 8 tokens are not all one answer (the seed above fixes the draws: the server runs in this process)
+    assert len(set(sampled)) > 1
+    assert nucleus == greedy
+    assert [r.status_code for r in bad] == [422, 422, 422]
+    assert "top_p" in bad[1].json()["error"]["message"]

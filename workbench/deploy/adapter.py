@@ -56,11 +56,14 @@ class ServedModel:
         return [r["translation"] for r in results]
 
     # --- chat --------------------------------------------------------------------------------------------
-    def answer(self, messages: list[dict[str, str]], max_tokens: int) -> str:
-        return self.predictor.answer(messages, max_new_tokens=max_tokens)
+    def answer(self, messages: list[dict[str, str]], max_tokens: int, temperature: float = 0.0,
+               top_p: float = 1.0) -> str:
+        return self.predictor.answer(messages, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p)
 
-    def stream(self, messages: list[dict[str, str]], max_tokens: int, stop: threading.Event) -> Iterator[str]:
-        return self.predictor.stream(messages, max_new_tokens=max_tokens, stop=stop)
+    def stream(self, messages: list[dict[str, str]], max_tokens: int, stop: threading.Event,
+               temperature: float = 0.0, top_p: float = 1.0) -> Iterator[str]:
+        return self.predictor.stream(messages, max_new_tokens=max_tokens, stop=stop, temperature=temperature,
+                                     top_p=top_p)
 
     # --- token counts (metrics, usage) -------------------------------------------------------------------
     def count_tokens(self, texts: list[str], truncate: bool = True) -> list[int]:

@@ -264,13 +264,19 @@ def _max_tokens(data: dict[str, Any], served: ServedModel, settings: ServeSettin
     return value
 
 
-def _check_sampling(data: dict[str, Any]) -> None:
-    t = data.get("temperature", 1.0)
+def _sampling(data: dict[str, Any]) -> tuple[float, float]:
+    """(temperature, top_p) of a chat request. Without `temperature` the answer is greedy (temperature 0:
+    the same answer every time, as the run was evaluated), where OpenAI's own default is 1."""
+    t = data.get("temperature")
     if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 2):
         raise ApiError(422, f"temperature must be a number from 0 to 2, got {t!r}")
+    p = data.get("top_p")
+    if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1):
+        raise ApiError(422, f"top_p must be a number above 0 and at most 1, got {p!r}")
     n = data.get("n", 1)
     if n not in (1, None):
         raise ApiError(422, f"n={n!r}: this server returns one choice per request; send n=1")
+    return float(t or 0.0), float(1.0 if p is None else p)
 
 
 def _wrong_task(served: ServedModel, path: str) -> ApiError:
@@ -442,7 +448,7 @@ def _add_chat_route(app: Any, state: ServerState) -> None:
         data = _json_body(await request.body())
         messages = _messages(data, settings)
         max_tokens = _max_tokens(data, served, settings)
-        _check_sampling(data)
+        temperature, top_p = _sampling(data)
         if settings.log_text:
             log.info("chat messages: %s", json.dumps(messages)[:2000])
         metrics.observe_inputs([len(messages[-1]["content"])])
@@ -451,12 +457,12 @@ def _add_chat_route(app: Any, state: ServerState) -> None:
         completion_id, created = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
         if data.get("stream"):
             return StreamingResponse(
-                _stream(served, metrics, messages, max_tokens, completion_id, created),
+                _stream(served, metrics, messages, max_tokens, completion_id, created, (temperature, top_p)),
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
         def work() -> str:
             metrics.batch_size.observe(1)
-            return served.answer(messages, max_tokens)
+            return served.answer(messages, max_tokens, temperature, top_p)
 
         answer = await state.batcher.run_alone(work)
         completion_tokens = sum(served.count_tokens([answer], truncate=False)) if answer else 0
@@ -470,7 +476,7 @@ def _add_chat_route(app: Any, state: ServerState) -> None:
 
 
 async def _stream(served: ServedModel, metrics: ServerMetrics, messages: list[dict[str, str]], max_tokens: int,
-                  completion_id: str, created: int):
+                  completion_id: str, created: int, sampling: tuple[float, float] = (0.0, 1.0)):
     """Server-sent events of an OpenAI chat completion: the model's pieces as they are generated."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -479,7 +485,7 @@ async def _stream(served: ServedModel, metrics: ServerMetrics, messages: list[di
     def produce() -> None:  # the model's thread: pieces go to the event loop as they come
         try:
             metrics.batch_size.observe(1)
-            for piece in served.stream(messages, max_tokens, stop):
+            for piece in served.stream(messages, max_tokens, stop, *sampling):
                 loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))
             loop.call_soon_threadsafe(queue.put_nowait, ("end", None))
         except Exception as exc:

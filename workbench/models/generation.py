@@ -76,7 +76,12 @@ def load_generation_model(config: Config, source: ModelSource, tokenizer: Any, a
     return GenerationModel(model, tokenizer, targets, trainable, total, output)
 
 
-def generation_kwargs(tokenizer: Any, max_new_tokens: int) -> dict[str, Any]:
-    """Greedy decoding that stops at the end of the answer."""
-    return {"max_new_tokens": max_new_tokens, "do_sample": False, "temperature": None, "top_p": None,
-            "top_k": None, "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+def generation_kwargs(tokenizer: Any, max_new_tokens: int, temperature: float = 0.0,
+                      top_p: float = 1.0) -> dict[str, Any]:
+    """Decoding that stops at the end of the answer: greedy at temperature 0 (the default), else sampling
+    from the next-token distribution at that temperature, kept to the smallest set of tokens whose
+    probabilities reach `top_p` (OpenAI's meaning of both)."""
+    sampling = temperature > 0
+    return {"max_new_tokens": max_new_tokens, "do_sample": sampling, "temperature": temperature if sampling else None,
+            "top_p": top_p if sampling and top_p < 1 else None, "top_k": 0 if sampling else None,
+            "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}

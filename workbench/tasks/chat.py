@@ -237,8 +237,9 @@ def collate_chat(encodings: list[dict[str, list[int]]], indices: list[int], pad_
 
 @torch.no_grad()
 def generate_answer(model: torch.nn.Module, encoder: ChatEncoder, messages: Conversation, max_new_tokens: int,
-                    streamer: Any = None, stopping: Any = None) -> str:
-    """Greedy answer of the model to a conversation that ends with a user turn."""
+                    streamer: Any = None, stopping: Any = None, temperature: float = 0.0, top_p: float = 1.0) -> str:
+    """The model's answer to a conversation that ends with a user turn: greedy at temperature 0, else sampled
+    (`generation_kwargs`)."""
     ids = encoder.prompt_ids(messages)
     device = next(model.parameters()).device
     input_ids = torch.tensor([ids], device=device)
@@ -247,7 +248,7 @@ def generate_answer(model: torch.nn.Module, encoder: ChatEncoder, messages: Conv
     try:
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                              streamer=streamer, stopping_criteria=stopping,
-                             **generation_kwargs(encoder.tokenizer, max_new_tokens))
+                             **generation_kwargs(encoder.tokenizer, max_new_tokens, temperature, top_p))
     finally:
         model.train(was_training)
     return encoder.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()
@@ -347,11 +348,12 @@ class ChatPredictor:
         self.system_prompt = system_prompt  # the run's chat.system_prompt: asked as it was trained
         self._lock = threading.Lock()  # one generation at a time on this model
 
-    def answer(self, question: str | Conversation, max_new_tokens: int | None = None) -> str:
-        """The greedy answer to a question (or to a conversation ending with a user turn)."""
+    def answer(self, question: str | Conversation, max_new_tokens: int | None = None, temperature: float = 0.0,
+               top_p: float = 1.0) -> str:
+        """The answer to a question (or to a conversation ending with a user turn): greedy at temperature 0."""
         with self._lock:
             return generate_answer(self.model, self.encoder, _as_messages(question, self.system_prompt),
-                                   max_new_tokens or self.max_new_tokens)
+                                   max_new_tokens or self.max_new_tokens, temperature=temperature, top_p=top_p)
 
     def predict(self, texts: str | list[str], batch_size: int = 1) -> list[dict[str, Any]]:
         if isinstance(texts, str):
@@ -359,8 +361,9 @@ class ChatPredictor:
         return [{"text": t, "answer": self.answer(t)} for t in texts]
 
     def stream(self, question: str | Conversation, max_new_tokens: int | None = None,
-               stop: threading.Event | None = None) -> Iterator[str]:
-        """Pieces of the greedy answer as they are generated (generation runs on its own thread)."""
+               stop: threading.Event | None = None, temperature: float = 0.0, top_p: float = 1.0) -> Iterator[str]:
+        """Pieces of the answer as they are generated (generation runs on its own thread); greedy at
+        temperature 0."""
         from transformers import StoppingCriteriaList, TextIteratorStreamer
 
         messages = _as_messages(question, self.system_prompt)
@@ -372,7 +375,8 @@ class ChatPredictor:
             try:
                 with self._lock:
                     generate_answer(self.model, self.encoder, messages, max_new_tokens or self.max_new_tokens,
-                                    streamer=streamer, stopping=StoppingCriteriaList([_StopOnEvent(stop)]))
+                                    streamer=streamer, stopping=StoppingCriteriaList([_StopOnEvent(stop)]),
+                                    temperature=temperature, top_p=top_p)
             except BaseException as exc:  # surfaced in the caller's thread below
                 failure.append(exc)
                 streamer.end()
