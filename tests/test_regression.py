@@ -170,3 +170,35 @@ def test_the_dashboard_sets_up_trains_and_shows_a_regression_run(tiny_model_dir,
     assert dash.task.value == "text-regression"
     with pytest.raises(WorkbenchError, match="this page sets up text-classification and text-regression runs"):
         dash.from_config(Config.from_dict({"task": "chat", "data": {"source": "chatterbot"}}))
+
+
+def test_served_values_and_their_drift_against_the_evaluation_split(regression_config, store):
+    """/v1/classify answers a value per text; drift compares predicted values over the evaluation deciles
+    (not each float as a label of its own)."""
+    import httpx
+
+    from workbench.deploy.adapter import drift_baseline, load_served_model
+    from workbench.deploy.app import ServeSettings, create_app
+    from workbench.deploy.monitor import parse_metrics
+    from workbench.deploy.server import ThreadedServer
+
+    record = train(regression_config(method={"name": "lora"}), store=store)
+    assert record["status"] == "completed", record["error"]
+    rows = json.loads(open(record["metrics"]["predictions_file"]).read())["rows"]
+    baseline = drift_baseline(store.get(record["id"]))
+    assert not baseline.label_counts and sum(baseline.value_counts) == len(rows) > 0
+    assert len(baseline.value_counts) == len(baseline.value_edges) + 1 > 2
+    key = "wb-test-key-0123456789abcdef"
+    app, _ = create_app(load_served_model(record["id"], store.home), ServeSettings(), key,
+                        baseline=lambda served: baseline)
+    auth = {"Authorization": f"Bearer {key}"}
+    with ThreadedServer(app) as url:
+        same = httpx.post(url + "/v1/classify", headers=auth, json={"texts": [r["text"] for r in rows]}).json()
+        after_same = parse_metrics(httpx.get(url + "/metrics", headers=auth).text)["drift"]
+        for _ in range(3):  # then only the happiest reviews: every value at the top of the scale
+            httpx.post(url + "/v1/classify", headers=auth, json={"texts": ["great superb wonderful film"] * 20})
+        after_shift = parse_metrics(httpx.get(url + "/metrics", headers=auth).text)["drift"]
+    assert [r["value"] for r in same["results"]] == pytest.approx([r["predicted"] for r in rows], abs=1e-4)
+    assert after_same["predicted_value"] < 0.05
+    assert after_shift["predicted_value"] > 0.5 > after_same["predicted_value"]
+    assert "predicted_label" not in after_shift

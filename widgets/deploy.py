@@ -105,7 +105,7 @@ class DeployPanel(W.VBox):
     requests_per_second = T.Float(0.0, help="model requests per second between the last two reads")
     p95_ms = T.Float(None, allow_none=True, help="p95 latency of the model route (histogram bucket bound), ms")
     label_counts = T.Dict(help="predicted labels served so far")
-    drift = T.Dict(help="population stability index per signal (predicted_label, input_length)")
+    drift = T.Dict(help="population stability index per signal (predicted_label or predicted_value, input_length)")
     error = T.Unicode("")
 
     def __init__(self, home: str | Path | None = None, run_id: str = "", background: bool = True,

@@ -125,7 +125,8 @@ def predictions_file(record: dict[str, Any]) -> Path | None:
 
 
 def drift_baseline(record: dict[str, Any]) -> Baseline | None:
-    """Predicted labels from the run's best evaluation and the evaluation texts' lengths (characters)."""
+    """Predicted labels (or values, for text regression) from the run's best evaluation and the evaluation
+    texts' lengths (characters)."""
     preds = predictions_file(record)
     if preds is None:
         return None

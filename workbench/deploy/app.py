@@ -419,6 +419,7 @@ def _add_text_routes(app: Any, state: ServerState) -> None:
         results = await state.batcher.submit(texts)
         metrics.texts.inc(len(texts))
         metrics.observe_labels([r["label"] for r in results if "label" in r])
+        metrics.observe_values([r["value"] for r in results if "value" in r])
         return {"model": served.run_id, "artifact": served.artifact, "results": results}
 
     @app.post("/v1/translate")

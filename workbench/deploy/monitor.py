@@ -34,8 +34,8 @@ def psi(base: list[float], live: list[float]) -> float:
     return total
 
 
-def length_edges(lengths: list[int], bins: int = 10) -> list[int]:
-    """Inner bin edges at the deciles of the baseline lengths (duplicates dropped)."""
+def length_edges(lengths: list[float], bins: int = 10) -> list[float]:
+    """Inner bin edges at the deciles of the baseline values (lengths or predicted values; duplicates dropped)."""
     if not lengths:
         return []
     ordered = sorted(lengths)
@@ -43,7 +43,7 @@ def length_edges(lengths: list[int], bins: int = 10) -> list[int]:
     return edges
 
 
-def bin_counts(values: list[int], edges: list[int]) -> list[int]:
+def bin_counts(values: list[float], edges: list[float]) -> list[int]:
     counts = [0] * (len(edges) + 1)
     for v in values:
         counts[bisect.bisect_right(edges, v)] += 1
@@ -52,19 +52,26 @@ def bin_counts(values: list[int], edges: list[int]) -> list[int]:
 
 @dataclass
 class Baseline:
-    """The evaluation split's predicted-label counts and input-length histogram (what drift compares with)."""
+    """What drift compares with, from the evaluation split: the input-length histogram, and the predicted-label
+    counts (classification) or the predicted-value histogram over its deciles (text regression)."""
 
     label_counts: dict[str, int] = field(default_factory=dict)
-    length_edges: list[int] = field(default_factory=list)
+    length_edges: list[float] = field(default_factory=list)
     length_counts: list[int] = field(default_factory=list)
     source: str = ""
+    value_edges: list[float] = field(default_factory=list)
+    value_counts: list[int] = field(default_factory=list)
 
     @classmethod
-    def from_eval(cls, predicted: list[str], lengths: list[int], source: str = "") -> "Baseline":
+    def from_eval(cls, predicted: list[Any], lengths: list[int], source: str = "") -> "Baseline":
+        edges = length_edges(lengths)
+        if predicted and all(isinstance(p, (int, float)) and not isinstance(p, bool) for p in predicted):
+            values = [float(p) for p in predicted]  # a regression run: its values, binned, not one "label" each
+            v_edges = length_edges(values)
+            return cls({}, edges, bin_counts(lengths, edges), source, v_edges, bin_counts(values, v_edges))
         counts: dict[str, int] = {}
         for label in predicted:
-            counts[label] = counts.get(label, 0) + 1
-        edges = length_edges(lengths)
+            counts[str(label)] = counts.get(str(label), 0) + 1
         return cls(counts, edges, bin_counts(lengths, edges), source)
 
 
@@ -102,6 +109,7 @@ class ServerMetrics:
             self.baseline = baseline
             self._live_labels: dict[str, int] = {}
             self._live_lengths: list[int] = [0] * (len(baseline.length_counts) if baseline else 0)
+            self._live_values: list[int] = [0] * (len(baseline.value_counts) if baseline else 0)
             self._samples = 0
 
     def observe_inputs(self, lengths: list[int]) -> None:
@@ -120,6 +128,14 @@ class ServerMetrics:
             for label in labels:
                 self._live_labels[label] = self._live_labels.get(label, 0) + 1
 
+    def observe_values(self, values: list[float]) -> None:
+        """Predicted values of a text-regression model, for the predicted-value drift."""
+        if self.baseline is None or not self.baseline.value_counts:
+            return
+        with self._lock:
+            for v in values:
+                self._live_values[bisect.bisect_right(self.baseline.value_edges, v)] += 1
+
     def update_drift(self) -> None:
         """Recompute the PSI gauges (called before each /metrics scrape)."""
         b = self.baseline
@@ -127,11 +143,14 @@ class ServerMetrics:
             return
         with self._lock:
             live_labels, live_lengths, samples = dict(self._live_labels), list(self._live_lengths), self._samples
+            live_values = list(self._live_values)
         self.drift_samples.set(samples)
         if b.label_counts:
             names = sorted(set(b.label_counts) | set(live_labels))
             self.drift.labels(signal="predicted_label").set(
                 psi([b.label_counts.get(n, 0) for n in names], [live_labels.get(n, 0) for n in names]))
+        if b.value_counts:
+            self.drift.labels(signal="predicted_value").set(psi(b.value_counts, live_values))
         if b.length_counts:
             self.drift.labels(signal="input_length").set(psi(b.length_counts, live_lengths))
 
