@@ -350,7 +350,10 @@ def _records_frame(records: list[dict[str, Any]], name: str) -> pd.DataFrame:
 def _read_parquet(p: Path) -> pd.DataFrame:
     """Parquet, checked from its metadata before any column is read, then read batch by batch under the cap.
 
-    Dictionary (categorical) columns are decoded to plain values: a category no row uses is no class.
+    Text columns are read as dictionaries and their expanded size is summed before they are expanded: a
+    dictionary-encoded file can hold one long string once and point every row at it (a 1 MB file that
+    expands to gigabytes), and expanding first cost ~900 MB before the cap was seen. Dictionary
+    (categorical) columns are decoded to plain values: a category no row uses is no class.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -364,20 +367,42 @@ def _read_parquet(p: Path) -> pd.DataFrame:
     if declared > MAX_TEXT_BYTES:
         raise WorkbenchError(f"data file {p.name!r} declares {declared >> 20} MiB of uncompressed data, over the "
                              f"{_size(MAX_TEXT_BYTES)} limit: sample it down first")
+    text = [f.name for f in pf.schema_arrow if _is_bytes_type(f.type)]
+    pf = pq.ParquetFile(p, read_dictionary=text)
     batches, decoded = [], 0
-    for batch in pf.iter_batches(batch_size=16384):
+    for batch in pf.iter_batches(batch_size=4096):
         keep = [i for i, n in enumerate(batch.schema.names) if not n.startswith("__index_level_")]
         columns = [batch.column(i) for i in keep]
-        columns = [c.dictionary_decode() if pa.types.is_dictionary(c.type) else c for c in columns]
-        batch = pa.RecordBatch.from_arrays(columns, names=[batch.schema.names[i] for i in keep])
-        decoded += batch.nbytes  # repeated long strings expand here: count what is really held
+        decoded += sum(_expanded_nbytes(c) for c in columns)  # what is really held once expanded
         if decoded > MAX_TEXT_BYTES:
             raise WorkbenchError(f"data file {p.name!r} expands to more than {_size(MAX_TEXT_BYTES)} once read "
                                  "(the limit): sample it down first")
-        batches.append(batch)
+        batches.append((columns, [batch.schema.names[i] for i in keep]))
     if not batches:
         return pd.DataFrame()
-    return pa.Table.from_batches(batches).to_pandas()
+    # expanded only now, once the whole file is known to fit: a refused file never expanded any of it
+    return pa.Table.from_batches([
+        pa.RecordBatch.from_arrays([c.dictionary_decode() if pa.types.is_dictionary(c.type) else c for c in cols],
+                                   names=names) for cols, names in batches]).to_pandas()
+
+
+def _is_bytes_type(t: Any) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t)
+
+
+def _expanded_nbytes(column: Any) -> int:
+    """Bytes `column` takes once its dictionary is expanded, computed without expanding it."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not pa.types.is_dictionary(column.type):
+        return column.nbytes
+    if not _is_bytes_type(column.type.value_type):  # fixed-width values: at most 8 bytes a row more
+        return column.nbytes + 8 * len(column)
+    lengths = pc.binary_length(column.dictionary)
+    return int(pc.sum(pc.take(lengths, column.indices)).as_py() or 0) + 8 * len(column)
 
 
 def load_catalog_dataset(name: str) -> pd.DataFrame:
