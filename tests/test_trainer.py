@@ -290,3 +290,20 @@ def test_length_bucketing_covers_every_row_once_and_keeps_accumulation_exact(tin
                                            "length_bucketing": True}), store=store, callbacks=[b])
     assert one["status"] == accumulated["status"] == "completed"
     assert len(a.losses) == len(b.losses) == 5 and b.losses == pytest.approx(a.losses, rel=1e-4)
+
+
+def test_peak_memory_is_the_runs_own_not_its_launchers():
+    """Linux carries ru_maxrss over fork and exec: a run launched from a big notebook kernel reported the
+    kernel's size as its own peak. A launcher holding 1 GiB starts a process that reports its own."""
+    import subprocess
+    import sys
+
+    held = bytearray(1 << 30)
+    for i in range(0, len(held), 4096):  # touched: resident, not only reserved
+        held[i] = 1
+    code = ("import torch; from workbench.loop.lifecycle import peak_memory_mb; "
+            "print(peak_memory_mb(torch.device('cpu')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    del held
+    reported = float(out.stdout.strip())
+    assert 50 < reported < 800, reported  # importing torch: ~300 MiB; through ru_maxrss: over 1,024
