@@ -478,3 +478,20 @@ def test_chat_samples_at_a_temperature_and_is_greedy_without_one(chat_run, home)
     assert nucleus == greedy
     assert [r.status_code for r in bad] == [422, 422, 422]
     assert "top_p" in bad[1].json()["error"]["message"]
+
+
+def test_chat_and_translation_drift_on_input_lengths(chat_run, s2s_run, home):
+    """No labels to compare: the lengths of served prompts against the evaluation prompts'."""
+    for run, route, body in ((chat_run, "/v1/chat/completions",
+                              lambda text: {"messages": [{"role": "user", "content": text}], "max_tokens": 2}),
+                             (s2s_run, "/v1/translate", lambda text: {"texts": [text]})):
+        baseline = drift_baseline(RunStore(home).get(run))
+        assert baseline is not None and not baseline.label_counts and sum(baseline.length_counts) >= 8
+        server, _ = _serve(load_served_model(run, home), home=home)
+        with server as url:
+            for _ in range(12):  # far longer than any evaluation prompt
+                r = httpx.post(url + route, headers=AUTH, json=body("a " * 200), timeout=60)
+                assert r.status_code == 200, r.text
+            drift = parse_metrics(httpx.get(url + "/metrics", headers=AUTH).text)["drift"]
+        assert drift["input_length"] > 1.0, (run, drift)
+        assert "predicted_label" not in drift

@@ -90,6 +90,26 @@ class ServedModel:
         return sum(self.count_tokens([m["content"] for m in messages], truncate=False))
 
 
+def _prompt_lengths(record: dict[str, Any]) -> Baseline | None:
+    """The input-length baseline of a chat or translation run: the characters of each evaluation prompt's last
+    user turn (chat) or source text (translation), as the server measures requests. None when the run's data
+    can no longer be read."""
+    from ..config import Config
+    from ..tasks.generation import prompt_and_reference
+
+    try:
+        config = Config.from_dict(record["config"])
+        if config.task == CHAT:
+            from ..tasks.chat import load_chat_data as load
+        else:
+            from ..tasks.seq2seq import load_seq2seq_data as load
+        held = load(config.data, config.train.seed).eval
+    except Exception:  # the data moved or changed since training: no drift signal, the server still runs
+        return None
+    lengths = [len(prompt_and_reference(conv)[0][-1]["content"]) for conv in held]
+    return Baseline.from_eval([], lengths, str(config.data.source)) if lengths else None
+
+
 def load_served_model(run: str = "latest", home: str | Path | None = None, artifact: str | None = None
                       ) -> ServedModel:
     """The run's model ready to serve: fp32 (adapters merged where they can be) or an optimised artifact."""
@@ -126,7 +146,9 @@ def predictions_file(record: dict[str, Any]) -> Path | None:
 
 def drift_baseline(record: dict[str, Any]) -> Baseline | None:
     """Predicted labels (or values, for text regression) from the run's best evaluation and the evaluation
-    texts' lengths (characters)."""
+    texts' lengths (characters); for chat and translation runs, the lengths of the evaluation prompts."""
+    if (record.get("config") or {}).get("task") in (CHAT, SEQ2SEQ):
+        return _prompt_lengths(record)
     preds = predictions_file(record)
     if preds is None:
         return None

@@ -101,8 +101,7 @@ def serve(run: str = "latest", home: str | Path | None = None, host: str = "127.
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     app, state = create_app(lambda: load_served_model(run_id, store.home, artifact), settings, key,
-                            baseline=lambda served: drift_baseline(record) if served.task == "classification"
-                            else None)
+                            baseline=lambda served: drift_baseline(record))
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=drain_seconds,
                             lifespan="on", server_header=False)
     server = uvicorn.Server(config)
