@@ -71,8 +71,9 @@ def check_parquet(source: str | Path | bytes, what: str) -> None:
     with its text kept as dictionaries (small) and the expanded length is summed from them.
     """
     import pyarrow as pa
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
+
+    from workbench.data import expanded_nbytes
 
     def open_file(**options: Any) -> Any:
         return pq.ParquetFile(pa.BufferReader(source) if isinstance(source, bytes) else source, **options)
@@ -97,12 +98,7 @@ def check_parquet(source: str | Path | bytes, what: str) -> None:
         decoded = 0
         for i in range(meta.num_row_groups):
             for column in reader.read_row_group(i).columns:
-                for chunk in column.chunks:
-                    if pa.types.is_dictionary(chunk.type):  # expanded length without expanding
-                        lengths = pc.binary_length(chunk.dictionary)
-                        decoded += (pc.sum(pc.take(lengths, chunk.indices)).as_py() or 0) + 8 * len(chunk)
-                    else:
-                        decoded += chunk.nbytes
+                decoded += sum(expanded_nbytes(chunk) for chunk in column.chunks)  # without expanding
             if decoded > MAX_DECODED_BYTES:
                 raise WorkbenchError(f"{what} expands to over {decoded / 2**20:,.0f} MB once decoded; {limit}")
     except WorkbenchError:

@@ -373,7 +373,7 @@ def _read_parquet(p: Path) -> pd.DataFrame:
     for batch in pf.iter_batches(batch_size=4096):
         keep = [i for i, n in enumerate(batch.schema.names) if not n.startswith("__index_level_")]
         columns = [batch.column(i) for i in keep]
-        decoded += sum(_expanded_nbytes(c) for c in columns)  # what is really held once expanded
+        decoded += sum(expanded_nbytes(c) for c in columns)  # what is really held once expanded
         if decoded > MAX_TEXT_BYTES:
             raise WorkbenchError(f"data file {p.name!r} expands to more than {_size(MAX_TEXT_BYTES)} once read "
                                  "(the limit): sample it down first")
@@ -392,7 +392,7 @@ def _is_bytes_type(t: Any) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t)
 
 
-def _expanded_nbytes(column: Any) -> int:
+def expanded_nbytes(column: Any) -> int:
     """Bytes `column` takes once its dictionary is expanded, computed without expanding it."""
     import pyarrow as pa
     import pyarrow.compute as pc
