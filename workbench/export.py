@@ -43,7 +43,7 @@ def export_run(run_id: str = "latest", out: str | Path | None = None, merge: boo
     from safetensors.torch import load_file
 
     from .catalog import resolve_model
-    from .models.adapters import peft_model_of
+    from .models.adapters import merge_adapters, peft_model_of
     from .models.classifier import build_model
     from .models.llm_classifier import LLMClassifier, export_info
     from .models.state import load_trainable_state, set_seed
@@ -78,7 +78,7 @@ def export_run(run_id: str = "latest", out: str | Path | None = None, merge: boo
 
     standalone = merge or method in ("full", "head-only")
     model = peft_model_of(built.model)  # a causal-LM classifier exports its causal LM
-    model = _merge(model) if merge and method in MERGEABLE else model
+    model = merge_adapters(model) if merge and method in MERGEABLE else model
     info = _export_info(run, config, source.path, labels, standalone, causal=built.prompt is not None)
     if isinstance(built.model, LLMClassifier):
         info["classifier"] = export_info(built.prompt, built.model)
@@ -94,23 +94,6 @@ def export_run(run_id: str = "latest", out: str | Path | None = None, merge: boo
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-def _merge(peft_model: Any) -> Any:
-    """Adapters merged into the base weights; the trained head copies put in place of the originals.
-
-    The head copies (modules_to_save) are swapped in by hand first: peft 0.21's IA3 unload tries to
-    re-attach a `.weight` to every wrapped module and fails on a pooler, which has none.
-    """
-    from peft.utils import ModulesToSaveWrapper
-
-    model = peft_model.get_base_model()
-    for name, module in list(model.named_modules()):
-        if isinstance(module, ModulesToSaveWrapper):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, module.modules_to_save[module.active_adapters[0]])
-    return peft_model.merge_and_unload()
 
 
 def _check_merge(run: str, method: str, merge: bool) -> None:

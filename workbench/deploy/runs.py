@@ -10,7 +10,6 @@ from typing import Any
 from ..errors import WorkbenchError
 
 CLASSIFICATION, CHAT, SEQ2SEQ = "classification", "chat", "seq2seq"
-MERGEABLE = ("lora", "adalora", "ia3")
 
 
 def task_of(predictor: Any) -> str:
@@ -28,27 +27,10 @@ def tokenizer_of(predictor: Any) -> Any:
 
 
 def merge_adapters(model: Any) -> Any:
-    """A peft model's lora/adalora/ia3 adapters merged into its weights (same outputs, faster); else unchanged.
+    """`models.adapters.merge_adapters`, imported when called (this module loads no torch)."""
+    from ..models.adapters import merge_adapters as merge
 
-    The trained head copies (peft's modules_to_save) are put in place of the originals first.
-    """
-    try:
-        from peft import PeftModel
-        from peft.utils import ModulesToSaveWrapper
-    except ImportError:
-        return model
-    if not isinstance(model, PeftModel):
-        return model
-    kind = str(getattr(model.peft_config.get(model.active_adapter), "peft_type", "")).lower()
-    if not any(m in kind for m in MERGEABLE):
-        return model  # prompt tuning: the virtual tokens are an input, nothing to merge
-    base = model.get_base_model()
-    for name, module in list(base.named_modules()):
-        if isinstance(module, ModulesToSaveWrapper):
-            parent_name, _, child = name.rpartition(".")
-            parent = base.get_submodule(parent_name) if parent_name else base
-            setattr(parent, child, module.modules_to_save[module.active_adapters[0]])
-    return model.merge_and_unload().eval()
+    return merge(model)
 
 
 def eval_split(record: dict[str, Any]) -> tuple[list[str], list[int], list[str]]:

@@ -237,6 +237,32 @@ def peft_model_of(model: nn.Module) -> nn.Module:
     return getattr(model, "workbench_peft_model", None) or model
 
 
+def merge_adapters(model: Any) -> Any:
+    """A peft model's lora/adalora/ia3 adapters merged into its weights (same outputs, faster); else unchanged.
+
+    The trained head copies (peft's modules_to_save) are put in place of the originals first, by hand:
+    peft 0.21's IA3 unload tries to re-attach a `.weight` to every wrapped module and fails on a pooler,
+    which has none.
+    """
+    try:
+        from peft import PeftModel
+        from peft.utils import ModulesToSaveWrapper
+    except ImportError:
+        return model
+    if not isinstance(model, PeftModel):
+        return model
+    kind = str(getattr(model.peft_config.get(model.active_adapter), "peft_type", "")).lower()
+    if not any(m in kind for m in ("lora", "adalora", "ia3")):
+        return model  # prompt tuning: the virtual tokens are an input, nothing to merge
+    base = model.get_base_model()
+    for name, module in list(base.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper):
+            parent_name, _, child = name.rpartition(".")
+            parent = base.get_submodule(parent_name) if parent_name else base
+            setattr(parent, child, module.modules_to_save[module.active_adapters[0]])
+    return model.merge_and_unload().eval()
+
+
 def bnb_config(method: MethodConfig, skip: list[str]) -> Any:
     from transformers import BitsAndBytesConfig
 
