@@ -73,7 +73,7 @@ def check_parquet(source: str | Path | bytes, what: str) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from workbench.data import expanded_nbytes
+    from workbench.data import expanded_nbytes, is_bytes_type
 
     def open_file(**options: Any) -> Any:
         return pq.ParquetFile(pa.BufferReader(source) if isinstance(source, bytes) else source, **options)
@@ -92,8 +92,7 @@ def check_parquet(source: str | Path | bytes, what: str) -> None:
         raise WorkbenchError(f"{what} declares {declared / 2**20:,.0f} MB of uncompressed data; {limit}")
     try:
         schema = open_file().schema_arrow
-        text = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)
-                or pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)]
+        text = [f.name for f in schema if is_bytes_type(f.type)]
         reader = open_file(read_dictionary=text)
         decoded = 0
         for i in range(meta.num_row_groups):
