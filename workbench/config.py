@@ -35,8 +35,18 @@ GENERATION_TASKS = ("chat", "seq2seq")  # generated text: the chat section appli
 REGRESSION_METHODS = ("full", "head-only", "lora", "qlora", "adalora", "ia3", "prompt-tuning")
 
 
+MAX_SHOWN_CHARS = 200  # a value echoed in an error message is cut to this: a config can hold anything
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few hundred bytes; a bigger file is not one
+
+
+def shown(value: Any, limit: int = MAX_SHOWN_CHARS) -> str:
+    """`repr(value)` cut to `limit` characters, so an error message stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
 def _fail(section: str, name: str, value: Any, allowed: str) -> None:
-    raise WorkbenchError(f"{section}.{name} = {value!r} is not allowed: {allowed}")
+    raise WorkbenchError(f"{section}.{name} = {shown(value)} is not allowed: {allowed}")
 
 
 @dataclass
@@ -465,18 +475,53 @@ class Config:
 
 # --- YAML and overrides ----------------------------------------------------
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """safe_load without aliases: `*name` re-uses a node, and nested aliases expand exponentially (a 1 KB
+    "billion laughs" file becomes gigabytes once walked). A config never needs them."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise WorkbenchError(f"YAML aliases (*{str(event.anchor)[:40]}) are not allowed in a config, line "
+                                 f"{event.start_mark.line + 1}: write the value out")
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML without aliases (see _NoAliasLoader); raises yaml.YAMLError on bad syntax."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
+    """A config file's mapping. Errors name the file and the problem, never its content: the path may
+    point at anything (`workbench train /etc/shadow`)."""
+    name = str(path)[:MAX_SHOWN_CHARS]
     if not path.is_file():
-        raise WorkbenchError(f"config file {str(path)!r} not found: give the path of a YAML config")
+        raise WorkbenchError(f"config file {name!r} not found: give the path of a YAML config")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise WorkbenchError(f"config file {name!r} is {size:,} bytes, more than a config's limit of "
+                             f"{MAX_CONFIG_BYTES:,}: give the path of a YAML config (a few lines)")
+    not_config = (f"config file {name!r} is not a YAML config: give a file of `key: value` lines "
+                  "(task, model, data, ...), e.g. configs/demo.yaml")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise WorkbenchError(f"config file {str(path)!r} is not valid YAML ({first}): fix the syntax") from None
+        raw = parse_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise WorkbenchError(not_config + " (it is not UTF-8 text)") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = str(getattr(exc, "problem", "") or "")[:MAX_SHOWN_CHARS]
+        raise WorkbenchError(f"config file {name!r} is not valid YAML{where} ({problem or 'syntax error'}): "
+                             "fix the syntax") from None
     if raw is None:
-        return {}
+        raise WorkbenchError(f"config file {name!r} is empty: write at least `task:` and `model:` lines "
+                             "(`workbench config` prints every field with its default)")
     if not isinstance(raw, dict):
-        raise WorkbenchError(f"config file {str(path)!r} must hold a mapping of keys (task, model, data, ...)")
+        raise WorkbenchError(not_config)
+    known = {f.name for f in dataclasses.fields(Config)}
+    if not any(isinstance(k, str) and k in known for k in raw):
+        raise WorkbenchError(not_config + f"; none of its {len(raw)} top-level keys is a config section")
     return raw
 
 
@@ -484,9 +529,9 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     """Apply one `section.key=value` override; the value is parsed as YAML."""
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
-        raise WorkbenchError(f"--set {item!r} must look like section.key=value, e.g. train.epochs=3")
+        raise WorkbenchError(f"--set {shown(item)} must look like section.key=value, e.g. train.epochs=3")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = parse_yaml(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
     parts = key.strip().split(".")
@@ -496,7 +541,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise WorkbenchError(f"--set {item!r}: {part!r} is not a section")
+            raise WorkbenchError(f"--set {shown(item)}: {shown(part, 80)} is not a section")
         node = child
     node[parts[-1]] = value
 
@@ -511,13 +556,13 @@ def _nearest(name: str, choices: list[str]) -> str:
 def _build(cls: type, raw: Any, path: str) -> Any:
     where = path or "config"
     if not isinstance(raw, dict):
-        raise WorkbenchError(f"{where} must be a mapping of keys, got {raw!r}")
+        raise WorkbenchError(f"{where} must be a mapping of keys, got {shown(raw)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in names:
-            raise WorkbenchError(f"unknown config key {path + str(key)!r}: {_nearest(str(key), names)}")
+            raise WorkbenchError(f"unknown config key {shown(path + str(key), 80)}: {_nearest(str(key)[:80], names)}")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value if value is not None else {}, path=f"{path}{key}.")
@@ -531,7 +576,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     ok, out = _match(value, hint)
     if ok:
         return out
-    raise WorkbenchError(f"{where} = {value!r} is not allowed: expected {_describe(hint)}")
+    raise WorkbenchError(f"{where} = {shown(value)} is not allowed: expected {_describe(hint)}")
 
 
 def _match(value: Any, hint: Any) -> tuple[bool, Any]:
