@@ -313,6 +313,12 @@ class RunStore:
             )
         self._reserve_outcome(run_id)
 
+    def set_config(self, run_id: str, config: dict[str, Any]) -> None:
+        """The config as the run filled it in (settings left out, chosen from the data): what resume,
+        predict and serve read. The file config.yaml keeps the config as it was asked for."""
+        with self._connect() as db:
+            db.execute("UPDATE runs SET config=? WHERE id=?", (json.dumps(config), run_id))
+
     def set_info(self, run_id: str, info: dict[str, Any]) -> None:
         """Facts known once the model is built (parameter counts, labels, sizes)."""
         with self._connect() as db:
