@@ -11,7 +11,9 @@ The page itself is `widgets.Dashboard`; this file only decides what it starts wi
   every visitor (and every reload) a new kernel, while the run goes on in its own process;
 - at most one training run at a time on this machine: Start is refused, in words, while one is going;
   the check and the queueing of the new run happen under an OS file lock in the run store, so two
-  clicks (two pages, two kernels) cannot both start one.
+  clicks (two pages, two kernels) cannot both start one;
+- a widget callback that fails (or a forged widget message a callback refuses) shows the visitor one line;
+  the traceback, with this machine's paths in it, goes to the server's log (the kernel's stderr) only.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import contextlib
 import html
 import os
 import shlex
+import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -148,13 +152,46 @@ def build(home: Any = None, read_only: bool | None = None) -> Dashboard:
     return dash
 
 
+def one_line(exc: BaseException | None) -> str:
+    """What a visitor is told about an error: a WorkbenchError's own words (written for them), else the type."""
+    if isinstance(exc, WorkbenchError):
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return text[:300]
+    return f"internal error ({type(exc).__name__}): the details are in the server's log"
+
+
+def one_line_errors(shell: Any = None, log: Any = None) -> Callable[..., None] | None:
+    """Make the kernel's `showtraceback` (what ipywidgets calls when a callback or a widget message fails)
+    write the whole traceback to `log` (default: the kernel's own stderr, which is the Voila server's log)
+    and send the page one line. Returns the replacement, or None outside IPython."""
+    if shell is None:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+    if shell is None:
+        return None
+
+    def showtraceback(exc_tuple: Any = None, *args: Any, **kwargs: Any) -> None:
+        etype, value, tb = exc_tuple if exc_tuple else sys.exc_info()
+        stream = log or sys.__stderr__
+        stream.write("dashboard page error:\n" + "".join(traceback.format_exception(etype, value, tb)))
+        stream.flush()
+        line = one_line(value)
+        shell._showtraceback(etype, line, [f"{getattr(etype, '__name__', 'Error')}: {line}"])
+
+    shell.showtraceback = showtraceback
+    return showtraceback
+
+
 def page() -> None:
     """Display the whole page; a failure shows as one line of words, never a traceback."""
+    one_line_errors()
     read_only = env_flag("WORKBENCH_READ_ONLY")
     try:
         body: W.Widget = build(read_only=read_only)
-    except Exception as exc:  # e.g. assets not installed: say what to do
-        text = str(exc) if isinstance(exc, WorkbenchError) else f"{type(exc).__name__}: {exc}"
+    except Exception as exc:  # e.g. assets not installed: say what to do (the traceback: the server's log)
+        traceback.print_exc(file=sys.__stderr__)
+        text = one_line(exc)
         body = W.HTML(f"<div style='color:var(--jp-error-color1,#d32f2f)'>The dashboard could not start: "
                       f"{html.escape(text)}</div>")
     display(W.VBox([header(read_only), body], layout=W.Layout(width="100%")))

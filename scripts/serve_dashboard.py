@@ -16,6 +16,11 @@ What the server enforces:
   refused); on loopback the Host must be localhost or a loopback address;
 - a visitor's kernel is shut down after --cull-idle seconds without activity once its tab is closed
   (default 600 s), which gives its memory back; a page that is open is never culled;
+- a page load sent by another site (Sec-Fetch-Site cross-site or same-site, or an Origin that is not this
+  server) is refused with 403 before any kernel starts: each kernel costs 200-600 MB, and a hostile page
+  could otherwise load the dashboard in a loop from every browser that visits it;
+- at most --max-kernels pages run at once (default 8); the next visitor gets a 503 page saying the
+  dashboard is full and when to retry, instead of a kernel the machine may not have the memory for;
 - a websocket message may be up to twice the dashboard's upload limit, so an upload over the limit
   reaches the page's kernel and is refused there in words instead of closing the connection.
 """
@@ -30,6 +35,8 @@ import secrets
 import socket
 import sys
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "notebooks" / "dashboard.ipynb"
@@ -37,6 +44,7 @@ TOKEN_ENV = "WORKBENCH_DASHBOARD_TOKEN"
 MIN_TOKEN_CHARS = 16
 CULL_IDLE_S = 600  # a closed tab's kernel goes after 10 minutes without activity
 CULL_INTERVAL_S = 60  # how often the server looks for idle kernels
+MAX_KERNELS = 8  # pages served at once: ~580 MB each with the dashboard loaded
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -91,11 +99,75 @@ def tornado_settings(host: str, allowed_hosts: list[str]) -> dict:
     return settings
 
 
-def write_voila_config(folder: Path, host: str, allowed_hosts: list[str]) -> Path:
-    """<folder>/voila.json with the tornado settings (a command line would pass their booleans as strings)."""
-    folder.mkdir(parents=True, exist_ok=True)
+def cross_site_reason(headers: Any, host: str) -> str | None:
+    """Why a page load must not start a kernel (it was sent by another site), or None.
+
+    Browsers say where a request comes from: Sec-Fetch-Site (cross-site, same-site, same-origin, or none for
+    a typed address or a bookmark), and Origin on requests made by scripts. A request without either (a
+    program, an older browser's typed address) is not a page of another site."""
+    site = (headers.get("Sec-Fetch-Site") or "").strip().lower()
+    if site in ("cross-site", "same-site"):
+        return f"this page was requested by another site (Sec-Fetch-Site: {site})"
+    origin = (headers.get("Origin") or "").strip()
+    if origin and (origin == "null" or urlsplit(origin).netloc.lower() != host.lower()):
+        return f"this page was requested by a page of {origin[:100]}"
+    return None
+
+
+def refuse_cross_site(handler: Any, notebook: Any = None, cwd: str | None = None) -> Any:
+    """Voila's prelaunch hook (runs before the page's kernel starts): a 403 page for a load by another site."""
+    import tornado.web
+
+    reason = cross_site_reason(handler.request.headers, handler.request.host)
+    if reason:
+        handler.log.warning("refused a cross-site page load from %s: %s", handler.request.remote_ip, reason)
+        raise tornado.web.HTTPError(403, reason="Cross-site page load refused", log_message=(
+            f"{reason}: open the dashboard by typing or pasting its address in the browser (a link from "
+            "another site cannot start it)"))
+    return notebook
+
+
+def capped_kernel_manager(max_kernels: int) -> type:
+    """The server's kernel manager, refusing a new page (503, in words) while `max_kernels` run or start."""
+    import tornado.web
+    from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
+
+    class CappedKernelManager(AsyncMappingKernelManager):
+        starting = 0  # kernels being started: not yet in list_kernel_ids, but already paid for
+
+        async def start_kernel(self, *args: Any, **kwargs: Any) -> str:
+            if kwargs.get("kernel_id") is None:  # a new kernel, not a restart of a known one
+                running = len(self.list_kernel_ids()) + self.starting
+                if running >= max_kernels:
+                    self.log.warning("dashboard full: %d kernels running or starting, refused one", running)
+                    raise tornado.web.HTTPError(503, reason="Dashboard full", log_message=(
+                        f"the dashboard is full: {max_kernels} pages are open on this server, the most it runs at "
+                        "once. Try again in a few minutes (a closed page frees its place after its idle "
+                        "time), or ask the operator for a larger --max-kernels"))
+            self.starting += 1  # counted before the first await: two loads at once cannot both pass
+            try:
+                return await super().start_kernel(*args, **kwargs)
+            finally:
+                self.starting -= 1
+
+    return CappedKernelManager
+
+
+def write_voila_config(folder: Path, host: str, allowed_hosts: list[str], max_kernels: int = MAX_KERNELS) -> Path:
+    """<folder>/voila.json with the tornado settings (a command line would pass their booleans as strings), and
+    <folder>/voila.py with what only Python can set: the cross-site hook and the capped kernel manager.
+    Returns voila.json's path. The folder is the owner's only (0700)."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(folder, 0o700)
     path = folder / "voila.json"
     path.write_text(json.dumps({"Voila": {"tornado_settings": tornado_settings(host, allowed_hosts)}}, indent=1))
+    (folder / "voila.py").write_text(
+        "# written by scripts/serve_dashboard.py at each start: what a JSON config cannot hold\n"
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
+        "import serve_dashboard\n"
+        "c.VoilaConfiguration.prelaunch_hook = serve_dashboard.refuse_cross_site\n"
+        f"c.VoilaConfiguration.multi_kernel_manager_class = serve_dashboard.capped_kernel_manager({int(max_kernels)})\n")
     return path
 
 
@@ -155,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a host name visitors use (beyond loopback; repeatable; '*' = no Host check)")
     parser.add_argument("--cull-idle", type=int, default=CULL_IDLE_S, metavar="SECONDS",
                         help=f"shut down a closed page's kernel after this many idle seconds (default {CULL_IDLE_S})")
+    parser.add_argument("--max-kernels", type=int, default=MAX_KERNELS, metavar="N",
+                        help=f"pages served at once, each its own kernel of ~580 MB (default {MAX_KERNELS})")
     parser.add_argument("--home", help="run store (default: $WORKBENCH_HOME or ./workbench-runs)")
     parser.add_argument("--read-only", action="store_true", help="no training controls (public demos)")
     args = parser.parse_args(argv)
@@ -164,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         warnings = check_exposure(args.host, token, args.allowed_hosts)
         if args.cull_idle < 1:
             raise Refused(f"--cull-idle {args.cull_idle}: give a number of seconds (at least 1)")
+        if args.max_kernels < 1:
+            raise Refused(f"--max-kernels {args.max_kernels}: give a number of pages (at least 1)")
     except Refused as exc:
         print(f"serve_dashboard: {exc}", file=sys.stderr)
         return 2
@@ -195,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
           "Ctrl-C stops)", flush=True)
     os.chdir(ROOT / "notebooks")
     config_dir = write_voila_config(Path(env["WORKBENCH_HOME"]) / ".dashboard-server", args.host,
-                                    args.allowed_hosts).parent
+                                    args.allowed_hosts, args.max_kernels).parent
     command = voila_command(port, args.host, config_dir, bool(token), args.cull_idle)
     os.execve(command[0], command, env)  # become Voila: signals (Ctrl-C, SIGTERM) reach it directly
     return 0  # not reached

@@ -18,6 +18,12 @@ Layout of the workspace (default ./workbench-runs, or $WORKBENCH_HOME):
 
 The schema is versioned (PRAGMA user_version); an older store is migrated in place
 when it is opened, a newer or corrupt one is refused with a one-line message.
+
+Everything here is the owner's only: the workspace, `runs/` and each run directory are created 0700,
+runs.sqlite and config.yaml 0600 (SQLite gives its -wal and -shm files the database's mode), because a run
+holds user data (its config names the data, its evaluations quote the texts) and its deploy folder the
+serving key's record. `private_files()` makes whatever a run writes meanwhile (checkpoints, evaluations,
+logs, TensorBoard and wandb files) owner-only too.
 """
 
 from __future__ import annotations
@@ -158,14 +164,64 @@ def _is_corrupt(exc: BaseException) -> bool:
     return isinstance(exc, sqlite3.DatabaseError) and any(s in str(exc).lower() for s in _CORRUPT)
 
 
+PRIVATE_UMASK = 0o077  # files 0600, folders 0700
+_umask_lock = threading.Lock()
+_umask_depth = [0, 0]  # [nesting, the umask to restore]
+
+
+@contextmanager
+def private_files() -> Iterator[None]:
+    """Files and folders created inside are owner-only (umask 077), whoever creates them (torch, TensorBoard,
+    wandb). The umask is per process: nested and concurrent uses share one setting, restored by the last."""
+    with _umask_lock:
+        if _umask_depth[0] == 0:
+            _umask_depth[1] = os.umask(PRIVATE_UMASK)
+            os.umask(_umask_depth[1] | PRIVATE_UMASK)
+        _umask_depth[0] += 1
+    try:
+        yield
+    finally:
+        with _umask_lock:
+            _umask_depth[0] -= 1
+            if _umask_depth[0] == 0:
+                os.umask(_umask_depth[1])
+
+
+def private_dir(path: str | Path) -> Path:
+    """`path` as an owner-only folder (0700), made if missing with its missing parents 0700 too; an existing
+    one is tightened (it may hold a secret: a run's deploy folder, the serve folder)."""
+    path = Path(path)
+    missing = [p for p in [path, *path.parents] if not p.exists()]
+    for folder in reversed(missing):
+        folder.mkdir(mode=0o700, exist_ok=True)
+    if path.stat().st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def private_file(path: str | Path, flags: int = os.O_APPEND) -> int:
+    """An owner-only (0600) file opened for writing (plus `flags`: O_APPEND, O_TRUNC, or 0 to write over it in
+    place), as an OS file descriptor; an existing one is tightened."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | flags, 0o600)
+    os.fchmod(fd, 0o600)
+    return fd
+
+
 class RunStore:
     """Reads and writes runs in one workspace directory."""
 
     def __init__(self, home: str | Path | None = None) -> None:
         self.home = Path(home).resolve() if home is not None else default_home()
-        self.home.mkdir(parents=True, exist_ok=True)
-        (self.home / "runs").mkdir(exist_ok=True)
+        if not self.home.exists():
+            private_dir(self.home)  # a workspace we make is the owner's; an existing folder keeps its mode
+        if not (self.home / "runs").exists():
+            private_dir(self.home / "runs")
         self.db_path = self.home / "runs.sqlite"
+        if not self.db_path.exists():
+            try:  # made 0600 before SQLite opens it (it would use 0644 under the usual umask)
+                os.close(os.open(self.db_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:
+                pass
         self._local = threading.local()  # sqlite connections belong to one thread
         self.lost_points = 0  # live records a full disk refused (said in the run's error)
         self.write_error: str | None = None
@@ -270,10 +326,13 @@ class RunStore:
 
         run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
         run_dir = self.run_dir(run_id)
-        run_dir.mkdir(parents=True)
+        run_dir.mkdir(mode=0o700, parents=True)
+        os.chmod(run_dir, 0o700)
         tmp = run_dir / "config.yaml.tmp"
-        tmp.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        with os.fdopen(private_file(tmp, os.O_TRUNC), "w", encoding="utf-8") as f:
+            f.write(yaml.safe_dump(config, sort_keys=False))
         tmp.replace(run_dir / "config.yaml")
+        os.close(private_file(run_dir / "log.txt"))  # 0600 before a launcher appends the run's output to it
         with self._connect() as db:
             db.execute(
                 "INSERT INTO runs (id, name, status, created_at, config) VALUES (?, ?, 'queued', ?, ?)",
@@ -446,7 +505,7 @@ class RunStore:
         """Blank space for the run's end, allocated now while the disk has room."""
         path = self._outcome_path(run_id)
         try:
-            with open(path, "r+b" if path.exists() else "wb") as f:
+            with os.fdopen(private_file(path, 0), "wb") as f:
                 f.write(b" " * OUTCOME_BYTES)
         except OSError:
             path.unlink(missing_ok=True)

@@ -4,9 +4,14 @@ The guard, outermost, does for every request what must never be forgotten by a r
 (every route but /healthz; `Authorization: Bearer KEY`, compared in constant time), the body size limit
 (Content-Length first, then the bytes actually received), the request count by route and status, the
 latency histogram and the in-flight gauge. Routes answer errors as JSON `{"error": {"message", "type",
-"limit"}}`; an unexpected exception becomes a 500 with no traceback and no input text in it. Request log
-lines (logger `workbench.serve`) hold route, status, latency and counts; input text only with
-`log_text=True`.
+"limit"}}`; an unexpected exception becomes a 500 with one line and no input text in it, and its traceback
+(frames only: an exception's message may quote the input) goes to the server log. Request log lines (logger
+`workbench.serve`) hold route, status, latency and counts; input text only with `log_text=True`.
+
+With `allowed_hosts` set (what `serve --no-api-key` does: the loopback names), the guard also refuses a
+foreign Host (DNS rebinding) and requests sent by pages of other sites (connections.py). Texts are checked
+before any tokenizer sees them (inputs.py: unpaired surrogates, NUL, deep JSON, huge integers: 422 naming
+the field); the micro-batcher bounds its queue (503 with Retry-After) and each request's wait (504).
 
 Routes: GET /healthz, /readyz, /metrics, /v1/models; POST /v1/classify, /v1/translate,
 /v1/chat/completions (OpenAI-compatible, `stream: true` as server-sent events).
@@ -19,6 +24,7 @@ import json
 import logging
 import threading
 import time
+import traceback
 import uuid
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
@@ -27,7 +33,9 @@ from fastapi import Request  # at module level: FastAPI resolves route annotatio
 from fastapi.responses import JSONResponse, Response
 
 from .adapter import CHAT, CLASSIFICATION, SEQ2SEQ, ServedModel
-from .batching import MicroBatcher
+from .batching import MicroBatcher, QueueFull, QueueTimeout
+from .connections import cross_site_problem
+from .inputs import InputError, check_text, parse_json
 from .keys import keys_match
 from .monitor import Baseline, ServerMetrics
 
@@ -49,15 +57,29 @@ class ServeSettings:
     max_chars: int = 20_000           # characters in one text or one chat message (413)
     max_messages: int = 64            # messages in one chat request (413)
     max_tokens: int = 512             # the largest max_tokens a chat request may ask for (422)
+    max_queue: int = 128              # texts waiting or running (a chat request counts 1); beyond: 503
+    request_timeout_s: float = 60.0   # the longest a request waits for the model, queue included (504)
+    header_timeout_s: float = 10.0    # a connection's request headers must be complete within this (closed)
+    body_timeout_s: float = 10.0      # the longest pause between two chunks of a request body (408)
+    max_connections: int = 512        # open connections and requests in progress; beyond: 503
+    allowed_hosts: tuple[str, ...] | None = None  # Host names answered, no cross-site calls; None: no check
     log_text: bool = False            # put input texts in request log lines (off: logs carry no text)
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_body_bytes", "max_texts", "max_chars", "max_messages", "max_tokens"):
+        for name in ("max_batch_size", "max_body_bytes", "max_texts", "max_chars", "max_messages", "max_tokens",
+                     "max_queue", "max_connections"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
         if self.max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms!r}")
+        for name in ("request_timeout_s", "header_timeout_s", "body_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be a number of seconds > 0, got {getattr(self, name)!r}")
+        if self.allowed_hosts is not None:
+            self.allowed_hosts = tuple(self.allowed_hosts)
+            if not self.allowed_hosts:
+                raise ValueError("allowed_hosts is empty: name at least one host (or '*' for any)")
 
 
 class ApiError(Exception):
@@ -79,9 +101,24 @@ class BodyTooLarge(Exception):
     pass
 
 
+class BodyTimeout(Exception):
+    pass
+
+
+def log_internal_error(where: str, exc: BaseException) -> None:
+    """One line and the traceback's frames in the server log (not the message: it may quote the input)."""
+    frames = "".join(traceback.format_tb(exc.__traceback__)).rstrip()
+    log.error("internal error on %s: %s\n%s", where, type(exc).__name__, frames)
+
+
 def _too_large(limit: int) -> ApiError:
     return ApiError(413, f"request body is larger than max_body_bytes={limit}: send less per request "
                          "(or start the server with a larger --max-body-bytes)", "limit_exceeded", "max_body_bytes")
+
+
+def _stalled(timeout_s: float) -> ApiError:
+    return ApiError(408, f"the request body stalled for more than body_timeout_s={timeout_s:g} s: send the whole "
+                         "body at once", "timeout", "body_timeout_s")
 
 
 async def _send_error(send: Callable[[dict], Awaitable[None]], error: ApiError) -> None:
@@ -93,10 +130,56 @@ async def _send_error(send: Callable[[dict], Awaitable[None]], error: ApiError) 
 
 
 class Guard:
-    """ASGI wrapper: API key, body limit, request metrics, and a JSON 500 when anything escapes."""
+    """ASGI wrapper: Host / Origin allow-list, API key, body limit and deadline, request metrics, and a JSON 500
+    when anything escapes."""
 
     def __init__(self, app: Any, api_key: str | None, settings: ServeSettings, metrics: ServerMetrics) -> None:
         self.app, self.api_key, self.settings, self.metrics = app, api_key, settings, metrics
+
+    def _refusal(self, path: str, headers: dict[bytes, bytes]) -> ApiError | None:
+        """The error to answer before the app runs: a foreign site or Host, no key, a declared body too large."""
+        if self.settings.allowed_hosts is not None:
+            problem = cross_site_problem(headers, self.settings.allowed_hosts)
+            if problem:
+                return ApiError(403, problem, "permission_error", "allowed_hosts")
+        if path != "/healthz" and self.api_key is not None:
+            auth = headers.get(b"authorization", b"").decode("latin-1")
+            scheme, _, given = auth.partition(" ")
+            if scheme.lower() != "bearer" or not keys_match(given.strip(), self.api_key):
+                return ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>' (the "
+                                     "key is stored in <home>/serve/api_key, mode 0600)", "authentication_error",
+                                headers={"WWW-Authenticate": "Bearer"})
+        try:
+            declared = int(headers.get(b"content-length", b"0") or 0)
+        except ValueError:
+            declared = 0
+        if declared > self.settings.max_body_bytes:
+            return _too_large(self.settings.max_body_bytes)
+        return None
+
+    def _limited(self, receive: Callable) -> Callable:
+        """`receive` held to the body limit, and to body_timeout_s between chunks until the body is complete
+        (after it, a receive waits for the disconnect: a stream may last longer)."""
+        limit, timeout = self.settings.max_body_bytes, self.settings.body_timeout_s
+        received, complete = [0], [False]
+
+        async def limited_receive() -> dict:
+            if complete[0]:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), timeout)
+            except (asyncio.TimeoutError, TimeoutError):
+                raise BodyTimeout() from None
+            if message["type"] == "http.request":
+                received[0] += len(message.get("body", b""))
+                if received[0] > limit:
+                    raise BodyTooLarge()
+                complete[0] = not message.get("more_body", False)
+            else:
+                complete[0] = True
+            return message
+
+        return limited_receive
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -114,41 +197,20 @@ class Guard:
 
         self.metrics.in_flight.inc()
         try:
-            headers = {k.lower(): v for k, v in scope.get("headers", [])}
-            if path != "/healthz" and self.api_key is not None:
-                auth = headers.get(b"authorization", b"").decode("latin-1")
-                scheme, _, given = auth.partition(" ")
-                if scheme.lower() != "bearer" or not keys_match(given.strip(), self.api_key):
-                    await _send_error(tracked_send, ApiError(
-                        401, "missing or wrong API key: send the header 'Authorization: Bearer <key>' (the key "
-                             "was printed by the first `workbench serve`; it is stored in <home>/serve/api_key)",
-                        "authentication_error", headers={"WWW-Authenticate": "Bearer"}))
-                    return
-            limit = self.settings.max_body_bytes
-            try:
-                declared = int(headers.get(b"content-length", b"0") or 0)
-            except ValueError:
-                declared = 0
-            if declared > limit:
-                await _send_error(tracked_send, _too_large(limit))
+            refusal = self._refusal(path, {k.lower(): v for k, v in scope.get("headers", [])})
+            if refusal is not None:
+                await _send_error(tracked_send, refusal)
                 return
-            received = [0]
-
-            async def limited_receive() -> dict:
-                message = await receive()
-                if message["type"] == "http.request":
-                    received[0] += len(message.get("body", b""))
-                    if received[0] > limit:
-                        raise BodyTooLarge()
-                return message
-
             try:
-                await self.app(scope, limited_receive, tracked_send)
+                await self.app(scope, self._limited(receive), tracked_send)
             except BodyTooLarge:
                 if not status[0]:
-                    await _send_error(tracked_send, _too_large(limit))
-        except Exception as exc:  # never a traceback to the client: one line in the server log, type only
-            log.error("internal error on %s: %s", route, type(exc).__name__)
+                    await _send_error(tracked_send, _too_large(self.settings.max_body_bytes))
+            except BodyTimeout:
+                if not status[0]:
+                    await _send_error(tracked_send, _stalled(self.settings.body_timeout_s))
+        except Exception as exc:  # never a traceback to the client: one line; the frames go to the server log
+            log_internal_error(route, exc)
             if not status[0]:
                 await _send_error(tracked_send, ApiError(500, "internal error: the server failed on this request "
                                                               "(see the server log)", "internal_error"))
@@ -193,13 +255,29 @@ class ServerState:
 
 def _json_body(raw: bytes) -> dict[str, Any]:
     try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ApiError(422, f"the body is not valid JSON ({type(exc).__name__} at position "
-                            f"{getattr(exc, 'pos', 0)}): send a JSON object") from None
-    if not isinstance(data, dict):
-        raise ApiError(422, f"the body is a JSON {type(data).__name__}: send a JSON object")
-    return data
+        return parse_json(raw)
+    except InputError as exc:
+        raise ApiError(422, str(exc)) from None
+
+
+def _text(text: str, field: str) -> str:
+    try:
+        return check_text(text, field)
+    except InputError as exc:
+        raise ApiError(422, str(exc)) from None
+
+
+async def _queued(work: Awaitable[Any]) -> Any:
+    """The batcher's answer; a full queue is 503 with Retry-After, a passed deadline 504."""
+    try:
+        return await work
+    except QueueFull as exc:
+        raise ApiError(503, f"the server is busy ({exc}); the queue is bounded by max_queue={exc.limit}",
+                       "overloaded", "max_queue", headers={"Retry-After": str(exc.retry_after)}) from None
+    except QueueTimeout as exc:
+        raise ApiError(504, f"the model did not answer within request_timeout_s={exc.timeout_s:g} s: the server "
+                            "is overloaded; retry later or send fewer texts per request", "timeout",
+                       "request_timeout_s") from None
 
 
 def _texts(data: dict[str, Any], settings: ServeSettings) -> list[str]:
@@ -219,6 +297,7 @@ def _texts(data: dict[str, Any], settings: ServeSettings) -> list[str]:
         if len(t) > settings.max_chars:
             raise ApiError(413, f"texts[{i}] has {len(t)} characters, more than max_chars={settings.max_chars}: "
                                 "shorten it or split it", "limit_exceeded", "max_chars")
+        _text(t, f"texts[{i}]")
     return texts
 
 
@@ -244,6 +323,7 @@ def _messages(data: dict[str, Any], settings: ServeSettings) -> list[dict[str, s
         if len(content) > settings.max_chars:
             raise ApiError(413, f"messages[{i}] has {len(content)} characters, more than "
                                 f"max_chars={settings.max_chars}", "limit_exceeded", "max_chars")
+        _text(content, f"messages[{i}].content")
         out.append({"role": m["role"], "content": content})
     if out[-1]["role"] != "user":
         raise ApiError(422, "the last message must come from the user: the model answers it")
@@ -329,7 +409,8 @@ def _lifespan(loader: Callable[[], ServedModel] | ServedModel, state: ServerStat
     @asynccontextmanager
     async def lifespan(app: Any):
         state.batcher = MicroBatcher(state.run_batch, settings.max_batch_size, settings.max_wait_ms,
-                                     metrics.batch_size.observe)
+                                     metrics.batch_size.observe, max_queue=settings.max_queue,
+                                     timeout_s=settings.request_timeout_s)
         await state.batcher.start()
         if isinstance(loader, ServedModel):
             load()
@@ -372,9 +453,13 @@ def _add_error_handlers(app: Any, settings: ServeSettings) -> None:
     async def _body_too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
         return _error_response(_too_large(settings.max_body_bytes))
 
+    @app.exception_handler(BodyTimeout)
+    async def _body_timeout(request: Request, exc: BodyTimeout) -> JSONResponse:
+        return _error_response(_stalled(settings.body_timeout_s))
+
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
-        log.error("internal error on %s: %s", request.url.path, type(exc).__name__)
+        log_internal_error(request.url.path, exc)
         return _error_response(ApiError(500, "internal error: the server failed on this request (see the server "
                                              "log)", "internal_error"))
 
@@ -416,7 +501,7 @@ def _add_text_routes(app: Any, state: ServerState) -> None:
         metrics.observe_inputs([len(t) for t in texts])
         if settings.log_text:
             log.info("classify texts: %s", json.dumps(texts)[:2000])
-        results = await state.batcher.submit(texts)
+        results = await _queued(state.batcher.submit(texts))
         metrics.texts.inc(len(texts))
         metrics.observe_labels([r["label"] for r in results if "label" in r])
         metrics.observe_values([r["value"] for r in results if "value" in r])
@@ -431,7 +516,7 @@ def _add_text_routes(app: Any, state: ServerState) -> None:
         metrics.observe_inputs([len(t) for t in texts])
         if settings.log_text:
             log.info("translate texts: %s", json.dumps(texts)[:2000])
-        outputs = await state.batcher.submit(texts)
+        outputs = await _queued(state.batcher.submit(texts))
         metrics.texts.inc(len(texts))
         return {"model": served.run_id, "translations": outputs}
 
@@ -465,7 +550,7 @@ def _add_chat_route(app: Any, state: ServerState) -> None:
             metrics.batch_size.observe(1)
             return served.answer(messages, max_tokens, temperature, top_p)
 
-        answer = await state.batcher.run_alone(work)
+        answer = await _queued(state.batcher.run_alone(work))
         completion_tokens = sum(served.count_tokens([answer], truncate=False)) if answer else 0
         metrics.tokens_out.inc(completion_tokens)
         metrics.texts.inc()
@@ -508,7 +593,7 @@ async def _stream(served: ServedModel, metrics: ServerMetrics, messages: list[di
                 text.append(value)
                 yield chunk({"content": value})
             elif kind == "error":
-                log.error("internal error on chat stream: %s", type(value).__name__)
+                log_internal_error("chat stream", value)
                 error = {"error": {"message": "internal error while generating", "type": "internal_error"}}
                 yield f"data: {json.dumps(error)}\n\n"
                 return

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import WorkbenchError
-from ..store import RunStore
+from ..store import RunStore, private_dir, private_files
 
 ARTIFACTS = ("int8", "prune", "onnx")
 NAMES = {"int8": "int8", "prune": "pruned", "onnx": "onnx"}
@@ -363,8 +363,15 @@ def optimize(run: str = "latest", home: str | Path | None = None, int8: bool = T
              progress: Progress | None = None) -> dict[str, Any]:
     """Make the asked artifacts, measure them against fp32, write the report; returns it (plain values).
 
-    `progress(stage, fraction)` is called as work goes (fraction 0..1 within the stage).
+    `progress(stage, fraction)` is called as work goes (fraction 0..1 within the stage). The artifacts (the
+    run's weights) and the report are owner-only, as everything in a run's folder.
     """
+    with private_files():
+        return _optimize(run, home, int8, prune, onnx, prune_heads, prune_ffn, max_eval, progress)
+
+
+def _optimize(run: str, home: str | Path | None, int8: bool, prune: bool, onnx: bool, prune_heads: float,
+              prune_ffn: float, max_eval: int | None, progress: Progress | None) -> dict[str, Any]:
     import torch
 
     from .runs import eval_split
@@ -381,8 +388,7 @@ def optimize(run: str = "latest", home: str | Path | None = None, int8: bool = T
     texts, gold, labels = eval_split(record)
     if max_eval:
         texts, gold = texts[:max_eval], gold[:max_eval]
-    out_root = run_dir / "deploy"
-    out_root.mkdir(parents=True, exist_ok=True)
+    out_root = private_dir(run_dir / "deploy")  # 0700: the server's record and log live here too
     threads = torch.get_num_threads()
     predictors: dict[str, TorchPredictor] = {"fp32": fp32}
     made: dict[str, dict[str, Any]] = {}

@@ -7,11 +7,22 @@ model is never called on the event loop, and never from two threads at once). Wh
 new requests queue up, so under load the next group fills without waiting: throughput grows with
 concurrency. A request with more items than `max_batch_size` runs alone (the model chunks it).
 `max_batch_size=1` is batch-1 serving: one request per model call.
+
+Two things keep one client from hurting the others:
+- a group that fails is run again one request at a time, so an input that breaks the model fails its own
+  request only (before this, one text the tokenizer refused failed every request grouped with it: with 4
+  clients sending such a text, 99 of 100 normal requests from a fifth got 500);
+- the queue is bounded (`max_queue` items waiting or running; `QueueFull` beyond it, with a retry delay) and
+  every wait has a deadline (`timeout_s`; `QueueTimeout`): a backlog of large requests delays a small one by at
+  most the time the bounded queue takes, never without end (8 requests of 64 long texts had delayed a
+  1-text request by 17.7 s). The server answers these 503 with Retry-After and 504.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -19,17 +30,41 @@ Item = Any
 Job = tuple[list[Item], "asyncio.Future[list[Any]]"]
 
 
+class QueueFull(Exception):
+    """The queue holds `max_queue` items already: try again after `retry_after` seconds."""
+
+    def __init__(self, waiting: int, limit: int, retry_after: int) -> None:
+        super().__init__(f"{waiting} items are waiting, the queue holds at most {limit}: retry in {retry_after} s")
+        self.waiting, self.limit, self.retry_after = waiting, limit, retry_after
+
+
+class QueueTimeout(Exception):
+    """A request waited (queued and running) longer than the batcher's `timeout_s`."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(f"no answer within {timeout_s:g} s")
+        self.timeout_s = timeout_s
+
+
 class MicroBatcher:
     """Groups `submit` calls into calls of `fn(items) -> results` (same length, same order)."""
 
     def __init__(self, fn: Callable[[list[Item]], list[Any]], max_batch_size: int = 32, max_wait_ms: float = 5.0,
-                 on_batch: Callable[[int], None] | None = None) -> None:
+                 on_batch: Callable[[int], None] | None = None, max_queue: int = 1024,
+                 timeout_s: float | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        if timeout_s is not None and timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0 (or None for no deadline), got {timeout_s}")
         self.fn, self.max_batch_size, self.max_wait = fn, max_batch_size, max_wait_ms / 1000.0
         self.on_batch = on_batch  # called on the worker thread with each group's item count (metrics)
+        self.max_queue, self.timeout_s = max_queue, timeout_s
+        self.waiting = 0  # items admitted and not yet answered (queued or in the model)
+        self._seconds_per_item = 0.0  # of the last model call: how long the queue takes to drain (Retry-After)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._queue: asyncio.Queue[Job] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -49,17 +84,44 @@ class MicroBatcher:
                 pass
         self._executor.shutdown(wait=True)
 
+    def _admit(self, count: int) -> None:
+        """Count `count` items in, or QueueFull. An empty queue takes any request (a larger one runs alone)."""
+        if self.waiting and self.waiting + count > self.max_queue:
+            drain = self.waiting * self._seconds_per_item
+            raise QueueFull(self.waiting, self.max_queue, max(1, math.ceil(drain)))
+        self.waiting += count
+
+    async def _deadline(self, awaitable: Any) -> Any:
+        if self.timeout_s is None:
+            return await awaitable
+        try:
+            return await asyncio.wait_for(awaitable, self.timeout_s)
+        except (asyncio.TimeoutError, TimeoutError):
+            raise QueueTimeout(self.timeout_s) from None
+
     async def submit(self, items: list[Item]) -> list[Any]:
-        """This request's results, in order; the model's exception is raised here."""
+        """This request's results, in order; the model's exception is raised here; QueueFull when the queue is
+        full, QueueTimeout past the deadline (the request is then dropped from its group if not yet run)."""
         if self._queue is None:
             raise RuntimeError("MicroBatcher.start() was not awaited")
+        items = list(items)
+        self._admit(len(items))
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        await self._queue.put((list(items), future))
-        return await future
+        try:
+            await self._queue.put((items, future))
+            return await self._deadline(asyncio.shield(future))
+        finally:
+            future.cancel()  # no-op when answered; else the collector skips it
+            self.waiting -= len(items)
 
     async def run_alone(self, fn: Callable[[], Any]) -> Any:
-        """Run `fn()` on the model's worker thread, between groups (for work that is not batched)."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        """Run `fn()` on the model's worker thread, between groups (for work that is not batched); held to the
+        same queue bound (as one item) and deadline as `submit`."""
+        self._admit(1)
+        try:
+            return await self._deadline(asyncio.get_running_loop().run_in_executor(self._executor, fn))
+        finally:
+            self.waiting -= 1
 
     # --- the collector ---------------------------------------------------------------------------------
     async def _next_group(self) -> list[Job]:
@@ -96,21 +158,44 @@ class MicroBatcher:
             flat = [item for items, _ in group for item in items]
             try:
                 results = await loop.run_in_executor(self._executor, self._run, flat)
-            except Exception as exc:  # every request of the group gets the error; the collector goes on
-                for _, future in group:
-                    if not future.done():
-                        future.set_exception(exc)
+            except Exception as exc:
+                if len(group) == 1:
+                    _settle(group[0][1], error=exc)
+                else:  # one request's input broke the call: each alone, so it fails its own request only
+                    await self._one_by_one(group)
                 continue
             start = 0
             for items, future in group:
-                if not future.done():
-                    future.set_result(results[start: start + len(items)])
+                _settle(future, results[start: start + len(items)])
                 start += len(items)
+
+    async def _one_by_one(self, group: list[Job]) -> None:
+        loop = asyncio.get_running_loop()
+        for items, future in group:
+            if future.done():  # its client went away or its deadline passed meanwhile
+                continue
+            try:
+                _settle(future, await loop.run_in_executor(self._executor, self._run, items))
+            except Exception as exc:
+                _settle(future, error=exc)
 
     def _run(self, items: list[Item]) -> list[Any]:
         if self.on_batch is not None:
             self.on_batch(len(items))
+        start = time.perf_counter()
         results = self.fn(items)
+        self._seconds_per_item = (time.perf_counter() - start) / max(1, len(items))
         if len(results) != len(items):
             raise RuntimeError(f"model returned {len(results)} results for {len(items)} inputs")
         return results
+
+
+def _settle(future: "asyncio.Future[list[Any]]", result: list[Any] | None = None,
+            error: BaseException | None = None) -> None:
+    """Answer a request unless it was answered or abandoned (a client gone, a deadline passed)."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

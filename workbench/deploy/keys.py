@@ -10,6 +10,7 @@ import stat
 from pathlib import Path
 
 from ..errors import WorkbenchError
+from ..store import private_dir
 
 KEY_PREFIX = "wb-"
 
@@ -21,7 +22,7 @@ def key_path(home: str | Path) -> Path:
 
 def write_key_file(path: Path, key: str) -> None:
     """Write `key` readable by its owner only (0600), atomically; the file never exists with a wider mode."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(path.parent)
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:

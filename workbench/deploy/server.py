@@ -1,10 +1,15 @@
 """Running the server: in this process (`serve`, what `workbench serve` calls) or as a background process that
 outlives its caller (`start_server` / `server_status` / `stop_server`, for notebooks and the dashboard).
 
-A running server records itself in `<run dir>/deploy/server.json` (mode 0600: it holds the key): pid, host,
-port, url, artifact, the key and the key file. uvicorn drains on SIGTERM or Ctrl-C: it stops accepting
-connections, lets the requests in flight (streams included) finish, up to `drain_seconds`, then the
-micro-batcher stops and the record is removed.
+A running server records itself in `<run dir>/deploy/server.json`: pid, host, port, url, artifact and the key
+file (not the key: the key file is the one file that holds it; `server_status` reads it from there). The
+deploy folder is 0700 and its files 0600; the key is printed only to a terminal, never into server.log (the
+output of a background server). uvicorn drains on SIGTERM or Ctrl-C: it stops accepting connections, lets
+the requests in flight (streams included) finish, up to `drain_seconds`, then the micro-batcher stops and
+the record is removed.
+
+Connections: request headers must be complete within `header_timeout_s` (else closed), an idle keep-alive
+connection is closed after 5 s, and at most `max_connections` are served at once (503 beyond).
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import WorkbenchError
-from ..store import RunStore, pid_alive
+from ..store import RunStore, pid_alive, private_dir, private_file, private_files
 from .app import ServeSettings, create_app
+from .connections import LOOPBACK_NAMES, deadline_protocol
 from .keys import ensure_api_key, is_loopback, key_path, mask, read_key_file, write_key_file
 
 STATE_FILE = "server.json"
@@ -31,6 +37,41 @@ STATE_FILE = "server.json"
 
 def deploy_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "deploy"
+
+
+def uvicorn_config(app: Any, settings: ServeSettings | None, drain_seconds: float) -> Any:
+    """uvicorn's settings for a served app: the header deadline, the connection cap, quiet logs."""
+    import uvicorn
+
+    settings = settings or getattr(app, "settings", None) or ServeSettings()
+    return uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=drain_seconds,
+                          lifespan="on", server_header=False, http=deadline_protocol(settings.header_timeout_s),
+                          timeout_keep_alive=5, limit_concurrency=settings.max_connections)
+
+
+def with_key(info: dict[str, Any]) -> dict[str, Any]:
+    """A server record with its key read from the key file (in memory only), when it has one."""
+    key_file = info.get("api_key_file")
+    if key_file and not info.get("api_key"):
+        try:
+            info = {**info, "api_key": read_key_file(key_file)}
+        except WorkbenchError:
+            info = {**info, "api_key": None}
+    return info
+
+
+def announce_key(key: str | None, created: bool, key_file: str, echo: Callable[[str], None], terminal: bool
+                 ) -> None:
+    """Say which key guards the server. The key itself only on a terminal, the first time: a background
+    server's output goes to server.log, and a log is no place for a secret."""
+    if key is None:
+        echo("no API key: every route is open (loopback only; Host names checked, cross-site calls refused)")
+    elif created and terminal:
+        echo(f"API key (shown once; kept in {key_file}, mode 0600): {key}")
+    elif created:
+        echo(f"API key made and kept in {key_file} (mode 0600); not printed here: this output is not a terminal")
+    else:
+        echo(f"API key {mask(key)} from {key_file}")
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -77,8 +118,21 @@ def artifact_warning(run_dir: str | Path, artifact: str | None) -> str | None:
 
 def serve(run: str = "latest", home: str | Path | None = None, host: str = "127.0.0.1", port: int = 0,
           artifact: str | None = None, settings: ServeSettings | None = None, api_key_file: str | None = None,
-          no_api_key: bool = False, drain_seconds: float = 30.0, echo: Callable[[str], None] = print) -> None:
-    """Serve a run until SIGTERM / Ctrl-C (blocking). Prints the URL (and the key, the first time only)."""
+          no_api_key: bool = False, drain_seconds: float = 30.0, echo: Callable[[str], None] = print,
+          terminal: bool | None = None) -> None:
+    """Serve a run until SIGTERM / Ctrl-C (blocking). Prints the URL (and the key, the first time only, when
+    `terminal`: by default when stdout is one). Without a key, only loopback Host names are answered unless
+    `settings.allowed_hosts` names others."""
+    with private_files():
+        _serve(run, home, host, port, artifact, settings, api_key_file, no_api_key, drain_seconds, echo,
+               sys.stdout.isatty() if terminal is None else terminal)
+
+
+def _serve(run: str, home: str | Path | None, host: str, port: int, artifact: str | None,
+           settings: ServeSettings | None, api_key_file: str | None, no_api_key: bool, drain_seconds: float,
+           echo: Callable[[str], None], terminal: bool) -> None:
+    import dataclasses
+
     import uvicorn
 
     from .adapter import drift_baseline, load_served_model
@@ -94,6 +148,8 @@ def serve(run: str = "latest", home: str | Path | None = None, host: str = "127.
         echo(warning)
     key, created, key_file = resolve_key(store.home, host, api_key_file, no_api_key)
     settings = settings or ServeSettings()
+    if key is None and settings.allowed_hosts is None:  # an open server answers this machine's names only
+        settings = dataclasses.replace(settings, allowed_hosts=LOOPBACK_NAMES)
     sock = _bind(host, port)
     port = sock.getsockname()[1]
     shown_host = f"[{host}]" if ":" in host else host
@@ -102,21 +158,14 @@ def serve(run: str = "latest", home: str | Path | None = None, host: str = "127.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     app, state = create_app(lambda: load_served_model(run_id, store.home, artifact), settings, key,
                             baseline=lambda served: drift_baseline(record))
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=drain_seconds,
-                            lifespan="on", server_header=False)
-    server = uvicorn.Server(config)
-    state_path = deploy_dir(run_dir) / STATE_FILE
+    server = uvicorn.Server(uvicorn_config(app, settings, drain_seconds))
+    state_path = private_dir(deploy_dir(run_dir)) / STATE_FILE
     write_key_file(state_path, json.dumps({
         "run": run_id, "pid": os.getpid(), "host": host, "port": port, "url": url, "artifact": artifact or "fp32",
-        "api_key": key, "api_key_file": key_file, "started_at": time.time(),
+        "api_key_file": key_file, "started_at": time.time(),
         "max_batch_size": settings.max_batch_size, "max_wait_ms": settings.max_wait_ms}))
     echo(f"serving run {run_id} ({artifact or 'fp32'}) at {url}")
-    if key is None:
-        echo("no API key: every route is open (loopback only)")
-    elif created:
-        echo(f"API key (shown once; kept in {key_file}, mode 0600): {key}")
-    else:
-        echo(f"API key {mask(key)} from {key_file}")
+    announce_key(key, created, key_file, echo, terminal)
     echo(f"try: curl -H 'Authorization: Bearer <key>' {url}/readyz   (Ctrl-C or SIGTERM stops it, draining)")
     if threading.current_thread() is threading.main_thread():
         # uvicorn drains on SIGTERM, then re-raises it with the handler found at start: a no-op here, so the
@@ -147,7 +196,7 @@ def server_status(run: str = "latest", home: str | Path | None = None) -> dict[s
     if not pid_alive(info.get("pid")):
         path.unlink(missing_ok=True)  # a server killed without draining left its record behind
         return None
-    return info
+    return with_key(info)
 
 
 def start_server(run: str = "latest", home: str | Path | None = None, artifact: str | None = None,
@@ -165,8 +214,7 @@ def start_server(run: str = "latest", home: str | Path | None = None, artifact: 
     if running:
         raise WorkbenchError(f"run {run_id} is already served at {running['url']} (pid {running['pid']}): "
                              "stop it first")
-    out_dir = deploy_dir(record["dir"])
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = private_dir(deploy_dir(record["dir"]))
     log_path = out_dir / "server.log"
     cmd = [sys.executable, "-m", "workbench", "--home", str(store.home), "serve", run_id, "--host", host,
            "--port", str(port), "--max-batch-size", str(max_batch_size), "--max-wait-ms", str(max_wait_ms)]
@@ -175,7 +223,7 @@ def start_server(run: str = "latest", home: str | Path | None = None, artifact: 
     if api_key_file:
         cmd += ["--api-key-file", str(api_key_file)]
     cmd += list(extra_args or [])
-    with open(log_path, "ab") as log_file:
+    with os.fdopen(private_file(log_path), "ab") as log_file:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                                 start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + timeout
@@ -190,6 +238,7 @@ def start_server(run: str = "latest", home: str | Path | None = None, artifact: 
         except (OSError, ValueError):
             info = None
         if info and info.get("pid") == proc.pid:
+            info = with_key(info)
             headers = {"Authorization": f"Bearer {info['api_key']}"} if info.get("api_key") else {}
             try:
                 r = httpx.get(info["url"] + "/readyz", headers=headers, timeout=5)
@@ -261,9 +310,7 @@ class ThreadedServer:
         self.sock = _bind(host, port)
         self.port = self.sock.getsockname()[1]
         self.url = f"http://{host}:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                                timeout_graceful_shutdown=drain_seconds)
-        self.server = uvicorn.Server(config)
+        self.server = uvicorn.Server(uvicorn_config(app, None, drain_seconds))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name="uvicorn", daemon=True)
 

@@ -24,7 +24,7 @@ import torch
 from ..callbacks import Callback, CallbackList, TrainControl, TrainState
 from ..config import Config
 from ..errors import StopRequested, WorkbenchError
-from ..store import RunStore
+from ..store import RunStore, private_file, private_files
 from ..tracking import default_callbacks
 
 INTERNAL_ERROR = "internal error: "
@@ -71,8 +71,17 @@ def run_lifecycle(config: Config, store: RunStore, run_id: str | None, callbacks
     """Register (or resume) the run, do `work`, and record its outcome; returns the run's record.
 
     `share` hands the main process's run id to the others (torchrun); `main` is whether this process writes
-    the store.
+    the store. Every file the run writes meanwhile (checkpoints, evaluations quoting the data, logs,
+    TensorBoard and wandb files) is owner-only: they are written by torch and the trackers, so a umask is the
+    one place that reaches them all.
     """
+    with private_files():
+        return _run_lifecycle(config, store, run_id, callbacks, work, device, main, share)
+
+
+def _run_lifecycle(config: Config, store: RunStore, run_id: str | None, callbacks: list[Callback] | None,
+                   work: Callable[[RunContext], None], device: torch.device, main: bool,
+                   share: Callable[[str], str]) -> dict[str, Any]:
     previous_threads = torch.get_num_threads()  # restored at the end: a notebook kernel keeps its own
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
@@ -152,7 +161,7 @@ def restore_signal_handlers(previous: dict[int, Any]) -> None:
 
 def log_traceback(run_dir: Path) -> None:
     try:
-        with open(run_dir / "log.txt", "a", encoding="utf-8") as f:
+        with os.fdopen(private_file(run_dir / "log.txt"), "a", encoding="utf-8") as f:
             f.write(traceback.format_exc())
     except OSError:
         print(traceback.format_exc(), file=sys.stderr)
