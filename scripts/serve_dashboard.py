@@ -121,9 +121,10 @@ def refuse_cross_site(handler: Any, notebook: Any = None, cwd: str | None = None
     reason = cross_site_reason(handler.request.headers, handler.request.host)
     if reason:
         handler.log.warning("refused a cross-site page load from %s: %s", handler.request.remote_ip, reason)
-        raise tornado.web.HTTPError(403, reason="Cross-site page load refused", log_message=(
-            f"{reason}: open the dashboard by typing or pasting its address in the browser (a link from "
-            "another site cannot start it)"))
+        # Voila's error page shows the status and its reason only: the reason is the sentence
+        words = (f"{reason}. Open the dashboard by typing or pasting its address in the browser: a page of "
+                 "another site cannot start it")
+        raise tornado.web.HTTPError(403, reason=words, log_message=words)
     return notebook
 
 
@@ -140,10 +141,10 @@ def capped_kernel_manager(max_kernels: int) -> type:
                 running = len(self.list_kernel_ids()) + self.starting
                 if running >= max_kernels:
                     self.log.warning("dashboard full: %d kernels running or starting, refused one", running)
-                    raise tornado.web.HTTPError(503, reason="Dashboard full", log_message=(
-                        f"the dashboard is full: {max_kernels} pages are open on this server, the most it runs at "
-                        "once. Try again in a few minutes (a closed page frees its place after its idle "
-                        "time), or ask the operator for a larger --max-kernels"))
+                    words = (f"The dashboard is full: {max_kernels} pages are open on this server, the most it "
+                             "runs at once. Try again in a few minutes (a closed page frees its place after its "
+                             "idle time), or ask the operator for a larger --max-kernels")
+                    raise tornado.web.HTTPError(503, reason=words, log_message=words)
             self.starting += 1  # counted before the first await: two loads at once cannot both pass
             try:
                 return await super().start_kernel(*args, **kwargs)

@@ -52,12 +52,11 @@ def uvicorn_config(app: Any, settings: ServeSettings | None, drain_seconds: floa
 def with_key(info: dict[str, Any]) -> dict[str, Any]:
     """A server record with its key read from the key file (in memory only), when it has one."""
     key_file = info.get("api_key_file")
-    if key_file and not info.get("api_key"):
-        try:
-            info = {**info, "api_key": read_key_file(key_file)}
-        except WorkbenchError:
-            info = {**info, "api_key": None}
-    return info
+    try:
+        key = info.get("api_key") or (read_key_file(key_file) if key_file else None)
+    except WorkbenchError:  # the file was removed or opened up since: no key to offer
+        key = None
+    return {**info, "api_key": key}
 
 
 def announce_key(key: str | None, created: bool, key_file: str, echo: Callable[[str], None], terminal: bool
