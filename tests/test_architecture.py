@@ -14,11 +14,11 @@ UI_PACKAGES = ("ipywidgets", "plotly", "widgets", "IPython", "anywidget", "voila
 # Lower layers never import higher ones; a module may import its own layer (no cycles, checked apart).
 LAYERS = [
     ("foundation", ("errors", "config", "catalog", "callbacks", "kernels", "store")),
-    ("records", ("data", "metrics", "tracking")),
+    ("records", ("data", "metrics", "tracking", "classical")),
     ("models", ("models",)),
     ("tasks", ("tasks",)),
     ("loop", ("loop",)),
-    ("services", ("launch", "predict", "export", "ladder", "deploy")),
+    ("services", ("launch", "predict", "evaluate", "export", "ladder", "deploy")),
     ("entry points", ("cli", "__init__", "__main__")),
 ]
 

@@ -46,12 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     rst.add_argument("--force", action="store_true",
                      help="mark a stale run stopped (its process is gone or on another machine)")
 
-    pr = sub.add_parser("predict", help="classify texts with a run's best model (a chat run answers them, "
-                                        "a seq2seq run translates them)")
-    pr.add_argument("run")
-    pr.add_argument("--text", action="append", default=[], help="a text (repeatable)")
-    pr.add_argument("--file", help="a file with one text per line")
-    pr.add_argument("--json", action="store_true")
+    _answer_commands(sub)
 
     a = sub.add_parser("assets", help="the offline catalog of models and data")
     asub = a.add_subparsers(dest="assets_command", required=True, metavar="ACTION")
@@ -122,6 +117,25 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _answer_commands(sub: Any) -> None:
+    """predict and evaluate: a finished run answers texts, or is scored on a labelled file."""
+    pr = sub.add_parser("predict", help="classify texts with a run's best model (a chat run answers them, "
+                                        "a seq2seq run translates them)")
+    pr.add_argument("run")
+    pr.add_argument("--text", action="append", default=[], help="a text (repeatable)")
+    pr.add_argument("--file", help="a table (CSV, TSV, JSONL, JSON, Parquet: its text column) or any other file "
+                                   "with one text per line")
+    pr.add_argument("--text-column", help="the text column of a --file table (detected when left out)")
+    pr.add_argument("--json", action="store_true")
+
+    ev = sub.add_parser("evaluate", help="score a run on a separate labelled file, beside its classical baseline")
+    ev.add_argument("run", help="run id ('latest' for the newest)")
+    ev.add_argument("file", help="labelled file (CSV, TSV, JSONL, JSON, Parquet), read as training reads data")
+    ev.add_argument("--text-column", help="default: the run's text column, else detected")
+    ev.add_argument("--label-column", help="default: the run's label column, else detected")
+    ev.add_argument("--json", action="store_true", help="everything, per-class report and confusion matrix included")
+
+
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
@@ -161,6 +175,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _runs(args)
     if args.command == "predict":
         return _predict(args)
+    if args.command == "evaluate":
+        return _evaluate(args)
     if args.command == "assets":
         return _assets(args)
     if args.command == "inspect":
@@ -250,14 +266,54 @@ def _print_summary(record: dict[str, Any]) -> None:
     elif m and "rmse" in m:  # a text-regression run
         print(f"  rmse {m['rmse']:.4f} (predicting the mean: {m['baseline_rmse']:.4f})  mae {m['mae']:.4f}  "
               f"pearson {m['pearson']:.3f}  spearman {m['spearman']:.3f}  (best step {m.get('best_step')})")
+        _print_baseline(m)
     elif m:
         print(f"  accuracy {m['accuracy']:.4f}  f1_macro {m['f1_macro']:.4f}  eval_loss {m['eval_loss']:.4f}  "
               f"(best step {m.get('best_step')})")
+        _print_baseline(m)
         if m.get("collapsed"):
             print(f"  warning: {m['collapsed']}")
+    _print_decisions(record.get("info") or {})
     if t:
         print(f"  {t['samples_per_second']:.1f} samples/s  {t['wall_seconds']:.0f} s wall  "
               f"peak memory {t['peak_memory_mb']:.0f} MB")
+
+
+def _print_baseline(m: dict[str, Any]) -> None:
+    """The classical baseline's figures under the model's, which model answers, and a sentence when the
+    model is not better."""
+    from .tasks.ensemble import baseline_note
+
+    base = m.get("baseline")
+    if not base:
+        return
+    if "rmse" in base:
+        better = m["rmse"] < base["rmse"]
+        print(f"  classical baseline ({base['method']}): rmse {base['rmse']:.4f}  spearman {base['spearman']:.3f}"
+              f"  ({base['seconds']:.1f} s)")
+        if not better:
+            print("  warning: the classical baseline has a lower rmse than this run's model: try more epochs or "
+                  "data, or method full")
+        return
+    weights = "" if base.get("class_weight", "none") == "none" else ", class-balanced"
+    print(f"  classical baseline ({base['method']}{weights}): accuracy {base['accuracy']:.4f}  f1_macro "
+          f"{base['f1_macro']:.4f}  ({base['seconds']:.1f} s)")
+    answer = m.get("answers_with")
+    if answer and answer["by"] == "ensemble":
+        print(f"  answers with the fine-tuned model and the baseline averaged: accuracy {answer['accuracy']:.4f}  "
+              f"f1_macro {answer['f1_macro']:.4f} on the eval split ({answer['why']})")
+    note = baseline_note(m)
+    if note:
+        print(f"  warning: {note}")
+
+
+def _print_decisions(info: dict[str, Any]) -> None:
+    for d in info.get("decisions") or []:
+        print(f"  chosen: {d['field']} = {d['value']} ({d['why']})")
+    cut = info.get("truncation")
+    if cut and cut.get("texts_cut"):
+        print(f"  {cut['texts_cut']} of {cut['texts_measured']} training texts are longer than {cut['max_length']} "
+              f"tokens (the longest {cut['longest_tokens']}): read as {cut['mode']}")
 
 
 def _runs(args: argparse.Namespace) -> int:
@@ -306,12 +362,11 @@ def _runs(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from .predict import load_predictor
 
+    from .data import load_texts
+
     texts = list(args.text)
     if args.file:
-        path = Path(args.file)
-        if not path.is_file():
-            raise WorkbenchError(f"text file {args.file!r} not found")
-        texts += [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+        texts += load_texts(args.file, args.text_column)
     if not texts:
         raise WorkbenchError("predict needs --text TEXT or --file FILE (one text per line)")
     results = load_predictor(args.run).predict(texts)
@@ -329,6 +384,40 @@ def _predict(args: argparse.Namespace) -> int:
     else:
         for r in results:
             print(f"{r['label']}\t{r['scores'][r['label']]:.3f}\t{r['text'][:80]}")
+    return EXIT_OK
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_file
+
+    result = evaluate_file(args.run, args.file, text_column=args.text_column, label_column=args.label_column)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return EXIT_OK
+    print(f"run {result['run']} on {result['file']}: {result['rows']} rows (text column {result['text_column']!r}, "
+          f"label column {result['label_column']!r}, {result['encoding']})")
+    base = result.get("baseline")
+    if "rmse" in result:
+        print(f"  model     rmse {result['rmse']:.4f}  mae {result['mae']:.4f}  spearman {result['spearman']:.3f}")
+        if base:
+            print(f"  baseline  rmse {base['rmse']:.4f}  mae {base['mae']:.4f}  spearman {base['spearman']:.3f}"
+                  f"  ({base['method']})")
+        return EXIT_OK
+    what = "ensemble (fine-tuned + baseline)" if result["answers_with"] == "ensemble" else "fine-tuned model"
+    print(f"  {what:<34} accuracy {result['accuracy']:.4f}  f1_macro {result['f1_macro']:.4f}")
+    if "fine_tuned" in result:
+        ft = result["fine_tuned"]
+        print(f"  {'fine-tuned model alone':<34} accuracy {ft['accuracy']:.4f}  f1_macro {ft['f1_macro']:.4f}")
+    if base:
+        print(f"  {'classical baseline':<34} accuracy {base['accuracy']:.4f}  f1_macro {base['f1_macro']:.4f}")
+    width = max(len(name) for name in result["labels"])
+    for name in result["labels"]:
+        c = result["per_class"][name]
+        print(f"    {name:<{width}}  precision {c['precision']:.3f}  recall {c['recall']:.3f}  f1 {c['f1-score']:.3f}"
+              f"  support {int(c['support'])}")
+    if base and (base["accuracy"] > result["accuracy"] or base["f1_macro"] > result["f1_macro"]):
+        print("  warning: the classical baseline scores higher on this file: the run's model does not earn its cost "
+              "here; try more epochs or data, method full, or a longer train.max_length")
     return EXIT_OK
 
 

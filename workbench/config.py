@@ -33,6 +33,13 @@ LANGUAGE_FIELDS = ("source_lang", "target_lang")  # task seq2seq: the language c
 GENERATION_TASKS = ("chat", "seq2seq")  # generated text: the chat section applies to these tasks
 # what task text-regression trains: an encoder with a one-output head (prompts and label scoring do not apply)
 REGRESSION_METHODS = ("full", "head-only", "lora", "qlora", "adalora", "ia3", "prompt-tuning")
+# train.learning_rate left out: the method's rate (peak AdamW rate; adapters and heads take larger steps than
+# full fine-tuning, whose 5e-5 keeps the pretrained weights close to where they were)
+METHOD_LEARNING_RATES: dict[str, float] = {
+    "full": 5e-5, "head-only": 2e-3, "lora": 1e-3, "qlora": 1e-3, "adalora": 1e-3, "ia3": 3e-3,
+    "prompt-tuning": 3e-2, "prefix-tuning": 1e-2,
+}
+ENCODER_TASKS = ("text-classification", "text-regression")  # a text in, a head's output out
 
 
 MAX_SHOWN_CHARS = 200  # a value echoed in an error message is cut to this: a config can hold anything
@@ -255,14 +262,26 @@ class MethodConfig:
 class TrainConfig:
     """Optimisation schedule, evaluation cadence and reproducibility."""
 
-    epochs: int = field(default=2, metadata={"help": "passes over the training set"})
+    epochs: int | None = field(default=None, metadata={
+        "help": "passes over the training set; left out: chosen from the data size (classification and "
+                "regression: enough for about 300 optimiser steps, 2 to 10 epochs, with early stopping; chat and "
+                "seq2seq: 2)"})
     batch_size: int = field(default=16, metadata={"help": "examples per optimiser step, per process, before accumulation"})
     eval_batch_size: int | None = field(default=None, metadata={"help": "defaults to 2 x batch_size"})
-    learning_rate: float = field(default=5e-4, metadata={"help": "peak learning rate (AdamW)"})
+    learning_rate: float | None = field(default=None, metadata={
+        "help": "peak learning rate (AdamW); left out: the method's rate (lora 1e-3, full 5e-5, head-only 2e-3, "
+                "ia3 3e-3, prompt-tuning 3e-2)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     warmup_ratio: float = field(default=0.1, metadata={"help": "share of steps spent warming up"})
     scheduler: Literal["linear", "cosine", "constant"] = field(default="linear", metadata={"help": "decay after warmup"})
-    max_length: int = field(default=256, metadata={"help": "tokens per example; longer texts are truncated"})
+    max_length: int | None = field(default=None, metadata={
+        "help": "tokens per example; left out: classification and regression take the 90th percentile of the "
+                "training texts' token lengths (64 to 256 on a CPU, to 512 on a GPU, within the model's limit); "
+                "chat and seq2seq 256"})
+    truncation: Literal["head+tail", "head"] = field(default="head+tail", metadata={
+        "help": "classification and regression: a text longer than max_length is read as its first quarter "
+                "and last three quarters of tokens (head+tail: the ending often holds the verdict), or its "
+                "first tokens (head); the same in training, evaluation, predict and serve"})
     gradient_accumulation: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping; 0 = off"})
     eval_every: int = field(default=0, metadata={"help": "evaluate every N optimiser steps; 0 = each epoch"})
@@ -277,9 +296,20 @@ class TrainConfig:
     device: Literal["auto", "cpu"] = field(default="auto", metadata={
         "help": "auto: a GPU when there is one (one per process under torchrun), else the CPU; cpu: always the "
                 "CPU (processes talk over gloo)"})
-    class_weights: Literal["none", "balanced"] = field(default="none", metadata={
+    class_weights: Literal["auto", "none", "balanced"] = field(default="auto", metadata={
         "help": "classification: balanced weighs each class's loss by n_rows / (n_classes x its rows), so a "
-                "minority class counts as much as the majority"})
+                "minority class counts as much as the majority; auto: balanced when the training classes are "
+                "skewed (the largest at least 1.5 x the smallest), else none"})
+    best_metric: Literal["auto", "accuracy", "f1_macro"] = field(default="auto", metadata={
+        "help": "classification: the eval figure that picks the best checkpoint and drives early stopping; "
+                "auto: f1_macro when the training classes are skewed, else accuracy"})
+    baseline: bool = field(default=True, metadata={
+        "help": "classification and regression: fit the classical baseline (TF-IDF + logistic or ridge "
+                "regression) on the training split and score it on the eval split, beside the model"})
+    ensemble: Literal["auto", "off"] = field(default="auto", metadata={
+        "help": "classification: auto: the run answers with the mean of the fine-tuned model's and the "
+                "baseline's class probabilities when that scores higher on the eval split (said in the "
+                "record); off: the fine-tuned model alone"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads; default: all cores"})
     fast_dropout: bool = field(default=True, metadata={
         "help": "on CPU, draw dropout masks from uniform numbers: same distribution, ~25 % faster steps"})
@@ -300,11 +330,11 @@ class TrainConfig:
         }
         for name, hint in hints.items():
             value = getattr(self, name)
-            if value < 1 or (name == "max_length" and value < 8):
+            if value is not None and (value < 1 or (name == "max_length" and value < 8)):
                 _fail("train", name, value, hint)
         if self.eval_batch_size is not None and self.eval_batch_size < 1:
             _fail("train", "eval_batch_size", self.eval_batch_size, "at least 1, or leave it out")
-        if self.learning_rate <= 0:
+        if self.learning_rate is not None and self.learning_rate <= 0:
             _fail("train", "learning_rate", self.learning_rate, "a positive number such as 5.0e-4 (LoRA) or 2.0e-5 (full)")
         if not 0 <= self.seed < 2**32:
             _fail("train", "seed", self.seed, f"a whole number from 0 to {2**32 - 1}")
@@ -394,7 +424,9 @@ class Config:
 
     def _check_task(self) -> None:
         """Settings that belong to one task are refused in the other, never silently ignored."""
-        if self.task in GENERATION_TASKS and self.train.class_weights != "none":
+        if self.task in GENERATION_TASKS:
+            self._check_encoder_only()
+        if self.task in GENERATION_TASKS and self.train.class_weights not in ("none", "auto"):
             _fail("train", "class_weights", self.train.class_weights,
                   f"none for task: {self.task} (class weights apply to text-classification)")
         if self.task == "chat":
@@ -427,9 +459,22 @@ class Config:
             _fail("method", "name", self.method.name,
                   f"one of {', '.join(REGRESSION_METHODS)} for task: text-regression (an encoder with a "
                   "one-output head; the mean-prediction baseline is in every run's record)")
-        if self.train.class_weights != "none":
+        if self.train.class_weights not in ("none", "auto"):
             _fail("train", "class_weights", self.train.class_weights,
                   "none for task: text-regression (there are no classes to weigh)")
+        if self.train.best_metric != "auto":
+            _fail("train", "best_metric", self.train.best_metric,
+                  "auto for task: text-regression (rmse picks the best checkpoint; there are no classes)")
+
+    def _check_encoder_only(self) -> None:
+        """Settings of a text-in, head-out task are refused for chat and seq2seq, never silently ignored."""
+        checks = (("truncation", "head+tail", "a generated answer is never cut from its head"),
+                  ("best_metric", "auto", "held-out loss picks the best checkpoint"),
+                  ("ensemble", "auto", "there is no classical model to average with"))
+        for name, default, why in checks:
+            if getattr(self.train, name) != default:
+                _fail("train", name, getattr(self.train, name), f"{default} (the default) for task: {self.task}: "
+                                                                f"{why}")
 
     def _check_seq2seq(self) -> None:
         if self.chat.system_prompt is not None:

@@ -455,7 +455,6 @@ def load_table(source: str) -> tuple[pd.DataFrame, str]:
 
 
 # --- columns -----------------------------------------------------------------
-# --- columns -----------------------------------------------------------------
 
 def detect_columns(df: pd.DataFrame, text_column: str | None = None,
                    label_column: str | None = None) -> tuple[str, str]:
@@ -582,6 +581,75 @@ def _clean(df: pd.DataFrame, text: str, label: str, report: DataReport) -> pd.Da
         report.notes.append(f"{int(conflicts.sum())} texts appear with two different labels; kept the first")
         out = out[~conflicts]
     return out.reset_index(drop=True)
+
+
+def load_labelled(source: str, text_column: str | None = None,
+                  label_column: str | None = None) -> tuple[list[str], list[str], DataReport]:
+    """Every row of a labelled file with both a text and a label, in file order, read as training reads
+    (encodings, formats, column detection, Unicode normalisation); duplicates are kept: a test file is
+    scored row by row."""
+    df, encoding = load_table(source)
+    if df.empty:
+        raise WorkbenchError(f"data file {source!r} has no rows: give a file of labelled rows")
+    text, label = detect_columns(df, text_column, label_column)
+    report = DataReport(source, text, label, encoding=encoding)
+    out = pd.DataFrame({"text": _text_values(df[text], text, report),
+                        "label": _label_values(df[label], label, report)})
+    blank = (out["text"].str.len() == 0) | out["text"].str.isspace() | (out["label"] == "")
+    report.rows_read, report.blank_dropped = len(out), int(blank.sum())
+    out = out[~blank]
+    if out.empty:
+        raise WorkbenchError(f"data file {source!r} has no rows with both a text and a label (columns {text!r} "
+                             f"and {label!r}): set the text and label columns")
+    return out["text"].tolist(), out["label"].tolist(), report
+
+
+def load_texts(source: str, text_column: str | None = None) -> list[str]:
+    """Texts to answer: a table's text column (CSV, TSV, JSONL, JSON, Parquet, as training reads them), or
+    one text per line of any other file (its encoding detected; blank lines skipped)."""
+    p = Path(source).expanduser()
+    if not p.is_file():
+        raise WorkbenchError(f"text file {source!r} not found")
+    name = p.name.lower()
+    for ext in COMPRESSIONS:
+        name = name.removesuffix(ext)
+    if any(name.endswith(ext) for ext in FORMATS):
+        df, _ = read_file(p)
+        columns = [str(c) for c in df.columns]
+        if text_column is None:
+            text_column = _text_column_only(df)
+        if text_column not in columns:
+            raise WorkbenchError(f"text column {text_column!r} not found in {source!r}: columns found are "
+                                 f"{', '.join(columns)} (set --text-column)")
+        values = _text_values(df.rename(columns=str)[text_column], text_column, DataReport(source, text_column, ""))
+        return [t for t in values.tolist() if t.strip()]
+    raw = p.read_bytes()
+    encoding = _encoding_of(raw)
+    return [line for line in raw.decode(encoding, errors="replace").splitlines() if line.strip()]
+
+
+def _text_column_only(df: pd.DataFrame) -> str:
+    """The text column of a table that may have no label column: by name, else the longest strings."""
+    columns = [str(c) for c in df.columns]
+    lower = {c.lower(): c for c in columns}
+    named = next((lower[n] for n in TEXT_NAMES if n in lower), None)
+    if named is not None:
+        return named
+    texts = [c for c in columns if df.rename(columns=str)[c].dtype == object]
+    if not texts:
+        raise WorkbenchError(f"no text column among {', '.join(columns)}: set --text-column")
+    return max(texts, key=lambda c: df.rename(columns=str)[c].astype(str).str.len().mean())
+
+
+def _encoding_of(raw: bytes) -> str:
+    try:
+        raw.decode("utf-8")
+        return "utf-8"
+    except UnicodeDecodeError:
+        from charset_normalizer import from_bytes
+
+        best = from_bytes(raw[:1_000_000]).best()
+        return best.encoding if best is not None else "latin-1"
 
 
 def _as_text(value: Any) -> str:

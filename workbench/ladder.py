@@ -35,17 +35,14 @@ from pathlib import Path
 from typing import Any
 
 from .callbacks import Callback
-from .config import METHODS, ZERO_SHOT_METHODS, Config
+from .config import METHOD_LEARNING_RATES, METHODS, ZERO_SHOT_METHODS, Config
 from .errors import WorkbenchError
 from .store import FINAL_STATUSES, RunStore, pid_alive
 
 DEFAULT_METHODS = ("zero-shot-embedding", "head-only", "lora", "qlora", "ia3", "adalora", "prompt-tuning", "full")
 # a causal LM classifies by scoring label tokens: no head to train alone; its zero-shot rung is the prompt
 CAUSAL_LM_METHODS = ("zero-shot-prompt", "lora", "qlora", "ia3", "adalora", "prompt-tuning", "full")
-DEFAULT_LEARNING_RATES: dict[str, float] = {
-    "full": 5e-5, "head-only": 2e-3, "lora": 1e-3, "qlora": 1e-3, "adalora": 1e-3, "ia3": 3e-3,
-    "prompt-tuning": 3e-2, "prefix-tuning": 1e-2,
-}
+DEFAULT_LEARNING_RATES: dict[str, float] = METHOD_LEARNING_RATES  # one table: a run with no rate takes these too
 ZERO_SHOT_MODELS = {"zero-shot-embedding": "minilm-l6", "zero-shot-prompt": "smollm2-135m-instruct"}
 COLUMNS = ("method", "model", "status", "accuracy", "f1_macro", "trainable_params", "total_params",
            "trainable_percent", "wall_seconds", "train_seconds", "peak_memory_mb", "learning_rate", "run_id")

@@ -20,7 +20,7 @@ import torch
 
 from ..callbacks import Callback
 from ..catalog import resolve_model
-from ..config import Config
+from ..config import ENCODER_TASKS, Config
 from ..errors import StopRequested, WorkbenchError
 from ..kernels import use_fast_dropout
 from ..models.adapters import after_optimizer_step, enable_gradient_checkpointing
@@ -29,6 +29,7 @@ from ..store import RunStore
 from ..tasks import Task, task_of
 from .bucketing import bucketed_batches
 from .checkpoints import Progress, keep_only, latest_checkpoint, load_checkpoint, mark_best, save_checkpoint, save_model
+from .defaults import choose_before_build, choose_max_length, zero_shot_config
 from .lifecycle import RunContext, run_lifecycle
 from .precision import freeze_base_in_bf16, resolve_precision
 from .zero_shot import run_zero_shot
@@ -41,6 +42,8 @@ def preflight(config: Config, home: Any) -> Any:
     """
     if config.method.is_zero_shot:
         from ..data import prepare
+
+        config = zero_shot_config(config)
         from ..tasks.zeroshot import check_zero_shot
 
         split = prepare(config.data, config.train.seed)
@@ -100,7 +103,7 @@ def train(config: Config, store: RunStore | None = None, run_id: str | None = No
     """
     store = store or RunStore()
     if config.method.is_zero_shot:
-        return run_zero_shot(config, store, run_id, callbacks)
+        return run_zero_shot(zero_shot_config(config), store, run_id, callbacks)
     from accelerate import Accelerator
     from accelerate.utils import broadcast_object_list
 
@@ -206,9 +209,17 @@ def _setup(ctx: RunContext, task: Task, accelerator: Any, precision: str) -> Ses
     data = task.load_data(config, ctx.store.home)
     source = resolve_model(config.model, ctx.store.home, config.trust_remote_code)
     check_batch_fits(config, task, data, world)
+    # --- settings left out, chosen from the data (defaults.py); the record keeps the choices and why ------
+    classes = data.train_labels if task.name == "text-classification" else None
+    config, decisions = choose_before_build(config, task.train_size(data), world, classes,
+                                            len(data.labels) if classes is not None else 0)
+    ctx.config = config
     steps_per_epoch = len(epoch_steps(config, [1] * task.train_size(data), 0, accelerator.process_index, world))
     max_steps = steps_per_epoch * config.train.epochs
     set_seed(config.train.seed)  # new layers start the same whatever the data loading did
+    config, more, truncation = choose_max_length(config, source, getattr(data, "train_texts", []),
+                                                 accelerator.device.type == "cuda")
+    ctx.config, decisions = config, decisions + more
     built = task.build(config, source, data, max_steps)  # adalora plans its rank pruning over max_steps
     if precision == "bf16" and frozen_base(config):
         freeze_base_in_bf16(built.model)
@@ -218,9 +229,10 @@ def _setup(ctx: RunContext, task: Task, accelerator: Any, precision: str) -> Ses
         enable_gradient_checkpointing(built.model)
     train_enc, held_enc = task.encode(config, built, data)
     if ctx.main:
-        info = task.run_info(config, built, data, train_enc, held_enc)
-        ctx.store.set_info(ctx.run_id, {**info, "num_processes": world, "torch_threads": torch.get_num_threads(),
-                                        "precision": precision, "device": accelerator.device.type})
+        info = {**task.run_info(config, built, data, train_enc, held_enc), "decisions": decisions,
+                **({"truncation": truncation} if config.task in ENCODER_TASKS else {}), "num_processes": world,
+                "torch_threads": torch.get_num_threads(), "precision": precision, "device": accelerator.device.type}
+        _record_setup(ctx, task, data, info)
 
     # --- optimiser and schedule -----------------------------------------------------------------------
     from transformers import get_scheduler
@@ -240,6 +252,15 @@ def _setup(ctx: RunContext, task: Task, accelerator: Any, precision: str) -> Ses
     ctx.finalise = lambda status: _finalise(s)
     ctx.timings = lambda: _timings(s.progress)
     return s
+
+
+def _record_setup(ctx: RunContext, task: Task, data: Any, info: dict[str, Any]) -> None:
+    """The chosen config and the run's facts in the record, then the classical baseline beside them."""
+    ctx.store.set_config(ctx.run_id, ctx.config.to_dict())  # the values chosen: resume and predict read them
+    ctx.store.set_info(ctx.run_id, info)
+    baseline = task.fit_baseline(ctx.config, data, ctx.run_dir)  # seconds; shown beside the model from now on
+    if baseline is not None:
+        ctx.store.set_info(ctx.run_id, {**info, "baseline": baseline})
 
 
 def accumulate_gradients(task: Task, built: Any, model: torch.nn.Module, accelerator: Any,
@@ -308,7 +329,8 @@ def _evaluate_and_checkpoint(s: Session, epoch: int, fraction: float) -> None:
     _sync_state(ctx, progress, epoch)
     patience = ctx.config.train.early_stopping_patience
     if patience and progress.evals_without_improvement >= patience:
-        ctx.control.request_stop(f"early stopping: no better {s.task.best_metric} in {patience} evaluations")
+        metric = ctx.config.train.best_metric if ctx.config.train.best_metric != "auto" else s.task.best_metric
+        ctx.control.request_stop(f"early stopping: no better {metric} in {patience} evaluations")
     ctx.hooks.on_evaluate(ctx.state, ctx.control, evaluation.result)
     if accelerator.is_main_process:
         s.task.write_evaluation(ctx.run_dir, evaluation, s.data)

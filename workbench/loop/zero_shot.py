@@ -20,6 +20,7 @@ from ..models.state import set_seed
 from ..store import RunStore
 from ..tasks.classification import ClassificationTask, split_info
 from ..tasks.base import Evaluation
+from ..tasks.ensemble import fit_baseline
 from ..tasks.zeroshot import check_zero_shot, device, evaluate_zero_shot
 from .lifecycle import RunContext, run_lifecycle
 
@@ -62,6 +63,10 @@ def _evaluate(ctx: RunContext) -> None:
     eval_seconds[0] = time.perf_counter() - start
     metrics = {**result.summary(), "is_best": True, "best_step": 0,
                "predictions_file": str(ctx.run_dir / "eval" / "step-0.json")}
+    baseline = fit_baseline(config, split.train_texts, split.train_labels, split.eval_texts, split.eval_labels,
+                            split.labels, ctx.run_dir)  # the classical model beside the zero-shot one
+    if baseline is not None:
+        metrics["baseline"] = {k: v for k, v in baseline.items() if k not in ("metric", "ensemble")}
     ctx.finalise = lambda status: metrics
 
 

@@ -76,6 +76,8 @@ def context_limit(model_config: Any) -> int | None:
 
 def check_context(config: Config, model_config: Any) -> int | None:
     limit = context_limit(model_config)
+    if config.train.max_length is None:  # left out: chosen within the limit when the run starts
+        return limit
     if limit is not None and config.train.max_length > limit:
         raise WorkbenchError(f"train.max_length = {config.train.max_length} is beyond the model's limit of "
                              f"{limit} tokens: set train.max_length <= {limit}")

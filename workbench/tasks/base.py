@@ -84,6 +84,10 @@ class Task(Protocol):
                  held: list[dict], step: int, epoch: float) -> Evaluation:
         """Evaluate on every held-out example (all processes take part)."""
 
+    def fit_baseline(self, config: Config, data: Any, run_dir: Path) -> dict[str, Any] | None:
+        """Fit and score the classical baseline on the run's split, saved in the run folder; its figures for
+        the record, named as the run's own (None where a task has none, or train.baseline is off)."""
+
     def write_evaluation(self, run_dir: Path, evaluation: Evaluation, data: Any) -> None:
         """<run>/eval/step-N.json: the predictions (or samples) a viewer drills into."""
 

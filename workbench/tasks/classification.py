@@ -4,7 +4,9 @@ An encoder gets a sequence-classification head; a causal LM scores the label tok
 prompt (models/llm_classifier.py). The loss is cross-entropy, a mean over the batch's rows; evaluation
 gathers every held-out row's class probabilities from all processes, and reports accuracy, macro-F1,
 per-class figures, the confusion matrix and the most confident mistakes. The best checkpoint has the
-highest accuracy.
+highest accuracy (macro-F1 when train.best_metric says so: by default when the classes are skewed). Beside
+the model, the classical baseline is fitted and scored on the same split (tasks/ensemble.py), and the run
+answers with their averaged probabilities when that scores higher on the eval split.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ..models.built import BuiltModel
 from ..models.classifier import build_model, check_model_fits
 from ..models.state import load_trainable_state, set_seed
 from .base import Evaluation
+from .ensemble import ENSEMBLE_FILE, EnsemblePredictor, choose_answer, fit_baseline, load_classical
 
 PREDICTION_TEXT_CHARS = 600  # a prediction row keeps this much of its text for drill-down
 
@@ -133,6 +136,7 @@ class ClassificationTask:
 
     def build(self, config: Config, source: ModelSource, data: Split, total_steps: int | None) -> BuiltModel:
         built = build_model(config, source, data.labels, total_steps=total_steps)
+        built.truncation = config.train.truncation
         if config.train.class_weights == "balanced" and data.train_labels:
             built.class_weights = balanced_weights(data.train_labels, len(data.labels))
         return built
@@ -172,13 +176,20 @@ class ClassificationTask:
         probs = torch.softmax(logits, dim=-1).numpy()
         result = classification_result(step, epoch, data.labels, np.asarray(data.eval_labels), probs, loss,
                                        data.eval_texts)
-        return Evaluation(result, result.accuracy, probs)
+        return Evaluation(result, result.f1_macro if config.train.best_metric == "f1_macro" else result.accuracy,
+                          probs)
+
+    def fit_baseline(self, config: Config, data: Split, run_dir: Path) -> dict[str, Any] | None:
+        """The classical baseline on this run's split (None when train.baseline is off)."""
+        return fit_baseline(config, data.train_texts, data.train_labels, data.eval_texts, data.eval_labels,
+                            data.labels, run_dir)
 
     def write_evaluation(self, run_dir: Path, evaluation: Evaluation, data: Split) -> None:
         """Every eval example's prediction, for drill-down (confusion matrix cells)."""
         probs = evaluation.details
         rows = [{"index": i, "text": data.eval_texts[i][:PREDICTION_TEXT_CHARS], "true": data.labels[y],
-                 "predicted": data.labels[int(p.argmax())], "confidence": float(p.max())}
+                 "predicted": data.labels[int(p.argmax())], "confidence": float(p.max()),
+                 "scores": [round(float(v), 6) for v in p]}
                 for i, (y, p) in enumerate(zip(data.eval_labels, probs))]
         step = evaluation.result.step
         write_json(run_dir / "eval" / f"step-{step}.json", {"step": step, "labels": data.labels, "rows": rows})
@@ -193,6 +204,8 @@ class ClassificationTask:
         note = collapse_note(best.get("labels") or [], best.get("confusion_matrix") or [])
         if note:
             summary["collapsed"] = note
+        rows = json.loads(preds.read_text())["rows"] if preds.is_file() else []
+        summary.update(choose_answer(run_dir, rows, best.get("labels") or []))
         return summary
 
     def load_predictor(self, record: dict[str, Any], home: Path) -> "Predictor":
@@ -204,7 +217,13 @@ class ClassificationTask:
         built = self.build(config, resolve_model(config.model, home, config.trust_remote_code),
                            _labels_only(labels), None)
         load_trainable_state(built.model, load_file(str(model_dir / "trainable.safetensors")))
-        return Predictor(built.model, built.tokenizer, labels, config.train.max_length, record["id"], built.encode)
+        model = Predictor(built.model, built.tokenizer, labels, config.train.max_length, record["id"], built.encode)
+        if not (model_dir / ENSEMBLE_FILE).is_file():
+            return model
+        plan = json.loads((model_dir / ENSEMBLE_FILE).read_text())
+        # the run chose, on its own eval split, to answer with the model and its classical baseline averaged
+        return EnsemblePredictor([model, load_classical(Path(record["dir"]), record["id"])], plan["weights"],
+                                 record["id"], ["fine-tuned", "classical"])
 
 
 def _labels_only(labels: list[str]) -> Split:
@@ -237,6 +256,12 @@ class Predictor:
         self.model, self.tokenizer, self.labels, self.max_length = model.eval(), tokenizer, labels, max_length
         self.run_id = run_id
         self.encode = encode
+
+    def probabilities(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+        """(texts, classes) softmax probabilities, in the order of `labels`."""
+        chunks = [torch.softmax(self.logits(texts[i: i + batch_size]), dim=-1).numpy()
+                  for i in range(0, len(texts), batch_size)]
+        return np.concatenate(chunks) if chunks else np.zeros((0, len(self.labels)))
 
     def logits(self, texts: list[str]) -> torch.Tensor:
         """The model's raw outputs for one batch of texts."""

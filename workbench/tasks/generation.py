@@ -343,6 +343,10 @@ class GenerationTask:
     def model_files(self, data: ChatData) -> dict[str, Any]:
         return {"task.json": {"task": self.name}}
 
+    def fit_baseline(self, config: Config, data: ChatData, run_dir: Path) -> dict[str, Any] | None:
+        """No classical baseline for generated text (a TF-IDF model cannot write an answer)."""
+        return None
+
     def final_metrics(self, best: dict[str, Any], first: dict[str, Any] | None, run_dir: Path) -> dict[str, Any]:
         keep = ("step", "epoch", "eval_loss", "perplexity", "bleu", "chrf", "eval_tokens", "samples")
         summary = {k: best[k] for k in keep if k in best}

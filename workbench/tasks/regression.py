@@ -189,7 +189,28 @@ class RegressionTask:
         check_model_fits(config, source, 1, regression=True)
 
     def build(self, config: Config, source: ModelSource, data: Any, total_steps: int | None) -> BuiltModel:
-        return build_model(config, source, OUTPUT, total_steps=total_steps, regression=True)
+        built = build_model(config, source, OUTPUT, total_steps=total_steps, regression=True)
+        built.truncation = config.train.truncation
+        return built
+
+    def fit_baseline(self, config: Config, data: RegressionData, run_dir: Path) -> dict[str, Any] | None:
+        """TF-IDF + ridge regression on this run's split, scored like the model (None when switched off)."""
+        if not config.train.baseline:
+            return None
+        from scipy.stats import spearmanr
+
+        from ..classical import REGRESSION_DESCRIPTION, fit_regressor
+        from .ensemble import CLASSICAL_DIR, SUMMARY_FILE
+
+        model = fit_regressor(data.train_texts, data.train_values)
+        predicted, truth = model.values(data.eval_texts), np.asarray(data.eval_values, dtype=np.float64)
+        rho = spearmanr(truth, predicted).statistic if len(set(predicted.round(9))) > 1 else 0.0
+        summary = {"method": REGRESSION_DESCRIPTION, "rmse": float(np.sqrt(np.mean((predicted - truth) ** 2))),
+                   "mae": float(np.mean(np.abs(predicted - truth))),
+                   "spearman": float(rho) if np.isfinite(rho) else 0.0, "seconds": round(model.seconds, 2)}
+        model.save(run_dir / CLASSICAL_DIR)
+        write_json(run_dir / CLASSICAL_DIR / SUMMARY_FILE, summary)
+        return summary
 
     def encode(self, config: Config, built: BuiltModel, data: RegressionData) -> tuple[list[dict], list[dict]]:
         def standardised(texts: list[str], values: list[float]) -> list[dict]:
@@ -239,6 +260,11 @@ class RegressionTask:
     def final_metrics(self, best: dict[str, Any], first: dict[str, Any] | None, run_dir: Path) -> dict[str, Any]:
         summary = {k: v for k, v in best.items() if k not in ("seq", "kind", "time", "mistakes")}
         summary["predictions_file"] = str(run_dir / "eval" / f"step-{best['step']}.json")
+        from .ensemble import baseline_summary
+
+        baseline = baseline_summary(run_dir)
+        if baseline is not None:
+            summary["baseline"] = baseline
         return summary
 
     def load_predictor(self, record: dict[str, Any], home: Path) -> "RegressionPredictor":
@@ -250,7 +276,7 @@ class RegressionTask:
         built = self.build(config, resolve_model(config.model, home, config.trust_remote_code), None, None)
         load_trainable_state(built.model, load_file(str(model_dir / "trainable.safetensors")))
         return RegressionPredictor(built.model, built.tokenizer, config.train.max_length, target["target_mean"],
-                                   target["target_std"], record["id"])
+                                   target["target_std"], record["id"], built.encode)
 
 
 class RegressionPredictor:
@@ -258,9 +284,11 @@ class RegressionPredictor:
 
     task = "text-regression"
 
-    def __init__(self, model: Any, tokenizer: Any, max_length: int, mean: float, std: float, run_id: str = "") -> None:
+    def __init__(self, model: Any, tokenizer: Any, max_length: int, mean: float, std: float, run_id: str = "",
+                 encode: Any = None) -> None:
         self.model, self.tokenizer, self.max_length = model.eval(), tokenizer, max_length
         self.mean, self.std, self.run_id = mean, std, run_id
+        self.encode = encode  # BuiltModel.encode: texts read as in training (train.truncation)
 
     def predict(self, texts: str | list[str], batch_size: int = 32) -> list[dict[str, Any]]:
         if isinstance(texts, str):
@@ -269,8 +297,11 @@ class RegressionPredictor:
         device = next(self.model.parameters()).device
         for start in range(0, len(texts), batch_size):
             chunk = texts[start: start + batch_size]
-            batch = self.tokenizer(chunk, truncation=True, max_length=self.max_length, padding=True,
-                                   return_tensors="pt")
+            if self.encode is not None:
+                batch = pad_batch(self.tokenizer, self.encode(chunk, self.max_length))
+            else:
+                batch = self.tokenizer(chunk, truncation=True, max_length=self.max_length, padding=True,
+                                       return_tensors="pt")
             with torch.no_grad():
                 raw = self.model(**{k: v.to(device) for k, v in batch.items()}).logits[:, 0].double().cpu()
             out.extend({"text": t, "value": float(v) * self.std + self.mean} for t, v in zip(chunk, raw.tolist()))

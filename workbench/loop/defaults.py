@@ -1,0 +1,124 @@
+"""Settings left out of a config, chosen from the data: what a careful practitioner sets for a first run.
+
+A field left out (None, or "auto") is filled in here, once, from the training split: the number of epochs
+from its size, the learning rate from the method, class weights and the checkpoint metric from how skewed
+its classes are, and the token length from its texts. Each choice is returned with the reason, written in
+the run record (info.decisions) and printed; the run's stored config then holds the chosen values, so
+resume, predict, evaluate and serve read texts exactly as training did. A value the user set always wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from ..config import ENCODER_TASKS, METHOD_LEARNING_RATES, Config
+
+TARGET_STEPS = 300  # optimiser steps a small training set gets (early stopping ends it sooner when it is done)
+MIN_EPOCHS, MAX_EPOCHS = 2, 10
+GENERATION_EPOCHS, GENERATION_MAX_LENGTH = 2, 256  # chat and seq2seq: the defaults before choices existed
+SKEW_RATIO = 1.5  # largest class / smallest class from which classes count as skewed
+LENGTH_QUANTILE = 0.9
+MIN_LENGTH, CPU_MAX_LENGTH, GPU_MAX_LENGTH = 64, 256, 512  # a CPU pays ~4x per step for 512 tokens over 128
+LENGTH_SAMPLE = 2000  # texts tokenized to measure lengths
+
+
+def skew(labels: list[int], num_classes: int) -> float:
+    """The largest class's training rows over the smallest's (inf when a class has none)."""
+    counts = [labels.count(c) for c in range(num_classes)]
+    return max(counts) / min(counts) if min(counts) else math.inf
+
+
+def _with(config: Config, **train: Any) -> Config:
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, **train))
+
+
+def choose_before_build(config: Config, rows: int, world: int, labels: list[int] | None,
+                        num_classes: int) -> tuple[Config, list[dict[str, Any]]]:
+    """Epochs, learning rate, class weights and the checkpoint metric; `labels`: the training labels of a
+    classification run (None for other tasks)."""
+    decisions: list[dict[str, Any]] = []
+
+    def decide(name: str, value: Any, why: str) -> None:
+        nonlocal config
+        config = _with(config, **{name: value})
+        decisions.append({"field": f"train.{name}", "value": value, "why": why})
+
+    t, encoder = config.train, config.task in ENCODER_TASKS
+    if t.epochs is None:
+        if encoder:
+            per_epoch = math.ceil(rows / (t.batch_size * t.gradient_accumulation * world))
+            epochs = min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(TARGET_STEPS / per_epoch)))
+            decide("epochs", epochs, f"{rows} training rows make {per_epoch} optimiser steps an epoch; {epochs} "
+                                     f"epochs give about {TARGET_STEPS} steps ({MIN_EPOCHS}-{MAX_EPOCHS}), early "
+                                     "stopping ends sooner when the eval figure stops improving")
+        else:
+            decide("epochs", GENERATION_EPOCHS, f"the default for task: {config.task}")
+    if t.learning_rate is None:
+        rate = METHOD_LEARNING_RATES.get(config.method.name, 5e-4)
+        decide("learning_rate", rate, f"the default peak rate for method {config.method.name}")
+    if labels is not None:
+        ratio = skew(labels, num_classes)
+        skewed = ratio >= SKEW_RATIO
+        shape = (f"the largest training class has {ratio:.1f}x the rows of the smallest"
+                 if math.isfinite(ratio) else "a class has no training rows")
+        if t.class_weights == "auto":
+            decide("class_weights", "balanced" if skewed else "none",
+                   f"{shape}: " + ("each class's loss weighed so minorities count as much as the majority"
+                                   if skewed else "classes near balance, no weights needed"))
+        if t.best_metric == "auto":
+            decide("best_metric", "f1_macro" if skewed else "accuracy",
+                   f"{shape}: " + ("macro-F1 picks the best checkpoint (accuracy rewards the majority class)"
+                                   if skewed else "accuracy picks the best checkpoint"))
+    elif t.class_weights == "auto":
+        config = _with(config, class_weights="none")
+    return config, decisions
+
+
+def zero_shot_config(config: Config) -> Config:
+    """A zero-shot baseline trains nothing: only its token length is filled in (256) when left out."""
+    return config if config.train.max_length is not None else _with(config, max_length=GENERATION_MAX_LENGTH)
+
+
+def token_lengths(tokenizer: Any, texts: list[str]) -> list[int]:
+    """Token counts (special tokens included) of up to LENGTH_SAMPLE texts spread over `texts`."""
+    step = max(1, len(texts) // LENGTH_SAMPLE)
+    sample = [t[:100_000] for t in texts[::step]]  # a token is rarely over 20 characters: enough to know "long"
+    return [len(ids) for ids in tokenizer(sample, truncation=False, verbose=False)["input_ids"]]
+
+
+def choose_max_length(config: Config, source: Any, texts: list[str],
+                      on_gpu: bool) -> tuple[Config, list[dict[str, Any]], dict[str, Any]]:
+    """train.max_length from the training texts (encoder tasks), and how many texts it cuts; the model's
+    tokenizer and context limit come from `source` (no weights are loaded)."""
+    from ..config import VIRTUAL_TOKEN_METHODS
+    from ..models.loading import context_limit, load_config, load_tokenizer
+
+    decisions: list[dict[str, Any]] = []
+    if config.task not in ENCODER_TASKS:
+        texts, limit = [], None
+    else:
+        limit = context_limit(load_config(source, config.trust_remote_code))
+        if limit is not None and config.method.name in VIRTUAL_TOKEN_METHODS:
+            limit -= config.method.num_virtual_tokens
+    lengths = token_lengths(load_tokenizer(source, config.trust_remote_code), texts) if texts else []
+    cap = min(GPU_MAX_LENGTH if on_gpu else CPU_MAX_LENGTH, limit or GPU_MAX_LENGTH)
+    if config.train.max_length is None:
+        if config.task not in ENCODER_TASKS:
+            length, why = GENERATION_MAX_LENGTH, f"the default for task: {config.task}"
+        else:
+            ordered = sorted(lengths) or [MIN_LENGTH]
+            quantile = ordered[min(len(ordered) - 1, int(LENGTH_QUANTILE * len(ordered)))]
+            length = max(MIN_LENGTH, min(cap, 32 * math.ceil(quantile / 32)))
+            why = (f"{LENGTH_QUANTILE:.0%} of the training texts have at most {quantile} tokens; rounded up to a "
+                   f"multiple of 32, within {MIN_LENGTH}-{cap} ({'GPU' if on_gpu else 'CPU'}"
+                   f"{', the model limit' if limit and limit < GPU_MAX_LENGTH else ''})")
+        config = _with(config, max_length=length)
+        decisions.append({"field": "train.max_length", "value": length, "why": why})
+    cut = sum(n > config.train.max_length for n in lengths)
+    share = cut / len(lengths) if lengths else 0.0
+    truncation = {"texts_measured": len(lengths), "texts_cut": cut, "share_cut": round(share, 4),
+                  "max_length": config.train.max_length, "mode": config.train.truncation,
+                  "longest_tokens": max(lengths, default=0)}
+    return config, decisions, truncation
