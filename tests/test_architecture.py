@@ -18,7 +18,7 @@ LAYERS = [
     ("models", ("models",)),
     ("tasks", ("tasks",)),
     ("loop", ("loop",)),
-    ("services", ("launch", "predict", "evaluate", "export", "ladder", "deploy")),
+    ("services", ("launch", "predict", "evaluate", "ensembles", "export", "ladder", "deploy")),
     ("entry points", ("cli", "__init__", "__main__")),
 ]
 

@@ -235,3 +235,32 @@ def test_chat_refuses_encoder_only_settings():
     with pytest.raises(WorkbenchError, match="train.ensemble = 'off' is not allowed"):
         Config.from_dict({"task": "chat", "model": "smollm2-135m-instruct", "method": {"name": "lora"},
                           "train": {"ensemble": "off"}})
+
+
+# --- ensembles of runs -----------------------------------------------------------------------------------
+
+def test_an_ensemble_of_runs_is_a_run_that_answers_as_measured(tiny_config, tmp_path, capsys):
+    from workbench.ensembles import create_ensemble
+    from workbench.evaluate import evaluate_file
+    from workbench.predict import load_predictor
+
+    store = RunStore(tmp_path / "home")
+    a = train(tiny_config(train={"ensemble": "off"}), store=store)
+    b = train(tiny_config(method={"name": "head-only"}, train={"ensemble": "off", "learning_rate": 5e-2}),
+              store=store)
+    record = create_ensemble([a["id"], b["id"]], store.home)
+    m = record["metrics"]
+    assert record["status"] == "completed" and set(m["members"]) == {a["id"], b["id"], "classical"}
+    rows = json.loads(Path(a["metrics"]["predictions_file"]).read_text())["rows"]
+    predictor = load_predictor(record["id"], store.home)
+    assert isinstance(predictor, EnsemblePredictor) and len(predictor.members) == 3
+    predicted = [p["label"] for p in predictor.predict([r["text"] for r in rows])]
+    assert np.mean([p == r["true"] for p, r in zip(predicted, rows)]) == pytest.approx(m["accuracy"])
+    test_file = _write_csv(tmp_path / "t.csv", sentiment_rows(20, seed=5))
+    result = evaluate_file(record["id"], test_file, store.home)
+    assert result["answers_with"] == "ensemble" and result["baseline"] is not None
+    code, out, _ = _cli(capsys, store.home, "ensemble", a["id"], a["id"])
+    assert code == 2
+    other = train(tiny_config(train={"seed": 7}), store=store)
+    with pytest.raises(WorkbenchError, match="evaluated on different rows"):
+        create_ensemble([a["id"], other["id"]], store.home)

@@ -128,6 +128,12 @@ def _answer_commands(sub: Any) -> None:
     pr.add_argument("--text-column", help="the text column of a --file table (detected when left out)")
     pr.add_argument("--json", action="store_true")
 
+    en = sub.add_parser("ensemble", help="average several classification runs (and a baseline) as one run")
+    en.add_argument("runs", nargs="+", help="completed runs with the same labels and eval split")
+    en.add_argument("--no-baseline", action="store_true", help="leave the first run's classical baseline out")
+    en.add_argument("--name", help="a label for the ensemble run")
+    en.add_argument("--json", action="store_true")
+
     ev = sub.add_parser("evaluate", help="score a run on a separate labelled file, beside its classical baseline")
     ev.add_argument("run", help="run id ('latest' for the newest)")
     ev.add_argument("file", help="labelled file (CSV, TSV, JSONL, JSON, Parquet), read as training reads data")
@@ -177,6 +183,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _predict(args)
     if args.command == "evaluate":
         return _evaluate(args)
+    if args.command == "ensemble":
+        return _ensemble(args)
     if args.command == "assets":
         return _assets(args)
     if args.command == "inspect":
@@ -384,6 +392,23 @@ def _predict(args: argparse.Namespace) -> int:
     else:
         for r in results:
             print(f"{r['label']}\t{r['scores'][r['label']]:.3f}\t{r['text'][:80]}")
+    return EXIT_OK
+
+
+def _ensemble(args: argparse.Namespace) -> int:
+    from .ensembles import create_ensemble
+
+    record = create_ensemble(args.runs, with_baseline=not args.no_baseline, name=args.name)
+    if args.json:
+        print(json.dumps(record, indent=2))
+        return EXIT_OK
+    m = record["metrics"]
+    print(f"run {record['id']}: {record['name']} (on the members' shared eval split, {record['info']['eval_rows']} rows)")
+    for member, f in m["members"].items():
+        print(f"  {member:<24} accuracy {f['accuracy']:.4f}  f1_macro {f['f1_macro']:.4f}")
+    print(f"  {'ensemble (mean)':<24} accuracy {m['accuracy']:.4f}  f1_macro {m['f1_macro']:.4f}  "
+          + ("beats every member" if m["beats_members"] else f"does not beat every member (best: {m['best_member']})"))
+    print(f"  predict, evaluate and serve it as run {record['id']}")
     return EXIT_OK
 
 

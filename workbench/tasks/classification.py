@@ -211,6 +211,9 @@ class ClassificationTask:
     def load_predictor(self, record: dict[str, Any], home: Path) -> "Predictor":
         from safetensors.torch import load_file
 
+        plan_file = Path(record["dir"]) / "model" / ENSEMBLE_FILE
+        if plan_file.is_file() and "runs" in json.loads(plan_file.read_text()):
+            return self._ensemble_of_runs(record, json.loads(plan_file.read_text()), home)
         config, model_dir = Config.from_dict(record["config"]), trained_model_dir(record)
         labels = json.loads((model_dir / "labels.json").read_text())
         set_seed(config.train.seed)
@@ -224,6 +227,19 @@ class ClassificationTask:
         # the run chose, on its own eval split, to answer with the model and its classical baseline averaged
         return EnsemblePredictor([model, load_classical(Path(record["dir"]), record["id"])], plan["weights"],
                                  record["id"], ["fine-tuned", "classical"])
+
+
+    def _ensemble_of_runs(self, record: dict[str, Any], plan: dict[str, Any], home: Path) -> EnsemblePredictor:
+        """An ensemble run (workbench.ensembles): its member runs' predictors, and the baseline, averaged."""
+        from ..store import RunStore
+
+        store = RunStore(home)
+        members = [self.load_predictor(store.get(run_id), home) for run_id in plan["runs"]]
+        names = list(plan["runs"])
+        if plan.get("baseline"):
+            members.append(load_classical(Path(record["dir"]), record["id"]))
+            names.append("classical")
+        return EnsemblePredictor(members, plan["weights"], record["id"], names)
 
 
 def _labels_only(labels: list[str]) -> Split:
