@@ -83,6 +83,10 @@ def test_choices_follow_the_data_and_explicit_settings_win():
     chosen, _ = choose_before_build(cfg, 100_000, 1, [0, 1] * 50, 2)
     assert chosen.train.class_weights == "none" and chosen.train.best_metric == "accuracy"
     assert chosen.train.epochs == MIN_EPOCHS
+    # on a CPU, long texts cost time: 600 rows of 256 tokens get fewer epochs than 600 rows of 40
+    short, _ = choose_before_build(cfg, 600, 1, [0, 1] * 300, 2, tokens_per_epoch=600 * 40)
+    long, decisions = choose_before_build(cfg, 600, 1, [0, 1] * 300, 2, tokens_per_epoch=600 * 256)
+    assert short.train.epochs == 8 and long.train.epochs == 2 and "on a CPU" in decisions[0]["why"]
     explicit = Config.from_dict({"train": {"epochs": 3, "learning_rate": 2e-4, "class_weights": "none",
                                            "best_metric": "accuracy"}})
     chosen, decisions = choose_before_build(explicit, 100, 1, skewed, 3)

@@ -22,6 +22,10 @@ SKEW_RATIO = 1.5  # largest class / smallest class from which classes count as s
 LENGTH_QUANTILE = 0.9
 MIN_LENGTH, CPU_MAX_LENGTH, GPU_MAX_LENGTH = 64, 256, 512  # a CPU pays ~4x per step for 512 tokens over 128
 LENGTH_SAMPLE = 2000  # texts tokenized to measure lengths
+# On a CPU, epochs are also capped so training reads at most this many tokens: a MiniLM LoRA step reads about
+# 1,000 tokens a second on 2 cores (bbc-news, 256 tokens: 3.7 samples/s), so this is ~8 minutes of steps and
+# leaves room for evaluations inside a 15-minute first run. A GPU has no cap.
+CPU_TOKEN_BUDGET = 450_000
 
 
 def skew(labels: list[int], num_classes: int) -> float:
@@ -34,10 +38,11 @@ def _with(config: Config, **train: Any) -> Config:
     return dataclasses.replace(config, train=dataclasses.replace(config.train, **train))
 
 
-def choose_before_build(config: Config, rows: int, world: int, labels: list[int] | None,
-                        num_classes: int) -> tuple[Config, list[dict[str, Any]]]:
+def choose_before_build(config: Config, rows: int, world: int, labels: list[int] | None, num_classes: int,
+                        tokens_per_epoch: int | None = None) -> tuple[Config, list[dict[str, Any]]]:
     """Epochs, learning rate, class weights and the checkpoint metric; `labels`: the training labels of a
-    classification run (None for other tasks)."""
+    classification run (None for other tasks); `tokens_per_epoch`: what one epoch reads, on a CPU (None on
+    a GPU: no time cap)."""
     decisions: list[dict[str, Any]] = []
 
     def decide(name: str, value: Any, why: str) -> None:
@@ -50,9 +55,15 @@ def choose_before_build(config: Config, rows: int, world: int, labels: list[int]
         if encoder:
             per_epoch = math.ceil(rows / (t.batch_size * t.gradient_accumulation * world))
             epochs = min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(TARGET_STEPS / per_epoch)))
-            decide("epochs", epochs, f"{rows} training rows make {per_epoch} optimiser steps an epoch; {epochs} "
-                                     f"epochs give about {TARGET_STEPS} steps ({MIN_EPOCHS}-{MAX_EPOCHS}), early "
-                                     "stopping ends sooner when the eval figure stops improving")
+            why = (f"{rows} training rows make {per_epoch} optimiser steps an epoch; {epochs} epochs give about "
+                   f"{TARGET_STEPS} steps ({MIN_EPOCHS}-{MAX_EPOCHS}), early stopping ends sooner when the eval "
+                   "figure stops improving")
+            if tokens_per_epoch and epochs * tokens_per_epoch > CPU_TOKEN_BUDGET:
+                epochs = max(MIN_EPOCHS, CPU_TOKEN_BUDGET // tokens_per_epoch)
+                why = (f"{rows} training rows make {per_epoch} optimiser steps an epoch of ~{tokens_per_epoch:,} "
+                       f"tokens; on a CPU, {epochs} epochs keep training to about {CPU_TOKEN_BUDGET:,} tokens "
+                       f"(minutes on 2 cores), early stopping ends sooner; set train.epochs for more")
+            decide("epochs", epochs, why)
         else:
             decide("epochs", GENERATION_EPOCHS, f"the default for task: {config.task}")
     if t.learning_rate is None:
@@ -120,5 +131,7 @@ def choose_max_length(config: Config, source: Any, texts: list[str],
     share = cut / len(lengths) if lengths else 0.0
     truncation = {"texts_measured": len(lengths), "texts_cut": cut, "share_cut": round(share, 4),
                   "max_length": config.train.max_length, "mode": config.train.truncation,
-                  "longest_tokens": max(lengths, default=0)}
+                  "longest_tokens": max(lengths, default=0),
+                  "mean_tokens": round(sum(min(n, config.train.max_length) for n in lengths) / len(lengths), 1)
+                  if lengths else None}
     return config, decisions, truncation

@@ -209,17 +209,12 @@ def _setup(ctx: RunContext, task: Task, accelerator: Any, precision: str) -> Ses
     data = task.load_data(config, ctx.store.home)
     source = resolve_model(config.model, ctx.store.home, config.trust_remote_code)
     check_batch_fits(config, task, data, world)
-    # --- settings left out, chosen from the data (defaults.py); the record keeps the choices and why ------
-    classes = data.train_labels if task.name == "text-classification" else None
-    config, decisions = choose_before_build(config, task.train_size(data), world, classes,
-                                            len(data.labels) if classes is not None else 0)
+    config, decisions, truncation = _choose_settings(config, task, data, source, world,
+                                                     accelerator.device.type == "cuda")
     ctx.config = config
     steps_per_epoch = len(epoch_steps(config, [1] * task.train_size(data), 0, accelerator.process_index, world))
     max_steps = steps_per_epoch * config.train.epochs
     set_seed(config.train.seed)  # new layers start the same whatever the data loading did
-    config, more, truncation = choose_max_length(config, source, getattr(data, "train_texts", []),
-                                                 accelerator.device.type == "cuda")
-    ctx.config, decisions = config, decisions + more
     built = task.build(config, source, data, max_steps)  # adalora plans its rank pruning over max_steps
     if precision == "bf16" and frozen_base(config):
         freeze_base_in_bf16(built.model)
@@ -252,6 +247,20 @@ def _setup(ctx: RunContext, task: Task, accelerator: Any, precision: str) -> Ses
     ctx.finalise = lambda status: _finalise(s)
     ctx.timings = lambda: _timings(s.progress)
     return s
+
+
+def _choose_settings(config: Config, task: Task, data: Any, source: Any, world: int,
+                     on_gpu: bool) -> tuple[Config, list[dict[str, Any]], dict[str, Any]]:
+    """Settings left out, chosen from the data (defaults.py): the token length first, then the epochs that
+    length affords on a CPU, the learning rate, class weights and the checkpoint metric; with the reasons."""
+    config, decisions, truncation = choose_max_length(config, source, getattr(data, "train_texts", []), on_gpu)
+    classes = data.train_labels if task.name == "text-classification" else None
+    rows = task.train_size(data)
+    mean = truncation.get("mean_tokens")
+    tokens = int(mean * rows / world) if mean and not on_gpu else None  # what one process reads an epoch
+    config, more = choose_before_build(config, rows, world, classes, len(data.labels) if classes is not None else 0,
+                                       tokens)
+    return config, decisions + more, truncation
 
 
 def _record_setup(ctx: RunContext, task: Task, data: Any, info: dict[str, Any]) -> None:
