@@ -23,6 +23,9 @@ CLASSICAL_DIR = "classical"  # <run>/classical: the baseline's files, its eval p
 SUMMARY_FILE, EVAL_FILE = "summary.json", "eval_probabilities.json"
 ENSEMBLE_FILE = "ensemble.json"  # <run>/model/ensemble.json: present when the run answers as an ensemble
 MIN_GAIN = 0.0  # the ensemble must score strictly higher than the fine-tuned model alone
+# the fine-tuned model's share of the mean, tried on the eval split (1.0: the model alone); the baseline alone is
+# never the answer: a run answers with its model, helped by the baseline where that scores higher
+MODEL_WEIGHTS = (1.0, 0.75, 0.5, 0.25)
 
 
 def figures(y_true: np.ndarray, probs: np.ndarray) -> dict[str, float]:
@@ -88,18 +91,23 @@ def choose_answer(run_dir: Path, rows: list[dict[str, Any]], labels: list[str]) 
     if classical.shape != model_probs.shape:
         return out
     metric = summary["metric"]
-    alone, mean = figures(y, model_probs), figures(y, (model_probs + classical) / 2)
+    alone = figures(y, model_probs)
+    tried = {w: figures(y, w * model_probs + (1 - w) * classical) for w in MODEL_WEIGHTS[1:]}
+    weight = max(tried, key=lambda w: (tried[w][metric], w))  # ties: the larger share of the model
+    mean = tried[weight]
     chosen = summary["ensemble"] == "auto" and mean[metric] > alone[metric] + MIN_GAIN
-    out["ensemble"] = {**mean, "members": ["fine-tuned", "classical"], "weights": [0.5, 0.5], "chosen": chosen}
+    weights = [weight, round(1 - weight, 4)]
+    out["ensemble"] = {**mean, "members": ["fine-tuned", "classical"], "weights": weights, "chosen": chosen,
+                       "tried": {str(w): f for w, f in tried.items()}}
     if chosen:
         write_json(run_dir / "model" / ENSEMBLE_FILE,
-                   {"members": ["fine-tuned", "classical"], "weights": [0.5, 0.5], "metric": metric,
+                   {"members": ["fine-tuned", "classical"], "weights": weights, "metric": metric,
                     "eval": {"fine-tuned": alone, "ensemble": mean}})
     out["answers_with"] = {
         "by": "ensemble" if chosen else "fine-tuned", **(mean if chosen else alone), "metric": metric,
-        "why": (f"the mean of the fine-tuned model's and the baseline's probabilities scored {metric} "
-                f"{mean[metric]:.4f} on the eval split, the model alone {alone[metric]:.4f}" if chosen else
-                f"the model alone scored {metric} {alone[metric]:.4f} on the eval split, its mean with the "
+        "why": (f"{weights[0]:g} x the fine-tuned model's probabilities + {weights[1]:g} x the baseline's scored "
+                f"{metric} {mean[metric]:.4f} on the eval split, the model alone {alone[metric]:.4f}" if chosen else
+                f"the model alone scored {metric} {alone[metric]:.4f} on the eval split, its best mean with the "
                 f"baseline {mean[metric]:.4f}" + ("" if summary["ensemble"] == "auto" else
                                                    " (train.ensemble: off)"))}
     return out
