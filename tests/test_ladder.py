@@ -74,10 +74,40 @@ def test_a_ladder_runs_each_rung_on_the_same_split_and_writes_its_table(finished
     saved = json.loads((directory / "ladder.json").read_text())
     assert saved["rows"] == rows and saved["status"] == "completed"
     table = list(csv.DictReader((directory / "ladder.csv").open()))
-    assert [t["method"] for t in table] == CHEAP.split(",") and float(table[1]["accuracy"]) == head["accuracy"]
+    assert [t["method"] for t in table][:3] == CHEAP.split(",") and float(table[1]["accuracy"]) == head["accuracy"]
     text = format_table(rows)
     assert text.splitlines()[0].split()[:5] == ["method", "model", "status", "accuracy", "macro-F1"]
     assert "zero-shot-embedding" in text and "head-only" in text
+
+
+def test_the_table_has_the_classical_baseline_and_the_ensemble_of_the_best_rung(finished):
+    """Under the rungs: the classical baseline every rung fitted on the shared split (0 trainable parameters,
+    its fitting time), and the mean of the best trained rung's and the baseline's eval probabilities."""
+    import numpy as np
+
+    ladder, store, _ = finished
+    classical, ensemble = ladder["references"]
+    assert (classical["method"], ensemble["method"]) == ("classical", "ensemble")
+    head = store.get(ladder["rows"][1]["run_id"])  # the first trained rung gives the baseline
+    base = head["metrics"]["baseline"]
+    assert (classical["accuracy"], classical["f1_macro"]) == (base["accuracy"], base["f1_macro"])
+    assert classical["trainable_params"] == 0 and classical["wall_seconds"] == base["seconds"]
+    assert classical["run_id"] == head["id"] and classical["status"] == "completed"
+    trained = [store.get(r["run_id"]) for r in ladder["rows"][1:]]
+    best = max(trained, key=lambda rec: rec["metrics"]["accuracy"])
+    saved = json.loads(open(best["metrics"]["predictions_file"]).read())
+    probs = np.asarray(json.loads((store.run_dir(best["id"]) / "classical" / "eval_probabilities.json")
+                                  .read_text())["probabilities"])
+    y = [saved["labels"].index(r["true"]) for r in saved["rows"]]
+    mean = (np.asarray([r["scores"] for r in saved["rows"]]) + probs) / 2
+    assert ensemble["accuracy"] == pytest.approx(float(np.mean(mean.argmax(axis=1) == y)))
+    assert ensemble["run_id"] == best["id"] and ensemble["model"] == f"{best['config']['method']['name']} + classical"
+    beats = ensemble["accuracy"] > max(best["metrics"]["accuracy"], classical["accuracy"])
+    assert ensemble["note"].startswith("beats both members" if beats else "does not beat")
+    table = list(csv.DictReader((ladder_dir(ladder["id"], store.home) / "ladder.csv").open()))
+    assert [t["method"] for t in table] == [*CHEAP.split(","), "classical", "ensemble"]
+    text = format_table(ladder["rows"] + ladder["references"])
+    assert text.splitlines()[4].startswith("classical") and text.splitlines()[-1].startswith("ensemble: ")
 
 
 def test_a_stopped_ladder_resumes_where_it_stopped(one_epoch, store):
@@ -135,6 +165,7 @@ def test_cli_ladder_in_process_prints_the_table_and_lists_ladders(one_epoch, tmp
     out = capsys.readouterr().out
     assert code == 0, out
     assert "accuracy" in out and "head-only" in out and "ladder.csv" in out
+    assert "\nclassical " in out and "\nclassical: fitted on run" in out  # the baseline's row and its note
     ladder = load_ladder("latest", home)
     assert ladder["rungs"][1]["learning_rate"] == 3e-3 and ladder["isolate"] is False
     assert main(["--home", home, "ladder", "--list"]) == 0
@@ -215,11 +246,16 @@ def test_method_ladder_widget_shows_a_finished_ladder(finished):
         assert panel.refresh() is False and panel.status == "completed"
         assert [r["method"] for r in panel.rows] == CHEAP.split(",")
         assert "head-only" in panel._table.value and "zero-shot-embedding" in panel._table.value
+        assert [r["method"] for r in panel.references] == ["classical", "ensemble"]
+        assert ">classical<" in panel._table.value and ">ensemble<" in panel._table.value
+        classical, ensemble = panel.references
         trace = panel.fig.data[0]
-        assert list(trace.text) == ["head-only", "lora"]
-        assert list(trace.y) == [panel.rows[1]["accuracy"], panel.rows[2]["accuracy"]]
+        assert list(trace.y) == [panel.rows[1]["accuracy"], panel.rows[2]["accuracy"], ensemble["accuracy"]]
+        best = ensemble["model"].split(" + ")[0]  # the ensemble sits at its rung's trainable count: one label
+        assert sorted(trace.text) == sorted(["", f"{best} / ensemble", {"lora": "head-only", "head-only": "lora"}[best]])
         assert panel.fig.layout.xaxis.type == "log"
-        assert len(panel.fig.layout.shapes) == 1 and panel.fig.layout.shapes[0].y0 == panel.rows[0]["accuracy"]
+        # zero-shot and the classical baseline train nothing: dashed lines, not points
+        assert [shape.y0 for shape in panel.fig.layout.shapes] == [panel.rows[0]["accuracy"], classical["accuracy"]]
         assert "peak" in trace.customdata[0] and "wall" in trace.customdata[0]
     finally:
         panel.close()

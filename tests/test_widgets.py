@@ -467,7 +467,7 @@ def test_loss_curve_from_recorded_run(home: Path, wb_store: RunStore) -> None:
     curve = LossCurve(home=home, background=False)
     curve.smoothing = 0.0
     curve.run_ids = [run_id]
-    raw, smooth, ev, acc, best = curve.fig.data
+    raw, smooth, ev, acc, best, f1, base_acc, base_f1 = curve.fig.data
     assert smooth.x == tuple(range(1, 11)) and smooth.y[1] == pytest.approx(0.5)
     assert ev.x == (5, 10) and ev.y == pytest.approx((0.18, 0.09))
     assert acc.yaxis == "y2" and acc.y == pytest.approx((0.75, 0.65))
@@ -525,7 +525,7 @@ def test_loss_curve_page_opened_late_gets_the_whole_history(home: Path, wb_store
     # plotly 7 alone keeps the state it had at creation (no traces): a late page drew an empty plot
     state = curve.fig.get_state()
     traces = state["_widget_data"]
-    assert len(traces) == 5 and list(traces[1]["x"]) == list(range(1, 26))
+    assert len(traces) == 8 and list(traces[1]["x"]) == list(range(1, 26))
     assert [s["x0"] for s in state["_widget_layout"]["shapes"]] == [20]
 
 
@@ -573,8 +573,8 @@ def test_loss_curve_overlays_runs_and_follows_live(home: Path, wb_store: RunStor
 
     first, second = record_run(wb_store, "a"), record_run(wb_store, "b", early_stop=False)
     curve = LossCurve(home=home, run_ids=[first, second], background=False)
-    assert len(curve.fig.data) == 10
-    assert curve.fig.data[1].name.endswith("train loss") and curve.fig.data[1].name != curve.fig.data[6].name
+    assert len(curve.fig.data) == 16  # 8 traces a run
+    assert curve.fig.data[1].name.endswith("train loss") and curve.fig.data[1].name != curve.fig.data[9].name
     assert len(curve.fig.layout.shapes) == 3  # two warmups, one early stop
 
     live_id = wb_store.create_run(Config().to_dict())
@@ -661,7 +661,7 @@ def test_run_compare_sorts_and_overlays(home: Path, wb_store: RunStore) -> None:
 
     compare._pick.value = (low, high)  # the multi-select
     assert compare.selected == [low, high]
-    assert compare.curve.run_ids == [low, high] and len(compare.curve.fig.data) == 10
+    assert compare.curve.run_ids == [low, high] and len(compare.curve.fig.data) == 16
     assert [m.run_id for m in compare.matrices] == [low, high]
     assert compare.matrices[0].step == 5  # each run's best evaluation
     compare.selected = [high, "not-a-run"]

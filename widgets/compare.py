@@ -39,6 +39,9 @@ COLUMNS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "trainable": _get("info.trainable_params"),
     "accuracy": _get("metrics.accuracy"),
     "f1_macro": _get("metrics.f1_macro"),
+    "baseline accuracy": _get("metrics.baseline.accuracy"),
+    "baseline f1_macro": _get("metrics.baseline.f1_macro"),
+    "answers with": _get("metrics.answers_with.by"),
     "wall s": _get("timings.wall_seconds"),
     "samples/s": _get("timings.samples_per_second"),
     "peak MB": _get("timings.peak_memory_mb"),
@@ -46,7 +49,8 @@ COLUMNS: dict[str, Callable[[dict[str, Any]], Any]] = {
 # the table's columns: title -> the sort column it reads; "trainable" shows the count and the share together
 SHOWN: dict[str, str] = {
     "name": "name", "status": "status", "model": "model", "data": "data", "method": "method",
-    "trainable": "trainable", "accuracy": "accuracy", "f1_macro": "f1_macro", "time": "wall s",
+    "trainable": "trainable", "accuracy": "accuracy", "f1_macro": "f1_macro", "baseline acc.": "baseline accuracy",
+    "baseline F1": "baseline f1_macro", "answers with": "answers with", "time": "wall s",
     "samples/s": "samples/s", "peak MB": "peak MB", "run": "run", "created": "created",
 }
 VISIBLE_ROWS = 8  # about this many rows fit the table's scroll box
@@ -171,6 +175,10 @@ def _cell(title: str, run: dict[str, Any]) -> Any:
     if title == "trainable" and isinstance(value, (int, float)):
         share = COLUMNS["trainable %"](run)
         return S.human_count(value) + (f" ({_percent(share)})" if isinstance(share, (int, float)) else "")
+    if title == "answers with":  # with the answer's own figures: an ensemble scores apart from the model alone
+        answer = _get("metrics.answers_with")(run) or {}
+        shown = [f"{answer[k]:.4f}" for k in ("accuracy", "f1_macro") if isinstance(answer.get(k), (int, float))]
+        return f"{value} ({' / '.join(shown)})" if shown else value
     if title == "time" and isinstance(value, (int, float)):
         return S.human_seconds(value)
     if title == "peak MB" and isinstance(value, (int, float)):

@@ -25,6 +25,7 @@ from . import _style as S
 from ._background import Poller
 from ._figure import LiveFigure
 from .regression import RegressionView
+from .run_summary import baseline_of
 
 POLL_S = 1.0
 LATEST = -1  # step selector value meaning "the newest evaluation"
@@ -44,6 +45,7 @@ class ConfusionMatrix(W.VBox):
     best_step = T.Int(None, allow_none=True)
     selected = T.Tuple(allow_none=True, default_value=None, help="(true label, predicted label) of the chosen cell")
     examples = T.List(T.Dict(), help="eval examples in the chosen cell, most confident first")
+    baseline = T.Dict(allow_none=True, default_value=None, help="the run's classical baseline figures")
     error = T.Unicode("")
 
     def __init__(self, home: str | Path | None = None, run_id: str = "", background: bool = True,
@@ -157,7 +159,9 @@ class ConfusionMatrix(W.VBox):
         if not self.run_id:
             return False
         try:
-            self._status = self.store.get(self.run_id)["status"]
+            record = self.store.get(self.run_id)
+            self._status = record["status"]
+            self.baseline = baseline_of(record)
             points = self.store.points(self.run_id, kind="eval", after_seq=self._seq)
         except Exception as exc:  # e.g. the run was deleted
             self.error = f"run {self.run_id}: {exc}"
@@ -240,8 +244,12 @@ class ConfusionMatrix(W.VBox):
         best = " (best)" if step == self.best_step else ""
         acc = p.get("accuracy")
         collapsed = collapse_note(labels, counts)
+        base = self.baseline or {}
+        beside = (f" (classical baseline: accuracy {base['accuracy']:.3f}, macro-F1 {base['f1_macro']:.3f})"
+                  if isinstance(base.get("accuracy"), (int, float)) and isinstance(base.get("f1_macro"), (int, float))
+                  else "")
         self._title.value = S.message(
-            f"run {self.run_id}, step {step}{best}: accuracy {acc:.3f}, macro-F1 {p.get('f1_macro', 0):.3f} "
+            f"run {self.run_id}, step {step}{best}: accuracy {acc:.3f}, macro-F1 {p.get('f1_macro', 0):.3f}{beside} "
             f"- click a cell to see its examples" if isinstance(acc, (int, float)) else f"step {step}", "muted") + (
             S.message(f"warning: {collapsed}") if collapsed else "")
         per = p.get("per_class") or {}

@@ -11,6 +11,7 @@ import traitlets as T
 
 from workbench import Config, WorkbenchError
 from workbench.catalog import MODELS
+from workbench.loop.defaults import CPU_MAX_LENGTH
 from workbench.store import FINAL_STATUSES, RunStore
 
 from . import _style as S
@@ -22,6 +23,7 @@ from .loss_curve import LossCurve
 from .method_panel import MethodPanel
 from .model_picker import ModelPicker
 from .playground import Playground
+from .run_summary import RunSummary
 from .train_panel import TrainPanel
 
 CATALOG_ONLY = tuple(MODELS)  # for Dashboard(models=...) on a page others can reach
@@ -32,7 +34,8 @@ CONFIG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,80}$")
 
 def wire(train: TrainPanel, curve: LossCurve, confusion: ConfusionMatrix, compare: RunCompare,
          playground: Playground, model: ModelPicker | None = None, data: DataPanel | None = None,
-         method: MethodPanel | None = None, deploy: DeployPanel | None = None) -> None:
+         method: MethodPanel | None = None, deploy: DeployPanel | None = None,
+         summary: RunSummary | None = None) -> None:
     """Connect the panels: the ONE place where one widget follows another (no setup panels when read-only)."""
     if model is not None and data is not None and method is not None:
         # the method's estimate follows the model, the data and the schedule
@@ -40,12 +43,16 @@ def wire(train: TrainPanel, curve: LossCurve, confusion: ConfusionMatrix, compar
         T.dlink((model, "trust_remote_code"), (method, "trust_remote_code"))
         T.dlink((data, "num_labels"), (method, "num_labels"))
         T.dlink((train, "batch_size"), (method, "batch_size"))
-        T.dlink((train, "max_length"), (method, "max_length"))
+        # auto (None): the estimate assumes the longest a CPU run chooses
+        T.dlink((train, "max_length"), (method, "max_length"),
+                transform=lambda n: CPU_MAX_LENGTH if n is None else n)
         T.dlink((model, "context_length"), (train, "max_length_limit"))
 
     # the live views follow the run that Train launched (or shows)
     T.dlink((train, "run_id"), (curve, "run_ids"), transform=lambda run_id: [run_id] if run_id else [])
     T.dlink((train, "run_id"), (confusion, "run_id"))
+    if summary is not None:  # the model beside its classical baseline, the run's choices, what answers
+        T.dlink((train, "run_id"), (summary, "run_id"))
 
     # a run that ends shows up in the comparison and the playground
     def on_status(change: dict[str, Any]) -> None:
@@ -95,15 +102,16 @@ class Dashboard(W.VBox):
         self.train = TrainPanel(home=home, background=background, read_only=read_only, config_factory=self.config,
                                 launcher=launcher, start_check=start_check)
         self.curve = LossCurve(store=self.store, background=background)
+        self.summary = RunSummary(store=self.store, background=background)
         self.confusion = ConfusionMatrix(store=self.store, background=background)
         self.compare = RunCompare(store=self.store, background=background)
-        self.playground = Playground(store=self.store, background=background)
+        self.playground = Playground(store=self.store, background=background, uploads=not read_only)
         wire(self.train, self.curve, self.confusion, self.compare, self.playground, self.model, self.data,
-             self.method, self.deploy)
+             self.method, self.deploy, self.summary)
         self.tabs = W.Tab(layout=S.full_width())
         if read_only:
             tabs = [("Runs", self.compare),
-                    ("Watch", W.VBox([self.train, self.curve, self.confusion], layout=S.full_width())),
+                    ("Watch", W.VBox([self.train, self.curve, self.summary, self.confusion], layout=S.full_width())),
                     ("Try", self.playground)]
             children: list[W.Widget] = [self.tabs]
         else:
@@ -111,6 +119,7 @@ class Dashboard(W.VBox):
             self._setup = setup = W.VBox([S.section("1. Model"), self.model, S.section("2. Data"), self.task, self.data,
                             S.section("3. Method"), self.method], layout=S.full_width())
             self._run_tab = run_tab = W.VBox([S.section("4. Train"), self.train, S.section("5. Watch"), self.curve,
+                              S.section("Against the classical baseline"), self.summary,
                               S.section("6. Inspect"), self.confusion], layout=S.full_width())
             tabs = [("Set up", setup), ("Train & watch", run_tab), ("Compare runs", self.compare),
                     ("Try it", self.playground), ("Deploy", self.deploy)]

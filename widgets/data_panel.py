@@ -107,6 +107,64 @@ def check_parquet(source: str | Path | bytes, what: str) -> None:
         raise WorkbenchError(f"{what} could not be read as Parquet ({first[:200]}): check the format") from None
 
 
+def upload_usage(folder: Path) -> tuple[int, int]:
+    """(bytes, files) held by an uploads folder."""
+    files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")] if folder.is_dir() else []
+    return sum(p.stat().st_size for p in files), len(files)
+
+
+def uploaded_file(files: Any) -> tuple[Any, Any]:
+    """(name, content) of the one file a FileUpload holds (any client may send any value: checked)."""
+    item = files[0] if isinstance(files, (list, tuple)) and len(files) == 1 else None
+    if not isinstance(item, dict):
+        raise WorkbenchError("the upload arrived in an unexpected form: upload the file again")
+    return item.get("name"), item.get("content")
+
+
+def save_upload(home: Path, name: str, content: bytes) -> Path:
+    """Check an uploaded file (type by extension, size, a Parquet file's declared rows and decoded size,
+    the workspace's quota) and save it under <home>/uploads; returns its path."""
+    if not isinstance(name, str) or not name.strip():
+        raise WorkbenchError("the upload has no file name: upload a .csv, .tsv, .jsonl or .parquet file")
+    if not isinstance(content, (bytes, bytearray, memoryview)):
+        raise WorkbenchError(f"upload {name[:80]!r} arrived without its content: upload it again")
+    data = bytes(content)
+    safe = safe_filename(name)
+    ext = Path(safe).suffix
+    if ext not in UPLOAD_EXTENSIONS:
+        raise WorkbenchError(f"upload {name[:80]!r} has an unsupported type {ext or '(none)'!r}: "
+                             f"use {', '.join(UPLOAD_EXTENSIONS)}")
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise WorkbenchError(f"upload {name[:80]!r} is {len(data) / 2**20:.1f} MB, over the "
+                             f"{MAX_UPLOAD_BYTES >> 20} MB limit: sample it down first")
+    if not data.strip():
+        raise WorkbenchError(f"upload {name[:80]!r} is empty: it needs a header row and labelled rows")
+    if ext == ".parquet":
+        check_parquet(data, f"upload {name[:80]!r}")
+    folder = (Path(home) / "uploads").resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    with _folder_lock(folder):  # two pages (two kernels) of one workspace: one quota
+        target = (folder / safe).resolve()
+        if target.exists() and target.read_bytes() == data:
+            return target  # the same file again: nothing new to store
+        if target.exists():  # never overwrite another upload of that name
+            target = folder / f"{Path(safe).stem}-{hashlib.sha256(data).hexdigest()[:8]}{ext}"
+            if target.exists():
+                return target
+        if target.parent != folder:
+            raise WorkbenchError(f"upload name {name[:80]!r} is not allowed: rename the file")
+        used, count = upload_usage(folder)
+        if count >= MAX_UPLOAD_FILES or used + len(data) > UPLOAD_QUOTA_BYTES:
+            raise WorkbenchError(
+                f"upload {name[:80]!r} is refused: this workspace's uploads hold {count} files, "
+                f"{used / 2**20:.0f} MB of the {UPLOAD_QUOTA_BYTES >> 20} MB / {MAX_UPLOAD_FILES} files allowed; "
+                f"delete old uploads in {folder} first")
+        tmp = target.with_name(target.name + ".part")
+        tmp.write_bytes(data)
+        tmp.replace(target)
+    return target
+
+
 class DataPanel(W.VBox):
     """Choose the labelled data; `to_config()` gives the `DataConfig`.
 
@@ -216,62 +274,18 @@ class DataPanel(W.VBox):
 
     def upload_usage(self) -> tuple[int, int]:
         """(bytes, files) held by <home>/uploads."""
-        folder = self.upload_dir
-        files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")] if folder.is_dir() else []
-        return sum(p.stat().st_size for p in files), len(files)
+        return upload_usage(self.upload_dir)
 
     def save_upload(self, name: str, content: bytes) -> Path:
-        """Check an uploaded file (type by extension, size, a Parquet file's declared rows and decoded size,
-        the workspace's quota) and save it under <home>/uploads; returns its path."""
-        if not isinstance(name, str) or not name.strip():
-            raise WorkbenchError("the upload has no file name: upload a .csv, .tsv, .jsonl or .parquet file")
-        if not isinstance(content, (bytes, bytearray, memoryview)):
-            raise WorkbenchError(f"upload {name[:80]!r} arrived without its content: upload it again")
-        data = bytes(content)
-        safe = safe_filename(name)
-        ext = Path(safe).suffix
-        if ext not in UPLOAD_EXTENSIONS:
-            raise WorkbenchError(f"upload {name[:80]!r} has an unsupported type {ext or '(none)'!r}: "
-                                 f"use {', '.join(UPLOAD_EXTENSIONS)}")
-        if len(data) > MAX_UPLOAD_BYTES:
-            raise WorkbenchError(f"upload {name[:80]!r} is {len(data) / 2**20:.1f} MB, over the "
-                                 f"{MAX_UPLOAD_BYTES >> 20} MB limit: sample it down first")
-        if not data.strip():
-            raise WorkbenchError(f"upload {name[:80]!r} is empty: it needs a header row and labelled rows")
-        if ext == ".parquet":
-            check_parquet(data, f"upload {name[:80]!r}")
-        folder = self.upload_dir.resolve()
-        folder.mkdir(parents=True, exist_ok=True)
-        with _folder_lock(folder):  # two pages (two kernels) of one workspace: one quota
-            target = (folder / safe).resolve()
-            if target.exists() and target.read_bytes() == data:
-                return target  # the same file again: nothing new to store
-            if target.exists():  # never overwrite another upload of that name
-                target = folder / f"{Path(safe).stem}-{hashlib.sha256(data).hexdigest()[:8]}{ext}"
-                if target.exists():
-                    return target
-            if target.parent != folder:
-                raise WorkbenchError(f"upload name {name[:80]!r} is not allowed: rename the file")
-            used, count = self.upload_usage()
-            if count >= MAX_UPLOAD_FILES or used + len(data) > UPLOAD_QUOTA_BYTES:
-                raise WorkbenchError(
-                    f"upload {name[:80]!r} is refused: this workspace's uploads hold {count} files, "
-                    f"{used / 2**20:.0f} MB of the {UPLOAD_QUOTA_BYTES >> 20} MB / {MAX_UPLOAD_FILES} files allowed; "
-                    f"delete old uploads in {folder} first")
-            tmp = target.with_name(target.name + ".part")
-            tmp.write_bytes(data)
-            tmp.replace(target)
-        return target
+        """Check an uploaded file and save it under <home>/uploads (`save_upload`); returns its path."""
+        return save_upload(self.home, name, content)
 
     def _on_upload(self, change: dict[str, Any]) -> None:
         files = change["new"]
         if not files:
             return  # cleared
         try:
-            item = files[0] if isinstance(files, (list, tuple)) and len(files) == 1 else None
-            if not isinstance(item, dict):
-                raise WorkbenchError("the upload arrived in an unexpected form: upload the file again")
-            path = self.save_upload(item.get("name"), item.get("content"))
+            path = self.save_upload(*uploaded_file(files))
         except WorkbenchError as exc:
             self._set_error("source", str(exc))
             return

@@ -4,8 +4,11 @@ Start checks the rungs (`workbench.ladder.create_ladder`, on a worker thread) an
 `python -m workbench ladder --resume ID` as its own process (`launch_ladder`): the kernel stays free, and
 a reload or a kernel restart neither kills nor loses the ladder. Stop asks the current rung to stop at its
 next step and the ladder to start no other. Results are read from the ladder's ladder.json and the run
-store; the plot shows accuracy against trainable parameters (log axis), zero-shot rungs as dashed
-horizontal lines (they train nothing, so they have no place on a log axis).
+store; the plot shows accuracy against trainable parameters (log axis), zero-shot rungs and the classical
+baseline as dashed horizontal lines (they train nothing, so they have no place on a log axis). Under the
+rungs the table has two reference rows (`references`): the classical baseline (TF-IDF + logistic
+regression) every rung fitted on the shared split, and the ensemble of the best trained rung with it,
+whose note says whether it beats both.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ ORDER = ("zero-shot-embedding", "zero-shot-prompt", "head-only", "prompt-tuning"
          "adalora", "qlora", "full")  # the choices as a ladder: zero-shot first, then more and more trained
 TABLE = (("method", "method"), ("model", "model"), ("status", "status"), ("accuracy", "accuracy"),
          ("macro-F1", "f1_macro"), ("trainable", "trainable_params"), ("% params", "trainable_percent"),
-         ("wall", "wall_seconds"), ("peak MB", "peak_memory_mb"), ("lr", "learning_rate"), ("run", "run_id"))
+         ("wall", "wall_seconds"), ("peak MB", "peak_memory_mb"), ("lr", "learning_rate"), ("run", "run_id"),
+         ("note", "note"))
 
 
 class MethodLadder(W.VBox):
@@ -47,6 +51,7 @@ class MethodLadder(W.VBox):
     ladder_id = T.Unicode("", help="the ladder shown (and controlled)")
     status = T.Enum(STATUSES, default_value="idle")
     rows = T.List(T.Dict(), help="one row per rung: method, accuracy, f1_macro, trainable_params, ...")
+    references = T.List(T.Dict(), help="the classical baseline's row and the ensemble's (best rung + classical)")
     error = T.Unicode("")
     read_only = T.Bool(False, help="hide Start/Stop (view ladders only)")
 
@@ -99,7 +104,7 @@ class MethodLadder(W.VBox):
         self.observe(self._on_methods, names="methods")
         self.observe(self._on_ladder_id, names="ladder_id")
         self.observe(self._show_status, names=["status", "ladder_id"])
-        self.observe(self._show_rows, names="rows")
+        self.observe(self._show_rows, names=["rows", "references"])
         self.observe(lambda c: setattr(self._error_html, "value", S.message(c["new"])), names="error")
         self.observe(self._show_read_only, names="read_only")
         self._show_status()
@@ -155,7 +160,7 @@ class MethodLadder(W.VBox):
 
     def refresh(self) -> bool:
         """Read the ladder list, the shown ladder and its runs now; True while the ladder is going."""
-        from workbench.ladder import ladder_rows, list_ladders
+        from workbench.ladder import ladder_rows, list_ladders, reference_rows
 
         with self._lock:
             try:
@@ -170,10 +175,12 @@ class MethodLadder(W.VBox):
                 self._ladders.value = self.ladder_id
             ladder = next((lad for lad in ladders if lad["id"] == self.ladder_id), None)
             if ladder is None:
-                self.rows = []
+                self.rows, self.references = [], []
                 return self.status in ("checking",)
             try:
-                self.rows = ladder_rows(ladder, self.store)
+                rows = ladder_rows(ladder, self.store)
+                self.references = reference_rows(rows, self.store)
+                self.rows = rows
             except Exception as exc:
                 self.error = f"could not read the ladder's runs ({type(exc).__name__}: {exc})"
                 return False
@@ -285,11 +292,14 @@ class MethodLadder(W.VBox):
 
     def _show_rows(self, change: Any = None) -> None:
         rows = self.rows
-        body = [[_fmt(key, r.get(key)) for _, key in TABLE] for r in rows]
+        body = [[_fmt(key, r.get(key)) for _, key in TABLE] for r in rows + self.references]
         self._table.value = S.table_html([t for t, _ in TABLE], body) if rows else S.message("no rungs yet", "muted")
         trained = [r for r in rows if r["method"] not in ZERO_SHOT_METHODS and r.get("accuracy") is not None
                    and r.get("trainable_params")]
+        ensemble = [r for r in self.references if r["method"] == "ensemble" and r.get("trainable_params")]
+        trained += ensemble  # the ensemble trains what its rung trained: a point above (or below) it
         baselines = [r for r in rows if r["method"] in ZERO_SHOT_METHODS and r.get("accuracy") is not None]
+        baselines += [r for r in self.references if r["method"] == "classical" and r.get("accuracy") is not None]
         with self.fig.batch_update():  # whole arrays each time (LiveFigure: a page opened late shows them too)
             trace = self.fig.data[0]
             trace.x = [r["trainable_params"] for r in trained]
@@ -370,7 +380,7 @@ def _hover(row: dict[str, Any]) -> str:
 
 def _fmt(key: str, value: Any) -> str:
     if value is None:
-        return "-"
+        return "" if key == "note" else "-"
     if key == "trainable_params":
         return S.human_count(value)
     if key == "wall_seconds":

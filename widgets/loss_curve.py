@@ -1,4 +1,8 @@
-"""LossCurve: train loss, eval loss and accuracy of one or several runs, followed live from the store.
+"""LossCurve: train loss, eval loss, accuracy and macro-F1 of one or several runs, followed live from the store.
+
+The run's classical baseline (TF-IDF + logistic regression, fitted when the run starts) is drawn as dashed
+horizontal lines at its accuracy and macro-F1, so the model's curve is read against what a one-second
+model does on the same eval split.
 
 In Voila, points added to a FigureWidget before the browser connects never reach the page.
 So this widget keeps each run's history in Python, REPLACES whole arrays on every redraw
@@ -24,11 +28,12 @@ from workbench.store import FINAL_STATUSES, RunStore
 from . import _style as S
 from ._background import Poller
 from ._figure import LiveFigure
+from .run_summary import baseline_of
 
 REDRAW_MIN_S = 0.2  # at most ~5 redraws per second
 MAX_LINE_POINTS = 2000  # per train-loss line drawn; a longer history is drawn every k-th step (and the last)
 POLL_S = 0.2
-TRACES_PER_RUN = 5  # raw loss, smoothed loss, eval loss, accuracy, best
+TRACES_PER_RUN = 8  # raw loss, smoothed loss, eval loss, accuracy, best, macro-F1, baseline accuracy and macro-F1
 
 
 @dataclass
@@ -45,6 +50,8 @@ class RunHistory:
     eval_steps: list[int] = field(default_factory=list)
     eval_loss: list[float] = field(default_factory=list)
     accuracy: list[float] = field(default_factory=list)
+    f1_macro: list[float] = field(default_factory=list)
+    baseline: dict[str, Any] | None = None  # the classical baseline's figures (info.baseline, then metrics.baseline)
     best_step: int | None = None
     warmup_steps: int | None = None
     early_stop_step: int | None = None
@@ -62,6 +69,7 @@ class RunHistory:
             self.eval_steps.append(step)
             self.eval_loss.append(float(p["eval_loss"]) if _finite(p.get("eval_loss")) else None)
             self.accuracy.append(float(p["accuracy"]) if _finite(p.get("accuracy")) else None)
+            self.f1_macro.append(float(p["f1_macro"]) if _finite(p.get("f1_macro")) else None)
             if p.get("is_best"):
                 self.best_step = step
         elif kind == "event":
@@ -85,6 +93,7 @@ class RunHistory:
         self.eval_steps = [self.eval_steps[i] for i in keep]
         self.eval_loss = [self.eval_loss[i] for i in keep]
         self.accuracy = [self.accuracy[i] for i in keep]
+        self.f1_macro = [self.f1_macro[i] for i in keep]
         if self.best_step is not None and self.best_step > after_step:
             self.best_step = None
         if self.early_stop_step is not None and self.early_stop_step > after_step:
@@ -141,7 +150,7 @@ class LossCurve(W.VBox):
         self.fig = LiveFigure(layout=S.figure_layout(
             xaxis={**S.figure_layout()["xaxis"], "title": {"text": "step"}},
             yaxis={**S.figure_layout()["yaxis"], "title": {"text": "loss"}},
-            yaxis2={"title": {"text": "accuracy"}, "overlaying": "y", "side": "right", "range": [0, 1.02],
+            yaxis2={"title": {"text": "accuracy / macro-F1"}, "overlaying": "y", "side": "right", "range": [0, 1.02],
                     "gridcolor": "rgba(0,0,0,0)", "zerolinecolor": S.GRID_GREY},
         ))
         self.fig.layout.width = None
@@ -196,6 +205,10 @@ class LossCurve(W.VBox):
                 hist.status = record["status"]
                 self._dirty = True
             hist.label = record.get("name") or run_id
+            baseline = baseline_of(record)
+            if baseline != hist.baseline:
+                hist.baseline = baseline
+                self._dirty = True
             statuses[run_id] = hist.status
             going = going or hist.status not in FINAL_STATUSES
         self.statuses = statuses
@@ -259,6 +272,15 @@ class LossCurve(W.VBox):
                 go.Scatter(name=f"{prefix}best checkpoint", mode="markers", legendgroup=group, yaxis="y2",
                            marker={"size": 15, "symbol": "star", "color": color,
                                    "line": {"width": 1, "color": S.FONT_GREY}}),
+                go.Scatter(name=f"{prefix}macro-F1", mode="lines+markers", legendgroup=group, yaxis="y2",
+                           line={"color": color, "width": 1.5, "dash": "dashdot"},
+                           marker={"size": 6, "symbol": "triangle-up"}),
+                go.Scatter(name=f"{prefix}baseline accuracy", mode="lines", legendgroup=group, yaxis="y2",
+                           line={"color": S.FONT_GREY, "width": 1.5, "dash": "dash"},
+                           hovertemplate="classical baseline<br>accuracy %{y:.3f}<extra></extra>"),
+                go.Scatter(name=f"{prefix}baseline macro-F1", mode="lines", legendgroup=group, yaxis="y2",
+                           line={"color": S.FONT_GREY, "width": 1, "dash": "dot"},
+                           hovertemplate="classical baseline<br>macro-F1 %{y:.3f}<extra></extra>"),
             ]
         with self.fig.batch_update():
             self.fig.data = ()
@@ -275,7 +297,7 @@ class LossCurve(W.VBox):
                 base = i * TRACES_PER_RUN
                 if base + TRACES_PER_RUN > len(self.fig.data):
                     break
-                raw, smooth, ev, acc, best = self.fig.data[base: base + TRACES_PER_RUN]
+                raw, smooth, ev, acc, best, f1, base_acc, base_f1 = self.fig.data[base: base + TRACES_PER_RUN]
                 drawn = thin(len(hist.train_steps))  # the smoothing runs over every step, then thins
                 steps = [hist.train_steps[j] for j in drawn]
                 smoothed = ema(hist.train_loss, self.smoothing)
@@ -284,6 +306,9 @@ class LossCurve(W.VBox):
                 smooth.customdata = [int(hist.train_epoch[j]) + 1 for j in drawn]
                 ev.x, ev.y = list(hist.eval_steps), list(hist.eval_loss)
                 acc.x, acc.y = list(hist.eval_steps), list(hist.accuracy)
+                f1.x, f1.y = list(hist.eval_steps), list(hist.f1_macro)
+                _reference(base_acc, hist, "accuracy")
+                _reference(base_f1, hist, "f1_macro")
                 if hist.best_step is not None and hist.best_step in hist.eval_steps:
                     j = len(hist.eval_steps) - 1 - hist.eval_steps[::-1].index(hist.best_step)
                     best.x, best.y = [hist.best_step], [hist.accuracy[j]]
@@ -300,11 +325,23 @@ class LossCurve(W.VBox):
             self.fig.layout.annotations = tuple(notes)
         self._info.value = S.message(" | ".join(
             f"{h.label}: {h.status}, {len(h.train_steps)} steps, {len(h.eval_steps)} evaluations"
+            + (f"; classical baseline accuracy {h.baseline['accuracy']:.3f}, macro-F1 {h.baseline['f1_macro']:.3f}"
+               if h.baseline and _finite(h.baseline.get("accuracy")) and _finite(h.baseline.get("f1_macro")) else "")
             for h in self._histories.values()), "muted")
 
     def close(self) -> None:
         self._poller.stop()
         super().close()
+
+
+def _reference(trace: Any, hist: RunHistory, key: str) -> None:
+    """A flat dashed line at the baseline's figure across every step drawn so far (whole arrays, each time)."""
+    value = (hist.baseline or {}).get(key)
+    if not _finite(value):
+        trace.x, trace.y = [], []
+        return
+    last = max([hist.max_steps, *hist.train_steps[-1:], *hist.eval_steps[-1:], 1])
+    trace.x, trace.y = [0, last], [float(value), float(value)]
 
 
 def _short(label: str, width: int = 18) -> str:

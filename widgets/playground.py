@@ -1,4 +1,5 @@
-"""Playground: type text, see the label and scores a trained run predicts."""
+"""Playground: type text, see the label and scores a trained run predicts; or upload a labelled test file and
+score the run on it beside its classical baseline (`workbench.evaluate.evaluate_file`, on a worker thread)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from workbench.store import RunStore
 
 from . import _style as S
 from ._background import run_job
+from .data_panel import MAX_UPLOAD_BYTES, UPLOAD_EXTENSIONS, save_upload, uploaded_file
 
 MAX_TEXT_CHARS = 10_000
 CACHED_PREDICTORS = 3  # models kept in memory, least recently used dropped first
@@ -30,9 +32,13 @@ class Playground(W.VBox):
     result = T.Dict(allow_none=True, default_value=None, help="{'label': ..., 'scores': {label: p}}")
     error = T.Unicode("")
     busy = T.Bool(False)
+    test_file = T.Unicode("", help="the labelled file the run was last scored on")
+    evaluation = T.Dict(allow_none=True, default_value=None, help="evaluate_file's result for test_file")
+    evaluation_error = T.Unicode("", help="why the file could not be scored (one line)")
+    evaluating = T.Bool(False)
 
     def __init__(self, home: str | Path | None = None, background: bool = True, store: RunStore | None = None,
-                 **kwargs: Any) -> None:
+                 uploads: bool = True, **kwargs: Any) -> None:
         self.store = store or RunStore(home)
         self.background = background
         self._predictors: OrderedDict[str, Any] = OrderedDict()
@@ -48,8 +54,21 @@ class Playground(W.VBox):
         refresh.on_click(lambda _: self.refresh_runs())
         self._output = W.HTML("", layout=S.full_width())
         self._error_html = S.inline_error()
-        super().__init__(children=[self._run, self._text, W.Box([self._predict, refresh], layout=S.wrap_row()),
-                                   self._error_html, self._output], **{"layout": S.full_width(), **kwargs})
+        self._evaluation_html = W.HTML("", layout=S.full_width())
+        self._upload: W.FileUpload | None = None  # none on a read-only page: nothing to upload to
+        children = [self._run, self._text, W.Box([self._predict, refresh], layout=S.wrap_row()),
+                    self._error_html, self._output]
+        if uploads:
+            self._upload = W.FileUpload(accept=",".join(UPLOAD_EXTENSIONS), multiple=False,
+                                        description="Test file", layout=W.Layout(width="auto"))
+            self._upload.observe(self._on_upload, names="value")
+            children += [S.section("Score the run on a labelled test file"),
+                         W.HTML(S.message(f"one CSV, TSV, JSONL or Parquet file (up to {MAX_UPLOAD_BYTES >> 20} MB) "
+                                          "with a text and a label column, rows the run never saw: the run's "
+                                          "answer and its classical baseline are scored on it", "muted")),
+                         self._upload, self._evaluation_html]
+        super().__init__(children=children, **{"layout": S.full_width(), **kwargs})
+        self.observe(self._show_evaluation, names=["evaluation", "evaluation_error", "evaluating"])
         self._run.observe(self._on_run_control, names="value")
         self._text.observe(self._on_text_control, names="value")
         self.observe(self._show_error, names="error")
@@ -78,8 +97,7 @@ class Playground(W.VBox):
                  if (r.get("config") or {}).get("task", "text-classification") == "text-classification"
                  and (Path(r["dir"]) / "model" / "trainable.safetensors").is_file()]
         self.runs = [r["id"] for r in ready]
-        self._run.options = [(f"{r.get('name') or r['id']} ({r['id']}, accuracy "
-                              f"{(r.get('metrics') or {}).get('accuracy', float('nan')):.3f})", r["id"]) for r in ready]
+        self._run.options = [(run_label(r), r["id"]) for r in ready]
         if self.run_id not in self.runs:
             self.run_id = self.runs[0] if self.runs else ""
         self._run.value = self.run_id or None
@@ -120,6 +138,43 @@ class Playground(W.VBox):
                 self._predictors.popitem(last=False)
         return loaded
 
+    def evaluate(self, source: str | Path) -> None:
+        """Score the chosen run on a labelled file (`evaluate_file`, on a worker thread): `evaluation`, or
+        `evaluation_error` in one line."""
+        if self.evaluating:
+            self.evaluation_error = "a file is being scored: wait for it to finish"
+            return
+        if not self.run_id:
+            self.evaluation_error = "no run with a trained model yet: train one, then press Refresh runs"
+            return
+        run_id = self.run_id
+        self.test_file, self.evaluation, self.evaluation_error, self.evaluating = str(source), None, "", True
+        run_job(lambda: self._evaluate_now(run_id, str(source)), sync=not self.background, name="playground-evaluate")
+
+    def _on_upload(self, change: dict[str, Any]) -> None:
+        if not change["new"]:
+            return  # cleared
+        try:
+            path = save_upload(self.store.home, *uploaded_file(change["new"]))
+        except WorkbenchError as exc:
+            self.evaluation, self.evaluation_error = None, one_line(str(exc))
+            return
+        finally:
+            self._upload.value = ()  # free the bytes held by the widget
+        self.evaluate(path)
+
+    def _evaluate_now(self, run_id: str, source: str) -> None:
+        from workbench.evaluate import evaluate_file
+
+        try:
+            self.evaluation = evaluate_file(run_id, source, self.store.home)
+        except WorkbenchError as exc:
+            self.evaluation_error = one_line(str(exc))
+        except Exception as exc:  # words, never a traceback
+            self.evaluation_error = one_line(f"could not score {Path(source).name} ({type(exc).__name__}: {exc})")
+        finally:
+            self.evaluating = False
+
     # --- worker ----------------------------------------------------------------------------------
     def _predict_now(self, run_id: str, text: str) -> None:
         try:
@@ -158,3 +213,58 @@ class Playground(W.VBox):
         self._output.value = (f'<div style="font-size:1.2em; margin:4px 0">Predicted: '
                               f'<b>{html.escape(str(res["label"]))}</b></div>'
                               + S.bars_html(scores, fmt="{:.3f}"))
+
+    def _show_evaluation(self, change: Any = None) -> None:
+        if self.evaluating:
+            self._evaluation_html.value = S.message(f"scoring run {self.run_id} on {Path(self.test_file).name} ...",
+                                                    "muted")
+        elif self.evaluation_error:
+            self._evaluation_html.value = S.message(self.evaluation_error)
+        elif self.evaluation:
+            self._evaluation_html.value = evaluation_html(self.evaluation)
+        else:
+            self._evaluation_html.value = ""
+
+
+def run_label(record: dict[str, Any]) -> str:
+    """A run in the list: its name, id, and its answer's accuracy and macro-F1."""
+    metrics = record.get("metrics") or {}
+    answer = metrics.get("answers_with") if isinstance(metrics.get("answers_with"), dict) else metrics
+    figures = ", ".join(f"{title} {answer[key]:.3f}" for title, key in (("accuracy", "accuracy"), ("macro-F1", "f1_macro"))
+                        if isinstance(answer.get(key), (int, float)))
+    return f"{record.get('name') or record['id']} ({record['id']}{', ' + figures if figures else ''})"
+
+
+def one_line(text: str, limit: int = 400) -> str:
+    first = (text.strip().splitlines() or [""])[0]
+    return first if len(first) <= limit else first[: limit - 3] + "..."
+
+
+def evaluation_rows(result: dict[str, Any]) -> list[list[Any]]:
+    """Who was scored on the file, with accuracy and macro-F1: the run's answer, the fine-tuned model alone
+    (when an ensemble answers), the classical baseline."""
+    def figures(f: dict[str, Any]) -> list[str]:
+        return [f"{f['accuracy']:.3f}", f"{f['f1_macro']:.3f}"]
+
+    rows = [[f"the run's answer ({result.get('answers_with', 'fine-tuned')})", *figures(result)]]
+    if result.get("fine_tuned"):
+        rows.append(["the fine-tuned model alone", *figures(result["fine_tuned"])])
+    base = result.get("baseline")
+    rows.append(["classical baseline", *figures(base)] if base else ["classical baseline", "-", "- (none: trained "
+                                                                                              "with baseline off)"])
+    return rows
+
+
+def evaluation_html(result: dict[str, Any]) -> str:
+    """The scores table, a plain sentence when the baseline wins, and the confusion matrix (rows: true label)."""
+    head = S.message(f"{result.get('rows')} rows of {Path(str(result.get('file', ''))).name} (text column "
+                     f"{result.get('text_column')!r}, label column {result.get('label_column')!r})", "muted")
+    table = S.table_html(["", "accuracy", "macro-F1"], evaluation_rows(result))
+    base = result.get("baseline") or {}
+    behind = [k for k in ("accuracy", "f1_macro") if k in base and result[k] < base[k]]
+    note = S.message(f"on this file the classical baseline scores higher on {' and '.join(behind)} than the "
+                     "run's answer") if behind else ""
+    labels = [str(x) for x in result.get("labels") or []]
+    matrix = [[f"true {name}", *row] for name, row in zip(labels, result.get("confusion_matrix") or [])]
+    confusion = S.table_html(["", *(f"predicted {n}" for n in labels)], matrix) if matrix else ""
+    return head + table + note + S.message("confusion matrix of the run's answer", "muted") + confusion

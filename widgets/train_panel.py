@@ -20,6 +20,7 @@ from workbench.launch import check_processes
 from workbench.store import FINAL_STATUSES, RunStore
 
 from . import _style as S
+from .auto_number import AutoNumber
 from ._background import Poller, run_job
 
 POLL_S = 0.5
@@ -33,6 +34,37 @@ def _field(section: str, control: type, **options: Any) -> dict[str, Any]:
 
 
 _TRACK_HINTS = get_type_hints(TrackConfig)
+_TRAIN_HINTS = get_type_hints(TrainConfig)
+_TRAIN_HELP = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(TrainConfig)}
+
+
+def _choice(name: str, description: str) -> dict[str, Any]:
+    """A TrainConfig Literal field as toggle buttons: its allowed values, its help as every button's tooltip."""
+    options = list(get_args(_TRAIN_HINTS[name]))
+    return _field("train", W.ToggleButtons, description=description, options=options,
+                  tooltips=[_TRAIN_HELP[name]] * len(options))
+
+
+def _auto(description: str, number: type, shown: float) -> dict[str, Any]:
+    """A number that may be left out (None = chosen from the data when the run starts): AutoNumber."""
+    return _field("train", AutoNumber, description=description, number=number, shown=shown)
+
+
+AUTO_HINT = ("auto = chosen from the data when the run starts: epochs from the training size, the method's "
+             "learning rate, max length from the texts' token lengths; the run lists each choice and why.")
+
+
+HELP_FIELDS = ("epochs", "learning_rate", "max_length", "class_weights", "best_metric", "baseline", "ensemble",
+               "truncation")
+
+
+def help_html() -> str:
+    """What the choices mean, in the config's own words (TrainConfig's help), folded away by default."""
+    import html
+
+    items = "".join(f"<li><b>{html.escape(name)}</b>: {html.escape(_TRAIN_HELP[name])}</li>" for name in HELP_FIELDS)
+    return (f'<details style="color:{S.MUTED_COLOR}"><summary>What auto, class weights, best checkpoint, '
+            f'baseline, ensemble and long texts mean</summary><ul style="margin:2px 0">{items}</ul></details>')
 
 
 class TrainPanel(W.VBox):
@@ -48,17 +80,24 @@ class TrainPanel(W.VBox):
     `read_only=True` builds no settings and no Start/Stop at all, and refuses start() and stop().
     """
 
-    epochs = T.Int(TrainConfig.epochs).tag(**_field("train", W.IntText, description="Epochs"))
+    epochs = T.Int(TrainConfig.epochs, allow_none=True).tag(**_auto("Epochs", W.IntText, 3))
     batch_size = T.Int(TrainConfig.batch_size).tag(**_field("train", W.IntText, description="Batch size"))
-    learning_rate = T.Float(TrainConfig.learning_rate).tag(**_field("train", W.FloatText, description="Learning rate"))
+    learning_rate = T.Float(TrainConfig.learning_rate, allow_none=True).tag(**_auto("Learning rate", W.FloatText, 1e-3))
     warmup_ratio = T.Float(TrainConfig.warmup_ratio).tag(**_field("train", W.FloatText, description="Warmup ratio"))
     gradient_accumulation = T.Int(TrainConfig.gradient_accumulation).tag(
         **_field("train", W.IntText, description="Grad accum."))
-    max_length = T.Int(TrainConfig.max_length).tag(**_field("train", W.IntText, description="Max length"))
+    max_length = T.Int(TrainConfig.max_length, allow_none=True).tag(**_auto("Max length", W.IntText, 128))
     eval_every = T.Int(TrainConfig.eval_every).tag(**_field("train", W.IntText, description="Eval every"))
     early_stopping_patience = T.Int(TrainConfig.early_stopping_patience).tag(
         **_field("train", W.IntText, description="Early stop after"))
     seed = T.Int(TrainConfig.seed).tag(**_field("train", W.IntText, description="Seed"))
+    class_weights = T.Enum(get_args(_TRAIN_HINTS["class_weights"]), TrainConfig.class_weights).tag(**_choice("class_weights", "class weights"))
+    best_metric = T.Enum(get_args(_TRAIN_HINTS["best_metric"]), TrainConfig.best_metric).tag(**_choice("best_metric", "best checkpoint by"))
+    ensemble = T.Enum(get_args(_TRAIN_HINTS["ensemble"]), TrainConfig.ensemble).tag(**_choice("ensemble", "ensemble"))
+    truncation = T.Enum(get_args(_TRAIN_HINTS["truncation"]), TrainConfig.truncation).tag(**_choice("truncation", "long texts"))
+    baseline = T.Bool(TrainConfig.baseline).tag(**_field(
+        "train", W.Checkbox, description="classical baseline (TF-IDF + logistic regression, beside the model)",
+        indent=False))
     gradient_checkpointing = T.Bool(TrainConfig.gradient_checkpointing).tag(**_field(
         "train", W.Checkbox, description="gradient checkpointing (less memory, ~1/3 slower steps)", indent=False))
     wandb = T.Unicode(TrackConfig.wandb).tag(**_field("track", W.ToggleButtons, description="wandb",
@@ -132,7 +171,9 @@ class TrainPanel(W.VBox):
         for name in self.field_names():
             meta = self.trait_metadata(name, "control"), self.trait_metadata(name, "options")
             control, options = meta
-            if control is W.Checkbox:
+            if control is AutoNumber:
+                widget = control(style=style, layout=S.control_layout(), **options)
+            elif control is W.Checkbox:
                 widget = control(layout=W.Layout(width="auto"), **options)
             elif control is W.ToggleButtons:
                 widget = control(style={**style, "button_width": "auto"}, layout=S.full_width(), **options)
@@ -147,7 +188,8 @@ class TrainPanel(W.VBox):
         name = W.Text(placeholder="optional", description="Run name", style=style, layout=S.control_layout())
         name.observe(self._on_name, names="value")
         hints = W.HTML(S.message("Eval every 0 = each epoch; early stop after N evaluations without "
-                                 "improvement, 0 = off.", "muted"), layout=S.full_width())
+                                 "improvement, 0 = off. " + AUTO_HINT, "muted"), layout=S.full_width())
+        self._help = W.HTML(help_html(), layout=S.full_width())
         self._start = W.Button(description="Start", icon="play", button_style="success",
                                layout=W.Layout(width="auto"))
         self._stop = W.Button(description="Stop", icon="stop", button_style="warning", disabled=True,
@@ -158,6 +200,7 @@ class TrainPanel(W.VBox):
         toggles = [w for w in self._controls.values() if isinstance(w, W.ToggleButtons)]
         fields = [w for w in self._controls.values() if w not in boxes and w not in toggles]
         return [W.Box([*fields, processes, name], layout=S.wrap_row()), hints, *toggles, W.Box(boxes, layout=S.wrap_row()),
+                self._help,
                 W.Box([self._start, self._stop], layout=S.wrap_row()), self._bar, self._progress, self._error_html]
 
     # --- cross-field rule with the model (the config cannot know the model's context) --------------
@@ -165,13 +208,13 @@ class TrainPanel(W.VBox):
     def _valid_max_length(self, proposal: dict[str, Any]) -> int:
         """Cross-field: no more tokens than the model's context length."""
         limit = self.max_length_limit
-        if limit is not None and proposal["value"] > limit:
+        if limit is not None and proposal["value"] is not None and proposal["value"] > limit:
             raise T.TraitError(f"max_length = {proposal['value']} is beyond the model's limit of {limit} tokens")
         return proposal["value"]
 
     def _on_limit(self, change: dict[str, Any]) -> None:
         limit = change["new"]
-        if limit is not None and self.max_length > limit:
+        if limit is not None and self.max_length is not None and self.max_length > limit:
             self.max_length = limit
 
     def _on_name(self, change: dict[str, Any]) -> None:
@@ -215,7 +258,7 @@ class TrainPanel(W.VBox):
         if track is not None:
             self._base_track = track
         with self.hold_trait_notifications():
-            if self.max_length_limit is not None and cfg.max_length > self.max_length_limit:
+            if self.max_length_limit is not None and (cfg.max_length or 0) > self.max_length_limit:
                 self.max_length_limit = None  # the config's model may differ; its own check runs at Start
             for trait in self.field_names("train"):
                 setattr(self, trait, getattr(cfg, trait))

@@ -14,8 +14,9 @@ rungs are skipped, a stopped rung resumes from its checkpoint.
 
 Layout, next to the run store:
 
-    <home>/ladders/<id>/ladder.json   the plan, each rung's run id and config, the results table
-    <home>/ladders/<id>/ladder.csv    the results table
+    <home>/ladders/<id>/ladder.json   the plan, each rung's run id and config, the results table (`rows`, one
+                                      per rung) and its reference rows (`references`: classical, ensemble)
+    <home>/ladders/<id>/ladder.csv    the results table, rungs then references
     <home>/ladders/<id>/STOP          present while a stop is asked
     <home>/ladders/<id>/log.txt       output of a ladder started by `launch_ladder`
 """
@@ -45,7 +46,9 @@ CAUSAL_LM_METHODS = ("zero-shot-prompt", "lora", "qlora", "ia3", "adalora", "pro
 DEFAULT_LEARNING_RATES: dict[str, float] = METHOD_LEARNING_RATES  # one table: a run with no rate takes these too
 ZERO_SHOT_MODELS = {"zero-shot-embedding": "minilm-l6", "zero-shot-prompt": "smollm2-135m-instruct"}
 COLUMNS = ("method", "model", "status", "accuracy", "f1_macro", "trainable_params", "total_params",
-           "trainable_percent", "wall_seconds", "train_seconds", "peak_memory_mb", "learning_rate", "run_id")
+           "trainable_percent", "wall_seconds", "train_seconds", "peak_memory_mb", "learning_rate", "run_id", "note")
+# the rows after the rungs: what the trained rungs are read against (see reference_rows)
+CLASSICAL_ROW, ENSEMBLE_ROW = "classical", "ensemble"
 POLL_S = 0.5
 
 
@@ -336,9 +339,7 @@ def resume_ladder(ladder_id: str, home: str | Path | None = None, callbacks: lis
                     print(f"ladder {lid}: {rung['method']} (run {rung['run_id']})", flush=True)
                 rung_status = _run_rung(config, store, rung["run_id"], record is not None, callbacks, isolate,
                                         stopper)
-                ladder["rows"] = ladder_rows(ladder, store)
-                _write(directory, ladder)
-                write_table(directory, ladder["rows"])
+                _update_table(directory, ladder, store)
                 if echo:
                     row = next(r for r in ladder["rows"] if r["run_id"] == rung["run_id"])
                     print(f"  {rung['method']}: {rung_status}, accuracy {_num(row['accuracy'], '{:.3f}')}, "
@@ -353,10 +354,8 @@ def resume_ladder(ladder_id: str, home: str | Path | None = None, callbacks: lis
             error = f"{type(exc).__name__}: {exc}"
             raise
         finally:
-            ladder["rows"] = ladder_rows(ladder, store)
             ladder.update(status=status, ended_at=time.time(), error=error)
-            _write(directory, ladder)
-            write_table(directory, ladder["rows"])
+            _update_table(directory, ladder, store)
             (directory / "STOP").unlink(missing_ok=True)
     return ladder
 
@@ -412,6 +411,88 @@ def ladder_rows(ladder: dict[str, Any], store: RunStore) -> list[dict[str, Any]]
     return rows
 
 
+def _update_table(directory: Path, ladder: dict[str, Any], store: RunStore) -> None:
+    """The rung rows and the reference rows, in ladder.json and ladder.csv."""
+    ladder["rows"] = ladder_rows(ladder, store)
+    ladder["references"] = reference_rows(ladder["rows"], store)
+    _write(directory, ladder)
+    write_table(directory, ladder["rows"] + ladder["references"])
+
+
+def reference_rows(rows: list[dict[str, Any]], store: RunStore) -> list[dict[str, Any]]:
+    """What the trained rungs are read against: the classical baseline (TF-IDF + logistic regression, which
+    every classification run fits on its split: the rungs share split and seed, so the first rung that has
+    one gives it), and the ensemble of the best trained rung with it (the mean of their class probabilities
+    on the shared eval split), whose note says whether it beats both its members. [] before any has one."""
+    records = [store.get(r["run_id"]) for r in rows if r["method"] not in ZERO_SHOT_METHODS
+               and r["status"] == "completed" and r.get("run_id")]
+    records = [rec for rec in records if isinstance((rec.get("metrics") or {}).get("baseline"), dict)]
+    if not records:
+        return []
+    base = records[0]["metrics"]["baseline"]
+    if "accuracy" not in base:  # a regression ladder: its baseline has RMSE, not the table's figures
+        return []
+    classical = _reference_row(CLASSICAL_ROW, "TF-IDF + logistic regression", base, records[0]["id"])
+    classical.update(trainable_params=0, trainable_percent=0.0, wall_seconds=base.get("seconds"),
+                     train_seconds=base.get("seconds"),
+                     note=f"fitted on run {records[0]['id']}'s split ({base.get('class_weight', 'none')} class weights)")
+    ensemble = ensemble_row(records, classical)
+    return [classical] + ([ensemble] if ensemble is not None else [])
+
+
+def _reference_row(method: str, model: str, figures: dict[str, Any], run_id: str) -> dict[str, Any]:
+    row: dict[str, Any] = {k: None for k in COLUMNS}
+    row.update(method=method, model=model, status="completed", accuracy=figures.get("accuracy"),
+               f1_macro=figures.get("f1_macro"), run_id=run_id, note="")
+    return row
+
+
+def _metric(record: dict[str, Any]) -> str:
+    chosen = (record.get("config") or {}).get("train", {}).get("best_metric")
+    return chosen if chosen in ("accuracy", "f1_macro") else "accuracy"
+
+
+def ensemble_row(records: list[dict[str, Any]], classical: dict[str, Any]) -> dict[str, Any] | None:
+    """The mean of the best trained rung's and the classical baseline's eval probabilities (None when the
+    rung's predictions carry no per-class scores)."""
+    import numpy as np
+
+    from .tasks.ensemble import CLASSICAL_DIR, EVAL_FILE, figures
+
+    metric = _metric(records[0])
+    best = max(records, key=lambda rec: rec["metrics"].get(metric) or 0.0)  # the first of equals
+    preds = Path(best["metrics"].get("predictions_file") or "")
+    probs = Path(best["dir"]) / CLASSICAL_DIR / EVAL_FILE
+    if not preds.is_file() or not probs.is_file():
+        return None
+    saved = json.loads(preds.read_text(encoding="utf-8"))
+    rows, labels = saved.get("rows") or [], saved.get("labels") or []
+    classical_probs = np.asarray(json.loads(probs.read_text(encoding="utf-8"))["probabilities"], dtype=np.float64)
+    if not rows or "scores" not in rows[0] or classical_probs.shape != (len(rows), len(labels)):
+        return None
+    y = np.asarray([labels.index(r["true"]) for r in rows])
+    model_probs = np.asarray([r["scores"] for r in rows], dtype=np.float64)
+    mean = figures(y, (model_probs + classical_probs) / 2)
+    method = (best.get("config") or {}).get("method", {}).get("name", "?")
+    row = _reference_row(ENSEMBLE_ROW, f"{method} + classical", mean, best["id"])
+    timings, info = best.get("timings") or {}, best.get("info") or {}
+    row.update(trainable_params=info.get("trainable_params"), total_params=info.get("total_params"),
+               trainable_percent=info.get("trainable_percent"), peak_memory_mb=timings.get("peak_memory_mb"),
+               wall_seconds=_sum(timings.get("wall_seconds"), classical["wall_seconds"]),
+               train_seconds=_sum(timings.get("train_seconds"), classical["train_seconds"]))
+    members = {method: best["metrics"].get(metric), CLASSICAL_ROW: classical[metric]}
+    beaten = [m for m, value in members.items() if value is not None and mean[metric] > value]
+    shown = ", ".join(f"{m} {v:.3f}" for m, v in members.items() if v is not None)
+    row["note"] = (f"beats both members on {metric} ({mean[metric]:.3f}; {shown})" if len(beaten) == 2 else
+                   f"does not beat {' and '.join(m for m in members if m not in beaten)} on {metric} "
+                   f"({mean[metric]:.3f}; {shown})")
+    return row
+
+
+def _sum(a: Any, b: Any) -> float | None:
+    return None if a is None or b is None else float(a) + float(b)
+
+
 def write_table(directory: Path, rows: list[dict[str, Any]]) -> None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(COLUMNS))
@@ -423,7 +504,8 @@ def write_table(directory: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """The table as aligned text: method, accuracy, macro-F1, trainable params and share, wall time, peak memory."""
+    """The table as aligned text: method, accuracy, macro-F1, trainable params and share, wall time, peak memory;
+    the reference rows' notes (classical, ensemble) under it."""
     header = ["method", "model", "status", "accuracy", "macro-F1", "trainable", "% params", "wall s", "peak MB"]
     lines = [header]
     for r in rows:
@@ -433,7 +515,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             _num(r["wall_seconds"], "{:.0f}"), _num(r["peak_memory_mb"], "{:.0f}"),
         ])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
+    notes = [f"{r['method']}: {r['note']}" for r in rows if r.get("note") and r["method"] in (CLASSICAL_ROW,
+                                                                                           ENSEMBLE_ROW)]
+    return "\n".join(["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines] + notes)
 
 
 def _num(value: Any, fmt: str) -> str:
