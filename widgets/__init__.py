@@ -8,6 +8,7 @@ import pandas  # noqa: F401  # imported once here: plotly and a panel's worker t
 
 from .compare import RunCompare
 from .confusion import ConfusionMatrix
+from .auto_number import AutoNumber
 from .dashboard import Dashboard, wire
 from .data_panel import DataPanel
 from .deploy import DeployPanel  # optimise, serve and monitor a trained run
@@ -17,10 +18,11 @@ from .method_panel import METHOD_PANELS, MethodPanel, register_method
 from .model_picker import ModelPicker
 from .playground import Playground
 from .regression import RegressionView  # task: text-regression; ConfusionMatrix shows it for such runs
+from .run_summary import RunSummary  # the model beside its classical baseline, the run's choices, its answer
 from .chat_playground import ChatPlayground  # task: chat; streams answers token by token
 from .train_panel import TrainPanel
 
 __all__ = [
-    "ChatPlayground", "ConfusionMatrix", "Dashboard", "DataPanel", "DeployPanel", "LossCurve", "METHOD_PANELS", "MethodLadder", "MethodPanel",
-    "ModelPicker", "Playground", "RegressionView", "RunCompare", "TrainPanel", "register_method", "wire",
+    "AutoNumber", "ChatPlayground", "ConfusionMatrix", "Dashboard", "DataPanel", "DeployPanel", "LossCurve", "METHOD_PANELS", "MethodLadder", "MethodPanel",
+    "ModelPicker", "Playground", "RegressionView", "RunCompare", "RunSummary", "TrainPanel", "register_method", "wire",
 ]

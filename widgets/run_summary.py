@@ -157,7 +157,9 @@ class RunSummary(W.VBox):
             seconds = self.baseline.get("seconds")
             out.append([what + (f", {seconds:.1f} s" if _number(seconds) else ""), figures_text(self.baseline), ""])
         if self.ensemble:
-            out.append(["ensemble (mean of both)", figures_text(self.ensemble), "answers" if by == "ensemble" else ""])
+            weights = self.ensemble.get("weights") or [0.5, 0.5]
+            what = f"ensemble ({weights[0]:g} x model + {weights[1]:g} x baseline probabilities)"
+            out.append([what, figures_text(self.ensemble), "answers" if by == "ensemble" else ""])
         return out
 
     def _show(self, change: Any = None) -> None:

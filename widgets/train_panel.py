@@ -216,6 +216,9 @@ class TrainPanel(W.VBox):
         limit = change["new"]
         if limit is not None and self.max_length is not None and self.max_length > limit:
             self.max_length = limit
+        control = self._controls.get("max_length")
+        if limit is not None and isinstance(control, AutoNumber) and control.number.value > limit:
+            control.number.value = limit  # what unticking "auto" would set
 
     def _on_name(self, change: dict[str, Any]) -> None:
         value = change["new"] if isinstance(change["new"], str) else ""

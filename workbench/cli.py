@@ -568,7 +568,7 @@ def _ladder(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(ladder, indent=2))
     else:
-        print(format_table(ladder["rows"]))
+        print(format_table(ladder["rows"] + ladder.get("references", [])))  # rungs, then classical and ensemble
         print(f"ladder {ladder['id']} {ladder['status']}: table in {ladder_dir(ladder['id'], home)}/ladder.csv")
         if ladder["status"] == "stopped":
             print(f"resume with: workbench ladder --resume {ladder['id']}")
