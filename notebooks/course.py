@@ -391,3 +391,55 @@ def report_table(report: dict[str, Any]) -> pd.DataFrame:
                      "speedup": a.get("speedup", 1.0), "accuracy": a["accuracy"],
                      "agreement": a.get("agreement", 1.0), "marked": "; ".join(a.get("reasons") or []) or "-"})
     return pd.DataFrame(rows).set_index("artifact")
+
+
+# --- 04_your_own_data: settings left to the run, and the cheap baseline beside the model ----------------
+
+def own_data_config(name: str, source: str, **sections: dict[str, Any]) -> Config:
+    """A course-sized run on a file of one's own with the workbench's defaults: learning rate, max length,
+    class weights and the checkpoint metric are left out (None/auto), so the run chooses them from the data
+    and says why. Only the epochs stay course-sized (left out, a small file gets up to 10 passes)."""
+    raw = config(name, source=source, **sections).to_dict()
+    for field in ("learning_rate", "max_length", "class_weights", "best_metric"):
+        raw["train"].pop(field, None)
+    raw["train"].update({key: value for key, value in sections.get("train", {}).items()})
+    return Config.from_dict(raw)
+
+
+def _figures(figures: dict[str, Any] | None) -> dict[str, Any]:
+    figures = figures or {}
+    return {"accuracy": _round(figures.get("accuracy")), "macro-F1": _round(figures.get("f1_macro"))}
+
+
+def _round(value: Any) -> Any:
+    return round(value, 3) if isinstance(value, (int, float)) else None
+
+
+def baseline_table(record: dict[str, Any]) -> pd.DataFrame:
+    """The fine-tuned model, the classical baseline and their ensemble on the run's eval split (accuracy,
+    macro-F1), and which of them the run answers with."""
+    metrics = record.get("metrics") or {}
+    by = (metrics.get("answers_with") or {}).get("by")
+    rows = {"fine-tuned model": {**_figures(metrics), "answers": by == "fine-tuned"}}
+    if metrics.get("baseline"):
+        rows["classical baseline (TF-IDF + LR)"] = {**_figures(metrics["baseline"]), "answers": False}
+    if metrics.get("ensemble"):
+        rows["ensemble of both"] = {**_figures(metrics["ensemble"]), "answers": by == "ensemble"}
+    return pd.DataFrame(rows).T
+
+
+def decisions_table(record: dict[str, Any]) -> pd.DataFrame:
+    """What the run chose from the data (info.decisions): setting, value, why."""
+    decisions = (record.get("info") or {}).get("decisions") or []
+    return pd.DataFrame(decisions, columns=["field", "value", "why"]).set_index("field")
+
+
+def evaluation_table(result: dict[str, Any]) -> pd.DataFrame:
+    """evaluate_file's figures on a separate test file: the run's answer, the fine-tuned model alone (when an
+    ensemble answers) and the classical baseline."""
+    rows = {f"the run's answer ({result['answers_with']})": _figures(result)}
+    if result.get("fine_tuned"):
+        rows["the fine-tuned model alone"] = _figures(result["fine_tuned"])
+    if result.get("baseline"):
+        rows["classical baseline"] = _figures(result["baseline"])
+    return pd.DataFrame(rows).T
