@@ -15,8 +15,10 @@ from __future__ import annotations
 import html
 import json
 import shlex
+import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,15 @@ def core() -> Any:
         raise WorkbenchError(f"deploying needs the serve extra ({exc.name or exc} is not installed): "
                              "pip install 'llm-workbench[serve]'") from None
     return deploy
+
+
+def unexpected(what: str, exc: BaseException, chars: int = 300) -> str:
+    """One line for the page about an unexpected failure; its traceback goes to the server's log (the kernel's
+    own stderr: under Voila, the dashboard server's output), never to the page."""
+    print(f"DeployPanel: {what}:\n" + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+          file=sys.__stderr__, flush=True)
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{what} ({type(exc).__name__}: {first[:chars]})"
 
 
 def psi_words(value: float | None) -> str:
@@ -210,7 +221,7 @@ class DeployPanel(W.VBox):
         try:
             records = self.store.list()
         except Exception as exc:
-            self.error = f"could not read the runs ({type(exc).__name__}: {exc})"
+            self.error = unexpected("could not read the runs", exc)
             return
         ready = [r for r in records if (Path(r["dir"]) / "model" / "trainable.safetensors").is_file()]
         self._tasks = {r["id"]: (r.get("config") or {}).get("task", "text-classification") for r in ready}
@@ -289,7 +300,7 @@ class DeployPanel(W.VBox):
         except WorkbenchError as exc:
             self.error, self.stage = str(exc), "failed"
         except Exception as exc:  # an unexpected failure still reads as words, not a traceback
-            self.error, self.stage = f"optimise failed ({type(exc).__name__}: {str(exc)[:300]})", "failed"
+            self.error, self.stage = unexpected("optimise failed", exc), "failed"
         else:
             if run_id == self.run_id:
                 self.report = report
@@ -327,7 +338,7 @@ class DeployPanel(W.VBox):
             self.error, self.server_state = str(exc), "stopped"
             return
         except Exception as exc:
-            self.error = f"the server did not start ({type(exc).__name__}: {str(exc)[:300]})"
+            self.error = unexpected("the server did not start", exc)
             self.server_state = "stopped"
             return
         if run_id != self.run_id:  # another run was chosen meanwhile: the server runs on, found when chosen again
@@ -360,7 +371,7 @@ class DeployPanel(W.VBox):
         try:
             core().stop_server(run_id, self.store.home)
         except Exception as exc:
-            self.error = f"could not stop the server ({type(exc).__name__}: {str(exc)[:300]})"
+            self.error = unexpected("could not stop the server", exc)
         self.server, self.url, self.masked_key, self.server_state = None, "", "", "stopped"
 
     # --- metrics --------------------------------------------------------------------------------------
@@ -376,7 +387,7 @@ class DeployPanel(W.VBox):
                 self.error = f"the server of run {self.run_id} is no longer running"
                 self.server, self.url, self.masked_key, self.server_state = None, "", "", "stopped"
             else:
-                self.error = f"could not read {info.get('url')}/metrics ({type(exc).__name__}: {str(exc)[:200]})"
+                self.error = unexpected(f"could not read {info.get('url')}/metrics", exc, 200)
             return False
         now = time.monotonic()
         total = sum(v for route in MODEL_ROUTES for v in m["requests"].get(route, {}).values())
@@ -397,7 +408,7 @@ class DeployPanel(W.VBox):
         try:
             return self.refresh_metrics()
         except Exception as exc:  # keep the page alive; say what went wrong
-            self.error = f"stopped reading metrics ({type(exc).__name__}: {exc})"
+            self.error = unexpected("stopped reading metrics", exc)
             return False
 
     # --- view -----------------------------------------------------------------------------------------

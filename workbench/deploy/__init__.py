@@ -11,7 +11,8 @@ The API for notebooks and the dashboard (everything returns plain values):
     info = deploy.start_server("latest", home, artifact=None, max_batch_size=32, max_wait_ms=5)
         # a `workbench serve` process in its own session (it survives the caller, a notebook or a page
         # reload); waits until /readyz answers; returns its record, also kept in <run dir>/deploy/server.json
-        # (mode 0600): {"run", "pid", "host", "port", "url", "artifact", "api_key", "api_key_file", ...}
+        # (mode 0600, the folder 0700): {"run", "pid", "host", "port", "url", "artifact", "api_key_file", ...};
+        # the returned record adds "api_key", read from the key file (the one file that holds the key)
     deploy.server_status("latest", home)   # that record while the process lives, else None
     deploy.read_metrics(info)               # /metrics parsed: requests {route: {status: n}}, latency
                                             # {route: {count, sum, p50, p95}}, batches, in_flight, tokens_in,
@@ -24,6 +25,11 @@ The API for notebooks and the dashboard (everything returns plain values):
     deploy.load_report("latest", home)      # the last report, or None
     deploy.serve(...)                       # blocking, in this process (what `workbench serve` runs)
     deploy.mask(key)                        # a key as it may be shown: "wb-...x7Qa"
+
+Limits (ServeSettings): texts are checked before any tokenizer (422 naming the field), a failed micro-batch is
+retried request by request, the queue holds max_queue texts (503 + Retry-After beyond), each request waits at
+most request_timeout_s (504), headers must arrive within header_timeout_s and body chunks within
+body_timeout_s (408), and a server without a key answers loopback Host names and no other site (403).
 
 Routes (every one but /healthz needs `Authorization: Bearer <key>`): GET /healthz, /readyz, /metrics,
 /v1/models; POST /v1/classify {"texts": [...]}, /v1/translate {"texts": [...]}, /v1/chat/completions
