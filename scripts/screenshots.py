@@ -229,7 +229,7 @@ import time
 import course
 from workbench import Config, RunStore
 from widgets import (ConfusionMatrix, Dashboard, DataPanel, LossCurve, MethodLadder, MethodPanel, ModelPicker,
-                     Playground, RunCompare, TrainPanel)
+                     Playground, RunCompare, RunSummary, TrainPanel)
 H = course.home()
 store = RunStore(H)
 done = [r for r in store.list() if r["status"] == "completed" and r["config"]["method"]["name"] != "zero-shot-embedding"]
@@ -242,6 +242,7 @@ GALLERY = {  # screenshot name -> the cell that shows the widget
     "widget-method-panel": "w = MethodPanel(home=H); w.num_labels = 5; w.wait(); w",
     "widget-train-panel": "w = TrainPanel(home=H); w.run_name = 'my-first-run'; w",
     "widget-loss-curve": "LossCurve(home=H, run_ids=[best['id']], background=False)",
+    "widget-run-summary": "RunSummary(home=H, run_id=best['id'], background=False)",
     "widget-confusion-matrix": ("cm = ConfusionMatrix(home=H, run_id=best['id'], background=False)\n"
                                 "cm.select_cell(*max(((t, p) for t in cm.labels for p in cm.labels if t != p), "
                                 "key=lambda c: cm.matrix[cm.labels.index(c[0])][cm.labels.index(c[1])]))\ncm"),
@@ -254,6 +255,7 @@ GALLERY = {  # screenshot name -> the cell that shows the widget
     "dashboard": ("dash = Dashboard(home=H)\ndash.from_config(Config.from_dict(best['config']))\n"
                   "dash.data.wait(); dash.model.wait()\n"
                   "dash.curve.run_ids = [best['id']]; dash.confusion.run_id = best['id']\n"
+                  "dash.summary.run_id = best['id']\n"
                   "dash.tabs.selected_index = 1\ndash"),
 }
 

@@ -94,7 +94,10 @@ class MethodLadder(W.VBox):
         super().__init__(children=[
             W.Box([self._pick, W.VBox([self._controls, self._ladders, refresh])], layout=S.wrap_row()),
             W.HTML(S.message("Each method is one run on the same data, split and seed; the ladder runs as its own "
-                             "process. Zero-shot rungs train nothing: dashed lines in the plot.", "muted")),
+                             "process. Zero-shot rungs and the classical baseline (TF-IDF + logistic regression) "
+                             "train nothing: dashed lines in the plot. Under the rungs: the classical baseline, and "
+                             "the ensemble of the best rung with it (its note says whether it beats both).",
+                             "muted")),
             self._status, self._error_html, S.section("Results"), self._table,
             S.section("Accuracy against trainable parameters"), self.fig,
         ], **{"layout": S.full_width(), **kwargs})
