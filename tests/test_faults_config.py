@@ -88,3 +88,28 @@ def test_a_huge_config_file_is_refused_by_size(tmp_path):
     path.write_text("model: minilm-l6\n" + "# padding\n" * 200_000)
     with pytest.raises(WorkbenchError, match="more than a config's limit"):
         Config.load(path)
+
+
+def test_launched_run_and_ladder_logs_are_owner_only(tmp_path):
+    """A launched run's log.txt and a ladder's folder and log may quote user data: 0600 / 0700."""
+    import os
+    import stat
+
+    from workbench.ladder import create_ladder, launch_ladder
+
+    home = tmp_path / "home"
+    config = Config.from_dict({"model": "minilm-l6", "data": {"source": "rotten-tomatoes", "max_train_samples": 40,
+                                                               "max_eval_samples": 20},
+                               "track": {"wandb": "disabled", "tensorboard": False}})
+    try:
+        lid = create_ladder(config, ["head-only"], home)
+    except WorkbenchError as exc:
+        pytest.skip(f"catalog not installed: {exc}")
+    from workbench.ladder import ladder_dir
+
+    directory = ladder_dir(lid, home)
+    assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+    process = launch_ladder(lid, home)
+    process.terminate()
+    process.wait(timeout=60)
+    assert stat.S_IMODE(os.stat(directory / "log.txt").st_mode) == 0o600

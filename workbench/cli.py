@@ -80,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--artifact", help="serve an optimised artifact of the run (int8, pruned, onnx) instead of fp32")
     sv.add_argument("--api-key-file", help="read the API key from this file (mode 0600) instead of the workspace key")
     sv.add_argument("--no-api-key", action="store_true", help="no authentication (refused beyond loopback)")
+    sv.add_argument("--allowed-host", dest="allowed_hosts", action="append", default=[], metavar="NAME",
+                    help="a Host name answered besides the loopback names (repeatable); pages of other sites "
+                         "are refused either way")
     sv.add_argument("--max-batch-size", type=int, default=32, help="inputs grouped into one model call (1 = no batching)")
     sv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
     sv.add_argument("--max-body-bytes", type=int, default=1_000_000)
@@ -473,12 +476,14 @@ def _export(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from .deploy.app import ServeSettings
+    from .deploy.connections import LOOPBACK_NAMES
     from .deploy.server import serve
 
     try:
         settings = ServeSettings(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                                  max_body_bytes=args.max_body_bytes, max_texts=args.max_texts,
-                                 max_chars=args.max_chars, max_tokens=args.max_tokens, log_text=args.log_text)
+                                 max_chars=args.max_chars, max_tokens=args.max_tokens, log_text=args.log_text,
+                                 allowed_hosts=(*LOOPBACK_NAMES, *args.allowed_hosts) if args.allowed_hosts else None)
     except ValueError as exc:
         raise WorkbenchError(f"{exc}: fix the serve option") from None
     serve(args.run, host=args.host, port=args.port, artifact=args.artifact, settings=settings,

@@ -38,7 +38,7 @@ from typing import Any
 from .callbacks import Callback
 from .config import METHOD_LEARNING_RATES, METHODS, ZERO_SHOT_METHODS, Config
 from .errors import WorkbenchError
-from .store import FINAL_STATUSES, RunStore, pid_alive
+from .store import FINAL_STATUSES, RunStore, pid_alive, private_dir, private_file
 
 DEFAULT_METHODS = ("zero-shot-embedding", "head-only", "lora", "qlora", "ia3", "adalora", "prompt-tuning", "full")
 # a causal LM classifies by scoring label tokens: no head to train alone; its zero-shot rung is the prompt
@@ -209,7 +209,7 @@ def create_ladder(config: Config, methods: str | list[str] | tuple[str, ...] = D
         rungs.append({"method": method, "model": cfg.model, "learning_rate": rate, "config": cfg.to_dict(),
                       "run_id": None})
     directory = ladder_dir(ladder_id, store.home)
-    directory.mkdir(parents=True)
+    private_dir(directory)  # owner-only, like run folders: the table and log name the user's data
     _write(directory, {"id": ladder_id, "status": "queued", "created_at": time.time(), "started_at": None,
                        "ended_at": None, "pid": None, "isolate": isolate, "config": config.to_dict(),
                        "methods": names, "rungs": rungs, "rows": [], "error": None,
@@ -382,7 +382,7 @@ def launch_ladder(ladder_id: str, home: str | Path | None = None) -> subprocess.
     env = {**os.environ, "WORKBENCH_HOME": str(store.home), "PYTHONUNBUFFERED": "1"}
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    with open(directory / "log.txt", "ab") as log:
+    with os.fdopen(private_file(directory / "log.txt"), "ab") as log:
         return subprocess.Popen([sys.executable, "-m", "workbench", "ladder", "--resume", lid], stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 start_new_session=True, cwd=str(store.home))

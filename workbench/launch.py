@@ -11,7 +11,7 @@ from typing import Any
 
 from .config import Config
 from .errors import WorkbenchError
-from .store import FINAL_STATUSES, RunStore
+from .store import FINAL_STATUSES, RunStore, private_file
 
 
 class RunHandle:
@@ -103,7 +103,7 @@ def launch(config: Config, home: str | Path | None = None, resume_id: str | None
         run_id = store.resolve(resume_id)
         store.requeue(run_id)  # queued again until its process starts: a stop pressed meanwhile reaches it
         args = ["--resume", run_id]
-    log = open(store.run_dir(run_id) / "log.txt", "ab")
+    log = os.fdopen(private_file(store.run_dir(run_id) / "log.txt"), "ab")  # owner-only: it may quote user data
     child_env = {**os.environ, "WORKBENCH_HOME": str(store.home), "PYTHONUNBUFFERED": "1", **(env or {})}
     root = str(Path(__file__).resolve().parent.parent)
     child_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, child_env.get("PYTHONPATH")) if p)
