@@ -268,3 +268,19 @@ def test_an_ensemble_of_runs_is_a_run_that_answers_as_measured(tiny_config, tmp_
     other = train(tiny_config(train={"seed": 7}), store=store)
     with pytest.raises(WorkbenchError, match="evaluated on different rows"):
         create_ensemble([a["id"], other["id"]], store.home)
+
+
+def test_optimised_artifacts_read_long_texts_as_the_run_does(tiny_config, store):
+    """int8/ONNX/pruned predictors cut a long text head+tail like the run's own predictor (they cut the head)."""
+    from workbench.deploy.artifacts import TorchPredictor, truncation_of
+    from workbench.predict import load_predictor
+
+    record = train(tiny_config(train={"ensemble": "off"}), store=store)
+    predictor = load_predictor(record["id"], store.home)
+    assert truncation_of(predictor) == "head+tail"
+    texts = ["awful " + "the film was a story " * 20 + "great great great", "great " + "plot " * 60 + "awful awful"]
+    plain = TorchPredictor(predictor.model, predictor.tokenizer, predictor.labels, predictor.max_length,
+                           truncation_of(predictor))
+    assert np.allclose(plain.probabilities(texts), predictor.probabilities(texts), atol=1e-5)
+    head = TorchPredictor(predictor.model, predictor.tokenizer, predictor.labels, predictor.max_length, "head")
+    assert not np.allclose(head.probabilities(texts), predictor.probabilities(texts), atol=1e-5)

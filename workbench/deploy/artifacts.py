@@ -56,13 +56,22 @@ def _noop(stage: str, fraction: float) -> None:
 class TorchPredictor:
     """`predict(texts, batch_size)` of a plain (merged, pruned or int8) sequence classifier."""
 
-    def __init__(self, model: Any, tokenizer: Any, labels: list[str], max_length: int) -> None:
+    def __init__(self, model: Any, tokenizer: Any, labels: list[str], max_length: int,
+                 truncation: str = "head") -> None:
         self.model, self.tokenizer, self.labels, self.max_length = model.eval(), tokenizer, labels, max_length
+        self.truncation = truncation  # train.truncation: long texts read as the run was trained and evaluated
+
+    def batch(self, texts: list[str], tensors: str) -> Any:
+        """Token ids of `texts`, cut as the run cuts them (head, or head+tail), padded."""
+        from ..models.built import tokenize_texts
+
+        return self.tokenizer.pad(tokenize_texts(self.tokenizer, texts, self.max_length, self.truncation),
+                                  return_tensors=tensors)
 
     def probabilities(self, texts: list[str]) -> Any:
         import torch
 
-        batch = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
+        batch = self.batch(texts, "pt")
         with torch.inference_mode():
             return torch.softmax(self.model(**batch).logits.float(), dim=-1).numpy()
 
@@ -73,7 +82,8 @@ class TorchPredictor:
 class OnnxPredictor(TorchPredictor):
     """The same over an ONNX Runtime session."""
 
-    def __init__(self, path: Path, tokenizer: Any, labels: list[str], max_length: int, threads: int) -> None:
+    def __init__(self, path: Path, tokenizer: Any, labels: list[str], max_length: int, threads: int,
+                 truncation: str = "head") -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -86,11 +96,12 @@ class OnnxPredictor(TorchPredictor):
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.inputs = {i.name for i in self.session.get_inputs()}
         self.tokenizer, self.labels, self.max_length, self.model = tokenizer, labels, max_length, None
+        self.truncation = truncation
 
     def probabilities(self, texts: list[str]) -> Any:
         import numpy as np
 
-        batch = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="np")
+        batch = self.batch(texts, "np")
         feed = {k: v.astype(np.int64) for k, v in batch.items() if k in self.inputs}
         logits = self.session.run(None, feed)[0].astype(np.float64)
         e = np.exp(logits - logits.max(axis=-1, keepdims=True))
@@ -355,7 +366,8 @@ def _classifier(run: str, home: str | Path | None) -> tuple[dict[str, Any], Torc
     if prompt is not None or not type(model).__name__.endswith("ForSequenceClassification"):
         raise WorkbenchError(f"run {record['id']} classifies with a causal LM prompt: optimize handles encoder "
                              "classifiers (BERT-style); serve this run as fp32")
-    return record, TorchPredictor(model, predictor.tokenizer, list(predictor.labels), predictor.max_length)
+    return record, TorchPredictor(model, predictor.tokenizer, list(predictor.labels), predictor.max_length,
+                                  truncation_of(predictor))
 
 
 def optimize(run: str = "latest", home: str | Path | None = None, int8: bool = True, prune: bool = False,
@@ -408,7 +420,8 @@ def _optimize(run: str, home: str | Path | None, int8: bool, prune: bool, onnx: 
             fused = fuse_onnx(raw, onnx_fp32, fp32.model.config)
             raw.unlink()
         if onnx:
-            predictors["onnx"] = OnnxPredictor(onnx_fp32, fp32.tokenizer, labels, fp32.max_length, threads)
+            predictors["onnx"] = OnnxPredictor(onnx_fp32, fp32.tokenizer, labels, fp32.max_length, threads,
+                                               fp32.truncation)
             made["onnx"] = {"kind": "onnx", "dir": onnx_fp32.parent, "fused": fused}
         if int8:
             progress("quantising to int8", 0.0)
@@ -416,13 +429,13 @@ def _optimize(run: str, home: str | Path | None, int8: bool, prune: bool, onnx: 
             d = tmp_root / "int8-torch"
             d.mkdir()
             torch.save(q.state_dict(), d / "model.pt")
-            predictors["int8-torch"] = TorchPredictor(q, fp32.tokenizer, labels, fp32.max_length)
+            predictors["int8-torch"] = TorchPredictor(q, fp32.tokenizer, labels, fp32.max_length, fp32.truncation)
             made["int8-torch"] = {"kind": "torch-int8", "dir": d}
             d = tmp_root / "int8-onnx"
             d.mkdir()
             quantize_onnx(onnx_fp32, d / "model.onnx")
             predictors["int8-onnx"] = OnnxPredictor(d / "model.onnx", fp32.tokenizer, labels, fp32.max_length,
-                                                    threads)
+                                                    threads, fp32.truncation)
             made["int8-onnx"] = {"kind": "onnx-int8", "dir": d, "fused": fused}
         if prune:
             progress("pruning heads and neurons", 0.0)
@@ -434,7 +447,7 @@ def _optimize(run: str, home: str | Path | None, int8: bool, prune: bool, onnx: 
             _save_state(pruned, d / "model.safetensors")
             (d / "pruning.json").write_text(json.dumps({"heads_fraction": prune_heads, "ffn_fraction": prune_ffn,
                                                         "plan": plan}))
-            predictors["pruned"] = TorchPredictor(pruned, fp32.tokenizer, labels, fp32.max_length)
+            predictors["pruned"] = TorchPredictor(pruned, fp32.tokenizer, labels, fp32.max_length, fp32.truncation)
             made["pruned"] = {"kind": "pruned", "dir": d}
         results = measure(predictors, texts, gold, progress=progress)
         report = _report(record, results, made, fp32_dir, labels, len(texts), threads)
@@ -559,6 +572,12 @@ def artifact_record(run_dir: str | Path, name: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def truncation_of(predictor: Any) -> str:
+    """How a run's predictor cuts long texts (its BuiltModel's train.truncation; head when it cannot say)."""
+    built = getattr(getattr(predictor, "encode", None), "__self__", None)
+    return getattr(built, "truncation", "head")
+
+
 def apply_artifact(predictor: Any, run_dir: Path, name: str) -> tuple[TorchPredictor, dict[str, Any]]:
     """A predictor over artifact `name` of the run whose fp32 predictor (adapters merged) is given."""
     import torch
@@ -566,18 +585,19 @@ def apply_artifact(predictor: Any, run_dir: Path, name: str) -> tuple[TorchPredi
     info = artifact_record(run_dir, name)
     d = run_dir / "deploy" / name
     labels, tokenizer, max_length = list(predictor.labels), predictor.tokenizer, predictor.max_length
+    cut = truncation_of(predictor)
     kind = info["kind"]
     if kind in ("onnx", "onnx-int8"):
-        return OnnxPredictor(d / "model.onnx", tokenizer, labels, max_length, torch.get_num_threads()), info
+        return OnnxPredictor(d / "model.onnx", tokenizer, labels, max_length, torch.get_num_threads(), cut), info
     if kind == "torch-int8":
         q = quantize_torch(predictor.model)  # the structure; the saved int8 weights go into it
         q.load_state_dict(torch.load(d / "model.pt", weights_only=True))
-        return TorchPredictor(q, tokenizer, labels, max_length), info
+        return TorchPredictor(q, tokenizer, labels, max_length, cut), info
     if kind == "pruned":
         from safetensors.torch import load_file
 
         plan = json.loads((d / "pruning.json").read_text())["plan"]
         model = apply_pruning(predictor.model, plan)
         model.load_state_dict(load_file(str(d / "model.safetensors")))
-        return TorchPredictor(model, tokenizer, labels, max_length), info
+        return TorchPredictor(model, tokenizer, labels, max_length, cut), info
     raise WorkbenchError(f"artifact {name!r} has an unknown kind {kind!r}: re-run workbench optimize")

@@ -172,6 +172,10 @@ class EnsemblePredictor:
     def tokenizer(self) -> Any:
         return self.members[0].tokenizer
 
+    @property
+    def encode(self) -> Any:
+        return getattr(self.members[0], "encode", None)
+
     def probabilities(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
         total = np.zeros((len(texts), len(self.labels)))
         for member, weight in zip(self.members, self.weights):
