@@ -199,6 +199,8 @@ def test_served_values_and_their_drift_against_the_evaluation_split(regression_c
             httpx.post(url + "/v1/classify", headers=auth, json={"texts": ["great superb wonderful film"] * 20})
         after_shift = parse_metrics(httpx.get(url + "/metrics", headers=auth).text)["drift"]
     assert [r["value"] for r in same["results"]] == pytest.approx([r["predicted"] for r in rows], abs=1e-4)
-    assert after_same["predicted_value"] < 0.05
+    # the same texts again: PSI under 0.1, the usual "no shift" line (not 0: a value on a decile edge can land on
+    # either side when the batch differs, as on AVX-512 CPUs whose kernels depend on the batch shape)
+    assert after_same["predicted_value"] < 0.1
     assert after_shift["predicted_value"] > 0.5 > after_same["predicted_value"]
     assert "predicted_label" not in after_shift

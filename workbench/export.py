@@ -82,6 +82,11 @@ def export_run(run_id: str = "latest", out: str | Path | None = None, merge: boo
     info = _export_info(run, config, source.path, labels, standalone, causal=built.prompt is not None)
     if isinstance(built.model, LLMClassifier):
         info["classifier"] = export_info(built.prompt, built.model)
+    info["truncation"] = {"max_length": config.train.max_length, "mode": config.train.truncation}
+    answer = (record.get("metrics") or {}).get("answers_with") or {}
+    if answer.get("by") == "ensemble":  # the run answers with its baseline too; a transformers model cannot
+        info["answers_with"] = ("this is the fine-tuned model alone; the run answers as an ensemble with its "
+                                f"classical baseline ({answer.get('why', '')}): serve the run itself for that answer")
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
