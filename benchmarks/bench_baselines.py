@@ -150,15 +150,29 @@ def run_default(built: messy_data.BuiltSet, cfg: dict[str, Any], work: Path, hom
                 "run_eval": {k: metrics.get(k) for k in ("accuracy", "f1_macro", "rmse", "spearman", "best_step")
                              if k in metrics},
                 "run_notes": (record.get("info") or {}).get("data_notes") or (record.get("info") or {}).get("notes")})
-    # predict --file reads one text per line: a text with a line break would become several predictions
-    # (str.splitlines, as predict uses, also breaks at \x0b \x0c \x1c-\x1e \x85 \u2028 \u2029)
-    flat = [" ".join(" ".join(t.splitlines()).split()) for t in texts]
-    arm["test_texts_with_line_breaks_flattened"] = sum(1 for t in texts if len(t.splitlines()) > 1)
-    texts_file = work / f"{built.name}.test-texts.txt"
-    texts_file.write_text("\n".join(flat) + "\n", encoding="utf-8")
+    info = record.get("info") or {}
+    for key, value in (("run_decisions", info.get("decisions")), ("run_truncation", info.get("truncation")),
+                       ("run_answers_with", metrics.get("answers_with")),
+                       ("run_baseline_eval", metrics.get("baseline") or info.get("baseline"))):
+        if value:  # what a newer workbench chose from the data, and how it answers (model or ensemble)
+            arm[key] = value
+    help_text = subprocess.run([args.python, "-m", "workbench", "predict", "--help"], cwd=args.src, env=env,
+                               capture_output=True, text=True).stdout
+    if "--text-column" in help_text:  # predict --file reads a table's text column (as training reads it)
+        pred_cmd = ["--file", built.test_path, "--text-column", built.text_column]
+        arm["predict_input"] = "the test file itself (predict --file TABLE --text-column)"
+    else:
+        # predict --file reads one text per line (str.splitlines: also \x0b \x0c \x1c-\x1e \x85 \u2028 \u2029),
+        # as UTF-8: line breaks inside a text become spaces, and the file is written in UTF-8
+        flat = [" ".join(" ".join(t.splitlines()).split()) for t in texts]
+        arm["predict_input"] = "a UTF-8 text file, one test text per line (line breaks inside texts -> spaces)"
+        arm["test_texts_with_line_breaks_flattened"] = sum(1 for t in texts if len(t.splitlines()) > 1)
+        texts_file = work / f"{built.name}.test-texts.txt"
+        texts_file.write_text("\n".join(flat) + "\n", encoding="utf-8")
+        pred_cmd = ["--file", str(texts_file)]
     t0 = time.perf_counter()
-    pred = subprocess.run([args.python, "-m", "workbench", "predict", record["id"], "--file", str(texts_file),
-                           "--json"], cwd=args.src, env=env, capture_output=True, text=True)
+    pred = subprocess.run([args.python, "-m", "workbench", "predict", record["id"], *pred_cmd, "--json"],
+                          cwd=args.src, env=env, capture_output=True, text=True)
     arm["predict_seconds"] = round(time.perf_counter() - t0, 1)
     try:
         results = json.loads(pred.stdout)
