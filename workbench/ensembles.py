@@ -22,6 +22,8 @@ import numpy as np
 from .config import Config
 from .errors import WorkbenchError
 from .store import RunStore
+from .tasks import task_of
+from .tasks.classification import ClassificationTask
 from .tasks.ensemble import CLASSICAL_DIR, ENSEMBLE_FILE, EVAL_FILE, figures, write_json
 
 __all__ = ["create_ensemble"]
@@ -31,7 +33,7 @@ def _member(store: RunStore, run: str) -> tuple[dict[str, Any], list[dict[str, A
     record = store.get(run)
     if record["status"] != "completed":
         raise WorkbenchError(f"run {record['id']} is {record['status']}: an ensemble takes completed runs")
-    if record["config"].get("task", "text-classification") != "text-classification":
+    if task_of(record["config"]).name != ClassificationTask.name:
         raise WorkbenchError(f"run {record['id']} is a {record['config']['task']} run: ensembles average class "
                              "probabilities of text-classification runs")
     preds = (record.get("metrics") or {}).get("predictions_file")

@@ -32,9 +32,12 @@ def evaluate_file(run: str, source: str | Path, home: str | Path | None = None, 
     info = record.get("info") or {}
     text_column = text_column or config.data.text_column or info.get("text_column")
     label_column = label_column or config.data.label_column or info.get("label_column")
-    if config.task == "text-classification":
+    from .tasks.classification import ClassificationTask
+    from .tasks.regression import RegressionTask
+
+    if config.task == ClassificationTask.name:
         return _classification(record, store, str(source), text_column, label_column, load_predictor)
-    if config.task == "text-regression":
+    if config.task == RegressionTask.name:
         return _regression(record, store, str(source), text_column, label_column, load_predictor)
     raise WorkbenchError(f"run {record['id']} is a {config.task} run: evaluate scores text-classification and "
                          "text-regression runs (a chat or seq2seq run's held-out loss is in its record)")

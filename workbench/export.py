@@ -30,7 +30,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .config import VIRTUAL_TOKEN_METHODS, Config
+from .config import ENCODER_TASKS, VIRTUAL_TOKEN_METHODS, Config
 from .errors import WorkbenchError
 
 MERGEABLE = ("lora", "qlora", "adalora", "ia3")
@@ -58,7 +58,7 @@ def export_run(run_id: str = "latest", out: str | Path | None = None, merge: boo
                              "wait until it completes an evaluation, or pick another run")
     config = Config.from_dict(record["config"])
     regression = config.task == "text-regression"
-    if config.task not in ("text-classification", "text-regression"):
+    if config.task not in ENCODER_TASKS:
         raise WorkbenchError(f"run {run} is a task: {config.task} run, and export handles text-classification and "
                              f"text-regression runs only so far: its adapter weights are in {model_dir / 'trainable.safetensors'}, "
                              f"and `workbench predict {run} --text ...` uses them")

@@ -254,7 +254,7 @@ def _choose_settings(config: Config, task: Task, data: Any, source: Any, world: 
     """Settings left out, chosen from the data (defaults.py): the token length first, then the epochs that
     length affords on a CPU, the learning rate, class weights and the checkpoint metric; with the reasons."""
     config, decisions, truncation = choose_max_length(config, source, getattr(data, "train_texts", []), on_gpu)
-    classes = data.train_labels if task.name == "text-classification" else None
+    classes = getattr(data, "train_labels", None)  # a classification split's labels (None for other tasks)
     rows = task.train_size(data)
     mean = truncation.get("mean_tokens")
     tokens = int(mean * rows / world) if mean and not on_gpu else None  # what one process reads an epoch
