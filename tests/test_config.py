@@ -67,14 +67,14 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
     ({"data": {"source": "  "}}, r"data.source = '  ' is not allowed: a catalog dataset name or a file path"),
     ({"data": {"source": "a\x00b"}}, r"data.source = 'a\\x00b' is not allowed"),
     ({"task": "chat", "train": {"class_weights": "balanced"}}, r"train.class_weights = 'balanced' is not allowed: "
-                                                                r"none for task: chat"),
-    ({"task": "translation"}, r"task = 'translation' is not allowed: expected one of 'text-classification', 'text-regression', 'chat'"),
+                                                                r"auto \(the default\) for task: chat"),
+    ({"task": "translation"}, r"task = 'translation' is not allowed: expected one of 'text-classification', 'text-regression', 'token-classification', 'chat'"),
     ({"task": "chat", "method": {"name": "ia3"}}, r"method.name = 'ia3' is not allowed: one of full, lora, qlora "
                                                   r"for task: chat"),
     ({"task": "chat", "data": {"label_column": "a"}}, r"data.label_column = 'a' is not allowed: nothing for task: "
-                                                      r"chat, which reads data.answer_column"),
+                                                      r"chat, which reads data.prompt_column and data.answer_column"),
     ({"data": {"prompt_column": "q"}}, r"data.prompt_column = 'q' is not allowed: nothing for task: "
-                                       r"text-classification; it belongs to task: chat"),
+                                       r"text-classification, which reads data.text_column and data.label_column"),
     ({"chat": {"sample_prompts": 5}}, r"chat.sample_prompts = 5 is not allowed: the default for task: "
                                       r"text-classification"),
     ({"task": "chat", "chat": {"sample_prompts": -1}}, r"chat.sample_prompts = -1 is not allowed: 0 \(none\) to 20"),
@@ -85,7 +85,7 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
     ({"task": "seq2seq", "method": {"name": "head-only"}}, r"method.name = 'head-only' is not allowed: one of full, "
                                                           r"lora, qlora for task: seq2seq"),
     ({"task": "seq2seq", "data": {"text_column": "en"}}, r"data.text_column = 'en' is not allowed: nothing for task: "
-                                                         r"seq2seq, which reads the source from data.prompt_column"),
+                                                         r"seq2seq, which reads data.prompt_column and data.answer_column"),
     ({"task": "seq2seq", "chat": {"max_new_tokens": 0}}, r"chat.max_new_tokens = 0 is not allowed: 1 to 2048"),
 ])
 def test_bad_values_name_the_field_and_the_fix(raw, match):

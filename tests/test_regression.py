@@ -106,7 +106,7 @@ def test_best_checkpoint_is_the_lowest_rmse(regression_config, store):
 
 @pytest.mark.parametrize("raw, match", [
     ({"method": {"name": "zero-shot-embedding"}}, r"method.name = 'zero-shot-embedding' is not allowed: one of full"),
-    ({"train": {"class_weights": "balanced"}}, r"train.class_weights = 'balanced' is not allowed: none for task: "
+    ({"train": {"class_weights": "balanced"}}, r"train.class_weights = 'balanced' is not allowed: auto \(the default\) for task: "
                                                r"text-regression"),
 ])
 def test_settings_that_do_not_apply_are_refused(raw, match):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import WorkbenchError
+from .methods import DEFAULT_METHOD
 
 if TYPE_CHECKING:
     from .config import Config
@@ -57,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="architecture, parameters, LoRA targets and a memory estimate")
     i.add_argument("model")
-    i.add_argument("--method", default="lora")
+    i.add_argument("--method", default=DEFAULT_METHOD)
     i.add_argument("--batch-size", type=int, default=16)
     i.add_argument("--max-length", type=int, default=256)
     i.add_argument("--num-labels", type=int, default=2)

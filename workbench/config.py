@@ -19,27 +19,25 @@ from typing import Any, Literal, Union
 import yaml
 
 from .errors import WorkbenchError
+from .methods import DEFAULT_METHOD, METHOD_NAMES, ZERO_SHOT_METHODS, method_spec, methods_where
+from .methods import METHODS as METHOD_SPECS
+from .methods import TRAINING_METHODS as _TRAINING_METHODS
+from .task_table import DEFAULT_TASK, TASK_NAMES, task_spec, tasks_where
 
-Task = Literal["text-classification", "text-regression", "chat", "seq2seq"]
-MethodName = Literal["full", "head-only", "lora", "qlora", "adalora", "ia3", "prompt-tuning", "prefix-tuning",
-                     "zero-shot-embedding", "zero-shot-prompt"]
-METHODS: tuple[str, ...] = typing.get_args(MethodName)
-VIRTUAL_TOKEN_METHODS = ("prompt-tuning", "prefix-tuning")
-ZERO_SHOT_METHODS = ("zero-shot-embedding", "zero-shot-prompt")  # no training: the pretrained model as it is
-TRAINING_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m not in ZERO_SHOT_METHODS)
-CHAT_METHODS = ("full", "lora", "qlora")  # what task: chat trains (a causal LM, loss on the answers)
+# The choices come from the method registry and the task table; nothing here spells a name.
+Task = Literal[TASK_NAMES]  # type: ignore[valid-type]
+MethodName = Literal[METHOD_NAMES]  # type: ignore[valid-type]
+METHODS: tuple[str, ...] = METHOD_NAMES
+VIRTUAL_TOKEN_METHODS = methods_where(family="virtual-tokens")
+TRAINING_METHODS = _TRAINING_METHODS
 CHAT_COLUMNS = ("prompt_column", "answer_column", "messages_column")
 LANGUAGE_FIELDS = ("source_lang", "target_lang")  # task seq2seq: the language codes of M2M-100, NLLB, mBART
-GENERATION_TASKS = ("chat", "seq2seq")  # generated text: the chat section applies to these tasks
-# what task text-regression trains: an encoder with a one-output head (prompts and label scoring do not apply)
-REGRESSION_METHODS = ("full", "head-only", "lora", "qlora", "adalora", "ia3", "prompt-tuning")
+GENERATION_TASKS = tasks_where(kind="generation")  # generated text: the chat section applies to these tasks
 # train.learning_rate left out: the method's rate (peak AdamW rate; adapters and heads take larger steps than
 # full fine-tuning, whose 5e-5 keeps the pretrained weights close to where they were)
-METHOD_LEARNING_RATES: dict[str, float] = {
-    "full": 5e-5, "head-only": 2e-3, "lora": 1e-3, "qlora": 1e-3, "adalora": 1e-3, "ia3": 3e-3,
-    "prompt-tuning": 3e-2, "prefix-tuning": 1e-2,
-}
-ENCODER_TASKS = ("text-classification", "text-regression")  # a text in, a head's output out
+METHOD_LEARNING_RATES: dict[str, float] = {m.name: m.learning_rate for m in METHOD_SPECS.values()
+                                           if m.learning_rate is not None}
+ENCODER_TASKS = tasks_where(kind="encoder")  # a text in, a head's output out
 
 
 MAX_SHOWN_CHARS = 200  # a value echoed in an error message is cut to this: a config can hold anything
@@ -130,9 +128,8 @@ class DataConfig:
 class MethodConfig:
     """The tuning method and its knobs; each field's help says which methods read it."""
 
-    name: MethodName = field(default="lora", metadata={
-        "help": "full | head-only | lora | qlora | adalora | ia3 | prompt-tuning | prefix-tuning | "
-                "zero-shot-embedding | zero-shot-prompt (the last two train nothing: baselines)"})
+    name: MethodName = field(default=DEFAULT_METHOD, metadata={
+        "help": " | ".join(METHOD_NAMES) + " (zero-shot methods train nothing: baselines)"})
     r: int = field(default=8, metadata={"help": "LoRA rank (lora, qlora); adalora: the target average rank"})
     alpha: float = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r); lora, qlora, adalora"})
     dropout: float = field(default=0.1, metadata={"help": "dropout on the adapter path; lora, qlora, adalora"})
@@ -202,15 +199,16 @@ class MethodConfig:
 
     def _check_lora_variants(self) -> None:
         for name in ("use_rslora", "use_dora"):
-            if getattr(self, name) and self.name not in ("lora", "qlora"):
-                _fail("method", name, True, f"false for {self.name}; rsLoRA and DoRA are variants of lora and qlora")
+            if getattr(self, name) and not method_spec(self.name).lora_variants:
+                _fail("method", name, True, f"false for {self.name}; rsLoRA and DoRA are variants of "
+                                            f"{' and '.join(methods_where(lora_variants=True))}")
 
     def _check_adalora(self) -> None:
         if self.init_r < 1:
             _fail("method", "init_r", self.init_r, "a starting rank >= 1 (typical: 12)")
-        if self.name == "adalora" and self.init_r < self.r:
-            _fail("method", "init_r", self.init_r, f"at least method.r = {self.r}: adalora prunes ranks from "
-                                                   "init_r down to an average of r")
+        if method_spec(self.name).prunes_ranks and self.init_r < self.r:
+            _fail("method", "init_r", self.init_r, f"at least method.r = {self.r}: {self.name} prunes ranks "
+                                                   "from init_r down to an average of r")
         for name in ("rank_warmup_ratio", "rank_final_ratio"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 _fail("method", name, getattr(self, name), "a fraction of the steps in [0, 1), e.g. 0.1")
@@ -235,27 +233,32 @@ class MethodConfig:
                   "e.g. 'This text is about {label}.'")
         if self.few_shot_k < 0:
             _fail("method", "few_shot_k", self.few_shot_k, "0 (zero-shot) or a number of examples such as 5")
-        if self.few_shot_k and self.name != "zero-shot-prompt":
-            _fail("method", "few_shot_k", self.few_shot_k,
-                  f"0 for {self.name}; examples in the prompt are an option of zero-shot-prompt")
-        if self.prompt_calibration and self.name != "zero-shot-prompt":
-            _fail("method", "prompt_calibration", self.prompt_calibration,
-                  f"false for {self.name}; calibration is an option of zero-shot-prompt")
+        for name, what in (("few_shot_k", "examples in the prompt are"), ("prompt_calibration", "calibration is")):
+            value = getattr(self, name)
+            if value and name not in method_spec(self.name).fields:
+                owner = " or ".join(m.name for m in METHOD_SPECS.values() if name in m.fields)
+                _fail("method", name, value, f"{0 if name == 'few_shot_k' else 'false'} for {self.name}; "
+                                             f"{what} an option of {owner}")
+
+    @property
+    def spec(self):  # noqa: ANN201 - workbench.methods.MethodSpec
+        """The method's registry entry: what it is, what it reads, how it builds and saves."""
+        return method_spec(self.name)
 
     @property
     def is_zero_shot(self) -> bool:
         """No training: the pretrained model is evaluated as it is (workbench.zeroshot)."""
-        return self.name in ZERO_SHOT_METHODS
+        return self.spec.is_zero_shot
 
     @property
     def uses_adapters(self) -> bool:
         """Adapters on chosen linear layers (the target_modules apply)."""
-        return self.name in ("lora", "qlora", "adalora", "ia3")
+        return self.spec.uses_adapters
 
     @property
     def uses_peft(self) -> bool:
         """Built with peft: the model is a PeftModel with the head in modules_to_save."""
-        return self.name not in ("full", "head-only", *ZERO_SHOT_METHODS)
+        return self.spec.uses_peft
 
 
 @dataclass
@@ -399,7 +402,7 @@ class TrackConfig:
 class Config:
     """One fine-tuning run."""
 
-    task: Task = field(default="text-classification", metadata={"help": "what the model learns"})
+    task: Task = field(default=DEFAULT_TASK, metadata={"help": "what the model learns: " + ", ".join(TASK_NAMES)})
     model: str = field(default="minilm-l6", metadata={"help": "catalog name, local directory, or hub id"})
     name: str | None = field(default=None, metadata={"help": "a label for the run in lists and plots"})
     trust_remote_code: bool = field(default=False, metadata={"help": "run code shipped with a hub model"})
@@ -412,83 +415,56 @@ class Config:
 
     def __post_init__(self) -> None:
         self._check_task()
-        self._check_languages()
 
-    def _check_languages(self) -> None:
-        if self.task == "seq2seq":
-            return
-        for name in LANGUAGE_FIELDS:
-            if getattr(self.data, name) is not None:
-                _fail("data", name, getattr(self.data, name),
-                      f"nothing for task: {self.task}; language codes belong to task: seq2seq")
+    @property
+    def task_spec(self):  # noqa: ANN201 - workbench.task_table.TaskSpec
+        """The task's row in the task table."""
+        return task_spec(self.task)
 
     def _check_task(self) -> None:
-        """Settings that belong to one task are refused in the other, never silently ignored."""
-        if self.task in GENERATION_TASKS:
-            self._check_encoder_only()
-        if self.task in GENERATION_TASKS and self.train.class_weights not in ("none", "auto"):
-            _fail("train", "class_weights", self.train.class_weights,
-                  f"none for task: {self.task} (class weights apply to text-classification)")
-        if self.task == "chat":
-            if self.method.name not in CHAT_METHODS:
-                _fail("method", "name", self.method.name,
-                      f"one of {', '.join(CHAT_METHODS)} for task: chat (a causal LM tuned on the answers)")
-            for name, instead in (("text_column", "prompt_column"), ("label_column", "answer_column")):
-                if getattr(self.data, name) is not None:
-                    _fail("data", name, getattr(self.data, name),
-                          f"nothing for task: chat, which reads data.{instead} (or data.messages_column)")
-            return
-        if self.task == "seq2seq":
-            self._check_seq2seq()
-            return
-        if self.task == "text-regression":
-            self._check_regression()
-        for name in CHAT_COLUMNS:
-            if getattr(self.data, name) is not None:
-                _fail("data", name, getattr(self.data, name),
-                      f"nothing for task: {self.task}; it belongs to task: chat or seq2seq (set data.text_column "
-                      "and data.label_column instead)")
-        if self.chat != ChatConfig():
+        """Settings that belong to other tasks are refused, never silently ignored (all read from the task
+        table: the methods, data columns and sections each task takes)."""
+        spec = self.task_spec
+        if self.method.name not in spec.methods:
+            _fail("method", "name", self.method.name,
+                  f"one of {', '.join(spec.methods)} for task: {self.task} ({spec.head})")
+        self._check_columns(spec)
+        self._check_train_fields(spec)
+        if not spec.generates and self.chat != ChatConfig():
             changed = next(f.name for f in dataclasses.fields(ChatConfig)
                            if getattr(self.chat, f.name) != getattr(ChatConfig(), f.name))
-            _fail("chat", changed, getattr(self.chat, changed), f"the default for task: {self.task}; the chat "
-                                                                "section applies to tasks chat and seq2seq only")
-
-    def _check_regression(self) -> None:
-        if self.method.name not in REGRESSION_METHODS:
-            _fail("method", "name", self.method.name,
-                  f"one of {', '.join(REGRESSION_METHODS)} for task: text-regression (an encoder with a "
-                  "one-output head; the mean-prediction baseline is in every run's record)")
-        if self.train.class_weights not in ("none", "auto"):
-            _fail("train", "class_weights", self.train.class_weights,
-                  "none for task: text-regression (there are no classes to weigh)")
-        if self.train.best_metric != "auto":
-            _fail("train", "best_metric", self.train.best_metric,
-                  "auto for task: text-regression (rmse picks the best checkpoint; there are no classes)")
-
-    def _check_encoder_only(self) -> None:
-        """Settings of a text-in, head-out task are refused for chat and seq2seq, never silently ignored."""
-        checks = (("truncation", "head+tail", "a generated answer is never cut from its head"),
-                  ("best_metric", "auto", "held-out loss picks the best checkpoint"),
-                  ("ensemble", "auto", "there is no classical model to average with"))
-        for name, default, why in checks:
-            if getattr(self.train, name) != default:
-                _fail("train", name, getattr(self.train, name), f"{default} (the default) for task: {self.task}: "
-                                                                f"{why}")
-
-    def _check_seq2seq(self) -> None:
-        if self.chat.system_prompt is not None:
+            _fail("chat", changed, getattr(self.chat, changed),
+                  f"the default for task: {self.task}; the chat section applies to tasks "
+                  f"{' and '.join(GENERATION_TASKS)} only")
+        if self.chat.system_prompt is not None and not spec.system_prompt:
             _fail("chat", "system_prompt", self.chat.system_prompt,
-                  "left out for task: seq2seq (an encoder-decoder reads the source text alone)")
-        if self.method.name not in CHAT_METHODS:
-            _fail("method", "name", self.method.name,
-                  f"one of {', '.join(CHAT_METHODS)} for task: seq2seq (an encoder-decoder tuned on the targets)")
-        for name, instead in (("text_column", "prompt_column"), ("label_column", "answer_column"),
-                              ("messages_column", "prompt_column and data.answer_column")):
-            if getattr(self.data, name) is not None:
-                _fail("data", name, getattr(self.data, name),
-                      f"nothing for task: seq2seq, which reads the source from data.prompt_column and the "
-                      f"target from data.answer_column (set data.{instead} instead)")
+                  f"left out for task: {self.task} (no system message: the model reads the source text alone)")
+
+    def _check_columns(self, spec: Any) -> None:
+        reads = " and ".join(f"data.{c}" for c in spec.columns)
+        for name in ("text_column", "label_column", *CHAT_COLUMNS):
+            value = getattr(self.data, name)
+            if value is not None and name not in spec.columns:
+                _fail("data", name, value, f"nothing for task: {self.task}, which reads {reads}")
+        if not spec.languages:
+            for name in LANGUAGE_FIELDS:
+                if getattr(self.data, name) is not None:
+                    owners = " or ".join(tasks_where(languages=True))
+                    _fail("data", name, getattr(self.data, name),
+                          f"nothing for task: {self.task}; language codes belong to task: {owners}")
+
+    def _check_train_fields(self, spec: Any) -> None:
+        """train.* fields that only some tasks read: left at their defaults elsewhere."""
+        why_not = "there are no classes to weigh" if spec.kind != "generation" else "class weights apply to " \
+                  "classes"
+        checks = [("class_weights", "auto", spec.classes, why_not, ("none",)),
+                  ("best_metric", "auto", spec.classes, f"{spec.best_metric} picks the best checkpoint", ()),
+                  ("ensemble", "auto", spec.classes, "there is no classical model to average with", ("off",)),
+                  ("truncation", "head+tail", spec.kind == "encoder", "texts are never cut from their head", ())]
+        for name, default, applies, why, also in checks:
+            value = getattr(self.train, name)
+            if not applies and value != default and value not in also:
+                _fail("train", name, value, f"{default} (the default) for task: {self.task}: {why}")
 
     # --- conversions -------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

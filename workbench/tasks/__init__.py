@@ -1,36 +1,31 @@
-"""The task layer: one file per task, each implementing the `base.Task` protocol, and the one registry that
-maps a config (or a stored run) to its task. Nothing else in the core switches on the task's name."""
+"""The task layer: one file per task, each implementing the `base.Task` protocol, found through the task
+table (`workbench.task_table`: each row names its module and class). Nothing else in the core switches on a
+task's name."""
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from ..config import Config
-from ..errors import WorkbenchError
+from ..task_table import DEFAULT_TASK, TASKS, task_spec
 from .base import Evaluation, Predictor, Task
-from .chat import ChatTask
-from .classification import ClassificationTask
-from .regression import RegressionTask
-from .seq2seq import Seq2SeqTask
 
-TASKS: dict[str, type] = {
-    "text-classification": ClassificationTask,
-    "text-regression": RegressionTask,
-    "chat": ChatTask,
-    "seq2seq": Seq2SeqTask,
-}
+__all__ = ["TASKS", "Evaluation", "Predictor", "Task", "get_task", "task_of", "task_class"]
 
-__all__ = ["TASKS", "Evaluation", "Predictor", "Task", "get_task", "task_of"]
+
+def task_class(name: str) -> type:
+    """The class that implements the task `name` (its table row's `runner`, imported on first use)."""
+    module, _, cls = task_spec(name).runner.partition(":")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
 
 
 def get_task(name: str) -> Task:
     """The task registered under `name`."""
-    if name not in TASKS:
-        raise WorkbenchError(f"task {name!r} is unknown: choose from {', '.join(TASKS)}")
-    return TASKS[name]()
+    return task_class(name)()
 
 
 def task_of(config: Config | dict[str, Any]) -> Task:
     """The task of a config, or of a stored run's config dict."""
-    name = config.task if isinstance(config, Config) else config.get("task", "text-classification")
+    name = config.task if isinstance(config, Config) else config.get("task", DEFAULT_TASK)
     return get_task(name)
