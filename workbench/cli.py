@@ -279,6 +279,10 @@ def _print_summary(record: dict[str, Any]) -> None:
         print(f"  rmse {m['rmse']:.4f} (predicting the mean: {m['baseline_rmse']:.4f})  mae {m['mae']:.4f}  "
               f"pearson {m['pearson']:.3f}  spearman {m['spearman']:.3f}  (best step {m.get('best_step')})")
         _print_baseline(m)
+    elif m and "per_type" in m:  # a token-classification run: entity figures, then one line per type
+        print(f"  entity f1 {m['f1']:.4f}  precision {m['precision']:.4f}  recall {m['recall']:.4f}  token accuracy "
+              f"{m['accuracy']:.4f}  eval_loss {m['eval_loss']:.4f}  (best step {m.get('best_step')})")
+        _print_entity_types(m)
     elif m:
         print(f"  accuracy {m['accuracy']:.4f}  f1_macro {m['f1_macro']:.4f}  eval_loss {m['eval_loss']:.4f}  "
               f"(best step {m.get('best_step')})")
@@ -289,6 +293,15 @@ def _print_summary(record: dict[str, Any]) -> None:
     if t:
         print(f"  {t['samples_per_second']:.1f} samples/s  {t['wall_seconds']:.0f} s wall  "
               f"peak memory {t['peak_memory_mb']:.0f} MB")
+
+
+def _print_entity_types(figures: dict[str, Any]) -> None:
+    """Entity-level precision, recall and F1 of each type, with its count of gold entities."""
+    per_type = figures.get("per_type") or {}
+    width = max((len(k) for k in per_type), default=0)
+    for kind, f in per_type.items():
+        print(f"    {kind:<{width}}  precision {f['precision']:.3f}  recall {f['recall']:.3f}  f1 {f['f1']:.3f}  "
+              f"support {f['support']}")
 
 
 def _print_baseline(m: dict[str, Any]) -> None:
@@ -344,6 +357,8 @@ def _runs(args: argparse.Namespace) -> int:
             if "perplexity" in m:  # a chat or seq2seq run
                 figure = f"loss {m['eval_loss']:.4f} ppl {m['perplexity']:.2f}" + (
                     f" bleu {m['bleu']:.1f}" if "bleu" in m else "")
+            elif "per_type" in m:  # a token-classification run
+                figure = f"f1 {m['f1']:.4f}"
             else:
                 figure = f"acc {m['accuracy']:.4f}" if "accuracy" in m else "acc -"
             print(f"{r['id']}  {r['status']:<9}  {cfg['model']:<24} {cfg['data']['source'][:24]:<24} "
@@ -390,6 +405,14 @@ def _predict(args: argparse.Namespace) -> int:
     elif results and "answer" in results[0]:  # a chat run answers
         for r in results:
             print(r["answer"] if len(results) == 1 else f"Q: {r['text']}\nA: {r['answer']}\n")
+    elif results and "entities" in results[0]:  # a token-classification run: one line per entity
+        for r in results:
+            if len(results) > 1:
+                print(r["text"][:100])
+            for e in r["entities"]:
+                print(f"{e['type']}\t{e['start']}-{e['end']}\t{e['score']:.3f}\t{e['text']}")
+            if not r["entities"]:
+                print("(no entities)")
     elif results and "value" in results[0]:  # a text-regression run
         for r in results:
             print(f"value {r['value']:.4f}\t{r['text'][:80]}")
@@ -426,6 +449,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(f"run {result['run']} on {result['file']}: {result['rows']} rows (text column {result['text_column']!r}, "
           f"label column {result['label_column']!r}, {result['encoding']})")
     base = result.get("baseline")
+    if "per_type" in result:  # a token-classification run
+        print(f"  entity f1 {result['f1']:.4f}  precision {result['precision']:.4f}  recall {result['recall']:.4f}  "
+              f"token accuracy {result['accuracy']:.4f}  ({result['scheme']})")
+        for note in result.get("notes") or []:
+            print(f"  data: {note}")
+        _print_entity_types(result)
+        return EXIT_OK
     if "rmse" in result:
         print(f"  model     rmse {result['rmse']:.4f}  mae {result['mae']:.4f}  spearman {result['spearman']:.3f}")
         if base:

