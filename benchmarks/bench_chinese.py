@@ -20,7 +20,8 @@ reviews. Arms (each prints into one JSON object on stdout, progress on stderr):
 
 Every fine-tuning arm: one word = one character; the first sub-token of a character carries its label (others
 -100); AdamW, linear decay after 10% warm-up, batch 16, `--threads` torch threads (1 by default, to share the
-machine), `--epochs` epochs; seconds = training + test prediction, model loading reported apart.
+machine), `--epochs` epochs, test F1 after every epoch; seconds (wall and CPU) = training + test prediction,
+model loading reported apart.
 
 Usage (from the repository root):
 
@@ -251,22 +252,54 @@ def batches(encoded: list[dict], size: int, pad_id: int, order: list[int]):
         yield chunk, ids, mask, labels
 
 
+def predict(model, test_enc: list[dict], test: list[dict], id_to_label: list[str], pad_id: int) -> dict[str, Any]:
+    """Tag the test sentences (each character takes its first sub-token's label) and score them."""
+    import torch
+
+    model.eval()
+    preds = []
+    with torch.no_grad():
+        for chunk, ids, mask, _ in batches(test_enc, 32, pad_id, list(range(len(test_enc)))):
+            best = model(input_ids=ids, attention_mask=mask).logits.argmax(-1).tolist()
+            for e, row in zip(chunk, best):
+                tags, previous = {}, None
+                for pos, w in enumerate(e["word_ids"]):
+                    if w is not None and w != previous:
+                        tags[w] = id_to_label[row[pos]]
+                    previous = w
+                preds.append(tags)
+    model.train()
+    pred_tags = [[p.get(i, "O") for i in range(len(r["tokens"]))] for p, r in zip(preds, test)]
+    return scores([r["tags"] for r in test], pred_tags)
+
+
 def fine_tune(model, train_enc: list[dict], test_enc: list[dict], test: list[dict], id_to_label: list[str],
-              pad_id: int, epochs: float, lr: float, batch_size: int, seed: int, budget_s: float) -> dict[str, Any]:
-    """Train on train_enc, predict test_enc; the scores, the steps and the seconds."""
+              pad_id: int, epochs: float, lr: float, batch_size: int, seed: int, budget_s: float,
+              head_lr: float | None = None) -> dict[str, Any]:
+    """Train on train_enc, scoring test_enc after each epoch; the scores, the steps and the seconds.
+
+    Seconds are wall-clock and CPU (`process_time`: with one thread, the wall time on an idle core; the
+    machine is shared, so wall time depends on the neighbours). The per-epoch test scoring is not counted in
+    `train_seconds` / `train_cpu_seconds`. `head_lr`: a learning rate of its own for the new head (`score.*`).
+    """
     import random
 
     import torch
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    head = [p for n, p in named if n.startswith("score.")] if head_lr else []
+    groups = [{"params": [p for p in params if all(p is not h for h in head)]}]
+    if head:
+        groups.append({"params": head, "lr": head_lr})
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.01)
     steps_per_epoch = math.ceil(len(train_enc) / batch_size)
     total = max(1, round(steps_per_epoch * epochs))
     warmup = max(1, total // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
-    rng, step, losses, t0 = random.Random(seed), 0, [], time.perf_counter()
-    stopped = None
+    rng, step, losses, stopped, per_epoch = random.Random(seed), 0, [], None, []
+    t0, c0, eval_s, eval_c = time.perf_counter(), time.process_time(), 0.0, 0.0
     model.train()
     while step < total and stopped is None:
         order = sorted(range(len(train_enc)), key=lambda i: rng.random())
@@ -281,31 +314,29 @@ def fine_tune(model, train_enc: list[dict], test_enc: list[dict], test: list[dic
             losses.append(loss.item())
             step += 1
             if step % 20 == 0:
-                log(f"step {step}/{total} loss {sum(losses[-20:]) / 20:.4f} {time.perf_counter() - t0:.0f}s")
+                log(f"step {step}/{total} loss {sum(losses[-20:]) / 20:.4f} {time.perf_counter() - t0:.0f}s "
+                    f"cpu {time.process_time() - c0:.0f}s")
             if step >= total:
                 break
-            if time.perf_counter() - t0 > budget_s:
-                stopped = f"time budget {budget_s:.0f}s reached at step {step}/{total}"
+            if time.process_time() - c0 - eval_c > budget_s:
+                stopped = f"CPU budget {budget_s:.0f}s reached at step {step}/{total}"
                 log(stopped)
                 break
-    train_s = time.perf_counter() - t0
-    model.eval()
-    preds = []
-    with torch.no_grad():
-        for chunk, ids, mask, _ in batches(test_enc, 32, pad_id, list(range(len(test_enc)))):
-            best = model(input_ids=ids, attention_mask=mask).logits.argmax(-1).tolist()
-            for e, row in zip(chunk, best):
-                tags, previous = {}, None
-                for pos, w in enumerate(e["word_ids"]):
-                    if w is not None and w != previous:
-                        tags[w] = id_to_label[row[pos]]
-                    previous = w
-                preds.append(tags)
-    pred_tags = [[p.get(i, "O") for i in range(len(r["tokens"]))] for p, r in zip(preds, test)]
-    return {**scores([r["tags"] for r in test], pred_tags), "steps": step, "planned_steps": total,
-            "epochs_done": round(step / steps_per_epoch, 2), "stopped_early": stopped,
+            if step % steps_per_epoch == 0:  # an epoch done, more to come: score it
+                e0, ec = time.perf_counter(), time.process_time()
+                per_epoch.append({"epoch": step // steps_per_epoch,
+                                  **predict(model, test_enc, test, id_to_label, pad_id),
+                                  "train_seconds": round(e0 - t0 - eval_s, 1),
+                                  "train_cpu_seconds": round(ec - c0 - eval_c, 1)})
+                log(f"epoch {per_epoch[-1]}")
+                eval_s, eval_c = eval_s + time.perf_counter() - e0, eval_c + time.process_time() - ec
+    train_s, train_c = time.perf_counter() - t0 - eval_s, time.process_time() - c0 - eval_c
+    final = predict(model, test_enc, test, id_to_label, pad_id)
+    return {**final, "steps": step, "planned_steps": total,
+            "epochs_done": round(step / steps_per_epoch, 2), "stopped_early": stopped, "per_epoch": per_epoch,
             "first_loss": round(losses[0], 4), "last_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4),
-            "train_seconds": round(train_s, 1), "seconds": round(time.perf_counter() - t0, 1)}
+            "train_seconds": round(train_s, 1), "train_cpu_seconds": round(train_c, 1),
+            "seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(time.process_time() - c0, 1)}
 
 
 def arm_minilm(train: list[dict], test: list[dict], a: argparse.Namespace, extend: bool) -> dict[str, Any]:
@@ -388,8 +419,9 @@ def arm_gemma(train: list[dict], test: list[dict], a: argparse.Namespace, bidire
     train_enc = encode_pieces(tokenizer, train, to_id, a.max_len)
     test_enc = encode_pieces(tokenizer, test, to_id, a.max_len)
     result = fine_tune(model, train_enc, test_enc, test, labels, tokenizer.pad_token_id, a.epochs, a.lr_gemma,
-                       a.batch_size, a.seed, a.budget)
-    return {**result, "load_seconds": round(load_s, 1), "lr": a.lr_gemma, "epochs": a.epochs,
+                       a.batch_size, a.seed, a.budget, head_lr=a.lr_head)
+    return {**result, "load_seconds": round(load_s, 1), "lr": a.lr_gemma, "head_lr": a.lr_head,
+            "epochs": a.epochs,
             "bidirectional_attention": bidirectional,
             "params": sum(p.numel() for p in model.parameters()),
             "trained_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -420,10 +452,12 @@ def main() -> None:
     p.add_argument("--epochs", type=float, default=3.0)
     p.add_argument("--lr-minilm", type=float, default=1e-4)
     p.add_argument("--lr-gemma", type=float, default=5e-5)
+    p.add_argument("--lr-head", type=float, default=1e-3, help="Gemma arms: the new head's learning rate")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-len", type=int, default=160)
     p.add_argument("--max-train", type=int, default=0, help="cap on training sentences (0 = all)")
-    p.add_argument("--budget", type=float, default=900.0, help="seconds of training per arm before stopping")
+    p.add_argument("--max-test", type=int, default=0, help="cap on test sentences (0 = all; for smoke tests)")
+    p.add_argument("--budget", type=float, default=900.0, help="CPU seconds of training per arm before it stops (with --threads 1: seconds on an idle core)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", type=Path)
@@ -446,6 +480,8 @@ def main() -> None:
     train, test = read_jsonl(a.data / "train.jsonl"), read_jsonl(a.data / "test.jsonl")
     if a.max_train:
         train = train[:a.max_train]
+    if a.max_test:
+        test = test[:a.max_test]
     result: dict[str, Any] = {
         "bench": "bench_chinese", **commit_id(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "torch_threads": a.threads, "data": dataset or {"folder": str(a.data)},
