@@ -324,7 +324,7 @@ def test_lora_chat_run_lowers_held_out_loss_and_logs_samples(chat_config, store)
     start, last = rec.evals[0], rec.evals[-1]
     assert start.step == 0 and last.step == 3 * steps
     assert last.eval_loss < start.eval_loss - 1.0, (start.eval_loss, last.eval_loss)
-    assert last.perplexity == pytest.approx(math.exp(last.eval_loss))
+    assert last["perplexity"] == pytest.approx(math.exp(last.eval_loss))
     m, info = record["metrics"], record["info"]
     assert m["eval_loss"] == pytest.approx(min(r.eval_loss for r in rec.evals))
     assert m["start_eval_loss"] == pytest.approx(start.eval_loss) and m["best_step"] == 3 * steps
@@ -598,4 +598,4 @@ def test_torchrun_two_processes_give_the_single_process_losses(tmp_path, chat_co
     assert [p["loss"] for p in store.points(run["id"], kind="train")] == pytest.approx(single.losses, rel=1e-4)
     evals = store.points(run["id"], kind="eval")
     assert [p["eval_loss"] for p in evals] == pytest.approx([r.eval_loss for r in single.evals], rel=1e-4)
-    assert evals[-1]["eval_tokens"] == single.evals[-1].eval_tokens, "held-out loss over every answer token once"
+    assert evals[-1]["eval_tokens"] == single.evals[-1].payload["eval_tokens"], "held-out loss over every answer token once"

@@ -71,10 +71,10 @@ def test_figures_match_a_direct_computation():
     y = np.array([1.0, 2.0, 3.0, 4.0])
     p = np.array([1.5, 2.0, 2.5, 5.0])
     r = regression_result(3, 1.0, y, p, train_mean=2.0, texts=["a", "b", "c", "d"])
-    assert r.rmse == pytest.approx(np.sqrt(np.mean((p - y) ** 2)))
-    assert r.mae == pytest.approx(np.mean(np.abs(p - y)))
-    assert r.spearman == pytest.approx(1.0) and 0.9 < r.pearson < 1.0
-    assert r.baseline_rmse == pytest.approx(np.sqrt(np.mean((y - 2.0) ** 2)))
+    assert r["rmse"] == pytest.approx(np.sqrt(np.mean((p - y) ** 2)))
+    assert r["mae"] == pytest.approx(np.mean(np.abs(p - y)))
+    assert r["spearman"] == pytest.approx(1.0) and 0.9 < r.payload["pearson"] < 1.0
+    assert r.payload["baseline_rmse"] == pytest.approx(np.sqrt(np.mean((y - 2.0) ** 2)))
     assert r.mistakes[0]["index"] == 3 and r.mistakes[0]["error"] == pytest.approx(1.0)  # the worst error first
 
 

@@ -34,9 +34,9 @@ class Recorder(Callback):
         self.losses.append(loss)
 
     def on_evaluate(self, state, control, result):
-        assert all(isinstance(row, list) for row in result.confusion_matrix)
+        assert all(isinstance(row, list) for row in result.payload["confusion_matrix"])
         self.events.append("evaluate")
-        self.evals.append(result.accuracy)
+        self.evals.append(result.metrics["accuracy"])
 
     def on_checkpoint(self, state, path, is_best):
         self.events.append("checkpoint")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .callbacks import Callback, EvalResult, TrainControl, TrainState
+from .callbacks import Callback, TrainControl, TrainState
 from .config import Config, DataConfig, MethodConfig, TrackConfig, TrainConfig
 from .errors import WorkbenchError
 from .store import RunStore
@@ -27,7 +27,7 @@ __all__ = [
 from .launch import RunHandle, attach, launch  # noqa: E402
 from .predict import load_predictor, predict  # noqa: E402
 
-_LAZY = {"train": "loop", "inspect_model": "models.inspect"}
+_LAZY = {"train": "loop", "inspect_model": "models.inspect", "EvalResult": "tasks.base"}
 
 
 def __getattr__(name: str) -> Any:  # lazy: keep `import workbench` light (no torch until needed)
@@ -38,3 +38,4 @@ def __getattr__(name: str) -> Any:  # lazy: keep `import workbench` light (no to
     value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     globals()[name] = value
     return value
+

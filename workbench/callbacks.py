@@ -7,8 +7,8 @@ this boundary. A hook reads `TrainState`; the only thing it may change is
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 
 @dataclass
@@ -40,40 +40,20 @@ class TrainControl:
         self.stop_reason = reason
 
 
-@dataclass
-class EvalResult:
-    """One evaluation, as plain values."""
+class Evaluated(Protocol):
+    """What the hooks read of one evaluation (the concrete result is tasks.base.EvalResult)."""
 
     step: int
-    epoch: float
-    eval_loss: float
-    accuracy: float
-    f1_macro: float
-    labels: list[str]
-    confusion_matrix: list[list[int]]
-    per_class: dict[str, dict[str, float]] = field(default_factory=dict)
-    mistakes: list[dict[str, Any]] = field(default_factory=list)
+    mistakes: list[dict[str, Any]]
 
     def summary(self) -> dict[str, Any]:
-        """The metrics without the drill-down list (what the run's JSON carries)."""
-        return {
-            "step": self.step,
-            "epoch": self.epoch,
-            "eval_loss": self.eval_loss,
-            "accuracy": self.accuracy,
-            "f1_macro": self.f1_macro,
-            "labels": self.labels,
-            "confusion_matrix": self.confusion_matrix,
-            "per_class": self.per_class,
-        }
+        """The figures and the task's own values, as stored per evaluation point."""
 
     def scalars(self) -> dict[str, float]:
-        """The figures trackers plot, by name (TensorBoard and wandb log them as eval/<name>)."""
-        return {"accuracy": self.accuracy, "f1_macro": self.f1_macro, "loss": self.eval_loss}
+        """The figures trackers plot, by name."""
 
     def report(self) -> list[str]:
-        """The console's lines for this evaluation: the figures, then anything worth reading."""
-        return [f"accuracy {self.accuracy:.4f} f1_macro {self.f1_macro:.4f} eval_loss {self.eval_loss:.4f}"]
+        """The console's lines."""
 
 
 class Callback:
@@ -86,7 +66,7 @@ class Callback:
                     samples_per_second: float) -> None:
         """Called after each optimiser step with the step's mean training loss."""
 
-    def on_evaluate(self, state: TrainState, control: TrainControl, result: EvalResult) -> None:
+    def on_evaluate(self, state: TrainState, control: TrainControl, result: Evaluated) -> None:
         """Called after each evaluation with its metrics and confusion matrix."""
 
     def on_checkpoint(self, state: TrainState, path: str, is_best: bool) -> None:
@@ -114,7 +94,7 @@ class CallbackList(Callback):
         for cb in self.callbacks:
             cb.on_step_end(state, control, loss, learning_rate, samples_per_second)
 
-    def on_evaluate(self, state: TrainState, control: TrainControl, result: EvalResult) -> None:
+    def on_evaluate(self, state: TrainState, control: TrainControl, result: Evaluated) -> None:
         for cb in self.callbacks:
             cb.on_evaluate(state, control, result)
 

@@ -19,7 +19,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from .errors import WorkbenchError
-from .methods import DEFAULT_METHOD, METHOD_NAMES, ZERO_SHOT_METHODS, method_spec, methods_where
+from .methods import DEFAULT_METHOD, METHOD_NAMES, ZERO_SHOT_METHODS, method_spec, methods_where  # noqa: F401
 from .methods import METHODS as METHOD_SPECS
 from .methods import TRAINING_METHODS as _TRAINING_METHODS
 from .task_table import DEFAULT_TASK, TASK_NAMES, task_spec, tasks_where
@@ -459,7 +459,8 @@ class Config:
                   "classes"
         checks = [("class_weights", "auto", spec.classes, why_not, ("none",)),
                   ("best_metric", "auto", spec.classes, f"{spec.best_metric} picks the best checkpoint", ()),
-                  ("ensemble", "auto", spec.classes, "there is no classical model to average with", ("off",)),
+                  ("ensemble", "auto", spec.classes, "there is no classical model to average with",
+                   ("off",) if spec.kind == "encoder" else ()),
                   ("truncation", "head+tail", spec.kind == "encoder", "texts are never cut from their head", ())]
         for name, default, applies, why, also in checks:
             value = getattr(self.train, name)

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from .callbacks import EvalResult
-
 MISTAKES_KEPT = 50
 TEXT_CHARS_KEPT = 600
 COLLAPSE_SHARE = 0.95  # a model that gives one label to this share of the rows has (nearly) stopped looking
 
 
-def classification_result(step: int, epoch: float, labels: list[str], y_true: np.ndarray, probs: np.ndarray,
-                          eval_loss: float, texts: list[str] | None = None) -> EvalResult:
-    """Accuracy, macro-F1, per-class precision/recall/F1, the confusion matrix and the worst mistakes."""
+def classification_figures(labels: list[str], y_true: np.ndarray, probs: np.ndarray,
+                           texts: list[str] | None = None) -> tuple[dict[str, float], dict, list[dict]]:
+    """(figures, drill-down values, worst mistakes) of class probabilities against the true classes:
+    accuracy and macro-F1; the labels, confusion matrix and per-class precision/recall/F1."""
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
     y_true = np.asarray(y_true)
@@ -26,17 +25,11 @@ def classification_result(step: int, epoch: float, labels: list[str], y_true: np
                "support": int(support[i])}
         for i, name in enumerate(labels)
     }
-    return EvalResult(
-        step=step,
-        epoch=float(epoch),
-        eval_loss=float(eval_loss),
-        accuracy=float(accuracy_score(y_true, y_pred)),
-        f1_macro=float(f1_score(y_true, y_pred, labels=classes, average="macro", zero_division=0)),
-        labels=list(labels),
-        confusion_matrix=confusion_matrix(y_true, y_pred, labels=classes).tolist(),
-        per_class=per_class,
-        mistakes=worst_mistakes(labels, y_true, probs, texts),
-    )
+    figures = {"accuracy": float(accuracy_score(y_true, y_pred)),
+               "f1_macro": float(f1_score(y_true, y_pred, labels=classes, average="macro", zero_division=0))}
+    payload = {"labels": list(labels), "confusion_matrix": confusion_matrix(y_true, y_pred, labels=classes).tolist(),
+               "per_class": per_class}
+    return figures, payload, worst_mistakes(labels, y_true, probs, texts)
 
 
 def worst_mistakes(labels: list[str], y_true: np.ndarray, probs: np.ndarray, texts: list[str] | None,

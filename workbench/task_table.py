@@ -36,7 +36,10 @@ class TaskSpec:
     baseline: bool = False  # a classical baseline is fitted beside every run
     optimizable: bool = False  # `workbench optimize` builds int8 / pruned / ONNX artifacts
     in_dashboard: bool = True  # offered by the dashboard's task chooser (else: CLI and notebooks)
-    labelled: bool = True  # rows carry a label column (text_column / label_column apply)
+    columns: tuple[str, ...] = ("text_column", "label_column")  # the data.*_column fields it reads
+    classes: bool = False  # a label per text from a set: class weights, best_metric and ensembles apply
+    languages: bool = False  # data.source_lang / target_lang apply (a model that marks languages)
+    system_prompt: bool = False  # chat.system_prompt applies
 
     @property
     def generates(self) -> bool:
@@ -51,7 +54,7 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
              "encoder", "a sequence-classification head (a causal LM scores the label tokens)",
              (*_ENCODER_METHODS, "prefix-tuning", "zero-shot-embedding", "zero-shot-prompt"),
              ("accuracy", "f1_macro"), "accuracy", True, "confusion", "/v1/classify",
-             "classification:ClassificationTask", baseline=True, optimizable=True),
+             "classification:ClassificationTask", baseline=True, optimizable=True, classes=True),
     TaskSpec("text-regression", "Text regression", "a text column and a numeric column (a score per text)",
              "encoder", "a one-output regression head", _ENCODER_METHODS, ("rmse", "mae", "spearman", "r2"), "rmse",
              False, "regression", "/v1/classify", "regression:RegressionTask", baseline=True),
@@ -60,11 +63,12 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
              "f1", True, "entities", "/v1/ner", "token_classification:TokenClassificationTask"),
     TaskSpec("chat", "Chat", "prompt and answer columns, or a messages column", "generation",
              "a causal LM, the loss on the answers", _GENERATION_METHODS, ("eval_loss", "perplexity"), "eval_loss",
-             False, "generation", "/v1/chat/completions", "chat:ChatTask", in_dashboard=False, labelled=False),
+             False, "generation", "/v1/chat/completions", "chat:ChatTask", in_dashboard=False,
+             columns=("prompt_column", "answer_column", "messages_column"), system_prompt=True),
     TaskSpec("seq2seq", "Translation (seq2seq)", "source and target text columns", "generation",
              "an encoder-decoder, the loss on the targets", _GENERATION_METHODS, ("eval_loss", "bleu", "chrf"),
              "eval_loss", False, "generation", "/v1/translate", "seq2seq:Seq2SeqTask", in_dashboard=False,
-             labelled=False),
+             columns=("prompt_column", "answer_column"), languages=True),
 ]}
 
 TASK_NAMES: tuple[str, ...] = tuple(TASKS)
@@ -76,6 +80,11 @@ def task_spec(name: str) -> TaskSpec:
     if name not in TASKS:
         raise WorkbenchError(f"task {name!r} is unknown: choose from {', '.join(TASKS)}")
     return TASKS[name]
+
+
+def spec_for(runner: str) -> TaskSpec:
+    """The row whose `runner` is "module:Class" (how a task module learns its own name and figures)."""
+    return next(t for t in TASKS.values() if t.runner == runner)
 
 
 def tasks_where(**wanted: object) -> tuple[str, ...]:

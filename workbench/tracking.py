@@ -7,7 +7,7 @@ import sys
 import time
 from typing import Any
 
-from .callbacks import Callback, EvalResult, TrainControl, TrainState
+from .callbacks import Callback, Evaluated, TrainControl, TrainState
 from .config import Config
 from .errors import WorkbenchError
 from .store import RunStore
@@ -55,7 +55,7 @@ class StoreCallback(Callback):
             if self.store.stop_requested(self.run_id):
                 control.request_stop("stop requested")
 
-    def on_evaluate(self, state: TrainState, control: TrainControl, result: EvalResult) -> None:
+    def on_evaluate(self, state: TrainState, control: TrainControl, result: Evaluated) -> None:
         self.flush()
         data = result.summary()
         data["mistakes"] = result.mistakes[:MISTAKES_IN_STORE]
@@ -101,7 +101,7 @@ class ConsoleCallback(Callback):
             self._print(f"step {state.global_step}/{state.max_steps} epoch {state.epoch + 1} loss {loss:.4f} "
                         f"lr {learning_rate:.2e} {samples_per_second:.1f} samples/s")
 
-    def on_evaluate(self, state: TrainState, control: TrainControl, result: EvalResult) -> None:
+    def on_evaluate(self, state: TrainState, control: TrainControl, result: Evaluated) -> None:
         first, *rest = result.report()
         self._print(f"eval step {result.step}: {first}" + (" (best)" if state.best_step == result.step else ""))
         for line in rest:
@@ -136,7 +136,7 @@ class WandbCallback(Callback):
         self.run.log({"train/loss": loss, "train/learning_rate": learning_rate,
                       "train/samples_per_second": samples_per_second}, step=state.global_step)
 
-    def on_evaluate(self, state: TrainState, control: TrainControl, result: EvalResult) -> None:
+    def on_evaluate(self, state: TrainState, control: TrainControl, result: Evaluated) -> None:
         self.run.log({f"eval/{k}": v for k, v in result.scalars().items()}, step=state.global_step)
 
     def on_train_end(self, state: TrainState, status: str, metrics: dict[str, Any]) -> None:
@@ -171,7 +171,7 @@ class TensorBoardCallback(Callback):
         self.writer.add_scalar("train/loss", loss, state.global_step)
         self.writer.add_scalar("train/learning_rate", learning_rate, state.global_step)
 
-    def on_evaluate(self, state: TrainState, control: TrainControl, result: EvalResult) -> None:
+    def on_evaluate(self, state: TrainState, control: TrainControl, result: Evaluated) -> None:
         for name, value in result.scalars().items():
             self.writer.add_scalar(f"eval/{name}", value, state.global_step)
 

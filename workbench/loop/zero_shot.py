@@ -15,10 +15,9 @@ import torch
 from ..callbacks import Callback
 from ..config import Config
 from ..data import prepare
-from ..metrics import classification_result
 from ..models.state import set_seed
 from ..store import RunStore
-from ..tasks.classification import ClassificationTask, split_info
+from ..tasks.classification import ClassificationTask, classification_result, split_info
 from ..tasks.base import Evaluation
 from ..tasks.ensemble import fit_baseline
 from ..tasks.zeroshot import check_zero_shot, device, evaluate_zero_shot
@@ -57,9 +56,9 @@ def _evaluate(ctx: RunContext) -> None:
     probs = logp.exp().numpy()
     result = classification_result(0, 0.0, split.labels, np.asarray(split.eval_labels), probs, loss, split.eval_texts)
     rows[0] = len(y)
-    ctx.state.best_metric, ctx.state.best_step = result.accuracy, 0
+    ctx.state.best_metric, ctx.state.best_step = result["accuracy"], 0
     ctx.hooks.on_evaluate(ctx.state, ctx.control, result)
-    ClassificationTask().write_evaluation(ctx.run_dir, Evaluation(result, result.accuracy, probs), split)
+    ClassificationTask().write_evaluation(ctx.run_dir, Evaluation(result, result["accuracy"], probs), split)
     eval_seconds[0] = time.perf_counter() - start
     metrics = {**result.summary(), "is_best": True, "best_step": 0,
                "predictions_file": str(ctx.run_dir / "eval" / "step-0.json")}

@@ -9,15 +9,51 @@ resume, checkpoints, timings, callbacks and failures. Tasks are registered in `w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from ..callbacks import EvalResult
 from ..catalog import ModelSource
 from ..config import Config
+
+
+@dataclass
+class EvalResult:
+    """One evaluation of any task, as plain values: the figures by name (the first is the headline, every one
+    is plotted), the task's own values for its viewer, and the worst mistakes to drill into.
+
+    `summary()` is what the store keeps per evaluation point and the widgets read; `scalars()` what curves,
+    TensorBoard and wandb plot; `report()` the console's lines (the figures, then the task's own lines)."""
+
+    step: int
+    epoch: float
+    eval_loss: float
+    metrics: dict[str, float]
+    payload: dict[str, Any] = field(default_factory=dict)
+    mistakes: list[dict[str, Any]] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+
+    def __getitem__(self, name: str) -> float:
+        """A figure by name (`result["accuracy"]`)."""
+        return self.metrics[name]
+
+    def summary(self) -> dict[str, Any]:
+        return {"step": self.step, "epoch": float(self.epoch), "eval_loss": self.eval_loss, **self.metrics,
+                **self.payload}
+
+    def scalars(self) -> dict[str, float]:
+        return {**self.metrics, "loss": self.eval_loss}
+
+    def report(self) -> list[str]:
+        figures = " ".join(f"{k} {_shown(v)}" for k, v in self.metrics.items())
+        return [f"{figures} eval_loss {self.eval_loss:.4f}".strip(), *self.lines]
+
+
+def _shown(value: float) -> str:
+    return f"{value:.4f}" if isinstance(value, float) and math.isfinite(value) else str(value)
 
 
 @dataclass

@@ -37,8 +37,11 @@ from ..data import load_chatterbot_pairs, load_table
 from ..errors import WorkbenchError
 from ..models.generation import GenerationModel, check_generation_method, generation_kwargs, load_generation_model
 from ..models.loading import architecture, is_causal_lm, load_config, load_tokenizer, quiet_libraries
+from ..task_table import spec_for
 from .generation import (IGNORE_INDEX, SAMPLE_CHARS, ChatData, Conversation, GenerationTask, prompt_and_reference,
                          rebuild_generation_run, split_and_cap, text_of)
+
+SPEC = spec_for("chat:ChatTask")
 
 ROLES = ("system", "user", "assistant")
 PROMPT_NAMES = ("prompt", "question", "instruction", "input", "query", "user", "text")
@@ -287,7 +290,7 @@ def build_chat_model(config: Config, source: ModelSource) -> GenerationModel:
 
 
 class ChatTask(GenerationTask):
-    name = "chat"
+    name = SPEC.name
     examples = "training conversations"
 
     def read(self, cfg: DataConfig, seed: int) -> ChatData:
@@ -338,7 +341,7 @@ class _StopOnEvent:
 class ChatPredictor:
     """A tuned chat model: `predict(questions)` answers each (greedy); `stream(question)` yields text pieces."""
 
-    task = "chat"
+    task = SPEC.name
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, max_length: int, max_new_tokens: int,
                  run_id: str = "", system_prompt: str | None = None) -> None:

@@ -23,14 +23,23 @@ from ..catalog import ModelSource, resolve_model
 from ..config import Config
 from ..data import Split, prepare
 from ..errors import WorkbenchError
-from ..metrics import classification_result, collapse_note
+from ..metrics import classification_figures, collapse_note
 from ..models.built import BuiltModel
 from ..models.classifier import build_model, check_model_fits
 from ..models.state import load_trainable_state, set_seed
-from .base import Evaluation
+from ..task_table import spec_for
+from .base import Evaluation, EvalResult
 from .ensemble import ENSEMBLE_FILE, EnsemblePredictor, choose_answer, fit_baseline, load_classical
 
 PREDICTION_TEXT_CHARS = 600  # a prediction row keeps this much of its text for drill-down
+
+
+def classification_result(step: int, epoch: float, labels: list[str], y_true: np.ndarray, probs: np.ndarray,
+                          eval_loss: float, texts: list[str] | None = None) -> EvalResult:
+    """One classification evaluation: accuracy and macro-F1; labels, confusion matrix, per-class figures and
+    the most confident mistakes for the viewers."""
+    figures, payload, mistakes = classification_figures(labels, y_true, probs, texts)
+    return EvalResult(step, float(epoch), float(eval_loss), figures, payload, mistakes)
 
 
 def pad_batch(tokenizer: Any, encodings: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -119,10 +128,13 @@ def write_json(path: Path, payload: Any) -> None:
     tmp.replace(path)
 
 
+SPEC = spec_for("classification:ClassificationTask")
+
+
 class ClassificationTask:
-    name = "text-classification"
-    best_metric = "accuracy"
-    greater_is_better = True
+    name = SPEC.name
+    best_metric = SPEC.best_metric
+    greater_is_better = SPEC.greater_is_better
     examples = "training rows"
 
     def load_data(self, config: Config, home: Path) -> Split:
@@ -176,8 +188,8 @@ class ClassificationTask:
         probs = torch.softmax(logits, dim=-1).numpy()
         result = classification_result(step, epoch, data.labels, np.asarray(data.eval_labels), probs, loss,
                                        data.eval_texts)
-        return Evaluation(result, result.f1_macro if config.train.best_metric == "f1_macro" else result.accuracy,
-                          probs)
+        return Evaluation(result, result[config.train.best_metric if config.train.best_metric != "auto"
+                                         else self.best_metric], probs)
 
     def fit_baseline(self, config: Config, data: Split, run_dir: Path) -> dict[str, Any] | None:
         """The classical baseline on this run's split (None when train.baseline is off)."""
@@ -265,7 +277,7 @@ class Predictor:
     causal-LM classifier); left out, the tokenizer reads the text cut to `max_length`.
     """
 
-    task = "text-classification"
+    task = SPEC.name
 
     def __init__(self, model: Any, tokenizer: Any, labels: list[str], max_length: int, run_id: str = "",
                  encode: Any = None) -> None:

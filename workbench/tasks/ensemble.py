@@ -18,7 +18,9 @@ import numpy as np
 from ..classical import DESCRIPTION, ClassicalModel, fit_classifiers
 from ..config import Config
 from ..errors import WorkbenchError
+from ..task_table import spec_for
 
+CLASSIFICATION = spec_for("classification:ClassificationTask").name  # what its predictors answer
 CLASSICAL_DIR = "classical"  # <run>/classical: the baseline's files, its eval probabilities and figures
 SUMMARY_FILE, EVAL_FILE = "summary.json", "eval_probabilities.json"
 ENSEMBLE_FILE = "ensemble.json"  # <run>/model/ensemble.json: present when the run answers as an ensemble
@@ -130,7 +132,7 @@ def baseline_note(metrics: dict[str, Any]) -> str | None:
 class ClassicalPredictor:
     """The baseline as a predictor: `predict(texts)` gives label and per-label probabilities."""
 
-    task = "text-classification"
+    task = CLASSIFICATION
 
     def __init__(self, model: ClassicalModel, run_id: str = "") -> None:
         self.model, self.labels, self.run_id = model, model.labels, run_id
@@ -146,7 +148,7 @@ class ClassicalPredictor:
 class EnsemblePredictor:
     """Members with the same labels, their class probabilities averaged with `weights`."""
 
-    task = "text-classification"
+    task = CLASSIFICATION
 
     def __init__(self, members: list[Any], weights: list[float], run_id: str = "", names: list[str] | None = None):
         labels = members[0].labels

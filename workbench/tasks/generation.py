@@ -20,13 +20,12 @@ from typing import Any, Callable
 
 import torch
 
-from ..callbacks import EvalResult
 from ..catalog import ModelSource, resolve_model
 from ..config import Config, DataConfig
 from ..errors import WorkbenchError
 from ..models.generation import GenerationModel
 from ..models.state import load_trainable_state, set_seed
-from .base import Evaluation
+from .base import EvalResult, Evaluation
 
 IGNORE_INDEX = -100  # the label transformers' loss skips
 SAMPLE_CHARS = 2000  # a logged sample's question, reference and answer are cut here
@@ -129,35 +128,18 @@ def answer_tokens(labels: torch.Tensor) -> int:
     return int((labels[..., 1:] != IGNORE_INDEX).sum())
 
 
-@dataclass
-class ChatEvalResult(EvalResult):
-    """One chat evaluation: held-out loss per answer token, perplexity, and sample answers.
-
-    The classification fields are empty (accuracy and f1_macro NaN): a chat model has no classes.
-    """
-
-    perplexity: float = float("nan")
-    eval_tokens: int = 0
-    samples: list[dict[str, str]] = field(default_factory=list)
-    scores: dict[str, float] = field(default_factory=dict)  # task seq2seq: corpus BLEU and chrF
-
-    def summary(self) -> dict[str, Any]:
-        return {"step": self.step, "epoch": self.epoch, "eval_loss": self.eval_loss, "perplexity": self.perplexity,
-                **self.scores, "eval_tokens": self.eval_tokens, "samples": self.samples,
-                "labels": [], "confusion_matrix": []}  # empty: viewers of classification runs show nothing
-
-    def scalars(self) -> dict[str, float]:
-        return {"loss": self.eval_loss, "perplexity": self.perplexity, **self.scores}
-
-    def report(self) -> list[str]:
-        scores = "".join(f" {k} {v:.2f}" for k, v in self.scores.items())
-        lines = [f"eval_loss {self.eval_loss:.4f} perplexity {self.perplexity:.2f}{scores}"]
-        for s in self.samples[:1]:
-            if "translation" in s:  # task seq2seq
-                lines.append(f"  source: {s['source'][:120]}\n  output: {s['translation'][:240]}")
-            else:
-                lines.append(f"  Q: {s['question'][:120]}\n  A: {s['answer'][:240]}")
-        return lines
+def generation_result(step: int, epoch: float, loss: float, tokens: int, samples: list[dict[str, str]],
+                      scores: dict[str, float]) -> EvalResult:
+    """One chat or seq2seq evaluation: held-out loss per answer token, perplexity, corpus scores (seq2seq:
+    BLEU, chrF) and sample answers. No classes: the labels and matrix stay empty for the viewers."""
+    lines = []
+    for s in samples[:1]:
+        if "translation" in s:  # task seq2seq
+            lines.append(f"  source: {s['source'][:120]}\n  output: {s['translation'][:240]}")
+        else:
+            lines.append(f"  Q: {s['question'][:120]}\n  A: {s['answer'][:240]}")
+    return EvalResult(step, float(epoch), float(loss), {"perplexity": perplexity(loss), **scores},
+                      {"eval_tokens": tokens, "samples": samples, "labels": [], "confusion_matrix": []}, lines=lines)
 
 
 def perplexity(loss: float) -> float:
@@ -216,7 +198,7 @@ def rebuild_generation_run(record: dict[str, Any], home: Path,
     return config, built
 
 
-def write_samples(run_dir: Path, result: ChatEvalResult) -> None:
+def write_samples(run_dir: Path, result: EvalResult) -> None:
     """The evaluation's figures and sample answers, as <run>/eval/step-N.json."""
     out = run_dir / "eval"
     out.mkdir(exist_ok=True)
@@ -332,9 +314,7 @@ class GenerationTask:
         samples = sample_conversations(data.eval, config.chat.sample_prompts)
         answers, scores = (self.outputs(unwrapped, built.encoder, data.eval, samples, config)
                            if accelerator.is_main_process else ([], {}))
-        result = ChatEvalResult(step=step, epoch=epoch, eval_loss=loss, accuracy=float("nan"),
-                                f1_macro=float("nan"), labels=[], confusion_matrix=[], perplexity=perplexity(loss),
-                                eval_tokens=tokens, samples=answers, scores=scores)
+        result = generation_result(step, epoch, loss, tokens, answers, scores)
         return Evaluation(result, loss)
 
     def write_evaluation(self, run_dir: Path, evaluation: Evaluation, data: ChatData) -> None:

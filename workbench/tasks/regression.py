@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..callbacks import EvalResult
 from ..catalog import ModelSource, resolve_model
 from ..config import Config, DataConfig
 from ..data import VALUE_NAMES, detect_columns, load_table
@@ -33,7 +32,8 @@ from ..errors import WorkbenchError
 from ..models.built import BuiltModel
 from ..models.classifier import build_model, check_model_fits
 from ..models.state import load_trainable_state, set_seed
-from .base import Evaluation
+from ..task_table import spec_for
+from .base import Evaluation, EvalResult
 from .classification import (PREDICTION_TEXT_CHARS, encoder_run_info, gather_outputs, pad_batch, trained_model_dir,
                              write_json)
 
@@ -128,32 +128,8 @@ def load_regression_data(cfg: DataConfig, seed: int) -> RegressionData:
                           value_col, float(np.mean(train_values)), std, rows, notes)
 
 
-@dataclass
-class RegressionEvalResult(EvalResult):
-    """One regression evaluation (the classification fields stay empty: accuracy and f1_macro NaN)."""
-
-    rmse: float = float("nan")
-    mae: float = float("nan")
-    pearson: float = float("nan")
-    spearman: float = float("nan")
-    r2: float = float("nan")
-    baseline_rmse: float = float("nan")  # predicting the training mean for every row
-
-    def summary(self) -> dict[str, Any]:
-        return {"step": self.step, "epoch": self.epoch, "eval_loss": self.eval_loss, "rmse": self.rmse,
-                "mae": self.mae, "pearson": self.pearson, "spearman": self.spearman, "r2": self.r2,
-                "baseline_rmse": self.baseline_rmse, "labels": [], "confusion_matrix": []}
-
-    def scalars(self) -> dict[str, float]:
-        return {"loss": self.eval_loss, "rmse": self.rmse, "mae": self.mae, "spearman": self.spearman}
-
-    def report(self) -> list[str]:
-        return [f"rmse {self.rmse:.4f} (mean baseline {self.baseline_rmse:.4f}) mae {self.mae:.4f} "
-                f"pearson {self.pearson:.3f} spearman {self.spearman:.3f}"]
-
-
 def regression_result(step: int, epoch: float, y_true: np.ndarray, y_pred: np.ndarray, train_mean: float,
-                      texts: list[str]) -> RegressionEvalResult:
+                      texts: list[str]) -> EvalResult:
     """The figures of one evaluation (scikit-learn and scipy do the arithmetic) and the worst errors."""
     from scipy.stats import pearsonr, spearmanr
     from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
@@ -162,21 +138,28 @@ def regression_result(step: int, epoch: float, y_true: np.ndarray, y_pred: np.nd
     errors = np.abs(y_pred - y_true)
     worst = np.argsort(-errors, kind="stable")[:WORST_KEPT]
     mse = float(mean_squared_error(y_true, y_pred))
-    return RegressionEvalResult(
-        step=step, epoch=float(epoch), eval_loss=mse, accuracy=float("nan"), f1_macro=float("nan"), labels=[],
-        confusion_matrix=[], rmse=math.sqrt(mse), mae=float(mean_absolute_error(y_true, y_pred)),
-        pearson=float("nan") if constant else float(pearsonr(y_true, y_pred)[0]),
-        spearman=float("nan") if constant else float(spearmanr(y_true, y_pred)[0]),
-        r2=float(r2_score(y_true, y_pred)) if len(y_true) > 1 else float("nan"),
-        baseline_rmse=float(np.sqrt(np.mean((y_true - train_mean) ** 2))),
+    rmse = math.sqrt(mse)
+    spearman = float("nan") if constant else float(spearmanr(y_true, y_pred)[0])
+    pearson = float("nan") if constant else float(pearsonr(y_true, y_pred)[0])
+    mae = float(mean_absolute_error(y_true, y_pred))
+    baseline_rmse = float(np.sqrt(np.mean((y_true - train_mean) ** 2)))
+    line = f"  mean baseline rmse {baseline_rmse:.4f}, pearson {pearson:.3f}"
+    return EvalResult(
+        step, float(epoch), mse, {"rmse": rmse, "mae": mae, "spearman": spearman},
+        {"pearson": pearson, "r2": float(r2_score(y_true, y_pred)) if len(y_true) > 1 else float("nan"),
+         "baseline_rmse": baseline_rmse, "labels": [], "confusion_matrix": []},
         mistakes=[{"index": int(i), "text": texts[i][:PREDICTION_TEXT_CHARS], "true": float(y_true[i]),
-                   "predicted": float(y_pred[i]), "error": float(y_pred[i] - y_true[i])} for i in worst])
+                   "predicted": float(y_pred[i]), "error": float(y_pred[i] - y_true[i])} for i in worst],
+        lines=[line])
+
+
+SPEC = spec_for("regression:RegressionTask")
 
 
 class RegressionTask:
-    name = "text-regression"
-    best_metric = "rmse"
-    greater_is_better = False
+    name = SPEC.name
+    best_metric = SPEC.best_metric
+    greater_is_better = SPEC.greater_is_better
     examples = "training rows"
 
     def load_data(self, config: Config, home: Path) -> RegressionData:
@@ -246,7 +229,7 @@ class RegressionTask:
         if not np.isfinite(predicted).all():
             raise WorkbenchError(f"predictions are not finite at step {step}: lower train.learning_rate")
         result = regression_result(step, epoch, np.asarray(data.eval_values), predicted, data.mean, data.eval_texts)
-        return Evaluation(result, result.rmse, predicted)
+        return Evaluation(result, result["rmse"], predicted)
 
     def write_evaluation(self, run_dir: Path, evaluation: Evaluation, data: RegressionData) -> None:
         rows = [{"index": i, "text": t[:PREDICTION_TEXT_CHARS], "true": y, "predicted": float(p)}
@@ -282,7 +265,7 @@ class RegressionTask:
 class RegressionPredictor:
     """A trained regressor: `predict(texts)` gives each text's value, in the training data's units."""
 
-    task = "text-regression"
+    task = SPEC.name
 
     def __init__(self, model: Any, tokenizer: Any, max_length: int, mean: float, std: float, run_id: str = "",
                  encode: Any = None) -> None:

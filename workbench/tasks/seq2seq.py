@@ -44,8 +44,11 @@ from ..data import load_table
 from ..errors import WorkbenchError
 from ..models.generation import GenerationModel, check_generation_method, generation_kwargs, load_generation_model
 from ..models.loading import architecture, load_config, load_tokenizer, quiet_libraries
+from ..task_table import spec_for
 from .generation import (IGNORE_INDEX, SAMPLE_CHARS, ChatData, Conversation, GenerationTask, rebuild_generation_run,
                          split_and_cap, text_of)
+
+SPEC = spec_for("seq2seq:Seq2SeqTask")
 
 SOURCE_NAMES = ("source", "src", "input", "source_text", "text", "document", "article")
 TARGET_NAMES = ("target", "tgt", "output", "target_text", "translation", "summary", "reference", "label")
@@ -352,7 +355,7 @@ def _seq2seq_outputs(model: torch.nn.Module, encoder: Seq2SeqEncoder, held: list
 
 
 class Seq2SeqTask(GenerationTask):
-    name = "seq2seq"
+    name = SPEC.name
     examples = "training source/target pairs"
 
     def read(self, cfg: DataConfig, seed: int) -> ChatData:
@@ -391,7 +394,7 @@ class Seq2SeqTask(GenerationTask):
 class Seq2SeqPredictor:
     """A tuned encoder-decoder: `predict(texts)` gives each text's greedy output."""
 
-    task = "seq2seq"
+    task = SPEC.name
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, max_length: int, max_new_tokens: int,
                  run_id: str = "") -> None:
