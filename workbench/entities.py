@@ -6,7 +6,8 @@
 - Schemes: IOB2 (also called BIO) and BIOES (IOBES). BILOU is read as BIOES (L = E, U = S); an I- tag that
   begins an entity (IOB1, or a slip in an IOB2 file) is read as B-, and the reader says how many it changed.
 - Text: a sentence reads as its tokens joined by single spaces, except that tokens of CJK characters (and
-  punctuation next to them) are joined with no space, so Chinese reads as written. Character offsets of
+  punctuation next to them, and full-width punctuation on both sides) are joined with no space, so Chinese
+  reads as written. Character offsets of
   entities refer to that text; a raw string is split into words by whitespace (punctuation at a word's
   edges is a word of its own) and CJK characters one word each.
 - Figures: seqeval's entity-level precision, recall and F1 (an entity counts when its type and both ends
@@ -300,8 +301,15 @@ def is_punctuation(token: str) -> bool:
     return bool(token) and all(unicodedata.category(c).startswith("P") for c in token)
 
 
+def is_wide_punctuation(token: str) -> bool:
+    """CJK or full-width punctuation (，。、！？「」): written with no space on either side."""
+    return is_punctuation(token) and all("\u3000" <= c <= "\u303f" or "\uff00" <= c <= "\uffef" for c in token)
+
+
 def glued(previous: str, token: str) -> bool:
     """Whether two tokens are written with no space between them."""
+    if is_wide_punctuation(previous) or is_wide_punctuation(token):
+        return True
     return (is_cjk(previous) and (is_cjk(token) or is_punctuation(token))) or (
         is_cjk(token) and is_punctuation(previous))
 
