@@ -217,7 +217,11 @@ def test_core_methods_without_a_sub_panel_get_the_no_settings_fallback(
 
     from widgets import METHOD_PANELS, MethodPanel, method_panel
 
+    from workbench import methods as registry
+
     monkeypatch.setattr(core_config, "METHODS", (*METHODS, "zero-shot"))  # added to the core later
+    monkeypatch.setitem(registry.METHODS, "zero-shot", registry.MethodSpec(
+        "zero-shot", "Zero-shot", "a method added to the registry later", "zero-shot", (), None))
     monkeypatch.setattr(method_panel, "METHOD_PANELS", dict(METHOD_PANELS))
     del method_panel.METHOD_PANELS["head-only"]  # and a core method whose sub-panel went missing
     panel = MethodPanel(home=tmp_path / "home", background=False, model=str(tiny_model_dir))

@@ -22,6 +22,7 @@ import traitlets as T
 
 from workbench import Config, WorkbenchError
 from workbench.config import METHODS, ZERO_SHOT_METHODS
+from workbench.methods import DEFAULT_METHOD, LADDER_ORDER, default_ladder, method_spec
 from workbench.store import RunStore
 
 from . import _style as S
@@ -31,8 +32,9 @@ from ._figure import LiveFigure
 POLL_S = 1.0
 STATUSES = ("idle", "checking", "queued", "running", "stopping", "completed", "stopped", "failed")
 ACTIVE = ("checking", "queued", "running", "stopping")
-ORDER = ("zero-shot-embedding", "zero-shot-prompt", "head-only", "prompt-tuning", "prefix-tuning", "ia3", "lora",
-         "adalora", "qlora", "full")  # the choices as a ladder: zero-shot first, then more and more trained
+ORDER = LADDER_ORDER  # the choices as a ladder: zero-shot first, then more and more trained
+# the rungs ticked at first: the encoder's zero-shot and head-only baselines, then the default method
+FIRST_RUNGS = tuple(n for n in default_ladder("encoder") if method_spec(n).family in ("zero-shot", "head"))
 TABLE = (("method", "method"), ("model", "model"), ("status", "status"), ("accuracy", "accuracy"),
          ("macro-F1", "f1_macro"), ("trainable", "trainable_params"), ("% params", "trainable_percent"),
          ("wall", "wall_seconds"), ("peak MB", "peak_memory_mb"), ("lr", "learning_rate"), ("run", "run_id"),
@@ -46,7 +48,7 @@ class MethodLadder(W.VBox):
     by default the `config` passed in, else the defaults.
     """
 
-    methods = T.List(T.Unicode(), default_value=["zero-shot-embedding", "head-only", "lora"],
+    methods = T.List(T.Unicode(), default_value=[*FIRST_RUNGS, DEFAULT_METHOD],
                      help="the rungs, in the order they run")
     ladder_id = T.Unicode("", help="the ladder shown (and controlled)")
     status = T.Enum(STATUSES, default_value="idle")

@@ -24,6 +24,8 @@ import traitlets as T
 from workbench import MethodConfig, WorkbenchError
 from workbench import config as core_config
 from workbench.catalog import DEFAULT_MODEL
+from workbench.methods import METHODS as METHOD_SPECS
+from workbench.methods import methods_where
 
 from . import _style as S
 from ._background import Debouncer
@@ -220,9 +222,10 @@ METHOD_PANELS: dict[str, MethodEntry] = {
 }
 PROMPT_ONLY = {"few_shot_k": 0, "prompt_calibration": False}  # zero-shot-prompt options: neutral elsewhere
 NO_SETTINGS = MethodEntry(no_settings_panel, estimate=False)
-LORA_VARIANT_METHODS = ("lora", "qlora")  # the methods that take use_rslora / use_dora
-ALL_LINEAR_DIFFERS = ("ia3",)  # where 'all-linear' is not the same layers as 'auto'
-AUTO_IS_ALL_LINEAR = ("lora", "qlora", "adalora")  # where 'auto' = every backbone linear layer
+LORA_VARIANT_METHODS = methods_where(lora_variants=True)  # the methods that take use_rslora / use_dora
+AUTO_IS_ALL_LINEAR = methods_where(auto_is_all_linear=True)  # where 'auto' = every backbone linear layer
+# where 'all-linear' is not the same layers as 'auto' (ia3: keys, values and feed-forward layers)
+ALL_LINEAR_DIFFERS = tuple(m for m in methods_where(family="adapter") if m not in AUTO_IS_ALL_LINEAR)
 
 
 def register_method(name: str, builder: SubPanelBuilder, estimate: bool = False) -> None:
@@ -404,7 +407,7 @@ class MethodPanel(W.VBox):
         """What the (exact) count is of, where the settings alone do not say."""
         method = est.get("method")
         parts = []
-        if method == "adalora":
+        if method in METHOD_SPECS and METHOD_SPECS[method].prunes_ranks:
             parts.append(f"counted at the starting rank init_r = {self.init_r}; pruning masks ranks, "
                          "the tensors stay")
         chosen = [t for t in self.target_modules if t in self.linear_layers]
@@ -482,7 +485,7 @@ class MethodPanel(W.VBox):
                 values["target_modules"] = (list(self.target_modules) if uses_targets else []) or self._auto_targets()
             elif f.name in ("use_rslora", "use_dora"):
                 values[f.name] = getattr(self, f.name) and name in LORA_VARIANT_METHODS
-            elif f.name in PROMPT_ONLY and name != "zero-shot-prompt":
+            elif f.name in PROMPT_ONLY and (name not in METHOD_SPECS or f.name not in METHOD_SPECS[name].fields):
                 values[f.name] = PROMPT_ONLY[f.name]
             elif self.has_trait(f.name):
                 values[f.name] = getattr(self, f.name)

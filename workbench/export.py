@@ -32,8 +32,9 @@ from typing import Any
 
 from .config import ENCODER_TASKS, VIRTUAL_TOKEN_METHODS, Config
 from .errors import WorkbenchError
+from .methods import float_twin, method_spec, methods_where
 
-MERGEABLE = ("lora", "qlora", "adalora", "ia3")
+MERGEABLE = methods_where(merges=True)
 EXPORT_INFO = "workbench_export.json"
 
 
@@ -57,10 +58,10 @@ def export_run(run_id: str = "latest", out: str | Path | None = None, merge: boo
         raise WorkbenchError(f"run {run} has no trained model to export (status {record['status']}): "
                              "wait until it completes an evaluation, or pick another run")
     config = Config.from_dict(record["config"])
-    regression = config.task == "text-regression"
+    regression = config.task_spec.output == "value"
     if config.task not in ENCODER_TASKS:
-        raise WorkbenchError(f"run {run} is a task: {config.task} run, and export handles text-classification and "
-                             f"text-regression runs only so far: its adapter weights are in {model_dir / 'trainable.safetensors'}, "
+        raise WorkbenchError(f"run {run} is a task: {config.task} run, and export handles {' and '.join(ENCODER_TASKS)} "
+                             f"runs only so far: its adapter weights are in {model_dir / 'trainable.safetensors'}, "
                              f"and `workbench predict {run} --text ...` uses them")
     method = config.method.name
     _check_merge(run, method, merge)
@@ -69,14 +70,14 @@ def export_run(run_id: str = "latest", out: str | Path | None = None, merge: boo
 
     labels = ["value"] if regression else json.loads((model_dir / "labels.json").read_text())
     build_config = config
-    if merge and method == "qlora":  # merge into a float32 base: a 4-bit base cannot hold merged weights
-        build_config = dataclasses.replace(config, method=dataclasses.replace(config.method, name="lora"))
+    if merge and float_twin(method) != method:  # merge into a float32 base: a 4-bit base cannot hold merged weights
+        build_config = dataclasses.replace(config, method=dataclasses.replace(config.method, name=float_twin(method)))
     source = resolve_model(config.model, store.home, config.trust_remote_code)
     set_seed(config.train.seed)  # layers the run left frozen and random (a pooler) start as they did
     built = build_model(build_config, source, labels, regression=regression)
     load_trainable_state(built.model, load_file(str(model_dir / "trainable.safetensors")))
 
-    standalone = merge or method in ("full", "head-only")
+    standalone = merge or method_spec(method).family in ("all", "head")
     model = peft_model_of(built.model)  # a causal-LM classifier exports its causal LM
     model = merge_adapters(model) if merge and method in MERGEABLE else model
     info = _export_info(run, config, source.path, labels, standalone, causal=built.prompt is not None)
@@ -153,7 +154,7 @@ def _export_info(run: str, config: Config, base: str, labels: list[str], standal
         "max_length": config.train.max_length,
         "load": load,
     }
-    if method == "qlora" and standalone:
+    if method_spec(method).quantized and standalone:
         info["note"] = ("merged into a float32 base; the run trained against 4-bit weights, so "
                         "probabilities differ from the run's by the quantisation error")
     if not standalone and not config.method.train_head and not causal:

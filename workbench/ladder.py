@@ -38,13 +38,13 @@ from typing import Any
 from .callbacks import Callback
 from .config import METHOD_LEARNING_RATES, METHODS, ZERO_SHOT_METHODS, Config
 from .errors import WorkbenchError
+from .methods import default_ladder, method_spec
 from .store import FINAL_STATUSES, RunStore, pid_alive, private_dir, private_file
 
-DEFAULT_METHODS = ("zero-shot-embedding", "head-only", "lora", "qlora", "ia3", "adalora", "prompt-tuning", "full")
+DEFAULT_METHODS = default_ladder("encoder")
 # a causal LM classifies by scoring label tokens: no head to train alone; its zero-shot rung is the prompt
-CAUSAL_LM_METHODS = ("zero-shot-prompt", "lora", "qlora", "ia3", "adalora", "prompt-tuning", "full")
+CAUSAL_LM_METHODS = default_ladder("causal-lm")
 DEFAULT_LEARNING_RATES: dict[str, float] = METHOD_LEARNING_RATES  # one table: a run with no rate takes these too
-ZERO_SHOT_MODELS = {"zero-shot-embedding": "minilm-l6", "zero-shot-prompt": "smollm2-135m-instruct"}
 COLUMNS = ("method", "model", "status", "accuracy", "f1_macro", "trainable_params", "total_params",
            "trainable_percent", "wall_seconds", "train_seconds", "peak_memory_mb", "learning_rate", "run_id", "note")
 # the rows after the rungs: what the trained rungs are read against (see reference_rows)
@@ -150,9 +150,9 @@ def _model_for(method: str, config: Config, models: dict[str, str], home: Path) 
         return models[method]
     if method not in ZERO_SHOT_METHODS:
         return config.model
-    causal = _is_causal(config, home)
-    fits = causal if method == "zero-shot-prompt" else not causal
-    return config.model if fits else ZERO_SHOT_MODELS[method]
+    kind = "causal-lm" if _is_causal(config, home) else "encoder"
+    spec = method_spec(method)
+    return config.model if kind in spec.model_kinds else spec.zero_shot_model
 
 
 def rung_config(config: Config, method: str, ladder_id: str, learning_rate: float | None,
@@ -163,13 +163,14 @@ def rung_config(config: Config, method: str, ladder_id: str, learning_rate: floa
     raw["model"] = model or config.model
     m = raw["method"]
     m["name"] = method
-    if method not in ("lora", "qlora"):
+    spec = method_spec(method)
+    if not spec.lora_variants:
         m["use_rslora"] = m["use_dora"] = False
-    if method != "zero-shot-prompt":
+    if "few_shot_k" not in spec.fields:
         m["few_shot_k"] = 0
-    if method in ("prompt-tuning", "prefix-tuning"):
+    if spec.virtual_tokens:
         m["target_modules"] = "auto"
-    if method == "adalora" and m["init_r"] < m["r"]:
+    if spec.prunes_ranks and m["init_r"] < m["r"]:
         m["init_r"] = m["r"]
     if learning_rate is not None:
         raw["train"]["learning_rate"] = learning_rate

@@ -124,7 +124,8 @@ def train(config: Config, store: RunStore | None = None, run_id: str | None = No
 def frozen_base(config: Config) -> bool:
     """Whether the method leaves the pretrained weights frozen in floating point (every peft method but
     qlora, whose base is 4-bit, and head-only)."""
-    return config.method.name not in ("full", "qlora")
+    spec = config.method.spec
+    return not spec.trains_backbone and not spec.quantized
 
 
 def check_gpus_fit(on_gpu: bool) -> None:

@@ -27,8 +27,10 @@ from torch import nn
 
 from ..config import MethodConfig
 from ..errors import WorkbenchError
+from ..methods import METHODS, method_spec
 
 HEAD_TOP_LEVEL = ("classifier", "score", "pre_classifier", "pooler")
+MERGEABLE_PEFT_TYPES = {m.peft_type for m in METHODS.values() if m.merges}
 
 
 def linear_layer_names(model: nn.Module) -> list[str]:
@@ -150,6 +152,40 @@ def prefix_tuning_refusal(model: nn.Module) -> str | None:
             "longer accepts. Use prompt-tuning (trained virtual tokens, the closest method), lora or ia3 instead")
 
 
+def adapter_targets(model: nn.Module, method: MethodConfig, excluded: list[str]) -> tuple[list[str], list[str]]:
+    """(target layers, feed-forward layers among them) of an adapter method; ([], []) for any other method.
+    IA3 rescales keys, values and feed-forward activations (`ia3_targets`); the LoRA family adapts the chosen
+    linear layers (`resolve_targets`). `excluded`: the head, never adapted."""
+    spec = method.spec
+    if not spec.uses_adapters:
+        return [], []
+    if spec.peft_type == "IA3":
+        return ia3_targets(model, method, excluded)
+    return resolve_targets(model, method, excluded), []
+
+
+def apply_method(model: nn.Module, method: MethodConfig, heads: list[str], total_steps: int | None,
+                 task_type: str = "SEQ_CLS", excluded: list[str] | None = None) -> tuple[nn.Module, list[str]]:
+    """The model with the tuning method applied, and the adapted layers: every weight trains (full), the
+    head alone (head-only), or peft wraps it (the rest; the head in modules_to_save). A 4-bit base gets its
+    bitsandbytes repack turned off first (else LoRA gradients silently become zero after an eval pass).
+    `excluded`: layers never adapted (default: the head)."""
+    spec = method.spec
+    if spec.trains_backbone:
+        model.requires_grad_(True)
+        return model, []
+    if spec.family == "head":
+        model.requires_grad_(False)
+        unfreeze(model, heads)
+        return model, []
+    if spec.peft_type == "PREFIX_TUNING" and (why := prefix_tuning_refusal(model)):
+        raise WorkbenchError(why)
+    if spec.quantized:
+        disable_bnb_inference_repack(model)
+    targets, feedforward = adapter_targets(model, method, heads if excluded is None else excluded)
+    return apply_peft(model, method, targets, heads, feedforward, total_steps, task_type), targets
+
+
 def unfreeze(model: nn.Module, names: list[str]) -> None:
     modules = dict(model.named_modules())
     for name in names:
@@ -161,30 +197,62 @@ def peft_config(method: MethodConfig, targets: list[str], heads: list[str], feed
     """The peft config of a peft method; the head trains through modules_to_save (a frozen random pooler caps LoRA; see the module docstring).
 
     `task_type` "CAUSAL_LM" is for a causal-LM classifier, which has no head (`heads` is empty)."""
-    from peft import (AdaLoraConfig, IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig,
-                      TaskType)
+    from peft import TaskType
 
     classifier = [h for h in heads if "." not in h and h != "pooler"]
     to_save = list(heads) if method.train_head else classifier
     common: dict[str, Any] = dict(task_type=TaskType(task_type), modules_to_save=to_save or None)
-    if method.name in ("lora", "qlora"):
-        return LoraConfig(r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout,
-                          target_modules=list(targets),  # copies: peft extends these lists in place
-                          use_rslora=method.use_rslora, use_dora=method.use_dora, **common)
-    if method.name == "adalora":
-        # Without a step count (prediction, export) the schedule is moot: one step, nothing pruned.
-        steps = total_steps if total_steps and total_steps > 0 else 1
-        tinit, tfinal = int(method.rank_warmup_ratio * steps), int(method.rank_final_ratio * steps)
-        return AdaLoraConfig(init_r=method.init_r, target_r=method.r, lora_alpha=method.alpha,
-                             lora_dropout=method.dropout, target_modules=list(targets), total_step=steps,
-                             tinit=tinit, tfinal=tfinal, **common)
-    if method.name == "ia3":
-        return IA3Config(target_modules=list(targets), feedforward_modules=list(feedforward), **common)
-    if method.name == "prompt-tuning":
-        return PromptTuningConfig(num_virtual_tokens=method.num_virtual_tokens, **common)
-    if method.name == "prefix-tuning":
-        return PrefixTuningConfig(num_virtual_tokens=method.num_virtual_tokens, **common)
-    raise WorkbenchError(f"method {method.name!r} is not a peft method")
+    spec = method.spec
+    if spec.peft_type is None:
+        raise WorkbenchError(f"method {method.name!r} is not a peft method")
+    return PEFT_CONFIGS[spec.peft_type](method, targets, feedforward, total_steps, common)
+
+
+def _lora(method: MethodConfig, targets: list[str], feedforward: list[str], total_steps: int | None,
+          common: dict[str, Any]) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout,
+                      target_modules=list(targets),  # copies: peft extends these lists in place
+                      use_rslora=method.use_rslora, use_dora=method.use_dora, **common)
+
+
+def _adalora(method: MethodConfig, targets: list[str], feedforward: list[str], total_steps: int | None,
+             common: dict[str, Any]) -> Any:
+    from peft import AdaLoraConfig
+
+    # Without a step count (prediction, export) the schedule is moot: one step, nothing pruned.
+    steps = total_steps if total_steps and total_steps > 0 else 1
+    tinit, tfinal = int(method.rank_warmup_ratio * steps), int(method.rank_final_ratio * steps)
+    return AdaLoraConfig(init_r=method.init_r, target_r=method.r, lora_alpha=method.alpha,
+                         lora_dropout=method.dropout, target_modules=list(targets), total_step=steps,
+                         tinit=tinit, tfinal=tfinal, **common)
+
+
+def _ia3(method: MethodConfig, targets: list[str], feedforward: list[str], total_steps: int | None,
+         common: dict[str, Any]) -> Any:
+    from peft import IA3Config
+
+    return IA3Config(target_modules=list(targets), feedforward_modules=list(feedforward), **common)
+
+
+def _prompt_tuning(method: MethodConfig, targets: list[str], feedforward: list[str], total_steps: int | None,
+                   common: dict[str, Any]) -> Any:
+    from peft import PromptTuningConfig
+
+    return PromptTuningConfig(num_virtual_tokens=method.num_virtual_tokens, **common)
+
+
+def _prefix_tuning(method: MethodConfig, targets: list[str], feedforward: list[str], total_steps: int | None,
+                   common: dict[str, Any]) -> Any:
+    from peft import PrefixTuningConfig
+
+    return PrefixTuningConfig(num_virtual_tokens=method.num_virtual_tokens, **common)
+
+
+# How each peft type (a MethodSpec's `peft_type`, peft's PeftType member names) builds its config.
+PEFT_CONFIGS = {"LORA": _lora, "ADALORA": _adalora, "IA3": _ia3, "PROMPT_TUNING": _prompt_tuning,
+                "PREFIX_TUNING": _prefix_tuning}
 
 
 def apply_peft(model: nn.Module, method: MethodConfig, targets: list[str], heads: list[str],
@@ -192,7 +260,7 @@ def apply_peft(model: nn.Module, method: MethodConfig, targets: list[str], heads
     from peft import get_peft_model
 
     peft_model = get_peft_model(model, peft_config(method, targets, heads, feedforward, total_steps, task_type))
-    if method.name == "adalora":
+    if method.spec.prunes_ranks:
         # our marker, read by after_optimizer_step: prune ranks only on a real schedule
         peft_model.workbench_rank_schedule = bool(total_steps)
     return peft_model
@@ -203,7 +271,7 @@ def after_optimizer_step(model: nn.Module, method: str, step: int) -> None:
 
     A no-op for every other method, and for adalora built without `total_steps`.
     """
-    if method != "adalora":
+    if not method_spec(method).prunes_ranks:
         return
     model = peft_model_of(model)
     if not getattr(model, "workbench_rank_schedule", False):
@@ -251,8 +319,8 @@ def merge_adapters(model: Any) -> Any:
         return model
     if not isinstance(model, PeftModel):
         return model
-    kind = str(getattr(model.peft_config.get(model.active_adapter), "peft_type", "")).lower()
-    if not any(m in kind for m in ("lora", "adalora", "ia3")):
+    kind = getattr(model.peft_config.get(model.active_adapter), "peft_type", None)
+    if getattr(kind, "name", kind) not in MERGEABLE_PEFT_TYPES:
         return model  # prompt tuning: the virtual tokens are an input, nothing to merge
     base = model.get_base_model()
     for name, module in list(base.named_modules()):
@@ -261,6 +329,15 @@ def merge_adapters(model: Any) -> Any:
             parent = base.get_submodule(parent_name) if parent_name else base
             setattr(parent, child, module.modules_to_save[module.active_adapters[0]])
     return model.merge_and_unload().eval()
+
+
+def check_quantization(method: MethodConfig) -> None:
+    """A method that loads a 4-bit base needs bitsandbytes installed."""
+    if method.spec.quantized:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise WorkbenchError(f"method {method.name} needs bitsandbytes: pip install bitsandbytes") from None
 
 
 def bnb_config(method: MethodConfig, skip: list[str]) -> Any:

@@ -16,8 +16,8 @@ import torch
 from ..catalog import ModelSource, hub_error
 from ..config import Config
 from ..errors import WorkbenchError
-from .adapters import (apply_peft, bnb_config, disable_bnb_inference_repack, head_module_names, ia3_targets,
-                       prefix_tuning_refusal, resolve_targets, unfreeze)
+from .adapters import (adapter_targets, apply_method, bnb_config, check_quantization, head_module_names,
+                       prefix_tuning_refusal)
 from .built import BuiltModel
 from .llm_classifier import build_llm_classifier, check_llm_fits
 from .loading import (architecture, check_context, count_parameters, is_causal_lm, load_config, load_kwargs,
@@ -47,7 +47,7 @@ def build_model(config: Config, source: ModelSource, labels: list[str], total_st
                   label2id={name: i for i, name in enumerate(labels)}, dtype=torch.float32)
     if regression:  # one output, transformers' mean-squared-error loss
         kwargs["problem_type"] = "regression"
-    if method.name == "qlora":
+    if method.spec.quantized:
         kwargs["quantization_config"] = bnb_config(method, _head_names_on_meta(model_config, len(labels)))
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
@@ -65,22 +65,7 @@ def build_model(config: Config, source: ModelSource, labels: list[str], total_st
     heads = head_module_names(model, set(info.get("missing_keys", ())))
     built = BuiltModel(model=model, tokenizer=tokenizer, head_modules=heads, max_length_limit=limit,
                        method=method.name)
-    if method.name == "full":
-        model.requires_grad_(True)
-    elif method.name == "head-only":
-        model.requires_grad_(False)
-        unfreeze(model, heads)
-    else:
-        if method.name == "prefix-tuning" and (why := prefix_tuning_refusal(model)):
-            raise WorkbenchError(why)
-        if method.name == "qlora":
-            disable_bnb_inference_repack(model)
-        feedforward: list[str] = []
-        if method.name == "ia3":
-            built.target_modules, feedforward = ia3_targets(model, method, heads)
-        elif method.uses_adapters:
-            built.target_modules = resolve_targets(model, method, heads)
-        built.model = apply_peft(model, method, built.target_modules, heads, feedforward, total_steps)
+    built.model, built.target_modules = apply_method(model, method, heads, total_steps)
     built.trainable_params, built.total_params = count_parameters(built.model)
     return built
 
@@ -118,17 +103,11 @@ def check_model_fits(config: Config, source: ModelSource, num_labels: int, regre
                     model_config, trust_remote_code=config.trust_remote_code)
         except ValueError as exc:
             raise WorkbenchError(f"model {source.name!r} cannot classify text ({str(exc).splitlines()[0]})") from None
-        if method.name == "prefix-tuning" and (why := prefix_tuning_refusal(skeleton)):
+        if method.spec.peft_type == "PREFIX_TUNING" and (why := prefix_tuning_refusal(skeleton)):
             raise WorkbenchError(why)
-        if method.name == "ia3":
-            ia3_targets(skeleton, method, head_module_names(skeleton))
-        elif method.uses_adapters:
-            resolve_targets(skeleton, method, head_module_names(skeleton))
-    if config.method.name == "qlora":
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise WorkbenchError("method qlora needs bitsandbytes: pip install bitsandbytes") from None
+        adapter_targets(skeleton, method, head_module_names(skeleton))
+    check_quantization(method)
+
 
 
 def regression_refusal(name: str, model_config: Any) -> str:

@@ -9,8 +9,7 @@ import torch
 
 from ..catalog import ModelSource
 from ..config import Config
-from ..errors import WorkbenchError
-from .adapters import bnb_config, disable_bnb_inference_repack, resolve_targets
+from .adapters import bnb_config, check_quantization, disable_bnb_inference_repack, resolve_targets
 from .loading import check_context, count_parameters, load_pretrained, output_module
 
 
@@ -35,11 +34,7 @@ def check_generation_method(config: Config, model_config: Any, auto_class: Any) 
         with torch.device("meta"):
             skeleton = auto_class.from_config(model_config, trust_remote_code=config.trust_remote_code)
         resolve_targets(skeleton, config.method, [output_module(skeleton)])
-    if config.method.name == "qlora":
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise WorkbenchError("method qlora needs bitsandbytes: pip install bitsandbytes") from None
+    check_quantization(config.method)
 
 
 def load_generation_model(config: Config, source: ModelSource, tokenizer: Any, auto_class: Any, task_type: str,
@@ -54,7 +49,7 @@ def load_generation_model(config: Config, source: ModelSource, tokenizer: Any, a
 
     method = config.method
     kwargs: dict[str, Any] = {"dtype": torch.float32}
-    if method.name == "qlora":
+    if method.spec.quantized:
         kwargs["quantization_config"] = bnb_config(method, ["lm_head"])  # the output layer stays full precision
     model = load_pretrained(auto_class, source, config.trust_remote_code, **kwargs)
     if model.config.pad_token_id is None:
@@ -63,10 +58,10 @@ def load_generation_model(config: Config, source: ModelSource, tokenizer: Any, a
         prepare(model)
     output = output_module(model)
     targets: list[str] = []
-    if method.name == "full":
+    if method.spec.trains_backbone:
         model.requires_grad_(True)
     else:
-        if method.name == "qlora":
+        if method.spec.quantized:
             disable_bnb_inference_repack(model)  # else LoRA gradients vanish after an eval pass
         targets = resolve_targets(model, method, [output])
         model = get_peft_model(model, LoraConfig(

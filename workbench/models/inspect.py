@@ -9,15 +9,15 @@ import torch
 from torch import nn
 
 from ..catalog import MODELS, ModelSource, resolve_model
-from ..config import METHODS, VIRTUAL_TOKEN_METHODS, ZERO_SHOT_METHODS, MethodConfig
-from ..errors import WorkbenchError
+from ..config import VIRTUAL_TOKEN_METHODS, MethodConfig
+from ..methods import DEFAULT_METHOD, method_spec
 from ..store import default_home
 from .adapters import head_module_names, ia3_targets, in_any, linear_layer_names, prefix_tuning_refusal, resolve_targets
 from .llm_classifier import causal_skeleton, output_head_names, refusal
 from .loading import context_limit, is_causal_lm, load_config
 
 
-def inspect_model(name: str, home: Any = None, method: str = "lora", batch_size: int = 16,
+def inspect_model(name: str, home: Any = None, method: str = DEFAULT_METHOD, batch_size: int = 16,
                   max_length: int = 256, num_labels: int = 2, r: int = 8,
                   target_modules: str | list[str] = "auto", train_head: bool = True,
                   trust_remote_code: bool = False, num_virtual_tokens: int = 20, init_r: int = 12,
@@ -29,8 +29,7 @@ def inspect_model(name: str, home: Any = None, method: str = "lora", batch_size:
     """
     from transformers import AutoModelForSequenceClassification
 
-    if method not in METHODS:
-        raise WorkbenchError(f"method {method!r} is unknown: choose from {', '.join(METHODS)}")
+    method_spec(method)  # an unknown name: the error names the choices
     home = Path(home) if home is not None else default_home()
     asset = MODELS.get(name)
     if asset is not None and asset.relpath.endswith(".gguf") and not (home / "models" / name).is_dir():
@@ -61,7 +60,7 @@ def inspect_model(name: str, home: Any = None, method: str = "lora", batch_size:
     knobs = MethodConfig(name=method, r=max(r, 1),
                          target_modules=target_modules if method not in VIRTUAL_TOKEN_METHODS else "auto",
                          init_r=max(init_r, r, 1), num_virtual_tokens=max(num_virtual_tokens, 1),
-                         use_dora=use_dora and method in ("lora", "qlora"))
+                         use_dora=use_dora and method_spec(method).lora_variants)
     if knobs.is_zero_shot:
         train_p, note = 0, f"{method}: nothing is trained; the estimate is for inference"
     elif causal and (why := refusal(method, type(skeleton).__name__)):
@@ -71,14 +70,14 @@ def inspect_model(name: str, home: Any = None, method: str = "lora", batch_size:
     hidden = getattr(model_config, "hidden_size", 0) or 0
     layers = getattr(model_config, "num_hidden_layers", 0) or 0
     heads_n = getattr(model_config, "num_attention_heads", 1) or 1
-    weight_bytes = total * 4 if method != "qlora" else (total - head_params) * 0.5 + head_params * 4
+    weight_bytes = total * 4 if not knobs.spec.quantized else (total - head_params) * 0.5 + head_params * 4
     optimiser_bytes = (train_p or 0) * 4 * 3  # gradient + two AdamW moments, fp32
     seq = max_length + (knobs.num_virtual_tokens if method in VIRTUAL_TOKEN_METHODS else 0)
     # Korthikanti et al. (2022): ~(34 s b h + 5 a s^2 b) bytes of 16-bit activations per layer; x2 for fp32
     per_layer = (34 * seq * batch_size * hidden + 5 * heads_n * seq**2 * batch_size) * 2
     # frozen layers (and inference) keep nothing between layers
-    activation_bytes = per_layer * layers if method not in ("head-only", *ZERO_SHOT_METHODS) else per_layer
-    activation_bytes *= ACTIVATION_CALIBRATION.get(method, ACTIVATION_CALIBRATION["adapters"])
+    activation_bytes = per_layer * layers if knobs.spec.family not in ("head", "zero-shot") else per_layer
+    activation_bytes *= ACTIVATION_CALIBRATION.get(knobs.spec.family, ACTIVATION_CALIBRATION["adapters"])
     return {
         "name": name,
         "origin": source.origin,
@@ -107,7 +106,7 @@ def inspect_model(name: str, home: Any = None, method: str = "lora", batch_size:
 # over the formula): autograd keeps more than the formula says, adapter paths (dropout copies,
 # low-rank intermediates) most of all. RUNTIME_MB is the Python + torch + transformers process
 # itself, so the estimate compares with a run's measured `peak_memory_mb`.
-ACTIVATION_CALIBRATION = {"full": 1.2, "head-only": 1.35, "adapters": 2.2}
+ACTIVATION_CALIBRATION = {"all": 1.2, "head": 1.35, "adapters": 2.2}  # by the method's family
 RUNTIME_MB = 450
 
 
@@ -125,25 +124,26 @@ def _trainable_estimate(skeleton: nn.Module, method: MethodConfig, heads: list[s
     """Trainable parameters of `method` on an empty model, by each method's formula (peft's shapes)."""
     modules = dict(skeleton.named_modules())
     cfg = skeleton.config
-    name = method.name
-    if name == "full":
+    spec = method.spec
+    kind = spec.peft_type
+    if spec.trains_backbone:
         return total, None
-    if name == "head-only":
+    if spec.family == "head":
         return head_params, None
-    if name in ("lora", "qlora"):
+    if kind == "LORA":
         targets = resolve_targets(skeleton, method, heads)
         per = sum(method.r * (modules[n].in_features + modules[n].out_features) for n in targets)
         magnitude = sum(modules[n].out_features for n in targets) if method.use_dora else 0
         return per + magnitude + adapter_head, None
-    if name == "adalora":  # A (r x in), B (out x r), E (r singular values) per target
+    if kind == "ADALORA":  # A (r x in), B (out x r), E (r singular values) per target
         targets = resolve_targets(skeleton, method, heads)
         return sum(method.init_r * (modules[n].in_features + modules[n].out_features + 1)
                    for n in targets) + adapter_head, None
-    if name == "ia3":  # one vector per target: its output width, or its input width for feed-forward layers
+    if kind == "IA3":  # one vector per target: its output width, or its input width for feed-forward layers
         targets, ff = ia3_targets(skeleton, method, heads)
         return sum(modules[n].in_features if n in ff else modules[n].out_features
                    for n in targets) + adapter_head, None
-    if name == "prompt-tuning":
+    if kind == "PROMPT_TUNING":
         return method.num_virtual_tokens * _token_dim(cfg) + adapter_head, None
     why = prefix_tuning_refusal(skeleton)
     if why:

@@ -32,19 +32,21 @@ from torch import nn
 from ..catalog import ModelSource
 from ..config import Config
 from ..errors import WorkbenchError
-from .adapters import apply_peft, bnb_config, disable_bnb_inference_repack, ia3_targets, resolve_targets
+from ..methods import method_spec
+from .adapters import adapter_targets, apply_method, bnb_config
 from .built import BuiltModel
 from .loading import architecture, count_parameters, load_pretrained
 from .prompting import PromptBuilder, check_label_tokens, label_scores
 
 def refusal(method: str, arch: str) -> str | None:
     """Why `method` cannot train a causal-LM classifier, or None when it can."""
-    if method == "head-only":
-        return (f"method head-only cannot train a causal LM ({arch}) as a classifier: it scores label tokens "
+    spec = method_spec(method)
+    if spec.family == "head":
+        return (f"method {method} cannot train a causal LM ({arch}) as a classifier: it scores label tokens "
                 "with its LM head, which is the output embedding (usually tied to the input one), so there is "
                 "no separate head to train. Use lora (the usual choice), ia3, prompt-tuning or full")
-    if method == "prefix-tuning":
-        return (f"method prefix-tuning is not supported for a causal LM ({arch}) as a classifier: peft passes "
+    if spec.peft_type == "PREFIX_TUNING":
+        return (f"method {method} is not supported for a causal LM ({arch}) as a classifier: peft passes "
                 "the prefix as a key/value cache, which the label scoring needs for the label tokens. "
                 "Use prompt-tuning (trained virtual tokens, the closest method) or lora")
     return None
@@ -132,7 +134,7 @@ def build_llm_classifier(config: Config, source: ModelSource, labels: list[str],
     check_label_tokens(list(labels), label_ids, method.prompt_scoring)
 
     kwargs: dict[str, Any] = {"dtype": torch.float32}
-    if method.name == "qlora":
+    if method.spec.quantized:
         kwargs["quantization_config"] = bnb_config(method, _output_head_on_meta(model_config))
     lm = load_pretrained(AutoModelForCausalLM, source, config.trust_remote_code, **kwargs)
     lm.config.id2label, lm.config.label2id = dict(enumerate(labels)), {y: i for i, y in enumerate(labels)}
@@ -143,17 +145,7 @@ def build_llm_classifier(config: Config, source: ModelSource, labels: list[str],
     excluded = output_head_names(lm)
     built = BuiltModel(model=lm, tokenizer=tokenizer, head_modules=[], max_length_limit=limit, method=method.name,
                        prompt=builder)
-    if method.name == "full":
-        lm.requires_grad_(True)
-    else:
-        if method.name == "qlora":
-            disable_bnb_inference_repack(lm)  # else LoRA gradients silently become zero after an eval pass
-        feedforward: list[str] = []
-        if method.name == "ia3":
-            built.target_modules, feedforward = ia3_targets(lm, method, excluded)
-        elif method.uses_adapters:
-            built.target_modules = resolve_targets(lm, method, excluded)
-        lm = apply_peft(lm, method, built.target_modules, [], feedforward, total_steps, task_type="CAUSAL_LM")
+    lm, built.target_modules = apply_method(lm, method, [], total_steps, task_type="CAUSAL_LM", excluded=excluded)
     built.model = LLMClassifier(lm, label_ids, method.prompt_scoring)
     built.trainable_params, built.total_params = count_parameters(built.model)
     return built
@@ -182,10 +174,7 @@ def check_llm_fits(config: Config, model_config: Any) -> None:
         with torch.device("meta"):
             skeleton = causal_skeleton(model_config, config.trust_remote_code)
         excluded = output_head_names(skeleton)
-        if method.name == "ia3":
-            ia3_targets(skeleton, method, excluded)
-        else:
-            resolve_targets(skeleton, method, excluded)
+        adapter_targets(skeleton, method, excluded)
 
 
 def export_info(builder: PromptBuilder, classifier: LLMClassifier) -> dict[str, Any]:

@@ -44,11 +44,11 @@ def check_zero_shot(config: Config, home: Path, split: Split | None = None) -> M
     source = resolve_model(config.model, home, config.trust_remote_code)
     model_config = load_config(source, config.trust_remote_code)
     causal, arch = is_causal_lm(model_config), architecture(model_config)
-    if method.name == "zero-shot-embedding" and causal:
+    if "causal-lm" not in method.spec.model_kinds and causal:
         raise WorkbenchError(f"method zero-shot-embedding needs an encoder such as minilm-l6: model "
                              f"{config.model!r} is a causal language model ({arch}), whose mean-pooled states "
                              "are not sentence embeddings. Use method zero-shot-prompt for it")
-    if method.name == "zero-shot-prompt" and not causal:
+    if "encoder" not in method.spec.model_kinds and not causal:
         raise WorkbenchError(f"method zero-shot-prompt needs a causal language model such as "
                              f"smollm2-135m-instruct: model {config.model!r} is {arch}, which cannot score "
                              "next tokens. Use method zero-shot-embedding for it")
@@ -125,5 +125,5 @@ def _evaluate_prompt(config: Config, source: ModelSource, split: Split,
 def evaluate_zero_shot(config: Config, source: ModelSource, split: Split,
                        should_stop: Callable[[], bool]) -> tuple[np.ndarray, dict[str, Any], int]:
     """(class scores per eval text, how they were made, the model's parameter count)."""
-    evaluate = _evaluate_embedding if config.method.name == "zero-shot-embedding" else _evaluate_prompt
+    evaluate = _evaluate_embedding if "encoder" in config.method.spec.model_kinds else _evaluate_prompt
     return evaluate(config, source, split, should_stop)
