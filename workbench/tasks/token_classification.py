@@ -33,7 +33,7 @@ from ..errors import WorkbenchError
 from ..models.built import BuiltModel
 from ..models.state import load_trainable_state, set_seed
 from ..models.token_classifier import build_token_classifier, check_token_model
-from ..task_table import tasks_where
+from ..task_table import spec_for
 from .base import EvalResult, Evaluation
 from .classification import encoder_run_info, trained_model_dir, write_json
 
@@ -41,7 +41,8 @@ IGNORED = -100  # a label the loss skips: sub-tokens after a word's first, speci
 MISTAKES_KEPT = 50
 TAGS_FILE = "tags.json"
 ENCODED_KEYS = ("input_ids", "attention_mask", "token_type_ids")
-TASK_NAME = tasks_where(runner=f"{__name__.rsplit('.', 1)[-1]}:TokenClassificationTask")[0]  # this module's row
+SPEC = spec_for("token_classification:TokenClassificationTask")  # this task's row in the task table
+TASK_NAME = SPEC.name
 
 
 @dataclass
@@ -210,9 +211,9 @@ def mistaken(held: list[Sentence], predicted: list[list[str]]) -> list[dict[str,
 
 
 class TokenClassificationTask:
-    name = TASK_NAME
-    best_metric = "f1"
-    greater_is_better = True
+    name = SPEC.name
+    best_metric = SPEC.best_metric
+    greater_is_better = SPEC.greater_is_better
     examples = "training sentences"
 
     def load_data(self, config: Config, home: Path) -> NerData:
@@ -324,6 +325,13 @@ class EntityPredictor:
         self.run_id, self.task, self.scheme = run_id, task, scheme
         self.types = types_of(tags)
 
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(sentences, sub-tokens, tags) scores of a padded batch; an optimised artifact (int8, ONNX) answers
+        through a subclass that overrides this alone."""
+        device = next(self.model.parameters()).device
+        with torch.no_grad():
+            return self.model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
+
     def _pieces(self, words: list[str]) -> list[tuple[int, int]]:
         """(first, end) word ranges whose sub-tokens fit in max_length with the special tokens."""
         if not words:
@@ -345,14 +353,12 @@ class EntityPredictor:
         """Each sentence's tag per word and that tag's probability (O, 1.0 for a word with no sub-token)."""
         pieces = [(s, a, b) for s, words in enumerate(sentences) for a, b in self._pieces(words)]
         out = [([OUTSIDE] * len(words), [1.0] * len(words)) for words in sentences]
-        device = next(self.model.parameters()).device
         for start in range(0, len(pieces), batch_size):
             chunk = pieces[start: start + batch_size]
             enc = encode_sentences(self.tokenizer, [sentences[s][a:b] for s, a, b in chunk], None, {},
                                    self.max_length)
             batch = pad_tokens(self.tokenizer, enc)
-            with torch.no_grad():
-                probs = torch.softmax(self.model(**{k: v.to(device) for k, v in batch.items()}).logits.float(), -1)
+            probs = torch.softmax(self.logits(batch), -1)
             score, best = probs.max(-1)
             width = batch["input_ids"].shape[1]
             for row, ((s, a, _), e) in enumerate(zip(chunk, enc)):
