@@ -12,17 +12,19 @@ from .auto_number import AutoNumber
 from .dashboard import Dashboard, wire
 from .data_panel import DataPanel
 from .deploy import DeployPanel  # optimise, serve and monitor a trained run
+from .entities import EntitiesView  # the entities view (named entities); ConfusionMatrix shows it for such runs
 from .ladder import MethodLadder
 from .loss_curve import LossCurve
 from .method_panel import METHOD_PANELS, MethodPanel, register_method
 from .model_picker import ModelPicker
 from .playground import Playground
-from .regression import RegressionView  # task: text-regression; ConfusionMatrix shows it for such runs
+from .regression import RegressionView  # the regression view; ConfusionMatrix shows it for such runs
 from .run_summary import RunSummary  # the model beside its classical baseline, the run's choices, its answer
-from .chat_playground import ChatPlayground  # task: chat; streams answers token by token
+from .chat_playground import ChatPlayground  # conversational runs; streams answers token by token
+from .task_chooser import TaskChooser  # the Set up tab's task, from the task table
 from .train_panel import TrainPanel
 
 __all__ = [
-    "AutoNumber", "ChatPlayground", "ConfusionMatrix", "Dashboard", "DataPanel", "DeployPanel", "LossCurve", "METHOD_PANELS", "MethodLadder", "MethodPanel",
-    "ModelPicker", "Playground", "RegressionView", "RunCompare", "RunSummary", "TrainPanel", "register_method", "wire",
+    "AutoNumber", "ChatPlayground", "ConfusionMatrix", "Dashboard", "DataPanel", "DeployPanel", "EntitiesView", "LossCurve", "METHOD_PANELS", "MethodLadder", "MethodPanel",
+    "ModelPicker", "Playground", "RegressionView", "RunCompare", "RunSummary", "TaskChooser", "TrainPanel", "register_method", "wire",
 ]

@@ -14,12 +14,14 @@ import traitlets as T
 from workbench import WorkbenchError
 from workbench.config import MAX_NEW_TOKENS
 from workbench.store import RunStore
+from workbench.task_table import tasks_where
 
 from . import _style as S
 from ._background import run_job
 
 MAX_QUESTION_CHARS = 4_000
 CACHED_MODELS = 2  # chat models kept in memory, least recently used dropped first
+CONVERSATION_TASKS = tasks_where(kind="generation", system_prompt=True)  # the task rows that answer a question
 
 
 class ChatPlayground(W.VBox):
@@ -102,7 +104,7 @@ class ChatPlayground(W.VBox):
         except Exception as exc:
             self.error = f"could not read the runs ({type(exc).__name__}: {exc})"
             return
-        ready = [r for r in records if (r.get("config") or {}).get("task") == "chat"
+        ready = [r for r in records if (r.get("config") or {}).get("task") in CONVERSATION_TASKS
                  and (Path(r["dir"]) / "model" / "trainable.safetensors").is_file()]
         self.runs = [r["id"] for r in ready]
         self._run.options = [(f"{r.get('name') or r['id']} ({r['id']}, held-out loss "
@@ -149,7 +151,7 @@ class ChatPlayground(W.VBox):
                 self._models.move_to_end(run_id)
                 return self._models[run_id]
         loaded = load_predictor(run_id, self.store.home)
-        if getattr(loaded, "task", "") != "chat":
+        if getattr(loaded, "task", "") not in CONVERSATION_TASKS:
             raise WorkbenchError(f"run {run_id} is not a chat run: use the Playground for classifiers")
         with self._lock:
             self._models[run_id] = loaded

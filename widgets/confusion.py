@@ -1,7 +1,9 @@
 """ConfusionMatrix: the eval confusion matrix of a run, per-class scores, and the examples behind a cell.
 
-A text-regression run has no classes: for one, the widget shows a RegressionView (predicted against true
-values and the worst errors) in the same place, so a dashboard needs one diagnostics slot for every task.
+The view follows the run's task row (`workbench.task_table`, its `view`): a run whose task has no classes but a
+number per text shows a RegressionView (predicted against true values and the worst errors) in the same place,
+a named-entity run an EntitiesView (F1 per entity type, the type confusion, the worst sentences), so a
+dashboard needs one diagnostics slot for every task.
 
 Each evaluation of a run writes <run dir>/eval/step-<N>.json with every eval example's prediction;
 clicking a cell (or `select_cell(true, predicted)`) lists those examples, most confident first.
@@ -15,15 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import ipywidgets as W
-import plotly.graph_objects as go
 import traitlets as T
 
 from workbench.metrics import collapse_note
 from workbench.store import FINAL_STATUSES, RunStore
+from workbench.task_table import DEFAULT_TASK, TASKS
 
 from . import _style as S
 from ._background import Poller
-from ._figure import LiveFigure
+from .entities import EntitiesView
+from .heatmap import confusion_figure, heatmap_cells
 from .regression import RegressionView
 from .run_summary import baseline_of
 
@@ -61,14 +64,7 @@ class ConfusionMatrix(W.VBox):
         self._step_pick = W.Dropdown(options=[("latest", LATEST)], value=LATEST, description="Evaluation",
                                      style=S.label_style(), layout=S.control_layout())
         norm = W.ToggleButton(description="row-normalised", icon="percent", layout=W.Layout(width="auto"))
-        self.fig = LiveFigure(  # a page opened at any time shows the current matrix
-            data=[go.Heatmap(z=[], x=[], y=[], colorscale="Blues", showscale=False, texttemplate="%{text}",
-                             hovertemplate="true %{y}<br>predicted %{x}<br>%{text}<extra></extra>")],
-            layout=S.figure_layout(height=height, margin={"l": 90, "r": 10, "t": 30, "b": 80},
-                                   xaxis={"title": {"text": "predicted"}, "side": "bottom", "type": "category",
-                                          "gridcolor": "rgba(0,0,0,0)"},
-                                   yaxis={"title": {"text": "true"}, "autorange": "reversed", "type": "category",
-                                          "gridcolor": "rgba(0,0,0,0)"}))
+        self.fig = confusion_figure(height)  # a page opened at any time shows the current matrix
         self.fig.data[0].on_click(self._on_click)
         self._per_class = W.HTML("", layout=W.Layout(flex="1 1 18em", min_width="0"))
         self._title = W.HTML("", layout=S.full_width())
@@ -80,7 +76,8 @@ class ConfusionMatrix(W.VBox):
             W.Box([plot_box, self._per_class], layout=S.wrap_row()),
             self._error_html, self._examples,
         )
-        self.regression: RegressionView | None = None  # made when a text-regression run is shown
+        self.regression: RegressionView | None = None  # made when a run of the regression view is shown
+        self.entities: EntitiesView | None = None  # made when a run of the entities view is shown
         self._height = height
         super().__init__(children=self._classification_view, **{"layout": S.full_width(), **kwargs})
         W.link((self, "normalize"), (norm, "value"))
@@ -94,8 +91,9 @@ class ConfusionMatrix(W.VBox):
     # --- public -------------------------------------------------------------------------------
     def refresh(self) -> bool:
         """Read new evaluations from the store and redraw now; True while the run goes on."""
-        if self.regression is not None and self.children == (self.regression,):
-            return self.regression.refresh()
+        other = self.other_view
+        if other is not None:
+            return other.refresh()
         with self._lock:
             changed = self._read()
             if changed:
@@ -127,7 +125,7 @@ class ConfusionMatrix(W.VBox):
 
     # --- reading --------------------------------------------------------------------------------
     def _on_run(self, change: Any = None) -> None:
-        if self._show_regression():
+        if self._show_view():
             return
         with self._lock:
             self._evals, self._seq, self._status = {}, 0, ""
@@ -138,21 +136,41 @@ class ConfusionMatrix(W.VBox):
         if self.background and self.run_id and self._status not in FINAL_STATUSES:
             self._poller.start()
 
-    def _show_regression(self) -> bool:
-        """For a text-regression run, show its RegressionView instead of a matrix; True when it did."""
+    @property
+    def view(self) -> str:
+        """The shown run's viewer, from its task's row ("confusion" when no run or an unknown task is shown)."""
         try:
-            task = self.store.get(self.run_id)["config"].get("task") if self.run_id else None
+            task = (self.store.get(self.run_id).get("config") or {}).get("task", DEFAULT_TASK) if self.run_id else None
         except Exception:  # an unknown run: the matrix view reports it
             task = None
-        if task != "text-regression":
+        return TASKS[task].view if task in TASKS else "confusion"
+
+    @property
+    def other_view(self) -> RegressionView | EntitiesView | None:
+        """The viewer shown in place of the matrix (None while the matrix is shown)."""
+        for view in (self.regression, self.entities):
+            if view is not None and self.children == (view,):
+                return view
+        return None
+
+    def _show_view(self) -> bool:
+        """Show the run's own viewer in place of the matrix where its task's view is another; True when it did."""
+        view = self.view
+        if view == "regression":
+            if self.regression is None:
+                self.regression = RegressionView(store=self.store, background=self.background, height=self._height)
+            shown: RegressionView | EntitiesView = self.regression
+        elif view == "entities":
+            if self.entities is None:
+                self.entities = EntitiesView(store=self.store, background=self.background, height=self._height)
+            shown = self.entities
+        else:
             if self.children != self._classification_view:
                 self.children = self._classification_view
             return False
         self._poller.stop()
-        if self.regression is None:
-            self.regression = RegressionView(store=self.store, background=self.background, height=self._height)
-        self.children = (self.regression,)
-        self.regression.run_id = self.run_id
+        self.children = (shown,)
+        shown.run_id = self.run_id
         return True
 
     def _read(self) -> bool:
@@ -234,11 +252,7 @@ class ConfusionMatrix(W.VBox):
         labels = [str(x) for x in p["labels"]]
         counts = [[int(v) for v in row] for row in p["confusion_matrix"]]
         self.labels, self.matrix = labels, counts
-        if self.normalize:
-            z = [[v / max(sum(row), 1) for v in row] for row in counts]
-            text = [[f"{v / max(sum(row), 1):.2f}<br>({v})" for v in row] for row in counts]
-        else:
-            z, text = counts, [[str(v) for v in row] for row in counts]
+        z, text = heatmap_cells(counts, self.normalize)
         with self.fig.batch_update():  # whole arrays, every time
             heat.z, heat.x, heat.y, heat.text = z, labels, labels, text
         best = " (best)" if step == self.best_step else ""
@@ -274,6 +288,7 @@ class ConfusionMatrix(W.VBox):
 
     def close(self) -> None:
         self._poller.stop()
-        if self.regression is not None:
-            self.regression.close()
+        for view in (self.regression, self.entities):
+            if view is not None:
+                view.close()
         super().close()

@@ -13,6 +13,7 @@ from workbench import Config, WorkbenchError
 from workbench.catalog import MODELS
 from workbench.loop.defaults import CPU_MAX_LENGTH
 from workbench.store import FINAL_STATUSES, RunStore
+from workbench.task_table import task_spec
 
 from . import _style as S
 from .compare import RunCompare
@@ -24,11 +25,10 @@ from .method_panel import MethodPanel
 from .model_picker import ModelPicker
 from .playground import Playground
 from .run_summary import RunSummary
+from .task_chooser import TaskChooser, dashboard_tasks
 from .train_panel import TrainPanel
 
 CATALOG_ONLY = tuple(MODELS)  # for Dashboard(models=...) on a page others can reach
-TASK_CHOICES = (("text classification: a label per text", "text-classification"),
-                ("text regression: a number per text", "text-regression"))  # chat and seq2seq: CLI or notebook
 CONFIG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,80}$")
 
 
@@ -89,12 +89,11 @@ class Dashboard(W.VBox):
         self.model: ModelPicker | None = None
         self.data: DataPanel | None = None
         self.method: MethodPanel | None = None
-        self.task: W.Dropdown | None = None
+        self.task: TaskChooser | None = None
         self.deploy: DeployPanel | None = None  # not built on a read-only page: it starts servers
         if not read_only:
             self.model = ModelPicker(home=home, background=background, choices=models)
-            self.task = W.Dropdown(options=list(TASK_CHOICES), value="text-classification", description="Task",
-                                   style=S.label_style(), layout=S.control_layout())
+            self.task = TaskChooser()  # the rows of the task table offered here (in_dashboard)
             self.data = DataPanel(home=home, background=background)
             W.dlink((self.task, "value"), (self.data, "task"))
             self.method = MethodPanel(home=home, background=background)
@@ -161,9 +160,11 @@ class Dashboard(W.VBox):
     def from_config(self, cfg: Config) -> None:
         """Show a Config in every panel (a model this page does not offer is refused, nothing changed)."""
         self._refuse_if_read_only()
-        if cfg.task not in {value for _, value in TASK_CHOICES}:
-            raise WorkbenchError(f"this page sets up {' and '.join(v for _, v in TASK_CHOICES)} runs: a task: "
-                                 f"{cfg.task} run starts from the CLI (workbench train CONFIG) or a notebook")
+        if cfg.task not in dashboard_tasks():
+            *first, last = dashboard_tasks()
+            raise WorkbenchError(f"this page sets up {', '.join(first)} and {last} runs: a task: {cfg.task} run "
+                                 f"({task_spec(cfg.task).title}) starts from the CLI (workbench train CONFIG) or a "
+                                 "notebook")
         try:
             self.task.value = cfg.task
             self.model.trust_remote_code = cfg.trust_remote_code

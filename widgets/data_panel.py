@@ -1,4 +1,9 @@
-"""DataPanel: a catalog dataset or an uploaded file, its column mapping, a preview and the split settings."""
+"""DataPanel: a catalog dataset or an uploaded file, its column mapping, a preview and the split settings.
+
+How the data is read follows the chosen task's row (`workbench.task_table`): a label per text (its classes
+counted), a number per text (their range and a histogram), or tagged sentences (a task of kind "tokens": CoNLL,
+JSONL or Parquet sentences, their entities marked in the preview and counted per type).
+"""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import traitlets as T
 from workbench import DataConfig, WorkbenchError
 from workbench.catalog import DATASETS, DEFAULT_DATASET
 from workbench.store import default_home
+from workbench.task_table import DEFAULT_TASK, TASKS, task_spec
 
 from . import _style as S
 from ._background import run_job
@@ -37,6 +43,24 @@ PREVIEW_ROWS = 5
 PREVIEW_CHARS = 160
 MAX_BARS = 30
 MODES = ("catalog", "file")
+SENTENCES, TABLE = "sentences", "table"  # catalog dataset shapes: tagged sentences, or rows of columns
+
+
+def shape_for(task: str) -> str:
+    """The catalog dataset shape a task reads: tagged sentences for a tag per token, else a table."""
+    return SENTENCES if task_spec(task).kind == "tokens" else TABLE
+
+
+def reads_numbers(task: str) -> bool:
+    """A number per text: an encoder task without classes (its label column holds the numbers)."""
+    spec = task_spec(task)
+    return spec.kind == "encoder" and not spec.classes
+
+
+def catalog_choices(task: str) -> list[tuple[str, str]]:
+    """The catalog datasets of the shape the task reads, as (description, name)."""
+    shape = shape_for(task)
+    return [(f"{n} - {a.description}", n) for n, a in DATASETS.items() if a.shape == shape]
 
 
 def safe_filename(name: str) -> str:
@@ -179,11 +203,11 @@ class DataPanel(W.VBox):
     eval_fraction = T.Float(DataConfig.eval_fraction, help="share held out for evaluation (checked by DataConfig)")
     max_train_samples = T.Int(None, allow_none=True)
     max_eval_samples = T.Int(None, allow_none=True)
-    task = T.Enum(("text-classification", "text-regression"), default_value="text-classification",
-                  help="a label per text, or a number per text (then the label column holds the numbers)")
-    label_counts = T.Dict(help="rows per label in the label column")
-    value_range = T.Tuple(allow_none=True, default_value=None, help="text-regression: (min, mean, max) of the numbers")
-    num_labels = T.Int(2, help="distinct labels (at least 2 for the method's estimate)")
+    task = T.Unicode(DEFAULT_TASK, help="a task of the task table: how the data is read (a label per text, a "
+                     "number per text, tagged sentences)")
+    label_counts = T.Dict(help="rows per label in the label column (tagged sentences: entities per type)")
+    value_range = T.Tuple(allow_none=True, default_value=None, help="a number per text: (min, mean, max) of them")
+    num_labels = T.Int(2, help="distinct labels (tagged sentences: the head's tags; at least 2 for the estimate)")
     rows = T.Int(0, help="rows in the loaded table")
     errors = T.Dict(help="field -> message; empty when all is well")
     busy = T.Bool(False)
@@ -201,8 +225,8 @@ class DataPanel(W.VBox):
         self._mode = W.ToggleButtons(options=[("Catalog", "catalog"), ("Upload a file", "file")], value="catalog",
                                      description="Data from", style={**style, "button_width": "auto"},
                                      layout=S.full_width())
-        self._catalog = W.Dropdown(options=[(f"{n} - {a.description}", n) for n, a in DATASETS.items()],
-                                   value=DEFAULT_DATASET, description="Dataset", style=style,
+        self._catalog = W.Dropdown(options=catalog_choices(self.task), value=DEFAULT_DATASET, description="Dataset",
+                                   style=style,
                                    layout=S.full_width(max_width="48em"))
         self._upload = W.FileUpload(accept=",".join(UPLOAD_EXTENSIONS), multiple=False,
                                     description="Upload", layout=W.Layout(width="auto"))
@@ -218,7 +242,7 @@ class DataPanel(W.VBox):
         self._text = W.Dropdown(options=[], description="Text column", style=style, layout=S.full_width())
         self._label = W.Dropdown(options=[], description="Label column", style=style, layout=S.full_width())
         self._text_error, self._label_error = S.inline_error(), S.inline_error()
-        columns_row = W.Box([W.VBox([self._text, self._text_error], layout=S.control_layout()),
+        self._columns_row = columns_row = W.Box([W.VBox([self._text, self._text_error], layout=S.control_layout()),
                              W.VBox([self._label, self._label_error], layout=S.control_layout())],
                             layout=S.wrap_row())
 
@@ -236,10 +260,11 @@ class DataPanel(W.VBox):
         self._preview = W.HTML("", layout=S.full_width())
         self._bars = W.HTML("", layout=S.full_width())
         self._config_error = S.inline_error()
+        self._columns_title, self._bars_title = S.section("Columns"), S.section("Label distribution")
         super().__init__(children=[
             self._mode, self._catalog, self._upload_box, self._source_error,
-            S.section("Columns"), columns_row, self._summary, self._preview,
-            S.section("Label distribution"), self._bars,
+            self._columns_title, columns_row, self._summary, self._preview,
+            self._bars_title, self._bars,
             S.section("Split"), split_row, caps_hint, self._split_error, self._config_error,
         ], **{"layout": S.full_width(), **kwargs})
 
@@ -260,6 +285,12 @@ class DataPanel(W.VBox):
         self._on_source()
 
     # --- validation ---------------------------------------------------------------
+    @T.validate("task")
+    def _valid_task(self, proposal: dict[str, Any]) -> str:
+        if proposal["value"] not in TASKS:
+            raise T.TraitError(f"task {proposal['value']!r} is unknown: choose from {', '.join(TASKS)}")
+        return proposal["value"]
+
     @T.validate("source")
     def _valid_source(self, proposal: dict[str, Any]) -> str:
         value = proposal["value"].strip()
@@ -302,7 +333,7 @@ class DataPanel(W.VBox):
             self.source = self._catalog.value
 
     def _on_catalog(self, change: dict[str, Any]) -> None:
-        if change["new"] in DATASETS:
+        if change["new"] in DATASETS and self._mode.value == "catalog":  # (new options also reset the value)
             self.source = change["new"]
 
     def _on_text_column(self, change: dict[str, Any]) -> None:
@@ -361,8 +392,22 @@ class DataPanel(W.VBox):
         self.errors = errors
 
     def _on_task(self, change: Any = None) -> None:
-        """Another task reads the label column differently: detect it again for the same table."""
-        self._wanted_columns = (self.text_column, None)
+        """Another task reads the data differently: detect the label column again for the same table, or offer
+        the catalog datasets of the other shape (tagged sentences, or a table)."""
+        sentences = shape_for(self.task) == SENTENCES
+        self._df = None  # the table read for the other task is not this one's
+        self._columns_title.layout.display = self._columns_row.layout.display = "none" if sentences else ""
+        self._bars_title.value = S.section("Entities per type" if sentences else "Label distribution").value
+        options = catalog_choices(self.task)
+        names = [n for _, n in options]
+        if self.source in DATASETS and self.source not in names and names:
+            self._catalog.options = options  # the catalog's value becomes the other shape's first dataset
+            self._wanted_columns = (None, None)
+            self.text_column = self.label_column = None
+            self.source = names[0] if DEFAULT_DATASET not in names else DEFAULT_DATASET
+            return
+        self._catalog.options = options
+        self._wanted_columns = (None, None) if sentences else (self.text_column, None)
         self.label_column = None
         self._on_source()
 
@@ -370,6 +415,9 @@ class DataPanel(W.VBox):
     def _on_source(self, change: Any = None) -> None:
         source = self.source
         if source in DATASETS:
+            if source not in [n for _, n in self._catalog.options]:
+                self._catalog.options = [(f"{source} - {DATASETS[source].description}", source),
+                                         *self._catalog.options]
             self._catalog.value = source
             self._show_mode("catalog")
         else:
@@ -388,6 +436,9 @@ class DataPanel(W.VBox):
             wanted = self._wanted_columns
             self._wanted_columns = (None, None)
             errors = {k: v for k, v in self.errors.items() if k not in ("source", "text_column", "label_column")}
+            if shape_for(self.task) == SENTENCES:
+                self._load_sentences(source, wanted, errors)
+                return
             try:
                 if source not in DATASETS and Path(source).suffix.lower() in (".parquet", ".pq") \
                         and Path(source).is_file():
@@ -416,7 +467,7 @@ class DataPanel(W.VBox):
             self._text.options = self._label.options = columns
             self._detect_error = None
             try:
-                if self.task == "text-regression" and wanted[1] is None:
+                if reads_numbers(self.task) and wanted[1] is None:
                     wanted = (wanted[0], _number_column(df, wanted[0]))
                 text, label = detect_columns(df, *wanted)
             except WorkbenchError as exc:
@@ -447,7 +498,7 @@ class DataPanel(W.VBox):
         if label is not None and label not in df.columns:
             errors["label_column"] = f"label column {label!r} not found: columns found are {', '.join(self.columns)}"
         counts: dict[str, int] = {}
-        if label in df.columns and self.task == "text-regression":
+        if label in df.columns and reads_numbers(self.task):
             self._show_numbers(df, text, label, errors)
             return
         self.value_range = None
@@ -472,7 +523,7 @@ class DataPanel(W.VBox):
         self._bars.value = S.bars_html(shown, total=sum(counts.values())) + more
 
     def _show_numbers(self, df: Any, text: str | None, label: str, errors: dict[str, str]) -> None:
-        """Task text-regression: the label column's numbers, their range and a histogram."""
+        """A number per text: the label column's numbers, their range and a histogram."""
         import pandas as pd
 
         values = pd.to_numeric(df[label], errors="coerce").dropna()
@@ -506,6 +557,51 @@ class DataPanel(W.VBox):
                 cells.append(value if len(value) <= PREVIEW_CHARS else value[:PREVIEW_CHARS] + "...")
             rows.append(cells)
         return S.table_html(cols, rows)
+
+    def _load_sentences(self, source: str, wanted: tuple[str | None, str | None], errors: dict[str, str]) -> None:
+        """Tagged sentences (a catalog dataset of them, or a CoNLL, JSONL or Parquet file): how many, their
+        scheme, the entities per type, and the first sentences with their entities marked."""
+        from workbench.entities import entity_tuples, sentence_spans, tag_set, types_of
+        from workbench.entities import read_sentences
+
+        from .entities import marked_html
+
+        self._df, self.columns, self.value_range = None, [], None
+        self._text.options, self._label.options = [], []
+        try:
+            path = DATASETS[source].path() if source in DATASETS else source
+            read = read_sentences(path, *wanted)
+        except WorkbenchError as exc:
+            errors["source"] = str(exc)
+            self.rows, self.label_counts = 0, {}
+            self._summary.value = self._preview.value = self._bars.value = ""
+            self.errors, self.busy = errors, False
+            return
+        except Exception as exc:  # a malformed file the reader did not foresee
+            errors["source"] = f"{Path(source).name!r} could not be read ({type(exc).__name__}): check the format"
+            self.errors, self.busy = errors, False
+            return
+        if source != self.source:
+            return
+        counts: dict[str, int] = {}
+        for sentence in read.sentences:
+            for kind, *_ in entity_tuples(sentence.tags):
+                counts[kind] = counts.get(kind, 0) + 1
+        types = types_of([t for s in read.sentences for t in s.tags])
+        self.rows, self.label_counts = len(read.sentences), dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+        self.num_labels = max(len(tag_set(types, read.scheme)), 2)
+        self.text_column, self.label_column = wanted  # JSONL / Parquet: the columns the config names, else found
+        self.errors = errors
+        tokens = sum(len(s.tokens) for s in read.sentences)
+        self._summary.value = S.message(
+            f"{len(read.sentences):,} sentences, {tokens:,} tokens, {read.scheme} tags, {len(types)} entity types"
+            + "".join(f"; {note}" for note in read.notes), "muted")
+        self._preview.value = "".join(
+            f'<div style="margin:2px 0">{marked_html(*sentence_spans(s.tokens, s.tags))}</div>'
+            for s in read.sentences[:PREVIEW_ROWS])
+        shown = dict(list(self.label_counts.items())[:MAX_BARS])
+        self._bars.value = S.bars_html(shown, total=sum(counts.values()))
+        self.busy = False
 
     def wait(self, timeout: float = 30.0) -> bool:
         """Block until a pending file read finished (scripts and tests)."""

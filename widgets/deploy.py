@@ -28,6 +28,7 @@ import traitlets as T
 
 from workbench import WorkbenchError
 from workbench.store import RunStore
+from workbench.task_table import DEFAULT_TASK, TASKS, task_spec
 
 from . import _style as S
 from ._background import Poller, run_job
@@ -36,10 +37,9 @@ from ._figure import LiveFigure
 POLL_S = 1.0  # /metrics is read once a second while a server runs
 PROGRESS_EVERY_S = 0.2  # progress redraws at most this often (STYLE: live plots ~0.2 s)
 SERVER_STATES = ("stopped", "starting", "running", "stopping")
-MODEL_ROUTES = ("classify", "chat", "translate")  # the routes that run the model (what "requests" counts)
-TASK_ROUTE = {"text-classification": "/v1/classify", "text-regression": "/v1/classify",
-              "chat": "/v1/chat/completions", "seq2seq": "/v1/translate"}
-OPTIMIZABLE = ("text-classification",)  # deploy.optimize makes artifacts of encoder classifiers
+SERVICE_ROUTES = ("healthz", "readyz", "metrics", "models", "other")  # /metrics' routes that run no model
+EXAMPLE_TEXT = {"encoder": "The striker scored twice in the cup final.",
+                "tokens": "Barack Obama met Angela Merkel in Paris on Monday."}  # by the task row's kind
 MARKED_COLOR = "#d62728"
 
 
@@ -74,14 +74,21 @@ def psi_words(value: float | None) -> str:
     return "large shift"
 
 
+def model_routes(requests: dict[str, Any]) -> list[str]:
+    """The routes of a /metrics read that run the model (what "requests" counts), in a stable order."""
+    return sorted(r for r in requests if r not in SERVICE_ROUTES)
+
+
 def examples(task: str, url: str, key_file: str, run: str = "run") -> dict[str, str]:
-    """A curl and a Python (httpx) call of the served run; the key is read from its file, never shown."""
-    route = TASK_ROUTE.get(task, "/v1/classify")
-    if route == "/v1/chat/completions":
+    """A curl and a Python (httpx) call of the served run on its task's route (the task table's); the key is
+    read from its file, never shown."""
+    spec = TASKS.get(task) or task_spec(DEFAULT_TASK)
+    route = spec.route
+    if spec.system_prompt:  # a conversation: the OpenAI-compatible body
         body: dict[str, Any] = {"model": run, "messages": [{"role": "user", "content": "Hello!"}],
                                 "max_tokens": 32}
     else:
-        body = {"texts": ["The striker scored twice in the cup final."]}
+        body = {"texts": [EXAMPLE_TEXT.get(spec.kind, EXAMPLE_TEXT["encoder"])]}
     key = f"$(cat {shlex.quote(key_file)})" if key_file else "KEY"
     curl = (f"curl -s {url}{route} \\\n  -H \"Authorization: Bearer {key}\" \\\n"
             f"  -H 'Content-Type: application/json' \\\n  -d {shlex.quote(json.dumps(body))}")
@@ -224,7 +231,7 @@ class DeployPanel(W.VBox):
             self.error = unexpected("could not read the runs", exc)
             return
         ready = [r for r in records if (Path(r["dir"]) / "model" / "trainable.safetensors").is_file()]
-        self._tasks = {r["id"]: (r.get("config") or {}).get("task", "text-classification") for r in ready}
+        self._tasks = {r["id"]: (r.get("config") or {}).get("task", DEFAULT_TASK) for r in ready}
         self.runs = [r["id"] for r in ready]
         names = {r["id"]: r.get("name") for r in ready}
         # the run shown stays; else the newest (the store lists newest first)
@@ -276,9 +283,10 @@ class DeployPanel(W.VBox):
         if not self.run_id:
             self.error = "no run chosen: train one first, then press Refresh runs"
             return
-        if self.task not in OPTIMIZABLE:
+        if self.task not in TASKS or not TASKS[self.task].optimizable:
+            which = " and ".join(n for n, t in TASKS.items() if t.optimizable)
             self.error = (f"run {self.run_id} is a {self.task} run: Optimise makes int8, pruned and ONNX artifacts "
-                          "of text-classification runs; serve this one as fp32")
+                          f"of {which} runs; serve this one as fp32")
             return
         if not (self.int8 or self.prune or self.onnx):
             self.error = "nothing to make: tick at least one of int8, prune, ONNX"
@@ -390,12 +398,13 @@ class DeployPanel(W.VBox):
                 self.error = unexpected(f"could not read {info.get('url')}/metrics", exc, 200)
             return False
         now = time.monotonic()
-        total = sum(v for route in MODEL_ROUTES for v in m["requests"].get(route, {}).values())
+        models = model_routes({**m["requests"], **m["latency"]})
+        total = sum(v for route in models for v in m["requests"].get(route, {}).values())
         with self._lock:
             last, self._last = self._last, (now, total)
         if last is not None and now > last[0]:
             self.requests_per_second = round(max(0.0, total - last[1]) / (now - last[0]), 2)
-        routes = [r for r in MODEL_ROUTES if m["latency"].get(r, {}).get("count")]
+        routes = [r for r in models if m["latency"].get(r, {}).get("count")]
         p95 = m["latency"][routes[0]].get("p95") if routes else None
         self.p95_ms = None if p95 is None else round(1000 * float(p95), 1)
         self.requests_total = int(total)

@@ -24,6 +24,7 @@ import plotly.graph_objects as go
 import traitlets as T
 
 from workbench.store import FINAL_STATUSES, RunStore
+from workbench.task_table import DEFAULT_TASK, TASKS
 
 from . import _style as S
 from ._background import Poller
@@ -34,6 +35,10 @@ REDRAW_MIN_S = 0.2  # at most ~5 redraws per second
 MAX_LINE_POINTS = 2000  # per train-loss line drawn; a longer history is drawn every k-th step (and the last)
 POLL_S = 0.2
 TRACES_PER_RUN = 8  # raw loss, smoothed loss, eval loss, accuracy, best, macro-F1, baseline accuracy and macro-F1
+# the two 0..1 figures drawn on the right axis, by the run's view (its task row's), the first one starred at the
+# best checkpoint: (key in the eval point, words); a named-entity run's are entity F1 and token accuracy
+SCORES = {"entities": (("f1", "entity F1"), ("accuracy", "token accuracy"))}
+DEFAULT_SCORES = (("accuracy", "accuracy"), ("f1_macro", "macro-F1"))
 
 
 @dataclass
@@ -51,6 +56,8 @@ class RunHistory:
     eval_loss: list[float] = field(default_factory=list)
     accuracy: list[float] = field(default_factory=list)
     f1_macro: list[float] = field(default_factory=list)
+    f1: list[float] = field(default_factory=list)  # entity F1 (named entities)
+    view: str = "confusion"  # the run's task row's view: which figures are drawn
     baseline: dict[str, Any] | None = None  # the classical baseline's figures (info.baseline, then metrics.baseline)
     best_step: int | None = None
     warmup_steps: int | None = None
@@ -70,6 +77,7 @@ class RunHistory:
             self.eval_loss.append(float(p["eval_loss"]) if _finite(p.get("eval_loss")) else None)
             self.accuracy.append(float(p["accuracy"]) if _finite(p.get("accuracy")) else None)
             self.f1_macro.append(float(p["f1_macro"]) if _finite(p.get("f1_macro")) else None)
+            self.f1.append(float(p["f1"]) if _finite(p.get("f1")) else None)
             if p.get("is_best"):
                 self.best_step = step
         elif kind == "event":
@@ -84,6 +92,11 @@ class RunHistory:
             elif event == "train_end" and p.get("status") in FINAL_STATUSES:
                 self.status = p["status"]
 
+    @property
+    def scores(self) -> tuple[tuple[str, str], tuple[str, str]]:
+        """The two figures drawn on the right axis: (key, words) each."""
+        return SCORES.get(self.view, DEFAULT_SCORES)
+
     def truncate(self, after_step: int) -> None:
         keep = [i for i, s in enumerate(self.train_steps) if s <= after_step]
         self.train_steps = [self.train_steps[i] for i in keep]
@@ -94,6 +107,7 @@ class RunHistory:
         self.eval_loss = [self.eval_loss[i] for i in keep]
         self.accuracy = [self.accuracy[i] for i in keep]
         self.f1_macro = [self.f1_macro[i] for i in keep]
+        self.f1 = [self.f1[i] for i in keep]
         if self.best_step is not None and self.best_step > after_step:
             self.best_step = None
         if self.early_stop_step is not None and self.early_stop_step > after_step:
@@ -205,6 +219,8 @@ class LossCurve(W.VBox):
                 hist.status = record["status"]
                 self._dirty = True
             hist.label = record.get("name") or run_id
+            task = TASKS.get((record.get("config") or {}).get("task", DEFAULT_TASK))
+            hist.view = task.view if task is not None else hist.view
             baseline = baseline_of(record)
             if baseline != hist.baseline:
                 hist.baseline = baseline
@@ -258,6 +274,7 @@ class LossCurve(W.VBox):
             color = S.RUN_COLORS[i % len(S.RUN_COLORS)]
             prefix = f"{_short(hist.label or hist.run_id)}: " if many else ""
             group = hist.run_id
+            (_, first), (_, second) = hist.scores
             traces += [
                 go.Scatter(name=f"{prefix}train loss (raw)", mode="lines", legendgroup=group, showlegend=False,
                            line={"color": color, "width": 1}, opacity=0.3, hoverinfo="skip"),
@@ -266,13 +283,13 @@ class LossCurve(W.VBox):
                            hovertemplate="step %{x}<br>loss %{y:.4f}<br>epoch %{customdata}<extra></extra>"),
                 go.Scatter(name=f"{prefix}eval loss", mode="lines+markers", legendgroup=group,
                            line={"color": color, "width": 2, "dash": "dot"}, marker={"size": 7, "symbol": "circle"}),
-                go.Scatter(name=f"{prefix}accuracy", mode="lines+markers", legendgroup=group, yaxis="y2",
+                go.Scatter(name=f"{prefix}{first}", mode="lines+markers", legendgroup=group, yaxis="y2",
                            line={"color": color, "width": 1.5, "dash": "dash"},
                            marker={"size": 7, "symbol": "diamond"}),
                 go.Scatter(name=f"{prefix}best checkpoint", mode="markers", legendgroup=group, yaxis="y2",
                            marker={"size": 15, "symbol": "star", "color": color,
                                    "line": {"width": 1, "color": S.FONT_GREY}}),
-                go.Scatter(name=f"{prefix}macro-F1", mode="lines+markers", legendgroup=group, yaxis="y2",
+                go.Scatter(name=f"{prefix}{second}", mode="lines+markers", legendgroup=group, yaxis="y2",
                            line={"color": color, "width": 1.5, "dash": "dashdot"},
                            marker={"size": 6, "symbol": "triangle-up"}),
                 go.Scatter(name=f"{prefix}baseline accuracy", mode="lines", legendgroup=group, yaxis="y2",
@@ -282,10 +299,13 @@ class LossCurve(W.VBox):
                            line={"color": S.FONT_GREY, "width": 1, "dash": "dot"},
                            hovertemplate="classical baseline<br>macro-F1 %{y:.3f}<extra></extra>"),
             ]
+        scores = {h.scores for h in self._histories.values()} or {DEFAULT_SCORES}
         with self.fig.batch_update():
             self.fig.data = ()
             if traces:
                 self.fig.add_traces(traces)
+            self.fig.layout.yaxis2.title.text = (" / ".join(words for _, words in next(iter(scores)))
+                                                 if len(scores) == 1 else "scores (0 to 1)")
 
     def _draw(self) -> None:
         """Replace every array of every trace (never append), and the marker lines."""
@@ -305,13 +325,14 @@ class LossCurve(W.VBox):
                 smooth.x, smooth.y = steps, [smoothed[j] for j in drawn]
                 smooth.customdata = [int(hist.train_epoch[j]) + 1 for j in drawn]
                 ev.x, ev.y = list(hist.eval_steps), list(hist.eval_loss)
-                acc.x, acc.y = list(hist.eval_steps), list(hist.accuracy)
-                f1.x, f1.y = list(hist.eval_steps), list(hist.f1_macro)
+                (first, _), (second, _) = hist.scores
+                acc.x, acc.y = list(hist.eval_steps), list(getattr(hist, first))
+                f1.x, f1.y = list(hist.eval_steps), list(getattr(hist, second))
                 _reference(base_acc, hist, "accuracy")
                 _reference(base_f1, hist, "f1_macro")
                 if hist.best_step is not None and hist.best_step in hist.eval_steps:
                     j = len(hist.eval_steps) - 1 - hist.eval_steps[::-1].index(hist.best_step)
-                    best.x, best.y = [hist.best_step], [hist.accuracy[j]]
+                    best.x, best.y = [hist.best_step], [getattr(hist, first)[j]]
                 else:
                     best.x, best.y = [], []
                 color = S.RUN_COLORS[i % len(S.RUN_COLORS)]

@@ -1,5 +1,10 @@
-"""Playground: type text, see the label and scores a trained run predicts; or upload a labelled test file and
-score the run on it beside its classical baseline (`workbench.evaluate.evaluate_file`, on a worker thread)."""
+"""Playground: type text, see what a trained run answers; or upload a labelled test file and score the run on it
+beside its classical baseline (`workbench.evaluate.evaluate_file`, on a worker thread).
+
+What the answer looks like follows the run's task row (`workbench.task_table`, its `view`): the label and its
+scores (a confusion view), the predicted number (regression), or the typed text with each entity marked by its
+type (entities). Runs that generate text answer in the ChatPlayground.
+"""
 
 from __future__ import annotations
 
@@ -14,13 +19,30 @@ import traitlets as T
 
 from workbench import WorkbenchError
 from workbench.store import RunStore
+from workbench.task_table import DEFAULT_TASK, TASKS
 
 from . import _style as S
 from ._background import run_job
 from .data_panel import MAX_UPLOAD_BYTES, UPLOAD_EXTENSIONS, save_upload, uploaded_file
+from .entities import marked_html
 
 MAX_TEXT_CHARS = 10_000
 CACHED_PREDICTORS = 3  # models kept in memory, least recently used dropped first
+FIGURE_TITLES = {"f1_macro": "macro-F1", "f1": "entity F1", "rmse": "RMSE", "mae": "MAE", "r2": "R2",
+                 "spearman": "Spearman"}  # a figure's words in the run list and the scores table (else its name)
+
+
+def task_of(record: dict[str, Any]) -> Any:
+    """A run record's task row (the default task's for a record without one)."""
+    name = (record.get("config") or {}).get("task", DEFAULT_TASK)
+    return TASKS.get(name)
+
+
+def answers_here(record: dict[str, Any]) -> bool:
+    """Whether the Playground answers with this run: a task that does not generate, and a trained model."""
+    spec = task_of(record)
+    return spec is not None and not spec.generates and (Path(record["dir"]) / "model" /
+                                                        "trainable.safetensors").is_file()
 
 
 class Playground(W.VBox):
@@ -29,7 +51,9 @@ class Playground(W.VBox):
     run_id = T.Unicode("", help="the run whose model predicts")
     runs = T.List(T.Unicode(), help="runs with a trained model")
     text = T.Unicode("", help="the text to classify")
-    result = T.Dict(allow_none=True, default_value=None, help="{'label': ..., 'scores': {label: p}}")
+    view = T.Unicode("confusion", help="the chosen run's view (its task row): how an answer is shown")
+    result = T.Dict(allow_none=True, default_value=None, help="the predictor's answer for the text, with the run_id: "
+                    "{'label', 'scores'}, {'value'} or {'entities': [{type, start, end, text, score}], ...}")
     error = T.Unicode("")
     busy = T.Bool(False)
     test_file = T.Unicode("", help="the labelled file the run was last scored on")
@@ -42,6 +66,7 @@ class Playground(W.VBox):
         self.store = store or RunStore(home)
         self.background = background
         self._predictors: OrderedDict[str, Any] = OrderedDict()
+        self._views: dict[str, str] = {}
         self._lock = threading.Lock()
         style = S.label_style()
         self._run = W.Dropdown(options=[], description="Run", style=style, layout=S.full_width(max_width="48em"))
@@ -87,20 +112,20 @@ class Playground(W.VBox):
 
     # --- public ----------------------------------------------------------------------------------
     def refresh_runs(self) -> None:
-        """Find the classification runs that have a trained model (chat and seq2seq runs have their own)."""
+        """Find the runs that have a trained model and answer a text (chat and seq2seq runs have their own)."""
         try:
             records = self.store.list()
         except Exception as exc:
             self.error = f"could not read the runs ({type(exc).__name__}: {exc})"
             return
-        ready = [r for r in records
-                 if (r.get("config") or {}).get("task", "text-classification") == "text-classification"
-                 and (Path(r["dir"]) / "model" / "trainable.safetensors").is_file()]
+        ready = [r for r in records if answers_here(r)]
+        self._views = {r["id"]: task_of(r).view for r in ready}
         self.runs = [r["id"] for r in ready]
         self._run.options = [(run_label(r), r["id"]) for r in ready]
         if self.run_id not in self.runs:
             self.run_id = self.runs[0] if self.runs else ""
         self._run.value = self.run_id or None
+        self.view = self._views.get(self.run_id, "confusion")
 
     def predict(self, text: str | None = None) -> None:
         """Classify `text` (default: the text box); the result lands in `result` (on a worker thread)."""
@@ -178,8 +203,10 @@ class Playground(W.VBox):
     # --- worker ----------------------------------------------------------------------------------
     def _predict_now(self, run_id: str, text: str) -> None:
         try:
-            out = self.predictor(run_id).predict(text)[0]
-            self.result = {"label": out["label"], "scores": dict(out["scores"]), "run_id": run_id}
+            out = dict(self.predictor(run_id).predict(text)[0])
+            if isinstance(out.get("scores"), dict):
+                out["scores"] = dict(out["scores"])
+            self.result = {**out, "run_id": run_id}
         except WorkbenchError as exc:
             self.error, self.result = str(exc), None
         except Exception as exc:
@@ -199,20 +226,14 @@ class Playground(W.VBox):
 
     def _on_run(self, change: dict[str, Any]) -> None:
         self._run.value = change["new"] or None
+        self.view = self._views.get(change["new"], "confusion")
         self.result = None
 
     def _show_error(self, change: Any = None) -> None:
         self._error_html.value = S.message(self.error)
 
     def _show_result(self, change: Any = None) -> None:
-        res = self.result
-        if not res:
-            self._output.value = ""
-            return
-        scores = dict(sorted(res["scores"].items(), key=lambda kv: -kv[1]))
-        self._output.value = (f'<div style="font-size:1.2em; margin:4px 0">Predicted: '
-                              f'<b>{html.escape(str(res["label"]))}</b></div>'
-                              + S.bars_html(scores, fmt="{:.3f}"))
+        self._output.value = result_html(self.result) if self.result else ""
 
     def _show_evaluation(self, change: Any = None) -> None:
         if self.evaluating:
@@ -221,18 +242,37 @@ class Playground(W.VBox):
         elif self.evaluation_error:
             self._evaluation_html.value = S.message(self.evaluation_error)
         elif self.evaluation:
-            self._evaluation_html.value = evaluation_html(self.evaluation)
+            self._evaluation_html.value = evaluation_html(self.evaluation, self.view)
         else:
             self._evaluation_html.value = ""
 
 
 def run_label(record: dict[str, Any]) -> str:
-    """A run in the list: its name, id, and its answer's accuracy and macro-F1."""
+    """A run in the list: its name, id, and its answer's first two figures (accuracy and macro-F1, entity F1 and
+    precision, RMSE and MAE: the task row's)."""
     metrics = record.get("metrics") or {}
     answer = metrics.get("answers_with") if isinstance(metrics.get("answers_with"), dict) else metrics
-    figures = ", ".join(f"{title} {answer[key]:.3f}" for title, key in (("accuracy", "accuracy"), ("macro-F1", "f1_macro"))
+    spec = task_of(record)
+    keys = spec.metrics[:2] if spec is not None else ()
+    figures = ", ".join(f"{FIGURE_TITLES.get(key, key)} {answer[key]:.3f}" for key in keys
                         if isinstance(answer.get(key), (int, float)))
     return f"{record.get('name') or record['id']} ({record['id']}{', ' + figures if figures else ''})"
+
+
+def result_html(result: dict[str, Any]) -> str:
+    """An answer as the page shows it: the text with its entities marked, the predicted value, or the label
+    and a bar per label's score."""
+    if isinstance(result.get("entities"), list):
+        entities = [e for e in result["entities"] if isinstance(e, dict)]
+        found = ", ".join(f"{e.get('type')} {e.get('text')!r} ({float(e.get('score') or 0):.2f})" for e in entities)
+        marked = marked_html(str(result.get("text") or ""), entities)
+        return (f'<div style="font-size:1.2em; margin:4px 0">{marked}</div>' + S.message(f"{len(entities)} entities" + (f": {found}" if found else ""), "muted"))
+    if "value" in result and "label" not in result:
+        value = float(result["value"])
+        return f'<div style="font-size:1.2em; margin:4px 0">Predicted: <b>{value:.3f}</b></div>'
+    scores = dict(sorted((result.get("scores") or {}).items(), key=lambda kv: -kv[1]))
+    return (f'<div style="font-size:1.2em; margin:4px 0">Predicted: '
+            f"<b>{html.escape(str(result.get('label')))}</b></div>" + S.bars_html(scores, fmt="{:.3f}"))
 
 
 def one_line(text: str, limit: int = 400) -> str:
@@ -255,8 +295,15 @@ def evaluation_rows(result: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
-def evaluation_html(result: dict[str, Any]) -> str:
-    """The scores table, a plain sentence when the baseline wins, and the confusion matrix (rows: true label)."""
+def evaluation_html(result: dict[str, Any], view: str = "confusion") -> str:
+    """The scores table, a plain sentence when the baseline wins, and the confusion matrix (rows: true label);
+    for a run of the entities view, the entity figures, a row per type and the confusion over types."""
+    if view == "entities":
+        return entities_evaluation_html(result)
+    if view != "confusion":
+        figures = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        return S.message(f"{result.get('rows')} rows of {Path(str(result.get('file', ''))).name}", "muted") + \
+            S.table_html([FIGURE_TITLES.get(k, k) for k in figures], [list(figures.values())])
     head = S.message(f"{result.get('rows')} rows of {Path(str(result.get('file', ''))).name} (text column "
                      f"{result.get('text_column')!r}, label column {result.get('label_column')!r})", "muted")
     table = S.table_html(["", "accuracy", "macro-F1"], evaluation_rows(result))
@@ -268,3 +315,22 @@ def evaluation_html(result: dict[str, Any]) -> str:
     matrix = [[f"true {name}", *row] for name, row in zip(labels, result.get("confusion_matrix") or [])]
     confusion = S.table_html(["", *(f"predicted {n}" for n in labels)], matrix) if matrix else ""
     return head + table + note + S.message("confusion matrix of the run's answer", "muted") + confusion
+
+
+def entities_evaluation_html(result: dict[str, Any]) -> str:
+    """A named-entity run on a file of tagged sentences: entity F1, precision, recall and token accuracy, the
+    figures per entity type, and the confusion over types (O: a missed or a spurious entity)."""
+    head = S.message(f"{result.get('rows')} sentences of {Path(str(result.get('file', ''))).name} "
+                     f"({result.get('scheme', '')} tags)", "muted")
+    notes = "".join(S.message(str(n), "muted") for n in result.get("notes") or [])
+    keys = [("entity F1", "f1"), ("precision", "precision"), ("recall", "recall"), ("token accuracy", "accuracy")]
+    table = S.table_html([t for t, _ in keys], [[result.get(k) for _, k in keys]])
+    per = result.get("per_type") or {}
+    types = S.table_html(["entity type", "precision", "recall", "F1", "support"],
+                         [[k, v.get("precision"), v.get("recall"), v.get("f1"), v.get("support")]
+                          for k, v in per.items() if isinstance(v, dict)])
+    labels = [str(x) for x in result.get("confusion_labels") or []]
+    matrix = [[f"gold {name}", *row] for name, row in zip(labels, result.get("confusion_matrix") or [])]
+    confusion = S.table_html(["", *(f"predicted {n}" for n in labels)], matrix) if matrix else ""
+    return (head + notes + table + types + S.message("confusion over entity types (O: missed / spurious)", "muted")
+            + confusion)

@@ -30,6 +30,8 @@ from ._background import Poller
 POLL_S = 1.0
 CLASS_FIGURES = (("accuracy", "accuracy"), ("macro-F1", "f1_macro"))
 REGRESSION_FIGURES = (("RMSE", "rmse"), ("MAE", "mae"), ("Spearman", "spearman"))
+ENTITY_FIGURES = (("entity F1", "f1"), ("precision", "precision"), ("recall", "recall"),
+                  ("token accuracy", "accuracy"))
 
 
 def baseline_of(record: dict[str, Any]) -> dict[str, Any] | None:
@@ -50,7 +52,8 @@ def figures_text(figures: dict[str, Any] | None) -> str:
     """"accuracy 0.812, macro-F1 0.790" (or RMSE / MAE / Spearman for a number): every figure it has."""
     if not figures:
         return ""
-    names = CLASS_FIGURES if "accuracy" in figures else REGRESSION_FIGURES
+    names = (ENTITY_FIGURES if "f1" in figures and "f1_macro" not in figures else
+             CLASS_FIGURES if "accuracy" in figures else REGRESSION_FIGURES)
     return ", ".join(f"{title} {figures[key]:.3f}" for title, key in names if _number(figures.get(key)))
 
 
@@ -115,9 +118,9 @@ class RunSummary(W.VBox):
 
     def _absorb(self, record: dict[str, Any], points: list[dict[str, Any]]) -> None:
         metrics, info = record.get("metrics") or {}, record.get("info") or {}
-        final = record["status"] in FINAL_STATUSES and any(k in metrics for k in ("accuracy", "rmse"))
+        final = record["status"] in FINAL_STATUSES and any(k in metrics for k in ("accuracy", "rmse", "f1"))
         best = metrics if final else best_eval(points)
-        keys = ("accuracy", "f1_macro", "rmse", "mae", "spearman", "step", "best_step")
+        keys = ("accuracy", "f1_macro", "f1", "precision", "recall", "rmse", "mae", "spearman", "step", "best_step")
         self.model = {k: best[k] for k in keys if best is not None and _number(best.get(k))} or None
         self.baseline = baseline_of(record)
         self.ensemble = metrics.get("ensemble") if isinstance(metrics.get("ensemble"), dict) else None
@@ -167,8 +170,9 @@ class RunSummary(W.VBox):
         if not self.run_id:
             self._figures.value = S.message("no run chosen", "muted")
         elif rows:
-            head = S.message("the model beside the classical baseline (TF-IDF + a linear model) on the same "
-                             "eval split" + ("" if self.status in FINAL_STATUSES else ", while it trains"), "muted")
+            what = ("the model beside the classical baseline (TF-IDF + a linear model) on the same eval split"
+                    if self.baseline else "the model's best evaluation (no classical baseline was fitted)")
+            head = S.message(what + ("" if self.status in FINAL_STATUSES else ", while it trains"), "muted")
             self._figures.value = head + S.table_html(["", "eval figures", "run answers with"], rows)
         else:
             self._figures.value = S.message("no figures yet", "muted")
