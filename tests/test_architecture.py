@@ -13,7 +13,7 @@ UI_PACKAGES = ("ipywidgets", "plotly", "widgets", "IPython", "anywidget", "voila
 
 # Lower layers never import higher ones; a module may import its own layer (no cycles, checked apart).
 LAYERS = [
-    ("foundation", ("errors", "methods", "task_table", "config", "catalog", "callbacks", "kernels", "store")),
+    ("foundation", ("errors", "methods", "task_table", "run_paths", "config", "catalog", "callbacks", "kernels", "store")),
     ("records", ("data", "entities", "metrics", "tracking", "classical")),
     ("models", ("models",)),
     ("tasks", ("tasks",)),

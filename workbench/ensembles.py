@@ -25,6 +25,7 @@ from .store import RunStore
 from .tasks import task_of
 from .tasks.classification import ClassificationTask
 from .tasks.ensemble import CLASSICAL_DIR, ENSEMBLE_FILE, EVAL_FILE, figures, write_json
+from .run_paths import RunPaths
 
 __all__ = ["create_ensemble"]
 
@@ -104,7 +105,7 @@ def _register(store: RunStore, records: list[dict[str, Any]], metrics: dict[str,
         shutil.copytree(baseline_dir, run_dir / CLASSICAL_DIR)
         metrics["baseline"] = {k: v for k, v in json.loads((baseline_dir / "summary.json").read_text()).items()
                                if k not in ("metric", "ensemble")}
-    write_json(run_dir / "model" / ENSEMBLE_FILE, {"runs": metrics["ensemble_of"], "baseline": baseline_dir is not None,
+    write_json(RunPaths(run_dir).model / ENSEMBLE_FILE, {"runs": metrics["ensemble_of"], "baseline": baseline_dir is not None,
                                                    "weights": [1.0] * (len(records) + int(baseline_dir is not None))})
     info = {"ensemble_of": metrics["ensemble_of"], "labels": metrics["labels"],
             "train_rows": (records[0].get("info") or {}).get("train_rows"),

@@ -33,6 +33,7 @@ from typing import Any
 from .config import ENCODER_TASKS, VIRTUAL_TOKEN_METHODS, Config
 from .errors import WorkbenchError
 from .methods import float_twin, method_spec, methods_where
+from .run_paths import LABELS_FILE, RunPaths, TRAINABLE_FILE
 
 MERGEABLE = methods_where(merges=True)
 EXPORT_INFO = "workbench_export.json"
@@ -53,29 +54,29 @@ def export_run(run_id: str = "latest", out: str | Path | None = None, merge: boo
     store = RunStore(home)
     record = store.get(run_id)
     run = record["id"]
-    model_dir = Path(record["dir"]) / "model"
-    if not (model_dir / "trainable.safetensors").is_file():
+    model_dir = RunPaths.of(record).model
+    if not (model_dir / TRAINABLE_FILE).is_file():
         raise WorkbenchError(f"run {run} has no trained model to export (status {record['status']}): "
                              "wait until it completes an evaluation, or pick another run")
     config = Config.from_dict(record["config"])
     regression = config.task_spec.output == "value"
     if config.task not in ENCODER_TASKS:
         raise WorkbenchError(f"run {run} is a task: {config.task} run, and export handles {' and '.join(ENCODER_TASKS)} "
-                             f"runs only so far: its adapter weights are in {model_dir / 'trainable.safetensors'}, "
+                             f"runs only so far: its adapter weights are in {model_dir / TRAINABLE_FILE}, "
                              f"and `workbench predict {run} --text ...` uses them")
     method = config.method.name
     _check_merge(run, method, merge)
     target = Path(out).expanduser().resolve() if out is not None else store.home / "exports" / run
     _check_target(target, force)
 
-    labels = ["value"] if regression else json.loads((model_dir / "labels.json").read_text())
+    labels = ["value"] if regression else json.loads((model_dir / LABELS_FILE).read_text())
     build_config = config
     if merge and float_twin(method) != method:  # merge into a float32 base: a 4-bit base cannot hold merged weights
         build_config = dataclasses.replace(config, method=dataclasses.replace(config.method, name=float_twin(method)))
     source = resolve_model(config.model, store.home, config.trust_remote_code)
     set_seed(config.train.seed)  # layers the run left frozen and random (a pooler) start as they did
     built = build_model(build_config, source, labels, regression=regression)
-    load_trainable_state(built.model, load_file(str(model_dir / "trainable.safetensors")))
+    load_trainable_state(built.model, load_file(str(model_dir / TRAINABLE_FILE)))
 
     standalone = merge or method_spec(method).family in ("all", "head")
     model = peft_model_of(built.model)  # a causal-LM classifier exports its causal LM
@@ -94,7 +95,7 @@ def export_run(run_id: str = "latest", out: str | Path | None = None, merge: boo
     try:
         model.save_pretrained(tmp)  # safetensors
         built.tokenizer.save_pretrained(tmp)
-        (tmp / "labels.json").write_text(json.dumps(labels))
+        (tmp / LABELS_FILE).write_text(json.dumps(labels))
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2))
         _replace(tmp, target)
     finally:

@@ -12,6 +12,7 @@ from typing import Any
 from .config import Config
 from .errors import WorkbenchError
 from .store import FINAL_STATUSES, RunStore, private_file
+from .run_paths import LOG_FILE
 
 
 class RunHandle:
@@ -66,7 +67,7 @@ class RunHandle:
 
     @property
     def log_path(self) -> Path:
-        return self.store.run_dir(self.id) / "log.txt"
+        return self.store.run_dir(self.id) / LOG_FILE
 
 
 def check_processes(processes: int, config: Config) -> None:
@@ -103,7 +104,7 @@ def launch(config: Config, home: str | Path | None = None, resume_id: str | None
         run_id = store.resolve(resume_id)
         store.requeue(run_id)  # queued again until its process starts: a stop pressed meanwhile reaches it
         args = ["--resume", run_id]
-    log = os.fdopen(private_file(store.run_dir(run_id) / "log.txt"), "ab")  # owner-only: it may quote user data
+    log = os.fdopen(private_file(store.run_dir(run_id) / LOG_FILE), "ab")  # owner-only: it may quote user data
     child_env = {**os.environ, "WORKBENCH_HOME": str(store.home), "PYTHONUNBUFFERED": "1", **(env or {})}
     root = str(Path(__file__).resolve().parent.parent)
     child_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, child_env.get("PYTHONPATH")) if p)

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import WorkbenchError
+from .run_paths import CONFIG_FILE, LOG_FILE, OUTCOME_FILE
 
 STATUSES = ("queued", "running", "completed", "stopped", "failed")
 FINAL_STATUSES = ("completed", "stopped", "failed")
@@ -328,11 +329,11 @@ class RunStore:
         run_dir = self.run_dir(run_id)
         run_dir.mkdir(mode=0o700, parents=True)
         os.chmod(run_dir, 0o700)
-        tmp = run_dir / "config.yaml.tmp"
+        tmp = run_dir / (CONFIG_FILE + ".tmp")
         with os.fdopen(private_file(tmp, os.O_TRUNC), "w", encoding="utf-8") as f:
             f.write(yaml.safe_dump(config, sort_keys=False))
-        tmp.replace(run_dir / "config.yaml")
-        os.close(private_file(run_dir / "log.txt"))  # 0600 before a launcher appends the run's output to it
+        tmp.replace(run_dir / CONFIG_FILE)
+        os.close(private_file(run_dir / LOG_FILE))  # 0600 before a launcher appends the run's output to it
         with self._connect() as db:
             db.execute(
                 "INSERT INTO runs (id, name, status, created_at, config) VALUES (?, ?, 'queued', ?, ?)",
@@ -499,7 +500,7 @@ class RunStore:
 
     # --- the end on a full disk --------------------------------------------------
     def _outcome_path(self, run_id: str) -> Path:
-        return self.run_dir(run_id) / "outcome.json"
+        return self.run_dir(run_id) / OUTCOME_FILE
 
     def _reserve_outcome(self, run_id: str) -> None:
         """Blank space for the run's end, allocated now while the disk has room."""
@@ -608,7 +609,7 @@ class RunStore:
         elif status == "queued" and row["pid"] and not pid_alive(row["pid"], row["pid_start"]):
             # launched, but gone before it started: without this the run would hold the machine's one slot forever
             update = ("failed", f"the training process exited before it started: see "
-                                f"{self.run_dir(row['id']) / 'log.txt'}", None)
+                                f"{self.run_dir(row['id']) / LOG_FILE}", None)
         else:
             return row
         try:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..models.state import load_trainable_state, trainable_state
+from ..run_paths import PROGRESS_FILE, RunPaths, TRAINABLE_FILE
 
 TMP = ".tmp"
 
@@ -63,12 +64,12 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, schedule
     tmp = path.with_name(path.name + TMP)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    save_file(trainable_state(model), str(tmp / TRAINABLE_FILE))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
     state, torch_state = rng_state()
     save_file({"torch": torch_state}, str(tmp / "rng.safetensors"))
     (tmp / "rng.json").write_text(json.dumps(state))
-    (tmp / "progress.json").write_text(json.dumps(asdict(progress)))  # written last: marks a complete folder
+    (tmp / PROGRESS_FILE).write_text(json.dumps(asdict(progress)))  # written last: marks a complete folder
     shutil.rmtree(path, ignore_errors=True)
     tmp.replace(path)
 
@@ -76,7 +77,7 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, schedule
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> Progress:
     from safetensors.torch import load_file
 
-    load_trainable_state(model, load_file(str(path / "trainable.safetensors")))
+    load_trainable_state(model, load_file(str(path / TRAINABLE_FILE)))
     opt = torch.load(path / "optimizer.pt", weights_only=True)
     optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
@@ -84,7 +85,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, schedule
         set_rng_state(json.loads((path / "rng.json").read_text()), load_file(str(path / "rng.safetensors"))["torch"])
     else:  # a checkpoint from before rng.json: its rng.pt is a pickle, read without running any code
         _load_legacy_rng(path / "rng.pt")
-    return Progress(**json.loads((path / "progress.json").read_text()))
+    return Progress(**json.loads((path / PROGRESS_FILE).read_text()))
 
 
 def _load_legacy_rng(path: Path) -> None:
@@ -106,8 +107,8 @@ def _load_legacy_rng(path: Path) -> None:
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint (`.tmp` folders of a kill mid-write are skipped)."""
-    complete = [c for c in (run_dir / "checkpoints").glob("step-*")
-                if not c.name.endswith(TMP) and c.name[5:].isdigit() and (c / "progress.json").is_file()]
+    complete = [c for c in (RunPaths(run_dir).checkpoints).glob("step-*")
+                if not c.name.endswith(TMP) and c.name[5:].isdigit() and (c / PROGRESS_FILE).is_file()]
     return max(complete, key=lambda c: int(c.name[5:]), default=None)
 
 
@@ -131,10 +132,10 @@ def save_model(run_dir: Path, model: torch.nn.Module, files: dict[str, Any]) -> 
     """<run>/model: the trained parameters and the task's JSON files, replaced atomically."""
     from safetensors.torch import save_file
 
-    out, tmp = run_dir / "model", run_dir / ("model" + TMP)
+    out, tmp = RunPaths(run_dir).model, run_dir / ("model" + TMP)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    save_file(trainable_state(model), str(tmp / TRAINABLE_FILE))
     for name, payload in files.items():
         (tmp / name).write_text(json.dumps(payload))
     shutil.rmtree(out, ignore_errors=True)

@@ -26,6 +26,7 @@ from ..config import Config
 from ..errors import StopRequested, WorkbenchError
 from ..store import RunStore, private_file, private_files
 from ..tracking import default_callbacks
+from ..run_paths import LOG_FILE
 
 INTERNAL_ERROR = "internal error: "
 
@@ -109,7 +110,7 @@ def _run_lifecycle(config: Config, store: RunStore, run_id: str | None, callback
         status = "stopped"
     except Exception as exc:  # a crash: the run is marked failed with the reason and the traceback's file
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        error = f"{INTERNAL_ERROR}{type(exc).__name__}: {detail} (traceback in {run_dir / 'log.txt'})"
+        error = f"{INTERNAL_ERROR}{type(exc).__name__}: {detail} (traceback in {run_dir / LOG_FILE})"
         log_traceback(run_dir)
     finally:
         restore_signal_handlers(previous_signals)
@@ -161,7 +162,7 @@ def restore_signal_handlers(previous: dict[int, Any]) -> None:
 
 def log_traceback(run_dir: Path) -> None:
     try:
-        with os.fdopen(private_file(run_dir / "log.txt"), "a", encoding="utf-8") as f:
+        with os.fdopen(private_file(run_dir / LOG_FILE), "a", encoding="utf-8") as f:
             f.write(traceback.format_exc())
     except OSError:
         print(traceback.format_exc(), file=sys.stderr)

@@ -33,6 +33,7 @@ from .defaults import choose_before_build, choose_max_length, zero_shot_config
 from .lifecycle import RunContext, run_lifecycle
 from .precision import freeze_base_in_bf16, resolve_precision
 from .zero_shot import run_zero_shot
+from ..run_paths import PROGRESS_FILE, RunPaths, TRAINABLE_FILE
 
 
 def preflight(config: Config, home: Any) -> Any:
@@ -344,7 +345,7 @@ def _evaluate_and_checkpoint(s: Session, epoch: int, fraction: float) -> None:
     ctx.hooks.on_evaluate(ctx.state, ctx.control, evaluation.result)
     if accelerator.is_main_process:
         s.task.write_evaluation(ctx.run_dir, evaluation, s.data)
-        path = ctx.run_dir / "checkpoints" / f"step-{progress.global_step}"
+        path = RunPaths(ctx.run_dir).checkpoint(progress.global_step)
         save_checkpoint(path, accelerator.unwrap_model(s.model), s.optimizer, s.scheduler, progress)
         if improved:
             mark_best(path)
@@ -365,7 +366,7 @@ def _honour_stop(s: Session) -> None:
 
 
 def _save_stop_checkpoint(s: Session) -> None:
-    path = s.ctx.run_dir / "checkpoints" / f"step-{s.progress.global_step}"
+    path = RunPaths(s.ctx.run_dir).checkpoint(s.progress.global_step)
     if path.exists():
         return  # the evaluation at this very step already saved it
     save_checkpoint(path, s.accelerator.unwrap_model(s.model), s.optimizer, s.scheduler, s.progress)
@@ -381,15 +382,15 @@ def _finalise(s: Session) -> dict[str, Any] | None:
 
     from ..models.state import load_trainable_state
 
-    best = s.ctx.run_dir / "checkpoints" / "best"
-    if not (best / "trainable.safetensors").is_file():
+    best = RunPaths(s.ctx.run_dir).best_checkpoint
+    if not (best / TRAINABLE_FILE).is_file():
         return None
     unwrapped = s.accelerator.unwrap_model(s.model)
-    load_trainable_state(unwrapped, load_file(str(best / "trainable.safetensors")))
+    load_trainable_state(unwrapped, load_file(str(best / TRAINABLE_FILE)))
     if not s.accelerator.is_main_process:
         return None
     save_model(s.ctx.run_dir, unwrapped, s.task.model_files(s.data))
-    best_step = json.loads((best / "progress.json").read_text())["global_step"]
+    best_step = json.loads((best / PROGRESS_FILE).read_text())["global_step"]
     evals = s.ctx.store.points(s.ctx.run_id, kind="eval")
     at_best = [p for p in evals if p["step"] == best_step]
     if not at_best:

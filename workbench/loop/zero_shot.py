@@ -22,6 +22,7 @@ from ..tasks.base import Evaluation
 from ..tasks.ensemble import fit_baseline
 from ..tasks.zeroshot import check_zero_shot, device, evaluate_zero_shot
 from .lifecycle import RunContext, run_lifecycle
+from ..run_paths import RunPaths
 
 STOP_POLL_SECONDS = 0.5
 
@@ -61,7 +62,7 @@ def _evaluate(ctx: RunContext) -> None:
     ClassificationTask().write_evaluation(ctx.run_dir, Evaluation(result, result["accuracy"], probs), split)
     eval_seconds[0] = time.perf_counter() - start
     metrics = {**result.summary(), "is_best": True, "best_step": 0,
-               "predictions_file": str(ctx.run_dir / "eval" / "step-0.json")}
+               "predictions_file": str(RunPaths(ctx.run_dir).eval / "step-0.json")}
     baseline = fit_baseline(config, split.train_texts, split.train_labels, split.eval_texts, split.eval_labels,
                             split.labels, ctx.run_dir)  # the classical model beside the zero-shot one
     if baseline is not None:

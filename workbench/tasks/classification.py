@@ -30,6 +30,7 @@ from ..models.state import load_trainable_state, set_seed
 from ..task_table import spec_for
 from .base import Evaluation, EvalResult
 from .ensemble import ENSEMBLE_FILE, EnsemblePredictor, choose_answer, fit_baseline, load_classical
+from ..run_paths import LABELS_FILE, RunPaths, TRAINABLE_FILE
 
 PREDICTION_TEXT_CHARS = 600  # a prediction row keeps this much of its text for drill-down
 
@@ -204,14 +205,14 @@ class ClassificationTask:
                  "scores": [round(float(v), 6) for v in p]}
                 for i, (y, p) in enumerate(zip(data.eval_labels, probs))]
         step = evaluation.result.step
-        write_json(run_dir / "eval" / f"step-{step}.json", {"step": step, "labels": data.labels, "rows": rows})
+        write_json(RunPaths(run_dir).eval_step(step), {"step": step, "labels": data.labels, "rows": rows})
 
     def model_files(self, data: Split) -> dict[str, Any]:
-        return {"labels.json": data.labels}
+        return {LABELS_FILE: data.labels}
 
     def final_metrics(self, best: dict[str, Any], first: dict[str, Any] | None, run_dir: Path) -> dict[str, Any]:
         summary = {k: v for k, v in best.items() if k not in ("seq", "kind", "time", "mistakes")}
-        preds = run_dir / "eval" / f"step-{best['step']}.json"
+        preds = RunPaths(run_dir).eval_step(best['step'])
         summary["predictions_file"] = str(preds) if preds.is_file() else None
         note = collapse_note(best.get("labels") or [], best.get("confusion_matrix") or [])
         if note:
@@ -223,15 +224,15 @@ class ClassificationTask:
     def load_predictor(self, record: dict[str, Any], home: Path) -> "Predictor":
         from safetensors.torch import load_file
 
-        plan_file = Path(record["dir"]) / "model" / ENSEMBLE_FILE
+        plan_file = RunPaths.of(record).ensemble
         if plan_file.is_file() and "runs" in json.loads(plan_file.read_text()):
             return self._ensemble_of_runs(record, json.loads(plan_file.read_text()), home)
         config, model_dir = Config.from_dict(record["config"]), trained_model_dir(record)
-        labels = json.loads((model_dir / "labels.json").read_text())
+        labels = json.loads((model_dir / LABELS_FILE).read_text())
         set_seed(config.train.seed)
         built = self.build(config, resolve_model(config.model, home, config.trust_remote_code),
                            _labels_only(labels), None)
-        load_trainable_state(built.model, load_file(str(model_dir / "trainable.safetensors")))
+        load_trainable_state(built.model, load_file(str(model_dir / TRAINABLE_FILE)))
         model = Predictor(built.model, built.tokenizer, labels, config.train.max_length, record["id"], built.encode)
         if not (model_dir / ENSEMBLE_FILE).is_file():
             return model
@@ -263,8 +264,8 @@ def _labels_only(labels: list[str]) -> Split:
 
 def trained_model_dir(record: dict[str, Any]) -> Path:
     """<run>/model, refused with the reason when the run has no trained weights yet."""
-    model_dir = Path(record["dir"]) / "model"
-    if not (model_dir / "trainable.safetensors").is_file():
+    model_dir = RunPaths.of(record).model
+    if not (model_dir / TRAINABLE_FILE).is_file():
         raise WorkbenchError(f"run {record['id']} has no trained model yet (status {record['status']}): "
                              "wait until it completes an evaluation, or pick another run")
     return model_dir

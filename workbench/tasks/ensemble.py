@@ -19,11 +19,11 @@ from ..classical import DESCRIPTION, ClassicalModel, fit_classifiers
 from ..config import Config
 from ..errors import WorkbenchError
 from ..task_table import spec_for
+from ..run_paths import ENSEMBLE_FILE, RunPaths  # noqa: F401 - ENSEMBLE_FILE: imported from here too
 
 CLASSIFICATION = spec_for("classification:ClassificationTask").name  # what its predictors answer
 CLASSICAL_DIR = "classical"  # <run>/classical: the baseline's files, its eval probabilities and figures
 SUMMARY_FILE, EVAL_FILE = "summary.json", "eval_probabilities.json"
-ENSEMBLE_FILE = "ensemble.json"  # <run>/model/ensemble.json: present when the run answers as an ensemble
 MIN_GAIN = 0.0  # the ensemble must score strictly higher than the fine-tuned model alone
 # the fine-tuned model's share of the mean, tried on the eval split (1.0: the model alone); the baseline alone is
 # never the answer: a run answers with its model, helped by the baseline where that scores higher
@@ -102,7 +102,7 @@ def choose_answer(run_dir: Path, rows: list[dict[str, Any]], labels: list[str]) 
     out["ensemble"] = {**mean, "members": ["fine-tuned", "classical"], "weights": weights, "chosen": chosen,
                        "tried": {str(w): f for w, f in tried.items()}}
     if chosen:
-        write_json(run_dir / "model" / ENSEMBLE_FILE,
+        write_json(RunPaths(run_dir).model / ENSEMBLE_FILE,
                    {"members": ["fine-tuned", "classical"], "weights": weights, "metric": metric,
                     "eval": {"fine-tuned": alone, "ensemble": mean}})
     out["answers_with"] = {

@@ -26,6 +26,7 @@ from ..errors import WorkbenchError
 from ..models.generation import GenerationModel
 from ..models.state import load_trainable_state, set_seed
 from .base import EvalResult, Evaluation
+from ..run_paths import RunPaths, TASK_FILE, TRAINABLE_FILE
 
 IGNORE_INDEX = -100  # the label transformers' loss skips
 SAMPLE_CHARS = 2000  # a logged sample's question, reference and answer are cut here
@@ -187,20 +188,20 @@ def rebuild_generation_run(record: dict[str, Any], home: Path,
     """A generation run's config and model: `build` (base weights, same seed) + the run's trained parameters."""
     from safetensors.torch import load_file
 
-    model_dir = Path(record["dir"]) / "model"
-    if not (model_dir / "trainable.safetensors").is_file():
+    model_dir = RunPaths.of(record).model
+    if not (model_dir / TRAINABLE_FILE).is_file():
         raise WorkbenchError(f"run {record['id']} has no trained model yet (status {record['status']}): "
                              "wait until it completes an evaluation, or pick another run")
     config = Config.from_dict(record["config"])
     set_seed(config.train.seed)
     built = build(config, resolve_model(config.model, home, config.trust_remote_code))
-    load_trainable_state(built.model, load_file(str(model_dir / "trainable.safetensors")))
+    load_trainable_state(built.model, load_file(str(model_dir / TRAINABLE_FILE)))
     return config, built
 
 
 def write_samples(run_dir: Path, result: EvalResult) -> None:
     """The evaluation's figures and sample answers, as <run>/eval/step-N.json."""
-    out = run_dir / "eval"
+    out = RunPaths(run_dir).eval
     out.mkdir(exist_ok=True)
     tmp = out / f"step-{result.step}.json.tmp"
     tmp.write_text(json.dumps({k: v for k, v in result.summary().items() if k not in ("labels", "confusion_matrix")},
@@ -321,7 +322,7 @@ class GenerationTask:
         write_samples(run_dir, evaluation.result)
 
     def model_files(self, data: ChatData) -> dict[str, Any]:
-        return {"task.json": {"task": self.name}}
+        return {TASK_FILE: {"task": self.name}}
 
     def fit_baseline(self, config: Config, data: ChatData, run_dir: Path) -> dict[str, Any] | None:
         """No classical baseline for generated text (a TF-IDF model cannot write an answer)."""
@@ -330,7 +331,7 @@ class GenerationTask:
     def final_metrics(self, best: dict[str, Any], first: dict[str, Any] | None, run_dir: Path) -> dict[str, Any]:
         keep = ("step", "epoch", "eval_loss", "perplexity", "bleu", "chrf", "eval_tokens", "samples")
         summary = {k: best[k] for k in keep if k in best}
-        summary["samples_file"] = str(run_dir / "eval" / f"step-{best['step']}.json")
+        summary["samples_file"] = str(RunPaths(run_dir).eval_step(best['step']))
         if first is not None and first["step"] == 0:
             summary["start_eval_loss"], summary["start_perplexity"] = first["eval_loss"], first["perplexity"]
         return summary

@@ -36,6 +36,7 @@ from ..task_table import spec_for
 from .base import Evaluation, EvalResult
 from .classification import (PREDICTION_TEXT_CHARS, encoder_run_info, gather_outputs, pad_batch, trained_model_dir,
                              write_json)
+from ..run_paths import RunPaths, TASK_FILE, TRAINABLE_FILE
 
 WORST_KEPT = 50
 OUTPUT = ["value"]  # the head's one output
@@ -235,14 +236,14 @@ class RegressionTask:
         rows = [{"index": i, "text": t[:PREDICTION_TEXT_CHARS], "true": y, "predicted": float(p)}
                 for i, (t, y, p) in enumerate(zip(data.eval_texts, data.eval_values, evaluation.details))]
         step = evaluation.result.step
-        write_json(run_dir / "eval" / f"step-{step}.json", {"step": step, "task": self.name, "rows": rows})
+        write_json(RunPaths(run_dir).eval_step(step), {"step": step, "task": self.name, "rows": rows})
 
     def model_files(self, data: RegressionData) -> dict[str, Any]:
-        return {"task.json": {"task": self.name, "target_mean": data.mean, "target_std": data.std}}
+        return {TASK_FILE: {"task": self.name, "target_mean": data.mean, "target_std": data.std}}
 
     def final_metrics(self, best: dict[str, Any], first: dict[str, Any] | None, run_dir: Path) -> dict[str, Any]:
         summary = {k: v for k, v in best.items() if k not in ("seq", "kind", "time", "mistakes")}
-        summary["predictions_file"] = str(run_dir / "eval" / f"step-{best['step']}.json")
+        summary["predictions_file"] = str(RunPaths(run_dir).eval_step(best['step']))
         from .ensemble import baseline_summary
 
         baseline = baseline_summary(run_dir)
@@ -254,10 +255,10 @@ class RegressionTask:
         from safetensors.torch import load_file
 
         config, model_dir = Config.from_dict(record["config"]), trained_model_dir(record)
-        target = json.loads((model_dir / "task.json").read_text())
+        target = json.loads((model_dir / TASK_FILE).read_text())
         set_seed(config.train.seed)
         built = self.build(config, resolve_model(config.model, home, config.trust_remote_code), None, None)
-        load_trainable_state(built.model, load_file(str(model_dir / "trainable.safetensors")))
+        load_trainable_state(built.model, load_file(str(model_dir / TRAINABLE_FILE)))
         return RegressionPredictor(built.model, built.tokenizer, config.train.max_length, target["target_mean"],
                                    target["target_std"], record["id"], built.encode)
 
