@@ -168,7 +168,7 @@ def test_the_dashboard_sets_up_trains_and_shows_a_regression_run(tiny_model_dir,
     saved = dash.config().to_dict()
     dash.from_config(Config.from_dict(saved))
     assert dash.task.value == "text-regression"
-    with pytest.raises(WorkbenchError, match="this page sets up text-classification and text-regression runs"):
+    with pytest.raises(WorkbenchError, match="this page sets up text-classification, text-regression and token-classification runs"):
         dash.from_config(Config.from_dict({"task": "chat", "data": {"source": "chatterbot"}}))
 
 
