@@ -328,6 +328,7 @@ def test_the_playground_marks_the_entities_of_a_named_entity_run(store: RunStore
     run_id = ner_run(store)
     play = Playground(store=store, background=False)
     assert play.run_id == run_id and play.view == "entities"
+    assert "named entities" in play._text.placeholder and "BIO tag" in play._upload_hint.value
     assert "entity F1 0.550" in play._run.options[0][0]
     play._predictors[run_id] = FakeTagger()  # the loaded predictor, cached
     play.predict(SENTENCE + " <Bob> & co")

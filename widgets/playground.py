@@ -28,6 +28,15 @@ from .entities import marked_html
 
 MAX_TEXT_CHARS = 10_000
 CACHED_PREDICTORS = 3  # models kept in memory, least recently used dropped first
+WORDS = {  # by the run's view: (the text box's placeholder, what a test file holds)
+    "confusion": ("Type or paste a text to classify", "with a text and a label column, rows the run never saw: the "
+                  "run's answer and its classical baseline are scored on it"),
+    "regression": ("Type or paste a text to score", "with a text and a number column, rows the run never saw: "
+                   "the run is scored on it"),
+    "entities": ("Type or paste a sentence to find its named entities", "of sentences as tokens with a BIO tag "
+                 "each (JSONL or Parquet: a tokens and a tags column), sentences the run never saw: its entity "
+                 "F1 per type is measured on them"),
+}
 FIGURE_TITLES = {"f1_macro": "macro-F1", "f1": "entity F1", "rmse": "RMSE", "mae": "MAE", "r2": "R2",
                  "spearman": "Spearman"}  # a figure's words in the run list and the scores table (else its name)
 
@@ -81,16 +90,14 @@ class Playground(W.VBox):
         self._error_html = S.inline_error()
         self._evaluation_html = W.HTML("", layout=S.full_width())
         self._upload: W.FileUpload | None = None  # none on a read-only page: nothing to upload to
+        self._upload_hint = W.HTML("", layout=S.full_width())
         children = [self._run, self._text, W.Box([self._predict, refresh], layout=S.wrap_row()),
                     self._error_html, self._output]
         if uploads:
             self._upload = W.FileUpload(accept=",".join(UPLOAD_EXTENSIONS), multiple=False,
                                         description="Test file", layout=W.Layout(width="auto"))
             self._upload.observe(self._on_upload, names="value")
-            children += [S.section("Score the run on a labelled test file"),
-                         W.HTML(S.message(f"one CSV, TSV, JSONL or Parquet file (up to {MAX_UPLOAD_BYTES >> 20} MB) "
-                                          "with a text and a label column, rows the run never saw: the run's "
-                                          "answer and its classical baseline are scored on it", "muted")),
+            children += [S.section("Score the run on a labelled test file"), self._upload_hint,
                          self._upload, self._evaluation_html]
         super().__init__(children=children, **{"layout": S.full_width(), **kwargs})
         self.observe(self._show_evaluation, names=["evaluation", "evaluation_error", "evaluating"])
@@ -99,6 +106,8 @@ class Playground(W.VBox):
         self.observe(self._show_error, names="error")
         self.observe(self._show_result, names="result")
         self.observe(self._on_run, names="run_id")
+        self.observe(self._show_view, names="view")
+        self._show_view()
         self.refresh_runs()
 
     # --- validation --------------------------------------------------------------------------
@@ -231,6 +240,13 @@ class Playground(W.VBox):
 
     def _show_error(self, change: Any = None) -> None:
         self._error_html.value = S.message(self.error)
+
+    def _show_view(self, change: Any = None) -> None:
+        """The words that depend on what the chosen run answers."""
+        placeholder, test_file = WORDS.get(self.view, WORDS["confusion"])
+        self._text.placeholder = placeholder
+        self._upload_hint.value = S.message(f"one CSV, TSV, JSONL or Parquet file (up to {MAX_UPLOAD_BYTES >> 20} "
+                                            f"MB) {test_file}", "muted")
 
     def _show_result(self, change: Any = None) -> None:
         self._output.value = result_html(self.result) if self.result else ""
