@@ -142,3 +142,22 @@ def test_no_helper_reads_a_callers_locals():
             for n in ast.walk(ast.parse(p.read_text(encoding="utf-8")))
             if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "locals"]
     assert not uses, f"locals() passed around at {uses}"
+
+
+def test_each_task_and_method_name_is_spelled_in_at_most_three_files():
+    """One table per kind of thing: a task's or a method's name is spelled (as a quoted string) in its registry
+    and at most two more files (its own module, a panel keyed by it); everything else reads the registry."""
+    import re
+
+    from workbench.methods import METHOD_NAMES
+    from workbench.task_table import TASK_NAMES
+
+    sources = {p: p.read_text(encoding="utf-8") for package in ("workbench", "widgets")
+               for p in sorted((ROOT / package).rglob("*.py"))}
+    spread = {}
+    for name in (*TASK_NAMES, *METHOD_NAMES):
+        quoted = re.compile(rf"[\"']{re.escape(name)}[\"']")
+        spread[name] = sorted(str(p.relative_to(ROOT)) for p, text in sources.items() if quoted.search(text))
+    too_many = {name: files for name, files in spread.items() if len(files) > 3}
+    assert not too_many, too_many
+    assert all(files for files in spread.values()), "every name is spelled in its registry"

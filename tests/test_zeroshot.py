@@ -201,7 +201,7 @@ def test_prompt_zero_shot_few_shot_on_tiny_llama_is_a_completed_run(tiny_config,
     record = train(config, store=store)
     assert record["status"] == "completed", record["error"]
     zs = record["info"]["zero_shot"]
-    assert zs["prompt_format"] == "chat" and zs["few_shot_k"] == 2 and len(zs["few_shot_rows"]) == 2
+    assert zs["prompt_format"] == "chat template" and zs["few_shot_k"] == 2 and len(zs["few_shot_rows"]) == 2
     assert zs["example_prompt"].count("<|im_start|> user") == 3
     assert record["info"]["trainable_params"] == 0 and record["metrics"]["accuracy"] is not None
 

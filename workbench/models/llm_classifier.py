@@ -182,7 +182,7 @@ def export_info(builder: PromptBuilder, classifier: LLMClassifier) -> dict[str, 
     example = builder.prompt("{text}")
     return {
         "kind": "causal LM scored on label tokens",
-        "prompt_format": "chat" if builder.chat else "plain",
+        "prompt_format": "chat template" if builder.chat else "plain",
         "prompt_example": example,
         "label_token_ids": dict(zip(builder.labels, classifier.label_ids)),
         "scoring": classifier.scoring,

@@ -109,7 +109,7 @@ def _evaluate_prompt(config: Config, source: ModelSource, split: Split,
         free = score_labels(model, [builder.prompt_ids(t) for t in CONTENT_FREE], continuations,
                             method.prompt_scoring, len(CONTENT_FREE), pad, should_stop)
         scores, bias = calibrate(scores, free)
-    details = {"kind": "prompt", "prompt_format": "chat" if builder.chat else "plain",
+    details = {"kind": "prompt", "prompt_format": "chat template" if builder.chat else "plain",
                "scoring": method.prompt_scoring, "few_shot_k": method.few_shot_k, "few_shot_rows": shots,
                "calibration": None if bias is None else {
                    "content_free": CONTENT_FREE,
