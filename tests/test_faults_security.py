@@ -63,7 +63,7 @@ class Predictor:
 
     labels = ["neg", "pos"]
 
-    def __init__(self, task: str = "classification", delay: float = 0.0) -> None:
+    def __init__(self, task: str = "text-classification", delay: float = 0.0) -> None:
         self.task, self.delay, self.tokenizer = task, delay, _tokenizer()
 
     def predict(self, texts: list[str], batch_size: int = 32) -> list[dict[str, Any]]:
@@ -80,7 +80,7 @@ class Predictor:
         return "good"
 
 
-def _serve(task: str = "classification", delay: float = 0.0, key: str | None = KEY, **settings: Any):
+def _serve(task: str = "text-classification", delay: float = 0.0, key: str | None = KEY, **settings: Any):
     served = ServedModel(Predictor(task, delay), "run-x")
     app, state = create_app(served, ServeSettings(**settings), key)
     return ThreadedServer(app), state
@@ -89,12 +89,12 @@ def _serve(task: str = "classification", delay: float = 0.0, key: str | None = K
 # --- invalid text: 422 naming the field, on every route ----------------------------------------------------------
 
 @pytest.mark.parametrize("task, route, body, field", [
-    ("classification", "/v1/classify", {"texts": ["good film", "x\ud800"]}, "texts[1]"),
+    ("text-classification", "/v1/classify", {"texts": ["good film", "x\ud800"]}, "texts[1]"),
     ("seq2seq", "/v1/translate", {"texts": ["\udc00 film"]}, "texts[0]"),
     ("chat", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi \ud800"}]}, "messages[0].content"),
     ("chat", "/v1/chat/completions",
      {"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]}, "messages[0].content"),
-    ("classification", "/v1/classify", {"texts": ["good\x00film"]}, "texts[0]"),
+    ("text-classification", "/v1/classify", {"texts": ["good\x00film"]}, "texts[0]"),
 ])
 def test_text_no_tokenizer_can_encode_is_422_naming_the_field(task, route, body, field):
     server, _ = _serve(task)

@@ -159,7 +159,7 @@ def test_classify_answers_each_text_in_order_as_the_predictor_does(cls_model, cl
         for label in cls_model.labels:  # adapters merged for serving: same scores up to float rounding
             assert got["scores"][label] == pytest.approx(want["scores"][label], abs=1e-5)
     assert health.status_code == 200 and health.json() == {"status": "ok"}
-    assert ready.json()["status"] == "ready" and ready.json()["task"] == "classification"
+    assert ready.json()["status"] == "ready" and ready.json()["task"] == "text-classification"
     assert models.json()["data"][0]["id"] == cls_run
 
 

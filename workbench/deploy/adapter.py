@@ -1,12 +1,16 @@
 """A small adapter between the server and the predictors `workbench.load_predictor` returns.
 
-The server sees one `ServedModel` whatever the task:
+The server sees one `ServedModel` whatever the task, and reads the task's row (`spec`: its route, whether it
+generates) rather than its name:
 
-- classification (`Predictor`: `.model`, `.tokenizer`, `.labels`, `.predict(texts, batch_size)`):
-  `predict(texts)` gives per text `{"label", "scores"}`. A task whose predictor returns `{"text", "value"}`
-  (text regression) passes through unchanged as `{"value"}`: /v1/classify serves it with no change here;
+- a text in, a head's output out (`Predictor`: `.model`, `.tokenizer`, `.labels`, `.predict(texts, batch_size)`):
+  `predict(texts)` gives per text what the predictor gives, less the text: `{"label", "scores"}` (text
+  classification), `{"value"}` (text regression), `{"entities", "tokens", "tags"}` (token classification,
+  whose entity types are its `labels` here);
 - chat (`ChatPredictor`: `.answer(conversation, max_new_tokens)`, `.stream(...)`): `answer`, `stream`;
 - seq2seq (`Seq2SeqPredictor`: `.predict(texts, batch_size)` giving `{"translation"}`): `translate`.
+
+`run(texts)` is what the micro-batcher calls: `translate` for a task that generates, else `predict`.
 
 Also here: the run's evaluation split (texts and true labels, rebuilt from the run's config and seed exactly
 as training split it) and the drift baseline read from the run directory.
@@ -21,32 +25,38 @@ from typing import Any, Iterator
 
 from ..errors import WorkbenchError
 from ..store import RunStore
+from ..task_table import DEFAULT_TASK, task_spec, tasks_where
 from .monitor import Baseline
+from .runs import eval_split, merge_adapters, task_row, tokenizer_of
 
-from .runs import CHAT, CLASSIFICATION, SEQ2SEQ, eval_split, merge_adapters, task_of, tokenizer_of
-
-__all__ = ["CHAT", "CLASSIFICATION", "SEQ2SEQ", "ServedModel", "drift_baseline", "eval_split", "load_served_model",
-           "merge_adapters", "predictions_file", "task_of", "tokenizer_of"]
+__all__ = ["ServedModel", "drift_baseline", "eval_split", "load_served_model", "merge_adapters", "predictions_file",
+           "task_row", "tokenizer_of"]
 
 
 class ServedModel:
     """One run's model, as the server calls it. Every model call runs on the caller's (worker) thread."""
 
-    def __init__(self, predictor: Any, run_id: str, artifact: str = "fp32", info: dict[str, Any] | None = None
-                 ) -> None:
+    def __init__(self, predictor: Any, run_id: str, artifact: str = "fp32", info: dict[str, Any] | None = None,
+                 task: str | None = None) -> None:
         self.predictor, self.run_id, self.artifact = predictor, run_id, artifact
-        self.task = task_of(predictor)
+        self.spec = task_spec(task) if task else task_row(predictor)  # `task`: the run's, for an artifact
+        self.task, self.route = self.spec.name, self.spec.route
         self.tokenizer = tokenizer_of(predictor)
-        self.labels: list[str] = list(getattr(predictor, "labels", []) or [])
+        # the names /metrics counts answers under: class labels, or entity types
+        self.labels: list[str] = list(getattr(predictor, "labels", None) or getattr(predictor, "types", None) or [])
         self.max_length = getattr(predictor, "max_length", None) or getattr(
             getattr(predictor, "encoder", None), "max_length", None) or 512
         self.max_new_tokens = int(getattr(predictor, "max_new_tokens", 0) or 64)
         self.info = info or {}  # the artifact's record (marked, reasons) when one is served
         self._count_lock = threading.Lock()
 
-    # --- classification --------------------------------------------------------------------------------
+    def run(self, texts: list[str]) -> list[Any]:
+        """One micro-batch: translations for a task that generates, else the predictor's answers."""
+        return self.translate(texts) if self.spec.generates else self.predict(texts)
+
+    # --- a text in, a head's output out -------------------------------------------------------------------
     def predict(self, texts: list[str]) -> list[dict[str, Any]]:
-        """Per text, in order, its label and each label's score (or its value, for a regression task)."""
+        """Per text, in order, the predictor's answer without the text: label and scores, value, or entities."""
         results = self.predictor.predict(list(texts), batch_size=max(1, len(texts)))
         return [{k: v for k, v in r.items() if k != "text"} for r in results]
 
@@ -90,20 +100,17 @@ class ServedModel:
         return sum(self.count_tokens([m["content"] for m in messages], truncate=False))
 
 
-def _prompt_lengths(record: dict[str, Any]) -> Baseline | None:
-    """The input-length baseline of a chat or translation run: the characters of each evaluation prompt's last
-    user turn (chat) or source text (translation), as the server measures requests. None when the run's data
-    can no longer be read."""
+def _prompt_lengths(record: dict[str, Any], home: Path) -> Baseline | None:
+    """The input-length baseline of a generating run (chat, translation): the characters of each evaluation
+    prompt's last user turn (chat) or source text (translation), as the server measures requests. None when
+    the run's data can no longer be read."""
     from ..config import Config
+    from ..tasks import task_of
     from ..tasks.generation import prompt_and_reference
 
     try:
         config = Config.from_dict(record["config"])
-        if config.task == CHAT:
-            from ..tasks.chat import load_chat_data as load
-        else:
-            from ..tasks.seq2seq import load_seq2seq_data as load
-        held = load(config.data, config.train.seed).eval
+        held = task_of(config).load_data(config, home).eval
     except Exception:  # the data moved or changed since training: no drift signal, the server still runs
         return None
     lengths = [len(prompt_and_reference(conv)[0][-1]["content"]) for conv in held]
@@ -118,17 +125,18 @@ def load_served_model(run: str = "latest", home: str | Path | None = None, artif
     store = RunStore(home)
     record = store.get(run)
     predictor = load_predictor(record["id"], store.home)
-    if task_of(predictor) == CLASSIFICATION and hasattr(predictor, "model"):
+    spec = task_row(predictor)
+    if not spec.generates and hasattr(predictor, "model"):
         predictor.model = merge_adapters(predictor.model)
     if not artifact or artifact == "fp32":
         return ServedModel(predictor, record["id"])
-    if task_of(predictor) != CLASSIFICATION:
-        raise WorkbenchError(f"run {record['id']} is a {task_of(predictor)} run: optimised artifacts exist for "
-                             "classification runs only; serve it without --artifact")
+    if not spec.optimizable:
+        raise WorkbenchError(f"run {record['id']} is a {spec.name} run: optimised artifacts exist for "
+                             f"{' and '.join(tasks_where(optimizable=True))} runs only; serve it without --artifact")
     from .artifacts import apply_artifact
 
     predictor, info = apply_artifact(predictor, Path(record["dir"]), artifact)
-    return ServedModel(predictor, record["id"], artifact, info)
+    return ServedModel(predictor, record["id"], artifact, info, task=spec.name)
 
 
 # --- the run's evaluation split ---------------------------------------------------------------------------
@@ -144,15 +152,20 @@ def predictions_file(record: dict[str, Any]) -> Path | None:
     return path if best is not None and path.is_file() else None
 
 
-def drift_baseline(record: dict[str, Any]) -> Baseline | None:
-    """Predicted labels (or values, for text regression) from the run's best evaluation and the evaluation
-    texts' lengths (characters); for chat and translation runs, the lengths of the evaluation prompts."""
-    if (record.get("config") or {}).get("task") in (CHAT, SEQ2SEQ):
-        return _prompt_lengths(record)
+def drift_baseline(record: dict[str, Any], home: str | Path | None = None) -> Baseline | None:
+    """What the served answers are compared with, from the run's best evaluation: predicted labels (or values,
+    for text regression; entity types, for token classification) and the evaluation texts' lengths
+    (characters); for a generating run (chat, translation), the lengths of the evaluation prompts."""
+    spec = task_spec((record.get("config") or {}).get("task") or DEFAULT_TASK)
+    if spec.generates:
+        return _prompt_lengths(record, Path(home) if home else Path(record["dir"]).parents[1])
     preds = predictions_file(record)
     if preds is None:
         return None
     rows = json.loads(preds.read_text())["rows"]
+    if spec.kind == "tokens":  # a tag per token: the entities' types are what the server counts
+        return Baseline.from_eval([span["type"] for r in rows for span in r.get("predicted_spans", ())],
+                                  [len(r["text"]) for r in rows], str(preds))
     try:  # the full texts (the predictions file keeps the first 600 characters of each)
         texts = eval_split(record)[0]
         if len(texts) != len(rows):

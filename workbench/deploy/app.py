@@ -1,23 +1,30 @@
 """The HTTP API: a FastAPI app wrapped in one ASGI guard.
 
 The guard, outermost, does for every request what must never be forgotten by a route: the API key
-(every route but /healthz; `Authorization: Bearer KEY`, compared in constant time), the body size limit
-(Content-Length first, then the bytes actually received), the request count by route and status, the
-latency histogram and the in-flight gauge. Routes answer errors as JSON `{"error": {"message", "type",
-"limit"}}`; an unexpected exception becomes a 500 with one line and no input text in it, and its traceback
-(frames only: an exception's message may quote the input) goes to the server log. Request log lines (logger
-`workbench.serve`) hold route, status, latency and counts; input text only with `log_text=True`.
+(every route but /healthz, /docs and /openapi.json; `Authorization: Bearer KEY`, compared in constant time),
+the body size limit (Content-Length first, then the bytes actually received), the request count by route and
+status, the latency histogram and the in-flight gauge. Routes answer errors as JSON `{"error": {"message",
+"type", "limit"}}`; an unexpected exception becomes a 500 with one line and no input text in it, and its
+traceback (frames only: an exception's message may quote the input) goes to the server log. Request log lines
+(logger `workbench.serve`) hold route, status, latency and counts; input text only with `log_text=True`.
 
 With `allowed_hosts` set (what `serve --no-api-key` does: the loopback names), the guard also refuses a
-foreign Host (DNS rebinding) and requests sent by pages of other sites (connections.py). Texts are checked
-before any tokenizer sees them (inputs.py: unpaired surrogates, NUL, deep JSON, huge integers: 422 naming
-the field); the micro-batcher bounds its queue (503 with Retry-After) and each request's wait (504).
+foreign Host (DNS rebinding) and requests sent by pages of other sites (connections.py). The micro-batcher
+bounds its queue (503 with Retry-After) and each request's wait (504).
 
-Routes: GET /healthz, /readyz, /metrics, /v1/models; POST /v1/classify, /v1/translate,
-/v1/chat/completions (OpenAI-compatible, `stream: true` as server-sent events).
+Bodies are Pydantic models (bodies.py), declared on the handlers: FastAPI validates each request against its
+model (a refusal is the one-line error above, 422 or 413 naming the limit) and /docs shows them. Before
+FastAPI reads a body, `CheckedRoute` parses it with `inputs.parse_json` (bounded nesting and integers, UTF-8),
+and the models check every text before any tokenizer sees it (unpaired surrogates, NUL).
+
+Routes: GET /healthz, /readyz, /metrics, /v1/models, /docs, /openapi.json; POST /v1/classify, /v1/translate,
+/v1/ner (the text routes: `TEXT_ROUTES`), /v1/chat/completions (OpenAI-compatible, `stream: true` as
+server-sent events). A run answers on its task's route (its row's `route` in the task table); another task's
+route is a 404 naming the right one.
+
+(No `from __future__ import annotations` here: each app's request models are built from its limits, and the
+handlers' annotations must name them when the handlers are defined, for FastAPI to read.)
 """
-
-from __future__ import annotations
 
 import asyncio
 import json
@@ -29,21 +36,23 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
-from fastapi import Request  # at module level: FastAPI resolves route annotations in this module's globals
+from fastapi import Depends, Request
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
+from pydantic import BaseModel
 
-from .adapter import CHAT, CLASSIFICATION, SEQ2SEQ, ServedModel
+from . import bodies
+from .adapter import ServedModel
 from .batching import MicroBatcher, QueueFull, QueueTimeout
 from .connections import cross_site_problem
-from .inputs import InputError, check_text, parse_json
+from .inputs import InputError, parse_json
 from .keys import keys_match
 from .monitor import Baseline, ServerMetrics
 
 log = logging.getLogger("workbench.serve")
 
-ROUTES = {"/healthz": "healthz", "/readyz": "readyz", "/metrics": "metrics", "/v1/models": "models",
-          "/v1/classify": "classify", "/v1/translate": "translate", "/v1/chat/completions": "chat"}
-TASK_ROUTE = {CLASSIFICATION: "/v1/classify", CHAT: "/v1/chat/completions", SEQ2SEQ: "/v1/translate"}
+CHAT_ROUTE = "/v1/chat/completions"
+OPEN_ROUTES = ("/healthz", "/docs", "/openapi.json")  # answered without the key: nothing in them is private
 
 
 @dataclass
@@ -142,7 +151,7 @@ class Guard:
             problem = cross_site_problem(headers, self.settings.allowed_hosts)
             if problem:
                 return ApiError(403, problem, "permission_error", "allowed_hosts")
-        if path != "/healthz" and self.api_key is not None:
+        if path not in OPEN_ROUTES and self.api_key is not None:
             auth = headers.get(b"authorization", b"").decode("latin-1")
             scheme, _, given = auth.partition(" ")
             if scheme.lower() != "bearer" or not keys_match(given.strip(), self.api_key):
@@ -244,27 +253,55 @@ class ServerState:
         """One micro-batch on the model thread: the outputs, and the token counts for /metrics."""
         served = self.ready()
         self.metrics.tokens_in.inc(sum(served.count_tokens(texts)))
-        if served.task == SEQ2SEQ:
-            outputs = served.translate(texts)
+        outputs = served.run(texts)
+        if served.spec.generates:
             self.metrics.tokens_out.inc(sum(served.count_tokens(outputs, truncate=False)))
-            return outputs
-        return served.predict(texts)
+        return outputs
+
+    def serving(self, path: str) -> Callable[[], Awaitable[ServedModel]]:
+        """A dependency of the route at `path`: the loaded model, when its task answers there (else a 404 naming
+        the route it answers on; a 503 while it loads). It runs before the body is validated."""
+
+        async def served() -> ServedModel:
+            model = self.ready()
+            if model.route != path:
+                raise ApiError(404, f"run {model.run_id} is a {model.task} run: it answers on {model.route}, not "
+                                    f"{path}", "not_found")
+            return model
+
+        return served
 
 
-# --- input checks ----------------------------------------------------------------------------------------
+# --- requests in, answers out ----------------------------------------------------------------------------
 
-def _json_body(raw: bytes) -> dict[str, Any]:
-    try:
-        return parse_json(raw)
-    except InputError as exc:
-        raise ApiError(422, str(exc)) from None
+class CheckedRequest(Request):
+    """A request whose JSON body is read by `inputs.parse_json` (bounded nesting and integers, UTF-8), once."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "checked_json"):
+            try:
+                self.checked_json = parse_json(await self.body())
+            except InputError as exc:
+                raise ApiError(422, str(exc)) from None
+        return self.checked_json
 
 
-def _text(text: str, field: str) -> str:
-    try:
-        return check_text(text, field)
-    except InputError as exc:
-        raise ApiError(422, str(exc)) from None
+class CheckedRoute(APIRoute):
+    """A route that reads its body as a CheckedRequest before FastAPI validates it against the route's model:
+    FastAPI answers any failure while it reads a body as a wordless 400, so the body is parsed first, here,
+    where a refusal is the 422 naming the problem."""
+
+    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+        handle = super().get_route_handler()
+        takes_body = self.body_field is not None
+
+        async def checked(request: Request) -> Response:
+            request = CheckedRequest(request.scope, request.receive)
+            if takes_body:
+                await request.json()
+            return await handle(request)
+
+        return checked
 
 
 async def _queued(work: Awaitable[Any]) -> Any:
@@ -280,88 +317,52 @@ async def _queued(work: Awaitable[Any]) -> Any:
                        "request_timeout_s") from None
 
 
-def _texts(data: dict[str, Any], settings: ServeSettings) -> list[str]:
-    texts = data.get("texts")
-    if texts is None:
-        raise ApiError(422, 'field "texts" is missing: send {"texts": ["a text", ...]}')
-    if not isinstance(texts, list) or not texts:
-        raise ApiError(422, 'field "texts" must be a non-empty list of strings: {"texts": ["a text", ...]}')
-    if len(texts) > settings.max_texts:
-        raise ApiError(413, f"{len(texts)} texts is more than max_texts={settings.max_texts}: send at most "
-                            f"{settings.max_texts} per request", "limit_exceeded", "max_texts")
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise ApiError(422, f"texts[{i}] is a {type(t).__name__}: every text must be a string")
-        if not t.strip():
-            raise ApiError(422, f"texts[{i}] is empty: send text to process")
-        if len(t) > settings.max_chars:
-            raise ApiError(413, f"texts[{i}] has {len(t)} characters, more than max_chars={settings.max_chars}: "
-                                "shorten it or split it", "limit_exceeded", "max_chars")
-        _text(t, f"texts[{i}]")
-    return texts
+def _observe(metrics: ServerMetrics, outputs: list[Any]) -> None:
+    """What /metrics and drift count of a text route's answers: labels, values (regression), entity types."""
+    answers = [o for o in outputs if isinstance(o, dict)]
+    metrics.observe_labels([a["label"] for a in answers if "label" in a]
+                           + [e["type"] for a in answers for e in a.get("entities", ())])
+    metrics.observe_values([a["value"] for a in answers if "value" in a])
 
 
-def _messages(data: dict[str, Any], settings: ServeSettings) -> list[dict[str, str]]:
-    messages = data.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(422, 'field "messages" must be a non-empty list: [{"role": "user", "content": "..."}]')
-    if len(messages) > settings.max_messages:
-        raise ApiError(413, f"{len(messages)} messages is more than max_messages={settings.max_messages}",
-                       "limit_exceeded", "max_messages")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise ApiError(422, f"messages[{i}] needs a role of system, user or assistant")
-        content = m.get("content")
-        if isinstance(content, list):  # OpenAI content parts: text parts only
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise ApiError(422, f"messages[{i}].content: only text parts are supported")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise ApiError(422, f"messages[{i}].content must be a string")
-        if len(content) > settings.max_chars:
-            raise ApiError(413, f"messages[{i}] has {len(content)} characters, more than "
-                                f"max_chars={settings.max_chars}", "limit_exceeded", "max_chars")
-        _text(content, f"messages[{i}].content")
-        out.append({"role": m["role"], "content": content})
-    if out[-1]["role"] != "user":
-        raise ApiError(422, "the last message must come from the user: the model answers it")
-    if not out[-1]["content"].strip():
-        raise ApiError(422, "the last user message is empty: ask something")
-    return out
+@dataclass(frozen=True)
+class TextRoute:
+    """What differs between the text routes (each takes {"texts": [...]} to the micro-batcher): the answer's
+    model, and how the served model's outputs are wrapped in it."""
+
+    summary: str
+    response: type[BaseModel]
+    wrap: Callable[[ServedModel, list[str], list[Any]], dict[str, Any]]
 
 
-def _max_tokens(data: dict[str, Any], served: ServedModel, settings: ServeSettings) -> int:
-    value = data.get("max_tokens", data.get("max_completion_tokens"))
-    if value is None:
-        return min(served.max_new_tokens, settings.max_tokens)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ApiError(422, f"max_tokens must be a whole number >= 1, got {value!r}")
-    if value > settings.max_tokens:
-        raise ApiError(422, f"max_tokens={value} is more than the server's limit max_tokens={settings.max_tokens}: "
-                            "ask for fewer", "limit_exceeded", "max_tokens")
-    return value
+TEXT_ROUTES: dict[str, TextRoute] = {
+    "/v1/classify": TextRoute(
+        "A label and each label's score per text (a value per text, for text regression)",
+        bodies.ClassifyResponse,
+        lambda served, texts, outputs: {"model": served.run_id, "artifact": served.artifact, "results": outputs}),
+    "/v1/translate": TextRoute(
+        "A translation per text", bodies.TranslateResponse,
+        lambda served, texts, outputs: {"model": served.run_id, "translations": outputs}),
+    "/v1/ner": TextRoute(
+        "The entities of each text, with character offsets", bodies.NerResponse,
+        lambda served, texts, outputs: {"model": served.run_id, "results": [
+            {"text": text, "entities": out["entities"]} for text, out in zip(texts, outputs)]}),
+}
 
 
-def _sampling(data: dict[str, Any]) -> tuple[float, float]:
-    """(temperature, top_p) of a chat request. Without `temperature` the answer is greedy (temperature 0:
-    the same answer every time, as the run was evaluated), where OpenAI's own default is 1."""
-    t = data.get("temperature")
-    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 2):
-        raise ApiError(422, f"temperature must be a number from 0 to 2, got {t!r}")
-    p = data.get("top_p")
-    if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1):
-        raise ApiError(422, f"top_p must be a number above 0 and at most 1, got {p!r}")
-    n = data.get("n", 1)
-    if n not in (1, None):
-        raise ApiError(422, f"n={n!r}: this server returns one choice per request; send n=1")
-    return float(t or 0.0), float(1.0 if p is None else p)
+def route_label(path: str) -> str:
+    """A route's name in /metrics and the log: its first word after /v1/ ("/v1/chat/completions" -> chat)."""
+    parts = path.strip("/").split("/")
+    return parts[1] if parts[0] == "v1" else parts[0]
 
 
-def _wrong_task(served: ServedModel, path: str) -> ApiError:
-    return ApiError(404, f"run {served.run_id} is a {served.task} run: it answers on {TASK_ROUTE[served.task]}, "
-                         f"not {path}", "not_found")
+ROUTES = {path: route_label(path) for path in ("/healthz", "/readyz", "/metrics", "/v1/models", *TEXT_ROUTES,
+                                                CHAT_ROUTE)}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": bodies.ErrorBody, "description": words} for status, words in [
+        (401, "no key, or a wrong one"), (404, "another task's route: the message names this run's"),
+        (413, "a limit passed: the body, max_texts, max_chars, max_messages"), (422, "a body the model refuses"),
+        (503, "the model is loading, or the queue is full (Retry-After)"), (504, "no answer within the deadline")]}
 
 
 # --- the app ---------------------------------------------------------------------------------------------
@@ -376,16 +377,27 @@ def create_app(loader: Callable[[], ServedModel] | ServedModel, settings: ServeS
     `api_key=None` switches authentication off (the caller allows that on loopback only).
     """
     from fastapi import FastAPI
+    from fastapi.security import HTTPBearer
 
     settings = settings or ServeSettings()
     metrics = ServerMetrics()
     state = ServerState(settings, metrics)
-    app = FastAPI(title="LLM Workbench serving API", lifespan=_lifespan(loader, state, baseline), docs_url=None,
-                  redoc_url=None, openapi_url=None)
+    app = FastAPI(title="LLM Workbench serving API", version="1", lifespan=_lifespan(loader, state, baseline),
+                  description="One trained run, served: the routes of its task answer, the others say which "
+                              "route it answers on. Every route but /healthz, /docs and /openapi.json needs "
+                              "`Authorization: Bearer <key>` (the Authorize button).",
+                  docs_url="/docs", redoc_url=None, openapi_url="/openapi.json", swagger_ui_oauth2_redirect_url=None,
+                  strict_content_type=False)  # a body sent without a Content-Type is read as JSON
+    app.router.route_class = CheckedRoute
+    # the guard checks the key; declared here so the schema shows it and /docs sends it
+    keyed = [Depends(HTTPBearer(auto_error=False, description="the server's API key"))]
+    requests = bodies.request_bodies(settings.max_texts, settings.max_chars, settings.max_messages,
+                                     settings.max_tokens)
     _add_error_handlers(app, settings)
-    _add_info_routes(app, state)
-    _add_text_routes(app, state)
-    _add_chat_route(app, state)
+    _add_info_routes(app, state, keyed)
+    for path, route in TEXT_ROUTES.items():
+        _add_text_route(app, state, keyed, path, route, requests.texts)
+    _add_chat_route(app, state, keyed, requests.chat)
     return Guard(app, api_key, settings, metrics), state
 
 
@@ -447,7 +459,13 @@ def _add_error_handlers(app: Any, settings: ServeSettings) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error_response(ApiError(422, "malformed request: check the fields and their types"))
+        errors = exc.errors()
+        if not errors:
+            return _error_response(ApiError(422, "malformed request: check the fields and their types"))
+        refused = bodies.refusal(errors[0])  # the first problem, in words; the client fixes one at a time
+        return _error_response(ApiError(refused.status, refused.message,
+                                        "limit_exceeded" if refused.limit else "invalid_request_error",
+                                        refused.limit))
 
     @app.exception_handler(BodyTooLarge)
     async def _body_too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
@@ -464,24 +482,28 @@ def _add_error_handlers(app: Any, settings: ServeSettings) -> None:
                                              "log)", "internal_error"))
 
 
-def _add_info_routes(app: Any, state: ServerState) -> None:
-    @app.get("/healthz")
+def _add_info_routes(app: Any, state: ServerState, keyed: list[Any]) -> None:
+    @app.get("/healthz", response_model=bodies.Health, summary="The process answers (no key needed)")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", response_model=bodies.Ready, summary="The model is loaded", dependencies=keyed,
+             responses={503: ERRORS[503]})
     async def readyz() -> dict[str, Any]:
         served = state.ready()
-        return {"status": "ready", "run": served.run_id, "task": served.task, "artifact": served.artifact,
-                "marked": bool(served.info.get("marked"))}
+        return {"status": "ready", "run": served.run_id, "task": served.task, "route": served.route,
+                "artifact": served.artifact, "marked": bool(served.info.get("marked"))}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, dependencies=keyed,
+             summary="Prometheus metrics: requests, latency, batches, tokens, labels, drift",
+             responses={200: {"content": {"text/plain": {}}, "description": "the Prometheus text format"}})
     async def metrics_route() -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
 
         return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=bodies.ModelList, summary="The served run, as OpenAI lists models",
+             dependencies=keyed, responses={503: ERRORS[503]})
     async def models() -> dict[str, Any]:
         served = state.ready()
         return {"object": "list", "data": [{"id": served.run_id, "object": "model", "created": state.created,
@@ -489,59 +511,46 @@ def _add_info_routes(app: Any, state: ServerState) -> None:
                                             "artifact": served.artifact}]}
 
 
-def _add_text_routes(app: Any, state: ServerState) -> None:
+def _add_text_route(app: Any, state: ServerState, keyed: list[Any], path: str, route: TextRoute,
+                    body_model: type[BaseModel]) -> None:
+    """One text route: {"texts": [...]} through the micro-batcher, the outputs wrapped as `route` says."""
     settings, metrics = state.settings, state.metrics
 
-    @app.post("/v1/classify")
-    async def classify(request: Request) -> dict[str, Any]:
-        served = state.ready()
-        if served.task != CLASSIFICATION:
-            raise _wrong_task(served, "/v1/classify")
-        texts = _texts(_json_body(await request.body()), settings)
+    async def answer(body: body_model, served: ServedModel = Depends(state.serving(path))) -> dict[str, Any]:
+        texts = body.texts
         metrics.observe_inputs([len(t) for t in texts])
         if settings.log_text:
-            log.info("classify texts: %s", json.dumps(texts)[:2000])
-        results = await _queued(state.batcher.submit(texts))
-        metrics.texts.inc(len(texts))
-        metrics.observe_labels([r["label"] for r in results if "label" in r])
-        metrics.observe_values([r["value"] for r in results if "value" in r])
-        return {"model": served.run_id, "artifact": served.artifact, "results": results}
-
-    @app.post("/v1/translate")
-    async def translate(request: Request) -> dict[str, Any]:
-        served = state.ready()
-        if served.task != SEQ2SEQ:
-            raise _wrong_task(served, "/v1/translate")
-        texts = _texts(_json_body(await request.body()), settings)
-        metrics.observe_inputs([len(t) for t in texts])
-        if settings.log_text:
-            log.info("translate texts: %s", json.dumps(texts)[:2000])
+            log.info("%s texts: %s", ROUTES[path], json.dumps(texts)[:2000])
         outputs = await _queued(state.batcher.submit(texts))
         metrics.texts.inc(len(texts))
-        return {"model": served.run_id, "translations": outputs}
+        _observe(metrics, outputs)
+        return route.wrap(served, texts, outputs)
+
+    app.post(path, name=ROUTES[path], summary=route.summary, response_model=route.response, dependencies=keyed,
+             responses=ERRORS)(answer)
 
 
-def _add_chat_route(app: Any, state: ServerState) -> None:
+def _add_chat_route(app: Any, state: ServerState, keyed: list[Any], body_model: type[BaseModel]) -> None:
     from fastapi.responses import StreamingResponse
 
     settings, metrics = state.settings, state.metrics
+    events = {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+              "description": "with stream: true, server-sent events of chat.completion.chunk, then [DONE]"}
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> Any:
-        served = state.ready()
-        if served.task != CHAT:
-            raise _wrong_task(served, "/v1/chat/completions")
-        data = _json_body(await request.body())
-        messages = _messages(data, settings)
-        max_tokens = _max_tokens(data, served, settings)
-        temperature, top_p = _sampling(data)
+    @app.post(CHAT_ROUTE, name=ROUTES[CHAT_ROUTE], summary="An OpenAI chat completion", response_model=bodies.ChatCompletion,
+              dependencies=keyed, responses={**ERRORS, 200: events})
+    async def chat(body: body_model, served: ServedModel = Depends(state.serving(CHAT_ROUTE))) -> Any:
+        messages = [{"role": m.role, "content": m.content} for m in body.messages]
+        asked = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
+        max_tokens = asked or min(served.max_new_tokens, settings.max_tokens)
+        temperature, top_p = float(body.temperature or 0.0), float(1.0 if body.top_p is None else body.top_p)
         if settings.log_text:
             log.info("chat messages: %s", json.dumps(messages)[:2000])
         metrics.observe_inputs([len(messages[-1]["content"])])
         prompt_tokens = served.count_prompt_tokens(messages)
         metrics.tokens_in.inc(prompt_tokens)
         completion_id, created = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
-        if data.get("stream"):
+        if body.stream:
             return StreamingResponse(
                 _stream(served, metrics, messages, max_tokens, completion_id, created, (temperature, top_p)),
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -1,7 +1,10 @@
 """What a request body may hold before any of it reaches a tokenizer: JSON of bounded depth and number size,
 and texts that every tokenizer can encode.
 
-Each check raises `InputError` with a message naming the field and the fix; the server answers it with 422.
+`parse_json` runs before FastAPI sees a body (app.py's route class); `text_problem` is the check the request
+models (bodies.py) run on every text. A problem is a message naming the field and the fix; the server answers
+it with 422.
+
 Why these: a lone UTF-16 surrogate (`"\\ud800"`) is valid JSON and a valid Python `str`, but no UTF-8 encoder
 takes it, so a fast tokenizer raises on it (a TypeError from `tokenizers`); a NUL byte cuts a text short in
 C-based tokenizers (sentencepiece). JSON nested 100,000 deep raises RecursionError in `json.loads`, and an
@@ -66,14 +69,21 @@ def nesting_depth(value: Any, limit: int) -> int:
     return deepest
 
 
-def check_text(text: str, field: str) -> str:
-    """`text` unchanged when every tokenizer can take it; else InputError naming `field` and the position."""
+def text_problem(text: str) -> str | None:
+    """What keeps a tokenizer from taking `text` (to follow the field's name in a message), or None."""
     bad = SURROGATE.search(text)
     if bad:
-        raise InputError(f"{field} holds an unpaired UTF-16 surrogate (U+{ord(bad.group()):04X}) at character "
-                         f"{bad.start()}: it is not text any encoder accepts; send valid Unicode (UTF-8)")
+        return (f"holds an unpaired UTF-16 surrogate (U+{ord(bad.group()):04X}) at character {bad.start()}: it is "
+                "not text any encoder accepts; send valid Unicode (UTF-8)")
     bad = FORBIDDEN_CONTROL.search(text)
     if bad:
-        raise InputError(f"{field} holds a NUL character at character {bad.start()}: remove it (binary data is "
-                         "not text)")
+        return f"holds a NUL character at character {bad.start()}: remove it (binary data is not text)"
+    return None
+
+
+def check_text(text: str, field: str) -> str:
+    """`text` unchanged when every tokenizer can take it; else InputError naming `field` and the position."""
+    problem = text_problem(text)
+    if problem:
+        raise InputError(f"{field} {problem}")
     return text

@@ -1,4 +1,4 @@
-"""What the server and the optimiser both read from a trained run: its task kind, tokenizer, merged model and
+"""What the server and the optimiser both read from a trained run: its task's row, tokenizer, merged model and
 evaluation split (adapter.py serves it, artifacts.py makes faster artifacts of it)."""
 
 from __future__ import annotations
@@ -8,15 +8,23 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import WorkbenchError
+from ..task_table import DEFAULT_TASK, TaskSpec, task_spec
 
-CLASSIFICATION, CHAT, SEQ2SEQ = "classification", "chat", "seq2seq"
+
+def task_row(predictor: Any) -> TaskSpec:
+    """The task-table row of a predictor's task (its `.task`). A predictor that names none classifies texts:
+    the optimised artifacts' predictors (artifacts.py) are plain sequence classifiers."""
+    return task_spec(getattr(predictor, "task", None) or DEFAULT_TASK)
+
+
+# deploy/artifacts.py still compares `task_of(predictor) != CLASSIFICATION`; it can read
+# `task_row(predictor).optimizable` instead, and then these two go
+CLASSIFICATION = DEFAULT_TASK
 
 
 def task_of(predictor: Any) -> str:
-    task = getattr(predictor, "task", None)
-    if task in (CHAT, SEQ2SEQ):
-        return task
-    return CLASSIFICATION
+    """The name of a predictor's task (see `task_row`)."""
+    return task_row(predictor).name
 
 
 def tokenizer_of(predictor: Any) -> Any:
@@ -39,9 +47,9 @@ def eval_split(record: dict[str, Any]) -> tuple[list[str], list[int], list[str]]
     from ..data import prepare
 
     config = Config.from_dict(record["config"])
-    if config.task != "text-classification":
-        raise WorkbenchError(f"run {record['id']} is a task: {config.task} run: only classification runs have "
-                             "an evaluation split of labelled texts")
+    if not task_spec(config.task).classes:
+        raise WorkbenchError(f"run {record['id']} is a {config.task} run: only runs that give each text a class "
+                             "have an evaluation split of labelled texts")
     split = prepare(config.data, config.train.seed)
     model_dir = Path(record["dir"]) / "model"
     labels = json.loads((model_dir / "labels.json").read_text()) if (model_dir / "labels.json").is_file() \

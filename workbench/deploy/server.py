@@ -156,7 +156,7 @@ def _serve(run: str, home: str | Path | None, host: str, port: int, artifact: st
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     app, state = create_app(lambda: load_served_model(run_id, store.home, artifact), settings, key,
-                            baseline=lambda served: drift_baseline(record))
+                            baseline=lambda served: drift_baseline(record, store.home))
     server = uvicorn.Server(uvicorn_config(app, settings, drain_seconds))
     state_path = private_dir(deploy_dir(run_dir)) / STATE_FILE
     write_key_file(state_path, json.dumps({
@@ -166,6 +166,7 @@ def _serve(run: str, home: str | Path | None, host: str, port: int, artifact: st
     echo(f"serving run {run_id} ({artifact or 'fp32'}) at {url}")
     announce_key(key, created, key_file, echo, terminal)
     echo(f"try: curl -H 'Authorization: Bearer <key>' {url}/readyz   (Ctrl-C or SIGTERM stops it, draining)")
+    echo(f"the API, its bodies and their limits: {url}/docs")
     if threading.current_thread() is threading.main_thread():
         # uvicorn drains on SIGTERM, then re-raises it with the handler found at start: a no-op here, so the
         # process ends normally (exit 0, its server.json removed) instead of dying on the re-raised signal
