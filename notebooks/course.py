@@ -172,10 +172,11 @@ def chat_config(name: str, source: str = "chatterbot", system_prompt: str | None
     return Config.from_dict(raw)
 
 
-def wait_for_eval(handle: Any, step: int = 0, timeout: float = 1800) -> dict[str, Any]:
+def wait_for_eval(handle: Any, step: int = 0, timeout: float | None = None) -> dict[str, Any]:
     """The evaluation point of a launched run at `step` (0: the base model, before any training step),
-    waiting while the run gets there (on 2 busy cores the first evaluation took 13 minutes, 40 s when quiet)."""
-    deadline = time.monotonic() + timeout
+    waiting on the run's state, not on a clock: until the point exists or the run has ended (on 2 busy cores
+    the first evaluation took 13 minutes, 40 s when quiet). `timeout` (seconds) gives up earlier."""
+    deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         found = [p for p in handle.points("eval") if p["step"] == step]
         if found:
@@ -184,7 +185,7 @@ def wait_for_eval(handle: Any, step: int = 0, timeout: float = 1800) -> dict[str
         if record["status"] in ("completed", "failed", "stopped"):
             raise RuntimeError(f"run {handle.id} ended {record['status']} before its step-{step} evaluation: "
                                f"{record['error'] or 'see ' + str(handle.log_path)}")
-        if time.monotonic() > deadline:
+        if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"no step-{step} evaluation of run {handle.id} after {timeout:.0f} s: "
                                f"see {handle.log_path}")
         time.sleep(1)

@@ -199,12 +199,13 @@ class MethodLadder(W.VBox):
             self._stop.disabled = not going
             return going
 
-    def wait(self, timeout: float = 600.0, poll: float = 0.5) -> str:
-        """Block until the ladder ends (scripts, notebooks, tests); returns its status."""
+    def wait(self, timeout: float | None = None, poll: float = 0.5) -> str:
+        """Block until the ladder ends (scripts, notebooks, tests); returns its status. Waits on the ladder's
+        state, however slow the machine; `timeout` (seconds) gives up earlier and returns the status then."""
         import time
 
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while deadline is None or time.monotonic() < deadline:
             if self.status == "idle" and self.error:
                 return self.status
             if self.status not in ACTIVE and self.ladder_id:
