@@ -13,6 +13,7 @@ import traitlets as T
 
 from workbench import WorkbenchError
 from workbench.config import MAX_NEW_TOKENS
+from workbench.run_paths import RunPaths
 from workbench.store import RunStore
 from workbench.task_table import tasks_where
 
@@ -105,7 +106,7 @@ class ChatPlayground(W.VBox):
             self.error = f"could not read the runs ({type(exc).__name__}: {exc})"
             return
         ready = [r for r in records if (r.get("config") or {}).get("task") in CONVERSATION_TASKS
-                 and (Path(r["dir"]) / "model" / "trainable.safetensors").is_file()]
+                 and RunPaths.of(r).trainable.is_file()]
         self.runs = [r["id"] for r in ready]
         self._run.options = [(f"{r.get('name') or r['id']} ({r['id']}, held-out loss "
                               f"{(r.get('metrics') or {}).get('eval_loss', float('nan')):.3f})", r["id"])

@@ -27,6 +27,7 @@ import plotly.graph_objects as go
 import traitlets as T
 
 from workbench import WorkbenchError
+from workbench.run_paths import RunPaths
 from workbench.store import RunStore
 from workbench.task_table import DEFAULT_TASK, TASKS, task_spec
 
@@ -230,7 +231,7 @@ class DeployPanel(W.VBox):
         except Exception as exc:
             self.error = unexpected("could not read the runs", exc)
             return
-        ready = [r for r in records if (Path(r["dir"]) / "model" / "trainable.safetensors").is_file()]
+        ready = [r for r in records if RunPaths.of(r).trainable.is_file()]
         self._tasks = {r["id"]: (r.get("config") or {}).get("task", DEFAULT_TASK) for r in ready}
         self.runs = [r["id"] for r in ready]
         names = {r["id"]: r.get("name") for r in ready}

@@ -26,6 +26,7 @@ import ipywidgets as W
 import plotly.graph_objects as go
 import traitlets as T
 
+from workbench.run_paths import RunPaths
 from workbench.store import FINAL_STATUSES, RunStore
 
 from . import _style as S
@@ -239,7 +240,7 @@ class EntitiesView(W.VBox):
     def _rows(self, step: int) -> list[dict[str, Any]]:
         key = (self.run_id, int(step))
         if key not in self._rows_cache:
-            path = self.store.run_dir(self.run_id) / "eval" / f"step-{int(step)}.json"
+            path = RunPaths(self.store.run_dir(self.run_id)).eval_step(int(step))
             try:
                 rows = json.loads(path.read_text(encoding="utf-8")).get("rows", [])
             except (OSError, ValueError) as exc:

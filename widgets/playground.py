@@ -18,6 +18,7 @@ import ipywidgets as W
 import traitlets as T
 
 from workbench import WorkbenchError
+from workbench.run_paths import RunPaths
 from workbench.store import RunStore
 from workbench.task_table import DEFAULT_TASK, TASKS
 
@@ -50,8 +51,7 @@ def task_of(record: dict[str, Any]) -> Any:
 def answers_here(record: dict[str, Any]) -> bool:
     """Whether the Playground answers with this run: a task that does not generate, and a trained model."""
     spec = task_of(record)
-    return spec is not None and not spec.generates and (Path(record["dir"]) / "model" /
-                                                        "trainable.safetensors").is_file()
+    return spec is not None and not spec.generates and RunPaths.of(record).trainable.is_file()
 
 
 class Playground(W.VBox):

@@ -16,6 +16,7 @@ import ipywidgets as W
 import plotly.graph_objects as go
 import traitlets as T
 
+from workbench.run_paths import RunPaths
 from workbench.store import FINAL_STATUSES, RunStore
 
 from . import _style as S
@@ -100,7 +101,7 @@ class RegressionView(W.VBox):
         return bool(new)
 
     def _rows(self, step: int) -> list[dict[str, Any]]:
-        path = self.store.run_dir(self.run_id) / "eval" / f"step-{step}.json"
+        path = RunPaths(self.store.run_dir(self.run_id)).eval_step(step)
         try:
             rows = json.loads(path.read_text(encoding="utf-8")).get("rows", [])
         except (OSError, ValueError) as exc:
