@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workbench.models.vocabulary import add_missing_characters, missing_characters
+from workbench.models.vocabulary import add_missing_characters, extend_vocabulary, missing_characters
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b", "c", "中", "，", "。"]
 TEXTS = ["中国人民，中国。", "人民日报 abc", "北京人"]  # 人 x3, 民 x2, 国 x2, 日 报 北 京 x1
@@ -99,3 +99,23 @@ def test_save_and_reload_keep_the_new_ids(tokenizer, tmp_path):
     assert tok2(text, is_split_into_words=True)["input_ids"] == ids
     with torch.no_grad():
         assert torch.allclose(model2(input_ids=torch.tensor([ids])).logits, logits, atol=1e-6)
+
+
+def test_a_reloaded_run_gets_the_same_ids_from_the_kept_list(tokenizer):
+    from transformers import BertTokenizer
+
+    trained = tiny_bert()
+    added = add_missing_characters(tokenizer, trained, TEXTS)
+    fresh_tokenizer = BertTokenizer(vocab={token: i for i, token in enumerate(VOCAB)}, do_lower_case=True)
+    fresh = tiny_bert()
+    assert extend_vocabulary(fresh_tokenizer, fresh, added) == added
+    text = list("北京人民日报")
+    assert (fresh_tokenizer(text, is_split_into_words=True)["input_ids"]
+            == tokenizer(text, is_split_into_words=True)["input_ids"])
+    assert fresh.get_input_embeddings().weight.shape == trained.get_input_embeddings().weight.shape
+
+
+def test_extend_vocabulary_skips_known_and_repeated_tokens(tokenizer):
+    model = tiny_bert()
+    assert extend_vocabulary(tokenizer, model, ["中", "人", "人", "a"]) == ["人"]
+    assert len(tokenizer) == model.get_input_embeddings().weight.shape[0] == len(VOCAB) + 1

@@ -40,18 +40,29 @@ def missing_characters(tokenizer: Any, texts: Iterable[str], min_count: int = 1)
 def add_missing_characters(tokenizer: Any, model: Any, texts: Iterable[str], min_count: int = 1) -> list[str]:
     """Add the characters of `texts` that `tokenizer` maps to its unknown token; return those added.
 
-    Each one becomes a token of its own (`tokenizer.add_tokens`), and `model`'s input embedding grows to match
-    (`resize_token_embeddings`), the new rows set to the mean of the existing ones so that a new character
-    starts as an average token rather than as noise. A tied output embedding grows with it. Both objects are
-    changed in place; save the tokenizer with the model, or the new ids mean nothing.
+    Training calls this; a run keeps the returned list so that loading it again calls `extend_vocabulary`
+    with the same characters in the same order (same ids) before the trained weights are loaded.
+    """
+    return extend_vocabulary(tokenizer, model, missing_characters(tokenizer, texts, min_count))
+
+
+def extend_vocabulary(tokenizer: Any, model: Any, tokens: list[str]) -> list[str]:
+    """Make each of `tokens` a token of its own, with an input-embedding row started at the mean embedding.
+
+    `tokenizer.add_tokens` gives the new ids (in the order given; ones already known are skipped), and
+    `model`'s input embedding grows to match (`resize_token_embeddings`), the new rows set to the mean of the
+    existing ones so that a new token starts as an average token rather than as noise. A tied output
+    embedding grows with it. Both objects are changed in place; returns the tokens actually added. The new
+    rows only learn when the input embedding is trained (a full fine-tune): under a method that freezes it
+    they all stay the same mean vector.
     """
     import torch
 
-    added = missing_characters(tokenizer, texts, min_count)
+    known = tokenizer.get_vocab()
+    added = [t for t in dict.fromkeys(tokens) if t not in known]
     if not added:
         return []
-    embeddings = model.get_input_embeddings()
-    old_rows = embeddings.weight.shape[0]
+    old_rows = model.get_input_embeddings().weight.shape[0]
     tokenizer.add_tokens(added)
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows set just below
     with torch.no_grad():
