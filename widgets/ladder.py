@@ -298,32 +298,36 @@ class MethodLadder(W.VBox):
 
     def _show_rows(self, change: Any = None) -> None:
         rows = self.rows
-        body = [[_fmt(key, r.get(key)) for _, key in TABLE] for r in rows + self.references]
-        self._table.value = S.table_html([t for t, _ in TABLE], body) if rows else S.message("no rungs yet", "muted")
-        trained = [r for r in rows if r["method"] not in ZERO_SHOT_METHODS and r.get("accuracy") is not None
+        metric = next((r["metric"] for r in rows if r.get("metric")), "accuracy")  # the task's headline figure
+        columns = TABLE if metric == "accuracy" else [c if c[1] != "accuracy" else (metric, "score") for c in TABLE
+                                                      if c[1] != "f1_macro"]
+        body = [[_fmt(key, r.get(key)) for _, key in columns] for r in rows + self.references]
+        self._table.value = S.table_html([t for t, _ in columns], body) if rows else S.message("no rungs yet", "muted")
+        self.fig.layout.yaxis.title.text = metric
+        trained = [r for r in rows if r["method"] not in ZERO_SHOT_METHODS and r.get("score") is not None
                    and r.get("trainable_params")]
         ensemble = [r for r in self.references if r["method"] == "ensemble" and r.get("trainable_params")]
         trained += ensemble  # the ensemble trains what its rung trained: a point above (or below) it
-        baselines = [r for r in rows if r["method"] in ZERO_SHOT_METHODS and r.get("accuracy") is not None]
-        baselines += [r for r in self.references if r["method"] == "classical" and r.get("accuracy") is not None]
+        baselines = [r for r in rows if r["method"] in ZERO_SHOT_METHODS and r.get("score") is not None]
+        baselines += [r for r in self.references if r["method"] == "classical" and r.get("score") is not None]
         with self.fig.batch_update():  # whole arrays each time (LiveFigure: a page opened late shows them too)
             trace = self.fig.data[0]
             trace.x = [r["trainable_params"] for r in trained]
-            trace.y = [r["accuracy"] for r in trained]
+            trace.y = [r["score"] for r in trained]
             trace.text = point_labels(trained)
             trace.textposition = text_positions([r["trainable_params"] for r in trained])
             trace.customdata = [_hover(r) for r in trained]
             self.fig.layout.shapes = [
-                {"type": "line", "xref": "paper", "x0": 0, "x1": 1, "yref": "y", "y0": r["accuracy"],
-                 "y1": r["accuracy"], "line": {"dash": "dash", "color": S.RUN_COLORS[i % len(S.RUN_COLORS)]}}
+                {"type": "line", "xref": "paper", "x0": 0, "x1": 1, "yref": "y", "y0": r["score"],
+                 "y1": r["score"], "line": {"dash": "dash", "color": S.RUN_COLORS[i % len(S.RUN_COLORS)]}}
                 for i, r in enumerate(baselines)]
             # in the right margin, clear of the points (full fine-tuning sits at the right edge); close
             # baselines step down so their words never overlap
             self.fig.layout.annotations = [
-                {"xref": "paper", "x": 1.01, "xanchor": "left", "yref": "y", "y": r["accuracy"], "yanchor": "middle",
-                 "yshift": shift, "showarrow": False, "text": f"{_short(r['method'])} {r['accuracy']:.3f}",
+                {"xref": "paper", "x": 1.01, "xanchor": "left", "yref": "y", "y": r["score"], "yanchor": "middle",
+                 "yshift": shift, "showarrow": False, "text": f"{_short(r['method'])} {r['score']:.3f}",
                  "hovertext": _hover(r), "font": {"color": S.RUN_COLORS[baselines.index(r) % len(S.RUN_COLORS)]}}
-                for r, shift in zip(baselines, label_shifts([r["accuracy"] for r in baselines]))]
+                for r, shift in zip(baselines, label_shifts([r["score"] for r in baselines]))]
 
     def _show_read_only(self, change: Any = None) -> None:
         self._controls.layout.display = "none" if self.read_only else ""
@@ -391,7 +395,7 @@ def _fmt(key: str, value: Any) -> str:
         return S.human_count(value)
     if key == "wall_seconds":
         return S.human_seconds(value)
-    if key in ("accuracy", "f1_macro"):
+    if key in ("accuracy", "f1_macro", "score"):
         return f"{value:.3f}"
     if key == "peak_memory_mb":
         return f"{value:,.0f}"

@@ -39,13 +39,14 @@ from .callbacks import Callback
 from .config import METHOD_LEARNING_RATES, METHODS, ZERO_SHOT_METHODS, Config
 from .errors import WorkbenchError
 from .methods import default_ladder, method_spec
+from .task_table import DEFAULT_TASK, task_spec
 from .store import FINAL_STATUSES, RunStore, pid_alive, private_dir, private_file
 
 DEFAULT_METHODS = default_ladder("encoder")
 # a causal LM classifies by scoring label tokens: no head to train alone; its zero-shot rung is the prompt
 CAUSAL_LM_METHODS = default_ladder("causal-lm")
 DEFAULT_LEARNING_RATES: dict[str, float] = METHOD_LEARNING_RATES  # one table: a run with no rate takes these too
-COLUMNS = ("method", "model", "status", "accuracy", "f1_macro", "trainable_params", "total_params",
+COLUMNS = ("method", "model", "status", "accuracy", "f1_macro", "metric", "score", "trainable_params", "total_params",
            "trainable_percent", "wall_seconds", "train_seconds", "peak_memory_mb", "learning_rate", "run_id", "note")
 # the rows after the rungs: what the trained rungs are read against (see reference_rows)
 CLASSICAL_ROW, ENSEMBLE_ROW = "classical", "ensemble"
@@ -112,8 +113,10 @@ def list_ladders(home: str | Path | None = None) -> list[dict[str, Any]]:
 # --- planning --------------------------------------------------------------------------------------
 
 def default_methods(config: Config, home: str | Path | None = None) -> tuple[str, ...]:
-    """The ladder a model gets when none is named: the encoder ladder, or the causal-LM one."""
-    return CAUSAL_LM_METHODS if _is_causal(config, RunStore(home).home) else DEFAULT_METHODS
+    """The ladder a model gets when none is named: the encoder ladder, or the causal-LM one, of the methods
+    the config's task takes (its table row)."""
+    ladder = CAUSAL_LM_METHODS if _is_causal(config, RunStore(home).home) else DEFAULT_METHODS
+    return tuple(m for m in ladder if m in config.task_spec.methods)
 
 
 def _is_causal(config: Config, home: Path) -> bool:
@@ -343,7 +346,7 @@ def resume_ladder(ladder_id: str, home: str | Path | None = None, callbacks: lis
                 _update_table(directory, ladder, store)
                 if echo:
                     row = next(r for r in ladder["rows"] if r["run_id"] == rung["run_id"])
-                    print(f"  {rung['method']}: {rung_status}, accuracy {_num(row['accuracy'], '{:.3f}')}, "
+                    print(f"  {rung['method']}: {rung_status}, {row['metric']} {_num(row['score'], '{:.3f}')}, "
                           f"{_num(row['wall_seconds'], '{:.0f}')} s", flush=True)
                 if rung_status == "stopped":
                     stopper.request()
@@ -399,10 +402,12 @@ def ladder_rows(ladder: dict[str, Any], store: RunStore) -> list[dict[str, Any]]
         info = (record or {}).get("info") or {}
         metrics = (record or {}).get("metrics") or {}
         timings = (record or {}).get("timings") or {}
+        headline = task_spec((record or {}).get("config", {}).get("task", DEFAULT_TASK)).metrics[0]
         rows.append({
             "method": rung["method"], "model": rung["model"],
             "status": record["status"] if record else "pending",
             "accuracy": metrics.get("accuracy"), "f1_macro": metrics.get("f1_macro"),
+            "metric": headline, "score": metrics.get(headline),  # the task's own headline figure
             "trainable_params": info.get("trainable_params"), "total_params": info.get("total_params"),
             "trainable_percent": info.get("trainable_percent"),
             "wall_seconds": timings.get("wall_seconds"), "train_seconds": timings.get("train_seconds"),
@@ -444,7 +449,8 @@ def reference_rows(rows: list[dict[str, Any]], store: RunStore) -> list[dict[str
 def _reference_row(method: str, model: str, figures: dict[str, Any], run_id: str) -> dict[str, Any]:
     row: dict[str, Any] = {k: None for k in COLUMNS}
     row.update(method=method, model=model, status="completed", accuracy=figures.get("accuracy"),
-               f1_macro=figures.get("f1_macro"), run_id=run_id, note="")
+               f1_macro=figures.get("f1_macro"), metric="accuracy", score=figures.get("accuracy"), run_id=run_id,
+               note="")
     return row
 
 
@@ -507,11 +513,15 @@ def write_table(directory: Path, rows: list[dict[str, Any]]) -> None:
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The table as aligned text: method, accuracy, macro-F1, trainable params and share, wall time, peak memory;
     the reference rows' notes (classical, ensemble) under it."""
-    header = ["method", "model", "status", "accuracy", "macro-F1", "trainable", "% params", "wall s", "peak MB"]
+    headline = next((r["metric"] for r in rows if r.get("metric")), "accuracy")
+    figures = [("accuracy", "accuracy"), ("f1_macro", "macro-F1")] if headline == "accuracy" else \
+        [("score", headline)]  # another task's headline figure (entity F1, rmse) in their place
+    header = ["method", "model", "status", *(name for _, name in figures), "trainable", "% params", "wall s",
+              "peak MB"]
     lines = [header]
     for r in rows:
         lines.append([
-            r["method"], r["model"], r["status"], _num(r["accuracy"], "{:.3f}"), _num(r["f1_macro"], "{:.3f}"),
+            r["method"], r["model"], r["status"], *(_num(r.get(key), "{:.3f}") for key, _ in figures),
             _num(r["trainable_params"], "{:,}"), _num(r["trainable_percent"], "{:.3g}"),
             _num(r["wall_seconds"], "{:.0f}"), _num(r["peak_memory_mb"], "{:.0f}"),
         ])
