@@ -41,13 +41,14 @@ class Debouncer:
                 self._timer.cancel()
                 self._timer = None
 
-    def wait(self, timeout: float = 30.0) -> bool:
-        """Block until a pending call has run (for tests and scripts); False on timeout."""
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until a pending call has run (tests, scripts, notebooks): on the call's state, however slow the
+        machine; `timeout` (seconds) gives up earlier and returns False."""
         with self._lock:
             timer = self._timer
         if timer is not None:
             timer.join(timeout)
-        acquired = self._running.acquire(timeout=timeout)
+        acquired = self._running.acquire(timeout=-1 if timeout is None else timeout)
         if acquired:
             self._running.release()
         return acquired

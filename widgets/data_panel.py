@@ -603,10 +603,11 @@ class DataPanel(W.VBox):
         self._bars.value = S.bars_html(shown, total=sum(counts.values()))
         self.busy = False
 
-    def wait(self, timeout: float = 30.0) -> bool:
-        """Block until a pending file read finished (scripts and tests)."""
-        deadline = time.monotonic() + timeout
-        while self.busy and time.monotonic() < deadline:
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until a pending file read finished (scripts, notebooks, tests): on the panel's state, however
+        slow the machine; `timeout` (seconds) gives up earlier and returns False."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.busy and (deadline is None or time.monotonic() < deadline):
             time.sleep(0.02)
         return not self.busy
 

@@ -318,11 +318,12 @@ class DeployPanel(W.VBox):
             self.optimizing = False
             self._optimize.disabled = False
 
-    def wait(self, timeout: float = 600.0) -> bool:
-        """Block until optimise or a server start/stop has finished (scripts, tests); False on timeout."""
-        deadline = time.monotonic() + timeout
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until optimise or a server start/stop has finished (scripts, notebooks, tests): on the panel's
+        state, however slow the machine; `timeout` (seconds) gives up earlier and returns False."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         while self.optimizing or self.server_state in ("starting", "stopping"):
-            if time.monotonic() > deadline:
+            if deadline is not None and time.monotonic() > deadline:
                 return False
             time.sleep(0.1)
         return True

@@ -463,7 +463,7 @@ class MethodPanel(W.VBox):
         self._estimate.cancel()
         self._estimate._run()
 
-    def wait(self, timeout: float = 30.0) -> bool:
+    def wait(self, timeout: float | None = None) -> bool:
         return self._estimate.wait(timeout)
 
     # --- config -----------------------------------------------------------------------------

@@ -175,8 +175,8 @@ class ModelPicker(W.VBox):
         self._info_html.value = _describe(info) if info else ""
         self.busy = False
 
-    def wait(self, timeout: float = 30.0) -> bool:
-        """Block until a pending inspection finished (scripts and tests)."""
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until a pending inspection finished (scripts, notebooks, tests); `timeout` gives up earlier."""
         return self._inspect.wait(timeout)
 
 

@@ -136,26 +136,27 @@ class Playground(W.VBox):
         self._run.value = self.run_id or None
         self.view = self._views.get(self.run_id, "confusion")
 
-    def predict(self, text: str | None = None) -> None:
-        """Classify `text` (default: the text box); the result lands in `result` (on a worker thread)."""
+    def predict(self, text: str | None = None) -> threading.Thread | None:
+        """Classify `text` (default: the text box); the result lands in `result` (on a worker thread, which is
+        returned: `.join()` it to wait for the answer; None when the answer came inline or was refused)."""
         if text is not None:
             self.text = text
         content = self.text
         if not self.run_id:
             self.error = "no run with a trained model yet: train one, then press Refresh runs"
-            return
+            return None
         if not content.strip():
             self.error = "type a text to classify"
-            return
+            return None
         if len(content) > MAX_TEXT_CHARS:
             self.error = f"the text is {len(content):,} characters: at most {MAX_TEXT_CHARS:,}"
-            return
+            return None
         run_id = self.run_id
         self.error, self.busy = "", True
         self._predict.disabled = True
         self._output.value = S.message("predicting ..." if run_id in self._predictors else
                                        f"loading the model of run {run_id} ...", "muted")
-        run_job(lambda: self._predict_now(run_id, content), sync=not self.background, name="playground-predict")
+        return run_job(lambda: self._predict_now(run_id, content), sync=not self.background, name="playground-predict")
 
     def predictor(self, run_id: str) -> Any:
         """The cached predictor of a run, loaded on first use."""

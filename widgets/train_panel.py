@@ -421,10 +421,11 @@ class TrainPanel(W.VBox):
             parts.append(f"ETA {S.human_seconds(self.eta_seconds)}")
         self._progress.value = S.message(" | ".join(p for p in parts if p), "muted")
 
-    def wait(self, timeout: float = 60.0, poll: float = 0.2) -> str:
-        """Block until the launched run ends (scripts and tests); returns the status."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+    def wait(self, timeout: float | None = None, poll: float = 0.2) -> str:
+        """Block until the launched run ends (scripts, notebooks, tests); returns the status. Waits on the
+        run's state, however slow the machine; `timeout` (seconds) gives up earlier and returns the status then."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while deadline is None or time.monotonic() < deadline:
             if self.status in FINAL_STATUSES or (self.status == "idle" and self.error):
                 return self.status
             if not self.background and self.handle is not None:
