@@ -108,6 +108,17 @@ def test_openapi_lists_every_routes_request_and_response_models_and_the_limits()
     assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
 
 
+def test_every_route_of_the_schema_but_health_and_the_docs_needs_the_key():
+    with _serve(NER) as url, httpx.Client(base_url=url) as client:
+        paths = client.get("/openapi.json").json()["paths"]
+        answers = {(method.upper(), path): client.request(method, path, json={"texts": ["x"]}).status_code
+                   for path, ops in paths.items() for method in ops}
+        keyed = client.post("/v1/ner", json={"texts": ["Ada"]}, headers=AUTH).status_code
+    assert answers.pop(("GET", "/healthz")) == 200
+    assert ("POST", "/v1/ner") in answers and set(answers.values()) == {401}
+    assert keyed == 200
+
+
 # --- refusals: one line, naming the field and the fix --------------------------------------------------------------
 
 @pytest.mark.parametrize("body, status, message, limit", [

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import WorkbenchError
+from ..run_paths import RunPaths
 from ..store import RunStore
 from ..task_table import DEFAULT_TASK, task_spec, tasks_where
 from .monitor import Baseline
@@ -148,8 +149,8 @@ def predictions_file(record: dict[str, Any]) -> Path | None:
     if named and Path(named).is_file():
         return Path(named)
     best = (record.get("metrics") or {}).get("best_step")
-    path = Path(record["dir"]) / "eval" / f"step-{best}.json"
-    return path if best is not None and path.is_file() else None
+    path = RunPaths.of(record).eval_step(best) if best is not None else None
+    return path if path is not None and path.is_file() else None
 
 
 def drift_baseline(record: dict[str, Any], home: str | Path | None = None) -> Baseline | None:

@@ -4,10 +4,10 @@ evaluation split (adapter.py serves it, artifacts.py makes faster artifacts of i
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from ..errors import WorkbenchError
+from ..run_paths import RunPaths
 from ..task_table import DEFAULT_TASK, TaskSpec, task_spec
 
 
@@ -51,9 +51,8 @@ def eval_split(record: dict[str, Any]) -> tuple[list[str], list[int], list[str]]
         raise WorkbenchError(f"run {record['id']} is a {config.task} run: only runs that give each text a class "
                              "have an evaluation split of labelled texts")
     split = prepare(config.data, config.train.seed)
-    model_dir = Path(record["dir"]) / "model"
-    labels = json.loads((model_dir / "labels.json").read_text()) if (model_dir / "labels.json").is_file() \
-        else split.labels
+    saved = RunPaths.of(record).labels
+    labels = json.loads(saved.read_text()) if saved.is_file() else split.labels
     if labels != split.labels:
         raise WorkbenchError(f"run {record['id']}: its data now gives labels {split.labels[:5]}, the run was "
                              f"trained on {labels[:5]}: the data source changed since training")

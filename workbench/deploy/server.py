@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import WorkbenchError
+from ..run_paths import RunPaths
 from ..store import RunStore, pid_alive, private_dir, private_file, private_files
 from .app import ServeSettings, create_app
 from .connections import LOOPBACK_NAMES, deadline_protocol
@@ -139,7 +140,7 @@ def _serve(run: str, home: str | Path | None, host: str, port: int, artifact: st
     store = RunStore(home)
     record = store.get(run)
     run_id, run_dir = record["id"], Path(record["dir"])
-    if not (run_dir / "model" / "trainable.safetensors").is_file():
+    if not RunPaths(run_dir).trainable.is_file():
         raise WorkbenchError(f"run {run_id} has no trained model to serve (status {record['status']}): wait "
                              "until it completes an evaluation, or pick another run")
     warning = artifact_warning(run_dir, artifact)  # refuses an unknown artifact before anything listens
