@@ -444,3 +444,116 @@ def evaluation_table(result: dict[str, Any]) -> pd.DataFrame:
     if result.get("baseline"):
         rows["classical baseline"] = _figures(result["baseline"])
     return pd.DataFrame(rows).T
+
+
+# --- 09_named_entities: a tag per word, scored as entities; figures per type and the entities missed ------
+
+# MiniLM on the catalog's wnut-16 tweets; "course" keeps the notebook (one run) under 5 minutes on 2 cores
+NER_SIZES: dict[str, dict[str, int]] = {
+    "course": {"max_train_samples": 600, "max_eval_samples": 200, "max_length": 64, "epochs": 3, "batch_size": 16},
+    "smoke": {"max_train_samples": 48, "max_eval_samples": 32, "max_length": 32, "epochs": 1, "batch_size": 8},
+}
+
+
+def ner_config(name: str, method: str = "lora", source: str = "wnut-16", **sections: dict[str, Any]) -> Config:
+    """A course-sized named-entity run (task token-classification) of the course model; `sections` override
+    fields, e.g. train={"epochs": 5}."""
+    s = NER_SIZES[SCALE]
+    raw: dict[str, Any] = {
+        "task": "token-classification",
+        "model": MODEL,
+        "name": name,
+        "data": {"source": source, "max_train_samples": s["max_train_samples"],
+                 "max_eval_samples": s["max_eval_samples"]},
+        "method": {"name": method},
+        "train": {"epochs": s["epochs"], "batch_size": s["batch_size"], "max_length": s["max_length"],
+                  "learning_rate": 3e-3, "early_stopping_patience": 0,
+                  "threads": 1},  # 1 thread: on 2 shared cores, 2 threads spin while they wait (see regression_config)
+        "track": {"wandb": "disabled", "tensorboard": False},
+    }
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return Config.from_dict(raw)
+
+
+def _sentence_rows(sentences: list[Any]) -> pd.DataFrame:
+    from workbench.entities import sentence_spans
+
+    rows = []
+    for s in sentences:
+        text, spans = sentence_spans(s.tokens, s.tags)
+        rows.append({"text": text, "tokens": s.tokens, "tags": s.tags,
+                     "entities": [(span["type"], span["text"]) for span in spans]})
+    return pd.DataFrame(rows, columns=["text", "tokens", "tags", "entities"])
+
+
+def ner_split(config: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The training and held-out sentences exactly as a run of `config` splits them: one row per sentence
+    with its text, tokens, a tag per token, and its entities as (type, text) pairs."""
+    from workbench.tasks.token_classification import load_ner_data
+
+    data = load_ner_data(config.data, config.train.seed)
+    return _sentence_rows(data.train), _sentence_rows(data.held)
+
+
+def entity_counts(train: pd.DataFrame, held_out: pd.DataFrame) -> pd.DataFrame:
+    """Entities per type in the training and held-out sentences, the most frequent type first."""
+    def count(frame: pd.DataFrame) -> pd.Series:
+        return pd.Series([kind for pairs in frame["entities"] for kind, _ in pairs], dtype=object).value_counts()
+
+    table = pd.DataFrame({"training": count(train), "held out": count(held_out)}).fillna(0).astype(int)
+    return table.sort_values(["training", "held out"], ascending=False).rename_axis("entity type")
+
+
+def per_type_table(record: dict[str, Any]) -> pd.DataFrame:
+    """The best evaluation's entity-level precision, recall, F1 and support (held-out entities) per type,
+    beside the number of training entities of each type; the most frequent type first."""
+    per_type = (record.get("metrics") or {}).get("per_type") or {}
+    trained = (record.get("info") or {}).get("train_entity_counts") or {}
+    rows = [{"entity type": kind, "precision": round(f["precision"], 3), "recall": round(f["recall"], 3),
+             "F1": round(f["f1"], 3), "support": f["support"], "training entities": trained.get(kind, 0)}
+            for kind, f in per_type.items()]
+    table = pd.DataFrame(rows, columns=["entity type", "precision", "recall", "F1", "support", "training entities"])
+    return table.sort_values(["support", "training entities"], ascending=False).set_index("entity type")
+
+
+def best_eval_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every held-out sentence of the run's best evaluation (<run>/eval/step-N.json): text, tokens, gold
+    and predicted tags, and gold and predicted spans."""
+    import json
+
+    from workbench.run_paths import RunPaths
+
+    path = RunPaths.of(record).eval_step(int(record["metrics"]["step"]))
+    return json.loads(path.read_text(encoding="utf-8"))["rows"]
+
+
+def _what_was_said(gold: dict[str, Any], predicted: list[dict[str, Any]]) -> str:
+    """What the model predicted where a gold entity is: nothing, another type, or a span with other ends."""
+    same_ends = [p for p in predicted if (p["start"], p["end"]) == (gold["start"], gold["end"])]
+    if same_ends:
+        return f"wrong type: {same_ends[0]['type']}"
+    overlapping = [p for p in predicted if p["start"] < gold["end"] and gold["start"] < p["end"]]
+    if overlapping:
+        return "wrong ends: " + ", ".join(f"{p['text']!r} ({p['type']})" for p in overlapping)
+    return "nothing"
+
+
+def missed_entities(record: dict[str, Any]) -> pd.DataFrame:
+    """The gold entities of the best evaluation that the model did not find exactly (type and both ends, as
+    the entity-level recall counts them): sentence, type, entity, and what the model predicted there."""
+    rows = []
+    for row in best_eval_rows(record):
+        found = {(p["type"], p["start"], p["end"]) for p in row["predicted_spans"]}
+        for gold in row["gold_spans"]:
+            if (gold["type"], gold["start"], gold["end"]) not in found:
+                rows.append({"sentence": row["index"], "type": gold["type"], "entity": gold["text"],
+                             "model said": _what_was_said(gold, row["predicted_spans"]), "text": row["text"]})
+    return pd.DataFrame(rows, columns=["sentence", "type", "entity", "model said", "text"])
+
+
+def entity_spans(answers: list[dict[str, Any]]) -> pd.DataFrame:
+    """The entities of `EntityPredictor.predict` answers: one row per entity, with the text it came from."""
+    rows = [{"text": a["text"], "type": e["type"], "entity": e["text"], "start": e["start"], "end": e["end"],
+             "score": round(e["score"], 3)} for a in answers for e in a["entities"]]
+    return pd.DataFrame(rows, columns=["text", "type", "entity", "start", "end", "score"])

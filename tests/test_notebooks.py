@@ -48,7 +48,7 @@ def _code_cells(name: str) -> list[str]:
 def test_the_teaching_notebooks_exist():
     assert {"01_quickstart.ipynb", "02_full_vs_lora_vs_qlora.ipynb", "03_overfitting_and_schedules.ipynb",
             "04_your_own_data.ipynb", "05_method_ladder.ipynb", "06_deploy.ipynb", "07_chat_tuning.ipynb",
-            "08_text_regression.ipynb"} <= set(TEACHING)
+            "08_text_regression.ipynb", "09_named_entities.ipynb"} <= set(TEACHING)
 
 
 @pytest.mark.parametrize("name", TEACHING)
@@ -173,6 +173,60 @@ def test_course_regression_config_split_scores_and_tables(monkeypatch, tmp_path)
     assert course.regression_predictions(record)["error"].tolist() == [0.5, 1.0]
     row = course.regression_table([record]).loc["lora"]
     assert (row["rmse"], row["baseline_rmse"], row["trainable params"]) == (0.79, 1.5, 10)
+
+
+def test_course_ner_config_split_and_counts(monkeypatch, tmp_path):
+    monkeypatch.setenv("WORKBENCH_COURSE_SCALE", "smoke")
+    course = _course_module()
+    config = course.ner_config("n", train={"epochs": 2})
+    assert (config.task, config.method.name, config.data.source) == ("token-classification", "lora", "wnut-16")
+    assert (config.train.epochs, config.train.threads) == (2, 1)
+    assert config.data.max_train_samples == course.NER_SIZES["smoke"]["max_train_samples"]
+    conll = tmp_path / "tweets.conll"
+    sentences = [f"Alice\tB-person\nmet\tO\nBob\tB-person\nin\tO\nNew\tB-geo-loc\nYork\tI-geo-loc\n{i}\tO\n"
+                 for i in range(10)]
+    conll.write_text("\n".join(sentences), encoding="utf-8")
+    train, held = course.ner_split(course.ner_config("n", source=str(conll)))
+    assert (len(train), len(held)) == (8, 2) and set(train["text"]).isdisjoint(held["text"])
+    row = train.iloc[0]
+    assert row["text"].startswith("Alice met Bob in New York ") and row["tags"][:2] == ["B-person", "O"]
+    assert row["entities"] == [("person", "Alice"), ("person", "Bob"), ("geo-loc", "New York")]
+    counts = course.entity_counts(train, held)
+    assert list(counts.index) == ["person", "geo-loc"]
+    assert counts.loc["person"].tolist() == [16, 4] and counts.loc["geo-loc"].tolist() == [8, 2]
+
+
+def test_course_ner_figures_missed_entities_and_spans(tmp_path):
+    from workbench.run_paths import RunPaths
+
+    course = _course_module()
+    run = RunPaths(tmp_path / "run")
+    run.eval.mkdir(parents=True)
+    text = "Alice met Bob in New York"
+    gold = [{"type": "person", "start": 0, "end": 5, "text": "Alice"}, {"type": "person", "start": 10, "end": 13,
+             "text": "Bob"}, {"type": "geo-loc", "start": 17, "end": 25, "text": "New York"}]
+    predicted = [{"type": "person", "start": 0, "end": 5, "text": "Alice"},
+                 {"type": "geo-loc", "start": 21, "end": 25, "text": "York"}]
+    other = {"index": 1, "text": "Paris", "gold_spans": [{"type": "geo-loc", "start": 0, "end": 5, "text": "Paris"}],
+             "predicted_spans": [{"type": "person", "start": 0, "end": 5, "text": "Paris"}]}
+    run.eval_step(4).write_text(json.dumps({"step": 4, "rows": [
+        {"index": 0, "text": text, "gold_spans": gold, "predicted_spans": predicted}, other]}), encoding="utf-8")
+    record = {"dir": str(run.root), "info": {"train_entity_counts": {"person": 30, "geo-loc": 12}},
+              "metrics": {"step": 4, "f1": 0.4, "per_type": {
+                  "geo-loc": {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 2},
+                  "person": {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}}}}
+    figures = course.per_type_table(record)
+    assert list(figures.index) == ["person", "geo-loc"]  # most support, then most training entities first
+    assert figures.loc["person"].tolist() == [0.5, 0.5, 0.5, 2, 30]
+    missed = course.missed_entities(record)
+    assert missed[["sentence", "type", "entity", "model said"]].values.tolist() == [
+        [0, "person", "Bob", "nothing"], [0, "geo-loc", "New York", "wrong ends: 'York' (geo-loc)"],
+        [1, "geo-loc", "Paris", "wrong type: person"]]
+    # what the per-type recall counts: support * (1 - recall) missed
+    assert (missed["type"] == "person").sum() == round(2 * (1 - figures.loc["person", "recall"]))
+    spans = course.entity_spans([{"text": text, "entities": [{**predicted[0], "score": 0.91234}]},
+                                 {"text": "nothing here", "entities": []}])
+    assert spans[["type", "entity", "start", "end", "score"]].values.tolist() == [["person", "Alice", 0, 5, 0.912]]
 
 
 @pytest.mark.integration
