@@ -145,13 +145,15 @@ def test_bad_text_bodies_are_refused_in_one_line_naming_the_field(body, status, 
     assert r.json()["error"]["type"] == ("limit_exceeded" if limit else "invalid_request_error")
 
 
-def test_a_body_sent_as_form_or_text_is_told_to_send_json():
+@pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded", "text/plain"])
+def test_a_json_body_is_read_whatever_its_content_type_says(content_type):
+    """`curl -d '{"texts": [...]}' URL` (the README's example) sends form-urlencoded: read as JSON, as always."""
+    headers = {**AUTH, **({"Content-Type": content_type} if content_type else {})}
     with _serve(CLASSIFY) as url:
-        form = httpx.post(url + "/v1/classify", content=b'{"texts": ["good"]}',
-                          headers={**AUTH, "Content-Type": "application/x-www-form-urlencoded"})  # curl -d
-        bare = httpx.post(url + "/v1/classify", content=b'{"texts": ["good"]}', headers=AUTH)  # no Content-Type
-    assert form.status_code == 422 and "Content-Type: application/json" in form.json()["error"]["message"]
-    assert bare.status_code == 200 and bare.json()["results"][0]["label"] == "pos"
+        good = httpx.post(url + "/v1/classify", content=b'{"texts": ["good"]}', headers=headers)
+        bad = httpx.post(url + "/v1/classify", content=b"texts=good", headers=headers)
+    assert good.status_code == 200 and good.json()["results"][0]["label"] == "pos"
+    assert bad.status_code == 422 and "the body is not valid JSON" in bad.json()["error"]["message"]
 
 
 def _message(content: Any, role: str = "user") -> dict[str, Any]:

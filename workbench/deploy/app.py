@@ -260,7 +260,7 @@ class ServerState:
 
     def serving(self, path: str) -> Callable[[], Awaitable[ServedModel]]:
         """A dependency of the route at `path`: the loaded model, when its task answers there (else a 404 naming
-        the route it answers on; a 503 while it loads). It runs before the body is validated."""
+        the route it answers on; a 503 while it loads). FastAPI runs it before it validates the body's fields."""
 
         async def served() -> ServedModel:
             model = self.ready()
@@ -289,13 +289,21 @@ class CheckedRequest(Request):
 class CheckedRoute(APIRoute):
     """A route that reads its body as a CheckedRequest before FastAPI validates it against the route's model:
     FastAPI answers any failure while it reads a body as a wordless 400, so the body is parsed first, here,
-    where a refusal is the 422 naming the problem."""
+    where a refusal is the 422 naming the problem.
+
+    The body is JSON whatever its Content-Type says: FastAPI reads JSON only under a JSON Content-Type, and
+    `curl -d` (the README's example) sends form-urlencoded, which this API has always read. No weaker for it:
+    a page of another site cannot send the key without a CORS preflight, and a server without a key refuses
+    other sites outright (connections.py)."""
 
     def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
         handle = super().get_route_handler()
         takes_body = self.body_field is not None
 
         async def checked(request: Request) -> Response:
+            if takes_body:
+                headers = [(k, v) for k, v in request.scope["headers"] if k.lower() != b"content-type"]
+                request.scope["headers"] = [*headers, (b"content-type", b"application/json")]
             request = CheckedRequest(request.scope, request.receive)
             if takes_body:
                 await request.json()
@@ -386,8 +394,7 @@ def create_app(loader: Callable[[], ServedModel] | ServedModel, settings: ServeS
                   description="One trained run, served: the routes of its task answer, the others say which "
                               "route it answers on. Every route but /healthz, /docs and /openapi.json needs "
                               "`Authorization: Bearer <key>` (the Authorize button).",
-                  docs_url="/docs", redoc_url=None, openapi_url="/openapi.json", swagger_ui_oauth2_redirect_url=None,
-                  strict_content_type=False)  # a body sent without a Content-Type is read as JSON
+                  docs_url="/docs", redoc_url=None, openapi_url="/openapi.json", swagger_ui_oauth2_redirect_url=None)
     app.router.route_class = CheckedRoute
     # the guard checks the key; declared here so the schema shows it and /docs sends it
     keyed = [Depends(HTTPBearer(auto_error=False, description="the server's API key"))]
@@ -537,8 +544,8 @@ def _add_chat_route(app: Any, state: ServerState, keyed: list[Any], body_model: 
     events = {"content": {"text/event-stream": {"schema": {"type": "string"}}},
               "description": "with stream: true, server-sent events of chat.completion.chunk, then [DONE]"}
 
-    @app.post(CHAT_ROUTE, name=ROUTES[CHAT_ROUTE], summary="An OpenAI chat completion", response_model=bodies.ChatCompletion,
-              dependencies=keyed, responses={**ERRORS, 200: events})
+    @app.post(CHAT_ROUTE, name=ROUTES[CHAT_ROUTE], summary="An OpenAI chat completion",
+              response_model=bodies.ChatCompletion, dependencies=keyed, responses={**ERRORS, 200: events})
     async def chat(body: body_model, served: ServedModel = Depends(state.serving(CHAT_ROUTE))) -> Any:
         messages = [{"role": m.role, "content": m.content} for m in body.messages]
         asked = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
