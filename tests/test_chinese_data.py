@@ -55,13 +55,13 @@ def test_chinese_sentiment_run_from_the_catalog(tmp_path: Path, monkeypatch, cap
     from workbench.cli import main
     from workbench.store import RunStore
 
-    from .conftest import minilm_dir
+    from conftest import minilm_dir
 
     minilm_dir()
     monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path / "home"))
     config = tmp_path / "zh.yaml"
-    config.write_text("model: minilm-l6\ndata: {source: chinese-reviews, max_train_samples: 400, "
-                      "max_eval_samples: 200}\nmethod: {name: lora}\ntrain: {epochs: 1, max_length: 96, threads: 2}\n"
+    config.write_text("model: minilm-l6\ndata: {source: chinese-reviews, max_train_samples: 320, "
+                      "max_eval_samples: 160}\nmethod: {name: lora}\ntrain: {epochs: 1, max_length: 64, threads: 2}\n"
                       "track: {wandb: disabled, tensorboard: false}\n")
     assert main(["train", str(config)]) == 0
     assert "accuracy" in capsys.readouterr().out

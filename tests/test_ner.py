@@ -318,7 +318,7 @@ def test_minilm_on_wnut16_from_the_cli(tmp_path: Path, monkeypatch, capsys) -> N
     from workbench.cli import main
     from workbench.store import RunStore
 
-    from .conftest import minilm_dir
+    from conftest import minilm_dir
 
     minilm_dir()
     if not DATASETS["wnut-16"].installed:

@@ -325,6 +325,10 @@ class EntityPredictor:
         self.run_id, self.task, self.scheme = run_id, task, scheme
         self.types = types_of(tags)
 
+    def with_model(self, model: Any) -> "EntityPredictor":
+        """The same predictor answering with another model of the same tags (an int8-quantised copy)."""
+        return EntityPredictor(model, self.tokenizer, self.tags, self.max_length, self.run_id, self.task, self.scheme)
+
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(sentences, sub-tokens, tags) scores of a padded batch; an optimised artifact (int8, ONNX) answers
         through a subclass that overrides this alone."""
