@@ -333,3 +333,49 @@ def test_minilm_on_wnut16_from_the_cli(tmp_path: Path, monkeypatch, capsys) -> N
     m = RunStore(tmp_path / "home").get("latest")["metrics"]
     assert len(m["per_type"]) == 10 and {"f1", "precision", "recall", "accuracy"} <= set(m)
     assert all(set(f) == {"precision", "recall", "f1", "support"} for f in m["per_type"].values())
+
+
+def test_int8_copy_answers_like_the_trained_model(ner_config, store) -> None:
+    """`workbench optimize`'s int8 step (dynamic quantisation of the merged model) on a tagger: the copy
+    answers through EntityPredictor.with_model and agrees with the fp32 model on nearly every word."""
+    import workbench
+    from workbench.deploy.artifacts import quantize_torch
+    from workbench.models.adapters import merge_adapters
+    from workbench.predict import load_predictor
+
+    record = workbench.train(ner_config("lora", epochs=2), store=store)
+    fp32 = load_predictor(record["id"], store.home)
+    int8 = fp32.with_model(quantize_torch(merge_adapters(fp32.model)))
+    sentences = [["alice", "went", "to", "paris", "today"], ["bob", "and", "carol", "saw", "rome"]] * 4
+    a, b = fp32.predict(sentences), int8.predict(sentences)
+    same = sum(x == y for p, q in zip(a, b) for x, y in zip(p["tags"], q["tags"]))
+    assert same / sum(len(s) for s in sentences) >= 0.9
+
+
+def test_onnx_copy_answers_through_an_overridden_logits(ner_config, store, tmp_path: Path) -> None:
+    """`workbench optimize`'s ONNX export (deploy.artifacts.export_onnx) of a merged tagger: an EntityPredictor
+    whose `logits` runs the ONNX graph gives the fp32 model's tags."""
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    import workbench
+    from workbench.deploy.artifacts import export_onnx
+    from workbench.models.adapters import merge_adapters
+    from workbench.predict import load_predictor
+    from workbench.tasks.token_classification import EntityPredictor
+
+    record = workbench.train(ner_config("lora", epochs=1), store=store)
+    fp32 = load_predictor(record["id"], store.home)
+    export_onnx(merge_adapters(fp32.model), fp32.tokenizer, tmp_path / "model.onnx", fp32.max_length)
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"))
+
+    class OnnxTagger(EntityPredictor):
+        def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            names = [i.name for i in session.get_inputs()]
+            return torch.from_numpy(session.run(None, {n: batch[n].numpy().astype(np.int64) for n in names})[0])
+
+    onnx = OnnxTagger(fp32.model, fp32.tokenizer, fp32.tags, fp32.max_length)
+    sentences = [["alice", "went", "to", "paris", "with", "bob", "today"], ["rome"]]
+    assert [a["tags"] for a in onnx.predict(sentences)] == [a["tags"] for a in fp32.predict(sentences)]
