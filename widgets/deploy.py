@@ -496,7 +496,7 @@ class DeployPanel(W.VBox):
             f'<code>{html.escape(self.masked_key)}</code>'
             + (f' kept in <code>{html.escape(str(info.get("api_key_file")))}</code>' if info.get("api_key_file") else "")
             + f'<br><span style="color:{S.MUTED_COLOR}">Its own process: closing this page or the notebook does '
-              'not stop it. Every route but /healthz needs <code>Authorization: Bearer KEY</code>.</span></div>')
+              'not stop it. Every route but /healthz and /docs needs <code>Authorization: Bearer KEY</code>.</span></div>')
         ex = examples(self.task, self.url, str(info.get("api_key_file") or ""), self.run_id)
         self._curl.value, self._python.value = ex["curl"], ex["python"]
 

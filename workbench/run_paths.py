@@ -11,6 +11,7 @@
     eval/step-N.json             each evaluation's predictions (or samples), for drill-down
     checkpoints/step-N/          the newest resumable checkpoint; checkpoints/best/ the best one
     classical/                   the classical baseline: its files, eval probabilities and figures
+    deploy/                      optimised artifacts (deploy/<name>/artifact.json), their report, the server's state
 
 Other code asks a `RunPaths` for a path (`RunPaths.of(record).trainable`) and never joins these names itself.
 """
@@ -98,6 +99,11 @@ class RunPaths:
     @property
     def best_checkpoint(self) -> Path:
         return self.checkpoints / "best"
+
+    @property
+    def deploy(self) -> Path:
+        """deploy/: `workbench optimize`'s artifacts and report, and the server's record and log."""
+        return self.root / "deploy"
 
     @property
     def classical(self) -> Path:

@@ -31,9 +31,11 @@ retried request by request, the queue holds max_queue texts (503 + Retry-After b
 most request_timeout_s (504), headers must arrive within header_timeout_s and body chunks within
 body_timeout_s (408), and a server without a key answers loopback Host names and no other site (403).
 
-Routes (every one but /healthz needs `Authorization: Bearer <key>`): GET /healthz, /readyz, /metrics,
-/v1/models; POST /v1/classify {"texts": [...]}, /v1/translate {"texts": [...]}, /v1/chat/completions
-(OpenAI-compatible, `stream: true` as server-sent events).
+Routes (every one but /healthz, /docs and /openapi.json needs `Authorization: Bearer <key>`): GET /healthz,
+/readyz (the run's task and its route), /metrics, /v1/models; POST /v1/classify {"texts": [...]} (classification
+and regression runs), /v1/ner {"texts": [...]} (entity spans with character offsets), /v1/translate
+{"texts": [...]}, /v1/chat/completions (OpenAI-compatible, `stream: true` as server-sent events). A run answers
+on its task row's route; the bodies are Pydantic models (deploy/bodies.py), so /docs shows each route's schema.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..run_paths import RunPaths
 from .keys import mask
 from .server import read_metrics, serve, server_status, start_server, stop_server
 
@@ -57,7 +60,7 @@ def load_report(run: str = "latest", home: str | Path | None = None) -> dict[str
     """The run's last optimize report (<run dir>/deploy/report.json), or None."""
     from ..store import RunStore
 
-    path = Path(RunStore(home).get(run)["dir"]) / "deploy" / "report.json"
+    path = RunPaths.of(RunStore(home).get(run)).deploy / "report.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
 

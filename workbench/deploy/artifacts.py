@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import WorkbenchError
+from ..run_paths import RunPaths
 from ..store import RunStore, private_dir, private_files
 
 ARTIFACTS = ("int8", "prune", "onnx")
@@ -353,13 +354,14 @@ def measure(predictors: dict[str, TorchPredictor], texts: list[str], gold: list[
 
 def _classifier(run: str, home: str | Path | None) -> tuple[dict[str, Any], TorchPredictor]:
     from ..predict import load_predictor
-    from .runs import CLASSIFICATION, merge_adapters, task_of
+    from .runs import merge_adapters, task_row
 
     store = RunStore(home)
     record = store.get(run)
     predictor = load_predictor(record["id"], store.home)
-    if task_of(predictor) != CLASSIFICATION:
-        raise WorkbenchError(f"run {record['id']} is a {task_of(predictor)} run: optimize handles classification "
+    spec = task_row(predictor)
+    if not spec.optimizable:
+        raise WorkbenchError(f"run {record['id']} is a {spec.name} run: optimize handles classification "
                              "runs (encoder classifiers)")
     prompt = getattr(getattr(getattr(predictor, "encode", None), "__self__", None), "prompt", None)
     model = merge_adapters(predictor.model)
@@ -400,7 +402,7 @@ def _optimize(run: str, home: str | Path | None, int8: bool, prune: bool, onnx: 
     texts, gold, labels = eval_split(record)
     if max_eval:
         texts, gold = texts[:max_eval], gold[:max_eval]
-    out_root = private_dir(run_dir / "deploy")  # 0700: the server's record and log live here too
+    out_root = private_dir(RunPaths(run_dir).deploy)  # 0700: the server's record and log live here too
     threads = torch.get_num_threads()
     predictors: dict[str, TorchPredictor] = {"fp32": fp32}
     made: dict[str, dict[str, Any]] = {}
@@ -521,7 +523,7 @@ def _report(record: dict[str, Any], results: dict[str, dict[str, Any]], made: di
             "threads": threads, "load_average": list(os.getloadavg()), "machine": platform.processor() or
             platform.machine(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "fp32": entry("fp32"), "artifacts": artifacts,
-            "paths": {n: str(Path(record["dir"]) / "deploy" / n) for n in artifacts}}
+            "paths": {n: str(RunPaths.of(record).deploy / n) for n in artifacts}}
 
 
 def _install(out_root: Path, tmp_root: Path, report: dict[str, Any], made: dict[str, dict[str, Any]]) -> None:
@@ -564,9 +566,9 @@ def report_markdown(report: dict[str, Any]) -> str:
 # --- loading an artifact to serve ------------------------------------------------------------------------------
 
 def artifact_record(run_dir: str | Path, name: str) -> dict[str, Any]:
-    path = Path(run_dir) / "deploy" / name / "artifact.json"
+    path = RunPaths(Path(run_dir)).deploy / name / "artifact.json"
     if not path.is_file():
-        have = sorted(p.parent.name for p in (Path(run_dir) / "deploy").glob("*/artifact.json"))
+        have = sorted(p.parent.name for p in RunPaths(Path(run_dir)).deploy.glob("*/artifact.json"))
         raise WorkbenchError(f"run has no artifact {name!r} (has: {', '.join(have) or 'none'}): make it with "
                              f"`workbench optimize RUN --{'prune' if name == 'pruned' else name}`")
     return json.loads(path.read_text())
@@ -583,7 +585,7 @@ def apply_artifact(predictor: Any, run_dir: Path, name: str) -> tuple[TorchPredi
     import torch
 
     info = artifact_record(run_dir, name)
-    d = run_dir / "deploy" / name
+    d = RunPaths(Path(run_dir)).deploy / name
     labels, tokenizer, max_length = list(predictor.labels), predictor.tokenizer, predictor.max_length
     cut = truncation_of(predictor)
     kind = info["kind"]

@@ -17,16 +17,6 @@ def task_row(predictor: Any) -> TaskSpec:
     return task_spec(getattr(predictor, "task", None) or DEFAULT_TASK)
 
 
-# deploy/artifacts.py still compares `task_of(predictor) != CLASSIFICATION`; it can read
-# `task_row(predictor).optimizable` instead, and then these two go
-CLASSIFICATION = DEFAULT_TASK
-
-
-def task_of(predictor: Any) -> str:
-    """The name of a predictor's task (see `task_row`)."""
-    return task_row(predictor).name
-
-
 def tokenizer_of(predictor: Any) -> Any:
     tok = getattr(predictor, "tokenizer", None)
     if tok is None and getattr(predictor, "encoder", None) is not None:

@@ -37,7 +37,7 @@ STATE_FILE = "server.json"
 
 
 def deploy_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "deploy"
+    return RunPaths(Path(run_dir)).deploy
 
 
 def uvicorn_config(app: Any, settings: ServeSettings | None, drain_seconds: float) -> Any:
