@@ -151,5 +151,41 @@ def test_export_refuses_a_chat_run_with_a_clear_message(tmp_path: Path) -> None:
     run = store.create_run(cfg.to_dict(), "chat")
     (store.run_dir(run) / "model").mkdir(parents=True)
     (store.run_dir(run) / "model" / "trainable.safetensors").write_bytes(b"")
-    with pytest.raises(WorkbenchError, match="task: chat run, and export handles text-classification and text-regression runs only"):
+    with pytest.raises(WorkbenchError, match="task: chat run, and export handles text-classification, text-regression, token-classification runs only"):
         export_run(run, home=store.home)
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_a_token_classification_run_exports_and_tags_as_the_run_does(tiny_model_dir, store, tmp_path, merge):
+    """Export reads the task's row: a tagger is rebuilt from tags.json and saved as a token classifier (merged:
+    plain transformers; else a peft adapter over the base), and it tags every word as the run's predictor does."""
+    from peft import PeftModel
+    from test_ner import synthetic_conll
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    from workbench.config import Config
+
+    data = synthetic_conll(tmp_path / "train.conll", 60)
+    cfg = Config.from_dict({"task": "token-classification", "model": str(tiny_model_dir),
+                            "data": {"source": str(data), "eval_fraction": 0.25}, "method": {"name": "lora", "r": 4},
+                            "train": {"epochs": 2, "batch_size": 8, "learning_rate": 3e-3, "max_length": 32,
+                                      "threads": 1}, "track": {"wandb": "disabled", "tensorboard": False}})
+    record = train(cfg, store=store)
+    assert record["status"] == "completed", record["error"]
+    out = export_run(record["id"], merge=merge, home=store.home, out=tmp_path / "export")
+    info = json.loads((out / EXPORT_INFO).read_text())
+    assert info["load"].startswith("AutoModelForTokenClassification" if merge else "base = AutoModelForTokenClassification")
+    tags = json.loads((out / "labels.json").read_text())
+    if merge:
+        model = AutoModelForTokenClassification.from_pretrained(out)
+    else:
+        base = AutoModelForTokenClassification.from_pretrained(str(tiny_model_dir), num_labels=len(tags))
+        model = PeftModel.from_pretrained(base, out)
+    words = ["alice", "went", "to", "paris", "today"]
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    batch = tokenizer([words], is_split_into_words=True, truncation=True, max_length=32, return_tensors="pt")
+    with torch.no_grad():
+        ids = model.eval()(**batch).logits[0].argmax(-1).tolist()
+    firsts = {w: i for i, w in reversed(list(enumerate(batch.word_ids()))) if w is not None}
+    exported = [tags[ids[firsts[w]]] for w in range(len(words))]
+    assert exported == load_predictor(record["id"], store.home).predict([words])[0]["tags"]

@@ -30,9 +30,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .config import ENCODER_TASKS, VIRTUAL_TOKEN_METHODS, Config
+from .config import VIRTUAL_TOKEN_METHODS, Config
 from .errors import WorkbenchError
 from .methods import float_twin, method_spec, methods_where
+from .task_table import TASKS
 from .run_paths import LABELS_FILE, RunPaths, TRAINABLE_FILE
 
 MERGEABLE = methods_where(merges=True)
@@ -46,7 +47,6 @@ def export_run(run_id: str = "latest", out: str | Path | None = None, merge: boo
 
     from .catalog import resolve_model
     from .models.adapters import merge_adapters, peft_model_of
-    from .models.classifier import build_model
     from .models.llm_classifier import LLMClassifier, export_info
     from .models.state import load_trainable_state, set_seed
     from .store import RunStore
@@ -59,29 +59,29 @@ def export_run(run_id: str = "latest", out: str | Path | None = None, merge: boo
         raise WorkbenchError(f"run {run} has no trained model to export (status {record['status']}): "
                              "wait until it completes an evaluation, or pick another run")
     config = Config.from_dict(record["config"])
-    regression = config.task_spec.output == "value"
-    if config.task not in ENCODER_TASKS:
-        raise WorkbenchError(f"run {run} is a task: {config.task} run, and export handles {' and '.join(ENCODER_TASKS)} "
-                             f"runs only so far: its adapter weights are in {model_dir / TRAINABLE_FILE}, "
-                             f"and `workbench predict {run} --text ...` uses them")
+    spec = config.task_spec
+    if spec.export_class is None:
+        exportable = ", ".join(t.name for t in TASKS.values() if t.export_class)
+        raise WorkbenchError(f"run {run} is a task: {config.task} run, and export handles {exportable} runs only so "
+                             f"far: its adapter weights are in {model_dir / TRAINABLE_FILE}, and "
+                             f"`workbench predict {run} --text ...` uses them")
     method = config.method.name
     _check_merge(run, method, merge)
     target = Path(out).expanduser().resolve() if out is not None else store.home / "exports" / run
     _check_target(target, force)
 
-    labels = ["value"] if regression else json.loads((model_dir / LABELS_FILE).read_text())
     build_config = config
     if merge and float_twin(method) != method:  # merge into a float32 base: a 4-bit base cannot hold merged weights
         build_config = dataclasses.replace(config, method=dataclasses.replace(config.method, name=float_twin(method)))
     source = resolve_model(config.model, store.home, config.trust_remote_code)
     set_seed(config.train.seed)  # layers the run left frozen and random (a pooler) start as they did
-    built = build_model(build_config, source, labels, regression=regression)
+    labels, built = _rebuild(build_config, source, RunPaths.of(record))
     load_trainable_state(built.model, load_file(str(model_dir / TRAINABLE_FILE)))
 
     standalone = merge or method_spec(method).family in ("all", "head")
     model = peft_model_of(built.model)  # a causal-LM classifier exports its causal LM
     model = merge_adapters(model) if merge and method in MERGEABLE else model
-    info = _export_info(run, config, source.path, labels, standalone, causal=built.prompt is not None)
+    info = _export_info(run, config, source.path, labels, standalone, causal=getattr(built, "prompt", None) is not None)
     if isinstance(built.model, LLMClassifier):
         info["classifier"] = export_info(built.prompt, built.model)
     info["truncation"] = {"max_length": config.train.max_length, "mode": config.train.truncation}
@@ -101,6 +101,22 @@ def export_run(run_id: str = "latest", out: str | Path | None = None, merge: boo
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _rebuild(config: Config, source: Any, paths: RunPaths) -> tuple[list[str], Any]:
+    """(the head's labels, the model built as the run trained it) for the run's task: a sequence classifier
+    (labels.json; regression: one "value"), or a token classifier (tags.json)."""
+    spec = config.task_spec
+    if spec.output == "tags":
+        from .models.token_classifier import build_token_classifier
+
+        tags = json.loads(paths.tags.read_text())["tags"]
+        return tags, build_token_classifier(config, source, tags)
+    from .models.classifier import build_model
+
+    regression = spec.output == "value"
+    labels = ["value"] if regression else json.loads(paths.labels.read_text())
+    return labels, build_model(config, source, labels, regression=regression)
 
 
 def _check_merge(run: str, method: str, merge: bool) -> None:
@@ -142,9 +158,9 @@ def _export_info(run: str, config: Config, base: str, labels: list[str], standal
                 "PeftModel.from_pretrained(base, <this directory>)")
         load += "; classify by scoring the label tokens after the prompt (see 'classifier')"
     elif standalone:
-        load = "AutoModelForSequenceClassification.from_pretrained(<this directory>)"
+        load = f"{config.task_spec.export_class}.from_pretrained(<this directory>)"
     else:
-        load = ("base = AutoModelForSequenceClassification.from_pretrained(<base_model>, "
+        load = (f"base = {config.task_spec.export_class}.from_pretrained(<base_model>, "
                 f"num_labels={len(labels)}); PeftModel.from_pretrained(base, <this directory>)")
     info: dict[str, Any] = {
         "run_id": run,

@@ -37,6 +37,7 @@ class TaskSpec:
     optimizable: bool = False  # `workbench optimize` builds int8 / pruned / ONNX artifacts
     in_dashboard: bool = True  # offered by the dashboard's task chooser (else: CLI and notebooks)
     output: Literal["label", "value", "tags", "text"] = "label"  # what the model answers per input
+    export_class: str | None = "AutoModelForSequenceClassification"  # what loads a `workbench export` (None: none)
     columns: tuple[str, ...] = ("text_column", "label_column")  # the data.*_column fields it reads
     classes: bool = False  # a label per text from a set: class weights, best_metric and ensembles apply
     languages: bool = False  # data.source_lang / target_lang apply (a model that marks languages)
@@ -61,14 +62,15 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
              False, "regression", "/v1/classify", "regression:RegressionTask", baseline=True, output="value"),
     TaskSpec("token-classification", "Named entities", "sentences as tokens with a BIO tag each (CoNLL or JSONL)",
              "tokens", "a token-classification head", _ENCODER_METHODS[:6], ("f1", "precision", "recall", "accuracy"),
-             "f1", True, "entities", "/v1/ner", "token_classification:TokenClassificationTask", output="tags"),
+             "f1", True, "entities", "/v1/ner", "token_classification:TokenClassificationTask", output="tags",
+             export_class="AutoModelForTokenClassification"),
     TaskSpec("chat", "Chat", "prompt and answer columns, or a messages column", "generation",
              "a causal LM, the loss on the answers", _GENERATION_METHODS, ("eval_loss", "perplexity"), "eval_loss",
-             False, "generation", "/v1/chat/completions", "chat:ChatTask", in_dashboard=False, output="text",
+             False, "generation", "/v1/chat/completions", "chat:ChatTask", in_dashboard=False, output="text", export_class=None,
              columns=("prompt_column", "answer_column", "messages_column"), system_prompt=True),
     TaskSpec("seq2seq", "Translation (seq2seq)", "source and target text columns", "generation",
              "an encoder-decoder, the loss on the targets", _GENERATION_METHODS, ("eval_loss", "bleu", "chrf"),
-             "eval_loss", False, "generation", "/v1/translate", "seq2seq:Seq2SeqTask", in_dashboard=False, output="text",
+             "eval_loss", False, "generation", "/v1/translate", "seq2seq:Seq2SeqTask", in_dashboard=False, output="text", export_class=None,
              columns=("prompt_column", "answer_column"), languages=True),
 ]}
 
