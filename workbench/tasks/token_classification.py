@@ -58,6 +58,11 @@ class NerData:
     rows_read: int = 0
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def train_texts(self) -> list[str]:
+        """The training sentences as text (what a token-length measure reads)."""
+        return [sentence_text(s.tokens)[0] for s in self.train]
+
 
 def read_ner_source(source: str, tokens_column: str | None = None, tags_column: str | None = None) -> NerFile:
     """A catalog dataset of tagged sentences, or a file of them (CoNLL, JSONL, Parquet)."""
