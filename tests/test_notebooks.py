@@ -179,8 +179,9 @@ def test_course_ner_config_split_and_counts(monkeypatch, tmp_path):
     monkeypatch.setenv("WORKBENCH_COURSE_SCALE", "smoke")
     course = _course_module()
     config = course.ner_config("n", train={"epochs": 2})
-    assert (config.task, config.method.name, config.data.source) == ("token-classification", "lora", "wnut-16")
-    assert (config.train.epochs, config.train.threads) == (2, 1)
+    assert (config.task, config.method.name, config.data.source) == ("token-classification", "full", "wnut-16")
+    assert (config.train.epochs, config.train.threads, config.train.learning_rate) == (2, 1, 2e-4)
+    assert course.ner_config("n", method="lora").train.learning_rate is None  # LoRA's own default rate
     assert config.data.max_train_samples == course.NER_SIZES["smoke"]["max_train_samples"]
     conll = tmp_path / "tweets.conll"
     sentences = [f"Alice\tB-person\nmet\tO\nBob\tB-person\nin\tO\nNew\tB-geo-loc\nYork\tI-geo-loc\n{i}\tO\n"
