@@ -13,6 +13,9 @@ reviews. Arms (each prints into one JSON object on stdout, progress on stderr):
   missing from its vocabulary become [UNK]).
 - `minilm_vocab`: the same after adding the training set's missing characters to the tokenizer and model
   (`workbench.models.vocabulary.add_missing_characters`: new embedding rows = the mean embedding).
+- `minilm_vocab_gemma_init`: the same, the new rows started from Gemma-3's input embeddings of those characters
+  through a ridge map 640 -> 384 fitted on the tokens both vocabularies share (no Gemma forward pass).
+  `--lr-embeddings` gives the word embeddings a learning rate of their own (new rows start far from trained).
 - `gemma`: Gemma-3 270M's text model with a linear token-classification head (transformers has no
   Gemma3ForTokenClassification), bidirectional attention switched on (`use_bidirectional_attention`, as
   EmbeddingGemma does), everything but the 262k x 640 input embedding trained. `gemma_causal`: the same with
@@ -57,7 +60,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import chinese_ner_data  # noqa: E402
 
-ARMS = ("coverage", "dictionary", "minilm", "minilm_vocab", "gemma", "gemma_causal")
+ARMS = ("coverage", "dictionary", "minilm", "minilm_vocab", "minilm_vocab_gemma_init", "gemma", "gemma_causal")
 HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
 
@@ -275,12 +278,12 @@ def predict(model, test_enc: list[dict], test: list[dict], id_to_label: list[str
 
 def fine_tune(model, train_enc: list[dict], test_enc: list[dict], test: list[dict], id_to_label: list[str],
               pad_id: int, epochs: float, lr: float, batch_size: int, seed: int, budget_s: float,
-              head_lr: float | None = None) -> dict[str, Any]:
+              group_lrs: dict[str, float] | None = None) -> dict[str, Any]:
     """Train on train_enc, scoring test_enc after each epoch; the scores, the steps and the seconds.
 
     Seconds are wall-clock and CPU (`process_time`: with one thread, the wall time on an idle core; the
     machine is shared, so wall time depends on the neighbours). The per-epoch test scoring is not counted in
-    `train_seconds` / `train_cpu_seconds`. `head_lr`: a learning rate of its own for the new head (`score.*`).
+    `train_seconds` / `train_cpu_seconds`. `group_lrs`: parameter-name prefix -> a learning rate of its own.
     """
     import random
 
@@ -288,10 +291,10 @@ def fine_tune(model, train_enc: list[dict], test_enc: list[dict], test: list[dic
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
-    head = [p for n, p in named if n.startswith("score.")] if head_lr else []
-    groups = [{"params": [p for p in params if all(p is not h for h in head)]}]
-    if head:
-        groups.append({"params": head, "lr": head_lr})
+    groups: list[dict[str, Any]] = [{"params": []}]
+    for prefix, group_lr in (group_lrs or {}).items():
+        groups.append({"params": [p for n, p in named if n.startswith(prefix)], "lr": group_lr})
+    groups[0]["params"] = [p for n, p in named if not any(n.startswith(k) for k in (group_lrs or {}))]
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.01)
     steps_per_epoch = math.ceil(len(train_enc) / batch_size)
     total = max(1, round(steps_per_epoch * epochs))
@@ -339,7 +342,36 @@ def fine_tune(model, train_enc: list[dict], test_enc: list[dict], test: list[dic
             "seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(time.process_time() - c0, 1)}
 
 
-def arm_minilm(train: list[dict], test: list[dict], a: argparse.Namespace, extend: bool) -> dict[str, Any]:
+def gemma_rows(minilm_tokenizer, minilm_model, tokens: list[str], gemma_dir: Path):
+    """Rows for `tokens` in MiniLM's embedding space from Gemma-3's input embeddings: a ridge map 640 -> 384
+    fitted on the tokens both vocabularies hold (WordPiece `word` ~ SentencePiece `▁word`, `##x` ~ `x`)."""
+    import torch
+    from safetensors import safe_open
+
+    gem_vocab = gemma_tokenizer(gemma_dir).get_vocab()
+    with safe_open(str(gemma_dir / "model.safetensors"), "pt") as f:
+        key = next(k for k in f.keys() if k.endswith("embed_tokens.weight"))
+        gem = f.get_tensor(key).float()
+    mini = minilm_model.get_input_embeddings().weight.detach()
+    pairs = []
+    for tok, i in minilm_tokenizer.get_vocab().items():
+        if i >= mini.shape[0] or tok.startswith("["):
+            continue
+        other = tok[2:] if tok.startswith("##") else "▁" + tok
+        j = gem_vocab.get(other, gem_vocab.get(tok))
+        if j is not None:
+            pairs.append((j, i))
+    x = gem[[j for j, _ in pairs]]
+    y = mini[[i for _, i in pairs]]
+    mx, my = x.mean(0, keepdim=True), y.mean(0, keepdim=True)
+    xc = x - mx
+    w = torch.linalg.solve(xc.T @ xc + 1.0 * torch.eye(x.shape[1]), xc.T @ (y - my))
+    rows = (gem[[gem_vocab[t] for t in tokens]] - mx) @ w + my
+    return rows, len(pairs)
+
+
+def arm_minilm(train: list[dict], test: list[dict], a: argparse.Namespace, extend: bool,
+               gemma_init: bool = False) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForTokenClassification, AutoTokenizer
 
@@ -355,6 +387,14 @@ def arm_minilm(train: list[dict], test: list[dict], a: argparse.Namespace, exten
 
         added = add_missing_characters(tokenizer, model, ["".join(r["tokens"]) for r in train])
         info = {"added_tokens": len(added), "vocab_size": len(tokenizer)}
+        if gemma_init:  # new rows from Gemma's embeddings instead of the mean
+            known = [t for t in added if t in gemma_tokenizer(a.gemma_dir).get_vocab()]
+            rows, n_pairs = gemma_rows(tokenizer, model, known, a.gemma_dir)
+            with torch.no_grad():
+                weight = model.get_input_embeddings().weight
+                weight[tokenizer.convert_tokens_to_ids(known)] = rows
+            info.update({"init": "gemma-3 embeddings, ridge map", "shared_tokens_fitted": n_pairs,
+                         "gemma_initialised": len(known)})
     load_s = time.perf_counter() - t0
     to_id = {l: i for i, l in enumerate(labels)}
     train_enc = encode_bert(tokenizer, train, to_id, a.max_len)
@@ -363,9 +403,11 @@ def arm_minilm(train: list[dict], test: list[dict], a: argparse.Namespace, exten
     info["test_unk_share"] = round(sum(e["input_ids"].count(unk) for e in test_enc)
                                    / sum(len(r["tokens"]) for r in test), 4)
     torch.manual_seed(a.seed)
+    group_lrs = {"bert.embeddings.word_embeddings.": a.lr_embeddings} if a.lr_embeddings else None
     result = fine_tune(model, train_enc, test_enc, test, labels, tokenizer.pad_token_id, a.epochs, a.lr_minilm,
-                       a.batch_size, a.seed, a.budget)
-    return {**result, **info, "load_seconds": round(load_s, 1), "lr": a.lr_minilm, "epochs": a.epochs,
+                       a.batch_size, a.seed, a.budget, group_lrs=group_lrs)
+    return {**result, **info, "load_seconds": round(load_s, 1), "lr": a.lr_minilm,
+            "lr_embeddings": a.lr_embeddings or a.lr_minilm, "epochs": a.epochs,
             "params": sum(p.numel() for p in model.parameters())}
 
 
@@ -419,7 +461,7 @@ def arm_gemma(train: list[dict], test: list[dict], a: argparse.Namespace, bidire
     train_enc = encode_pieces(tokenizer, train, to_id, a.max_len)
     test_enc = encode_pieces(tokenizer, test, to_id, a.max_len)
     result = fine_tune(model, train_enc, test_enc, test, labels, tokenizer.pad_token_id, a.epochs, a.lr_gemma,
-                       a.batch_size, a.seed, a.budget, head_lr=a.lr_head)
+                       a.batch_size, a.seed, a.budget, group_lrs={"score.": a.lr_head})
     return {**result, "load_seconds": round(load_s, 1), "lr": a.lr_gemma, "head_lr": a.lr_head,
             "epochs": a.epochs,
             "bidirectional_attention": bidirectional,
@@ -458,6 +500,8 @@ def main() -> None:
     p.add_argument("--gemma-dir", type=Path, default=Path("/tmp/gemma/hf"))
     p.add_argument("--epochs", type=float, default=3.0)
     p.add_argument("--lr-minilm", type=float, default=1e-4)
+    p.add_argument("--lr-embeddings", type=float, default=0.0,
+                   help="MiniLM arms: a learning rate of its own for the word embeddings (0 = --lr-minilm)")
     p.add_argument("--lr-gemma", type=float, default=5e-5)
     p.add_argument("--lr-head", type=float, default=1e-3, help="Gemma arms: the new head's learning rate")
     p.add_argument("--batch-size", type=int, default=16)
@@ -499,8 +543,8 @@ def main() -> None:
             out = arm_coverage(a.data, a.gemma_dir)
         elif arm == "dictionary":
             out = arm_dictionary(train, test)
-        elif arm in ("minilm", "minilm_vocab"):
-            out = arm_minilm(train, test, a, extend=arm == "minilm_vocab")
+        elif arm.startswith("minilm"):
+            out = arm_minilm(train, test, a, extend=arm != "minilm", gemma_init=arm == "minilm_vocab_gemma_init")
         else:
             out = arm_gemma(train, test, a, bidirectional=arm == "gemma")
         log(f"{arm}: {json.dumps(out, ensure_ascii=False)[:400]}")
