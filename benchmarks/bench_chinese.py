@@ -388,7 +388,8 @@ def arm_minilm(train: list[dict], test: list[dict], a: argparse.Namespace, exten
         added = add_missing_characters(tokenizer, model, ["".join(r["tokens"]) for r in train])
         info = {"added_tokens": len(added), "vocab_size": len(tokenizer)}
         if gemma_init:  # new rows from Gemma's embeddings instead of the mean
-            known = [t for t in added if t in gemma_tokenizer(a.gemma_dir).get_vocab()]
+            gem_vocab = gemma_tokenizer(a.gemma_dir).get_vocab()
+            known = [t for t in added if t in gem_vocab]
             rows, n_pairs = gemma_rows(tokenizer, model, known, a.gemma_dir)
             with torch.no_grad():
                 weight = model.get_input_embeddings().weight
