@@ -33,13 +33,13 @@ from ..errors import WorkbenchError
 from ..models.built import BuiltModel
 from ..models.state import load_trainable_state, set_seed
 from ..models.token_classifier import build_token_classifier, check_token_model
+from ..run_paths import TAGS_FILE, RunPaths
 from ..task_table import spec_for
 from .base import EvalResult, Evaluation
 from .classification import encoder_run_info, trained_model_dir, write_json
 
 IGNORED = -100  # a label the loss skips: sub-tokens after a word's first, special tokens, padding
 MISTAKES_KEPT = 50
-TAGS_FILE = "tags.json"
 ENCODED_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 SPEC = spec_for("token_classification:TokenClassificationTask")  # this task's row in the task table
 TASK_NAME = SPEC.name
@@ -292,7 +292,7 @@ class TokenClassificationTask:
                          "gold_spans": spans_of(s.tags, offsets, text),
                          "predicted_spans": spans_of(guess, offsets, text)})
         step = evaluation.result.step
-        write_json(run_dir / "eval" / f"step-{step}.json", {"step": step, "task": self.name, "labels": data.types,
+        write_json(RunPaths(run_dir).eval_step(step), {"step": step, "task": self.name, "labels": data.types,
                                                             "scheme": data.scheme, "rows": rows})
 
     def model_files(self, data: NerData) -> dict[str, Any]:
@@ -300,19 +300,20 @@ class TokenClassificationTask:
 
     def final_metrics(self, best: dict[str, Any], first: dict[str, Any] | None, run_dir: Path) -> dict[str, Any]:
         summary = {k: v for k, v in best.items() if k not in ("seq", "kind", "time", "mistakes")}
-        preds = run_dir / "eval" / f"step-{best['step']}.json"
+        preds = RunPaths(run_dir).eval_step(best["step"])
         summary["predictions_file"] = str(preds) if preds.is_file() else None
         return summary
 
     def load_predictor(self, record: dict[str, Any], home: Path) -> "EntityPredictor":
         from safetensors.torch import load_file
 
-        config, model_dir = Config.from_dict(record["config"]), trained_model_dir(record)
-        saved = json.loads((model_dir / TAGS_FILE).read_text())
+        config, paths = Config.from_dict(record["config"]), RunPaths.of(record)
+        trained_model_dir(record)  # refused with the reason when the run has no trained weights yet
+        saved = json.loads(paths.tags.read_text())
         set_seed(config.train.seed)
         built = build_token_classifier(config, resolve_model(config.model, home, config.trust_remote_code),
                                        saved["tags"])
-        load_trainable_state(built.model, load_file(str(model_dir / "trainable.safetensors")))
+        load_trainable_state(built.model, load_file(str(paths.trainable)))
         return EntityPredictor(built.model, built.tokenizer, saved["tags"], config.train.max_length or 256,
                                record["id"], config.task, saved.get("scheme", "IOB2"))
 
