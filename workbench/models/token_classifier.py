@@ -15,8 +15,7 @@ import torch
 from ..catalog import ModelSource
 from ..config import Config
 from ..errors import WorkbenchError
-from .adapters import (apply_peft, bnb_config, disable_bnb_inference_repack, head_module_names, ia3_targets,
-                       resolve_targets, unfreeze)
+from .adapters import adapter_targets, apply_method, bnb_config, head_module_names
 from .built import BuiltModel
 from .loading import (architecture, check_context, count_parameters, is_causal_lm, load_config, load_pretrained,
                       load_tokenizer, quiet_libraries)
@@ -59,22 +58,12 @@ def check_token_model(config: Config, source: ModelSource, tags: list[str]) -> N
         raise WorkbenchError(causal_refusal(config.model, model_config))
     check_context(config, model_config)
     empty = skeleton(model_config, tags, config.trust_remote_code)
-    _targets(empty, method, head_module_names(empty))
+    adapter_targets(empty, method, head_module_names(empty))  # a target_modules typo fails here
     if method.spec.quantized:
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise WorkbenchError(f"method {method.name} needs bitsandbytes: pip install bitsandbytes") from None
-
-
-def _targets(model: torch.nn.Module, method: Any, heads: list[str]) -> tuple[list[str], list[str]]:
-    """(adapter targets, feed-forward targets) of an adapter method; ([], []) for any other."""
-    spec = method.spec
-    if not spec.uses_adapters:
-        return [], []
-    if spec.peft_type == "IA3":  # rescales keys, values and the feed-forward input: found by shape
-        return ia3_targets(model, method, heads)
-    return resolve_targets(model, method, heads), []
 
 
 def build_token_classifier(config: Config, source: ModelSource, tags: list[str],
@@ -101,16 +90,6 @@ def build_token_classifier(config: Config, source: ModelSource, tags: list[str],
     heads = head_module_names(model, set(info.get("missing_keys", ())))
     built = BuiltModel(model=model, tokenizer=tokenizer, head_modules=heads, max_length_limit=limit,
                        method=method.name)
-    if spec.trains_backbone:
-        model.requires_grad_(True)
-    elif not spec.uses_peft:  # the head alone
-        model.requires_grad_(False)
-        unfreeze(model, heads)
-    else:
-        if spec.quantized:
-            disable_bnb_inference_repack(model)
-        built.target_modules, feedforward = _targets(model, method, heads)
-        built.model = apply_peft(model, method, built.target_modules, heads, feedforward, total_steps,
-                                 task_type=PEFT_TASK_TYPE)
+    built.model, built.target_modules = apply_method(model, method, heads, total_steps, task_type=PEFT_TASK_TYPE)
     built.trainable_params, built.total_params = count_parameters(built.model)
     return built
