@@ -96,6 +96,7 @@ def load_ner_data(cfg: DataConfig, seed: int) -> NerData:
         notes.append(f"dropped {dropped} duplicate sentences")
     if cfg.eval_source:
         other = read_ner_source(cfg.eval_source, cfg.text_column, cfg.label_column)
+        notes += [f"{cfg.eval_source}: {note}" for note in other.notes]
         held = [Sentence(s.tokens, convert(s.tags, read.scheme), s.where) for s in other.sentences] \
             if other.scheme != read.scheme else other.sentences
         train = sentences
