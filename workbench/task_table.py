@@ -63,7 +63,7 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
     TaskSpec("token-classification", "Named entities", "sentences as tokens with a BIO tag each (CoNLL or JSONL)",
              "tokens", "a token-classification head", _ENCODER_METHODS[:6], ("f1", "precision", "recall", "accuracy"),
              "f1", True, "entities", "/v1/ner", "token_classification:TokenClassificationTask", output="tags",
-             export_class="AutoModelForTokenClassification"),
+             optimizable=True, export_class="AutoModelForTokenClassification"),
     TaskSpec("chat", "Chat", "prompt and answer columns, or a messages column", "generation",
              "a causal LM, the loss on the answers", _GENERATION_METHODS, ("eval_loss", "perplexity"), "eval_loss",
              False, "generation", "/v1/chat/completions", "chat:ChatTask", in_dashboard=False, output="text", export_class=None,

@@ -1,4 +1,4 @@
-"""`workbench optimize RUN`: faster CPU artifacts of a classification run, measured against fp32.
+"""`workbench optimize RUN`: faster CPU artifacts of a classification or named-entity run, measured against fp32.
 
 Artifacts go to `<run dir>/deploy/<name>/`, each with `artifact.json`; the report to
 `<run dir>/deploy/report.json` and `report.md`. Every artifact and the fp32 reference (the run's model with
@@ -24,16 +24,25 @@ batch 32, samples/s at batch 32, accuracy, and agreement (share of predictions e
 
 An artifact slower than fp32 at batch 32 or losing more than 1 accuracy point is marked, with the reasons;
 `workbench serve RUN --artifact NAME` warns before serving a marked one.
+
+A tagger run (a task row of kind "tokens": named entities) gets the same artifacts, measured on the held-out
+sentences of its own split: its quality is the task's headline metric (seqeval's entity F1, the report's
+`metric`, where a classification report has `accuracy`), agreement is the share of words tagged as fp32 tags
+them, throughput is in sentences/s, and an artifact losing more than 1 F1 point is marked. The int8-torch and
+pruned copies answer through `EntityPredictor.with_model`, the ONNX ones through an EntityPredictor whose
+`logits` runs the ONNX Runtime session (`onnx_tagger`); the pruning plan reads training sentences.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import shutil
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -85,16 +94,7 @@ class OnnxPredictor(TorchPredictor):
 
     def __init__(self, path: Path, tokenizer: Any, labels: list[str], max_length: int, threads: int,
                  truncation: str = "head") -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        # idle threads sleep instead of spinning between calls: a server's event loop, its tokenizer and its
-        # clients share these cores with the model
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = onnx_session(path, threads)
         self.inputs = {i.name for i in self.session.get_inputs()}
         self.tokenizer, self.labels, self.max_length, self.model = tokenizer, labels, max_length, None
         self.truncation = truncation
@@ -107,6 +107,48 @@ class OnnxPredictor(TorchPredictor):
         logits = self.session.run(None, feed)[0].astype(np.float64)
         e = np.exp(logits - logits.max(axis=-1, keepdims=True))
         return e / e.sum(axis=-1, keepdims=True)
+
+
+def onnx_session(path: Path, threads: int) -> Any:
+    """An ONNX Runtime CPU session of the graph at `path` on `threads` threads."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    # idle threads sleep instead of spinning between calls: a server's event loop, its tokenizer and its
+    # clients share these cores with the model
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_tagger(path: Path, base: Any, threads: int) -> Any:
+    """An EntityPredictor like `base` (the run's tagger: its tokenizer, tags, max_length) whose `logits` runs
+    the ONNX graph at `path` (the one place the tagger runs its model)."""
+    return _onnx_tagger_class()(path, base, threads)
+
+
+@functools.cache
+def _onnx_tagger_class() -> type:
+    """Defined on first use: the token-classification module loads torch, which this module does not."""
+    import numpy as np
+    import torch
+
+    from ..tasks.token_classification import EntityPredictor
+
+    class OnnxTagger(EntityPredictor):
+        def __init__(self, path: Path, base: Any, threads: int) -> None:
+            self.session = onnx_session(path, threads)
+            self.inputs = {i.name for i in self.session.get_inputs()}
+            self.model, self.tokenizer, self.tags, self.max_length = None, base.tokenizer, base.tags, base.max_length
+            self.run_id, self.task, self.scheme, self.types = base.run_id, base.task, base.scheme, base.types
+
+        def logits(self, batch: dict[str, Any]) -> Any:
+            feed = {k: v.numpy().astype(np.int64) for k, v in batch.items() if k in self.inputs}
+            return torch.from_numpy(self.session.run(None, feed)[0]).float()
+
+    return OnnxTagger
 
 
 def _results(p: TorchPredictor, texts: list[str], batch_size: int) -> list[dict[str, Any]]:
@@ -142,7 +184,9 @@ def export_onnx(model: Any, tokenizer: Any, path: Path, max_length: int) -> None
                        truncation=True, max_length=max_length)
     names = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in sample]
     axes = {n: {0: "batch", 1: "sequence"} for n in names}
-    axes["logits"] = {0: "batch"}
+    # a tagger's logits have a row per sub-token: their sequence axis varies too
+    per_token = type(model).__name__.endswith("ForTokenClassification")
+    axes["logits"] = {0: "batch", 1: "sequence"} if per_token else {0: "batch"}
 
     class Logits(torch.nn.Module):  # plain tensors in and out, positional in `names` order
         def __init__(self, inner: Any) -> None:
@@ -309,36 +353,48 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[k]
 
 
-def measure(predictors: dict[str, TorchPredictor], texts: list[str], gold: list[int], singles: int = 48,
-            batch: int = 32, progress: Progress = _noop) -> dict[str, dict[str, Any]]:
-    """Accuracy, predictions, latency and throughput of each predictor, interleaved round by round."""
+def class_answers(predictor: Any, texts: list[str]) -> list[int]:
+    """A classifier's predicted label index per text."""
     import numpy as np
 
+    return np.asarray(predictor.probabilities(texts)).argmax(axis=-1).tolist()
+
+
+def accuracy_of(predicted: list[Any], gold: list[Any]) -> float:
+    return float(sum(p == g for p, g in zip(predicted, gold)) / max(1, len(gold)))
+
+
+def measure(predictors: dict[str, Any], texts: list[Any], gold: list[Any], singles: int = 48,
+            batch: int = 32, progress: Progress = _noop, answer: Callable[[Any, list[Any]], list[Any]] = class_answers,
+            quality: Callable[[list[Any], list[Any]], float] = accuracy_of, metric: str = "accuracy"
+            ) -> dict[str, dict[str, Any]]:
+    """Quality (`metric`: `quality(predictions, gold)`), predictions (`answer(predictor, chunk)`: one per
+    input), latency and throughput of each predictor, interleaved round by round."""
     names = list(predictors)
-    preds: dict[str, list[int]] = {n: [] for n in names}
+    preds: dict[str, list[Any]] = {n: [] for n in names}
     b32: dict[str, list[float]] = {n: [] for n in names}
     b1: dict[str, list[float]] = {n: [] for n in names}
     for p in predictors.values():  # warm-up: first calls allocate
-        p.probabilities(texts[:2])
+        answer(p, texts[:2])
     chunks = [texts[i: i + batch] for i in range(0, len(texts), batch)]
     for c, chunk in enumerate(chunks):
         for n in names:
             start = time.perf_counter()
-            probs = predictors[n].probabilities(chunk)
+            got = answer(predictors[n], chunk)
             b32[n].append(time.perf_counter() - start)
-            preds[n].extend(np.asarray(probs).argmax(axis=-1).tolist())
+            preds[n].extend(got)
         progress("measuring batch 32", (c + 1) / len(chunks))
     for i, text in enumerate(texts[:singles]):
         for n in names:
             start = time.perf_counter()
-            predictors[n].probabilities([text])
+            answer(predictors[n], [text])
             b1[n].append(time.perf_counter() - start)
         progress("measuring batch 1", (i + 1) / min(singles, len(texts)))
     out = {}
     for n in names:
         full_times = [t for c, t in zip(chunks, b32[n]) if len(c) == batch] or b32[n]
         out[n] = {
-            "accuracy": round(float(np.mean(np.asarray(preds[n]) == np.asarray(gold))), 4),
+            metric: round(quality(preds[n], gold), 4),
             "predictions": preds[n],
             "latency_ms": {"batch_1": {"p50": round(1000 * statistics.median(b1[n]), 2),
                                        "p95": round(1000 * _percentile(b1[n], 0.95), 2)},
@@ -352,9 +408,27 @@ def measure(predictors: dict[str, TorchPredictor], texts: list[str], gold: list[
 
 # --- the command ----------------------------------------------------------------------------------------------
 
-def _classifier(run: str, home: str | Path | None) -> tuple[dict[str, Any], TorchPredictor]:
+@dataclass
+class Subject:
+    """What optimize measures of one run, whatever its task: the fp32 predictor over the merged model (`.model`,
+    `.tokenizer`, `.max_length`), the held-out inputs and their truth, and how to answer and score them."""
+
+    fp32: Any
+    items: list[Any]  # evaluation texts (classification) or token lists (a tagger's sentences)
+    gold: list[Any]  # label indices, or a tag list per sentence
+    labels: list[str]  # class labels, or entity types
+    metric: str  # the report's quality figure: "accuracy", or the task's headline ("f1" of entities)
+    unit: str  # what one input is, in the report: texts, sentences
+    calibration: Callable[[], list[str]]  # training texts the pruning plan reads activations on
+    torch_predictor: Callable[[Any], Any]  # a predictor like fp32 over another torch model
+    onnx_predictor: Callable[[Path, int], Any]  # ... over an ONNX graph, on n threads
+    answer: Callable[[Any, list[Any]], list[Any]]  # predictor, inputs -> a prediction per input
+    quality: Callable[[list[Any], list[Any]], float]  # predictions, gold -> the metric
+
+
+def _subject(run: str, home: str | Path | None) -> tuple[dict[str, Any], Subject]:
     from ..predict import load_predictor
-    from .runs import merge_adapters, task_row
+    from .runs import task_row
 
     store = RunStore(home)
     record = store.get(run)
@@ -362,14 +436,53 @@ def _classifier(run: str, home: str | Path | None) -> tuple[dict[str, Any], Torc
     spec = task_row(predictor)
     if not spec.optimizable:
         raise WorkbenchError(f"run {record['id']} is a {spec.name} run: optimize handles classification "
-                             "runs (encoder classifiers)")
+                             "and named-entity runs (encoders)")
+    if spec.kind == "tokens":
+        return record, _tagger(record, predictor, store.home)
+    return record, _classifier(record, predictor)
+
+
+def _classifier(record: dict[str, Any], predictor: Any) -> Subject:
+    from .runs import eval_split, merge_adapters
+
     prompt = getattr(getattr(getattr(predictor, "encode", None), "__self__", None), "prompt", None)
     model = merge_adapters(predictor.model)
     if prompt is not None or not type(model).__name__.endswith("ForSequenceClassification"):
         raise WorkbenchError(f"run {record['id']} classifies with a causal LM prompt: optimize handles encoder "
                              "classifiers (BERT-style); serve this run as fp32")
-    return record, TorchPredictor(model, predictor.tokenizer, list(predictor.labels), predictor.max_length,
-                                  truncation_of(predictor))
+    tokenizer, max_length, cut = predictor.tokenizer, predictor.max_length, truncation_of(predictor)
+    texts, gold, labels = eval_split(record)
+    return Subject(TorchPredictor(model, tokenizer, labels, max_length, cut), texts, gold, labels, "accuracy",
+                   "texts", lambda: _calibration_texts(record, texts),
+                   lambda m: TorchPredictor(m, tokenizer, labels, max_length, cut),
+                   lambda path, threads: OnnxPredictor(path, tokenizer, labels, max_length, threads, cut),
+                   class_answers, accuracy_of)
+
+
+def _tagger(record: dict[str, Any], predictor: Any, home: Path) -> Subject:
+    """A tagger run: the held-out sentences of its own split, entity F1 (seqeval) as its quality."""
+    from ..config import Config
+    from ..entities import entity_figures
+    from ..tasks import task_of
+    from .runs import merge_adapters, task_row
+
+    fp32 = predictor.with_model(merge_adapters(predictor.model))
+    config = Config.from_dict(record["config"])
+    data = task_of(config).load_data(config, home)
+    held = data.held
+    if not held:
+        raise WorkbenchError(f"run {record['id']} holds out no sentences to measure on")
+    types = list(data.types)
+
+    def answer(p: Any, sentences: list[list[str]]) -> list[list[str]]:
+        return [tags for tags, _ in p.tag_words(sentences, batch_size=max(1, len(sentences)))]
+
+    def f1(predicted: list[list[str]], gold: list[list[str]]) -> float:
+        return entity_figures(gold, predicted, types)[0]["f1"]
+
+    return Subject(fp32, [list(s.tokens) for s in held], [list(s.tags) for s in held], types,
+                   task_row(predictor).metrics[0], "sentences", lambda: data.train_texts[:64], fp32.with_model,
+                   lambda path, threads: onnx_tagger(path, fp32, threads), answer, f1)
 
 
 def optimize(run: str = "latest", home: str | Path | None = None, int8: bool = True, prune: bool = False,
@@ -388,8 +501,6 @@ def _optimize(run: str, home: str | Path | None, int8: bool, prune: bool, onnx: 
               prune_ffn: float, max_eval: int | None, progress: Progress | None) -> dict[str, Any]:
     import torch
 
-    from .runs import eval_split
-
     progress = progress or _noop
     if not (int8 or prune or onnx):
         raise WorkbenchError("nothing to make: ask for at least one of --int8, --prune, --onnx")
@@ -397,14 +508,15 @@ def _optimize(run: str, home: str | Path | None, int8: bool, prune: bool, onnx: 
         if not 0 <= value < 1:
             raise WorkbenchError(f"{name} must be a fraction from 0 to below 1, got {value}")
     progress("loading the run", 0.0)
-    record, fp32 = _classifier(run, home)
+    record, subject = _subject(run, home)
+    fp32 = subject.fp32
     run_dir = Path(record["dir"])
-    texts, gold, labels = eval_split(record)
+    items, gold = subject.items, subject.gold
     if max_eval:
-        texts, gold = texts[:max_eval], gold[:max_eval]
+        items, gold = items[:max_eval], gold[:max_eval]
     out_root = private_dir(RunPaths(run_dir).deploy)  # 0700: the server's record and log live here too
     threads = torch.get_num_threads()
-    predictors: dict[str, TorchPredictor] = {"fp32": fp32}
+    predictors: dict[str, Any] = {"fp32": fp32}
     made: dict[str, dict[str, Any]] = {}
     tmp_root = out_root / ".building"
     shutil.rmtree(tmp_root, ignore_errors=True)
@@ -422,8 +534,7 @@ def _optimize(run: str, home: str | Path | None, int8: bool, prune: bool, onnx: 
             fused = fuse_onnx(raw, onnx_fp32, fp32.model.config)
             raw.unlink()
         if onnx:
-            predictors["onnx"] = OnnxPredictor(onnx_fp32, fp32.tokenizer, labels, fp32.max_length, threads,
-                                               fp32.truncation)
+            predictors["onnx"] = subject.onnx_predictor(onnx_fp32, threads)
             made["onnx"] = {"kind": "onnx", "dir": onnx_fp32.parent, "fused": fused}
         if int8:
             progress("quantising to int8", 0.0)
@@ -431,28 +542,28 @@ def _optimize(run: str, home: str | Path | None, int8: bool, prune: bool, onnx: 
             d = tmp_root / "int8-torch"
             d.mkdir()
             torch.save(q.state_dict(), d / "model.pt")
-            predictors["int8-torch"] = TorchPredictor(q, fp32.tokenizer, labels, fp32.max_length, fp32.truncation)
+            predictors["int8-torch"] = subject.torch_predictor(q)
             made["int8-torch"] = {"kind": "torch-int8", "dir": d}
             d = tmp_root / "int8-onnx"
             d.mkdir()
             quantize_onnx(onnx_fp32, d / "model.onnx")
-            predictors["int8-onnx"] = OnnxPredictor(d / "model.onnx", fp32.tokenizer, labels, fp32.max_length,
-                                                    threads, fp32.truncation)
+            predictors["int8-onnx"] = subject.onnx_predictor(d / "model.onnx", threads)
             made["int8-onnx"] = {"kind": "onnx-int8", "dir": d, "fused": fused}
         if prune:
             progress("pruning heads and neurons", 0.0)
-            train_texts = _calibration_texts(record, texts)
-            plan = pruning_plan(fp32.model, fp32.tokenizer, train_texts, fp32.max_length, prune_heads, prune_ffn)
+            plan = pruning_plan(fp32.model, fp32.tokenizer, subject.calibration(), fp32.max_length, prune_heads,
+                                prune_ffn)
             pruned = apply_pruning(copy.deepcopy(fp32.model), plan)
             d = tmp_root / "pruned"
             d.mkdir()
             _save_state(pruned, d / "model.safetensors")
             (d / "pruning.json").write_text(json.dumps({"heads_fraction": prune_heads, "ffn_fraction": prune_ffn,
                                                         "plan": plan}))
-            predictors["pruned"] = TorchPredictor(pruned, fp32.tokenizer, labels, fp32.max_length, fp32.truncation)
+            predictors["pruned"] = subject.torch_predictor(pruned)
             made["pruned"] = {"kind": "pruned", "dir": d}
-        results = measure(predictors, texts, gold, progress=progress)
-        report = _report(record, results, made, fp32_dir, labels, len(texts), threads)
+        results = measure(predictors, items, gold, progress=progress, answer=subject.answer,
+                          quality=subject.quality, metric=subject.metric)
+        report = _report(record, results, made, fp32_dir, subject, len(items), threads)
         _install(out_root, tmp_root, report, made)
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
@@ -480,13 +591,24 @@ def _save_state(model: Any, path: Path) -> None:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
 
 
+def _flat(predictions: list[Any]) -> list[Any]:
+    """A prediction per text, or a tag per word of every sentence (a tagger's)."""
+    return [x for p in predictions for x in p] if predictions and isinstance(predictions[0], list) else predictions
+
+
+def agreement_of(predictions: list[Any], reference: list[Any]) -> float:
+    """The share of predictions (a tagger's: of words' tags) equal to the reference's."""
+    a, b = _flat(predictions), _flat(reference)
+    return sum(x == y for x, y in zip(a, b)) / max(1, len(b))
+
+
 def _report(record: dict[str, Any], results: dict[str, dict[str, Any]], made: dict[str, dict[str, Any]],
-            fp32_dir: Path, labels: list[str], n_eval: int, threads: int) -> dict[str, Any]:
-    base = results["fp32"]
+            fp32_dir: Path, subject: Subject, n_eval: int, threads: int) -> dict[str, Any]:
+    base, metric = results["fp32"], subject.metric
 
     def entry(name: str) -> dict[str, Any]:
         r = results[name]
-        agreement = sum(a == b for a, b in zip(r["predictions"], base["predictions"])) / max(1, n_eval)
+        agreement = agreement_of(r["predictions"], base["predictions"])
         e = {k: v for k, v in r.items() if k != "predictions"}
         e["size_mb"] = _size_mb(made[name]["dir"]) if name in made else _size_mb(fp32_dir)
         if name != "fp32":
@@ -496,12 +618,12 @@ def _report(record: dict[str, Any], results: dict[str, dict[str, Any]], made: di
             e["speedup"] = round(r["samples_per_s"] / base["samples_per_s"], 2)
             e["speedup_batch_1"] = round(base["latency_ms"]["batch_1"]["p50"] / r["latency_ms"]["batch_1"]["p50"], 2)
             e["agreement"] = round(agreement, 4)
-            e["accuracy_delta"] = round(r["accuracy"] - base["accuracy"], 4)
+            e[f"{metric}_delta"] = round(r[metric] - base[metric], 4)
             reasons = []
             if e["speedup"] < 1.0:
                 reasons.append(f"slower than fp32 at batch 32 ({e['speedup']:.2f}x)")
-            if round(base["accuracy"] - r["accuracy"], 6) > MAX_ACCURACY_LOSS:  # 1.0 point lost is not > 1
-                reasons.append(f"loses {100 * (base['accuracy'] - r['accuracy']):.1f} accuracy points")
+            if round(base[metric] - r[metric], 6) > MAX_ACCURACY_LOSS:  # 1.0 point lost is not > 1
+                reasons.append(f"loses {100 * (base[metric] - r[metric]):.1f} {metric} points")
             e["marked"], e["reasons"] = bool(reasons), reasons
         return e
 
@@ -519,8 +641,8 @@ def _report(record: dict[str, Any], results: dict[str, dict[str, Any]], made: di
             artifacts[name] = entry(name)
     import platform
 
-    return {"run": record["id"], "model": record["config"].get("model"), "eval_size": n_eval, "labels": labels,
-            "threads": threads, "load_average": list(os.getloadavg()), "machine": platform.processor() or
+    return {"run": record["id"], "model": record["config"].get("model"), "eval_size": n_eval,
+            "labels": subject.labels, "metric": metric, "unit": subject.unit, "threads": threads, "load_average": list(os.getloadavg()), "machine": platform.processor() or
             platform.machine(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "fp32": entry("fp32"), "artifacts": artifacts,
             "paths": {n: str(RunPaths.of(record).deploy / n) for n in artifacts}}
@@ -542,23 +664,25 @@ def _install(out_root: Path, tmp_root: Path, report: dict[str, Any], made: dict[
 
 def report_markdown(report: dict[str, Any]) -> str:
     rows = [("fp32", report["fp32"])] + [(n, a) for n, a in report["artifacts"].items()]
+    metric, unit = report.get("metric", "accuracy"), report.get("unit", "texts")
+    rate = "samples/s" if unit == "texts" else f"{unit}/s"
     lines = [f"# Optimize report: run {report['run']}", "",
-             f"{report['eval_size']} evaluation texts, {report['threads']} threads, load average "
+             f"{report['eval_size']} evaluation {unit}, {report['threads']} threads, load average "
              f"{report['load_average'][0]:.2f}, measured {report['measured_at']}.", "",
-             "| artifact | size MB | b1 p50 ms | b1 p95 ms | b32 p50 ms | b32 p95 ms | samples/s | speedup | "
-             "accuracy | agreement | marked |",
+             f"| artifact | size MB | b1 p50 ms | b1 p95 ms | b32 p50 ms | b32 p95 ms | {rate} | speedup | "
+             f"{metric} | agreement | marked |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, a in rows:
         lat = a["latency_ms"]
         label = name + (f" ({a['backend']})" if "backend" in a else "")
         lines.append(f"| {label} | {a['size_mb']} | {lat['batch_1']['p50']} | {lat['batch_1']['p95']} | "
                      f"{lat['batch_32']['p50']} | {lat['batch_32']['p95']} | {a['samples_per_s']} | "
-                     f"{a.get('speedup', 1.0)}x | {a['accuracy']:.4f} | {a.get('agreement', 1.0):.4f} | "
+                     f"{a.get('speedup', 1.0)}x | {a[metric]:.4f} | {a.get('agreement', 1.0):.4f} | "
                      f"{'; '.join(a.get('reasons', [])) or '-'} |")
     int8 = report["artifacts"].get("int8")
     if int8 and int8.get("candidates"):
         lines += ["", "int8 backends measured: " + ", ".join(
-            f"{n} {c['samples_per_s']} samples/s" for n, c in int8["candidates"].items())
+            f"{n} {c['samples_per_s']} {rate}" for n, c in int8["candidates"].items())
             + f"; kept {int8['backend']}."]
     return "\n".join(lines) + "\n"
 
@@ -580,26 +704,43 @@ def truncation_of(predictor: Any) -> str:
     return getattr(built, "truncation", "head")
 
 
-def apply_artifact(predictor: Any, run_dir: Path, name: str) -> tuple[TorchPredictor, dict[str, Any]]:
-    """A predictor over artifact `name` of the run whose fp32 predictor (adapters merged) is given."""
+def apply_artifact(predictor: Any, run_dir: Path, name: str) -> tuple[Any, dict[str, Any]]:
+    """A predictor over artifact `name` of the run whose fp32 predictor (adapters merged) is given: a
+    TorchPredictor or OnnxPredictor for a classifier, an EntityPredictor answering with the artifact for a
+    tagger (what the server's entity route calls)."""
     import torch
+
+    from .runs import task_row
 
     info = artifact_record(run_dir, name)
     d = RunPaths(Path(run_dir)).deploy / name
-    labels, tokenizer, max_length = list(predictor.labels), predictor.tokenizer, predictor.max_length
-    cut = truncation_of(predictor)
     kind = info["kind"]
+    tagger = task_row(predictor).kind == "tokens"
     if kind in ("onnx", "onnx-int8"):
-        return OnnxPredictor(d / "model.onnx", tokenizer, labels, max_length, torch.get_num_threads(), cut), info
+        if tagger:
+            return onnx_tagger(d / "model.onnx", predictor, torch.get_num_threads()), info
+        return OnnxPredictor(d / "model.onnx", predictor.tokenizer, list(predictor.labels), predictor.max_length,
+                             torch.get_num_threads(), truncation_of(predictor)), info
+    model = _artifact_model(predictor.model, d, kind, name)
+    if tagger:
+        return predictor.with_model(model), info
+    return TorchPredictor(model, predictor.tokenizer, list(predictor.labels), predictor.max_length,
+                          truncation_of(predictor)), info
+
+
+def _artifact_model(model: Any, d: Path, kind: str, name: str) -> Any:
+    """The torch model of a torch-int8 or pruned artifact in folder `d`, built on the run's merged `model`."""
+    import torch
+
     if kind == "torch-int8":
-        q = quantize_torch(predictor.model)  # the structure; the saved int8 weights go into it
+        q = quantize_torch(model)  # the structure; the saved int8 weights go into it
         q.load_state_dict(torch.load(d / "model.pt", weights_only=True))
-        return TorchPredictor(q, tokenizer, labels, max_length, cut), info
+        return q
     if kind == "pruned":
         from safetensors.torch import load_file
 
         plan = json.loads((d / "pruning.json").read_text())["plan"]
-        model = apply_pruning(predictor.model, plan)
-        model.load_state_dict(load_file(str(d / "model.safetensors")))
-        return TorchPredictor(model, tokenizer, labels, max_length, cut), info
+        pruned = apply_pruning(model, plan)
+        pruned.load_state_dict(load_file(str(d / "model.safetensors")))
+        return pruned
     raise WorkbenchError(f"artifact {name!r} has an unknown kind {kind!r}: re-run workbench optimize")
