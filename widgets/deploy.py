@@ -454,12 +454,13 @@ class DeployPanel(W.VBox):
                 lat.x, lat.y = [], []
             return
         rows, names, speed, ms, text, colors = [], [], [], [], [], []
+        metric, unit = report.get("metric", "accuracy"), report.get("unit", "texts")  # a tagger: f1, sentences
         for name, a in [("fp32", report["fp32"]), *arts.items()]:
             label = name + (f" ({a['backend']})" if a.get("backend") else "")
             marked = "; ".join(a.get("reasons") or []) if a.get("marked") else ""
             rows.append([label, a.get("size_mb"), a["latency_ms"]["batch_1"]["p50"], a["latency_ms"]["batch_1"]["p95"],
                          a["latency_ms"]["batch_32"]["p50"], a.get("samples_per_s"), f"{a.get('speedup', 1.0)}x",
-                         a.get("accuracy"), a.get("agreement", 1.0), ("marked: " + marked) if marked else "-"])
+                         a.get(metric), a.get("agreement", 1.0), ("marked: " + marked) if marked else "-"])
             names.append(name)
             speed.append(a.get("samples_per_s"))
             ms.append(a["latency_ms"]["batch_1"]["p50"])
@@ -467,10 +468,10 @@ class DeployPanel(W.VBox):
             colors.append(MARKED_COLOR if marked else S.RUN_COLORS[0])
         load = report.get("load_average") or [0.0]
         self._report_table.value = S.message(
-            f"run {report.get('run')}: {report.get('eval_size')} evaluation texts, {report.get('threads')} threads, "
+            f"run {report.get('run')}: {report.get('eval_size')} evaluation {unit}, {report.get('threads')} threads, "
             f"load average {load[0]:.2f}, measured {report.get('measured_at')}. Marked: slower than fp32 or more "
-            "than 1 accuracy point lost (the server warns before serving it).", "muted") + S.table_html(
-            ["artifact", "size MB", "b1 p50 ms", "b1 p95 ms", "b32 p50 ms", "samples/s", "speedup", "accuracy",
+            f"than 1 {metric} point lost (the server warns before serving it).", "muted") + S.table_html(
+            ["artifact", "size MB", "b1 p50 ms", "b1 p95 ms", "b32 p50 ms", f"{unit}/s", "speedup", metric,
              "agreement", "marked"], rows, nowrap=True)
         with self.fig.batch_update():  # whole arrays, every time
             bars.x, bars.y, bars.text, bars.marker.color = names, speed, text, colors

@@ -92,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-tokens", type=int, default=512, help="the largest max_tokens a chat request may ask")
     sv.add_argument("--log-text", action="store_true", help="put request texts in the log (off by default)")
 
-    op = sub.add_parser("optimize", help="int8, pruned and ONNX artifacts of a classification run, with a report")
+    op = sub.add_parser("optimize", help="int8, pruned and ONNX artifacts of a classification or named-entity run, with a report")
     op.add_argument("run", help="run id ('latest' for the newest)")
     op.add_argument("--int8", action="store_true", help="dynamic int8 quantisation (torch or onnxruntime: the faster)")
     op.add_argument("--prune", action="store_true", help="structured pruning of attention heads and FFN neurons")
