@@ -477,7 +477,8 @@ def arm_gemma(train: list[dict], test: list[dict], a: argparse.Namespace, bidire
 def combine(paths: list[Path]) -> dict[str, Any]:
     """Several runs' JSON as one object; the first run's header wins, and each run's differing header fields
     (commit, date, sentence counts) stay with its arms. A fine-tuning arm is keyed `<arm>_<epochs>ep`, so
-    runs of one arm with different epochs sit side by side; `_<n>sent` marks a run on fewer sentences."""
+    runs of one arm with different epochs sit side by side; `_emblr<x>` marks an embedding learning rate of its
+    own, `_<n>sent` a run on fewer sentences."""
     merged: dict[str, Any] = {"arms": {}}
     for p in paths:
         part = json.loads(p.read_text(encoding="utf-8"))
@@ -487,6 +488,8 @@ def combine(paths: list[Path]) -> dict[str, Any]:
         run = {k: v for k, v in part.items() if k in ("commit", "date", "train_sentences", "test_sentences")}
         for name, arm in arms.items():
             key = f"{name}_{arm['epochs']:g}ep" if "epochs" in arm else name
+            if arm.get("lr_embeddings", arm.get("lr")) != arm.get("lr"):
+                key += f"_emblr{arm['lr_embeddings']:g}"
             if run.get("train_sentences") != merged.get("train_sentences"):  # a capped (timing) run
                 key += f"_{run.get('train_sentences')}sent"
             merged["arms"][key] = {**arm, "run": run}
