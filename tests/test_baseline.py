@@ -94,6 +94,20 @@ def test_choices_follow_the_data_and_explicit_settings_win():
             chosen.train.best_metric) == (3, 2e-4, "none", "accuracy") and decisions == []
 
 
+def test_a_tagger_gets_epochs_from_its_data_and_its_rows_step_target():
+    """Token classification reads texts like classification: its epochs come from the data (its row's larger
+    step target: few entity words a sentence), not the fixed 2 of the generation tasks."""
+    from workbench.task_table import task_spec
+
+    ner = Config.from_dict({"task": "token-classification", "method": {"name": "lora"}})
+    chosen, decisions = choose_before_build(ner, 1847, 1, None, 0, tokens_per_epoch=1847 * 40)
+    per_epoch = -(-1847 // 16)
+    assert chosen.train.epochs == -(-task_spec("token-classification").target_steps // per_epoch) == 6
+    assert decisions[0]["field"] == "train.epochs" and "600 steps" in decisions[0]["why"]
+    chat = Config.from_dict({"task": "chat", "model": "smollm2-135m-instruct", "data": {"source": "chatterbot"}})
+    assert choose_before_build(chat, 1847, 1, None, 0)[0].train.epochs == 2
+
+
 def test_head_and_tail_keep_the_end_of_a_long_text():
     from transformers import AutoTokenizer
 

@@ -13,9 +13,8 @@ import dataclasses
 import math
 from typing import Any
 
-from ..config import ENCODER_TASKS, METHOD_LEARNING_RATES, Config
+from ..config import METHOD_LEARNING_RATES, Config
 
-TARGET_STEPS = 300  # optimiser steps a small training set gets (early stopping ends it sooner when it is done)
 MIN_EPOCHS, MAX_EPOCHS = 2, 10
 GENERATION_EPOCHS, GENERATION_MAX_LENGTH = 2, 256  # chat and seq2seq: the defaults before choices existed
 SKEW_RATIO = 1.5  # largest class / smallest class from which classes count as skewed
@@ -34,6 +33,12 @@ def skew(labels: list[int], num_classes: int) -> float:
     return max(counts) / min(counts) if min(counts) else math.inf
 
 
+def reads_texts(config: Config) -> bool:
+    """A task whose inputs are texts read by an encoder (classification, regression, entities): its epochs and
+    token length are chosen from the data; a generation task keeps its fixed defaults."""
+    return not config.task_spec.generates
+
+
 def _with(config: Config, **train: Any) -> Config:
     return dataclasses.replace(config, train=dataclasses.replace(config.train, **train))
 
@@ -50,13 +55,14 @@ def choose_before_build(config: Config, rows: int, world: int, labels: list[int]
         config = _with(config, **{name: value})
         decisions.append({"field": f"train.{name}", "value": value, "why": why})
 
-    t, encoder = config.train, config.task in ENCODER_TASKS
+    t, encoder = config.train, reads_texts(config)
     if t.epochs is None:
         if encoder:
+            target = config.task_spec.target_steps
             per_epoch = math.ceil(rows / (t.batch_size * t.gradient_accumulation * world))
-            epochs = min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(TARGET_STEPS / per_epoch)))
+            epochs = min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(target / per_epoch)))
             why = (f"{rows} training rows make {per_epoch} optimiser steps an epoch; {epochs} epochs give about "
-                   f"{TARGET_STEPS} steps ({MIN_EPOCHS}-{MAX_EPOCHS}), early stopping ends sooner when the eval "
+                   f"{target} steps ({MIN_EPOCHS}-{MAX_EPOCHS}), early stopping ends sooner when the eval "
                    "figure stops improving")
             if tokens_per_epoch and epochs * tokens_per_epoch > CPU_TOKEN_BUDGET:
                 epochs = max(MIN_EPOCHS, CPU_TOKEN_BUDGET // tokens_per_epoch)
@@ -107,7 +113,7 @@ def choose_max_length(config: Config, source: Any, texts: list[str],
     from ..models.loading import context_limit, load_config, load_tokenizer
 
     decisions: list[dict[str, Any]] = []
-    if config.task not in ENCODER_TASKS:
+    if not reads_texts(config):
         texts, limit = [], None
     else:
         limit = context_limit(load_config(source, config.trust_remote_code))
@@ -116,7 +122,7 @@ def choose_max_length(config: Config, source: Any, texts: list[str],
     lengths = token_lengths(load_tokenizer(source, config.trust_remote_code), texts) if texts else []
     cap = min(GPU_MAX_LENGTH if on_gpu else CPU_MAX_LENGTH, limit or GPU_MAX_LENGTH)
     if config.train.max_length is None:
-        if config.task not in ENCODER_TASKS:
+        if not reads_texts(config):
             length, why = GENERATION_MAX_LENGTH, f"the default for task: {config.task}"
         else:
             ordered = sorted(lengths) or [MIN_LENGTH]
