@@ -110,8 +110,9 @@ def _rebuild(config: Config, source: Any, paths: RunPaths) -> tuple[list[str], A
     if spec.output == "tags":
         from .models.token_classifier import build_token_classifier
 
-        tags = json.loads(paths.tags.read_text())["tags"]
-        return tags, build_token_classifier(config, source, tags)
+        saved = json.loads(paths.tags.read_text())
+        tags = saved["tags"]
+        return tags, build_token_classifier(config, source, tags, added_tokens=saved.get("added_tokens") or [])
     from .models.classifier import build_model
 
     regression = spec.output == "value"

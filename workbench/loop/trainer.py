@@ -236,7 +236,8 @@ def _setup(ctx: RunContext, task: Task, accelerator: Any, precision: str) -> Ses
 
     warmup = math.ceil(config.train.warmup_ratio * max_steps)
     params = [p for p in built.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.train.learning_rate, weight_decay=config.train.weight_decay,
+    optimizer = torch.optim.AdamW(parameter_groups(built), lr=config.train.learning_rate,
+                                  weight_decay=config.train.weight_decay,
                                   fused=accelerator.device.type == "cuda")  # one kernel for every parameter
     scheduler = get_scheduler(config.train.scheduler if config.train.scheduler != "constant"
                               else "constant_with_warmup", optimizer, num_warmup_steps=warmup,
@@ -249,6 +250,17 @@ def _setup(ctx: RunContext, task: Task, accelerator: Any, precision: str) -> Ses
     ctx.finalise = lambda status: _finalise(s)
     ctx.timings = lambda: _timings(s.progress)
     return s
+
+
+def parameter_groups(built: Any) -> list[dict[str, Any]]:
+    """The optimiser's parameter groups: every trainable parameter at the run's rate, except those named in
+    `built.learning_rates` ({parameter name: rate}; the word embeddings of a vocabulary that grew), a group
+    each after the first (the rate the run reports is the first group's)."""
+    rates = getattr(built, "learning_rates", None) or {}
+    named = [(n, p) for n, p in built.model.named_parameters() if p.requires_grad]
+    groups: list[dict[str, Any]] = [{"params": [p for n, p in named if n not in rates]}]
+    groups += [{"params": [p], "lr": rates[n]} for n, p in named if n in rates]
+    return groups
 
 
 def _choose_settings(config: Config, task: Task, data: Any, source: Any, world: int,

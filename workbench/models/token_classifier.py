@@ -19,6 +19,9 @@ from .adapters import adapter_targets, apply_method, bnb_config, head_module_nam
 from .built import BuiltModel
 from .loading import (architecture, check_context, count_parameters, is_causal_lm, load_config, load_pretrained,
                       load_tokenizer, quiet_libraries)
+from .vocabulary import extend_vocabulary
+
+EMBEDDING_LEARNING_RATE = 1e-3  # the word embeddings' rate when rows were added (vocabulary.py: 0.50 vs 0.31)
 
 PEFT_TASK_TYPE = "TOKEN_CLS"
 
@@ -67,8 +70,14 @@ def check_token_model(config: Config, source: ModelSource, tags: list[str]) -> N
 
 
 def build_token_classifier(config: Config, source: ModelSource, tags: list[str],
-                           total_steps: int | None = None) -> BuiltModel:
-    """The pretrained encoder with a token-classification head of `tags`, the method applied."""
+                           total_steps: int | None = None, added_tokens: list[str] | None = None) -> BuiltModel:
+    """The pretrained encoder with a token-classification head of `tags`, the method applied.
+
+    `added_tokens`: tokens to add to the vocabulary before the method is applied (what a run added from its
+    training text, read back from tags.json), in the same order so that they get the same ids. When any are
+    added, the word embeddings train under every method (a peft method or head-only would otherwise leave
+    the new rows at their starting mean) and `built.learning_rates` asks the optimiser for a larger rate for
+    them (see `embedding_rates`)."""
     from transformers import AutoModelForTokenClassification
 
     quiet_libraries()
@@ -88,8 +97,23 @@ def build_token_classifier(config: Config, source: ModelSource, tags: list[str],
     model, info = load_pretrained(AutoModelForTokenClassification, source, config.trust_remote_code,
                                   output_loading_info=True, **kwargs)
     heads = head_module_names(model, set(info.get("missing_keys", ())))
+    added = extend_vocabulary(tokenizer, model, list(added_tokens or []))
     built = BuiltModel(model=model, tokenizer=tokenizer, head_modules=heads, max_length_limit=limit,
                        method=method.name)
     built.model, built.target_modules = apply_method(model, method, heads, total_steps, task_type=PEFT_TASK_TYPE)
+    built.added_tokens = added  # type: ignore[attr-defined]
+    built.learning_rates = embedding_rates(built.model, config) if added else {}  # type: ignore[attr-defined]
     built.trainable_params, built.total_params = count_parameters(built.model)
     return built
+
+
+def embedding_rates(model: torch.nn.Module, config: Config) -> dict[str, float]:
+    """Make the input word embeddings trainable and give their parameter name the embedding rate.
+
+    Returns {parameter name: learning rate} for the optimiser (workbench/loop/trainer.py builds a parameter
+    group of these). The rate is EMBEDDING_LEARNING_RATE, or the run's own rate when that is larger."""
+    weight = model.get_input_embeddings().weight
+    weight.requires_grad_(True)
+    name = next(n for n, p in model.named_parameters() if p is weight)
+    rate = max(EMBEDDING_LEARNING_RATE, config.train.learning_rate or 0.0)
+    return {name: rate}

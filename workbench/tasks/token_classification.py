@@ -31,8 +31,10 @@ from ..entities import (OUTSIDE, NerFile, Sentence, convert, entity_figures, ent
                         read_sentences, sentence_text, spans_of, tag_set, types_of, words_of)
 from ..errors import WorkbenchError
 from ..models.built import BuiltModel
+from ..models.loading import load_tokenizer
 from ..models.state import load_trainable_state, set_seed
 from ..models.token_classifier import build_token_classifier, check_token_model
+from ..models.vocabulary import missing_characters
 from ..run_paths import TAGS_FILE, RunPaths
 from ..task_table import spec_for
 from .base import EvalResult, Evaluation
@@ -57,6 +59,8 @@ class NerData:
     source: str
     rows_read: int = 0
     notes: list[str] = field(default_factory=list)
+    added_tokens: list[str] = field(default_factory=list)  # characters the run added to the vocabulary
+    vocabulary: dict[str, Any] = field(default_factory=dict)  # what was added and why (run info "vocabulary")
 
     @property
     def train_texts(self) -> list[str]:
@@ -216,6 +220,23 @@ def mistaken(held: list[Sentence], predicted: list[list[str]]) -> list[dict[str,
     return [r for *_, r in sorted(rows, key=lambda r: r[:2])[:MISTAKES_KEPT]]
 
 
+def vocabulary_decision(tokenizer: Any, texts: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """The characters of `texts` that `tokenizer` maps to its unknown token (most frequent first), and the
+    decision to add them as the run records it ({} when the tokenizer covers every character)."""
+    missing = missing_characters(tokenizer, texts)
+    if not missing:
+        return [], {}
+    lacking = set(missing)
+    occurrences = [ch for text in texts for ch in text if not ch.isspace()]
+    unknown = sum(ch in lacking for ch in occurrences) / max(len(occurrences), 1)
+    return missing, {"added_characters": len(missing), "unknown_share": round(unknown, 4),
+                     "examples": "".join(missing[:20]),
+                     "why": (f"the tokenizer reads {len(missing)} distinct characters of the training text "
+                             f"({unknown:.0%} of character occurrences) as its unknown token: each is added as a "
+                             "token of its own, its embedding row started at the mean one, and the word "
+                             "embeddings train (at a larger learning rate) under every method")}
+
+
 class TokenClassificationTask:
     name = SPEC.name
     best_metric = SPEC.best_metric
@@ -232,7 +253,10 @@ class TokenClassificationTask:
         check_token_model(config, source, data.tags)
 
     def build(self, config: Config, source: ModelSource, data: NerData, total_steps: int | None) -> BuiltModel:
-        return build_token_classifier(config, source, data.tags, total_steps)
+        """The tagger; the training text's characters its tokenizer lacks are added to the vocabulary first."""
+        tokenizer = load_tokenizer(source, config.trust_remote_code)
+        data.added_tokens, data.vocabulary = vocabulary_decision(tokenizer, data.train_texts)
+        return build_token_classifier(config, source, data.tags, total_steps, data.added_tokens)
 
     def encode(self, config: Config, built: BuiltModel, data: NerData) -> tuple[list[dict], list[dict]]:
         index = {t: i for i, t in enumerate(data.tags)}
@@ -264,7 +288,8 @@ class TokenClassificationTask:
                                "tokens: their last words are not read (tagged O)"] if cut else [])
         return {"task": self.name, "train_rows": len(train), "eval_rows": len(held), "labels": data.types,
                 "tags": data.tags, "scheme": data.scheme, "train_entity_counts": counts,
-                "sentences_read": data.rows_read, "data_notes": notes, **encoder_run_info(built)}
+                "sentences_read": data.rows_read, "data_notes": notes, **encoder_run_info(built),
+                **({"vocabulary": data.vocabulary} if data.vocabulary else {})}
 
     def eval_at_start(self, config: Config) -> bool:
         return False
@@ -297,7 +322,8 @@ class TokenClassificationTask:
                                                             "scheme": data.scheme, "rows": rows})
 
     def model_files(self, data: NerData) -> dict[str, Any]:
-        return {TAGS_FILE: {"tags": data.tags, "types": data.types, "scheme": data.scheme}}
+        return {TAGS_FILE: {"tags": data.tags, "types": data.types, "scheme": data.scheme,
+                            "added_tokens": data.added_tokens}}
 
     def final_metrics(self, best: dict[str, Any], first: dict[str, Any] | None, run_dir: Path) -> dict[str, Any]:
         summary = {k: v for k, v in best.items() if k not in ("seq", "kind", "time", "mistakes")}
@@ -313,7 +339,7 @@ class TokenClassificationTask:
         saved = json.loads(paths.tags.read_text())
         set_seed(config.train.seed)
         built = build_token_classifier(config, resolve_model(config.model, home, config.trust_remote_code),
-                                       saved["tags"])
+                                       saved["tags"], added_tokens=saved.get("added_tokens") or [])
         load_trainable_state(built.model, load_file(str(paths.trainable)))
         return EntityPredictor(built.model, built.tokenizer, saved["tags"], config.train.max_length or 256,
                                record["id"], config.task, saved.get("scheme", "IOB2"))
