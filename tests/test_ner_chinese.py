@@ -123,3 +123,29 @@ def test_embedding_rows_get_their_own_learning_rate(tiny_model_dir: Path) -> Non
     assert len(groups) == 2 and groups[1]["lr"] == rate
     assert grown.added_tokens == ["旮", "旯"]
     assert grown.model.get_input_embeddings().weight.shape[0] == plain.model.get_input_embeddings().weight.shape[0] + 2
+
+
+def test_a_merged_export_keeps_the_added_characters(tiny_model_dir: Path, store, tmp_path: Path) -> None:
+    """Export rebuilds the tagger with tags.json's added tokens: the merged model and its tokenizer read the
+    characters as the run did and tag as the run's predictor does."""
+    import torch
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    import workbench
+    from workbench.export import export_run
+    from workbench.predict import load_predictor
+
+    record = workbench.train(make_config(tiny_model_dir, chinese_conll(tmp_path / "zh.conll"), "lora", 1),
+                             store=store)
+    assert record["status"] == "completed", record.get("error")
+    out = export_run(record["id"], merge=True, home=store.home, out=tmp_path / "export")
+    tags = json.loads((out / "labels.json").read_text())
+    model, tokenizer = AutoModelForTokenClassification.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    words = list("张三去上海了")
+    batch = tokenizer([words], is_split_into_words=True, return_tensors="pt")
+    assert tokenizer.unk_token_id not in batch["input_ids"][0].tolist()
+    with torch.no_grad():
+        ids = model.eval()(**batch).logits[0].argmax(-1).tolist()
+    firsts = {w: i for i, w in reversed(list(enumerate(batch.word_ids()))) if w is not None}
+    assert [tags[ids[firsts[w]]] for w in range(len(words))] == \
+        load_predictor(record["id"], store.home).predict([words])[0]["tags"]

@@ -56,8 +56,8 @@ def extend_vocabulary(tokenizer: Any, model: Any, tokens: list[str]) -> list[str
     `model`'s input embedding grows to match (`resize_token_embeddings`), the new rows set to the mean of the
     existing ones so that a new token starts as an average token rather than as noise. A tied output
     embedding grows with it. Both objects are changed in place; returns the tokens actually added. The new
-    rows only learn when the input embedding is trained (a full fine-tune): under a method that freezes it
-    they all stay the same mean vector.
+    rows only learn when the input embedding is trained: the token classifier (models/token_classifier.py)
+    makes it trainable under every method when rows were added, at its own learning rate.
     """
     import torch
 
