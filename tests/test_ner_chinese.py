@@ -149,3 +149,34 @@ def test_a_merged_export_keeps_the_added_characters(tiny_model_dir: Path, store,
     firsts = {w: i for i, w in reversed(list(enumerate(batch.word_ids()))) if w is not None}
     assert [tags[ids[firsts[w]]] for w in range(len(words))] == \
         load_predictor(record["id"], store.home).predict([words])[0]["tags"]
+
+
+def test_an_adapter_export_says_to_grow_the_base_and_then_tags_as_the_run(tiny_model_dir: Path, store,
+                                                                           tmp_path: Path) -> None:
+    """Unmerged, the adapter holds the grown word embeddings: the export's load line says to resize the base to
+    the exported tokenizer first, and done so, it tags as the run's predictor does."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    import workbench
+    from workbench.export import EXPORT_INFO, export_run
+    from workbench.predict import load_predictor
+
+    record = workbench.train(make_config(tiny_model_dir, chinese_conll(tmp_path / "zh.conll"), "lora", 1),
+                             store=store)
+    assert record["status"] == "completed", record.get("error")
+    out = export_run(record["id"], merge=False, home=store.home, out=tmp_path / "adapter")
+    info = json.loads((out / EXPORT_INFO).read_text())
+    assert "resize_token_embeddings" in info["load"] and info["added_tokens"] > 0
+    tags, tokenizer = json.loads((out / "labels.json").read_text()), AutoTokenizer.from_pretrained(out)
+    base = AutoModelForTokenClassification.from_pretrained(str(tiny_model_dir), num_labels=len(tags))
+    base.resize_token_embeddings(len(tokenizer))
+    model = PeftModel.from_pretrained(base, out)
+    words = list("张三去上海了")
+    batch = tokenizer([words], is_split_into_words=True, return_tensors="pt")
+    with torch.no_grad():
+        ids = model.eval()(**batch).logits[0].argmax(-1).tolist()
+    firsts = {w: i for i, w in reversed(list(enumerate(batch.word_ids()))) if w is not None}
+    assert [tags[ids[firsts[w]]] for w in range(len(words))] == \
+        load_predictor(record["id"], store.home).predict([words])[0]["tags"]

@@ -84,6 +84,11 @@ def export_run(run_id: str = "latest", out: str | Path | None = None, merge: boo
     info = _export_info(run, config, source.path, labels, standalone, causal=getattr(built, "prompt", None) is not None)
     if isinstance(built.model, LLMClassifier):
         info["classifier"] = export_info(built.prompt, built.model)
+    added = _added_tokens(config, RunPaths.of(record))
+    if added and not standalone:  # the adapter holds the grown embedding: the base must grow to match first
+        info["load"] = info["load"].replace("); PeftModel", "); base.resize_token_embeddings(len(AutoTokenizer."
+                                            "from_pretrained(<this directory>))); PeftModel")
+        info["added_tokens"] = len(added)
     info["truncation"] = {"max_length": config.train.max_length, "mode": config.train.truncation}
     answer = (record.get("metrics") or {}).get("answers_with") or {}
     if answer.get("by") == "ensemble":  # the run answers with its baseline too; a transformers model cannot
@@ -118,6 +123,13 @@ def _rebuild(config: Config, source: Any, paths: RunPaths) -> tuple[list[str], A
     regression = spec.output == "value"
     labels = ["value"] if regression else json.loads(paths.labels.read_text())
     return labels, build_model(config, source, labels, regression=regression)
+
+
+def _added_tokens(config: Config, paths: RunPaths) -> list[str]:
+    """The characters a tagging run added to its tokenizer (tags.json), else none."""
+    if config.task_spec.output != "tags":
+        return []
+    return json.loads(paths.tags.read_text()).get("added_tokens") or []
 
 
 def _check_merge(run: str, method: str, merge: bool) -> None:
