@@ -41,7 +41,8 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
-from . import bodies
+from .bodies import (ChatCompletion, ClassifyResponse, ErrorBody, Health, ModelList, NerResponse, Ready,
+                     TranslateResponse, refusal, request_bodies)
 from .adapter import ServedModel
 from .batching import MicroBatcher, QueueFull, QueueTimeout
 from .connections import cross_site_problem
@@ -346,13 +347,13 @@ class TextRoute:
 TEXT_ROUTES: dict[str, TextRoute] = {
     "/v1/classify": TextRoute(
         "A label and each label's score per text (a value per text, for text regression)",
-        bodies.ClassifyResponse,
+        ClassifyResponse,
         lambda served, texts, outputs: {"model": served.run_id, "artifact": served.artifact, "results": outputs}),
     "/v1/translate": TextRoute(
-        "A translation per text", bodies.TranslateResponse,
+        "A translation per text", TranslateResponse,
         lambda served, texts, outputs: {"model": served.run_id, "translations": outputs}),
     "/v1/ner": TextRoute(
-        "The entities of each text, with character offsets", bodies.NerResponse,
+        "The entities of each text, with character offsets", NerResponse,
         lambda served, texts, outputs: {"model": served.run_id, "results": [
             {"text": text, "entities": out["entities"]} for text, out in zip(texts, outputs)]}),
 }
@@ -367,7 +368,7 @@ def route_label(path: str) -> str:
 ROUTES = {path: route_label(path) for path in ("/healthz", "/readyz", "/metrics", "/v1/models", *TEXT_ROUTES,
                                                 CHAT_ROUTE)}
 ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": bodies.ErrorBody, "description": words} for status, words in [
+    status: {"model": ErrorBody, "description": words} for status, words in [
         (401, "no key, or a wrong one"), (404, "another task's route: the message names this run's"),
         (413, "a limit passed: the body, max_texts, max_chars, max_messages"), (422, "a body the model refuses"),
         (503, "the model is loading, or the queue is full (Retry-After)"), (504, "no answer within the deadline")]}
@@ -398,7 +399,7 @@ def create_app(loader: Callable[[], ServedModel] | ServedModel, settings: ServeS
     app.router.route_class = CheckedRoute
     # the guard checks the key; declared here so the schema shows it and /docs sends it
     keyed = [Depends(HTTPBearer(auto_error=False, description="the server's API key"))]
-    requests = bodies.request_bodies(settings.max_texts, settings.max_chars, settings.max_messages,
+    requests = request_bodies(settings.max_texts, settings.max_chars, settings.max_messages,
                                      settings.max_tokens)
     _add_error_handlers(app, settings)
     _add_info_routes(app, state, keyed)
@@ -469,7 +470,7 @@ def _add_error_handlers(app: Any, settings: ServeSettings) -> None:
         errors = exc.errors()
         if not errors:
             return _error_response(ApiError(422, "malformed request: check the fields and their types"))
-        refused = bodies.refusal(errors[0])  # the first problem, in words; the client fixes one at a time
+        refused = refusal(errors[0])  # the first problem, in words; the client fixes one at a time
         return _error_response(ApiError(refused.status, refused.message,
                                         "limit_exceeded" if refused.limit else "invalid_request_error",
                                         refused.limit))
@@ -490,11 +491,11 @@ def _add_error_handlers(app: Any, settings: ServeSettings) -> None:
 
 
 def _add_info_routes(app: Any, state: ServerState, keyed: list[Any]) -> None:
-    @app.get("/healthz", response_model=bodies.Health, summary="The process answers (no key needed)")
+    @app.get("/healthz", response_model=Health, summary="The process answers (no key needed)")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", response_model=bodies.Ready, summary="The model is loaded", dependencies=keyed,
+    @app.get("/readyz", response_model=Ready, summary="The model is loaded", dependencies=keyed,
              responses={503: ERRORS[503]})
     async def readyz() -> dict[str, Any]:
         served = state.ready()
@@ -509,7 +510,7 @@ def _add_info_routes(app: Any, state: ServerState, keyed: list[Any]) -> None:
 
         return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", response_model=bodies.ModelList, summary="The served run, as OpenAI lists models",
+    @app.get("/v1/models", response_model=ModelList, summary="The served run, as OpenAI lists models",
              dependencies=keyed, responses={503: ERRORS[503]})
     async def models() -> dict[str, Any]:
         served = state.ready()
@@ -545,7 +546,7 @@ def _add_chat_route(app: Any, state: ServerState, keyed: list[Any], body_model: 
               "description": "with stream: true, server-sent events of chat.completion.chunk, then [DONE]"}
 
     @app.post(CHAT_ROUTE, name=ROUTES[CHAT_ROUTE], summary="An OpenAI chat completion",
-              response_model=bodies.ChatCompletion, dependencies=keyed, responses={**ERRORS, 200: events})
+              response_model=ChatCompletion, dependencies=keyed, responses={**ERRORS, 200: events})
     async def chat(body: body_model, served: ServedModel = Depends(state.serving(CHAT_ROUTE))) -> Any:
         messages = [{"role": m.role, "content": m.content} for m in body.messages]
         asked = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
