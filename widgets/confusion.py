@@ -11,7 +11,6 @@ clicking a cell (or `select_cell(true, predicted)`) lists those examples, most c
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -20,24 +19,22 @@ import ipywidgets as W
 import traitlets as T
 
 from workbench.metrics import collapse_note
-from workbench.run_paths import RunPaths
 from workbench.store import FINAL_STATUSES, RunStore
 from workbench.task_table import DEFAULT_TASK, TASKS
 
 from . import _style as S
 from ._background import Poller
 from .entities import EntitiesView
-from .heatmap import confusion_figure, heatmap_cells
+from .heatmap import LATEST, EvalStepView, confusion_figure, heatmap_cells
 from .regression import RegressionView
 from .run_summary import baseline_of
 
 POLL_S = 1.0
-LATEST = -1  # step selector value meaning "the newest evaluation"
 MAX_EXAMPLES_SHOWN = 50
 TEXT_CHARS_SHOWN = 300
 
 
-class ConfusionMatrix(W.VBox):
+class ConfusionMatrix(EvalStepView, W.VBox):
     """Confusion matrix of `run_id` at `step` (None = latest evaluation); follows a live run."""
 
     run_id = T.Unicode("", help="the run shown")
@@ -206,31 +203,6 @@ class ConfusionMatrix(W.VBox):
         except Exception as exc:  # keep the page alive; say what went wrong
             self.error = f"stopped following the run ({type(exc).__name__}: {exc})"
             return False
-
-    def _rows(self, step: int) -> list[dict[str, Any]]:
-        key = (self.run_id, int(step))
-        if key not in self._rows_cache:
-            path = RunPaths(self.store.run_dir(self.run_id)).eval_step(int(step))
-            try:
-                rows = json.loads(path.read_text(encoding="utf-8")).get("rows", [])
-            except (OSError, ValueError) as exc:
-                self.error = f"no predictions saved for step {step} ({type(exc).__name__})"
-                return []
-            self._rows_cache[key] = [r for r in rows if isinstance(r, dict)]
-        return self._rows_cache[key]
-
-    # --- control -> traits ---------------------------------------------------------------------
-    def _on_step_pick(self, change: dict[str, Any]) -> None:
-        value = change["new"]
-        if value == LATEST:
-            self.step = None
-        elif isinstance(value, int) and value in self._evals:
-            self.step = value
-
-    def _on_click(self, trace: Any, points: Any, state: Any) -> None:
-        xs, ys = list(getattr(points, "xs", []) or []), list(getattr(points, "ys", []) or [])
-        if xs and ys and isinstance(xs[0], str) and isinstance(ys[0], str):
-            self.select_cell(ys[0], xs[0])
 
     # --- drawing ----------------------------------------------------------------------------------
     def _draw_and_reselect(self, change: Any = None) -> None:

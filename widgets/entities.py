@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import html
-import json
 import threading
 import time
 from typing import Any
@@ -26,17 +25,15 @@ import ipywidgets as W
 import plotly.graph_objects as go
 import traitlets as T
 
-from workbench.run_paths import RunPaths
 from workbench.store import FINAL_STATUSES, RunStore
 
 from . import _style as S
 from ._background import Poller
 from ._figure import LiveFigure
-from .heatmap import confusion_figure, heatmap_cells
+from .heatmap import LATEST, EvalStepView, confusion_figure, heatmap_cells
 
 POLL_S = 0.5
 REDRAW_MIN_S = 0.2  # at most ~5 redraws per second (STYLE: live plots)
-LATEST = -1  # step selector value meaning "the newest evaluation"
 NONE = "O"  # the confusion's last label: no entity there (a missed gold entity, a spurious predicted one)
 WORST_SHOWN = 20
 SENTENCES_SHOWN = 50
@@ -94,7 +91,7 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x and abs(x) != float("inf")
 
 
-class EntitiesView(W.VBox):
+class EntitiesView(EvalStepView, W.VBox):
     """F1 per entity type over the evaluations of `run_id`, and the type confusion and worst sentences at
     `step` (None = the latest evaluation); follows a live run."""
 
@@ -236,31 +233,6 @@ class EntitiesView(W.VBox):
         except Exception as exc:  # keep the page alive; say what went wrong
             self.error = f"stopped following the run ({type(exc).__name__}: {exc})"
             return False
-
-    def _rows(self, step: int) -> list[dict[str, Any]]:
-        key = (self.run_id, int(step))
-        if key not in self._rows_cache:
-            path = RunPaths(self.store.run_dir(self.run_id)).eval_step(int(step))
-            try:
-                rows = json.loads(path.read_text(encoding="utf-8")).get("rows", [])
-            except (OSError, ValueError) as exc:
-                self.error = f"no predictions saved for step {step} ({type(exc).__name__})"
-                return []
-            self._rows_cache[key] = [r for r in rows if isinstance(r, dict)]
-        return self._rows_cache[key]
-
-    # --- control -> traits ----------------------------------------------------------------------------
-    def _on_step_pick(self, change: dict[str, Any]) -> None:
-        value = change["new"]
-        if value == LATEST:
-            self.step = None
-        elif isinstance(value, int) and value in self._evals:
-            self.step = value
-
-    def _on_click(self, trace: Any, points: Any, state: Any) -> None:
-        xs, ys = list(getattr(points, "xs", []) or []), list(getattr(points, "ys", []) or [])
-        if xs and ys and isinstance(xs[0], str) and isinstance(ys[0], str):
-            self.select_cell(ys[0], xs[0])
 
     # --- drawing ------------------------------------------------------------------------------------
     def _redraw(self, change: Any = None) -> None:
