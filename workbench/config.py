@@ -65,6 +65,11 @@ class DataConfig:
     max_train_samples: int | None = field(default=None, metadata={"help": "cap on training rows"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "cap on evaluation rows"})
     eval_fraction: float = field(default=0.2, metadata={"help": "share held out for evaluation"})
+    mask_personal: Literal["stored", "all", "off"] = field(default="stored", metadata={
+        "help": "personal data (e-mail addresses, phone numbers, card numbers, IP addresses) replaced by "
+                "[EMAIL], [PHONE], ... in everything the run stores or shows about its data (logs, mistakes, "
+                "predictions, drift snapshots); all: also in the training and eval texts before the model "
+                "sees them; off: nothing masked"})
     prompt_column: str | None = field(default=None, metadata={
         "help": "task chat: the question (user turn) column; task seq2seq: the source text column; "
                 "detected when left out"})
@@ -281,10 +286,12 @@ class TrainConfig:
         "help": "tokens per example; left out: classification and regression take the 90th percentile of the "
                 "training texts' token lengths (64 to 256 on a CPU, to 512 on a GPU, within the model's limit); "
                 "chat and seq2seq 256"})
-    truncation: Literal["head+tail", "head"] = field(default="head+tail", metadata={
+    truncation: Literal["head+tail", "head", "chunks"] = field(default="head+tail", metadata={
         "help": "classification and regression: a text longer than max_length is read as its first quarter "
-                "and last three quarters of tokens (head+tail: the ending often holds the verdict), or its "
-                "first tokens (head); the same in training, evaluation, predict and serve"})
+                "and last three quarters of tokens (head+tail: the ending often holds the verdict), its "
+                "first tokens (head), or whole as overlapping chunks of max_length tokens whose predictions "
+                "are averaged (chunks: nothing is cut, each chunk costs a forward pass); the same in "
+                "training, evaluation, predict and serve"})
     gradient_accumulation: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping; 0 = off"})
     eval_every: int = field(default=0, metadata={"help": "evaluate every N optimiser steps; 0 = each epoch"})
@@ -313,6 +320,12 @@ class TrainConfig:
         "help": "classification: auto: the run answers with the mean of the fine-tuned model's and the "
                 "baseline's class probabilities when that scores higher on the eval split (said in the "
                 "record); off: the fine-tuned model alone"})
+    calibrate: bool = field(default=True, metadata={
+        "help": "classification: fit a temperature on the eval split's class probabilities (expected "
+                "calibration error before and after in the record); predict, evaluate and serve use it"})
+    abstain_below: float | None = field(default=None, metadata={
+        "help": "classification: answer 'uncertain' when the top class's calibrated probability is below "
+                "this (0 to 1); predict, evaluate and serve; left out: always answer"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads; default: all cores"})
     fast_dropout: bool = field(default=True, metadata={
         "help": "on CPU, draw dropout masks from uniform numbers: same distribution, ~25 % faster steps"})
@@ -350,6 +363,9 @@ class TrainConfig:
     def _check_ratios(self) -> None:
         if not 0.0 <= self.warmup_ratio < 1.0:
             _fail("train", "warmup_ratio", self.warmup_ratio, "a fraction in [0, 1), e.g. 0.1")
+        if self.abstain_below is not None and not 0.0 < self.abstain_below < 1.0:
+            _fail("train", "abstain_below", self.abstain_below, "a probability between 0 and 1, e.g. 0.6, or "
+                  "leave it out to always answer")
 
     @property
     def effective_eval_batch_size(self) -> int:
@@ -461,7 +477,9 @@ class Config:
                   ("best_metric", "auto", spec.classes, f"{spec.best_metric} picks the best checkpoint", ()),
                   ("ensemble", "auto", spec.classes, "there is no classical model to average with",
                    ("off",) if spec.kind == "encoder" else ()),
-                  ("truncation", "head+tail", spec.kind == "encoder", "texts are never cut from their head", ())]
+                  ("truncation", "head+tail", spec.kind == "encoder", "texts are never cut from their head", ()),
+                  ("calibrate", True, spec.classes, "there are no class probabilities to calibrate", (False,)),
+                  ("abstain_below", None, spec.classes, "only a class answer can abstain", ())]
         for name, default, applies, why, also in checks:
             value = getattr(self.train, name)
             if not applies and value != default and value not in also:

@@ -11,6 +11,8 @@
     eval/step-N.json             each evaluation's predictions (or samples), for drill-down
     checkpoints/step-N/          the newest resumable checkpoint; checkpoints/best/ the best one
     classical/                   the classical baseline: its files, eval probabilities and figures
+    calibration.json             the fitted temperature, ECE before and after, reliability bins
+    trust/                       faithfulness of explanations, robustness and slice reports (JSON)
     deploy/                      optimised artifacts (deploy/<name>/artifact.json), their report, the server's state
 
 Other code asks a `RunPaths` for a path (`RunPaths.of(record).trainable`) and never joins these names itself.
@@ -30,6 +32,10 @@ ENSEMBLE_FILE = "ensemble.json"
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "log.txt"
 OUTCOME_FILE = "outcome.json"
+CALIBRATION_FILE = "calibration.json"
+FAITHFULNESS_FILE = "faithfulness.json"
+ROBUSTNESS_FILE = "robustness.json"
+SLICES_FILE = "slices.json"
 PROGRESS_FILE = "progress.json"  # in a checkpoint: written last, so its presence marks a complete one
 
 
@@ -109,3 +115,25 @@ class RunPaths:
     def classical(self) -> Path:
         """classical/: the baseline fitted beside the run."""
         return self.root / "classical"
+
+    @property
+    def calibration(self) -> Path:
+        """calibration.json: the temperature the run's answers are scaled by, and ECE before and after."""
+        return self.root / CALIBRATION_FILE
+
+    @property
+    def trust(self) -> Path:
+        """trust/: what was measured about the model's trustworthiness after training."""
+        return self.root / "trust"
+
+    @property
+    def faithfulness(self) -> Path:
+        return self.trust / FAITHFULNESS_FILE
+
+    @property
+    def robustness(self) -> Path:
+        return self.trust / ROBUSTNESS_FILE
+
+    @property
+    def slices(self) -> Path:
+        return self.trust / SLICES_FILE
