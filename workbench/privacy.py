@@ -17,7 +17,7 @@ import ipaddress
 import re
 from typing import Any, Callable, Iterable
 
-__all__ = ["PLACEHOLDERS", "find_personal", "mask_text", "mask_value"]
+__all__ = ["PLACEHOLDERS", "find_personal", "mask_text", "mask_value", "stored_text"]
 
 PLACEHOLDERS = {"email": "[EMAIL]", "phone": "[PHONE]", "card": "[CARD]", "ip": "[IP]", "name": "[NAME]"}
 
@@ -110,3 +110,8 @@ def mask_value(value: Any, region: str = _DEFAULT_REGION) -> Any:
     if isinstance(value, (list, tuple)):
         return [mask_value(v, region) for v in value]
     return value
+
+
+def stored_text(text: str, mode: str = "stored") -> str:
+    """A data text as the run stores or shows it under `data.mask_personal` = `mode`: masked unless "off"."""
+    return text if mode == "off" else mask_text(text)
