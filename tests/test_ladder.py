@@ -82,7 +82,8 @@ def test_a_ladder_runs_each_rung_on_the_same_split_and_writes_its_table(finished
 
 def test_the_table_has_the_classical_baseline_and_the_ensemble_of_the_best_rung(finished):
     """Under the rungs: the classical baseline every rung fitted on the shared split (0 trainable parameters,
-    its fitting time), and the mean of the best trained rung's and the baseline's eval probabilities."""
+    its fitting time), and the best trained rung's probabilities averaged with the baseline's at the share
+    that run chose on its eval split (the same weighting the run answers with)."""
     import numpy as np
 
     ladder, store, _ = finished
@@ -99,11 +100,14 @@ def test_the_table_has_the_classical_baseline_and_the_ensemble_of_the_best_rung(
     probs = np.asarray(json.loads((store.run_dir(best["id"]) / "classical" / "eval_probabilities.json")
                                   .read_text())["probabilities"])
     y = [saved["labels"].index(r["true"]) for r in saved["rows"]]
-    mean = (np.asarray([r["scores"] for r in saved["rows"]]) + probs) / 2
+    share, rest = best["metrics"]["ensemble"]["weights"]
+    assert share in (0.75, 0.5, 0.25) and share + rest == pytest.approx(1.0)
+    mean = share * np.asarray([r["scores"] for r in saved["rows"]]) + rest * probs
     assert ensemble["accuracy"] == pytest.approx(float(np.mean(mean.argmax(axis=1) == y)))
+    assert ensemble["note"].startswith(f"{share:g} x {best['config']['method']['name']} + {rest:g} x classical; ")
     assert ensemble["run_id"] == best["id"] and ensemble["model"] == f"{best['config']['method']['name']} + classical"
     beats = ensemble["accuracy"] > max(best["metrics"]["accuracy"], classical["accuracy"])
-    assert ensemble["note"].startswith("beats both members" if beats else "does not beat")
+    assert ("beats both members" if beats else "does not beat") in ensemble["note"]
     table = list(csv.DictReader((ladder_dir(ladder["id"], store.home) / "ladder.csv").open()))
     assert [t["method"] for t in table] == [*CHEAP.split(","), "classical", "ensemble"]
     text = format_table(ladder["rows"] + ladder["references"])

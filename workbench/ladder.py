@@ -460,26 +460,15 @@ def _metric(record: dict[str, Any]) -> str:
 
 
 def ensemble_row(records: list[dict[str, Any]], classical: dict[str, Any]) -> dict[str, Any] | None:
-    """The mean of the best trained rung's and the classical baseline's eval probabilities (None when the
-    rung's predictions carry no per-class scores)."""
-    import numpy as np
-
-    from .tasks.ensemble import CLASSICAL_DIR, EVAL_FILE, figures
-
+    """The best trained rung averaged with the classical baseline, as that run weighed the two itself: every
+    classification run tries shares of its model's probabilities (tasks/ensemble.MODEL_WEIGHTS) against the
+    baseline's on its eval split and keeps the best in `metrics.ensemble` (used or not); the row shows that
+    mean, so the ladder and the run agree. None when the rung has no such entry."""
     metric = _metric(records[0])
     best = max(records, key=lambda rec: rec["metrics"].get(metric) or 0.0)  # the first of equals
-    preds = Path(best["metrics"].get("predictions_file") or "")
-    probs = Path(best["dir"]) / CLASSICAL_DIR / EVAL_FILE
-    if not preds.is_file() or not probs.is_file():
+    mean = best["metrics"].get("ensemble")
+    if not isinstance(mean, dict) or mean.get(metric) is None:
         return None
-    saved = json.loads(preds.read_text(encoding="utf-8"))
-    rows, labels = saved.get("rows") or [], saved.get("labels") or []
-    classical_probs = np.asarray(json.loads(probs.read_text(encoding="utf-8"))["probabilities"], dtype=np.float64)
-    if not rows or "scores" not in rows[0] or classical_probs.shape != (len(rows), len(labels)):
-        return None
-    y = np.asarray([labels.index(r["true"]) for r in rows])
-    model_probs = np.asarray([r["scores"] for r in rows], dtype=np.float64)
-    mean = figures(y, (model_probs + classical_probs) / 2)
     method = (best.get("config") or {}).get("method", {}).get("name", "?")
     row = _reference_row(ENSEMBLE_ROW, f"{method} + classical", mean, best["id"])
     timings, info = best.get("timings") or {}, best.get("info") or {}
@@ -490,8 +479,12 @@ def ensemble_row(records: list[dict[str, Any]], classical: dict[str, Any]) -> di
     members = {method: best["metrics"].get(metric), CLASSICAL_ROW: classical[metric]}
     beaten = [m for m, value in members.items() if value is not None and mean[metric] > value]
     shown = ", ".join(f"{m} {v:.3f}" for m, v in members.items() if v is not None)
-    row["note"] = (f"beats both members on {metric} ({mean[metric]:.3f}; {shown})" if len(beaten) == 2 else
-                   f"does not beat {' and '.join(m for m in members if m not in beaten)} on {metric} "
+    weights = mean.get("weights") or []
+    share = f"{weights[0]:g} x {method} + {weights[1]:g} x classical; " if len(weights) == 2 else ""
+    answers = " (the run answers with it)" if mean.get("chosen") else ""
+    row["note"] = (f"{share}beats both members on {metric} ({mean[metric]:.3f}; {shown}){answers}"
+                   if len(beaten) == 2 else
+                   f"{share}does not beat {' and '.join(m for m in members if m not in beaten)} on {metric} "
                    f"({mean[metric]:.3f}; {shown})")
     return row
 
