@@ -180,3 +180,17 @@ def test_an_internal_error_is_one_line_not_a_traceback(tmp_path, capsys, monkeyp
     assert code == 1
     assert err.strip() == ("error: internal error: RuntimeError: something broke (set WORKBENCH_DEBUG=1 for the "
                            "traceback, and please report it)")
+
+
+def test_importing_bitsandbytes_after_workbench_prints_no_optional_kernel_warning():
+    """bitsandbytes warns on import that the optional `kernels` package is missing (it then uses its own CPU
+    kernel): the workbench drops that line, and only that line, so every CLI run does not open with it."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", "import workbench, bitsandbytes, logging; "
+                          "logging.getLogger('bitsandbytes.backends.cpu.ops').warning('another warning')"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "kernels-community" not in out.stderr
+    assert "another warning" in out.stderr

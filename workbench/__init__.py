@@ -6,6 +6,7 @@ first use, so `import workbench` stays cheap.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from .callbacks import Callback, TrainControl, TrainState
@@ -14,6 +15,17 @@ from .errors import WorkbenchError
 from .store import RunStore
 
 __version__ = "0.1.0"
+
+
+class _OptionalKernelNotice(logging.Filter):
+    """bitsandbytes (0.49+) warns on every import on an AVX-512 CPU that the optional `kernels` package is
+    missing, then uses its own 4-bit CPU kernel: nothing is wrong, so that one line is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "gemm_4bit_forward from kernels-community" not in record.getMessage()
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_OptionalKernelNotice())
 
 __all__ = [
     "Callback", "Config", "DataConfig", "EvalResult", "MethodConfig", "RunStore", "TrackConfig", "TrainConfig",
