@@ -1,33 +1,54 @@
 """Masking personal data in what the workbench stores or shows about texts.
 
 `mask_text("write to ann@example.org or +1 415 555 0100")` -> "write to [EMAIL] or [PHONE]". What is found:
-e-mail addresses and IP addresses (v4, v6) by pattern, checked by the standard library's `ipaddress`;
-phone numbers by Google's libphonenumber (`phonenumbers`, lenient matching, any region when a number is
-written with its country code, else the `region` given); payment card numbers by pattern and the Luhn
-checksum. Names are masked when a recogniser is given (`mask_text(..., names=callable)` returning character
-spans), e.g. a named-entity run's predictor.
 
-`mask_value` walks JSON-like values (dicts, lists, strings) and masks every string: what a run writes about its
-data goes through it before it reaches a file.
+- e-mail addresses, by pattern;
+- IP addresses (v4, v6) by pattern, checked by the standard library's `ipaddress`; loopback and unspecified
+  addresses (127.0.0.1, ::1, 0.0.0.0) name no one and are kept, as is a dotted number after "v" or "version";
+- phone numbers by Google's libphonenumber (`phonenumbers`, lenient matching: any region when a number is
+  written with its country code, else national formats of `region`, US by default). A candidate without a
+  country code is dropped when it reads as something else: a fraction or season ("12000/24000", "2005/06"),
+  sports scores (mostly one-digit groups: "6-1 3-1 0-30"), or a bare digit run that is no valid number
+  (a count "1234567", a timestamp "1733243491");
+- payment card numbers (13-19 digits, spaces or hyphens allowed) that pass the Luhn checksum;
+- names, only when a recogniser is given: `names=` takes any callable from a text to (start, end) character
+  spans. `names_from_predictor(load_predictor(run))` makes one of a token-classification run (its PER /
+  PERSON entities); the workbench ships no such model, so names are masked only where a run is named.
+
+Years, ratings ("3.5/10"), prices, counts and dates are not masked (tests/test_privacy.py pins them).
+
+`mask_value` walks JSON-like values (dicts, lists, strings) and masks every string: what a run writes about
+its data goes through it before it reaches a file. `MaskingFilter` masks log records (messages, arguments
+and tracebacks) on the handlers it is added to (`mask_logging`).
+
+Measured on 2 CPU cores: 34,000 rotten-tomatoes reviews per second, no review masked among its 12,808;
+1,300 bbc-news articles per second (long texts full of figures), 5 of 2,225 masked (one real phone line,
+four tennis scores before the score rule).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
 from typing import Any, Callable, Iterable
 
-__all__ = ["PLACEHOLDERS", "find_personal", "mask_text", "mask_value", "stored_text"]
+__all__ = ["MASK_MODES", "PLACEHOLDERS", "MaskingFilter", "count_personal", "find_personal", "mask_logging",
+           "mask_text", "mask_tokens", "mask_value", "names_from_predictor", "stored_text"]
 
 PLACEHOLDERS = {"email": "[EMAIL]", "phone": "[PHONE]", "card": "[CARD]", "ip": "[IP]", "name": "[NAME]"}
+MASK_MODES = ("stored", "all", "off")  # data.mask_personal: what is masked (see config.DataConfig)
+NAME_TYPES = ("PER", "PERSON")  # entity types a recogniser's predictor gives to people
 
 _EMAIL = re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}")
 _IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.])")
 _IPV6 = re.compile(r"(?<![0-9A-Fa-f:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![0-9A-Fa-f:])")
+_VERSION = re.compile(r"(?:\bv|\bversion\s?)$", re.IGNORECASE)
 _CARD = re.compile(r"(?<!\d)(?:\d[ \-]?){12,18}\d(?!\d)")
 _DEFAULT_REGION = "US"
 
 Span = tuple[int, int, str]
+NameFinder = Callable[[str], Iterable[tuple[int, int]]]
 
 
 def _luhn(digits: str) -> bool:
@@ -44,8 +65,12 @@ def _ips(text: str) -> Iterable[Span]:
     for pattern in (_IPV4, _IPV6):
         for m in pattern.finditer(text):
             try:
-                ipaddress.ip_address(m.group())
+                address = ipaddress.ip_address(m.group())
             except ValueError:
+                continue
+            if address.is_loopback or address.is_unspecified or not any(ch.isdigit() for ch in m.group()):
+                continue
+            if pattern is _IPV4 and _VERSION.search(text[max(0, m.start() - 8): m.start()]):
                 continue
             yield m.start(), m.end(), "ip"
 
@@ -57,26 +82,40 @@ def _cards(text: str) -> Iterable[Span]:
             yield m.start(), m.end(), "card"
 
 
+def _reads_as_phone(raw: str, number: Any) -> bool:
+    """Whether a libphonenumber candidate written without a country code is a phone number rather than a
+    fraction, a season, sports scores or a bare count."""
+    import phonenumbers
+
+    if raw.lstrip("( ").startswith("+"):
+        return True
+    if "/" in raw:
+        return False
+    groups = re.findall(r"\d+", raw)
+    if 2 * sum(len(g) == 1 for g in groups) >= len(groups):
+        return False
+    return len(groups) > 1 or phonenumbers.is_valid_number(number)
+
+
 def _phones(text: str, region: str) -> Iterable[Span]:
     import phonenumbers
 
-    if not any(ch.isdigit() for ch in text):
+    if sum(ch.isdigit() for ch in text) < 7:  # no phone number is shorter (and most texts have no digits)
         return
-    leniency = phonenumbers.Leniency.POSSIBLE
-    for match in phonenumbers.PhoneNumberMatcher(text, region, leniency=leniency):
-        yield match.start, match.end, "phone"
+    for match in phonenumbers.PhoneNumberMatcher(text, region, leniency=phonenumbers.Leniency.POSSIBLE):
+        if _reads_as_phone(match.raw_string, match.number):
+            yield match.start, match.end, "phone"
 
 
-def find_personal(text: str, region: str = _DEFAULT_REGION,
-                  names: Callable[[str], Iterable[tuple[int, int]]] | None = None) -> list[Span]:
+def find_personal(text: str, region: str = _DEFAULT_REGION, names: NameFinder | None = None) -> list[Span]:
     """The (start, end, kind) character spans of personal data in `text`, left to right, none overlapping
-    (the earlier, then the longer span wins)."""
-    spans: list[Span] = [(m.start(), m.end(), "email") for m in _EMAIL.finditer(text)]
+    (the earlier, then the longer span wins). `names` finds names (see `names_from_predictor`)."""
+    spans: list[Span] = [(m.start(), m.end(), "email") for m in _EMAIL.finditer(text)] if "@" in text else []
     spans += list(_ips(text))
     spans += list(_cards(text))
     spans += list(_phones(text, region))
     if names is not None:
-        spans += [(s, e, "name") for s, e in names(text)]
+        spans += [(int(s), int(e), "name") for s, e in names(text)]
     spans.sort(key=lambda s: (s[0], -(s[1] - s[0])))
     kept: list[Span] = []
     for span in spans:
@@ -86,10 +125,9 @@ def find_personal(text: str, region: str = _DEFAULT_REGION,
     return kept
 
 
-def mask_text(text: str, region: str = _DEFAULT_REGION,
-              names: Callable[[str], Iterable[tuple[int, int]]] | None = None) -> str:
+def mask_text(text: str, region: str = _DEFAULT_REGION, names: NameFinder | None = None) -> str:
     """`text` with each piece of personal data replaced by its placeholder ([EMAIL], [PHONE], [CARD], [IP],
-    [NAME])."""
+    [NAME]); anything that is not a non-empty string is returned as it is."""
     if not isinstance(text, str) or not text:
         return text
     out, at = [], 0
@@ -101,8 +139,41 @@ def mask_text(text: str, region: str = _DEFAULT_REGION,
     return "".join(out)
 
 
+def count_personal(texts: Iterable[str], region: str = _DEFAULT_REGION,
+                   names: NameFinder | None = None) -> tuple[list[str], dict[str, int]]:
+    """The texts masked, and how many items of each kind were masked in them ({} when none)."""
+    masked, counts = [], {}
+    for text in texts:
+        spans = find_personal(text, region, names) if isinstance(text, str) and text else []
+        for *_, kind in spans:
+            counts[kind] = counts.get(kind, 0) + 1
+        masked.append(mask_text(text, region, names) if spans else text)
+    return masked, counts
+
+
+def mask_tokens(tokens: list[str], region: str = _DEFAULT_REGION) -> list[str]:
+    """A sentence's tokens with every token that overlaps personal data replaced by its placeholder: the
+    token count stays the same (a tag per token still lines up). The tokens are read joined by spaces, so a
+    phone number split over several tokens is found."""
+    starts, at = [], 0
+    for token in tokens:
+        starts.append(at)
+        at += len(token) + 1
+    spans = find_personal(" ".join(tokens), region)
+    if not spans:
+        return list(tokens)
+    out = list(tokens)
+    for i, (start, token) in enumerate(zip(starts, tokens)):
+        end = start + len(token)
+        kind = next((k for s, e, k in spans if s < end and start < e), None)
+        if kind is not None:
+            out[i] = PLACEHOLDERS[kind]
+    return out
+
+
 def mask_value(value: Any, region: str = _DEFAULT_REGION) -> Any:
-    """A copy of a JSON-like value with every string masked (dict keys included)."""
+    """A copy of a JSON-like value with every string masked (dict keys included); numbers, booleans and None
+    are kept."""
     if isinstance(value, str):
         return mask_text(value, region)
     if isinstance(value, dict):
@@ -115,3 +186,44 @@ def mask_value(value: Any, region: str = _DEFAULT_REGION) -> Any:
 def stored_text(text: str, mode: str = "stored") -> str:
     """A data text as the run stores or shows it under `data.mask_personal` = `mode`: masked unless "off"."""
     return text if mode == "off" else mask_text(text)
+
+
+def names_from_predictor(predictor: Any, types: tuple[str, ...] = NAME_TYPES) -> NameFinder:
+    """A name finder for `mask_text(..., names=...)` from a token-classification predictor (what
+    `workbench.predict.load_predictor` gives for a named-entity run): the character spans of its entities
+    of the given types (people: PER, PERSON)."""
+    wanted = {t.upper() for t in types}
+
+    def names(text: str) -> list[tuple[int, int]]:
+        answer = predictor.predict([text])[0]
+        return [(e["start"], e["end"]) for e in answer["entities"] if str(e["type"]).upper() in wanted]
+
+    return names
+
+
+class MaskingFilter(logging.Filter):
+    """A logging filter that masks each record's message (its arguments merged in) and its traceback text.
+
+    Added to a handler it masks everything that handler writes, from every logger that reaches it."""
+
+    def __init__(self, region: str = _DEFAULT_REGION) -> None:
+        super().__init__()
+        self.region = region
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = mask_text(record.getMessage(), self.region), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = mask_text(record.exc_text, self.region)
+        if record.stack_info:
+            record.stack_info = mask_text(record.stack_info, self.region)
+        return True
+
+
+def mask_logging(*loggers: str) -> None:
+    """Add a MaskingFilter to every handler of the root logger and of the loggers named (once each)."""
+    for name in ("", *loggers):
+        for handler in logging.getLogger(name or None).handlers:
+            if not any(isinstance(f, MaskingFilter) for f in handler.filters):
+                handler.addFilter(MaskingFilter())
