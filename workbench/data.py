@@ -34,6 +34,7 @@ import pandas as pd
 from .catalog import DATASETS, unknown_dataset
 from .config import DataConfig
 from .errors import WorkbenchError
+from .privacy import count_personal
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl",
            ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
@@ -73,6 +74,7 @@ class DataReport:
     encoding: str = "utf-8"
     notes: list[str] = field(default_factory=list)
     missing_labels: int = 0
+    masked: dict[str, int] = field(default_factory=dict)  # personal items masked in the texts, by kind
 
 
 @dataclass
@@ -85,6 +87,7 @@ class Split:
     eval_labels: list[int]
     labels: list[str]
     report: DataReport
+    mask_personal: str = "stored"  # data.mask_personal: what the run masks (privacy.stored_text reads it)
 
     def label_counts(self, which: str = "train") -> dict[str, int]:
         ys = self.train_labels if which == "train" else self.eval_labels
@@ -732,14 +735,39 @@ def prepare(cfg: DataConfig, seed: int) -> Split:
     if missing:
         raise WorkbenchError(f"eval labels {missing[:5]} never occur in the training rows: raise "
                              "data.max_train_samples or add examples")
+    train_texts, eval_texts = train_table["text"].tolist(), eval_table["text"].tolist()
+    if cfg.mask_personal == "all":
+        (train_texts, eval_texts), report.masked = mask_data(train_texts, eval_texts)
+        if report.masked:
+            report.notes.append(masked_note(report.masked))
     return Split(
-        train_texts=train_table["text"].tolist(),
+        train_texts=train_texts,
         train_labels=[index[y] for y in train_table["label"]],
-        eval_texts=eval_table["text"].tolist(),
+        eval_texts=eval_texts,
         eval_labels=[index[y] for y in eval_table["label"]],
         labels=labels,
         report=report,
+        mask_personal=cfg.mask_personal,
     )
+
+
+def mask_data(*parts: list[str]) -> tuple[list[list[str]], dict[str, int]]:
+    """Each list of texts with its personal data masked (data.mask_personal: all), and the items masked in
+    all of them by kind."""
+    masked, counts = [], {}
+    for texts in parts:
+        out, found = count_personal(texts)
+        masked.append(out)
+        for kind, n in found.items():
+            counts[kind] = counts.get(kind, 0) + n
+    return masked, counts
+
+
+def masked_note(counts: dict[str, int]) -> str:
+    """The data note saying what data.mask_personal: all masked before training."""
+    kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
+    return (f"masked {sum(counts.values())} personal items ({kinds}) in the training and eval texts before "
+            "training (data.mask_personal: all)")
 
 
 def _eval_size(rows: int, classes: int, fraction: float, report: DataReport) -> int:

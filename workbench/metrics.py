@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 
+from .privacy import stored_text
+
 MISTAKES_KEPT = 50
 TEXT_CHARS_KEPT = 600
 COLLAPSE_SHARE = 0.95  # a model that gives one label to this share of the rows has (nearly) stopped looking
 
 
 def classification_figures(labels: list[str], y_true: np.ndarray, probs: np.ndarray,
-                           texts: list[str] | None = None) -> tuple[dict[str, float], dict, list[dict]]:
+                           texts: list[str] | None = None, mask_personal: str = "stored"
+                           ) -> tuple[dict[str, float], dict, list[dict]]:
     """(figures, drill-down values, worst mistakes) of class probabilities against the true classes:
-    accuracy and macro-F1; the labels, confusion matrix and per-class precision/recall/F1."""
+    accuracy and macro-F1; the labels, confusion matrix and per-class precision/recall/F1. The mistakes'
+    texts are masked unless `mask_personal` (data.mask_personal) is "off"."""
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
     y_true = np.asarray(y_true)
@@ -29,12 +33,13 @@ def classification_figures(labels: list[str], y_true: np.ndarray, probs: np.ndar
                "f1_macro": float(f1_score(y_true, y_pred, labels=classes, average="macro", zero_division=0))}
     payload = {"labels": list(labels), "confusion_matrix": confusion_matrix(y_true, y_pred, labels=classes).tolist(),
                "per_class": per_class}
-    return figures, payload, worst_mistakes(labels, y_true, probs, texts)
+    return figures, payload, worst_mistakes(labels, y_true, probs, texts, mask_personal=mask_personal)
 
 
 def worst_mistakes(labels: list[str], y_true: np.ndarray, probs: np.ndarray, texts: list[str] | None,
-                   keep: int = MISTAKES_KEPT) -> list[dict]:
-    """The wrong predictions made with the highest confidence, most confident first."""
+                   keep: int = MISTAKES_KEPT, mask_personal: str = "stored") -> list[dict]:
+    """The wrong predictions made with the highest confidence, most confident first; each text cut to
+    TEXT_CHARS_KEPT characters and masked (privacy.stored_text) unless `mask_personal` is "off"."""
     y_pred = probs.argmax(axis=1)
     confidence = probs.max(axis=1)
     wrong = np.flatnonzero(y_pred != y_true)
@@ -42,7 +47,7 @@ def worst_mistakes(labels: list[str], y_true: np.ndarray, probs: np.ndarray, tex
     return [
         {
             "index": int(i),
-            "text": (texts[i][:TEXT_CHARS_KEPT] if texts is not None else ""),
+            "text": (stored_text(texts[i], mask_personal)[:TEXT_CHARS_KEPT] if texts is not None else ""),
             "true": labels[int(y_true[i])],
             "predicted": labels[int(y_pred[i])],
             "confidence": float(confidence[i]),
