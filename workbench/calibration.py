@@ -11,6 +11,8 @@ predictor with a fitted temperature and an optional abstain threshold.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,15 +20,18 @@ from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 
 from .errors import WorkbenchError
+from .run_paths import RunPaths
 
 __all__ = ["expected_calibration_error", "reliability_bins", "negative_log_likelihood", "fitted_temperature",
-           "fit_temperature", "scale", "calibrate", "CalibratedPredictor", "UNCERTAIN"]
+           "fit_temperature", "scale", "calibrate", "read_calibration", "CalibratedPredictor",
+           "UNCERTAIN"]
 
 ECE_BINS = 15  # the ECE's bins (Guo et al. 2017)
 DIAGRAM_BINS = 10  # the reliability diagram's bins
 TEMPERATURE_RANGE = (0.05, 20.0)  # the temperatures the fit searches
 EPS = 1e-12  # probabilities are clipped here before their log
 UNCERTAIN = "uncertain"  # the label of an answer below the abstain threshold
+OWN_ATTRIBUTES = ("inner", "temperature", "abstain_below")  # CalibratedPredictor's; the rest is the inner one's
 
 
 def _checked(probs: Any, y_true: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -89,6 +94,8 @@ def scale(probs: Any, temperature: float) -> np.ndarray:
     if not temperature > 0:
         raise WorkbenchError(f"a temperature must be above 0, got {temperature}: fit one with fit_temperature")
     p = np.asarray(probs, dtype=np.float64)
+    if temperature == 1.0:  # exactly the probabilities given, not their log's round trip
+        return p / p.sum(axis=-1, keepdims=True)
     return softmax(np.log(np.clip(p, EPS, 1.0)) / float(temperature), axis=-1)
 
 
@@ -135,6 +142,12 @@ def calibrate(probs: Any, y_true: Any) -> dict[str, Any]:
     return record
 
 
+def read_calibration(run_dir: str | Path) -> dict[str, Any] | None:
+    """The run's calibration record (calibration.json), None when it has none."""
+    path = RunPaths(Path(run_dir)).calibration
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 class CalibratedPredictor:
     """A classification predictor whose scores are scaled by a temperature; below `abstain_below` (top
     calibrated probability) an answer's label is "uncertain", with `abstained` and the argmax as `top_label`.
@@ -148,9 +161,20 @@ class CalibratedPredictor:
         self.inner, self.temperature, self.abstain_below = inner, float(temperature), abstain_below
 
     def __getattr__(self, name: str) -> Any:
-        if name == "inner":  # not set yet (copy, unpickling): no recursion
+        if name in OWN_ATTRIBUTES:  # not set yet (copy, unpickling): no recursion
             raise AttributeError(name)
         return getattr(self.inner, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # the server merges adapters with `predictor.model = ...`: that is the inner predictor's model
+        if name in OWN_ATTRIBUTES:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.inner, name, value)
+
+    def around(self, inner: Any) -> "CalibratedPredictor":
+        """The same temperature and threshold around another predictor of the run (an optimised artifact)."""
+        return CalibratedPredictor(inner, self.temperature, self.abstain_below)
 
     def probabilities(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
         """(texts, classes) calibrated probabilities, in the order of `labels`."""

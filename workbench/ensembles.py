@@ -2,7 +2,8 @@
 
 `create_ensemble` checks that the runs share their task, labels and eval split, averages their best
 checkpoints' class probabilities on that split, measures the average beside every member, and registers the
-result as a run of its own (`<run>/model/ensemble.json` names its members). Everything that takes a run
+result as a run of its own (`<run>/model/ensemble.json` names its members), with a temperature fitted on the
+average (`<run>/calibration.json`, when the first run's train.calibrate is on). Everything that takes a run
 (predict, evaluate, serve, the playground, compare) then takes the ensemble: `load_predictor` builds its
 members and averages them. Members that overfit differently make different mistakes; averaging their
 probabilities cancels part of them, which is why an ensemble is the usual answer to overfitting.
@@ -24,7 +25,7 @@ from .errors import WorkbenchError
 from .store import RunStore
 from .tasks import task_of
 from .tasks.classification import ClassificationTask
-from .tasks.ensemble import CLASSICAL_DIR, ENSEMBLE_FILE, EVAL_FILE, figures, write_json
+from .tasks.ensemble import CLASSICAL_DIR, ENSEMBLE_FILE, EVAL_FILE, figures, write_calibration, write_json
 from .run_paths import RunPaths
 
 __all__ = ["create_ensemble"]
@@ -90,12 +91,16 @@ def create_ensemble(runs: list[str], home: str | Path | None = None, with_baseli
                                     for f in members.values()),
                "answers_with": {"by": "ensemble", **mean, "metric": "accuracy",
                                 "why": f"the mean of {len(probs)} members' class probabilities"}}
-    return _register(store, records, metrics, baseline_dir if with_baseline else None, name)
+    return _register(store, records, metrics, baseline_dir if with_baseline else None, name,
+                     (np.mean(probs, axis=0), y))
 
 
 def _register(store: RunStore, records: list[dict[str, Any]], metrics: dict[str, Any], baseline_dir: Path | None,
-              name: str | None) -> dict[str, Any]:
-    config = Config.from_dict(records[0]["config"]).to_dict()
+              name: str | None, answering: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
+    """Register the ensemble as a completed run; `answering`: its eval probabilities and true classes, which
+    its temperature is fitted on (when the first run's train.calibrate is on)."""
+    settings = Config.from_dict(records[0]["config"])
+    config = settings.to_dict()
     label = name or "ensemble of " + ", ".join(r.get("name") or r["id"] for r in records)
     config["name"] = label
     run_id = store.create_run(config, label)
@@ -107,6 +112,9 @@ def _register(store: RunStore, records: list[dict[str, Any]], metrics: dict[str,
                                if k not in ("metric", "ensemble")}
     write_json(RunPaths(run_dir).model / ENSEMBLE_FILE, {"runs": metrics["ensemble_of"], "baseline": baseline_dir is not None,
                                                    "weights": [1.0] * (len(records) + int(baseline_dir is not None))})
+    calibration = write_calibration(run_dir, *answering, settings.train.calibrate, "ensemble")
+    if calibration is not None:
+        metrics["calibration"] = calibration
     info = {"ensemble_of": metrics["ensemble_of"], "labels": metrics["labels"],
             "train_rows": (records[0].get("info") or {}).get("train_rows"),
             "eval_rows": (records[0].get("info") or {}).get("eval_rows"), "trainable_params": 0,

@@ -3,7 +3,9 @@
 A run fits the baseline on its training split (classical.py) and scores it on its eval split; at the end,
 the best checkpoint's eval probabilities and the baseline's are averaged, and when that average scores
 higher on the run's selection metric the run answers with it (`<run>/model/ensemble.json`), said in the
-record. `EnsemblePredictor` is that answer, and also any set of runs with the same task and labels.
+record. The probabilities the run answers with (the model's, or that mean) then get a temperature fitted on the
+eval split (calibration.py; `<run>/calibration.json`, train.calibrate). `EnsemblePredictor` is the averaged
+answer, and also any set of runs with the same task and labels.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from ..calibration import calibrate
 from ..classical import DESCRIPTION, ClassicalModel, fit_classifiers
-from ..config import Config
+from ..config import Config, read_yaml
 from ..errors import WorkbenchError
 from ..task_table import spec_for
 from ..run_paths import ENSEMBLE_FILE, RunPaths  # noqa: F401 - ENSEMBLE_FILE: imported from here too
@@ -76,22 +79,42 @@ def baseline_summary(run_dir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def choose_answer(run_dir: Path, rows: list[dict[str, Any]], labels: list[str]) -> dict[str, Any]:
+def choose_answer(run_dir: Path, rows: list[dict[str, Any]], labels: list[str],
+                  calibrate: bool | None = None) -> dict[str, Any]:
     """Compare the fine-tuned model (its best checkpoint's eval `rows`, with per-class `scores`) with its mean
-    with the baseline on the eval split; write model/ensemble.json when the mean wins. Returns metrics."""
+    with the baseline on the eval split; write model/ensemble.json when the mean wins. Then fit a temperature
+    on the answering probabilities (`calibrate`; None: the run's train.calibrate) and write calibration.json.
+    Returns metrics: baseline, ensemble, answers_with, calibration."""
+    out, answering = _compare_with_baseline(run_dir, rows, labels)
+    if answering is None and rows and "scores" in rows[0]:
+        answering = np.asarray([r["scores"] for r in rows], dtype=np.float64)
+    if answering is not None:
+        index = {name: i for i, name in enumerate(labels)}
+        record = write_calibration(run_dir, answering, np.asarray([index[r["true"]] for r in rows]),
+                                   _calibrates(run_dir) if calibrate is None else calibrate,
+                                   (out.get("answers_with") or {}).get("by", "fine-tuned"))
+        if record is not None:
+            out["calibration"] = record
+    return out
+
+
+def _compare_with_baseline(run_dir: Path, rows: list[dict[str, Any]], labels: list[str]
+                           ) -> tuple[dict[str, Any], np.ndarray | None]:
+    """choose_answer's comparison: its metrics, and the probabilities the run answers with (None: no baseline
+    to compare with)."""
     summary = baseline_summary(run_dir)
     if summary is None:
-        return {}
+        return {}, None
     out: dict[str, Any] = {"baseline": {k: v for k, v in summary.items() if k not in ("metric", "ensemble")}}
     eval_file = run_dir / CLASSICAL_DIR / EVAL_FILE
     if not rows or "scores" not in rows[0] or not eval_file.is_file():
-        return out
+        return out, None
     index = {name: i for i, name in enumerate(labels)}
     y = np.asarray([index[r["true"]] for r in rows])
     model_probs = np.asarray([r["scores"] for r in rows], dtype=np.float64)
     classical = np.asarray(json.loads(eval_file.read_text())["probabilities"], dtype=np.float64)
     if classical.shape != model_probs.shape:
-        return out
+        return out, None
     metric = summary["metric"]
     alone = figures(y, model_probs)
     tried = {w: figures(y, w * model_probs + (1 - w) * classical) for w in MODEL_WEIGHTS[1:]}
@@ -112,7 +135,29 @@ def choose_answer(run_dir: Path, rows: list[dict[str, Any]], labels: list[str]) 
                 f"the model alone scored {metric} {alone[metric]:.4f} on the eval split, its best mean with the "
                 f"baseline {mean[metric]:.4f}" + ("" if summary["ensemble"] == "auto" else
                                                    " (train.ensemble: off)"))}
-    return out
+    return out, (weight * model_probs + (1 - weight) * classical) if chosen else model_probs
+
+
+def _calibrates(run_dir: Path) -> bool:
+    """The run's train.calibrate, from its config.yaml (the default, on, when the file is not there)."""
+    path = RunPaths(run_dir).config
+    if not path.is_file():
+        return True
+    train = read_yaml(path).get("train") or {}
+    return bool(train.get("calibrate", True))
+
+
+def write_calibration(run_dir: Path, probs: np.ndarray, y_true: np.ndarray, on: bool,
+                      of: str = "fine-tuned") -> dict[str, Any] | None:
+    """Fit the temperature of the run's answering probabilities `of` (the fine-tuned model or the ensemble) on
+    its eval split and write calibration.json; when `on` is off, remove any and return None."""
+    path = RunPaths(run_dir).calibration
+    if not on:
+        path.unlink(missing_ok=True)  # a resumed run that switched calibration off answers unscaled
+        return None
+    record = {**calibrate(probs, y_true), "of": of}
+    write_json(path, record)
+    return record
 
 
 def baseline_note(metrics: dict[str, Any]) -> str | None:
