@@ -24,6 +24,10 @@ runs.sqlite and config.yaml 0600 (SQLite gives its -wal and -shm files the datab
 holds user data (its config names the data, its evaluations quote the texts) and its deploy folder the
 serving key's record. `private_files()` makes whatever a run writes meanwhile (checkpoints, evaluations,
 logs, TensorBoard and wandb files) owner-only too.
+
+What a run records about its data is masked on the way in (privacy.mask_value: e-mail addresses, phone numbers,
+card numbers, IP addresses become [EMAIL], [PHONE], ...): its live records (evaluations quote mistaken texts),
+its info, its metrics and its error, unless its config says data.mask_personal: off.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import WorkbenchError
+from .privacy import mask_text, mask_value
 from .run_paths import CONFIG_FILE, LOG_FILE, OUTCOME_FILE
 
 STATUSES = ("queued", "running", "completed", "stopped", "failed")
@@ -227,6 +232,7 @@ class RunStore:
         self.lost_points = 0  # live records a full disk refused (said in the run's error)
         self.write_error: str | None = None
         self._host = host_id()
+        self._mask_modes: dict[str, str] = {}  # run id -> data.mask_personal, read once from its config
         self._migrate()
 
     # --- plumbing ------------------------------------------------------------
@@ -320,6 +326,23 @@ class RunStore:
     def run_dir(self, run_id: str) -> Path:
         return self.home / "runs" / run_id
 
+    # --- masking -------------------------------------------------------------
+    def mask_mode(self, run_id: str) -> str:
+        """The run's data.mask_personal ("stored" when its config does not say, or the run is unknown)."""
+        mode = self._mask_modes.get(run_id)
+        if mode is None:
+            with self._connect() as db:
+                row = db.execute("SELECT config FROM runs WHERE id=?", (run_id,)).fetchone()
+            config = json.loads(row["config"]) if row is not None else {}
+            data = config.get("data") if isinstance(config, dict) else None
+            mode = str((data or {}).get("mask_personal") or "stored")
+            self._mask_modes[run_id] = mode
+        return mode
+
+    def _private(self, run_id: str, value: Any) -> Any:
+        """A value about the run's data as the store keeps it: masked unless the run says mask_personal: off."""
+        return value if self.mask_mode(run_id) == "off" else mask_value(value)
+
     # --- writing -------------------------------------------------------------
     def create_run(self, config: dict[str, Any], name: str | None = None) -> str:
         """Register a queued run and write its config; returns the new id."""
@@ -378,9 +401,11 @@ class RunStore:
         predict and serve read. The file config.yaml keeps the config as it was asked for."""
         with self._connect() as db:
             db.execute("UPDATE runs SET config=? WHERE id=?", (json.dumps(config), run_id))
+        self._mask_modes.pop(run_id, None)
 
     def set_info(self, run_id: str, info: dict[str, Any]) -> None:
         """Facts known once the model is built (parameter counts, labels, sizes)."""
+        info = self._private(run_id, info)
         with self._connect() as db:
             db.execute("UPDATE runs SET info=? WHERE id=?", (json.dumps(info), run_id))
 
@@ -396,11 +421,9 @@ class RunStore:
         """
         now = time.time()
         try:
+            rows = [(run_id, kind, step, now, json.dumps(self._private(run_id, data))) for kind, step, data in points]
             with self._connect() as db:
-                db.executemany(
-                    "INSERT INTO points (run_id, kind, step, time, data) VALUES (?, ?, ?, ?, ?)",
-                    [(run_id, kind, step, now, json.dumps(data)) for kind, step, data in points],
-                )
+                db.executemany("INSERT INTO points (run_id, kind, step, time, data) VALUES (?, ?, ?, ?, ?)", rows)
         except StoreWriteError as exc:
             if self.write_error is None:
                 print(f"workbench: {exc}; live records are dropped until it can write again", file=sys.stderr,
@@ -425,6 +448,8 @@ class RunStore:
             raise ValueError(f"status {status!r} is not final: one of {FINAL_STATUSES}")
         if self.lost_points and status == "failed":
             error = f"{error or 'failed'} ({self.lost_points} live records were lost: {self.write_error})"
+        if self.mask_mode(run_id) != "off":
+            error, metrics = mask_text(error) if error else error, mask_value(metrics)
         query = ("UPDATE runs SET status=?, ended_at=?, metrics=COALESCE(?, metrics), "
                  "timings=COALESCE(?, timings), error=?, stop_requested=0 WHERE id=?")
         args: list[Any] = [status, time.time(), json.dumps(metrics) if metrics is not None else None,

@@ -1,4 +1,9 @@
-"""Callbacks that record a run: the run store (always), the console, wandb, TensorBoard."""
+"""Callbacks that record a run: the run store (always), the console, wandb, TensorBoard.
+
+What they write about the data is masked (privacy): the store masks every record it keeps (evaluations
+quote mistaken texts), the console masks its lines (a launched run's console is its log.txt); wandb and
+TensorBoard get figures only. data.mask_personal: off turns the masking off.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from typing import Any
 from .callbacks import Callback, Evaluated, TrainControl, TrainState
 from .config import Config
 from .errors import WorkbenchError
+from .privacy import stored_text
 from .store import RunStore
 
 STOP_POLL_SECONDS = 0.5
@@ -18,7 +24,8 @@ MISTAKES_IN_STORE = 20
 
 
 class StoreCallback(Callback):
-    """Writes steps and evaluations to the store as training goes, and polls for stop requests.
+    """Writes steps and evaluations to the store as training goes, and polls for stop requests. The store
+    masks personal data in what it keeps (the worst mistakes' texts, an exception's message).
 
     Step records are batched and flushed at most every FLUSH_SECONDS (and before every
     evaluation, checkpoint and the end), so a fast model is not slowed by a commit per step
@@ -80,14 +87,15 @@ class StoreCallback(Callback):
 
 
 class ConsoleCallback(Callback):
-    """Short progress lines on stdout (at most one every `every` seconds) and each evaluation."""
+    """Short progress lines on stdout (at most one every `every` seconds) and each evaluation, masked
+    (privacy.stored_text) unless `mask_personal` is "off"."""
 
-    def __init__(self, every: float = 5.0, stream: Any = None) -> None:
-        self.every, self.stream = every, stream or sys.stdout
+    def __init__(self, every: float = 5.0, stream: Any = None, mask_personal: str = "stored") -> None:
+        self.every, self.stream, self.mask_personal = every, stream or sys.stdout, mask_personal
         self._last = 0.0
 
     def _print(self, text: str) -> None:
-        print(text, file=self.stream, flush=True)
+        print(stored_text(text, self.mask_personal), file=self.stream, flush=True)
 
     def on_train_begin(self, state: TrainState, config: dict[str, Any]) -> None:
         self._print(f"run {state.run_id}: {state.max_steps} steps ({state.steps_per_epoch} per epoch)"
@@ -186,7 +194,7 @@ def default_callbacks(config: Config, store: RunStore, run_id: str, console: boo
     run_dir = store.run_dir(run_id)
     callbacks: list[Callback] = [StoreCallback(store, run_id)]
     if console:
-        callbacks.append(ConsoleCallback())
+        callbacks.append(ConsoleCallback(mask_personal=config.data.mask_personal))
     if config.track.tensorboard:
         callbacks.append(TensorBoardCallback(str(run_dir / "tensorboard")))
     if config.track.wandb != "disabled":
