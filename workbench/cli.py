@@ -90,7 +90,11 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-texts", type=int, default=64, help="texts per request")
     sv.add_argument("--max-chars", type=int, default=20_000, help="characters per text or chat message")
     sv.add_argument("--max-tokens", type=int, default=512, help="the largest max_tokens a chat request may ask")
-    sv.add_argument("--log-text", action="store_true", help="put request texts in the log (off by default)")
+    sv.add_argument("--log-text", action="store_true", help="put request texts in the log, personal data masked "
+                                                            "(off by default)")
+    sv.add_argument("--abstain-below", type=float, default=None, metavar="P",
+                    help="classification: answer \"uncertain\" when the top class's calibrated probability is "
+                         "under P (default: the run's train.abstain_below; none: always answer)")
 
     op = sub.add_parser("optimize", help="int8, pruned and ONNX artifacts of a classification or named-entity run, with a report")
     op.add_argument("run", help="run id ('latest' for the newest)")
@@ -514,6 +518,7 @@ def _serve(args: argparse.Namespace) -> int:
         settings = ServeSettings(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                                  max_body_bytes=args.max_body_bytes, max_texts=args.max_texts,
                                  max_chars=args.max_chars, max_tokens=args.max_tokens, log_text=args.log_text,
+                                 abstain_below=args.abstain_below,
                                  allowed_hosts=(*LOOPBACK_NAMES, *args.allowed_hosts) if args.allowed_hosts else None)
     except ValueError as exc:
         raise WorkbenchError(f"{exc}: fix the serve option") from None

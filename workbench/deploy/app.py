@@ -41,6 +41,8 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
+from ..errors import WorkbenchError
+from ..privacy import mask_value
 from .bodies import (ChatCompletion, ClassifyResponse, ErrorBody, Health, ModelList, NerResponse, Ready,
                      TranslateResponse, refusal, request_bodies)
 from .adapter import ServedModel
@@ -73,7 +75,8 @@ class ServeSettings:
     body_timeout_s: float = 10.0      # the longest pause between two chunks of a request body (408)
     max_connections: int = 512        # open connections and requests in progress; beyond: 503
     allowed_hosts: tuple[str, ...] | None = None  # Host names answered, no cross-site calls; None: no check
-    log_text: bool = False            # put input texts in request log lines (off: logs carry no text)
+    log_text: bool = False            # put input texts in request log lines, personal data masked (off: no text)
+    abstain_below: float | None = None  # answer "uncertain" below this top-class probability; None: the run's
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_body_bytes", "max_texts", "max_chars", "max_messages", "max_tokens",
@@ -86,6 +89,8 @@ class ServeSettings:
         for name in ("request_timeout_s", "header_timeout_s", "body_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be a number of seconds > 0, got {getattr(self, name)!r}")
+        if self.abstain_below is not None and not 0.0 < self.abstain_below < 1.0:
+            raise ValueError(f"abstain_below must be a probability between 0 and 1, got {self.abstain_below!r}")
         if self.allowed_hosts is not None:
             self.allowed_hosts = tuple(self.allowed_hosts)
             if not self.allowed_hosts:
@@ -409,6 +414,15 @@ def create_app(loader: Callable[[], ServedModel] | ServedModel, settings: ServeS
     return Guard(app, api_key, settings, metrics), state
 
 
+def abstain(served: ServedModel, below: float) -> None:
+    """Serve with this abstain threshold instead of the run's own: a classifier whose calibrated top-class
+    probability is under it answers "uncertain". Refused for a model without class probabilities."""
+    if not hasattr(served.predictor, "abstain_below"):
+        raise WorkbenchError(f"run {served.run_id} ({served.task}) gives no calibrated class probabilities to "
+                             "abstain on: serve it without abstain_below")
+    served.predictor.abstain_below = below
+
+
 def _lifespan(loader: Callable[[], ServedModel] | ServedModel, state: ServerState,
               baseline: Callable[[ServedModel], Baseline | None] | None) -> Callable[[Any], Any]:
     """Startup: the batcher, and the model loaded (on a thread unless given); shutdown after uvicorn drained."""
@@ -419,6 +433,8 @@ def _lifespan(loader: Callable[[], ServedModel] | ServedModel, state: ServerStat
     def load() -> None:
         try:
             served = loader if isinstance(loader, ServedModel) else loader()
+            if settings.abstain_below is not None:
+                abstain(served, settings.abstain_below)
             metrics.set_model(served.labels, baseline(served) if baseline else None)
             state.served = served
             log.info("model ready: run %s (%s, %s)", served.run_id, served.task, served.artifact)
@@ -528,14 +544,14 @@ def _add_text_route(app: Any, state: ServerState, keyed: list[Any], path: str, r
         texts = body.texts
         metrics.observe_inputs([len(t) for t in texts])
         if settings.log_text:
-            log.info("%s texts: %s", ROUTES[path], json.dumps(texts)[:2000])
+            log.info("%s texts: %s", ROUTES[path], json.dumps(mask_value(texts))[:2000])
         outputs = await _queued(state.batcher.submit(texts))
         metrics.texts.inc(len(texts))
         _observe(metrics, outputs)
         return route.wrap(served, texts, outputs)
 
     app.post(path, name=ROUTES[path], summary=route.summary, response_model=route.response, dependencies=keyed,
-             responses=ERRORS)(answer)
+             responses=ERRORS, response_model_exclude_unset=True)(answer)  # "abstained" only when it did
 
 
 def _add_chat_route(app: Any, state: ServerState, keyed: list[Any], body_model: type[BaseModel]) -> None:
@@ -553,7 +569,7 @@ def _add_chat_route(app: Any, state: ServerState, keyed: list[Any], body_model: 
         max_tokens = asked or min(served.max_new_tokens, settings.max_tokens)
         temperature, top_p = float(body.temperature or 0.0), float(1.0 if body.top_p is None else body.top_p)
         if settings.log_text:
-            log.info("chat messages: %s", json.dumps(messages)[:2000])
+            log.info("chat messages: %s", json.dumps(mask_value(messages))[:2000])
         metrics.observe_inputs([len(messages[-1]["content"])])
         prompt_tokens = served.count_prompt_tokens(messages)
         metrics.tokens_in.inc(prompt_tokens)

@@ -177,8 +177,12 @@ class ModelList(BaseModel):
 
 
 class LabelResult(BaseModel):
-    label: str = Field(description="the predicted label")
-    scores: dict[str, float] = Field(description="each label's probability")
+    label: str = Field(description="the predicted label, or \"uncertain\" when the top probability is under the "
+                                   "abstain threshold")
+    scores: dict[str, float] = Field(description="each label's probability (calibrated when the run fitted a "
+                                                 "temperature)")
+    abstained: Optional[bool] = Field(default=None, description="true when the model abstained")
+    top_label: Optional[str] = Field(default=None, description="the most probable label, when it abstained")
 
 
 class ValueResult(BaseModel):
