@@ -44,6 +44,9 @@ _EMAIL = re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A
 _IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.])")
 _IPV6 = re.compile(r"(?<![0-9A-Fa-f:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![0-9A-Fa-f:])")
 _VERSION = re.compile(r"(?:\bv|\bversion\s?)$", re.IGNORECASE)
+_IN_NUMBER_BEFORE = re.compile(r"(?:\d\.|[eE][+\-])$")  # the candidate continues a decimal or an exponent
+_IN_NUMBER_AFTER = re.compile(r"[.,]\d")
+_DECIMAL = re.compile(r"^\(?\d+\.\d{1,2}\)?[.,;:]?$")  # 1234.5, 12.99: an amount, not a phone group
 _CARD = re.compile(r"(?<!\d)(?:\d[ \-]?){12,18}\d(?!\d)")
 _DEFAULT_REGION = "US"
 
@@ -82,19 +85,23 @@ def _cards(text: str) -> Iterable[Span]:
             yield m.start(), m.end(), "card"
 
 
-def _reads_as_phone(raw: str, number: Any) -> bool:
-    """Whether a libphonenumber candidate written without a country code is a phone number rather than a
-    fraction, a season, sports scores or a bare count."""
+def _reads_as_phone(text: str, match: Any) -> bool:
+    """Whether a libphonenumber candidate is a phone number rather than part of a decimal or scientific
+    number ("5.00e-04 1234.5"), or, written without a country code, a fraction, a season, sports scores or
+    a bare count."""
     import phonenumbers
 
+    raw, before, after = match.raw_string, text[max(0, match.start - 2): match.start], text[match.end: match.end + 2]
+    if _IN_NUMBER_BEFORE.search(before) or _IN_NUMBER_AFTER.match(after):
+        return False
     if raw.lstrip("( ").startswith("+"):
         return True
-    if "/" in raw:
+    if "/" in raw or any(_DECIMAL.match(piece) for piece in raw.split()):
         return False
     groups = re.findall(r"\d+", raw)
     if 2 * sum(len(g) == 1 for g in groups) >= len(groups):
         return False
-    return len(groups) > 1 or phonenumbers.is_valid_number(number)
+    return len(groups) > 1 or phonenumbers.is_valid_number(match.number)
 
 
 def _phones(text: str, region: str) -> Iterable[Span]:
@@ -103,7 +110,7 @@ def _phones(text: str, region: str) -> Iterable[Span]:
     if sum(ch.isdigit() for ch in text) < 7:  # no phone number is shorter (and most texts have no digits)
         return
     for match in phonenumbers.PhoneNumberMatcher(text, region, leniency=phonenumbers.Leniency.POSSIBLE):
-        if _reads_as_phone(match.raw_string, match.number):
+        if _reads_as_phone(text, match):
             yield match.start, match.end, "phone"
 
 
