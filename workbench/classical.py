@@ -7,6 +7,10 @@ better of the two on the run's selection metric kept), ridge for numbers.
 
 Saved without pickle: the vocabularies and idf weights as JSON, the coefficients as safetensors, so loading
 a run never executes code from its folder.
+
+Fitted on masked texts (privacy.mask_text) unless data.mask_personal is "off": no e-mail address or phone
+number of the training data becomes an n-gram of the saved vocabulary. A masked model masks the texts it
+scores the same way, so an address in a new text reads as the [EMAIL] features it learned.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .errors import WorkbenchError
+from .privacy import mask_text
 
 VECTORIZERS: dict[str, dict[str, Any]] = {
     # sublinear tf: a word said ten times is not ten times the evidence; min_df 2 drops one-off n-grams
@@ -46,10 +51,13 @@ class ClassicalModel:
     labels: list[str] = field(default_factory=list)
     class_weight: str = "none"
     seconds: float = 0.0
+    masked: bool = False  # fitted on masked texts: the texts it scores are masked too
 
     def features(self, texts: list[str]) -> Any:
         from scipy.sparse import hstack
 
+        if self.masked:
+            texts = [mask_text(t) for t in texts]
         return hstack([v.transform(texts) for v in self.vectorizers.values()]).tocsr()
 
     def scores(self, texts: list[str]) -> np.ndarray:
@@ -78,7 +86,7 @@ class ClassicalModel:
         from safetensors.numpy import save_file
 
         folder.mkdir(parents=True, exist_ok=True)
-        meta = {"kind": self.kind, "labels": self.labels, "class_weight": self.class_weight,
+        meta = {"kind": self.kind, "labels": self.labels, "class_weight": self.class_weight, "masked": self.masked,
                 "vectorizers": {name: {"vocabulary": {t: int(i) for t, i in v.vocabulary_.items()},
                                        "idf": v.idf_.tolist()} for name, v in self.vectorizers.items()}}
         tmp = folder / (VOCAB_FILE + ".tmp")
@@ -101,7 +109,8 @@ class ClassicalModel:
         vectorizers = {name: _vectorizer(name, saved["vocabulary"], np.asarray(saved["idf"]))
                        for name, saved in meta["vectorizers"].items()}
         return cls(meta["kind"], vectorizers, weights["coef"].astype(np.float64),
-                   weights["intercept"].astype(np.float64), meta["labels"], meta["class_weight"])
+                   weights["intercept"].astype(np.float64), meta["labels"], meta["class_weight"],
+                   masked=bool(meta.get("masked", False)))
 
 
 def _vectorizer(name: str, vocabulary: dict[str, int] | None = None, idf: np.ndarray | None = None) -> Any:
@@ -134,13 +143,16 @@ def _fit_features(texts: list[str]) -> tuple[dict[str, Any], Any]:
 
 
 def fit_classifiers(texts: list[str], labels: list[int], names: list[str],
-                    class_weights: tuple[str, ...] = ("none", "balanced")) -> list[ClassicalModel]:
+                    class_weights: tuple[str, ...] = ("none", "balanced"),
+                    mask_personal: str = "stored") -> list[ClassicalModel]:
     """TF-IDF + logistic regression on (texts, integer labels), one model per class weighting ("none",
-    "balanced"), sharing the vectorizers; `names` gives every class of the run, seen in training or not."""
+    "balanced"), sharing the vectorizers; `names` gives every class of the run, seen in training or not.
+    Fitted on masked texts unless `mask_personal` (data.mask_personal) is "off"."""
     from sklearn.linear_model import LogisticRegression
 
     start = time.perf_counter()
-    vectorizers, x = _fit_features(texts)
+    masked = mask_personal != "off"
+    vectorizers, x = _fit_features([mask_text(t) for t in texts] if masked else texts)
     shared = time.perf_counter() - start
     y, models = np.asarray(labels), []
     for weighting in class_weights:
@@ -149,7 +161,7 @@ def fit_classifiers(texts: list[str], labels: list[int], names: list[str],
                                    class_weight=None if weighting == "none" else "balanced").fit(x, y)
         coef, intercept = _full_rows(model, len(names))
         models.append(ClassicalModel("classifier", vectorizers, coef, intercept, list(names), weighting,
-                                     shared + time.perf_counter() - begun))
+                                     shared + time.perf_counter() - begun, masked))
     return models
 
 
@@ -168,12 +180,14 @@ def _full_rows(model: Any, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     return coef, intercept
 
 
-def fit_regressor(texts: list[str], values: list[float]) -> ClassicalModel:
-    """TF-IDF + ridge regression on (texts, numbers)."""
+def fit_regressor(texts: list[str], values: list[float], mask_personal: str = "stored") -> ClassicalModel:
+    """TF-IDF + ridge regression on (texts, numbers), fitted on masked texts unless `mask_personal` is "off"."""
     from sklearn.linear_model import Ridge
 
     start = time.perf_counter()
-    vectorizers, x = _fit_features(texts)
+    masked = mask_personal != "off"
+    vectorizers, x = _fit_features([mask_text(t) for t in texts] if masked else texts)
     model = Ridge(alpha=RIDGE_ALPHA).fit(x, np.asarray(values, dtype=np.float64))
     return ClassicalModel("regressor", vectorizers, model.coef_.reshape(1, -1).astype(np.float64),
-                          np.asarray([model.intercept_], dtype=np.float64), seconds=time.perf_counter() - start)
+                          np.asarray([model.intercept_], dtype=np.float64), seconds=time.perf_counter() - start,
+                          masked=masked)
