@@ -158,20 +158,23 @@ def count_personal(texts: Iterable[str], region: str = _DEFAULT_REGION,
     return masked, counts
 
 
-def mask_tokens(tokens: list[str], region: str = _DEFAULT_REGION) -> list[str]:
+def mask_tokens(tokens: list[str], text: str | None = None, offsets: list[tuple[int, int]] | None = None,
+                region: str = _DEFAULT_REGION) -> list[str]:
     """A sentence's tokens with every token that overlaps personal data replaced by its placeholder: the
-    token count stays the same (a tag per token still lines up). The tokens are read joined by spaces, so a
-    phone number split over several tokens is found."""
-    starts, at = [], 0
-    for token in tokens:
-        starts.append(at)
-        at += len(token) + 1
-    spans = find_personal(" ".join(tokens), region)
+    token count stays the same (a tag per token still lines up). The tokens are read as one text, so a phone
+    number split over several tokens is found: `text` and each token's (start, end) `offsets` in it when
+    given (entities.sentence_text glues punctuation), else the tokens joined by spaces."""
+    if text is None or offsets is None:
+        offsets, at = [], 0
+        for token in tokens:
+            offsets.append((at, at + len(token)))
+            at += len(token) + 1
+        text = " ".join(tokens)
+    spans = find_personal(text, region)
     if not spans:
         return list(tokens)
     out = list(tokens)
-    for i, (start, token) in enumerate(zip(starts, tokens)):
-        end = start + len(token)
+    for i, (start, end) in enumerate(offsets):
         kind = next((k for s, e, k in spans if s < end and start < e), None)
         if kind is not None:
             out[i] = PLACEHOLDERS[kind]

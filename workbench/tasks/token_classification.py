@@ -12,6 +12,9 @@
   eval sentence's tags and spans in <run>/eval/step-N.json. A word cut off by train.max_length counts as O.
 - Answering: `predict` takes raw strings (split into words at whitespace, a CJK character a word) or lists
   of tokens, and returns entity spans with character offsets and a score each.
+- Personal data (data.mask_personal): the eval rows in <run>/eval/step-N.json and the mistakes are masked
+  unless "off" (a token overlapping an address or a number becomes [EMAIL], [PHONE], ...; tags stay aligned);
+  "all" masks the training and eval sentences themselves before the model sees them.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from ..models.loading import load_tokenizer
 from ..models.state import load_trainable_state, set_seed
 from ..models.token_classifier import build_token_classifier, check_token_model
 from ..models.vocabulary import missing_characters
+from ..privacy import PLACEHOLDERS, mask_tokens
 from ..run_paths import TAGS_FILE, RunPaths
 from ..task_table import spec_for
 from .base import EvalResult, Evaluation
@@ -61,6 +65,8 @@ class NerData:
     notes: list[str] = field(default_factory=list)
     added_tokens: list[str] = field(default_factory=list)  # characters the run added to the vocabulary
     vocabulary: dict[str, Any] = field(default_factory=dict)  # what was added and why (run info "vocabulary")
+    mask_personal: str = "stored"  # data.mask_personal: what the run masks
+    masked: dict[str, int] = field(default_factory=dict)  # personal items masked in the sentences ("all"), by kind
 
     @property
     def train_texts(self) -> list[str]:
@@ -122,8 +128,34 @@ def load_ner_data(cfg: DataConfig, seed: int) -> NerData:
     unseen = [t for t in types if t not in trained]
     if unseen:
         notes.append(f"entity types {', '.join(unseen)} occur in the eval sentences only: the model cannot learn them")
+    masked: dict[str, int] = {}
+    if cfg.mask_personal == "all":
+        train, held = masked_sentences(train, masked), masked_sentences(held, masked)
+        if masked:
+            kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(masked.items()))
+            notes.append(f"masked {sum(masked.values())} personal items ({kinds}) in the training and eval "
+                         "sentences before training (data.mask_personal: all)")
     return NerData(train, held, tag_set(types, read.scheme), types, read.scheme, cfg.source, len(read.sentences),
-                   notes)
+                   notes, mask_personal=cfg.mask_personal, masked=masked)
+
+
+def masked_sentences(sentences: list[Sentence], counts: dict[str, int]) -> list[Sentence]:
+    """The sentences with each token that overlaps personal data replaced by its placeholder (tags kept);
+    adds the tokens masked, by kind, to `counts`."""
+    kinds = {v: k for k, v in PLACEHOLDERS.items()}
+    out = []
+    for s in sentences:
+        tokens = mask_tokens(s.tokens, *sentence_text(s.tokens))
+        for before, after in zip(s.tokens, tokens):
+            if before != after:
+                counts[kinds[after]] = counts.get(kinds[after], 0) + 1
+        out.append(Sentence(tokens, s.tags, s.where) if tokens != s.tokens else s)
+    return out
+
+
+def stored_sentence(tokens: list[str], mode: str) -> list[str]:
+    """A sentence's tokens as the run stores or shows them under data.mask_personal = `mode`."""
+    return list(tokens) if mode == "off" else mask_tokens(tokens, *sentence_text(tokens))
 
 
 def encode_sentences(tokenizer: Any, token_lists: list[list[str]], tag_lists: list[list[str]] | None,
@@ -207,14 +239,15 @@ def tags_from_ids(ids: list[int], n_words: int, tags: list[str]) -> list[str]:
     return [tags[ids[w]] if ids[w] >= 0 else OUTSIDE for w in range(n_words)]
 
 
-def mistaken(held: list[Sentence], predicted: list[list[str]]) -> list[dict[str, Any]]:
-    """Up to MISTAKES_KEPT sentences whose entities differ from the gold ones, most wrong entities first."""
+def mistaken(held: list[Sentence], predicted: list[list[str]], mask_personal: str = "stored") -> list[dict[str, Any]]:
+    """Up to MISTAKES_KEPT sentences whose entities differ from the gold ones, most wrong entities first;
+    their tokens masked unless `mask_personal` is "off"."""
     rows = []
     for i, (s, guess) in enumerate(zip(held, predicted)):
         truth, answer = set(entity_tuples(s.tags)), set(entity_tuples(guess))
         wrong = len(truth ^ answer)
         if wrong:
-            text, offsets = sentence_text(s.tokens)
+            text, offsets = sentence_text(stored_sentence(s.tokens, mask_personal))
             rows.append((-wrong, i, {"index": i, "text": text, "gold": spans_of(s.tags, offsets, text),
                                      "predicted": spans_of(guess, offsets, text)}))
     return [r for *_, r in sorted(rows, key=lambda r: r[:2])[:MISTAKES_KEPT]]
@@ -303,8 +336,8 @@ class TokenClassificationTask:
             raise WorkbenchError(f"evaluation loss is {loss} at step {step}: lower train.learning_rate")
         predicted = [tags_from_ids(i, len(s.tokens), data.tags) for i, s in zip(ids, data.held)]
         metrics, payload = entity_figures([s.tags for s in data.held], predicted, data.types)
-        result = EvalResult(step, float(epoch), float(loss), metrics, payload, mistaken(data.held, predicted),
-                            figures_lines(payload))
+        result = EvalResult(step, float(epoch), float(loss), metrics, payload,
+                            mistaken(data.held, predicted, data.mask_personal), figures_lines(payload))
         return Evaluation(result, result[self.best_metric], predicted)
 
     def fit_baseline(self, config: Config, data: NerData, run_dir: Path) -> dict[str, Any] | None:
@@ -313,8 +346,9 @@ class TokenClassificationTask:
     def write_evaluation(self, run_dir: Path, evaluation: Evaluation, data: NerData) -> None:
         rows = []
         for i, (s, guess) in enumerate(zip(data.held, evaluation.details)):
-            text, offsets = sentence_text(s.tokens)
-            rows.append({"index": i, "text": text, "tokens": s.tokens, "gold": s.tags, "predicted": guess,
+            tokens = stored_sentence(s.tokens, data.mask_personal)
+            text, offsets = sentence_text(tokens)
+            rows.append({"index": i, "text": text, "tokens": tokens, "gold": s.tags, "predicted": guess,
                          "gold_spans": spans_of(s.tags, offsets, text),
                          "predicted_spans": spans_of(guess, offsets, text)})
         step = evaluation.result.step
