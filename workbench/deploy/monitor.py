@@ -5,6 +5,10 @@ Drift is the population stability index, PSI = sum over bins of (live - base) * 
 distributions against the run's evaluation split: predicted labels (the labels the run's best model
 predicted on that split) and input lengths in characters (10 bins at the split's deciles). A PSI under 0.1
 is usually read as stable, 0.1-0.25 as a moderate shift, above 0.25 as a large one.
+
+No served text is kept: the live side holds counts (labels, length bins, value bins). A drift snapshot
+(`ServerMetrics.snapshot`) is plain values with every string masked (privacy.mask_value), so a label or a
+baseline source that quotes an address shows [EMAIL].
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import math
 import threading
 from dataclasses import dataclass, field
 from typing import Any
+
+from ..privacy import mask_value
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -153,6 +159,17 @@ class ServerMetrics:
             self.drift.labels(signal="predicted_value").set(psi(b.value_counts, live_values))
         if b.length_counts:
             self.drift.labels(signal="input_length").set(psi(b.length_counts, live_lengths))
+
+    def snapshot(self) -> dict[str, Any]:
+        """The drift signal now, as plain values (strings masked): samples, psi by signal, the live and
+        baseline predicted-label counts, the baseline's source."""
+        self.update_drift()
+        b = self.baseline
+        with self._lock:
+            live_labels, samples = dict(self._live_labels), self._samples
+        psi_now = {s.labels["signal"]: s.value for family in self.drift.collect() for s in family.samples}
+        return mask_value({"samples": samples, "psi": psi_now, "live_labels": live_labels,
+                           "baseline_labels": dict(b.label_counts) if b else {}, "source": b.source if b else ""})
 
     def exposition(self) -> bytes:
         from prometheus_client import generate_latest

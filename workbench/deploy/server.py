@@ -8,6 +8,10 @@ output of a background server). uvicorn drains on SIGTERM or Ctrl-C: it stops ac
 the requests in flight (streams included) finish, up to `drain_seconds`, then the micro-batcher stops and
 the record is removed.
 
+Personal data: every log handler of a served run (the root logger's, uvicorn's) masks what it writes
+(privacy.MaskingFilter: e-mail addresses, phone numbers, card numbers, IP addresses), texts logged with
+`log_text=True` and tracebacks included, unless the run's config says data.mask_personal: off.
+
 Connections: request headers must be complete within `header_timeout_s` (else closed), an idle keep-alive
 connection is closed after 5 s, and at most `max_connections` are served at once (503 beyond).
 """
@@ -27,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import WorkbenchError
+from ..privacy import mask_logging
 from ..run_paths import RunPaths
 from ..store import RunStore, pid_alive, private_dir, private_file, private_files
 from .app import ServeSettings, create_app
@@ -34,6 +39,13 @@ from .connections import LOOPBACK_NAMES, deadline_protocol
 from .keys import ensure_api_key, is_loopback, key_path, mask, read_key_file, write_key_file
 
 STATE_FILE = "server.json"
+LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "workbench.serve")  # whose handlers mask personal data
+
+
+def served_mask_mode(record: dict[str, Any]) -> str:
+    """The served run's data.mask_personal ("stored" when its config does not say)."""
+    data = (record.get("config") or {}).get("data") or {}
+    return str(data.get("mask_personal") or "stored")
 
 
 def deploy_dir(run_dir: str | Path) -> Path:
@@ -158,7 +170,9 @@ def _serve(run: str, home: str | Path | None, host: str, port: int, artifact: st
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     app, state = create_app(lambda: load_served_model(run_id, store.home, artifact), settings, key,
                             baseline=lambda served: drift_baseline(record, store.home))
-    server = uvicorn.Server(uvicorn_config(app, settings, drain_seconds))
+    server = uvicorn.Server(uvicorn_config(app, settings, drain_seconds))  # uvicorn's log handlers are made here
+    if served_mask_mode(record) != "off":
+        mask_logging(*LOGGERS)
     state_path = private_dir(deploy_dir(run_dir)) / STATE_FILE
     write_key_file(state_path, json.dumps({
         "run": run_id, "pid": os.getpid(), "host": host, "port": port, "url": url, "artifact": artifact or "fp32",
