@@ -71,19 +71,32 @@ class TorchPredictor:
         self.model, self.tokenizer, self.labels, self.max_length = model.eval(), tokenizer, labels, max_length
         self.truncation = truncation  # train.truncation: long texts read as the run was trained and evaluated
 
-    def batch(self, texts: list[str], tensors: str) -> Any:
-        """Token ids of `texts`, cut as the run cuts them (head, or head+tail), padded."""
-        from ..models.built import tokenize_texts
+    def batch(self, encodings: list[dict[str, Any]], tensors: str) -> Any:
+        """`encodings` (tokenize_texts) padded into one batch of `tensors` ("pt", "np")."""
+        from ..models.built import TEXT_INDEX
 
-        return self.tokenizer.pad(tokenize_texts(self.tokenizer, texts, self.max_length, self.truncation),
+        return self.tokenizer.pad([{k: v for k, v in e.items() if k != TEXT_INDEX} for e in encodings],
                                   return_tensors=tensors)
 
     def probabilities(self, texts: list[str]) -> Any:
+        """(texts, classes) probabilities of texts read as the run reads them (head, head+tail, or chunks: a
+        text read as chunks gets the mean of its chunks' probabilities)."""
+        import numpy as np
+
+        from ..models.built import CHUNK_BATCH, pool_chunks, text_indices, tokenize_texts
+
+        encodings = tokenize_texts(self.tokenizer, texts, self.max_length, self.truncation)
+        step = CHUNK_BATCH if len(encodings) > len(texts) else max(1, len(encodings))  # chunks can be many
+        rows = [self.row_probabilities(encodings[i: i + step]) for i in range(0, len(encodings), step)]
+        return pool_chunks(np.concatenate(rows) if rows else np.zeros((0, len(self.labels))),
+                           text_indices(encodings), len(texts))
+
+    def row_probabilities(self, encodings: list[dict[str, Any]]) -> Any:
+        """The class probabilities of each encoding, one forward pass."""
         import torch
 
-        batch = self.batch(texts, "pt")
         with torch.inference_mode():
-            return torch.softmax(self.model(**batch).logits.float(), dim=-1).numpy()
+            return torch.softmax(self.model(**self.batch(encodings, "pt")).logits.float(), dim=-1).numpy()
 
     def predict(self, texts: str | list[str], batch_size: int = 32) -> list[dict[str, Any]]:
         return _results(self, [texts] if isinstance(texts, str) else list(texts), batch_size)
@@ -99,11 +112,10 @@ class OnnxPredictor(TorchPredictor):
         self.tokenizer, self.labels, self.max_length, self.model = tokenizer, labels, max_length, None
         self.truncation = truncation
 
-    def probabilities(self, texts: list[str]) -> Any:
+    def row_probabilities(self, encodings: list[dict[str, Any]]) -> Any:
         import numpy as np
 
-        batch = self.batch(texts, "np")
-        feed = {k: v.astype(np.int64) for k, v in batch.items() if k in self.inputs}
+        feed = {k: v.astype(np.int64) for k, v in self.batch(encodings, "np").items() if k in self.inputs}
         logits = self.session.run(None, feed)[0].astype(np.float64)
         e = np.exp(logits - logits.max(axis=-1, keepdims=True))
         return e / e.sum(axis=-1, keepdims=True)

@@ -105,6 +105,31 @@ def token_lengths(tokenizer: Any, texts: list[str]) -> list[int]:
     return [len(ids) for ids in tokenizer(sample, truncation=False, verbose=False)["input_ids"]]
 
 
+def truncation_report(config: Config, lengths: list[int], specials: int) -> dict[str, Any]:
+    """How the measured training texts (`lengths`: token counts, `specials` of them the tokenizer's own) are
+    read at train.max_length: how many are longer (texts_cut), and `mean_tokens`, what reading one costs.
+    Under truncation "chunks" nothing is cut: texts_cut are the texts read as several chunks, with
+    `mean_chunks` per text, `chunks` in all and `texts_over_cap`, those needing more than MAX_CHUNKS chunks
+    (read as MAX_CHUNKS spread over the text); `mean_tokens` then counts every chunk's tokens."""
+    from ..models.built import MAX_CHUNKS, chunks_needed, text_budget_of
+
+    max_length = config.train.max_length
+    cut = sum(n > max_length for n in lengths)
+    report = {"texts_measured": len(lengths), "texts_cut": cut,
+              "share_cut": round(cut / len(lengths), 4) if lengths else 0.0, "max_length": max_length,
+              "mode": config.train.truncation, "longest_tokens": max(lengths, default=0),
+              "mean_tokens": round(sum(min(n, max_length) for n in lengths) / len(lengths), 1) if lengths else None}
+    if config.train.truncation != "chunks" or not lengths:
+        return report
+    budget = text_budget_of(max_length, specials)
+    needed = [chunks_needed(n - specials, budget) for n in lengths]
+    chunks = [min(k, MAX_CHUNKS) for k in needed]
+    read = [n if k == 1 else k * max_length for n, k in zip(lengths, chunks)]  # a chunked text's chunks are full
+    return {**report, "chunks": sum(chunks), "mean_chunks": round(sum(chunks) / len(chunks), 2),
+            "max_chunks": MAX_CHUNKS, "texts_over_cap": sum(k > MAX_CHUNKS for k in needed),
+            "mean_tokens": round(sum(read) / len(read), 1)}
+
+
 def choose_max_length(config: Config, source: Any, texts: list[str],
                       on_gpu: bool) -> tuple[Config, list[dict[str, Any]], dict[str, Any]]:
     """train.max_length from the training texts (encoder tasks), and how many texts it cuts; the model's
@@ -119,7 +144,9 @@ def choose_max_length(config: Config, source: Any, texts: list[str],
         limit = context_limit(load_config(source, config.trust_remote_code))
         if limit is not None and config.method.name in VIRTUAL_TOKEN_METHODS:
             limit -= config.method.num_virtual_tokens
-    lengths = token_lengths(load_tokenizer(source, config.trust_remote_code), texts) if texts else []
+    tokenizer = load_tokenizer(source, config.trust_remote_code) if texts else None
+    lengths = token_lengths(tokenizer, texts) if texts else []
+    specials = tokenizer.num_special_tokens_to_add(pair=False) if tokenizer is not None else 0
     cap = min(GPU_MAX_LENGTH if on_gpu else CPU_MAX_LENGTH, limit or GPU_MAX_LENGTH)
     if config.train.max_length is None:
         if not reads_texts(config):
@@ -133,11 +160,4 @@ def choose_max_length(config: Config, source: Any, texts: list[str],
                    f"{', the model limit' if limit and limit < GPU_MAX_LENGTH else ''})")
         config = _with(config, max_length=length)
         decisions.append({"field": "train.max_length", "value": length, "why": why})
-    cut = sum(n > config.train.max_length for n in lengths)
-    share = cut / len(lengths) if lengths else 0.0
-    truncation = {"texts_measured": len(lengths), "texts_cut": cut, "share_cut": round(share, 4),
-                  "max_length": config.train.max_length, "mode": config.train.truncation,
-                  "longest_tokens": max(lengths, default=0),
-                  "mean_tokens": round(sum(min(n, config.train.max_length) for n in lengths) / len(lengths), 1)
-                  if lengths else None}
-    return config, decisions, truncation
+    return config, decisions, truncation_report(config, lengths, specials)

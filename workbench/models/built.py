@@ -48,6 +48,7 @@ CHUNK_OVERLAP = 0.25  # consecutive chunks share at least a quarter of the token
 MAX_CHUNKS = 16  # a text needing more chunks is read as MAX_CHUNKS chunks spread evenly from its start to its
 # end: their overlap shrinks, and past MAX_CHUNKS budgets of tokens the stretches between chunks go unread. Each
 # chunk costs a forward pass, so this bounds what one text costs; the run counts such texts (texts_over_cap)
+CHUNK_BATCH = 64  # a predictor runs at most this many chunks in one forward pass: 32 long texts can be 512
 TEXT_INDEX = "text_index"  # a chunk's key (truncation "chunks"): the position of its text among those encoded
 
 
@@ -113,7 +114,12 @@ def text_chunks(tokenizer: Any, texts: list[str], max_length: int) -> list[list[
 
 def text_budget(tokenizer: Any, max_length: int) -> int:
     """The tokens of text that fit in `max_length` beside the tokenizer's special tokens (at least 2)."""
-    return max(2, max_length - tokenizer.num_special_tokens_to_add(pair=False))
+    return text_budget_of(max_length, tokenizer.num_special_tokens_to_add(pair=False))
+
+
+def text_budget_of(max_length: int, specials: int) -> int:
+    """The tokens of text that fit in `max_length` beside `specials` special tokens (at least 2)."""
+    return max(2, max_length - specials)
 
 
 def framed(ids: list[int], keys: list[str]) -> dict[str, list[int]]:

@@ -3,7 +3,10 @@
 An encoder gets a sequence-classification head; a causal LM scores the label tokens after the zero-shot
 prompt (models/llm_classifier.py). The loss is cross-entropy, a mean over the batch's rows; evaluation
 gathers every held-out row's class probabilities from all processes, and reports accuracy, macro-F1,
-per-class figures, the confusion matrix and the most confident mistakes. The best checkpoint has the
+per-class figures, the confusion matrix and the most confident mistakes. Under train.truncation "chunks" a
+long text is several examples (its chunks, each with the text's label) in training, and its chunks' class
+probabilities are averaged into one answer per text in evaluation, predict and serve, so every figure is per
+text. The best checkpoint has the
 highest accuracy (macro-F1 when train.best_metric says so: by default when the classes are skewed). Beside
 the model, the classical baseline is fitted and scored on the same split (tasks/ensemble.py), and the run
 answers with their averaged probabilities when that scores higher on the eval split.
@@ -24,7 +27,8 @@ from ..config import Config
 from ..data import Split, prepare
 from ..errors import WorkbenchError
 from ..metrics import classification_figures, collapse_note
-from ..models.built import BuiltModel
+from ..privacy import stored_text
+from ..models.built import CHUNK_BATCH, TEXT_INDEX, BuiltModel, pool_chunks, text_indices
 from ..models.classifier import build_model, check_model_fits
 from ..models.state import load_trainable_state, set_seed
 from ..task_table import spec_for
@@ -44,9 +48,10 @@ def classification_result(step: int, epoch: float, labels: list[str], y_true: np
 
 
 def pad_batch(tokenizer: Any, encodings: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Pad token ids on the tokenizer's padding side (left for a causal-LM classifier); `labels` are stacked."""
+    """Pad token ids on the tokenizer's padding side (left for a causal-LM classifier); `labels` are stacked;
+    a chunk's TEXT_INDEX stays out of the batch (the model takes no such input)."""
     labels = [e["labels"] for e in encodings if "labels" in e]
-    batch = dict(tokenizer.pad([{k: v for k, v in e.items() if k != "labels"} for e in encodings],
+    batch = dict(tokenizer.pad([{k: v for k, v in e.items() if k not in ("labels", TEXT_INDEX)} for e in encodings],
                                return_tensors="pt"))
     if labels:
         batch["labels"] = torch.tensor(labels)
@@ -63,7 +68,8 @@ def collate(tokenizer: Any, encodings: list[dict[str, Any]], indices: list[int],
 @torch.no_grad()
 def gather_outputs(model: torch.nn.Module, accelerator: Any, tokenizer: Any, encodings: list[dict],
                    batch_size: int) -> torch.Tensor:
-    """The model's logits for every held-out example, in order, gathered from all processes."""
+    """The model's logits for every held-out example (a chunk, under truncation "chunks"), in order, gathered
+    from all processes: every process holds the same examples, so their TEXT_INDEX says whose each row is."""
     model.eval()
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = list(range(rank, len(encodings), world))
@@ -86,6 +92,26 @@ def gather_outputs(model: torch.nn.Module, accelerator: Any, tokenizer: Any, enc
     return logits_all[first][order]
 
 
+def pooled_cross_entropy(logits: torch.Tensor, owners: list[int], labels: list[int]) -> float:
+    """The mean over texts of -log(the true class's probability averaged over the text's chunks), row `i` of
+    `logits` being a chunk of text `owners[i]`; the plain cross-entropy when each text is one row."""
+    n = len(labels)
+    if list(owners) == list(range(n)):
+        return torch.nn.functional.cross_entropy(logits, torch.tensor(labels)).item()
+    index = torch.tensor(owners)
+    true_log_p = torch.log_softmax(logits.double(), dim=-1)[torch.arange(len(owners)), torch.tensor(labels)[index]]
+    top = torch.full((n,), -math.inf, dtype=torch.float64).scatter_reduce(0, index, true_log_p, "amax")
+    sums = torch.zeros(n, dtype=torch.float64).index_add(0, index, torch.exp(true_log_p - top[index]))
+    counts = torch.bincount(index, minlength=n).double()
+    return float(-(top + torch.log(sums / counts)).mean())
+
+
+def shown_text(text: str, mode: str) -> str:
+    """A text as a predictions file keeps it: its first PREDICTION_TEXT_CHARS characters, masked under
+    data.mask_personal `mode` (masked a little past the cut, so an address across it is masked whole)."""
+    return stored_text(text[: PREDICTION_TEXT_CHARS + 100], mode)[:PREDICTION_TEXT_CHARS]
+
+
 def balanced_weights(labels: list[int], num_classes: int) -> torch.Tensor:
     """n_rows / (n_classes x rows of the class), scikit-learn's "balanced" class weights."""
     from sklearn.utils.class_weight import compute_class_weight
@@ -105,6 +131,13 @@ def encoder_run_info(built: BuiltModel) -> dict[str, Any]:
         "head_modules": built.head_modules,
         "target_modules": sorted({t.rsplit(".", 1)[-1] for t in built.target_modules}),
     }
+
+
+def chunk_info(train: list[dict], held: list[dict]) -> dict[str, Any]:
+    """How many examples the texts became under truncation "chunks" (nothing when each text is one)."""
+    if not any(TEXT_INDEX in e for e in train[:1] + held[:1]):
+        return {}
+    return {"train_chunks": len(train), "eval_chunks": len(held)}
 
 
 def split_info(split: Split) -> dict[str, Any]:
@@ -157,7 +190,7 @@ class ClassificationTask:
     def encode(self, config: Config, built: BuiltModel, data: Split) -> tuple[list[dict], list[dict]]:
         def with_labels(texts: list[str], labels: list[Any]) -> list[dict]:
             encoded = built.encode(texts, config.train.max_length)  # prompts for an LLM classifier
-            return [{**e, "labels": y} for e, y in zip(encoded, labels)]
+            return [{**e, "labels": labels[owner]} for e, owner in zip(encoded, text_indices(encoded))]
 
         return (with_labels(data.train_texts, data.train_labels), with_labels(data.eval_texts, data.eval_labels))
 
@@ -175,7 +208,7 @@ class ClassificationTask:
 
     def run_info(self, config: Config, built: BuiltModel, data: Split, train: list[dict],
                  held: list[dict]) -> dict[str, Any]:
-        return {**split_info(data), **encoder_run_info(built)}
+        return {**split_info(data), **encoder_run_info(built), **chunk_info(train, held)}
 
     def eval_at_start(self, config: Config) -> bool:
         return False
@@ -183,10 +216,11 @@ class ClassificationTask:
     def evaluate(self, model: torch.nn.Module, accelerator: Any, config: Config, built: BuiltModel, data: Split,
                  held: list[dict], step: int, epoch: float) -> Evaluation:
         logits = gather_outputs(model, accelerator, built.tokenizer, held, config.train.effective_eval_batch_size)
-        loss = torch.nn.functional.cross_entropy(logits, torch.tensor(data.eval_labels)).item()
+        owners = text_indices(held)
+        loss = pooled_cross_entropy(logits, owners, data.eval_labels)
         if not math.isfinite(loss):
             raise WorkbenchError(f"evaluation loss is {loss} at step {step}: lower train.learning_rate")
-        probs = torch.softmax(logits, dim=-1).numpy()
+        probs = pool_chunks(torch.softmax(logits, dim=-1).numpy(), owners, len(data.eval_texts))
         result = classification_result(step, epoch, data.labels, np.asarray(data.eval_labels), probs, loss,
                                        data.eval_texts)
         return Evaluation(result, result[config.train.best_metric if config.train.best_metric != "auto"
@@ -198,9 +232,11 @@ class ClassificationTask:
                             data.labels, run_dir)
 
     def write_evaluation(self, run_dir: Path, evaluation: Evaluation, data: Split) -> None:
-        """Every eval example's prediction, for drill-down (confusion matrix cells)."""
+        """Every eval text's prediction, for drill-down (confusion matrix cells); texts masked as
+        data.mask_personal says."""
         probs = evaluation.details
-        rows = [{"index": i, "text": data.eval_texts[i][:PREDICTION_TEXT_CHARS], "true": data.labels[y],
+        mode = getattr(data, "mask_personal", "stored")
+        rows = [{"index": i, "text": shown_text(data.eval_texts[i], mode), "true": data.labels[y],
                  "predicted": data.labels[int(p.argmax())], "confidence": float(p.max()),
                  "scores": [round(float(v), 6) for v in p]}
                 for i, (y, p) in enumerate(zip(data.eval_labels, probs))]
@@ -287,30 +323,42 @@ class Predictor:
         self.encode = encode
 
     def probabilities(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
-        """(texts, classes) softmax probabilities, in the order of `labels`."""
-        chunks = [torch.softmax(self.logits(texts[i: i + batch_size]), dim=-1).numpy()
-                  for i in range(0, len(texts), batch_size)]
-        return np.concatenate(chunks) if chunks else np.zeros((0, len(self.labels)))
+        """(texts, classes) softmax probabilities, in the order of `labels`; a text read as chunks gets the
+        mean of its chunks' probabilities."""
+        parts = [torch.softmax(self.logits(texts[i: i + batch_size]), dim=-1).numpy()
+                 for i in range(0, len(texts), batch_size)]
+        return np.concatenate(parts) if parts else np.zeros((0, len(self.labels)))
 
     def logits(self, texts: list[str]) -> torch.Tensor:
-        """The model's raw outputs for one batch of texts."""
-        if self.encode is not None:
-            batch = pad_batch(self.tokenizer, self.encode(texts, self.max_length))
+        """The model's outputs for one batch of texts, a row per text: the raw logits of a text read as one
+        sequence; for a text read as chunks, the log of its chunks' mean probabilities (softmax gives them
+        back)."""
+        if self.encode is None:
+            encodings = self.tokenizer(texts, truncation=True, max_length=self.max_length)
+            encodings = [{k: encodings[k][i] for k in encodings.keys()} for i in range(len(texts))]
         else:
-            batch = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True,
-                                   return_tensors="pt")
+            encodings = self.encode(texts, self.max_length)
         device = next(self.model.parameters()).device
-        with torch.no_grad():
-            return self.model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
+        rows = []
+        step = CHUNK_BATCH if len(encodings) > len(texts) else max(1, len(encodings))  # chunks can be many
+        for start in range(0, len(encodings), step):
+            batch = pad_batch(self.tokenizer, encodings[start: start + step])
+            with torch.no_grad():
+                rows.append(self.model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu())
+        logits = torch.cat(rows) if rows else torch.zeros((0, len(self.labels)))
+        owners = text_indices(encodings)
+        if owners == list(range(len(texts))):
+            return logits
+        return torch.log(torch.from_numpy(pool_chunks(torch.softmax(logits, dim=-1).numpy(), owners, len(texts))))
 
     def predict(self, texts: str | list[str], batch_size: int = 32) -> list[dict[str, Any]]:
         if isinstance(texts, str):
             texts = [texts]
         out: list[dict[str, Any]] = []
         for start in range(0, len(texts), batch_size):
-            chunk = texts[start: start + batch_size]
-            probs = torch.softmax(self.logits(chunk), dim=-1)
-            for text, p in zip(chunk, probs.tolist()):
+            part = texts[start: start + batch_size]
+            probs = torch.softmax(self.logits(part), dim=-1)
+            for text, p in zip(part, probs.tolist()):
                 best = max(range(len(p)), key=p.__getitem__)
                 out.append({"text": text, "label": self.labels[best],
                             "scores": {name: float(s) for name, s in zip(self.labels, p)}})

@@ -7,7 +7,9 @@
   standardised with the training rows' mean and standard deviation, so the head starts near the answer's
   scale whatever the units; predictions are mapped back. Methods: full, head-only, lora, qlora, adalora,
   ia3, prompt-tuning (config.REGRESSION_METHODS).
-- Loss: mean squared error on the standardised target, a mean over the batch's rows.
+- Loss: mean squared error on the standardised target, a mean over the batch's rows. Under train.truncation
+  "chunks" a long text is several rows (its chunks, each with the text's value), and a text's answer in
+  evaluation, predict and serve is the mean of its chunks' values, so every figure is per text.
 - Evaluation: RMSE, MAE, Pearson and Spearman correlation, R^2, and the RMSE of predicting the training
   mean for every row (the baseline a model must beat); the worst errors; every prediction in
   <run>/eval/step-N.json for the scatter plot. The best checkpoint has the lowest RMSE.
@@ -29,13 +31,13 @@ from ..catalog import ModelSource, resolve_model
 from ..config import Config, DataConfig
 from ..data import VALUE_NAMES, detect_columns, load_table
 from ..errors import WorkbenchError
-from ..models.built import BuiltModel
+from ..models.built import CHUNK_BATCH, BuiltModel, pool_chunks, text_indices
 from ..models.classifier import build_model, check_model_fits
 from ..models.state import load_trainable_state, set_seed
 from ..task_table import spec_for
 from .base import Evaluation, EvalResult
-from .classification import (PREDICTION_TEXT_CHARS, encoder_run_info, gather_outputs, pad_batch, trained_model_dir,
-                             write_json)
+from .classification import (chunk_info, encoder_run_info, gather_outputs, pad_batch, shown_text,
+                             trained_model_dir, write_json)
 from ..run_paths import RunPaths, TASK_FILE, TRAINABLE_FILE
 
 WORST_KEPT = 50
@@ -130,8 +132,9 @@ def load_regression_data(cfg: DataConfig, seed: int) -> RegressionData:
 
 
 def regression_result(step: int, epoch: float, y_true: np.ndarray, y_pred: np.ndarray, train_mean: float,
-                      texts: list[str]) -> EvalResult:
-    """The figures of one evaluation (scikit-learn and scipy do the arithmetic) and the worst errors."""
+                      texts: list[str], mask_personal: str = "stored") -> EvalResult:
+    """The figures of one evaluation (scikit-learn and scipy do the arithmetic) and the worst errors, their
+    texts masked as data.mask_personal (`mask_personal`) says."""
     from scipy.stats import pearsonr, spearmanr
     from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
@@ -149,7 +152,7 @@ def regression_result(step: int, epoch: float, y_true: np.ndarray, y_pred: np.nd
         step, float(epoch), mse, {"rmse": rmse, "mae": mae, "spearman": spearman},
         {"pearson": pearson, "r2": float(r2_score(y_true, y_pred)) if len(y_true) > 1 else float("nan"),
          "baseline_rmse": baseline_rmse, "labels": [], "confusion_matrix": []},
-        mistakes=[{"index": int(i), "text": texts[i][:PREDICTION_TEXT_CHARS], "true": float(y_true[i]),
+        mistakes=[{"index": int(i), "text": shown_text(texts[i], mask_personal), "true": float(y_true[i]),
                    "predicted": float(y_pred[i]), "error": float(y_pred[i] - y_true[i])} for i in worst],
         lines=[line])
 
@@ -198,8 +201,9 @@ class RegressionTask:
 
     def encode(self, config: Config, built: BuiltModel, data: RegressionData) -> tuple[list[dict], list[dict]]:
         def standardised(texts: list[str], values: list[float]) -> list[dict]:
-            encoded = built.encode(texts, config.train.max_length)
-            return [{**e, "labels": [(v - data.mean) / data.std]} for e, v in zip(encoded, values)]
+            encoded = built.encode(texts, config.train.max_length)  # a chunk carries its text's value
+            return [{**e, "labels": [(values[owner] - data.mean) / data.std]}
+                    for e, owner in zip(encoded, text_indices(encoded))]
 
         return standardised(data.train_texts, data.train_values), standardised(data.eval_texts, data.eval_values)
 
@@ -216,9 +220,10 @@ class RegressionTask:
 
     def run_info(self, config: Config, built: BuiltModel, data: RegressionData, train: list[dict],
                  held: list[dict]) -> dict[str, Any]:
-        return {"task": self.name, "train_rows": len(train), "eval_rows": len(held), "text_column": data.text_column,
+        return {"task": self.name, "train_rows": len(data.train_texts),
+                "eval_rows": len(data.eval_texts), "text_column": data.text_column,
                 "label_column": data.value_column, "labels": [], "target_mean": data.mean, "target_std": data.std,
-                "data_notes": data.notes, **encoder_run_info(built)}
+                "data_notes": data.notes, **encoder_run_info(built), **chunk_info(train, held)}
 
     def eval_at_start(self, config: Config) -> bool:
         return False
@@ -226,14 +231,17 @@ class RegressionTask:
     def evaluate(self, model: torch.nn.Module, accelerator: Any, config: Config, built: BuiltModel,
                  data: RegressionData, held: list[dict], step: int, epoch: float) -> Evaluation:
         outputs = gather_outputs(model, accelerator, built.tokenizer, held, config.train.effective_eval_batch_size)
-        predicted = outputs[:, 0].double().numpy() * data.std + data.mean
+        standardised = pool_chunks(outputs[:, 0].double().numpy(), text_indices(held), len(data.eval_texts))
+        predicted = standardised * data.std + data.mean
         if not np.isfinite(predicted).all():
             raise WorkbenchError(f"predictions are not finite at step {step}: lower train.learning_rate")
-        result = regression_result(step, epoch, np.asarray(data.eval_values), predicted, data.mean, data.eval_texts)
+        result = regression_result(step, epoch, np.asarray(data.eval_values), predicted, data.mean, data.eval_texts,
+                                   getattr(data, "mask_personal", "stored"))
         return Evaluation(result, result["rmse"], predicted)
 
     def write_evaluation(self, run_dir: Path, evaluation: Evaluation, data: RegressionData) -> None:
-        rows = [{"index": i, "text": t[:PREDICTION_TEXT_CHARS], "true": y, "predicted": float(p)}
+        mode = getattr(data, "mask_personal", "stored")
+        rows = [{"index": i, "text": shown_text(t, mode), "true": y, "predicted": float(p)}
                 for i, (t, y, p) in enumerate(zip(data.eval_texts, data.eval_values, evaluation.details))]
         step = evaluation.result.step
         write_json(RunPaths(run_dir).eval_step(step), {"step": step, "task": self.name, "rows": rows})
@@ -278,15 +286,25 @@ class RegressionPredictor:
         if isinstance(texts, str):
             texts = [texts]
         out: list[dict[str, Any]] = []
-        device = next(self.model.parameters()).device
         for start in range(0, len(texts), batch_size):
-            chunk = texts[start: start + batch_size]
-            if self.encode is not None:
-                batch = pad_batch(self.tokenizer, self.encode(chunk, self.max_length))
-            else:
-                batch = self.tokenizer(chunk, truncation=True, max_length=self.max_length, padding=True,
-                                       return_tensors="pt")
-            with torch.no_grad():
-                raw = self.model(**{k: v.to(device) for k, v in batch.items()}).logits[:, 0].double().cpu()
-            out.extend({"text": t, "value": float(v) * self.std + self.mean} for t, v in zip(chunk, raw.tolist()))
+            part = texts[start: start + batch_size]
+            out.extend({"text": t, "value": float(v) * self.std + self.mean}
+                       for t, v in zip(part, self.standardised(part).tolist()))
         return out
+
+    def standardised(self, texts: list[str]) -> np.ndarray:
+        """The head's output per text (the standardised value): a text read as chunks gets their mean."""
+        if self.encode is None:
+            encodings = self.tokenizer(texts, truncation=True, max_length=self.max_length)
+            encodings = [{k: encodings[k][i] for k in encodings.keys()} for i in range(len(texts))]
+        else:
+            encodings = self.encode(texts, self.max_length)
+        device = next(self.model.parameters()).device
+        step = CHUNK_BATCH if len(encodings) > len(texts) else max(1, len(encodings))  # chunks can be many
+        raw = []
+        for start in range(0, len(encodings), step):
+            batch = pad_batch(self.tokenizer, encodings[start: start + step])
+            with torch.no_grad():
+                raw.append(self.model(**{k: v.to(device) for k, v in batch.items()}).logits[:, 0].double().cpu())
+        values = torch.cat(raw).numpy() if raw else np.zeros(0)
+        return pool_chunks(values, text_indices(encodings), len(texts))
