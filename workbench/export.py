@@ -17,6 +17,10 @@ A causal-LM classifier (models/llm_classifier.py) exports its causal LM the same
 `AutoModelForCausalLM` (or PeftModel on it); the export info holds what classifying with it takes: the
 prompt, each label's token ids and the scoring (`workbench.models.prompting.score_labels` does it).
 
+Every export holds the run's model card as README.md (model_card.py: data, eval figures, the classical
+baseline, calibration, robustness, slices, intended use and limits, the load lines); it replaces the one peft's
+save_pretrained writes.
+
 The directory is written next to its destination and renamed into place, so an interrupted export
 never leaves a half-written model where a good one was expected.
 """
@@ -33,6 +37,7 @@ from typing import Any
 from .config import VIRTUAL_TOKEN_METHODS, Config
 from .errors import WorkbenchError
 from .methods import float_twin, method_spec, methods_where
+from .model_card import write_model_card
 from .task_table import TASKS
 from .run_paths import LABELS_FILE, RunPaths, TRAINABLE_FILE
 
@@ -67,7 +72,7 @@ def export_run(run_id: str = "latest", out: str | Path | None = None, merge: boo
                              f"`workbench predict {run} --text ...` uses them")
     method = config.method.name
     _check_merge(run, method, merge)
-    target = Path(out).expanduser().resolve() if out is not None else store.home / "exports" / run
+    target = Path(out).expanduser().resolve() if out is not None else export_dir(run, store.home)
     _check_target(target, force)
 
     build_config = config
@@ -102,10 +107,22 @@ def export_run(run_id: str = "latest", out: str | Path | None = None, merge: boo
         built.tokenizer.save_pretrained(tmp)
         (tmp / LABELS_FILE).write_text(json.dumps(labels))
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2))
+        write_model_card(record, tmp, info)  # after save_pretrained: peft writes a README.md of its own
         _replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def export_dir(run_id: str, home: str | Path) -> Path:
+    """Where `export_run` writes a run's export when no `out` is given: <home>/exports/<run id>."""
+    return Path(home) / "exports" / run_id
+
+
+def read_export_info(directory: str | Path) -> dict[str, Any] | None:
+    """An export directory's workbench_export.json, or None when the directory holds no export."""
+    path = Path(directory) / EXPORT_INFO
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _rebuild(config: Config, source: Any, paths: RunPaths) -> tuple[list[str], Any]:

@@ -157,12 +157,11 @@ class _Run:
         return MEASURED_BY[what].format(run=self.id)
 
     def report(self, what: str) -> Any:
-        """A trust report (robustness, slices, faithfulness) or the calibration record, masked; None if absent."""
-        if what == "calibration" and isinstance(self.metrics.get("calibration"), dict):
-            return mask_value(self.metrics["calibration"])
-        if self.paths is None:
-            return None
-        found = _read_json(getattr(self.paths, what))
+        """A trust report (robustness, slices, faithfulness) or the calibration record, masked; None if absent.
+        calibration.json (what predict and serve scale by) comes before the record's copy."""
+        found = _read_json(getattr(self.paths, what)) if self.paths is not None else None
+        if found is None and what == "calibration" and isinstance(self.metrics.get("calibration"), dict):
+            found = self.metrics["calibration"]
         return None if found is None else mask_value(found)
 
 
