@@ -3,6 +3,7 @@ and a run that fits, stores and answers with its temperature (on the tiny model)
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 
@@ -174,3 +175,36 @@ def test_a_run_with_its_baseline_and_an_ensemble_of_runs_are_calibrated_on_what_
     assert json.loads(RunPaths.of(ensemble).calibration.read_text())["temperature"] == cal["temperature"]
     predictor = load_predictor(ensemble["id"], store.home)
     assert isinstance(predictor.inner, EnsemblePredictor) and predictor.temperature == cal["temperature"]
+
+
+# --- the Train tab ---------------------------------------------------------------------------------------
+
+def test_the_run_summary_and_the_reliability_figure_show_a_finished_runs_calibration(tmp_path):
+    from workbench.config import Config
+    from workbench.store import RunStore
+
+    from widgets.reliability import calibration_text, reliability_figure
+    from widgets.run_summary import RunSummary
+
+    probs, y = _calibrated_rows(n=400, classes=2, seed=3)
+    record = calibrate(scale(probs, 0.5), y)
+    store = RunStore(tmp_path / "home")
+    run_id = store.create_run(Config.from_dict({"train": {"abstain_below": 0.6}}).to_dict(), "run")
+    store.mark_running(run_id)
+    summary = RunSummary(store=store, background=False, run_id=run_id)
+    assert summary.calibration is None and "ECE" not in summary._answer.value  # not while it trains
+    store.finish(run_id, "completed", metrics={"accuracy": 0.7, "f1_macro": 0.7, "best_step": 1,
+                                               "calibration": record})
+    summary.refresh()
+    expected = (f"ECE {record['ece_before']:.3f} -> {record['ece_after']:.3f} "
+                f"(temperature {record['temperature']:.3g}), answers 'uncertain' below 0.6")
+    assert calibration_text(summary.calibration, summary.abstain_below) == expected
+    shown = html.unescape(summary._answer.value)
+    assert expected in shown and "reliability per confidence bin (400 eval rows)" in shown
+    fig = reliability_figure(record)
+    before, after = fig.data[1], fig.data[2]
+    assert list(fig.data[0].x) == [0, 1] == list(fig.data[0].y)  # the diagonal
+    full = [b for b in record["bins_after"] if b["count"]]
+    assert list(after.y) == [b["accuracy"] for b in full] and list(after.customdata) == [b["count"] for b in full]
+    assert before.name.startswith("before (ECE") and f"{record['ece_after']:.3f}" in after.name
+    summary.close()

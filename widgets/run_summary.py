@@ -9,7 +9,9 @@ This widget follows one run in the store and shows, while it trains and at the e
 - why it answers with that (`metrics.answers_with.why`), and the plain sentence of
   `baseline_note` when the model is not better than the baseline;
 - the settings the run chose from the data (`info.decisions`) and how many training texts were cut
-  (`info.truncation`).
+  (`info.truncation`);
+- for a finished classification run, its calibration (`metrics.calibration`): "ECE 0.091 -> 0.049
+  (temperature 1.58)" and the reliability bins before and after scaling.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from workbench.tasks.ensemble import baseline_note
 
 from . import _style as S
 from ._background import Poller
+from .reliability import calibration_text, reliability_rows
 
 POLL_S = 1.0
 CLASS_FIGURES = (("accuracy", "accuracy"), ("macro-F1", "f1_macro"))
@@ -82,6 +85,9 @@ class RunSummary(W.VBox):
     note = T.Unicode("", help="baseline_note: said when the model is not better than the baseline")
     decisions = T.List(T.Dict(), help="info.decisions: each setting chosen from the data, its value and why")
     truncation = T.Dict(allow_none=True, default_value=None, help="info.truncation")
+    calibration = T.Dict(allow_none=True, default_value=None,
+                         help="metrics.calibration: the fitted temperature, ECE before and after, reliability bins")
+    abstain_below = T.Float(allow_none=True, default_value=None, help="train.abstain_below of the run's config")
     error = T.Unicode("")
 
     def __init__(self, home: str | Path | None = None, run_id: str = "", background: bool = True,
@@ -96,7 +102,7 @@ class RunSummary(W.VBox):
         super().__init__(children=[self._figures, self._answer, self._choices], **{"layout": S.full_width(), **kwargs})
         self.observe(self._on_run, names="run_id")
         self.observe(self._show, names=["model", "baseline", "ensemble", "answers_with", "note", "decisions",
-                                        "truncation", "error", "status"])
+                                        "truncation", "calibration", "abstain_below", "error", "status"])
         self._show()
         if run_id:
             self.run_id = run_id
@@ -128,11 +134,16 @@ class RunSummary(W.VBox):
         self.note = (baseline_note(metrics) or "") if final else ""
         self.decisions = [d for d in info.get("decisions") or [] if isinstance(d, dict)]
         self.truncation = info.get("truncation") if isinstance(info.get("truncation"), dict) else None
+        found = metrics.get("calibration")
+        self.calibration = found if final and isinstance(found, dict) else None
+        abstain = ((record.get("config") or {}).get("train") or {}).get("abstain_below")
+        self.abstain_below = float(abstain) if _number(abstain) else None
         self.error = ""
         self.status = record["status"]
 
     def _on_run(self, change: Any = None) -> None:
         self.model = self.baseline = self.ensemble = self.answers_with = self.truncation = None
+        self.calibration = self.abstain_below = None
         self.note, self.decisions, self.status, self.error = "", [], "", ""
         going = self.refresh()
         if going and self.background:
@@ -182,8 +193,22 @@ class RunSummary(W.VBox):
                                f"({figures_text(self.answers_with)}): {self.answers_with.get('why', '')}", "ok")
         if self.note:
             answer += S.message(self.note)
-        self._answer.value = answer + S.message(self.error)
+        self._answer.value = answer + self._calibration_html() + S.message(self.error)
         self._choices.value = self._choices_html()
+
+    def _calibration_html(self) -> str:
+        text = calibration_text(self.calibration, self.abstain_below)
+        if not text:
+            return ""
+        kept = self.calibration.get("kept_identity")
+        line = S.message(f"calibration: {text}" + (f"; {kept}" if kept else ", fitted on the eval split"), "ok")
+        rows = reliability_rows(self.calibration)
+        if not rows:
+            return line
+        return line + (f'<details style="color:{S.MUTED_COLOR}"><summary>reliability per confidence bin '
+                       f"({self.calibration.get('rows', 0)} eval rows)</summary>"
+                       + S.table_html(["confidence", "rows before / after", "accuracy before", "confidence before",
+                                       "accuracy after", "confidence after"], rows) + "</details>")
 
     def _choices_html(self) -> str:
         parts = []
