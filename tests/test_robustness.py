@@ -183,3 +183,39 @@ def test_a_missing_slice_column_names_the_columns_there(tiny_config, store, tmp_
     test_file = _write_csv(tmp_path / "t.csv", sentiment_rows(10, seed=2))
     with pytest.raises(WorkbenchError, match=r"slice column 'genre' not found .* columns found are text, label"):
         evaluate_file(record["id"], test_file, store.home, slice_columns=["genre"])
+
+
+# --- the view ----------------------------------------------------------------------------------------------
+
+def test_trust_view_draws_the_reports_and_names_flagged_slices(store):
+    from workbench.config import Config
+    from workbench.run_paths import RunPaths
+    from workbench.slices import slice_report
+    from workbench.tasks.classification import write_json
+    from widgets.trust import TrustView
+
+    run_id = store.create_run(Config().to_dict())
+    paths = RunPaths(store.run_dir(run_id))
+    texts = [f"a good film number {i}" for i in range(10)] + [f"a dull film number {i}" for i in range(10)]
+    rob = robustness_report(KeywordStub(), texts, ["pos"] * 10 + ["neg"] * 10, ["neg", "pos"], ood_texts=["why?"])
+    write_json(paths.robustness, {"run": run_id, "file": "/x/test.csv", **rob})
+    n = 200
+    source = ["a", "b"] * (n // 2)
+    y = [i % 2 for i in range(n)]
+    pred = [1 - t if (s == "b" and i % 4 < 3) else t for i, (t, s) in enumerate(zip(y, source))]
+    write_json(paths.slices, slice_report(["x y"] * n, y, pred, ["neg", "pos"], columns={"source": source}))
+
+    view = TrustView(store=store, background=False)
+    assert view.robustness is None and "no run chosen" in view._title.value
+    view.run_id = run_id
+    assert view.robustness["perturbations"] == json.loads(paths.robustness.read_text())["perturbations"]
+    first, second, bars, overall = view.fig.data
+    assert list(first.x) == list(PERTURBATIONS) and second.y[list(PERTURBATIONS).index("upper case")] == 0.0
+    assert list(bars.x)[0] == "source: b" and bars.marker.color[0] == "#d62728"
+    assert "Weaker than the overall: source = b" in view.summary and "flips the most answers" in view.summary
+    assert "typos" in view._table.value and "why?" not in view._table.value
+    view.check("/nowhere/test.csv")
+    assert view.error and not view.running and "Traceback" not in view.error
+    read_only = TrustView(store=store, background=False, read_only=True, run_id=run_id)
+    read_only.check("/x.csv")
+    assert "read-only" in read_only.error and read_only.slices is not None

@@ -27,6 +27,7 @@ from .playground import Playground
 from .run_summary import RunSummary
 from .task_chooser import TaskChooser, dashboard_tasks
 from .train_panel import TrainPanel
+from .trust import TrustView
 
 CATALOG_ONLY = tuple(MODELS)  # for Dashboard(models=...) on a page others can reach
 CONFIG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,80}$")
@@ -35,7 +36,7 @@ CONFIG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,80}$")
 def wire(train: TrainPanel, curve: LossCurve, confusion: ConfusionMatrix, compare: RunCompare,
          playground: Playground, model: ModelPicker | None = None, data: DataPanel | None = None,
          method: MethodPanel | None = None, deploy: DeployPanel | None = None,
-         summary: RunSummary | None = None) -> None:
+         summary: RunSummary | None = None, trust: TrustView | None = None) -> None:
     """Connect the panels: the ONE place where one widget follows another (no setup panels when read-only)."""
     if model is not None and data is not None and method is not None:
         # the method's estimate follows the model, the data and the schedule
@@ -53,6 +54,9 @@ def wire(train: TrainPanel, curve: LossCurve, confusion: ConfusionMatrix, compar
     T.dlink((train, "run_id"), (confusion, "run_id"))
     if summary is not None:  # the model beside its classical baseline, the run's choices, what answers
         T.dlink((train, "run_id"), (summary, "run_id"))
+    if trust is not None:  # robustness and slices of the shown run; a file scored in the playground adds slices
+        T.dlink((train, "run_id"), (trust, "run_id"))
+        playground.observe(lambda change: trust.refresh() if change["new"] else None, names="evaluation")
 
     # a run that ends shows up in the comparison and the playground
     def on_status(change: dict[str, Any]) -> None:
@@ -105,12 +109,14 @@ class Dashboard(W.VBox):
         self.confusion = ConfusionMatrix(store=self.store, background=background)
         self.compare = RunCompare(store=self.store, background=background)
         self.playground = Playground(store=self.store, background=background, uploads=not read_only)
+        self.trust = TrustView(store=self.store, background=background, read_only=read_only)
         wire(self.train, self.curve, self.confusion, self.compare, self.playground, self.model, self.data,
-             self.method, self.deploy, self.summary)
+             self.method, self.deploy, self.summary, self.trust)
         self.tabs = W.Tab(layout=S.full_width())
         if read_only:
             tabs = [("Runs", self.compare),
-                    ("Watch", W.VBox([self.train, self.curve, self.summary, self.confusion], layout=S.full_width())),
+                    ("Watch", W.VBox([self.train, self.curve, self.summary, self.confusion, self.trust],
+                                     layout=S.full_width())),
                     ("Try", self.playground)]
             children: list[W.Widget] = [self.tabs]
         else:
@@ -119,7 +125,9 @@ class Dashboard(W.VBox):
                             S.section("3. Method"), self.method], layout=S.full_width())
             self._run_tab = run_tab = W.VBox([S.section("4. Train"), self.train, S.section("5. Watch"), self.curve,
                               S.section("Against the classical baseline"), self.summary,
-                              S.section("6. Inspect"), self.confusion], layout=S.full_width())
+                              S.section("6. Inspect"), self.confusion,
+                              S.section("7. Trust: perturbed texts, out-of-domain texts, slices"), self.trust],
+                             layout=S.full_width())
             tabs = [("Set up", setup), ("Train & watch", run_tab), ("Compare runs", self.compare),
                     ("Try it", self.playground), ("Deploy", self.deploy)]
         self.tabs.children = [w for _, w in tabs]
