@@ -320,6 +320,14 @@ class TrainConfig:
         "help": "classification: auto: the run answers with the mean of the fine-tuned model's and the "
                 "baseline's class probabilities when that scores higher on the eval split (said in the "
                 "record); off: the fine-tuned model alone"})
+    adversarial: Literal["off", "fgm", "pgd"] = field(default="off", metadata={
+        "help": "adversarial training on the input embeddings: fgm adds the loss-increasing perturbation of "
+                "norm adversarial_epsilon to each example's embeddings and trains on both passes (about 2x a "
+                "step's cost); pgd takes adversarial_steps projected steps to find it (about 2 + steps - 1 "
+                "x); classification, regression and token classification; one process"})
+    adversarial_epsilon: float = field(default=1.0, metadata={
+        "help": "the perturbation's norm per example (over its tokens and embedding dimensions)"})
+    adversarial_steps: int = field(default=3, metadata={"help": "pgd: ascent steps per optimiser micro-batch"})
     calibrate: bool = field(default=True, metadata={
         "help": "classification: fit a temperature on the eval split's class probabilities (expected "
                 "calibration error before and after in the record); predict, evaluate and serve use it"})
@@ -363,6 +371,10 @@ class TrainConfig:
     def _check_ratios(self) -> None:
         if not 0.0 <= self.warmup_ratio < 1.0:
             _fail("train", "warmup_ratio", self.warmup_ratio, "a fraction in [0, 1), e.g. 0.1")
+        if not self.adversarial_epsilon > 0:
+            _fail("train", "adversarial_epsilon", self.adversarial_epsilon, "a norm > 0, e.g. 1.0")
+        if self.adversarial_steps < 1:
+            _fail("train", "adversarial_steps", self.adversarial_steps, "at least 1 step, e.g. 3")
         if self.abstain_below is not None and not 0.0 < self.abstain_below < 1.0:
             _fail("train", "abstain_below", self.abstain_below, "a probability between 0 and 1, e.g. 0.6, or "
                   "leave it out to always answer")
@@ -446,6 +458,9 @@ class Config:
                   f"one of {', '.join(spec.methods)} for task: {self.task} ({spec.head})")
         self._check_columns(spec)
         self._check_train_fields(spec)
+        if self.train.adversarial != "off" and self.method.spec.family == "zero-shot":
+            _fail("train", "adversarial", self.train.adversarial, f"off for method: {self.method.name}: a "
+                  "zero-shot baseline trains no weights for the attack to harden")
         if not spec.generates and self.chat != ChatConfig():
             changed = next(f.name for f in dataclasses.fields(ChatConfig)
                            if getattr(self.chat, f.name) != getattr(ChatConfig(), f.name))
@@ -478,6 +493,8 @@ class Config:
                   ("ensemble", "auto", spec.classes, "there is no classical model to average with",
                    ("off",) if spec.kind == "encoder" else ()),
                   ("truncation", "head+tail", spec.kind == "encoder", "texts are never cut from their head", ()),
+                  ("adversarial", "off", spec.kind in ("encoder", "tokens"), "the attack perturbs the embeddings "
+                   "a classifier, regressor or tagger reads; generation is not covered", ()),
                   ("calibrate", True, spec.classes, "there are no class probabilities to calibrate", (False,)),
                   ("abstain_below", None, spec.classes, "only a class answer can abstain", ())]
         for name, default, applies, why, also in checks:

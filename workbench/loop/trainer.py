@@ -27,6 +27,7 @@ from ..models.adapters import after_optimizer_step, enable_gradient_checkpointin
 from ..models.state import set_seed
 from ..store import RunStore
 from ..tasks import Task, task_of
+from .adversarial import attack_for
 from .bucketing import bucketed_batches
 from .checkpoints import Progress, keep_only, latest_checkpoint, load_checkpoint, mark_best, save_checkpoint, save_model
 from .defaults import choose_before_build, choose_max_length, zero_shot_config
@@ -157,6 +158,7 @@ class Session:
     progress: Progress
     steps_per_epoch: int
     max_steps: int
+    attack: Any = None  # train.adversarial's EmbeddingAttack, or None
 
 
 def _train(ctx: RunContext, task: Task, accelerator: Any, resume: bool, precision: str) -> None:
@@ -227,7 +229,11 @@ def _setup(ctx: RunContext, task: Task, accelerator: Any, precision: str) -> Ses
     train_enc, held_enc = task.encode(config, built, data)
     if ctx.main:
         info = {**task.run_info(config, built, data, train_enc, held_enc), "decisions": decisions,
-                **({"truncation": truncation} if config.task in ENCODER_TASKS else {}), "num_processes": world,
+                **({"truncation": truncation} if config.task in ENCODER_TASKS else {}),
+                **({"adversarial": {"method": config.train.adversarial, "epsilon": config.train.adversarial_epsilon,
+                                    **({"steps": config.train.adversarial_steps}
+                                       if config.train.adversarial == "pgd" else {})}}
+                   if config.train.adversarial != "off" else {}), "num_processes": world,
                 "torch_threads": torch.get_num_threads(), "precision": precision, "device": accelerator.device.type}
         _record_setup(ctx, task, data, info)
 
@@ -245,11 +251,22 @@ def _setup(ctx: RunContext, task: Task, accelerator: Any, precision: str) -> Ses
     model, optimizer = accelerator.prepare(built.model, optimizer)  # DDP wrap when distributed
     ctx.state.max_steps, ctx.state.steps_per_epoch, ctx.state.warmup_steps = max_steps, steps_per_epoch, warmup
     s = Session(ctx, task, accelerator, data, built, model, train_enc, held_enc, optimizer, scheduler, params,
-                Progress(), steps_per_epoch, max_steps)
+                Progress(), steps_per_epoch, max_steps, adversarial_attack(config, built, world))
     ctx.save_on_stop = lambda: _save_stop_checkpoint(s)
     ctx.finalise = lambda status: _finalise(s)
     ctx.timings = lambda: _timings(s.progress)
     return s
+
+
+def adversarial_attack(config: Config, built: Any, world: int) -> Any:
+    """train.adversarial's attack on the model's input embeddings (None when off); one process only: under
+    DDP the perturbed pass's gradients would join after the all-reduce of the clean ones."""
+    if config.train.adversarial == "off":
+        return None
+    if world > 1:
+        raise WorkbenchError(f"train.adversarial: {config.train.adversarial} runs in one process: start it "
+                             "without torchrun, or set train.adversarial: off")
+    return attack_for(config, built.model)
 
 
 def parameter_groups(built: Any) -> list[dict[str, Any]]:
@@ -287,13 +304,14 @@ def _record_setup(ctx: RunContext, task: Task, data: Any, info: dict[str, Any]) 
 
 
 def accumulate_gradients(task: Task, built: Any, model: torch.nn.Module, accelerator: Any,
-                         micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+                         micro_batches: list[dict[str, torch.Tensor]], attack: Any = None) -> torch.Tensor:
     """Backward over one optimiser step's micro-batches; returns the step's loss (this process's share).
 
     Each micro-batch's mean loss is weighted by its share of the step's loss units (rows, or the tokens the
     loss is on), counted over every process: DDP then averages the gradients over processes, so loss and
     gradients equal those of one big batch whatever the accumulation, the processes and however uneven
-    the micro-batches (HF Trainer multiplies both by the accumulation steps for classifiers).
+    the micro-batches (HF Trainer multiplies both by the accumulation steps for classifiers). With an
+    `attack` (train.adversarial) each micro-batch also backpropagates its perturbed pass(es), same weight.
     """
     world = accelerator.num_processes
     counts = [task.loss_weight(b) for b in micro_batches]
@@ -308,10 +326,18 @@ def accumulate_gradients(task: Task, built: Any, model: torch.nn.Module, acceler
         batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
         # no gradient all-reduce until the last micro-batch of the step
         sync = accelerator.no_sync(model) if m < len(micro_batches) - 1 else contextlib.nullcontext()
-        with sync:
+        share = n * world / total_units
+
+        def loss_of(batch: dict[str, torch.Tensor] = batch, share: float = share) -> torch.Tensor:
             with accelerator.autocast():
-                scaled = task.loss(built, model, batch) * (n * world / total_units)
-            accelerator.backward(scaled)
+                return task.loss(built, model, batch) * share
+
+        with sync:
+            if attack is None:
+                scaled = loss_of()
+                accelerator.backward(scaled)
+            else:
+                scaled = attack.step(loss_of, accelerator.backward)
         step_loss += scaled.detach().float() / world
     return step_loss
 
@@ -319,7 +345,7 @@ def accumulate_gradients(task: Task, built: Any, model: torch.nn.Module, acceler
 def _optimizer_step(s: Session, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
     """Gradients of one step's micro-batches, clipping, the optimiser step; returns (loss, learning rate)."""
     accelerator, config = s.accelerator, s.ctx.config
-    step_loss = accumulate_gradients(s.task, s.built, s.model, accelerator, micro_batches)
+    step_loss = accumulate_gradients(s.task, s.built, s.model, accelerator, micro_batches, s.attack)
     if config.train.max_grad_norm > 0:
         accelerator.clip_grad_norm_(s.params, config.train.max_grad_norm)
     learning_rate = s.scheduler.get_last_lr()[0]  # the rate this step used
