@@ -184,3 +184,27 @@ def test_write_model_card_is_atomic_and_refuses_a_missing_directory(trained, tmp
         write_model_card(record, tmp_path / "missing")
     with pytest.raises(WorkbenchError, match=r"model_card needs a run record with its config"):
         model_card({"id": "x"})
+
+
+def test_the_deploy_tab_shows_the_card_and_writes_it_into_the_export(trained):
+    pytest.importorskip("ipywidgets")
+    from widgets import DeployPanel
+
+    record, store = trained
+    panel = DeployPanel(store=store, background=False)
+    try:
+        assert panel.run_id == record["id"] and "## Calibration" in panel.card
+        shown = panel._card_view.get_state()["outputs"][0]["data"]["text/markdown"]
+        assert shown.startswith(f"# {record['name'] or record['id']}") and "library_name" not in shown  # no YAML
+        assert f"| accuracy | {record['metrics']['accuracy']:.4f} |" in shown
+        assert "not an export: `workbench export" in shown
+        assert panel.write_card() is None and "has no export in" in panel.error
+
+        out = export_run(record["id"], home=store.home, merge=True, force=True)
+        (out / CARD_FILE).unlink()
+        panel.error = ""
+        panel._write_card.click()
+        assert panel.error == "" and (out / CARD_FILE).is_file() and "written:" in panel._card_status.value
+        assert (out / CARD_FILE).read_text() == panel.card and "In one line, as the export records it" in panel.card
+    finally:
+        panel.close()

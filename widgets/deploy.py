@@ -4,7 +4,9 @@ Everything heavy is `workbench.deploy`: `optimize` (int8, structured pruning, ON
 `start_server` / `stop_server` / `server_status` (a `workbench serve` process in its own session: a page
 reload or a kernel restart neither stops nor loses it) and `read_metrics` (its /metrics as plain values).
 This panel picks the run, shows the report as a table and a figure, the URL, the masked key and two
-ready-to-run examples, and polls /metrics once a second while the server runs.
+ready-to-run examples, and polls /metrics once a second while the server runs. Below, the run's model card
+(`workbench.model_card`) is shown as Markdown the page renders (its sanitiser applies; the card escapes every
+text from the data), and "Write README.md" puts it into the run's export.
 
 The API key itself never leaves the kernel: the page gets the masked key and the examples read the key
 from its file (mode 0600) on the machine that runs the server.
@@ -27,6 +29,8 @@ import plotly.graph_objects as go
 import traitlets as T
 
 from workbench import WorkbenchError
+from workbench.export import export_dir, read_export_info
+from workbench.model_card import model_card, write_model_card
 from workbench.run_paths import RunPaths
 from workbench.store import RunStore
 from workbench.task_table import DEFAULT_TASK, TASKS, task_spec
@@ -125,6 +129,7 @@ class DeployPanel(W.VBox):
     p95_ms = T.Float(None, allow_none=True, help="p95 latency of the model route (histogram bucket bound), ms")
     label_counts = T.Dict(help="predicted labels served so far")
     drift = T.Dict(help="population stability index per signal (predicted_label or predicted_value, input_length)")
+    card = T.Unicode("", help="the chosen run's model card (Markdown with its YAML front matter)")
     error = T.Unicode("")
 
     def __init__(self, home: str | Path | None = None, run_id: str = "", background: bool = True,
@@ -182,13 +187,21 @@ class DeployPanel(W.VBox):
         self._curl = W.Textarea(description="curl", disabled=True, rows=5, style=style, layout=S.full_width())
         self._python = W.Textarea(description="Python", disabled=True, rows=6, style=style, layout=S.full_width())
         self._metrics_html = W.HTML("", layout=S.full_width())
+        self._write_card = W.Button(description="Write README.md", icon="file-text-o", layout=W.Layout(width="auto"),
+                                    tooltip="write this card into the run's export (workbench export RUN)")
+        self._write_card.on_click(lambda _: self.write_card())
+        self._card_status = W.HTML("", layout=S.full_width())
+        self._card_view = W.Output(layout=S.full_width(max_height="40em", overflow="auto",
+                                                       border="1px solid var(--jp-border-color2, #ddd)"))
         self._error_html = S.inline_error()
         return [W.Box([self._run, refresh], layout=S.wrap_row()), self._error_html,
                 S.section("Optimise"), W.Box([*self._boxes.values(), self._optimize], layout=S.wrap_row()),
                 self._bar, self._stage, self._report_table, self.fig,
                 S.section("Serve"), W.Box([self._serve_pick, self._start, self._stop], layout=S.wrap_row()),
                 self._server_html, self._curl, self._python,
-                S.section("Live metrics"), self._metrics_html]
+                S.section("Live metrics"), self._metrics_html,
+                S.section("Model card"), W.Box([self._write_card, self._card_status], layout=S.wrap_row()),
+                self._card_view]
 
     def _wire(self) -> None:
         for name, box in self._boxes.items():
@@ -202,9 +215,11 @@ class DeployPanel(W.VBox):
         self.observe(self._show_report, names="report")
         self.observe(self._show_server, names=["server_state", "url", "masked_key", "artifact"])
         self.observe(self._show_metrics, names=["metrics"])
+        self.observe(self._show_card, names="card")
         self._show_report()
         self._show_server()
         self._show_metrics()
+        self._show_card()
 
     # --- validation -----------------------------------------------------------------------------------
     @T.validate("run_id")
@@ -263,6 +278,8 @@ class DeployPanel(W.VBox):
         self.metrics, self.requests_total, self.requests_per_second, self.p95_ms = {}, 0, 0.0, None
         self.label_counts, self.drift = {}, {}
         self.server, self.url, self.masked_key, self.server_state = None, "", "", "stopped"
+        self._card_status.value = ""
+        self.show_card()
         if not self.run_id:
             self.report = None
             return
@@ -422,6 +439,40 @@ class DeployPanel(W.VBox):
             self.error = unexpected("stopped reading metrics", exc)
             return False
 
+    # --- model card -----------------------------------------------------------------------------------
+    def show_card(self) -> None:
+        """Build the chosen run's card from its record and reports (the export's load lines when it has one)."""
+        if not self.run_id:
+            self.card = ""
+            return
+        try:
+            record = self.store.get(self.run_id)
+            self.card = model_card(record, read_export_info(export_dir(record["id"], self.store.home)))
+        except WorkbenchError as exc:
+            self.card, self.error = "", str(exc)
+        except Exception as exc:  # a report the card cannot read still leaves the panel working
+            self.card, self.error = "", unexpected("could not build the model card", exc)
+
+    def write_card(self) -> Path | None:
+        """Write the card, rebuilt from the newest reports, as README.md into the run's export; its path."""
+        if not self.run_id:
+            self.error = "no run chosen: train one first, then press Refresh runs"
+            return None
+        target = export_dir(self.run_id, self.store.home)
+        info = read_export_info(target)
+        if info is None:
+            self.error = (f"run {self.run_id} has no export in {target}: export it first "
+                          f"(workbench export {self.run_id} --merge), then write its README.md")
+            return None
+        try:
+            path = write_model_card(self.store.get(self.run_id), target, info)
+        except Exception as exc:
+            self.error = str(exc) if isinstance(exc, WorkbenchError) else unexpected("could not write the card", exc)
+            return None
+        self.show_card()
+        self._card_status.value = S.message(f"written: {path}", "ok")
+        return path
+
     # --- view -----------------------------------------------------------------------------------------
     def _show_error(self, change: Any = None) -> None:
         self._error_html.value = S.message(self.error)
@@ -517,6 +568,13 @@ class DeployPanel(W.VBox):
             if any(self.label_counts.values()) else ""
         self._metrics_html.value = head + (f"<div>{drift}</div>" if drift else "") + (
             "<div style='margin-top:4px'>predicted labels</div>" + labels if labels else "")
+
+    def _show_card(self, change: Any = None) -> None:
+        """The card's body as Markdown for the page to render (the YAML front matter is for the Hub, not shown)."""
+        body = self.card.split("\n---\n", 1)[1] if self.card.startswith("---\n") else self.card
+        text = body.strip() or "no model card: choose a run with a trained model"
+        self._card_view.outputs = ({"output_type": "display_data", "metadata": {},
+                                    "data": {"text/markdown": text, "text/plain": text}},)
 
     def close(self) -> None:
         """Close the view; the server goes on (stop it with Stop server or `deploy.stop_server`)."""

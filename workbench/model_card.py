@@ -28,6 +28,7 @@ import yaml
 
 from .catalog import DATASETS, MODELS
 from .errors import WorkbenchError
+from .methods import METHODS
 from .privacy import mask_text, mask_value
 from .run_paths import RunPaths
 from .task_table import TASKS, TaskSpec
@@ -151,7 +152,8 @@ class _Run:
     def standalone(self) -> bool:
         if self.export is not None:
             return bool(self.export.get("merged"))
-        return self.method.get("name") in ("full", "head-only")
+        spec = METHODS.get(str(self.method.get("name", "")))
+        return spec is not None and spec.family in ("all", "head")
 
     def measured_by(self, what: str) -> str:
         return MEASURED_BY[what].format(run=self.id)
@@ -217,9 +219,10 @@ def _front_matter(run: _Run) -> dict[str, Any]:
 def _model_section(run: _Run) -> list[str]:
     base, _ = _base_model(run)
     method = str(run.method.get("name", "?"))
-    knobs = ", ".join(f"{k} {run.method[k]}" for k in ("r", "alpha", "dropout") if k in run.method
-                      and method in ("lora", "qlora")) if run.method else ""
-    rows = [["task", run.title], ["base model", base], ["method", method + (f" ({knobs})" if knobs else "")]]
+    spec = METHODS.get(method)
+    knobs = ", ".join(f"{k} {json.dumps(run.method[k]).strip(chr(34))}" for k in (spec.fields if spec else ()) if k in run.method)
+    title = f"{method}: {spec.summary}" if spec else method
+    rows = [["task", run.title], ["base model", base], ["method", title], ["method settings", knobs or "-"]]
     if run.info.get("trainable_params"):
         rows.append(["trained parameters", f"{_num(run.info['trainable_params'])} of "
                      f"{_num(run.info.get('total_params'))} ({_num(run.info.get('trainable_percent'), 2)} %)"])
