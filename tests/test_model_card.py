@@ -127,11 +127,11 @@ def test_trust_reports_written_by_hand_show_up_masked_and_escaped(trained, tmp_p
     assert "| clean_accuracy | 0.9125 |" in robustness
     assert "| typos | 0.8375 | 0.0912 |" in robustness and "| confidence_shift | -0.2468 |" in robustness
     slices = _section(card, "Slices")
-    assert "Flagged (a gap this report marks): length &gt; 40 tokens." in slices
+    assert "Flagged (a gap this report marks): length &gt; 40 tokens (gap -0.3300)." in slices
     assert "| length &gt; 40 tokens | 12 | 0.5833 |" in slices
     assert "<script>" not in card and "&lt;script&gt;" in slices
     assert "ann@example.org" not in card and "write to [EMAIL] please" in slices
-    assert "| ratio | 3.0000 |" in _section(card, "Explanations")
+    assert "| ratio | 3.0000 |" in _section(card, "Explanations") and "Ratio of the two: 3.00 (above 1" in card
     assert "| temperature | 0.7000 (below 1: the model was underconfident) |" in _section(card, "Calibration")
 
 

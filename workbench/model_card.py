@@ -75,6 +75,8 @@ def _text(value: Any) -> str:
 
 
 def _cell(value: Any) -> str:
+    if isinstance(value, list) and value and all(_is_number(v) for v in value):
+        value = "[" + ", ".join(_num(v) for v in value) + "]"
     if isinstance(value, (dict, list)):
         value = json.dumps(value, ensure_ascii=False, default=str)
         value = value if len(value) <= 120 else value[:117] + "..."
@@ -433,13 +435,15 @@ def _calibration_section(run: _Run) -> list[str]:
     return lines + ["", abstain_words, ""]
 
 
-def _report_tables(value: Any) -> list[str]:
-    """A trust report of any shape as tables: its plain figures, then one table per nested part."""
+def _report_tables(value: Any, skip: tuple[str, ...] = ()) -> list[str]:
+    """A trust report of any shape as tables: its plain figures, then one table per nested part (but `skip`)."""
     if not isinstance(value, dict):
         return _table(["value"], [[v] for v in value]) if isinstance(value, list) else [_cell(value), ""]
     plain = [[k, v] for k, v in value.items() if not isinstance(v, (dict, list))]
     lines = _table(["figure", "value"], plain)
     for key, part in value.items():
+        if key in skip:
+            continue
         if isinstance(part, dict) and part and all(isinstance(v, dict) for v in part.values()):
             columns = list(dict.fromkeys(c for v in part.values() for c in v))
             lines += [f"{_text(key)}:", "", *_table(["", *columns], [[k, *(v.get(c) for c in columns)]
@@ -462,13 +466,27 @@ def _trust_section(run: _Run, what: str, title: str, intro: str) -> list[str]:
     if found is None:
         return lines + [f"not measured: {run.measured_by(what)}.", ""]
     lines += [intro, ""]
-    if what == "slices" and isinstance(found, dict) and "flagged" in found:
-        flagged = found.get("flagged") or []
-        names = [f.get("slice") or f.get("name") or json.dumps(f, default=str) if isinstance(f, dict) else f
-                 for f in flagged]
+    skip: tuple[str, ...] = ()
+    if what == "slices" and isinstance(found, dict) and isinstance(found.get("flagged"), list):
+        names = [_slice_name(f) for f in found["flagged"]]
         lines += [("Flagged (a gap this report marks): " + "; ".join(_text(n) for n in names) + ".") if names
                   else "No slice flagged.", ""]
-    return lines + _report_tables(found)
+        skip = ("flagged",)
+    if what == "faithfulness" and isinstance(found, dict) and _is_number(found.get("ratio")):
+        lines += [f"Ratio of the two: {_num(found['ratio'], 2)} (above 1: removing the words an explanation ranks "
+                  "highest changes the answer more than removing random words).", ""]
+    return lines + _report_tables(found, skip)
+
+
+def _slice_name(flagged: Any) -> str:
+    """A flagged slice in words: its name (or its words: kind, group, value) and its figures."""
+    if not isinstance(flagged, dict):
+        return str(flagged)
+    name = flagged.get("slice") or flagged.get("name") or " ".join(
+        str(v) for k, v in flagged.items() if isinstance(v, str))
+    figures = ", ".join(f"{k} {_num(flagged[k])}" for k in ("rows", "accuracy", "gap", "rmse")
+                        if _is_number(flagged.get(k)))
+    return f"{name} ({figures})" if figures else str(name)
 
 
 def _load_section(run: _Run) -> list[str]:
