@@ -32,6 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, parsed as YAML (repeatable): --set train.epochs=3")
     t.add_argument("--resume", metavar="RUN", help="continue a stopped or failed run from its last checkpoint")
+    t.add_argument("--from", dest="from_run", metavar="RUN",
+                   help="continual learning: a new run that starts from RUN's trained weights on new data "
+                        "(--set data.source=NEW.csv; without a config file, RUN's settings), replaying "
+                        "train.replay of its training rows, with the old eval split scored before and after")
     t.add_argument("--run-id", help=argparse.SUPPRESS)  # a run queued by workbench.launch
     t.add_argument("--json", action="store_true", help="print the final run record as JSON")
 
@@ -237,6 +241,12 @@ def _train(args: argparse.Namespace) -> int:
         if args.resume and record["status"] == "running":
             raise WorkbenchError(f"run {run_id} is still running: stop it first (workbench runs stop {run_id})")
         config = Config.from_dict(record["config"])
+    elif args.from_run:
+        previous = store.get(store.resolve(args.from_run))
+        base = Config.load(args.config) if args.config else Config.from_dict(previous["config"])
+        config = base.with_overrides([*args.overrides, f"train.init_from={previous['id']}"])
+        check(config)
+        run_id = None
     else:
         if not args.config:
             raise WorkbenchError("train needs a config file: workbench train CONFIG (see `workbench config`)")
@@ -293,10 +303,26 @@ def _print_summary(record: dict[str, Any]) -> None:
         _print_baseline(m)
         if m.get("collapsed"):
             print(f"  warning: {m['collapsed']}")
+    _print_trust(m, record.get("info") or {})
     _print_decisions(record.get("info") or {})
     if t:
         print(f"  {t['samples_per_second']:.1f} samples/s  {t['wall_seconds']:.0f} s wall  "
               f"peak memory {t['peak_memory_mb']:.0f} MB")
+
+
+def _print_trust(m: dict[str, Any], info: dict[str, Any]) -> None:
+    """Calibration, continual learning and adversarial training lines of a finished run, when it has them."""
+    cal = m.get("calibration")
+    if isinstance(cal, dict) and cal.get("ece_before") is not None:
+        print(f"  calibration: ECE {cal['ece_before']:.4f} -> {cal['ece_after']:.4f} "
+              f"(temperature {cal['temperature']:.2f}, fitted on the eval split)")
+    gone = m.get("forgetting")
+    if isinstance(gone, dict):
+        shown = "  ".join(f"{k} {gone['before'][k]:.4f} -> {gone['after'][k]:.4f}" for k in gone["change"])
+        print(f"  run {gone['run']}'s eval split, before -> after this run: {shown}")
+    if info.get("adversarial"):
+        adv = info["adversarial"]
+        print(f"  adversarial training: {adv['method']} (epsilon {adv['epsilon']:g})")
 
 
 def _print_entity_types(figures: dict[str, Any]) -> None:

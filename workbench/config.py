@@ -328,6 +328,13 @@ class TrainConfig:
     adversarial_epsilon: float = field(default=1.0, metadata={
         "help": "the perturbation's norm per example (over its tokens and embedding dimensions)"})
     adversarial_steps: int = field(default=3, metadata={"help": "pgd: ascent steps per optimiser micro-batch"})
+    init_from: str | None = field(default=None, metadata={
+        "help": "continual learning: start from a completed run's trained weights (its id, or latest) on this "
+                "config's data; same task, model, method and classes; the previous run's eval split is scored "
+                "before and after (metrics.forgetting)"})
+    replay: float = field(default=0.2, metadata={
+        "help": "with init_from: mix in this share (of the new training rows) of the previous run's training "
+                "rows, drawn with the seed, so the model keeps what it knew; 0 = none"})
     calibrate: bool = field(default=True, metadata={
         "help": "classification: fit a temperature on the eval split's class probabilities (expected "
                 "calibration error before and after in the record); predict, evaluate and serve use it"})
@@ -375,6 +382,9 @@ class TrainConfig:
             _fail("train", "adversarial_epsilon", self.adversarial_epsilon, "a norm > 0, e.g. 1.0")
         if self.adversarial_steps < 1:
             _fail("train", "adversarial_steps", self.adversarial_steps, "at least 1 step, e.g. 3")
+        if not 0.0 <= self.replay <= 10.0:
+            _fail("train", "replay", self.replay, "a share of the new training rows from 0 (no replay) to 10, "
+                  "e.g. 0.2")
         if self.abstain_below is not None and not 0.0 < self.abstain_below < 1.0:
             _fail("train", "abstain_below", self.abstain_below, "a probability between 0 and 1, e.g. 0.6, or "
                   "leave it out to always answer")

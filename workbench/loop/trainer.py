@@ -28,6 +28,7 @@ from ..models.state import set_seed
 from ..store import RunStore
 from ..tasks import Task, task_of
 from .adversarial import attack_for
+from .continual import check_labels, forgetting, load_previous_weights, mix_replay, previous_run
 from .bucketing import bucketed_batches
 from .checkpoints import Progress, keep_only, latest_checkpoint, load_checkpoint, mark_best, save_checkpoint, save_model
 from .defaults import choose_before_build, choose_max_length, zero_shot_config
@@ -55,6 +56,10 @@ def preflight(config: Config, home: Any) -> Any:
     data = task.load_data(config, home)
     check_batch_fits(config, task, data, 1)
     task.check_model(config, resolve_model(config.model, home, config.trust_remote_code), data)
+    if config.train.init_from:
+        previous = previous_run(config, RunStore(home))
+        if previous is not None:
+            check_labels(previous, data)
     return data
 
 
@@ -159,6 +164,7 @@ class Session:
     steps_per_epoch: int
     max_steps: int
     attack: Any = None  # train.adversarial's EmbeddingAttack, or None
+    previous: Any = None  # train.init_from's run (continual.Previous), or None
 
 
 def _train(ctx: RunContext, task: Task, accelerator: Any, resume: bool, precision: str) -> None:
@@ -174,6 +180,12 @@ def _train(ctx: RunContext, task: Task, accelerator: Any, resume: bool, precisio
     _sync_state(ctx, progress)
     eval_every = config.train.eval_every or s.steps_per_epoch
     ctx.hooks.on_train_begin(ctx.state, config.to_dict())
+
+    if s.previous is not None and ckpt is None:  # the previous run's eval split, before this run trains
+        s.previous.before = _score_previous(s)
+        if ctx.main:
+            info = ctx.store.get(ctx.run_id).get("info") or {}
+            ctx.store.set_info(ctx.run_id, {**info, "forgetting_before": s.previous.before})
 
     # --- the untrained model's figures (tasks that ask for them) -------------------------------------
     if ckpt is None and task.eval_at_start(config):
@@ -211,6 +223,12 @@ def _setup(ctx: RunContext, task: Task, accelerator: Any, precision: str) -> Ses
     config, world = ctx.config, accelerator.num_processes
     set_seed(config.train.seed)
     data = task.load_data(config, ctx.store.home)
+    previous = previous_run(config, ctx.store, ctx.run_id)
+    continued = None
+    if previous is not None:
+        check_labels(previous, data)
+        config.train.init_from = previous.record["id"]  # "latest" would name this run itself on a resume
+        continued = mix_replay(data, previous, config.train.replay, config.train.seed)
     source = resolve_model(config.model, ctx.store.home, config.trust_remote_code)
     check_batch_fits(config, task, data, world)
     config, decisions, truncation = _choose_settings(config, task, data, source, world,
@@ -226,6 +244,9 @@ def _setup(ctx: RunContext, task: Task, accelerator: Any, precision: str) -> Ses
         ctx.cleanups.append(use_fast_dropout(built.model))  # torch's bernoulli_ was a third of a CPU step
     if config.train.gradient_checkpointing:
         enable_gradient_checkpointing(built.model)
+    if previous is not None:
+        load_previous_weights(built, previous)
+        previous.held = task.encode(config, built, previous.data)[1]
     train_enc, held_enc = task.encode(config, built, data)
     if ctx.main:
         info = {**task.run_info(config, built, data, train_enc, held_enc), "decisions": decisions,
@@ -233,7 +254,8 @@ def _setup(ctx: RunContext, task: Task, accelerator: Any, precision: str) -> Ses
                 **({"adversarial": {"method": config.train.adversarial, "epsilon": config.train.adversarial_epsilon,
                                     **({"steps": config.train.adversarial_steps}
                                        if config.train.adversarial == "pgd" else {})}}
-                   if config.train.adversarial != "off" else {}), "num_processes": world,
+                   if config.train.adversarial != "off" else {}),
+                **({"continued": continued} if continued else {}), "num_processes": world,
                 "torch_threads": torch.get_num_threads(), "precision": precision, "device": accelerator.device.type}
         _record_setup(ctx, task, data, info)
 
@@ -251,7 +273,7 @@ def _setup(ctx: RunContext, task: Task, accelerator: Any, precision: str) -> Ses
     model, optimizer = accelerator.prepare(built.model, optimizer)  # DDP wrap when distributed
     ctx.state.max_steps, ctx.state.steps_per_epoch, ctx.state.warmup_steps = max_steps, steps_per_epoch, warmup
     s = Session(ctx, task, accelerator, data, built, model, train_enc, held_enc, optimizer, scheduler, params,
-                Progress(), steps_per_epoch, max_steps, adversarial_attack(config, built, world))
+                Progress(), steps_per_epoch, max_steps, adversarial_attack(config, built, world), previous)
     ctx.save_on_stop = lambda: _save_stop_checkpoint(s)
     ctx.finalise = lambda status: _finalise(s)
     ctx.timings = lambda: _timings(s.progress)
@@ -433,7 +455,21 @@ def _finalise(s: Session) -> dict[str, Any] | None:
     at_best = [p for p in evals if p["step"] == best_step]
     if not at_best:
         return None
-    return {**s.task.final_metrics(at_best[-1], evals[0], s.ctx.run_dir), "best_step": best_step}
+    metrics = {**s.task.final_metrics(at_best[-1], evals[0], s.ctx.run_dir), "best_step": best_step}
+    if s.previous is not None:
+        before = s.previous.before or (s.ctx.store.get(s.ctx.run_id).get("info") or {}).get("forgetting_before")
+        if before:
+            metrics["forgetting"] = forgetting(before, _score_previous(s), s.previous.record["id"])
+    return metrics
+
+
+def _score_previous(s: Session) -> dict[str, float]:
+    """The headline figures of the model as it is now on the previous run's eval split (continual learning)."""
+    evaluation = s.task.evaluate(s.model, s.accelerator, s.ctx.config, s.built, s.previous.data, s.previous.held,
+                                 s.progress.global_step, 0.0)
+    s.model.train()
+    return {k: float(v) for k, v in evaluation.result.metrics.items()
+            if k in ("accuracy", "f1_macro", "rmse", "mae", "spearman") and isinstance(v, (int, float))}
 
 
 def _sync_state(ctx: RunContext, progress: Progress, epoch: int | None = None) -> None:
