@@ -6,7 +6,9 @@ a named-entity run an EntitiesView (F1 per entity type, the type confusion, the 
 dashboard needs one diagnostics slot for every task.
 
 Each evaluation of a run writes <run dir>/eval/step-<N>.json with every eval example's prediction;
-clicking a cell (or `select_cell(true, predicted)`) lists those examples, most confident first.
+clicking a cell (or `select_cell(true, predicted)`) lists those examples, most confident first. Each of the
+first few has an explain button (`explain_example(i)`): its text with each word coloured by how much it pushed
+the run's answer (`workbench.explain`, in an ExplainView).
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from workbench.store import FINAL_STATUSES, RunStore
 from workbench.task_table import DEFAULT_TASK, TASKS
 
 from . import _style as S
-from ._background import Poller
+from ._background import Poller, run_job
 from .entities import EntitiesView
+from .explain_view import ExplainView
 from .heatmap import LATEST, EvalStepView, confusion_figure, heatmap_cells
 from .regression import RegressionView
 from .run_summary import baseline_of
@@ -32,6 +35,7 @@ from .run_summary import baseline_of
 POLL_S = 1.0
 MAX_EXAMPLES_SHOWN = 50
 TEXT_CHARS_SHOWN = 300
+EXPLAINABLE = 10  # examples of a cell that get an explain button, most confident first
 
 
 class ConfusionMatrix(EvalStepView, W.VBox):
@@ -48,6 +52,9 @@ class ConfusionMatrix(EvalStepView, W.VBox):
     examples = T.List(T.Dict(), help="eval examples in the chosen cell, most confident first")
     baseline = T.Dict(allow_none=True, default_value=None, help="the run's classical baseline figures")
     error = T.Unicode("")
+    explanation = T.Dict(allow_none=True, default_value=None, help="explain_predictor's answer for the chosen "
+                         "example's text, with its index in `examples`")
+    explaining = T.Bool(False)
 
     def __init__(self, home: str | Path | None = None, run_id: str = "", background: bool = True,
                  store: RunStore | None = None, height: int = 380, **kwargs: Any) -> None:
@@ -67,12 +74,15 @@ class ConfusionMatrix(EvalStepView, W.VBox):
         self._per_class = W.HTML("", layout=W.Layout(flex="1 1 18em", min_width="0"))
         self._title = W.HTML("", layout=S.full_width())
         self._examples = W.HTML("", layout=S.full_width())
+        self._explain_buttons = W.Box([], layout=S.wrap_row())
+        self.explain_view = ExplainView()
+        self._predictor: tuple[str, Any] | None = None  # (run_id, its predictor), loaded on the first explain
         self._error_html = S.inline_error()
         plot_box = W.Box([self.fig], layout=W.Layout(flex="3 1 22em", min_width="0"))
         self._classification_view = (
             W.Box([self._step_pick, norm], layout=S.wrap_row()), self._title,
             W.Box([plot_box, self._per_class], layout=S.wrap_row()),
-            self._error_html, self._examples,
+            self._error_html, self._examples, self._explain_buttons, self.explain_view,
         )
         self.regression: RegressionView | None = None  # made when a run of the regression view is shown
         self.entities: EntitiesView | None = None  # made when a run of the entities view is shown
@@ -83,6 +93,7 @@ class ConfusionMatrix(EvalStepView, W.VBox):
         self.observe(self._on_run, names="run_id")
         self.observe(self._draw_and_reselect, names=["step", "normalize"])
         self.observe(self._show_error, names="error")
+        self.observe(self._show_explanation, names="explanation")
         if run_id:
             self.run_id = run_id
 
@@ -115,6 +126,37 @@ class ConfusionMatrix(EvalStepView, W.VBox):
         self._show_examples()
         return chosen
 
+    def explain_example(self, index: int) -> Any:
+        """Attribute the run's answer for `examples[index]` (its saved text) to its words, on a worker thread
+        (returned; None when refused): the result lands in `explanation`, a failure in the explain view."""
+        if not 0 <= index < len(self.examples):
+            self.explain_view.error = f"no example {index + 1} in the chosen cell: choose one of the listed"
+            return None
+        if self.explaining:
+            self.explain_view.error = "an explanation is being computed: wait for it to finish"
+            return None
+        text, run_id = str(self.examples[index].get("text") or ""), self.run_id
+        self.explaining, self.explain_view.error = True, ""
+        return run_job(lambda: self._explain_now(run_id, text, index), sync=not self.background,
+                       name="confusion-explain")
+
+    def _explain_now(self, run_id: str, text: str, index: int) -> None:
+        from workbench.errors import WorkbenchError
+        from workbench.explain import explain_predictor
+        from workbench.predict import load_predictor
+
+        try:
+            if self._predictor is None or self._predictor[0] != run_id:
+                self._predictor = (run_id, load_predictor(run_id, self.store.home))
+            self.explanation = {**explain_predictor(self._predictor[1], [text])[0], "index": index}
+        except WorkbenchError as exc:
+            self.explanation, self.explain_view.error = None, str(exc).splitlines()[0]
+        except Exception as exc:  # words, never a traceback
+            self.explanation = None
+            self.explain_view.error = f"explanation failed ({type(exc).__name__}: {str(exc)[:300]})"
+        finally:
+            self.explaining = False
+
     @property
     def shown_step(self) -> int | None:
         if self.step is not None and self.step in self._evals:
@@ -129,6 +171,7 @@ class ConfusionMatrix(EvalStepView, W.VBox):
             self._evals, self._seq, self._status = {}, 0, ""
             self.selected, self.examples, self.step = None, [], None
             self._examples.value = ""
+            self._explain_buttons.children, self.explanation = (), None
             self._read()
             self._draw()
         if self.background and self.run_id and self._status not in FINAL_STATUSES:
@@ -245,16 +288,28 @@ class ConfusionMatrix(EvalStepView, W.VBox):
         self._per_class.value = S.table_html(["label", "precision", "recall", "F1", "support"], rows)
 
     def _show_examples(self) -> None:
+        self.explanation = None
         if not self.selected:
             self._examples.value = ""
+            self._explain_buttons.children = ()
             return
         true, pred = self.selected
-        rows = [[(r.get("text") or "")[:TEXT_CHARS_SHOWN], r.get("true"), r.get("predicted"),
-                 f"{float(r.get('confidence') or 0):.3f}"] for r in self.examples[:MAX_EXAMPLES_SHOWN]]
+        rows = [[i + 1, (r.get("text") or "")[:TEXT_CHARS_SHOWN], r.get("true"), r.get("predicted"),
+                 f"{float(r.get('confidence') or 0):.3f}"] for i, r in enumerate(self.examples[:MAX_EXAMPLES_SHOWN])]
         more = len(self.examples) - len(rows)
         head = S.message(f"{len(self.examples)} examples: true {true}, predicted {pred}"
                          + (f" (first {len(rows)} shown)" if more > 0 else ""), "muted")
-        self._examples.value = head + S.table_html(["text", "true", "predicted", "confidence"], rows)
+        self._examples.value = head + S.table_html(["#", "text", "true", "predicted", "confidence"], rows)
+        self._explain_buttons.children = [self._explain_button(i) for i in range(min(EXPLAINABLE, len(rows)))]
+
+    def _explain_button(self, index: int) -> W.Button:
+        button = W.Button(description=f"explain #{index + 1}", icon="search", layout=W.Layout(width="auto"),
+                          tooltip="colour each word of this example by how much it pushed the run's answer")
+        button.on_click(lambda _: self.explain_example(index))
+        return button
+
+    def _show_explanation(self, change: Any = None) -> None:
+        self.explain_view.explanation = self.explanation
 
     def _show_error(self, change: Any = None) -> None:
         self._error_html.value = S.message(self.error)

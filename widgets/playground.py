@@ -3,7 +3,8 @@ beside its classical baseline (`workbench.evaluate.evaluate_file`, on a worker t
 
 What the answer looks like follows the run's task row (`workbench.task_table`, its `view`): the label and its
 scores (a confusion view), the predicted number (regression), or the typed text with each entity marked by its
-type (entities). Runs that generate text answer in the ChatPlayground.
+type (entities). Runs that generate text answer in the ChatPlayground. Under an answer, Explain colours each
+word by how much it pushed that answer (`workbench.explain`, shown by an ExplainView).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from . import _style as S
 from ._background import run_job
 from .data_panel import MAX_UPLOAD_BYTES, UPLOAD_EXTENSIONS, save_upload, uploaded_file
 from .entities import marked_html
+from .explain_view import ExplainView
 
 MAX_TEXT_CHARS = 10_000
 CACHED_PREDICTORS = 3  # models kept in memory, least recently used dropped first
@@ -69,6 +71,9 @@ class Playground(W.VBox):
     evaluation = T.Dict(allow_none=True, default_value=None, help="evaluate_file's result for test_file")
     evaluation_error = T.Unicode("", help="why the file could not be scored (one line)")
     evaluating = T.Bool(False)
+    explanation = T.Dict(allow_none=True, default_value=None, help="explain_predictor's answer for the shown "
+                         "result's text (one attribution per word), with the run_id")
+    explaining = T.Bool(False)
 
     def __init__(self, home: str | Path | None = None, background: bool = True, store: RunStore | None = None,
                  uploads: bool = True, **kwargs: Any) -> None:
@@ -87,12 +92,16 @@ class Playground(W.VBox):
         self._predict.on_click(lambda _: self.predict())
         refresh.on_click(lambda _: self.refresh_runs())
         self._output = W.HTML("", layout=S.full_width())
+        self._explain = W.Button(description="Explain", icon="search", tooltip="colour each word by how much it "
+                                 "pushed this answer", layout=W.Layout(width="auto", display="none"))
+        self._explain.on_click(lambda _: self.explain())
+        self.explain_view = ExplainView()
         self._error_html = S.inline_error()
         self._evaluation_html = W.HTML("", layout=S.full_width())
         self._upload: W.FileUpload | None = None  # none on a read-only page: nothing to upload to
         self._upload_hint = W.HTML("", layout=S.full_width())
         children = [self._run, self._text, W.Box([self._predict, refresh], layout=S.wrap_row()),
-                    self._error_html, self._output]
+                    self._error_html, self._output, self._explain, self.explain_view]
         if uploads:
             self._upload = W.FileUpload(accept=",".join(UPLOAD_EXTENSIONS), multiple=False,
                                         description="Test file", layout=W.Layout(width="auto"))
@@ -105,6 +114,7 @@ class Playground(W.VBox):
         self._text.observe(self._on_text_control, names="value")
         self.observe(self._show_error, names="error")
         self.observe(self._show_result, names="result")
+        self.observe(self._show_explanation, names="explanation")
         self.observe(self._on_run, names="run_id")
         self.observe(self._show_view, names="view")
         self._show_view()
@@ -157,6 +167,21 @@ class Playground(W.VBox):
         self._output.value = S.message("predicting ..." if run_id in self._predictors else
                                        f"loading the model of run {run_id} ...", "muted")
         return run_job(lambda: self._predict_now(run_id, content), sync=not self.background, name="playground-predict")
+
+    def explain(self) -> threading.Thread | None:
+        """Attribute the shown answer to the words of its text (on a worker thread, returned; None when
+        refused): the result lands in `explanation`, a failure in the explain view's error line."""
+        result = self.result or {}
+        text, run_id = result.get("text"), result.get("run_id")
+        if not isinstance(text, str) or not run_id:
+            self.explain_view.error = "predict first: Explain colours the words of the shown answer's text"
+            return None
+        if self.explaining:
+            self.explain_view.error = "an explanation is being computed: wait for it to finish"
+            return None
+        self.explaining, self.explain_view.error = True, ""
+        self._explain.disabled = True
+        return run_job(lambda: self._explain_now(run_id, text), sync=not self.background, name="playground-explain")
 
     def predictor(self, run_id: str) -> Any:
         """The cached predictor of a run, loaded on first use."""
@@ -225,6 +250,20 @@ class Playground(W.VBox):
             self.busy = False
             self._predict.disabled = False
 
+    def _explain_now(self, run_id: str, text: str) -> None:
+        from workbench.explain import explain_predictor
+
+        try:
+            self.explanation = {**explain_predictor(self.predictor(run_id), [text])[0], "run_id": run_id}
+        except WorkbenchError as exc:
+            self.explanation, self.explain_view.error = None, one_line(str(exc))
+        except Exception as exc:  # words, never a traceback
+            self.explanation = None
+            self.explain_view.error = one_line(f"explanation failed ({type(exc).__name__}: {exc})")
+        finally:
+            self.explaining = False
+            self._explain.disabled = False
+
     # --- control <-> traits ---------------------------------------------------------------------
     def _on_run_control(self, change: dict[str, Any]) -> None:
         if change["new"] in self.runs:
@@ -251,6 +290,11 @@ class Playground(W.VBox):
 
     def _show_result(self, change: Any = None) -> None:
         self._output.value = result_html(self.result) if self.result else ""
+        self._explain.layout.display = "" if self.result else "none"
+        self.explanation, self.explain_view.error = None, ""
+
+    def _show_explanation(self, change: Any = None) -> None:
+        self.explain_view.explanation = self.explanation
 
     def _show_evaluation(self, change: Any = None) -> None:
         if self.evaluating:

@@ -94,7 +94,7 @@ def explained_target(predictor: Any, method: str = "auto") -> Target:
             p = p.inner
             continue
         members = getattr(p, "members", None)
-        if isinstance(members, list) and not has_gradients(p):
+        if isinstance(members, list):
             names = list(getattr(p, "names", None) or [f"member {i}" for i in range(len(members))])
             picks = [(n, m) for n, m in zip(names, members) if has_gradients(m) or hasattr(m, "members")]
             if not picks:
