@@ -109,13 +109,20 @@ def test_trust_reports_written_by_hand_show_up_masked_and_escaped(trained, tmp_p
     record["dir"] = str(tmp_path / "run")
     paths = RunPaths.of(record)
     paths.trust.mkdir(parents=True)
-    assert "not measured: run `workbench trust" in _section(model_card(record), "Robustness")
+    assert "not measured: score the run on a labelled file with `workbench.evaluate.evaluate_file(" in _section(
+        model_card(record), "Robustness")
     paths.calibration.write_text(json.dumps({"method": "temperature", "temperature": 0.7, "ece_before": 0.2,
                                              "ece_after": 0.05, "rows": 24}))
-    paths.robustness.write_text(json.dumps({
-        "clean_accuracy": 0.9125, "perturbations": {"typos": {"accuracy": 0.8375, "flip_rate": 0.0912},
-                                                    "lowercase": {"accuracy": 0.9, "flip_rate": 0.0125}},
-        "out_of_domain": {"confidence_shift": -0.2468}}))
+    paths.robustness.write_text(json.dumps({  # the shape workbench.robustness writes
+        "kind": "classification", "rows": 80, "labels": ["neg", "pos"],
+        "clean": {"accuracy": 0.9125, "f1_macro": 0.91, "mean_confidence": 0.88},
+        "perturbations": [{"name": "typos", "description": "a typo in 10 % of the words", "changed": 80,
+                           "accuracy": 0.8375, "flip_rate": 0.0912, "examples": [{"clean": "a", "perturbed": "b"}]},
+                          {"name": "lowercase", "description": "lower case", "changed": 50, "accuracy": 0.9,
+                           "flip_rate": 0.0125, "examples": []}],
+        "ood": {"source": "built-in", "in_domain_confidence": 0.88, "notes": [],
+                "sets": [{"name": "word salad", "rows": 300, "mean_confidence": 0.64, "shift": -0.2468,
+                          "auroc": 0.81, "examples": ["x y z"]}]}}))
     paths.slices.write_text(json.dumps({
         "slices": [{"slice": "length > 40 tokens", "rows": 12, "accuracy": 0.5833},
                    {"slice": "<script>alert(1)</script>", "rows": 3, "accuracy": 1.0}],
@@ -124,8 +131,11 @@ def test_trust_reports_written_by_hand_show_up_masked_and_escaped(trained, tmp_p
     paths.faithfulness.write_text(json.dumps({"top_k": 0.3141, "random_k": 0.1047, "ratio": 3.0}))
     card = model_card(record)
     robustness = _section(card, "Robustness")
-    assert "| clean_accuracy | 0.9125 |" in robustness
-    assert "| typos | 0.8375 | 0.0912 |" in robustness and "| confidence_shift | -0.2468 |" in robustness
+    assert "clean:\n\n| figure | value |\n|---|---|\n| accuracy | 0.9125 |" in robustness
+    assert "| typos | a typo in 10 % of the words | 80 | 0.8375 | 0.0912 |" in robustness
+    assert "(examples of each row: in the run's report)" in robustness
+    assert "ood sets:\n\n| name | rows | mean_confidence | shift | auroc |" in robustness
+    assert "| word salad | 300 | 0.6400 | -0.2468 | 0.8100 |" in robustness
     slices = _section(card, "Slices")
     assert "Flagged (a gap this report marks): length &gt; 40 tokens (gap -0.3300)." in slices
     assert "| length &gt; 40 tokens | 12 | 0.5833 |" in slices

@@ -39,9 +39,11 @@ CARD_FILE = "README.md"  # the name the Hub and most tools read a model director
 # the command that measures a figure a card finds missing ({run}: the run id)
 MEASURED_BY = {
     "calibration": "train with `train.calibrate: true` (the default): the temperature is fitted on the eval split",
-    "robustness": "run `workbench trust {run}`",
-    "slices": "run `workbench trust {run}`",
-    "faithfulness": "run `workbench trust {run}`",
+    "robustness": "score the run on a labelled file with `workbench.evaluate.evaluate_file(\"{run}\", FILE, "
+                  "robustness=True)` (writes trust/robustness.json)",
+    "slices": "score the run on a labelled file with `workbench.evaluate.evaluate_file(\"{run}\", FILE)` "
+              "(writes trust/slices.json)",
+    "faithfulness": "run `workbench.explain.faithfulness(\"{run}\")` (writes trust/faithfulness.json)",
     "baseline": "train with `train.baseline: true` (the default)",
 }
 _HUB_METRIC = {"f1_macro": "f1", "spearman": "spearmanr"}  # our figure name -> the Hub's metric type
@@ -77,6 +79,8 @@ def _text(value: Any) -> str:
 def _cell(value: Any) -> str:
     if isinstance(value, list) and value and all(_is_number(v) for v in value):
         value = "[" + ", ".join(_num(v) for v in value) + "]"
+    elif isinstance(value, list) and _flat(value):
+        value = ", ".join(_num(v) for v in value)
     if isinstance(value, (dict, list)):
         value = json.dumps(value, ensure_ascii=False, default=str)
         value = value if len(value) <= 120 else value[:117] + "..."
@@ -435,26 +439,39 @@ def _calibration_section(run: _Run) -> list[str]:
     return lines + ["", abstain_words, ""]
 
 
-def _report_tables(value: Any, skip: tuple[str, ...] = ()) -> list[str]:
-    """A trust report of any shape as tables: its plain figures, then one table per nested part (but `skip`)."""
+def _flat(value: Any) -> bool:
+    """A value that fits one table cell: a scalar, or a list of scalars."""
+    if isinstance(value, list):
+        return all(not isinstance(v, (dict, list)) for v in value)
+    return not isinstance(value, dict)
+
+
+def _report_tables(value: Any, skip: tuple[str, ...] = (), title: str = "") -> list[str]:
+    """A trust report of any shape as tables: its plain figures, then one table per nested part (but `skip`);
+    nested parts of a table's rows (each perturbation's examples) are left to the report itself."""
+    heading = [f"{_text(title)}:", ""] if title else []
+    if isinstance(value, list):
+        rows = [v for v in value if isinstance(v, dict)]
+        if not rows:
+            return [f"{_text(title) or 'values'}: " + ", ".join(_cell(v) for v in value), ""]
+        nested = list(dict.fromkeys(c for v in rows for c in v if not _flat(v[c])))
+        columns = [c for c in dict.fromkeys(c for v in rows for c in v) if c not in nested]
+        left = [f"({', '.join(nested)} of each row: in the run's report)", ""] if nested else []
+        return heading + _table(columns, [[v.get(c) for c in columns] for v in rows]) + left
     if not isinstance(value, dict):
-        return _table(["value"], [[v] for v in value]) if isinstance(value, list) else [_cell(value), ""]
-    plain = [[k, v] for k, v in value.items() if not isinstance(v, (dict, list))]
-    lines = _table(["figure", "value"], plain)
+        return heading + [_cell(value), ""]
+    plain = [[k, v] for k, v in value.items() if _flat(v) and k not in skip]
+    lines = heading + _table(["figure", "value"], plain) if plain else []
     for key, part in value.items():
-        if key in skip:
+        if key in skip or _flat(part) or not part:
             continue
-        if isinstance(part, dict) and part and all(isinstance(v, dict) for v in part.values()):
-            columns = list(dict.fromkeys(c for v in part.values() for c in v))
-            lines += [f"{_text(key)}:", "", *_table(["", *columns], [[k, *(v.get(c) for c in columns)]
-                                                                     for k, v in part.items()])]
-        elif isinstance(part, dict) and part:
-            lines += [f"{_text(key)}:", "", *_table(["", ""], [[k, v] for k, v in part.items()])]
-        elif isinstance(part, list) and part and all(isinstance(v, dict) for v in part):
-            columns = list(dict.fromkeys(c for v in part for c in v))
-            lines += [f"{_text(key)}:", "", *_table(columns, [[v.get(c) for c in columns] for v in part])]
-        elif isinstance(part, list) and part:
-            lines += [f"{_text(key)}: " + ", ".join(_cell(v) for v in part), ""]
+        name = f"{title} {key}".strip()
+        if isinstance(part, dict) and all(isinstance(v, dict) for v in part.values()):
+            columns = list(dict.fromkeys(c for v in part.values() for c in v if _flat(v[c])))
+            lines += [f"{_text(name)}:", "", *_table(["", *columns], [[k, *(v.get(c) for c in columns)]
+                                                                      for k, v in part.items()])]
+        else:
+            lines += _report_tables(part, title=name)
     return lines
 
 
