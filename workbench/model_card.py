@@ -566,7 +566,8 @@ def model_card(record: dict[str, Any], export_info: dict[str, Any] | None = None
     body += _baseline_section(run) + _calibration_section(run)
     body += _trust_section(run, "robustness", "Robustness", "Accuracy under perturbed inputs and the confidence "
                            "shift on out-of-domain texts, as the robustness report holds them:")
-    body += _trust_section(run, "slices", "Slices", "The eval figures on slices of the eval split:")
+    body += _trust_section(run, "slices", "Slices", "Figures on slices of a labelled file (by length, terms, the "
+                           "file's own columns), beside the overall figure, as the slice report holds them:")
     body += _trust_section(run, "faithfulness", "Explanations", "How much the prediction depends on the tokens an "
                            "explanation ranks highest (comprehensiveness: top-k removed vs random-k removed):")
     body += _load_section(run) + _reproduce_section(run)
