@@ -70,6 +70,26 @@ class DataConfig:
                 "[EMAIL], [PHONE], ... in everything the run stores or shows about its data (logs, mistakes, "
                 "predictions, drift snapshots); all: also in the training and eval texts before the model "
                 "sees them; off: nothing masked"})
+    augment: list[Literal["synonym", "insert", "swap", "delete", "back-translation"]] = field(
+        default_factory=list, metadata={
+            "help": "classification and regression: add training rows made from the training rows (never the "
+                    "eval rows): synonym (a word in ten replaced by its nearest neighbour in the model's "
+                    "word embeddings), insert (such a neighbour put in), swap (two words exchanged), delete "
+                    "(words dropped with probability 0.1), back-translation (through data.back_translation and "
+                    "back); each new row takes one of them at random"})
+    augment_factor: float = field(default=1.0, metadata={
+        "help": "new rows per training row with data.augment (1.5: one each, and a second for half of them)"})
+    back_translation: list[str] | None = field(default=None, metadata={
+        "help": "data.augment back-translation: [to, back], two translation models (a model directory, a hub "
+                "id, or run:<id> of a seq2seq run), e.g. [Helsinki-NLP/opus-mt-en-de, Helsinki-NLP/opus-mt-de-en]"})
+    unlabeled_source: str | None = field(default=None, metadata={
+        "help": "self-training: a file of unlabelled texts (CSV/TSV/JSONL/Parquet text column, or .txt one a "
+                "line) that data.pseudo_label_from labels"})
+    pseudo_label_from: str | None = field(default=None, metadata={
+        "help": "self-training: the completed classification run (id) whose confident answers on "
+                "data.unlabeled_source join the training rows (counted apart from the gold ones)"})
+    pseudo_label_threshold: float = field(default=0.9, metadata={
+        "help": "self-training: the least top-class probability a pseudo-label needs"})
     prompt_column: str | None = field(default=None, metadata={
         "help": "task chat: the question (user turn) column; task seq2seq: the source text column; "
                 "detected when left out"})
@@ -92,6 +112,25 @@ class DataConfig:
         self._check_eval_fraction()
         self._check_chat_columns()
         self._check_languages()
+        self._check_more_rows()
+
+    def _check_more_rows(self) -> None:
+        if not 0 < self.augment_factor <= 10:
+            _fail("data", "augment_factor", self.augment_factor, "new rows per training row, above 0 and at most 10")
+        if "back-translation" in self.augment and (not isinstance(self.back_translation, list)
+                                                   or len(self.back_translation) != 2):
+            _fail("data", "back_translation", self.back_translation, "[to, back]: two translation models, "
+                  "e.g. [Helsinki-NLP/opus-mt-en-de, Helsinki-NLP/opus-mt-de-en]")
+        if self.back_translation is not None and "back-translation" not in self.augment:
+            _fail("data", "back_translation", self.back_translation, "left out unless data.augment has "
+                  "back-translation")
+        if (self.unlabeled_source is None) != (self.pseudo_label_from is None):
+            name = "unlabeled_source" if self.unlabeled_source is not None else "pseudo_label_from"
+            _fail("data", name, getattr(self, name), "set together with data." +
+                  ("pseudo_label_from (the run that labels it)" if name == "unlabeled_source" else
+                   "unlabeled_source (the texts it labels)"))
+        if not 0.0 < self.pseudo_label_threshold <= 1.0:
+            _fail("data", "pseudo_label_threshold", self.pseudo_label_threshold, "a probability, e.g. 0.9")
 
     def _check_source(self) -> None:
         for name in ("source", "eval_source"):
@@ -468,6 +507,12 @@ class Config:
                   f"one of {', '.join(spec.methods)} for task: {self.task} ({spec.head})")
         self._check_columns(spec)
         self._check_train_fields(spec)
+        if self.data.augment and spec.kind != "encoder":
+            _fail("data", "augment", self.data.augment, f"[] for task: {self.task}: augmentation makes rows "
+                  "for tasks with a label or value per text (text-classification, text-regression)")
+        if self.data.unlabeled_source is not None and not (spec.kind == "encoder" and spec.classes):
+            _fail("data", "unlabeled_source", self.data.unlabeled_source, f"left out for task: {self.task}: "
+                  "self-training labels texts with a classifier's classes")
         if self.train.adversarial != "off" and self.method.spec.family == "zero-shot":
             _fail("train", "adversarial", self.train.adversarial, f"off for method: {self.method.name}: a "
                   "zero-shot baseline trains no weights for the attack to harden")

@@ -28,6 +28,7 @@ from ..models.state import set_seed
 from ..store import RunStore
 from ..tasks import Task, task_of
 from .adversarial import attack_for
+from .augment import grow_training
 from .continual import check_labels, forgetting, load_previous_weights, mix_replay, previous_run
 from .bucketing import bucketed_batches
 from .checkpoints import Progress, keep_only, latest_checkpoint, load_checkpoint, mark_best, save_checkpoint, save_model
@@ -230,7 +231,8 @@ def _setup(ctx: RunContext, task: Task, accelerator: Any, precision: str) -> Ses
         config.train.init_from = previous.record["id"]  # "latest" would name this run itself on a resume
         continued = mix_replay(data, previous, config.train.replay, config.train.seed)
     source = resolve_model(config.model, ctx.store.home, config.trust_remote_code)
-    check_batch_fits(config, task, data, world)
+    grown = grow_training(config, data, source, ctx.store)  # self-training and augmentation rows, before the
+    check_batch_fits(config, task, data, world)            # epochs and steps are chosen from the data size
     config, decisions, truncation = _choose_settings(config, task, data, source, world,
                                                      accelerator.device.type == "cuda")
     ctx.config = config
@@ -255,7 +257,7 @@ def _setup(ctx: RunContext, task: Task, accelerator: Any, precision: str) -> Ses
                                     **({"steps": config.train.adversarial_steps}
                                        if config.train.adversarial == "pgd" else {})}}
                    if config.train.adversarial != "off" else {}),
-                **({"continued": continued} if continued else {}), "num_processes": world,
+                **({"continued": continued} if continued else {}), **grown, "num_processes": world,
                 "torch_threads": torch.get_num_threads(), "precision": precision, "device": accelerator.device.type}
         _record_setup(ctx, task, data, info)
 
