@@ -1,0 +1,326 @@
+"""Active learning on a tiny model: suggestions (unlabelled, unique, ordered, seeded, spread over clusters),
+labels appended to the dataset file atomically in its own encoding, undo after a reload or a crash, the
+learning curve's shape, and the refusals."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import sentiment_rows
+from workbench.active import (
+    STRATEGIES, append_labels, appended_rows, journal_path, learning_curve, normalise, remove_last,
+    sentence_embeddings, suggest)
+from workbench.data import load_labelled, read_file
+from workbench.errors import WorkbenchError
+
+
+def _write_csv(path: Path, rows: list[dict[str, str]], encoding: str = "utf-8", newline: str = "\n") -> Path:
+    with open(path, "w", newline="", encoding=encoding) as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator=newline)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _raw_config(model_dir: Path, source: Path, epochs: int = 2) -> dict:
+    return {"model": str(model_dir), "data": {"source": str(source), "eval_fraction": 0.25},
+            "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+            "train": {"epochs": epochs, "batch_size": 8, "learning_rate": 5e-3, "max_length": 32,
+                      "warmup_ratio": 0.0, "early_stopping_patience": 0, "threads": 1, "baseline": False},
+            "track": {"wandb": "disabled", "tensorboard": False}}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory):
+    """A tiny classification run on 40 labelled rows, and a pool that repeats 10 of them."""
+    from workbench.config import Config
+    from workbench.loop import train
+    from workbench.store import RunStore
+
+    folder = tmp_path_factory.mktemp("active")
+    rows = sentiment_rows(120, seed=3)
+    dataset = _write_csv(folder / "labelled.csv", rows[:40])
+    store = RunStore(folder / "home")
+    record = train(Config.from_dict(_raw_config(tiny_model_dir, dataset)), store)
+    assert record["status"] == "completed", record.get("error")
+    pool_texts = [r["text"] for r in rows[40:]] + [r["text"].upper() for r in rows[:10]] + [rows[50]["text"]]
+    pool = _write_csv(folder / "pool.csv", [{"id": str(i), "review": t} for i, t in enumerate(pool_texts)])
+    return {"record": record, "home": store.home, "dataset": dataset, "pool": pool, "texts": pool_texts,
+            "labelled": {normalise(r["text"]) for r in rows[:40]}}
+
+
+def test_suggest_gives_n_unlabelled_unique_rows_most_useful_first(trained):
+    rows = suggest(trained["record"]["id"], trained["pool"], 12, trained["home"], strategy="margin-diversity")
+    assert len(rows) == 12
+    keys = [normalise(r["text"]) for r in rows]
+    assert not set(keys) & trained["labelled"], "an already labelled text was suggested"
+    assert len(set(keys)) == 12, "a text was suggested twice"
+    assert [r["rank"] for r in rows] == list(range(1, 13))
+    margins = [r["margin"] for r in rows]
+    assert margins == sorted(margins), "suggestions are not ordered by uncertainty"
+    assert {r["strategy"] for r in rows} == {"margin-diversity"}
+    for r in rows:  # the index is the pool file's data row
+        assert trained["texts"][r["index"]] == r["text"]
+        assert r["predicted"] == max(r["scores"], key=r["scores"].get)
+        assert abs(sum(r["scores"].values()) - 1.0) < 1e-6
+    assert len({r["cluster"] for r in rows}) == 12, "two suggestions came from one cluster"
+
+
+def test_suggest_is_deterministic_by_seed_and_random_differs(trained):
+    args = (trained["record"]["id"], trained["pool"], 8, trained["home"])
+    assert suggest(*args, seed=1) == suggest(*args, seed=1)
+    first = suggest(*args, strategy="random", seed=1)
+    assert first == suggest(*args, strategy="random", seed=1)
+    assert [r["index"] for r in first] != [r["index"] for r in suggest(*args, strategy="random", seed=2)]
+    assert all(r["cluster"] is None for r in first)
+
+
+def test_plain_margin_is_the_smallest_margins_of_the_pool(trained):
+    rows = suggest(trained["record"]["id"], trained["pool"], 5, trained["home"], strategy="margin")
+    every = suggest(trained["record"]["id"], trained["pool"], 500, trained["home"], strategy="margin")
+    assert len(every) == 80  # 91 rows in the pool file: 10 labelled (in upper case) and 1 repeat left out
+    assert [r["index"] for r in rows] == [r["index"] for r in every[:5]]
+    assert [r["margin"] for r in every] == sorted(r["margin"] for r in every)
+
+
+class _Scripted:
+    """A predictor whose probabilities are given per text (no network: embeddings are its probabilities)."""
+
+    labels = ["neg", "pos"]
+
+    def __init__(self, table: dict[str, float]) -> None:
+        self.table = table
+
+    def probabilities(self, texts):
+        return np.array([[1 - self.table[t], self.table[t]] for t in texts])
+
+
+def test_diversity_spreads_picks_over_clusters_where_margin_alone_does_not(trained):
+    # three groups: ten texts at p=0.5 (most uncertain), ten at 0.7, ten at 0.9
+    table = {f"group {g} text {i}": p + 0.001 * i for g, p in enumerate((0.5, 0.7, 0.9)) for i in range(10)}
+    args = (trained["record"]["id"], list(table), 3, trained["home"])
+    plain = suggest(*args, strategy="margin", predictor=_Scripted(table))
+    spread = suggest(*args, strategy="margin-diversity", predictor=_Scripted(table))
+    assert {r["text"].split()[1] for r in plain} == {"0"}
+    assert {r["text"].split()[1] for r in spread} == {"0", "1", "2"}
+    assert len({r["cluster"] for r in spread}) == 3
+    assert [r["text"] for r in spread] == ["group 0 text 0", "group 1 text 0", "group 2 text 0"]
+
+
+def test_sentence_embeddings_are_the_models_mean_hidden_state(trained):
+    from workbench.predict import load_predictor
+
+    predictor = load_predictor(trained["record"]["id"], trained["home"])
+    texts = trained["texts"][:5]
+    features = sentence_embeddings(predictor, texts)
+    assert features.shape == (5, 32)  # the tiny model's hidden size
+    again = sentence_embeddings(predictor, texts[:2], batch_size=1)
+    np.testing.assert_allclose(features[:2], again, atol=1e-5)
+    assert np.linalg.matrix_rank(features) > 1
+
+
+def test_suggest_reads_a_text_file_one_text_per_line(trained, tmp_path):
+    pool = tmp_path / "pool.txt"
+    pool.write_text("\n".join(["", trained["texts"][0], "  ", trained["texts"][1], trained["texts"][0]]),
+                    encoding="utf-8")
+    rows = suggest(trained["record"]["id"], pool, 5, trained["home"], strategy="margin")
+    assert sorted(r["index"] for r in rows) == [1, 3]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"n": 0}, r"n = 0 suggestions is not allowed: ask for 1 or more"),
+    ({"strategy": "smart"}, r"strategy 'smart' is unknown: choose from margin-diversity, entropy-diversity"),
+])
+def test_suggest_refuses_bad_arguments(trained, kwargs, message):
+    with pytest.raises(WorkbenchError, match=message):
+        suggest(trained["record"]["id"], trained["pool"], **{"n": 5, "home": trained["home"], **kwargs})
+
+
+def test_suggest_refuses_empty_and_fully_labelled_pools(trained, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n", encoding="utf-8")
+    with pytest.raises(WorkbenchError, match=r"the pool '.*empty.txt' holds no texts"):
+        suggest(trained["record"]["id"], empty, 5, trained["home"])
+    labelled = load_labelled(str(trained["dataset"]))[0][:5]
+    with pytest.raises(WorkbenchError, match=r"every text in the pool \(a list of 5 texts\) \(5\) is already labelled"):
+        suggest(trained["record"]["id"], labelled, 5, trained["home"])
+
+
+def test_suggest_refuses_a_regression_run(trained):
+    from workbench.store import RunStore
+
+    store = RunStore(trained["home"])
+    run_id = store.create_run({**trained["record"]["config"], "task": "text-regression"})
+    with pytest.raises(WorkbenchError, match=r"is a text-regression run: suggestions rank texts by a "
+                                             r"classifier's class probabilities; pick a text-classification run"):
+        suggest(run_id, trained["pool"], 5, trained["home"])
+    store.delete(run_id)
+
+
+# --- appending labels, undo -------------------------------------------------------------------------------
+
+def test_append_labels_keeps_the_encoding_columns_and_line_ending(tmp_path):
+    path = _write_csv(tmp_path / "d.csv", [{"id": "1", "text": "café crème", "label": "pos", "note": "x"}],
+                      encoding="cp1252", newline="\r\n")
+    before = path.read_bytes()
+    assert append_labels(path, [{"text": "déjà vu, \"quoted\"", "label": "neg"}]) == 1
+    raw = path.read_bytes()
+    assert raw.startswith(before)
+    assert raw[len(before):] == ',"déjà vu, ""quoted""",neg,\r\n'.encode("cp1252")
+    df, encoding = read_file(path)
+    assert encoding == "cp1252"
+    assert df["text"].tolist() == ["café crème", 'déjà vu, "quoted"']
+    assert df["id"].tolist() == ["1", ""]
+
+
+def test_append_labels_to_jsonl_tsv_and_a_file_without_a_final_newline(tmp_path):
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text('{"sentence": "one", "category": "a"}', encoding="utf-8")  # no final newline
+    append_labels(jsonl, [{"text": "two ✓", "label": "b"}, {"text": "three", "label": "a"}])
+    assert [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines()] == [
+        {"sentence": "one", "category": "a"}, {"sentence": "two ✓", "category": "b"},
+        {"sentence": "three", "category": "a"}]
+    assert remove_last(jsonl, 2) == [{"text": "three", "label": "a"}, {"text": "two ✓", "label": "b"}]
+    assert jsonl.read_text(encoding="utf-8") == '{"sentence": "one", "category": "a"}'
+    tsv = tmp_path / "d.tsv"
+    tsv.write_text("text\tlabel\nfirst, with a comma\tx\n", encoding="utf-8")
+    append_labels(tsv, [{"text": "second", "label": "y"}])
+    assert tsv.read_text(encoding="utf-8") == "text\tlabel\nfirst, with a comma\tx\nsecond\ty\n"
+
+
+def test_undo_survives_a_reload_and_touches_only_appended_rows(tmp_path):
+    path = _write_csv(tmp_path / "d.csv", [{"text": "old", "label": "a"}])
+    original = path.read_bytes()
+    append_labels(path, [{"text": "new 1", "label": "a"}])
+    append_labels(path, [{"text": "new 2", "label": "b"}])
+    # a reload: nothing but the files is kept
+    assert appended_rows(path) == [{"text": "new 1", "label": "a"}, {"text": "new 2", "label": "b"}]
+    assert remove_last(path) == [{"text": "new 2", "label": "b"}]
+    assert remove_last(path) == [{"text": "new 1", "label": "a"}]
+    assert path.read_bytes() == original
+    with pytest.raises(WorkbenchError, match=r"only 0 labelled rows can be undone in 'd.csv', not 1"):
+        remove_last(path)
+
+
+def test_undo_refused_when_the_file_changed_after_the_labels(tmp_path):
+    path = _write_csv(tmp_path / "d.csv", [{"text": "old", "label": "a"}])
+    append_labels(path, [{"text": "new", "label": "a"}])
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("hand written,b\n")
+    with pytest.raises(WorkbenchError, match=r"changed after the last labelled row \(it is 15 bytes longer\)"):
+        remove_last(path)
+    assert path.read_text(encoding="utf-8").endswith("new,a\nhand written,b\n")
+
+
+def test_a_crash_while_writing_leaves_the_file_whole(tmp_path, monkeypatch):
+    path = _write_csv(tmp_path / "d.csv", [{"text": "old", "label": "a"}])
+    append_labels(path, [{"text": "kept", "label": "a"}])
+    before = path.read_bytes()
+    (tmp_path / ".d.csv.abc123.tmp").write_bytes(b"text,label\nhalf writ")  # a temp file a crash left behind
+
+    real_replace = os.replace
+
+    def crash(src, dst):  # the journal is written, then the power goes before the data file is replaced
+        if Path(dst) == path:
+            raise OSError("power cut")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="power cut"):
+        append_labels(path, [{"text": "lost", "label": "b"}])
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    texts, labels, _ = load_labelled(str(path))
+    assert (texts, labels) == (["old", "kept"], ["a", "a"])
+    # the journal was written before the data: its entry for the lost row is found unmatched and dropped
+    assert appended_rows(path) == [{"text": "kept", "label": "a"}]
+    append_labels(path, [{"text": "after", "label": "b"}])
+    assert remove_last(path, 2) == [{"text": "after", "label": "b"}, {"text": "kept", "label": "a"}]
+    assert load_labelled(str(path))[0] == ["old"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".d.csv.abc123.tmp", journal_path(path).name, "d.csv"]
+
+
+def test_a_damaged_journal_undoes_nothing_and_keeps_the_data(tmp_path):
+    path = _write_csv(tmp_path / "d.csv", [{"text": "old", "label": "a"}])
+    append_labels(path, [{"text": "new", "label": "a"}])
+    journal_path(path).write_text("{not json", encoding="utf-8")
+    with pytest.raises(WorkbenchError, match="only 0 labelled rows can be undone"):
+        remove_last(path)
+    assert load_labelled(str(path))[0] == ["old", "new"]
+
+
+@pytest.mark.parametrize("name, content, rows, message", [
+    ("d.parquet", None, [{"text": "t", "label": "a"}], r"'d.parquet' is not plain CSV, TSV or JSONL"),
+    ("d.csv", "text,label\nold,a\n", [{"text": " ", "label": "a"}], r"a labelled row needs a text and a label"),
+    ("d.csv", "text,label\nold,a\n", [{"text": "t", "label": ""}], r"a labelled row needs a text and a label"),
+    ("d.json", '[{"text": "old", "label": "a"}]', [{"text": "t", "label": "a"}], r"is one JSON array"),
+    ("missing.csv", None, [{"text": "t", "label": "a"}], r"dataset file '.*missing.csv' not found"),
+])
+def test_append_labels_refusals(tmp_path, name, content, rows, message):
+    path = tmp_path / name
+    if name.endswith(".parquet"):
+        import pandas as pd
+
+        pd.DataFrame({"text": ["old"], "label": ["a"]}).to_parquet(path)
+    elif content is not None:
+        path.write_text(content, encoding="utf-8")
+    before = path.read_bytes() if path.exists() else None
+    with pytest.raises(WorkbenchError, match=message):
+        append_labels(path, rows)
+    assert (path.read_bytes() if path.exists() else None) == before
+
+
+def test_a_character_the_files_encoding_cannot_hold_is_refused(tmp_path):
+    path = _write_csv(tmp_path / "d.csv", [{"text": "café", "label": "a"}], encoding="cp1252")
+    before = path.read_bytes()
+    with pytest.raises(WorkbenchError, match=r"written in cp1252, which cannot hold a character of the text "
+                                             r"'привет': save the dataset as UTF-8"):
+        append_labels(path, [{"text": "привет", "label": "a"}])
+    assert path.read_bytes() == before
+
+
+# --- the learning curve -------------------------------------------------------------------------------
+
+def test_learning_curve_shares_the_start_and_grows_each_strategy(tiny_model_dir, tmp_path):
+    from workbench.config import Config
+
+    rows = sentiment_rows(80, seed=5)
+    test = _write_csv(tmp_path / "test.csv", rows[:20])
+    pool = rows[20:] + rows[:3]  # three test rows in the pool: dropped
+    config = Config.from_dict(_raw_config(tiny_model_dir, test, epochs=1))
+    heard = []
+    curve = learning_curve(config, pool, test, start=12, rounds=2, per_round=6, seed=0, home=tmp_path / "home",
+                           workdir=tmp_path / "work", out=tmp_path / "curve.json",
+                           on_point=lambda name, point: heard.append((name, point["labels"])))
+    assert curve["pool_rows"] == 60 and curve["test_rows"] == 20
+    assert set(curve["strategies"]) == {"margin-diversity", "random"}
+    for name, points in curve["strategies"].items():
+        assert [p["labels"] for p in points] == [12, 18, 24]
+        assert all(0.0 <= p["f1_macro"] <= 1.0 for p in points)
+        assert curve["final"][name] == points[-1]["f1_macro"]
+    assert curve["strategies"]["random"][0] == curve["strategies"]["margin-diversity"][0]  # one start run
+    assert len({p["run"] for points in curve["strategies"].values() for p in points}) == 5
+    assert heard[:3] == [("margin-diversity", 12), ("margin-diversity", 18), ("margin-diversity", 24)]
+    assert json.loads((tmp_path / "curve.json").read_text()) == curve
+    grown = load_labelled(str(tmp_path / "work" / "margin-diversity-24.csv"))[0]
+    assert len(set(grown)) == 24 and not set(grown) & {r["text"] for r in rows[:20]}
+
+
+def test_learning_curve_refuses_a_pool_too_small(tiny_model_dir, tmp_path):
+    from workbench.config import Config
+
+    rows = sentiment_rows(30)
+    test = _write_csv(tmp_path / "test.csv", rows[:10])
+    config = Config.from_dict(_raw_config(tiny_model_dir, test, epochs=1))
+    with pytest.raises(WorkbenchError, match=r"the pool has 20 usable labelled rows .* fewer than the 110"):
+        learning_curve(config, rows[10:], test, start=50, rounds=2, per_round=30, home=tmp_path / "home")
+
+
+def test_every_strategy_has_a_title():
+    assert all(s.title and s.name == name for name, s in STRATEGIES.items())
