@@ -151,22 +151,22 @@ def test_evaluate_with_robustness_writes_the_reports(tiny_config, store, tmp_pat
     from workbench.run_paths import RunPaths
 
     record = train(tiny_config(), store=store)
-    rows = [{**r, "source": "web" if i % 3 else "mail", "text": r["text"] + (" write to ann@example.org" if i == 0 else "")}
-            for i, r in enumerate(sentiment_rows(40, seed=4))]
+    rows = [{**r, "source": "web" if i % 3 else "mail"} for i, r in enumerate(sentiment_rows(40, seed=4))]
     test_file = _write_csv(tmp_path / "test.csv", rows)
     ood = tmp_path / "ood.txt"
-    ood.write_text("what time is it?\nthe cat sat on the mat\n")
+    ood.write_text("what time is it?\nwrite to ann@example.org\n")
     result = evaluate_file(record["id"], test_file, store.home, robustness=True, slice_columns=["source"],
                            slice_terms="great,awful", ood=ood)
     paths = RunPaths.of(record)
     written = json.loads(paths.robustness.read_text())
     assert written["run"] == record["id"] and {p["name"] for p in written["perturbations"]} == set(PERTURBATIONS)
     assert written["ood"]["sets"][0]["rows"] == 2 and written["ood"]["file"] == str(ood)
-    assert "ann@example.org" not in paths.robustness.read_text()
+    assert written["ood"]["sets"][0]["examples"] == ["what time is it?", "write to [EMAIL]"]
     slices = json.loads(paths.slices.read_text())
     assert {(s["kind"], s["value"]) for s in slices["slices"]} >= {("column", "web"), ("column", "mail"),
                                                                    ("term", "contains")}
-    assert sum(s["rows"] for s in slices["slices"] if s["kind"] == "length") == 40
+    lengths = [s for s in slices["slices"] if s["kind"] == "length"]
+    assert sum(s["rows"] for s in lengths) == 40 and all(re.fullmatch(r"\d+(-\d+)? words", s["value"]) for s in lengths)
     assert result["robustness"]["perturbations"] == written["perturbations"]
     assert 0.0 <= result["ece"] <= 1.0
     text = "\n".join(trust_lines(result))

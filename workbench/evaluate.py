@@ -192,12 +192,18 @@ def _written(record: dict[str, Any], path: Path, source: str, report: dict[str, 
     mode = (record.get("config") or {}).get("data", {}).get("mask_personal", "stored")
     for row in report.get("perturbations", []):
         for example in row.get("examples", []):
-            example["clean"], example["perturbed"] = stored_text(example["clean"], mode), stored_text(example["perturbed"], mode)
+            for key in ("clean", "perturbed"):
+                example[key] = stored_text(example[key], mode)
     for ood_set in (report.get("ood") or {}).get("sets", []):
         ood_set["examples"] = [stored_text(t, mode) for t in ood_set.get("examples", [])]
-    for piece in report.get("slices", []):
-        piece["value"], piece["group"] = stored_text(piece["value"], mode), stored_text(piece["group"], mode)
-    report = {"run": record["id"], "file": source, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **report}
+    for piece in report.get("slices", []):  # a column's values and the terms are data; bucket names are not
+        key = {"column": "value", "term": "group"}.get(piece["kind"])
+        if key:
+            piece[key] = stored_text(piece[key], mode)
+    if "slices" in report:
+        report["notes"] = [stored_text(n, mode) for n in report.get("notes", [])]
+    report = {"run": record["id"], "file": source, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              **report}
     write_json(path, report)
     return report
 
@@ -314,7 +320,8 @@ def trust_lines(result: dict[str, Any], slices_shown: int = 8) -> list[str]:
                              f"{p['accuracy_drop']:+.4f}  {flips}")
         ood = rob.get("ood")
         if ood:
-            lines.append(f"  out of domain ({ood['source']}): in-domain mean confidence {ood['in_domain_confidence']:.3f}")
+            lines.append(f"  out of domain ({ood['source']}): in-domain mean confidence "
+                         f"{ood['in_domain_confidence']:.3f}")
             for s in ood["sets"]:
                 lines.append(f"    {s['name']:<22} {s['rows']:>5} texts  mean confidence {s['mean_confidence']:.3f} "
                              f"(shift {s['shift']:+.3f}), AUROC in vs out {s['auroc']:.3f}")
@@ -324,7 +331,8 @@ def trust_lines(result: dict[str, Any], slices_shown: int = 8) -> list[str]:
         metric = "rmse" if sl["kind"] == "regression" else "accuracy"
         overall = sl["overall"]
         lines.append(f"slices ({overall['rows']} rows, overall {metric} {overall[metric]:.4f}); flagged: {sl['rule']}")
-        shown = sl["flagged"] + [s for s in sl["slices"] if not s["flagged"]][:max(0, slices_shown - len(sl["flagged"]))]
+        rest = [s for s in sl["slices"] if not s["flagged"]]
+        shown = sl["flagged"] + rest[:max(0, slices_shown - len(sl["flagged"]))]
         for s in shown:
             mark = "  FLAGGED" if s["flagged"] else ""
             lines.append(f"  {s['kind']:<6} {s['group'][:20]:<20} {s['value'][:22]:<22} {s['rows']:>6} rows  "

@@ -117,7 +117,9 @@ def _groups(texts: list[str], columns: dict[str, Sequence[Any]] | None, terms: S
 
 
 def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and np.isnan(value)) or (isinstance(value, str) and not value.strip())
+    if isinstance(value, str):
+        return not value.strip()
+    return value is None or (isinstance(value, float) and np.isnan(value))
 
 
 def slice_report(texts: Sequence[str], y_true: Sequence[Any], y_pred: Sequence[Any],
