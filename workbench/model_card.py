@@ -136,6 +136,7 @@ class _Run:
         self.spec: TaskSpec | None = TASKS.get(self.config.get("task", ""))
         self.paths = RunPaths.of(record) if record.get("dir") else None
         self.export = export_info
+        self._reports: dict[str, Any] = {}
 
     @property
     def title(self) -> str:
@@ -167,20 +168,20 @@ class _Run:
     def report(self, what: str) -> Any:
         """A trust report (robustness, slices, faithfulness) or the calibration record, masked; None if absent.
         calibration.json (what predict and serve scale by) comes before the record's copy."""
-        found = _read_json(getattr(self.paths, what)) if self.paths is not None else None
-        if found is None and what == "calibration" and isinstance(self.metrics.get("calibration"), dict):
-            found = self.metrics["calibration"]
-        return None if found is None else mask_value(found)
+        if what not in self._reports:
+            found = _read_json(getattr(self.paths, what)) if self.paths is not None else None
+            if found is None and what == "calibration" and isinstance(self.metrics.get("calibration"), dict):
+                found = self.metrics["calibration"]
+            self._reports[what] = None if found is None else mask_value(found)
+        return self._reports[what]
 
 
 def _base_model(run: _Run) -> tuple[str, str | None]:
     """(how the card names the base model, its hub id when it has one)."""
     model = str(run.config.get("model", ""))
-    if run.export and run.export.get("base_model") and model not in MODELS:
-        model = str(run.export["base_model"]) if not Path(model).is_dir() else model
     asset = MODELS.get(model)
     if asset is not None:
-        hub = getattr(asset, "hub_id", None)
+        hub = getattr(asset, "hub_id", None)  # read when the catalog names its models' hub ids
         return f"{model} ({asset.description}; licence {asset.licence})", hub
     if Path(model).expanduser().is_dir():
         return f"a local model directory ({Path(model).name})", None
@@ -188,6 +189,7 @@ def _base_model(run: _Run) -> tuple[str, str | None]:
 
 
 def _languages(run: _Run) -> list[str]:
+    """The base model's languages, when the catalog names them (else the card says to read the base's card)."""
     asset = MODELS.get(str(run.config.get("model", "")))
     return list(getattr(asset, "languages", None) or [])
 
