@@ -131,6 +131,7 @@ def test_the_calibrated_predictor_scales_abstains_and_delegates():
 # --- runs ------------------------------------------------------------------------------------------------
 
 def test_a_run_fits_stores_and_answers_with_its_temperature(tiny_config, store):
+    from workbench.deploy.adapter import load_served_model
     from workbench.predict import load_predictor
 
     record = train(tiny_config(train={"baseline": False, "abstain_below": 0.9}), store=store)
@@ -139,7 +140,7 @@ def test_a_run_fits_stores_and_answers_with_its_temperature(tiny_config, store):
     assert cal["ece_after"] <= cal["ece_before"] and cal["of"] == "fine-tuned"
     stored = json.loads(RunPaths.of(record).calibration.read_text())
     assert stored["temperature"] == cal["temperature"] > 0
-    rows = json.loads(Path(record["metrics"]["predictions_file"]).read_text())["rows"]
+    rows = json.loads(RunPaths.of(record).eval_step(record["metrics"]["best_step"]).read_text())["rows"]
     texts = [r["text"] for r in rows]
     raw = load_predictor(record["id"], store.home, calibrated=False)
     calibrated = load_predictor(record["id"], store.home)
@@ -150,6 +151,12 @@ def test_a_run_fits_stores_and_answers_with_its_temperature(tiny_config, store):
     confidence = calibrated.probabilities(texts).max(axis=1)
     assert [a["label"] == UNCERTAIN for a in answers] == list(confidence < 0.9)
     assert all(a["top_label"] in raw.labels for a in answers if a.get("abstained"))
+    served = load_served_model(record["id"], store.home)  # the server: adapters merged through the wrapper
+    assert isinstance(served.predictor, CalibratedPredictor) and served.predictor.inner.model is served.predictor.model
+    assert (served.labels, served.task) == (raw.labels, raw.task)
+    assert served.tokenizer is served.predictor.inner.tokenizer is not None
+    for got, want in zip(served.predict(texts[:8]), answers[:8]):
+        assert got["scores"] == pytest.approx(want["scores"], abs=1e-5) and "text" not in got
 
 
 def test_calibrate_off_writes_none_and_the_run_answers_unscaled(tiny_config, store):
