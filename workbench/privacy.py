@@ -21,9 +21,8 @@ Years, ratings ("3.5/10"), prices, counts and dates are not masked (tests/test_p
 its data goes through it before it reaches a file. `MaskingFilter` masks log records (messages, arguments
 and tracebacks) on the handlers it is added to (`mask_logging`).
 
-Measured on 2 CPU cores: 34,000 rotten-tomatoes reviews per second, no review masked among its 12,808;
-1,300 bbc-news articles per second (long texts full of figures), 5 of 2,225 masked (one real phone line,
-four tennis scores before the score rule).
+A text with no digit skips every number search, and libphonenumber reads only the runs of digits and
+separators long enough to be a phone number, not a whole article.
 """
 
 from __future__ import annotations
@@ -48,6 +47,8 @@ _IN_NUMBER_BEFORE = re.compile(r"(?:\d\.|[eE][+\-])$")  # the candidate continue
 _IN_NUMBER_AFTER = re.compile(r"[.,]\d")
 _DECIMAL = re.compile(r"^\(?\d+\.\d{1,2}\)?[.,;:]?$")  # 1234.5, 12.99: an amount, not a phone group
 _CARD = re.compile(r"(?<!\d)(?:\d[ \-]?){12,18}\d(?!\d)")
+_DIGIT = re.compile(r"\d")
+_PHONE_RUN = re.compile(r"[+(]?\d[\d \t().\-/]{5,}\d\)?")  # where a phone number may be written
 _DEFAULT_REGION = "US"
 
 Span = tuple[int, int, str]
@@ -105,22 +106,31 @@ def _reads_as_phone(text: str, match: Any) -> bool:
 
 
 def _phones(text: str, region: str) -> Iterable[Span]:
+    """libphonenumber's matches, looked for in each run of digits and separators long enough to be a number
+    (with two characters of context either side): a long text is not scanned whole (3x faster on news)."""
     import phonenumbers
 
-    if sum(ch.isdigit() for ch in text) < 7:  # no phone number is shorter (and most texts have no digits)
-        return
-    for match in phonenumbers.PhoneNumberMatcher(text, region, leniency=phonenumbers.Leniency.POSSIBLE):
-        if _reads_as_phone(text, match):
-            yield match.start, match.end, "phone"
+    for run in _PHONE_RUN.finditer(text):
+        if len(_DIGIT.findall(run.group())) < 7:
+            continue
+        first, last = max(0, run.start() - 2), min(len(text), run.end() + 2)
+        window = text[first:last]
+        for match in phonenumbers.PhoneNumberMatcher(window, region, leniency=phonenumbers.Leniency.POSSIBLE):
+            if _reads_as_phone(window, match):
+                yield first + match.start, first + match.end, "phone"
 
 
 def find_personal(text: str, region: str = _DEFAULT_REGION, names: NameFinder | None = None) -> list[Span]:
     """The (start, end, kind) character spans of personal data in `text`, left to right, none overlapping
     (the earlier, then the longer span wins). `names` finds names (see `names_from_predictor`)."""
     spans: list[Span] = [(m.start(), m.end(), "email") for m in _EMAIL.finditer(text)] if "@" in text else []
-    spans += list(_ips(text))
-    spans += list(_cards(text))
-    spans += list(_phones(text, region))
+    digits = len(_DIGIT.findall(text)) if _DIGIT.search(text) else 0  # most texts have none: no number to find
+    if digits:
+        spans += list(_ips(text))
+    if digits >= 13:
+        spans += list(_cards(text))
+    if digits >= 7:  # no phone number is shorter
+        spans += list(_phones(text, region))
     if names is not None:
         spans += [(int(s), int(e), "name") for s, e in names(text)]
     spans.sort(key=lambda s: (s[0], -(s[1] - s[0])))
