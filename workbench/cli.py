@@ -152,6 +152,32 @@ def _answer_commands(sub: Any) -> None:
     ev.add_argument("--text-column", help="default: the run's text column, else detected")
     ev.add_argument("--label-column", help="default: the run's label column, else detected")
     ev.add_argument("--json", action="store_true", help="everything, per-class report and confusion matrix included")
+    ev.add_argument("--robustness", action="store_true",
+                    help="also score perturbed copies of the file (typos, case, punctuation, whitespace, swapped "
+                         "words, numbers, names): accuracy and flip rate under each, and out-of-domain confidence")
+    ev.add_argument("--slice-column", dest="slice_columns", action="append", default=[], metavar="COL",
+                    help="figures per value of this column of the file (repeatable); word-count buckets always")
+    ev.add_argument("--slice-terms", metavar="TERMS", help="figures for the texts containing each term: a file "
+                                                          "(one a line) or a,b,c")
+    ev.add_argument("--ood", metavar="FILE", help="with --robustness: out-of-domain texts to compare confidence on "
+                                                 "(default: word salad of the file and another catalog set)")
+
+    ex = sub.add_parser("explain", help="token attributions of a run's answers (Integrated Gradients, or occlusion), "
+                                        "and their measured faithfulness")
+    ex.add_argument("run", help="run id ('latest' for the newest)")
+    ex.add_argument("--text", dest="texts", action="append", default=[], help="a text to explain (repeatable)")
+    ex.add_argument("--file", help="texts to explain: a table's text column, or a text file, one a line")
+    ex.add_argument("--text-column", help="with --file: the text column (default: detected)")
+    ex.add_argument("--target", help="attribute toward this class (default: the predicted one)")
+    ex.add_argument("--method", default="auto", choices=["auto", "integrated-gradients", "occlusion"],
+                    help="auto: Integrated Gradients where gradients reach the input, else occlusion")
+    ex.add_argument("--steps", type=int, default=32, help="Integrated Gradients steps (default 32)")
+    ex.add_argument("--faithfulness", action="store_true",
+                    help="measure instead: delete each explained text's top-k words vs k random words on the "
+                         "run's held-out texts (ERASER comprehensiveness); written to the run's trust report")
+    ex.add_argument("-k", type=int, default=5, help="with --faithfulness: words deleted (default 5)")
+    ex.add_argument("-n", type=int, default=50, help="with --faithfulness: held-out texts (default 50)")
+    ex.add_argument("--json", action="store_true", help="the whole answer as JSON")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,6 +219,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _runs(args)
     if args.command == "predict":
         return _predict(args)
+    if args.command == "explain":
+        return _explain(args)
     if args.command == "evaluate":
         return _evaluate(args)
     if args.command == "ensemble":
@@ -472,7 +500,11 @@ def _ensemble(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_file
 
-    result = evaluate_file(args.run, args.file, text_column=args.text_column, label_column=args.label_column)
+    if args.ood and not args.robustness:
+        raise WorkbenchError("--ood is read by the robustness check: add --robustness")
+    result = evaluate_file(args.run, args.file, text_column=args.text_column, label_column=args.label_column,
+                           robustness=args.robustness, slice_columns=args.slice_columns or None,
+                           slice_terms=args.slice_terms, ood=args.ood)
     if args.json:
         print(json.dumps(result, indent=2))
         return EXIT_OK
@@ -507,6 +539,52 @@ def _evaluate(args: argparse.Namespace) -> int:
     if base and (base["accuracy"] > result["accuracy"] or base["f1_macro"] > result["f1_macro"]):
         print("  warning: the classical baseline scores higher on this file: the run's model does not earn its cost "
               "here; try more epochs or data, method full, or a longer train.max_length")
+    if result.get("ece") is not None:
+        print(f"  expected calibration error on this file: {result['ece']:.4f}")
+    _print_trust_tables(result)
+    return EXIT_OK
+
+
+def _print_trust_tables(result: dict[str, Any]) -> None:
+    from .evaluate import trust_lines
+
+    for line in trust_lines(result):
+        print(line)
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from .explain import explain, faithfulness
+
+    if args.faithfulness:
+        if args.texts or args.file:
+            raise WorkbenchError("--faithfulness measures on the run's held-out texts: leave out --text and --file")
+        report = faithfulness(args.run, k=args.k, n=args.n, method=args.method, steps=args.steps)
+        if args.json:
+            print(json.dumps(report, indent=2))
+            return EXIT_OK
+        print(f"run {report['run_id']}: {report['n']} held-out texts, {report['method']}, k={report['k']} words")
+        print(f"  deleting the top-{report['k']} words drops the predicted class's probability by "
+              f"{report['top_k_drop']:.4f} on average; {report['k']} random words: {report['random_k_drop']:.4f} "
+              f"(ratio {'n/a' if report['ratio'] is None else format(report['ratio'], '.2f')}; "
+              f"{report['seconds_per_text']:.2f} s a text)")
+        return EXIT_OK
+    texts = list(args.texts)
+    if args.file:
+        from .data import load_texts
+
+        texts += load_texts(args.file, args.text_column)
+    if not texts:
+        raise WorkbenchError("explain needs texts: --text \"...\" (repeatable) or --file FILE")
+    answers = explain(args.run, texts, target=args.target, method=args.method, steps=args.steps)
+    if args.json:
+        print(json.dumps(answers, indent=2))
+        return EXIT_OK
+    for answer in answers:
+        said = (f"{answer['label']} ({answer['score']:.3f})" if "label" in answer else
+                f"{answer['value']:.4f}" if "value" in answer else f"{len(answer.get('entities', []))} entities")
+        print(f"{said} by {answer['method']}, toward {answer.get('target')}: {answer['text'][:80]!r}")
+        ranked = sorted(answer["tokens"], key=lambda t: -abs(t["attribution"]))[:8]
+        print("  " + "  ".join(f"{t['token']} {t['attribution']:+.3f}" for t in ranked))
     return EXIT_OK
 
 

@@ -43,8 +43,8 @@ from pydantic import BaseModel
 
 from ..errors import WorkbenchError
 from ..privacy import mask_value
-from .bodies import (ChatCompletion, ClassifyResponse, ErrorBody, Health, ModelList, NerResponse, Ready,
-                     TranslateResponse, refusal, request_bodies)
+from .bodies import (ChatCompletion, ClassifyResponse, ErrorBody, ExplainResponse, Health, ModelList, NerResponse,
+                     Ready, TranslateResponse, refusal, request_bodies)
 from .adapter import ServedModel
 from .batching import MicroBatcher, QueueFull, QueueTimeout
 from .connections import cross_site_problem
@@ -55,6 +55,7 @@ from .monitor import Baseline, ServerMetrics
 log = logging.getLogger("workbench.serve")
 
 CHAT_ROUTE = "/v1/chat/completions"
+EXPLAIN_ROUTE = "/v1/explain"
 OPEN_ROUTES = ("/healthz", "/docs", "/openapi.json")  # answered without the key: nothing in them is private
 
 
@@ -371,7 +372,7 @@ def route_label(path: str) -> str:
 
 
 ROUTES = {path: route_label(path) for path in ("/healthz", "/readyz", "/metrics", "/v1/models", *TEXT_ROUTES,
-                                                CHAT_ROUTE)}
+                                                CHAT_ROUTE, EXPLAIN_ROUTE)}
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": words} for status, words in [
         (401, "no key, or a wrong one"), (404, "another task's route: the message names this run's"),
@@ -411,16 +412,23 @@ def create_app(loader: Callable[[], ServedModel] | ServedModel, settings: ServeS
     for path, route in TEXT_ROUTES.items():
         _add_text_route(app, state, keyed, path, route, requests.texts)
     _add_chat_route(app, state, keyed, requests.chat)
+    _add_explain_route(app, state, keyed, requests.explain)
     return Guard(app, api_key, settings, metrics), state
 
 
 def abstain(served: ServedModel, below: float) -> None:
-    """Serve with this abstain threshold instead of the run's own: a classifier whose calibrated top-class
-    probability is under it answers "uncertain". Refused for a model without class probabilities."""
-    if not hasattr(served.predictor, "abstain_below"):
-        raise WorkbenchError(f"run {served.run_id} ({served.task}) gives no calibrated class probabilities to "
-                             "abstain on: serve it without abstain_below")
-    served.predictor.abstain_below = below
+    """Serve with this abstain threshold instead of the run's own: a classifier whose (calibrated) top-class
+    probability is under it answers "uncertain". A run without a fitted temperature is wrapped at temperature
+    1. Refused for a model without class probabilities."""
+    if hasattr(served.predictor, "abstain_below"):
+        served.predictor.abstain_below = below
+        return
+    if not served.spec.classes:
+        raise WorkbenchError(f"run {served.run_id} ({served.task}) gives no class probabilities to abstain on: "
+                             "serve it without abstain_below")
+    from ..calibration import CalibratedPredictor
+
+    served.predictor = CalibratedPredictor(served.predictor, 1.0, below)
 
 
 def _lifespan(loader: Callable[[], ServedModel] | ServedModel, state: ServerState,
@@ -552,6 +560,42 @@ def _add_text_route(app: Any, state: ServerState, keyed: list[Any], path: str, r
 
     app.post(path, name=ROUTES[path], summary=route.summary, response_model=route.response, dependencies=keyed,
              responses=ERRORS, response_model_exclude_unset=True)(answer)  # "abstained" only when it did
+
+
+def _add_explain_route(app: Any, state: ServerState, keyed: list[Any], body_model: type[BaseModel]) -> None:
+    """/v1/explain: word attributions of the served model's answers (workbench.explain), one request at a time
+    on a worker thread (each costs about `steps` forward and backward passes), within the request deadline."""
+    settings = state.settings
+    one_at_a_time = asyncio.Semaphore(1)
+
+    async def explaining() -> ServedModel:
+        model = state.ready()
+        if model.spec.kind not in ("encoder", "tokens"):
+            raise ApiError(404, f"run {model.run_id} is a {model.task} run: explanations cover runs that classify, "
+                                f"score or tag texts; it answers on {model.route}", "not_found")
+        return model
+
+    @app.post(EXPLAIN_ROUTE, name=ROUTES[EXPLAIN_ROUTE], summary="Each word's push toward the answer",
+              response_model=ExplainResponse, dependencies=keyed, responses=ERRORS)
+    async def explain_route(body: body_model, served: ServedModel = Depends(explaining)) -> dict[str, Any]:
+        from ..explain import explain_predictor
+
+        if settings.log_text:
+            log.info("explain texts: %s", json.dumps(mask_value(body.texts))[:2000])
+
+        def work() -> list[dict[str, Any]]:
+            return explain_predictor(served.predictor, body.texts, target=body.target, method=body.method,
+                                     steps=body.steps)
+
+        try:
+            async with one_at_a_time:
+                results = await asyncio.wait_for(asyncio.to_thread(work), settings.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(504, f"no explanation within {settings.request_timeout_s:g} s (request_timeout_s): send "
+                                "fewer or shorter texts, or fewer steps", "timeout", "request_timeout_s") from None
+        except WorkbenchError as exc:
+            raise ApiError(422, str(exc)) from None
+        return {"model": served.run_id, "artifact": served.artifact, "results": results}
 
 
 def _add_chat_route(app: Any, state: ServerState, keyed: list[Any], body_model: type[BaseModel]) -> None:

@@ -14,7 +14,7 @@ annotations name that function's locals.)
 
 from typing import Annotated, Any, Literal, NamedTuple, Optional, Union
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, StrictStr, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, model_validator
 
 from .inputs import text_problem
 
@@ -86,11 +86,34 @@ class RequestBodies(NamedTuple):
 
     texts: type[BaseModel]  # /v1/classify, /v1/translate, /v1/ner
     chat: type[BaseModel]  # /v1/chat/completions
+    explain: type[BaseModel]  # /v1/explain
 
 
 def request_bodies(max_texts: int, max_chars: int, max_messages: int, max_tokens: int) -> RequestBodies:
     """The request models of a server with these limits (each shown in the schema, each checked by pydantic)."""
-    return RequestBodies(_texts_request(max_texts, max_chars), _chat_request(max_chars, max_messages, max_tokens))
+    return RequestBodies(_texts_request(max_texts, max_chars), _chat_request(max_chars, max_messages, max_tokens),
+                         _explain_request(min(max_texts, EXPLAIN_MAX_TEXTS), max_chars))
+
+
+EXPLAIN_MAX_TEXTS = 8  # an explanation costs ~steps forward and backward passes: a few texts a request
+
+
+def _explain_request(max_texts: int, max_chars: int) -> type[BaseModel]:
+    Text = Annotated[StrictStr, Field(max_length=max_chars), AfterValidator(_text)]
+
+    class ExplainRequest(BaseModel):
+        """Texts whose answers are explained word by word."""
+
+        texts: Annotated[list[Text], Field(
+            min_length=1, max_length=max_texts, examples=[["a warm, funny film"]],
+            description=f"1 to {max_texts} texts, each of at most {max_chars} characters")]
+        target: Optional[StrictStr] = Field(None, max_length=200, description=(
+            "the class (or, for named entities, the entity's words) to attribute toward; default: the answer"))
+        method: Literal["auto", "integrated-gradients", "occlusion"] = Field("auto", description=(
+            "auto: Integrated Gradients where gradients reach the input, else occlusion (int8, ONNX)"))
+        steps: int = Field(32, ge=2, le=256, strict=True, description="Integrated Gradients steps")
+
+    return ExplainRequest
 
 
 def _texts_request(max_texts: int, max_chars: int) -> type[BaseModel]:
@@ -193,6 +216,29 @@ class ClassifyResponse(BaseModel):
     model: str = Field(description="the served run's id")
     artifact: str
     results: list[Union[LabelResult, ValueResult]] = Field(description="one per text, in order")
+
+
+class TokenAttribution(BaseModel):
+    token: str = Field(description="a word of the text as the model read it")
+    start: int = Field(description="its first character in the text")
+    end: int = Field(description="one past its last character")
+    attribution: float = Field(description="its push toward the target (positive: toward)")
+    by_class: dict[str, float] = Field(description="its push toward each class (or entity, or the value)")
+
+
+class Explanation(BaseModel):
+    model_config = ConfigDict(extra="allow")  # the answer's own fields: label and score, value, entities
+
+    text: str
+    target: Optional[str] = Field(None, description="what the attributions push toward")
+    method: str = Field(description="integrated-gradients or occlusion")
+    tokens: list[TokenAttribution] = Field(description="one per word, in order")
+
+
+class ExplainResponse(BaseModel):
+    model: str = Field(description="the served run's id")
+    artifact: str
+    results: list[Explanation] = Field(description="one per text, in order")
 
 
 class TranslateResponse(BaseModel):
