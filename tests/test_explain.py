@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from workbench.errors import WorkbenchError
-from workbench.explain import explain, explain_predictor, faithfulness
+from workbench.explain import explain, explain_predictor, explanation_lines, faithfulness
 
 GOOD = ("great", "wonderful", "superb")
 BAD = ("awful", "terrible", "dreadful")
@@ -100,6 +100,9 @@ def test_occlusion_on_a_predictor_with_only_probabilities():
     by_word = {t["token"]: t["attribution"] for t in answer["tokens"]}
     assert by_word["awful"] > 0.1 and by_word["great"] < -0.1 and by_word["plot"] == pytest.approx(0.0)
     assert len(answer["tokens"]) == 10 and "convergence_delta" not in answer
+    lines = explanation_lines(answer)
+    assert lines[0].startswith("neg ") and "occlusion" in lines[0] and len(lines) == 11
+    assert lines[4].endswith("\tgreat") and lines[4].startswith("-")
 
 
 def test_an_int8_copy_is_explained_by_occlusion_and_forcing_gradients_is_refused(classifier):
@@ -216,15 +219,15 @@ def test_faithfulness_writes_the_runs_report(trained):
     from workbench.run_paths import RunPaths
 
     store, record = trained
-    report = faithfulness(record["id"], home=store.home, k=2, n=6)
+    report = faithfulness(record["id"], home=store.home, k=2, n=4, steps=8)
     assert {"run_id", "k", "n", "method", "top_k_drop", "random_k_drop", "ratio", "top_beats_random",
             "seconds_per_text", "examples", "definition"} <= set(report)
-    assert report["k"] == 2 and report["n"] == 6 and report["method"] == "integrated-gradients"
+    assert report["k"] == 2 and report["n"] == 4 and report["method"] == "integrated-gradients"
     assert json.loads(RunPaths.of(record).faithfulness.read_text()) == report
     if report["random_k_drop"] > 0:
         assert report["ratio"] == pytest.approx(report["top_k_drop"] / report["random_k_drop"])
     given = ["write to ann@example.org, the film was great and superb", "awful dreadful boring film sadly"]
-    masked = faithfulness(record["id"], given, home=store.home, k=2, n=2)
+    masked = faithfulness(record["id"], given, home=store.home, k=2, n=2, steps=8)
     assert masked["texts"] == "texts given" and masked["n"] == 2
     assert "ann@example.org" not in RunPaths.of(record).faithfulness.read_text()
     assert any("[EMAIL]" in e["text"] for e in masked["examples"])

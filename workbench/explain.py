@@ -34,7 +34,7 @@ from .run_paths import RunPaths
 from .store import RunStore
 from .task_table import DEFAULT_TASK, task_spec
 
-__all__ = ["explain", "explain_predictor", "faithfulness", "METHODS"]
+__all__ = ["explain", "explain_predictor", "explanation_lines", "faithfulness", "METHODS"]
 
 METHODS = ("auto", "integrated-gradients", "occlusion")
 IG = "integrated-gradients"
@@ -311,9 +311,19 @@ def class_probabilities(predictor: Any, texts: list[str]) -> np.ndarray:
     return np.asarray([[a["scores"][name] for name in predictor.labels] for a in answers], dtype=np.float64)
 
 
+def target_probabilities(t: Target, texts: list[str]) -> np.ndarray:
+    """(texts, classes) probabilities of what `t` explains (its temperature applied)."""
+    probs = class_probabilities(t.predictor, texts)
+    if t.temperature == 1.0:
+        return probs
+    from scipy.special import softmax
+
+    return softmax(np.log(np.clip(probs, 1e-12, 1.0)) / t.temperature, axis=-1)
+
+
 def _occlusion_classes(t: Target, text: str) -> dict[str, Any]:
     spans = text_words(getattr(t.predictor, "tokenizer", None), text)[:OCCLUSION_MAX_WORDS]
-    probs = class_probabilities(t.predictor, [text] + [without(text, [s]) for s in spans])
+    probs = target_probabilities(t, [text] + [without(text, [s]) for s in spans])
     return {"spans": spans, "probs": probs[0], "targets": list(range(probs.shape[1])),
             "words": (probs[0] - probs[1:]).T}
 
@@ -334,8 +344,8 @@ def _explain_classes(t: Target, text: str, target: str | None, steps: int) -> di
         raise WorkbenchError(f"target {target!r} is not a class of this run: use one of {', '.join(labels)}")
     found = _ig_classes(t, text, steps) if t.method == IG else None
     method = IG if found is not None else OCCLUSION
-    if found is None:
-        found = _occlusion_classes(Target(t.predictor, OCCLUSION, labels=labels) if t.method == IG else t, text)
+    if found is None:  # no gradients, or the network reads the text otherwise than as its pieces
+        found = _occlusion_classes(t, text)
     probs = found["probs"]
     predicted = labels[int(np.argmax(probs))]
     by_target = {labels[c]: found["words"][i] for i, c in enumerate(found["targets"])}
@@ -507,6 +517,20 @@ def explain(run: str, texts: str | list[str], home: str | Path | None = None, **
     return explain_predictor(load_predictor(run, home), texts, **options)
 
 
+def explanation_lines(explanation: dict[str, Any]) -> list[str]:
+    """One explanation as lines of plain text: the answer and how it was explained, then a word per line with
+    its attribution toward the target (what `workbench explain` prints without --json)."""
+    if "entities" in explanation:
+        answer = ", ".join(e["key"] for e in explanation["entities"]) or "no entities"
+    elif "value" in explanation:
+        answer = f"value {explanation['value']:.4g}"
+    else:
+        answer = f"{explanation['label']} {explanation['score']:.3f}"
+    head = f"{answer} ({explanation['method']}; attributions toward {explanation['target']})"
+    lines = [head] + ([explanation["note"]] if explanation.get("note") else [])
+    return lines + [f"{t['attribution']:+.4f}\t{t['token']}" for t in explanation["tokens"]]
+
+
 def write_json(path: Path, payload: Any) -> None:
     """`payload` as JSON at `path`, written to a temporary file and moved into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -516,16 +540,6 @@ def write_json(path: Path, payload: Any) -> None:
 
 
 # --- faithfulness ------------------------------------------------------------------------------------------
-
-def target_probabilities(t: Target, texts: list[str]) -> np.ndarray:
-    """(texts, classes) probabilities of what `t` explains (its temperature applied)."""
-    probs = class_probabilities(t.predictor, texts)
-    if t.temperature == 1.0:
-        return probs
-    from scipy.special import softmax
-
-    return softmax(np.log(np.clip(probs, 1e-12, 1.0)) / t.temperature, axis=-1)
-
 
 def comprehensiveness(t: Target, explanations: list[dict[str, Any]], k: int, draws: int,
                       rng: np.random.Generator) -> dict[str, Any]:
