@@ -13,12 +13,14 @@ UI_PACKAGES = ("ipywidgets", "plotly", "widgets", "IPython", "anywidget", "voila
 
 # Lower layers never import higher ones; a module may import its own layer (no cycles, checked apart).
 LAYERS = [
-    ("foundation", ("errors", "methods", "task_table", "run_paths", "config", "catalog", "callbacks", "kernels", "store")),
-    ("records", ("data", "entities", "metrics", "tracking", "classical")),
+    ("foundation", ("privacy", "errors", "methods", "task_table", "run_paths", "config", "catalog", "callbacks",
+                    "kernels", "store")),
+    ("records", ("data", "entities", "metrics", "tracking", "classical", "calibration", "slices")),
     ("models", ("models",)),
     ("tasks", ("tasks",)),
     ("loop", ("loop",)),
-    ("services", ("launch", "predict", "evaluate", "ensembles", "export", "ladder", "deploy")),
+    ("services", ("launch", "predict", "robustness", "explain", "evaluate", "ensembles", "model_card", "export",
+                  "ladder", "active", "deploy")),
     ("entry points", ("cli", "__init__", "__main__")),
 ]
 

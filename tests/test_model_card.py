@@ -109,7 +109,7 @@ def test_trust_reports_written_by_hand_show_up_masked_and_escaped(trained, tmp_p
     record["dir"] = str(tmp_path / "run")
     paths = RunPaths.of(record)
     paths.trust.mkdir(parents=True)
-    assert "not measured: score the run on a labelled file with `workbench.evaluate.evaluate_file(" in _section(
+    assert f"not measured: run `workbench evaluate {record['id']} TEST_FILE --robustness`" in _section(
         model_card(record), "Robustness")
     paths.calibration.write_text(json.dumps({"method": "temperature", "temperature": 0.7, "ece_before": 0.2,
                                              "ece_after": 0.05, "rows": 24}))
@@ -218,3 +218,17 @@ def test_the_deploy_tab_shows_the_card_and_writes_it_into_the_export(trained):
         assert (out / CARD_FILE).read_text() == panel.card and "In one line, as the export records it" in panel.card
     finally:
         panel.close()
+
+
+def test_cli_card_prints_the_card_and_writes_it_into_a_directory(trained, tmp_path, capsys):
+    from workbench.cli import main
+
+    record, store = trained
+    argv = ["--home", str(store.home)]
+    assert main([*argv, "card", record["id"]]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("---\n") and "## Calibration" in printed
+    out = tmp_path / "card-out"
+    out.mkdir()
+    assert main([*argv, "card", record["id"], "--out", str(out)]) == 0
+    assert (out / "README.md").read_text(encoding="utf-8").startswith("---\n")

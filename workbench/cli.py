@@ -78,28 +78,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("config", help="print the default config as YAML")
 
-    sv = sub.add_parser("serve", help="serve a run over HTTP (classify, OpenAI-compatible chat, translate, metrics)")
-    sv.add_argument("run", help="run id ('latest' for the newest)")
-    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    sv.add_argument("--port", type=int, default=0, help="port (default: a free one, printed)")
-    sv.add_argument("--artifact", help="serve an optimised artifact of the run (int8, pruned, onnx) instead of fp32")
-    sv.add_argument("--api-key-file", help="read the API key from this file (mode 0600) instead of the workspace key")
-    sv.add_argument("--no-api-key", action="store_true", help="no authentication (refused beyond loopback)")
-    sv.add_argument("--allowed-host", dest="allowed_hosts", action="append", default=[], metavar="NAME",
-                    help="a Host name answered besides the loopback names (repeatable); pages of other sites "
-                         "are refused either way")
-    sv.add_argument("--max-batch-size", type=int, default=32, help="inputs grouped into one model call (1 = no batching)")
-    sv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
-    sv.add_argument("--max-body-bytes", type=int, default=1_000_000)
-    sv.add_argument("--max-texts", type=int, default=64, help="texts per request")
-    sv.add_argument("--max-chars", type=int, default=20_000, help="characters per text or chat message")
-    sv.add_argument("--max-tokens", type=int, default=512, help="the largest max_tokens a chat request may ask")
-    sv.add_argument("--log-text", action="store_true", help="put request texts in the log, personal data masked "
-                                                            "(off by default)")
-    sv.add_argument("--abstain-below", type=float, default=None, metavar="P",
-                    help="classification: answer \"uncertain\" when the top class's calibrated probability is "
-                         "under P (default: the run's train.abstain_below; none: always answer)")
-
+    _serve_command(sub)
     op = sub.add_parser("optimize", help="int8, pruned and ONNX artifacts of a classification or named-entity run, with a report")
     op.add_argument("run", help="run id ('latest' for the newest)")
     op.add_argument("--int8", action="store_true", help="dynamic int8 quantisation (torch or onnxruntime: the faster)")
@@ -129,6 +108,30 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _serve_command(sub: Any) -> None:
+    sv = sub.add_parser("serve", help="serve a run over HTTP (classify, OpenAI-compatible chat, translate, metrics)")
+    sv.add_argument("run", help="run id ('latest' for the newest)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=0, help="port (default: a free one, printed)")
+    sv.add_argument("--artifact", help="serve an optimised artifact of the run (int8, pruned, onnx) instead of fp32")
+    sv.add_argument("--api-key-file", help="read the API key from this file (mode 0600) instead of the workspace key")
+    sv.add_argument("--no-api-key", action="store_true", help="no authentication (refused beyond loopback)")
+    sv.add_argument("--allowed-host", dest="allowed_hosts", action="append", default=[], metavar="NAME",
+                    help="a Host name answered besides the loopback names (repeatable); pages of other sites "
+                         "are refused either way")
+    sv.add_argument("--max-batch-size", type=int, default=32, help="inputs grouped into one model call (1 = no batching)")
+    sv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
+    sv.add_argument("--max-body-bytes", type=int, default=1_000_000)
+    sv.add_argument("--max-texts", type=int, default=64, help="texts per request")
+    sv.add_argument("--max-chars", type=int, default=20_000, help="characters per text or chat message")
+    sv.add_argument("--max-tokens", type=int, default=512, help="the largest max_tokens a chat request may ask")
+    sv.add_argument("--log-text", action="store_true", help="put request texts in the log, personal data masked "
+                                                            "(off by default)")
+    sv.add_argument("--abstain-below", type=float, default=None, metavar="P",
+                    help="classification: answer \"uncertain\" when the top class's calibrated probability is "
+                         "under P (default: the run's train.abstain_below; none: always answer)")
+
+
 def _answer_commands(sub: Any) -> None:
     """predict and evaluate: a finished run answers texts, or is scored on a labelled file."""
     pr = sub.add_parser("predict", help="classify texts with a run's best model (a chat run answers them, "
@@ -152,6 +155,15 @@ def _answer_commands(sub: Any) -> None:
     ev.add_argument("--text-column", help="default: the run's text column, else detected")
     ev.add_argument("--label-column", help="default: the run's label column, else detected")
     ev.add_argument("--json", action="store_true", help="everything, per-class report and confusion matrix included")
+    _add_trust_arguments(ev, sub)
+    c = sub.add_parser("card", help="print a run's model card (Markdown), or write it as README.md into --out")
+    c.add_argument("run", nargs="?", default="latest", help="run id ('latest' for the newest)")
+    c.add_argument("--out", help="a directory (an export's) to write README.md into")
+
+
+
+def _add_trust_arguments(ev: argparse.ArgumentParser, sub: Any) -> None:
+    """evaluate's robustness and slice options, and the explain command."""
     ev.add_argument("--robustness", action="store_true",
                     help="also score perturbed copies of the file (typos, case, punctuation, whitespace, swapped "
                          "words, numbers, names): accuracy and flip rate under each, and out-of-domain confidence")
@@ -221,6 +233,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _predict(args)
     if args.command == "explain":
         return _explain(args)
+    if args.command == "card":
+        return _card(args)
     if args.command == "evaluate":
         return _evaluate(args)
     if args.command == "ensemble":
@@ -602,6 +616,20 @@ def _assets(args: argparse.Namespace) -> int:
         for a in rows:
             print(f"{a['name']:<24} {a['kind']:<8} {'installed' if a['installed'] else 'missing':<10} "
                   f"{a['description']}")
+    return EXIT_OK
+
+
+def _card(args: argparse.Namespace) -> int:
+    from .export import export_dir, read_export_info
+    from .model_card import model_card, write_model_card
+    from .store import RunStore
+
+    store = RunStore()
+    record = store.get(args.run)
+    if args.out:
+        print(f"wrote {write_model_card(record, args.out, read_export_info(args.out))}")
+    else:
+        print(model_card(record, read_export_info(export_dir(record['id'], store.home))), end="")
     return EXIT_OK
 
 

@@ -39,11 +39,10 @@ CARD_FILE = "README.md"  # the name the Hub and most tools read a model director
 # the command that measures a figure a card finds missing ({run}: the run id)
 MEASURED_BY = {
     "calibration": "train with `train.calibrate: true` (the default): the temperature is fitted on the eval split",
-    "robustness": "score the run on a labelled file with `workbench.evaluate.evaluate_file(\"{run}\", FILE, "
-                  "robustness=True)` (writes trust/robustness.json)",
-    "slices": "score the run on a labelled file with `workbench.evaluate.evaluate_file(\"{run}\", FILE)` "
-              "(writes trust/slices.json)",
-    "faithfulness": "run `workbench.explain.faithfulness(\"{run}\")` (writes trust/faithfulness.json)",
+    "robustness": "run `workbench evaluate {run} TEST_FILE --robustness` (writes trust/robustness.json)",
+    "slices": "run `workbench evaluate {run} TEST_FILE` (add --slice-column COL or --slice-terms a,b for more "
+              "slices; writes trust/slices.json)",
+    "faithfulness": "run `workbench explain {run} --faithfulness` (writes trust/faithfulness.json)",
     "baseline": "train with `train.baseline: true` (the default)",
 }
 _HUB_METRIC = {"f1_macro": "f1", "spearman": "spearmanr"}  # our figure name -> the Hub's metric type

@@ -158,7 +158,6 @@ def grow_training(config: Any, data: Any, source: Any, store: Any) -> dict[str, 
     targets = "train_labels" if hasattr(data, "train_labels") else "train_values"
     if config.data.unlabeled_source is not None:
         from ..data import load_texts
-        from ..predict import load_predictor
 
         record = store.get(store.resolve(config.data.pseudo_label_from))
         if record["status"] != "completed" or record["config"].get("task") != config.task:
@@ -168,7 +167,7 @@ def grow_training(config: Any, data: Any, source: Any, store: Any) -> dict[str, 
         seen = {t.strip() for t in [*data.train_texts, *data.eval_texts]}
         pool = list(dict.fromkeys(t for t in pool if t.strip() and t.strip() not in seen))
         try:
-            texts, labels, report = pseudo_labels(load_predictor(record["id"], store.home), pool, data.labels,
+            texts, labels, report = pseudo_labels(_calibrated(record, store.home), pool, data.labels,
                                                   config.data.pseudo_label_threshold)
         except ValueError as exc:
             raise WorkbenchError(f"data.pseudo_label_from: {exc}: label with a run trained on these classes") from None
@@ -214,6 +213,16 @@ def word_embeddings(source: Any, trust_remote_code: bool = False) -> tuple[Any, 
                          "safetensors files: use swap, delete or back-translation with this model")
 
 
+def _calibrated(record: dict[str, Any], home: Any) -> Any:
+    """The run's classifier, its probabilities scaled by the temperature it fitted (when it fitted one)."""
+    from ..calibration import CalibratedPredictor, read_calibration
+    from ..tasks import task_of
+
+    predictor = task_of(record["config"]).load_predictor(record, home)
+    fitted = read_calibration(record["dir"])
+    return CalibratedPredictor(predictor, fitted["temperature"]) if fitted else predictor
+
+
 def back_translator(models: list[str], store: Any) -> Callable[[list[str]], list[str]]:
     """Texts through `models[0]` and back through `models[1]`: each a seq2seq run (run:<id>) or a translation
     model the seq2seq task can load (a directory or a hub id; offline, a hub id must be in the cache)."""
@@ -225,9 +234,10 @@ def _translator(name: str, store: Any) -> Callable[[list[str]], list[str]]:
     from ..errors import WorkbenchError
 
     if name.startswith("run:"):
-        from ..predict import load_predictor
+        from ..tasks import task_of
 
-        predictor = load_predictor(name[4:], store.home)
+        record = store.get(store.resolve(name[4:]))
+        predictor = task_of(record["config"]).load_predictor(record, store.home)
         if getattr(predictor, "task", None) != "seq2seq":
             raise WorkbenchError(f"data.back_translation: {name} is not a seq2seq run: name a translation run "
                                  "or model")
