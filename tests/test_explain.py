@@ -296,3 +296,19 @@ def test_the_mistakes_list_has_an_explain_button_per_example(trained):
     assert cm.explain_view.error == "" and cm.explanation["index"] == 0
     assert cm.explanation["text"] == examples[0]["text"] and cm.explanation["label"] == examples[0]["predicted"]
     assert cm.explain_example(99) is None and "no example 100" in cm.explain_view.error
+
+
+def test_many_classes_attribute_the_most_probable_and_the_asked_one(tiny_model_dir: Path, classifier):
+    from transformers import BertForSequenceClassification
+
+    from workbench.explain import BY_CLASS_LIMIT
+    from workbench.tasks.classification import Predictor
+
+    labels = [f"c{i}" for i in range(BY_CLASS_LIMIT + 2)]
+    model = BertForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=len(labels))
+    p = Predictor(model, classifier.tokenizer, labels, 32)
+    least = min(p.predict("a film")[0]["scores"].items(), key=lambda kv: kv[1])[0]
+    [answer] = explain_predictor(p, "a film", target=least, steps=8)
+    assert len(answer["targets"]) == BY_CLASS_LIMIT + 1 and least in answer["targets"]
+    assert answer["label"] in answer["targets"] and answer["target"] == least
+    assert all(t["attribution"] == t["by_class"][least] for t in answer["tokens"])

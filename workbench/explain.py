@@ -254,9 +254,10 @@ def _sum_by_word(values: np.ndarray, word_index: list[int], n_words: int) -> np.
     return out
 
 
-def _ig_classes(t: Target, text: str, steps: int) -> dict[str, Any] | None:
-    """A classifier's attributions toward each class by Integrated Gradients (None when the text's pieces are
-    not found in what the network reads)."""
+def _ig_classes(t: Target, text: str, steps: int, wanted: int | None) -> dict[str, Any] | None:
+    """A classifier's attributions toward each class by Integrated Gradients (toward the most probable ones
+    and class `wanted` when there are more than BY_CLASS_LIMIT); None when the text's pieces are not found in
+    what the network reads."""
     import torch
 
     p = t.predictor
@@ -278,6 +279,8 @@ def _ig_classes(t: Target, text: str, steps: int) -> dict[str, Any] | None:
     # the probabilities add up to 1, so the attributions toward the last class are minus the others' sum
     complete = n <= BY_CLASS_LIMIT
     targets = list(range(n - 1)) if complete else [int(i) for i in np.argsort(-probs)[:BY_CLASS_LIMIT]]
+    if not complete and wanted is not None and wanted not in targets:
+        targets.append(wanted)
     ig = integrated_gradients(p.model, batch, positions, baseline_id(p.tokenizer), targets or [0], probabilities,
                               steps)
     words = _sum_by_word(ig["attributions"], word_index, len(spans))
@@ -342,7 +345,8 @@ def _explain_classes(t: Target, text: str, target: str | None, steps: int) -> di
     labels = t.labels
     if target is not None and target not in labels:
         raise WorkbenchError(f"target {target!r} is not a class of this run: use one of {', '.join(labels)}")
-    found = _ig_classes(t, text, steps) if t.method == IG else None
+    wanted = labels.index(target) if target is not None else None
+    found = _ig_classes(t, text, steps, wanted) if t.method == IG else None
     method = IG if found is not None else OCCLUSION
     if found is None:  # no gradients, or the network reads the text otherwise than as its pieces
         found = _occlusion_classes(t, text)
