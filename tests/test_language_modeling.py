@@ -93,8 +93,23 @@ def test_the_block_length_left_out_is_the_loops_choice_for_the_task():
     assert DEFAULT_BLOCK == GENERATION_MAX_LENGTH  # train_size counts blocks of the length the loop will choose
 
 
-def test_masked_lm_learns_the_text_saves_its_model_and_a_classifier_starts_from_it(lm_config, tiny_config, store):
-    record = train(lm_config(), store)
+@pytest.fixture(scope="module")
+def lm_run(tiny_model_dir, text_file, tmp_path_factory):
+    """A completed masked-LM run (full fine-tuning of the tiny BERT on the sentences), and its store."""
+    from workbench.store import RunStore
+
+    store = RunStore(tmp_path_factory.mktemp("lm-home"))
+    config = Config.from_dict({
+        "task": LM, "model": str(tiny_model_dir), "data": {"source": str(text_file), "eval_fraction": 0.2},
+        "method": {"name": "full"},
+        "train": {"epochs": 3, "batch_size": 8, "learning_rate": 2e-3, "max_length": 32, "warmup_ratio": 0.0,
+                  "early_stopping_patience": 0, "threads": 1},
+        "track": {"wandb": "disabled", "tensorboard": False}})
+    return train(config, store), store
+
+
+def test_masked_lm_learns_the_text_and_saves_its_model_merged(lm_run):
+    record, store = lm_run
     assert record["status"] == "completed", record.get("error")
     metrics, info = record["metrics"], record["info"]
     assert metrics["perplexity"] < 0.5 * metrics["perplexity_before"]
@@ -106,13 +121,40 @@ def test_masked_lm_learns_the_text_saves_its_model_and_a_classifier_starts_from_
     assert (saved / "model.safetensors").is_file() and (saved / "tokenizer.json").is_file()
     assert not list(saved.glob("*.bin")) and not list(saved.glob("adapter_*"))  # merged, no pickle
 
+
+def test_held_out_masks_are_the_same_at_every_evaluation(lm_config, tmp_path):
+    from workbench.catalog import resolve_model as resolve
+    from workbench.models.language_model import build_language_model
+    from workbench.tasks.language_modeling import LanguageModelingTask
+
+    config, task = lm_config(), LanguageModelingTask()
+    data = task.load_data(config, tmp_path)
+    built = build_language_model(config, resolve(config.model, tmp_path))
+    first, second = task.encode(config, built, data)[1], task.encode(config, built, data)[1]
+    assert first == second and all(any(label != -100 for label in e["labels"]) for e in first)
+    train_batch = task.collate(built, task.encode(config, built, data)[0], [0, 1, 2, 3])
+    assert task.loss_weight(train_batch) > 0  # training batches are masked afresh by the collator
+
+
+def test_a_classifier_starts_from_the_run_and_the_picker_lists_it(lm_run, tiny_config):
+    from widgets.model_picker import ModelPicker
+
+    record, store = lm_run
     source = resolve_model(f"run:{record['id']}", store.home)
-    assert Path(source.path) == saved.resolve() and source.origin == "run"
+    assert Path(source.path) == (RunPaths.of(record).model / "pretrained").resolve() and source.origin == "run"
     assert [r["id"] for r in pretrained_runs(store.home)] == [record["id"]]
 
     classifier = train(tiny_config(model=f"run:{record['id']}"), store)
     assert classifier["status"] == "completed", classifier.get("error")
     assert classifier["metrics"]["accuracy"] > 0.5
+    assert [r["id"] for r in pretrained_runs(store.home)] == [record["id"]]  # a classification run is no model
+
+    picker = ModelPicker(home=store.home, background=False)
+    offered = [value for _, value in picker._catalog.options]
+    assert f"run:{record['id']}" in offered
+    picker._catalog.value = f"run:{record['id']}"
+    assert picker.value == f"run:{record['id']}" and picker.source == "catalog"
+    assert picker.error == "" and picker.info["architecture"] == "BertForMaskedLM"
 
 
 def test_lora_trains_the_fresh_head_and_merges_into_the_saved_model(lm_config, store):

@@ -1,4 +1,5 @@
-"""ModelPicker: a catalog model, a local directory or a hub id, with what it is and whether it works offline."""
+"""ModelPicker: a catalog model, a model a completed continued-pretraining run saved (`run:<id>`), a local
+directory or a hub id, with what it is and whether it works offline."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import ipywidgets as W
 import traitlets as T
 
 from workbench import WorkbenchError
-from workbench.catalog import DEFAULT_MODEL, MODELS
+from workbench.catalog import DEFAULT_MODEL, MODELS, pretrained_runs
+from workbench.store import default_home
 
 from . import _style as S
 from ._background import Debouncer
@@ -22,6 +24,9 @@ DEBOUNCE_S = 0.3
 
 class ModelPicker(W.VBox):
     """Choose the model to fine-tune. `value` is what `Config.model` gets; `info` is `inspect_model`'s answer.
+
+    The catalog list also offers the models that completed continued-pretraining runs saved (`run:<id>`),
+    newest first; `refresh_runs()` lists the runs completed since.
 
     `choices` (e.g. the catalog, for a public page) limits the picker to those names: it then builds no
     text box and no "trust remote code" box, refuses any other value (a forged widget message included)
@@ -44,7 +49,7 @@ class ModelPicker(W.VBox):
         if self.choices is not None and value not in self.choices:
             value = self.choices[0]
         options = ([(f"{n} - {MODELS[n].description}" if n in MODELS else n, n) for n in self.choices]
-                   if self.choices is not None else [(f"{n} - {a.description}", n) for n, a in MODELS.items()])
+                   if self.choices is not None else [*catalog_options(), *run_options(self.home)])
         self._catalog = W.Dropdown(options=options, value=value if self.choices is not None else DEFAULT_MODEL,
                                    description="Catalog" if self.choices is None else "Model", style=S.label_style(),
                                    layout=S.full_width(max_width="48em"))
@@ -100,17 +105,29 @@ class ModelPicker(W.VBox):
                                "repository's code on the server")
         return bool(proposal["value"])
 
+    def refresh_runs(self) -> None:
+        """List the models of the continued-pretraining runs completed by now (a fixed `choices` list stays)."""
+        if self.choices is not None:
+            return
+        self._catalog.options = [*catalog_options(), *run_options(self.home)]
+        if self.value in self._offered():
+            self._catalog.value = self.value
+
+    def _offered(self) -> set[str]:
+        """The names the list offers: the catalog's and the saved models of completed runs."""
+        return {value for _, value in self._catalog.options}
+
     # --- control -> traits ------------------------------------------------------
     def _on_source_button(self, change: dict[str, Any]) -> None:
         if change["new"] in SOURCES:
             self.source = change["new"]
-        if change["new"] == "catalog" and self._catalog.value in MODELS:
+        if change["new"] == "catalog" and self._catalog.value in self._offered():
             self.value = self._catalog.value
         elif self._text.value.strip():
             self._on_text({"new": self._text.value})
 
     def _on_catalog(self, change: dict[str, Any]) -> None:
-        if change["new"] in (MODELS if self.choices is None else self.choices):
+        if change["new"] in (self._offered() if self.choices is None else self.choices):
             self.value = change["new"]
 
     def _on_text(self, change: dict[str, Any]) -> None:
@@ -138,7 +155,7 @@ class ModelPicker(W.VBox):
         # the control first, then the source: switching the source reads the control
         if self.choices is not None:
             self._catalog.value = name
-        elif name in MODELS:
+        elif name in self._offered():
             self._catalog.value = name
             self.source = "catalog"
         else:
@@ -178,6 +195,31 @@ class ModelPicker(W.VBox):
     def wait(self, timeout: float | None = None) -> bool:
         """Block until a pending inspection finished (scripts, notebooks, tests); `timeout` gives up earlier."""
         return self._inspect.wait(timeout)
+
+
+def catalog_options() -> list[tuple[str, str]]:
+    return [(f"{n} - {a.description}", n) for n, a in MODELS.items()]
+
+
+def run_options(home: Path | None) -> list[tuple[str, str]]:
+    """(label, `run:<id>`) for each completed continued-pretraining run of the workspace, newest first; none
+    when the workspace has no run store yet (the picker never creates one)."""
+    home = home if home is not None else default_home()
+    if not (home / "runs.sqlite").is_file():
+        return []
+    try:
+        runs = pretrained_runs(home)
+    except WorkbenchError:  # an unreadable store: the catalog still works
+        return []
+    options = []
+    for run in runs:
+        before, after = run["perplexity_before"], run["perplexity"]
+        figures = (f", perplexity {before:.1f} -> {after:.1f}" if isinstance(before, (int, float))
+                   and isinstance(after, (int, float)) else "")
+        named = f" '{run['name']}'" if run["name"] else ""
+        options.append((f"{run['model']}{named} - {run['base']} pretrained further on {run['data']}{figures}",
+                        run["model"]))
+    return options
 
 
 def _describe(info: dict[str, Any]) -> str:
