@@ -19,6 +19,7 @@ from ..config import Config
 from ..errors import WorkbenchError
 from ..run_paths import RunPaths
 from ..store import RunStore
+from ..task_table import tasks_where
 
 __all__ = ["Previous", "previous_run", "mix_replay", "load_previous_weights", "forgetting"]
 
@@ -57,9 +58,9 @@ def previous_run(config: Config, store: RunStore, this_run: str | None = None) -
         if mine != theirs:
             raise WorkbenchError(f"train.init_from: run {run_id} has {what} {theirs!r}, this config {mine!r}: "
                                  f"continual learning keeps the run's weights, so set {what}: {theirs}")
-    if config.task not in ("text-classification", "text-regression"):
-        raise WorkbenchError(f"train.init_from covers text-classification and text-regression runs, not "
-                             f"{config.task}: start a new run instead")
+    if config.task_spec.kind != "encoder":
+        covered = " and ".join(tasks_where(kind="encoder"))
+        raise WorkbenchError(f"train.init_from covers {covered} runs, not {config.task}: start a new run instead")
     from ..tasks import task_of
 
     return Previous(record, task_of(old).load_data(old, store.home))
