@@ -324,3 +324,90 @@ def test_learning_curve_refuses_a_pool_too_small(tiny_model_dir, tmp_path):
 
 def test_every_strategy_has_a_title():
     assert all(s.title and s.name == name for name, s in STRATEGIES.items())
+
+
+# --- the labelling widget (no browser: build, press, click, read traits) --------------------------------
+
+@pytest.fixture
+def labelling(trained, tmp_path):
+    from widgets.labelling import LabellingWidget
+
+    dataset = tmp_path / "labelled.csv"
+    dataset.write_bytes(trained["dataset"].read_bytes())
+    widget = LabellingWidget(trained["record"]["id"], trained["pool"], dataset, trained["home"], n=4,
+                             background=False)
+    return widget, dataset
+
+
+def test_widget_shows_suggestions_with_a_button_per_class_and_the_strategy(labelling):
+    widget, _ = labelling
+    assert widget.labels == ["neg", "pos"]
+    assert [b.description for b in widget._classes.children] == ["neg (1)", "pos (2)"]
+    assert len(widget.suggestions) == 4 and widget.position == 0
+    assert "margin-diversity" in widget._title.value
+    assert widget.current["text"] in widget._text.value or "&" in widget._text.value
+    assert widget.key_listener.hint == "keys: 1-2 answer, s skip, u or Backspace undo"
+    assert widget._undo.disabled  # nothing appended yet
+
+
+def test_widget_answers_go_to_the_file_at_once_and_undo_takes_them_back(labelling):
+    widget, dataset = labelling
+    before = dataset.read_bytes()
+    first, second = widget.suggestions[0]["text"], widget.suggestions[1]["text"]
+    widget._classes.children[1].click()  # pos
+    assert load_labelled(str(dataset))[0][-1] == first and load_labelled(str(dataset))[1][-1] == "pos"
+    widget.key_listener._handle_custom_msg({"key": "s"}, [])  # skip the second
+    widget.key_listener._handle_custom_msg({"key": "1"}, [])  # neg for the third
+    assert (widget.position, widget.answered, widget.appended) == (3, 2, 2)
+    assert second not in load_labelled(str(dataset))[0]
+    widget.key_listener._handle_custom_msg({"key": "Backspace"}, [])
+    assert widget.position == 2 and widget.appended == 1  # back on the text whose label was removed
+    widget._undo.click()
+    assert widget.position == 0 and dataset.read_bytes() == before
+    widget.press("x")  # other keys do nothing
+    assert widget.position == 0 and widget.error == ""
+
+
+def test_widget_undo_after_a_reload_and_errors_inline(labelling, trained):
+    from widgets.labelling import LabellingWidget
+
+    widget, dataset = labelling
+    widget.press("2")
+    again = LabellingWidget(trained["record"]["id"], trained["pool"], dataset, trained["home"], n=4,
+                            background=False)
+    assert again.appended == 1 and not again._undo.disabled
+    assert widget.suggestions[0]["text"] not in [r["text"] for r in again.suggestions]  # labelled: not suggested
+    again.undo()
+    assert again.appended == 0
+    again.undo()
+    assert again.error.startswith("only 0 labelled rows can be undone")
+    again.answer("maybe")  # a comm message may carry anything
+    assert again.error == "label 'maybe' is not one of the run's classes (neg, pos)"
+    broken = LabellingWidget("no-such-run", trained["pool"], dataset, trained["home"], background=False)
+    assert broken.error.startswith("no run 'no-such-run'")
+
+
+def test_train_again_config_grows_the_file_and_continues_when_it_can(labelling):
+    import dataclasses
+
+    from workbench.config import TrainConfig
+
+    widget, dataset = labelling
+    config, continued = widget.next_config()
+    assert config.data.source == str(dataset)
+    assert continued == ("init_from" in {f.name for f in dataclasses.fields(TrainConfig)})
+    if continued:
+        assert (config.train.init_from, config.train.replay) == (widget.run_id, 0.0)
+
+
+def test_widget_plot_reads_a_measured_curve_beside_the_file(labelling):
+    from workbench.active import curve_file
+
+    widget, dataset = labelling
+    curve = {"strategies": {"margin-diversity": [{"labels": 40, "f1_macro": 0.6}, {"labels": 44, "f1_macro": 0.7}],
+                            "random": [{"labels": 40, "f1_macro": 0.6}, {"labels": 44, "f1_macro": 0.65}]}}
+    curve_file(dataset).write_text(json.dumps(curve), encoding="utf-8")
+    widget.draw_curve()
+    mine, suggested, random_ = widget.fig.data
+    assert list(suggested.y) == [0.6, 0.7] and list(random_.x) == [40, 44]
+    assert suggested.name == "measured: margin-diversity"
