@@ -5,6 +5,10 @@ compressed: .gz, .bz2, .xz, .zip). Columns are detected when the config leaves t
 Cleaning is reported, never silent: blank rows, missing labels and exact duplicates are
 dropped and counted in `DataReport`.
 
+Personal data (data.mask_personal): the split carries the mode (`Split.mask_personal`) for whatever
+stores or shows its texts; with "all" the train and eval texts themselves are masked before the model
+sees them (privacy.mask_text), the items masked counted in `DataReport.masked` and said in a note.
+
 Limits, each checked before the data is held in memory and refused with a one-line
 message: MAX_FILE_BYTES on disk, MAX_TEXT_BYTES after decompression (a stream, never
 decompressed whole: a bz2 file can expand 15,000-fold), MAX_ROWS rows (a Parquet file's
