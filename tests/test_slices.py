@@ -92,3 +92,17 @@ def test_mismatched_lengths_say_what_to_pass():
         slice_report(["a", "b"], [0], [0, 1], LABELS)
     with pytest.raises(WorkbenchError, match="slice column 'g' has 1 values for 2 texts"):
         slice_report(["a", "b"], [0, 1], [0, 1], LABELS, columns={"g": ["x"]})
+
+
+def test_many_slices_without_a_gap_rarely_flag_any():
+    """The Bonferroni-adjusted interval: 10 slices of ~100 rows and no real gap, 100 seeded reports."""
+    rng = np.random.default_rng(1)
+    flagged = 0
+    for _ in range(100):
+        y = rng.integers(0, 2, 1000)
+        pred = np.where(rng.random(1000) < 0.2, 1 - y, y)
+        report = slice_report(["a b"] * 1000, y, pred, LABELS, columns={"c": list(rng.integers(0, 10, 1000))},
+                              length_buckets=False)
+        flagged += bool(report["flagged"])
+        assert report["confidence"] == pytest.approx(1 - 0.05 / 10)
+    assert flagged <= 5

@@ -156,7 +156,7 @@ def _classification(record: dict[str, Any], store: RunStore, source: str, text_c
     from .slices import slice_report
 
     out["slices"] = _written(record, RunPaths.of(record).slices, source, slice_report(
-        texts, y, probs.argmax(axis=1), labels, columns=columns, terms=list(trust.slice_terms), seed=trust.seed))
+        texts, y, probs.argmax(axis=1), labels, columns=columns, terms=list(trust.slice_terms)))
     out["robustness"] = _robustness(record, source, predictor, texts, y, labels, trust)
     return out
 
@@ -277,7 +277,7 @@ def _regression(record: dict[str, Any], store: RunStore, source: str, text_colum
         model = ClassicalModel.load(folder)
         out["baseline"] = {"method": model.description, **_regression_figures(values, model.values(texts))}
     out["slices"] = _written(record, RunPaths.of(record).slices, source, slice_report(
-        texts, values, predicted, None, columns=columns, terms=list(trust.slice_terms), seed=trust.seed))
+        texts, values, predicted, None, columns=columns, terms=list(trust.slice_terms)))
     out["robustness"] = _robustness(record, source, predictor, texts, values, None, trust)
     return out
 
