@@ -4,7 +4,7 @@
 read with each one's attribution: how much it pushed the answer, signed, toward every class of a classifier
 (`by_class`), toward a higher value of a regressor, toward each entity a tagger found. Where the network's
 gradients reach its input embeddings, the attributions are Integrated Gradients (Sundararajan et al. 2017;
-captum's LayerIntegratedGradients on the input embedding layer, from a baseline that replaces every text
+captum's IntegratedGradients on the input token embeddings, from a baseline that replaces every text
 token by the pad token and keeps the special tokens): they add up to the answer's change from the baseline,
 up to `convergence_delta`. Where they do not (int8 and ONNX artifacts, the classical half of an ensemble),
 each word's attribution is the answer's change when that word is deleted from the text (occlusion). Word
@@ -18,6 +18,7 @@ on held-out texts, and writes the figures to the run's trust/faithfulness.json.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -62,8 +63,8 @@ class Target:
 # --- what is explained -----------------------------------------------------------------------------------------
 
 def has_gradients(predictor: Any) -> bool:
-    """Whether the predictor's network is a float torch module with an input embedding layer (int8-quantised
-    and ONNX models have none that reach the input)."""
+    """Whether the predictor's network is a float torch module with an input embedding layer that takes
+    `inputs_embeds` (int8-quantised and ONNX models have no gradients that reach the input)."""
     import torch
 
     model = getattr(predictor, "model", None)
@@ -78,6 +79,8 @@ def has_gradients(predictor: Any) -> bool:
         return False
     if any("quantized" in type(m).__module__ for m in model.modules()):
         return False
+    if "inputs_embeds" not in inspect.signature(model.forward).parameters:
+        return False  # Integrated Gradients feeds the network embeddings, not token ids
     return any(p.is_floating_point() for p in model.parameters())
 
 
@@ -210,29 +213,33 @@ def _words_of_positions(pieces: list[tuple[int, int, int, int]]) -> tuple[list[t
 
 def integrated_gradients(model: Any, batch: dict[str, Any], positions: list[int], baseline_id: int,
                          targets: list[int], output: Callable[[Any], Any], steps: int) -> dict[str, Any]:
-    """Integrated Gradients of `output(model logits)` at each index of `targets`, on the input embedding layer,
+    """Integrated Gradients of `output(model logits)` at each index of `targets`, on the input token embeddings
+    (the model is called with `inputs_embeds`, so no hook touches it and other threads may use it meanwhile),
     from the input with the token ids at `positions` replaced by `baseline_id`: per target, each position's
     attribution (summed over the embedding), the convergence delta, f(input) and f(baseline)."""
     import torch
-    from captum.attr import LayerIntegratedGradients
+    from captum.attr import IntegratedGradients
 
     keys = [k for k in ("attention_mask", "token_type_ids") if k in batch]
     device = next(model.parameters()).device
 
-    def forward(input_ids: Any, *extra: Any) -> Any:
-        return output(model(input_ids=input_ids, **dict(zip(keys, extra))).logits.float())
+    def forward(embeds: Any, *extra: Any) -> Any:
+        return output(model(inputs_embeds=embeds, **dict(zip(keys, extra))).logits.float())
 
     n = len(targets)
-    ids = batch["input_ids"].to(device).repeat(n, 1)
+    ids = batch["input_ids"].to(device)
     base = ids.clone()
     base[:, positions] = baseline_id
-    extra = tuple(batch[k].to(device).repeat(n, 1) for k in keys)
-    lig = LayerIntegratedGradients(forward, model.get_input_embeddings())
-    attr, delta = lig.attribute(ids, baselines=base, target=list(targets), additional_forward_args=extra,
-                                n_steps=steps, internal_batch_size=IG_ROWS_PER_PASS, return_convergence_delta=True)
     with torch.no_grad():
-        f_x = forward(ids[:1], *(e[:1] for e in extra))[0].cpu().numpy()
-        f_b = forward(base[:1], *(e[:1] for e in extra))[0].cpu().numpy()
+        embed = model.get_input_embeddings()
+        x, b = embed(ids).repeat(n, 1, 1), embed(base).repeat(n, 1, 1)
+    extra = tuple(batch[k].to(device).repeat(n, 1) for k in keys)
+    attr, delta = IntegratedGradients(forward).attribute(
+        x, baselines=b, target=list(targets), additional_forward_args=extra, n_steps=steps,
+        internal_batch_size=IG_ROWS_PER_PASS, return_convergence_delta=True)
+    with torch.no_grad():
+        f_x = forward(x[:1], *(e[:1] for e in extra))[0].cpu().numpy()
+        f_b = forward(b[:1], *(e[:1] for e in extra))[0].cpu().numpy()
     per_position = attr.sum(-1).detach().float().cpu().numpy()[:, positions]
     return {"attributions": per_position, "delta": delta.detach().float().cpu().numpy(), "f_x": f_x, "f_b": f_b}
 
