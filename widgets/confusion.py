@@ -127,8 +127,9 @@ class ConfusionMatrix(EvalStepView, W.VBox):
         return chosen
 
     def explain_example(self, index: int) -> Any:
-        """Attribute the run's answer for `examples[index]` (its saved text) to its words, on a worker thread
-        (returned; None when refused): the result lands in `explanation`, a failure in the explain view."""
+        """Attribute the run's answer for `examples[index]` to the words of its text as the evaluation saved it
+        (its first characters, personal data masked as the run stores it), on a worker thread (returned; None
+        when refused): the result lands in `explanation`, a failure in the explain view."""
         if not 0 <= index < len(self.examples):
             self.explain_view.error = f"no example {index + 1} in the chosen cell: choose one of the listed"
             return None
@@ -288,7 +289,7 @@ class ConfusionMatrix(EvalStepView, W.VBox):
         self._per_class.value = S.table_html(["label", "precision", "recall", "F1", "support"], rows)
 
     def _show_examples(self) -> None:
-        self.explanation = None
+        self.explanation, self.explain_view.error = None, ""
         if not self.selected:
             self._examples.value = ""
             self._explain_buttons.children = ()
