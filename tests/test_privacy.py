@@ -246,7 +246,7 @@ def seeded(tmp_path_factory, tiny_model_dir):
     from workbench.config import Config
     from workbench.deploy.adapter import drift_baseline, load_served_model
     from workbench.deploy.app import ServeSettings, create_app
-    from workbench.deploy.server import ThreadedServer
+    from workbench.deploy.server import ThreadedServer, start_server, stop_server
     from workbench.predict import load_predictor
     from workbench.store import RunStore
 
@@ -296,6 +296,14 @@ def seeded(tmp_path_factory, tiny_model_dir):
         root.removeHandler(handler)
         serve_log.removeHandler(capture)
         serve_log.setLevel(level)
+    info = start_server(record["id"], home, extra_args=["--log-text"])  # `workbench serve` as its own process
+    try:
+        for text in asked:
+            r = httpx.post(info["url"] + "/v1/classify", json={"texts": [text]},
+                           headers={"Authorization": f"Bearer {info['api_key']}"}, timeout=60)
+            assert r.status_code == 200, r.text
+    finally:
+        stop_server(record["id"], home)
     return {"home": home, "record": RunStore(home).get(record["id"]), "written": written.getvalue(),
             "made": capture.lines}
 
@@ -314,6 +322,8 @@ class _Capture(logging.Handler):
 def test_the_run_folder_holds_no_seeded_address_or_number(seeded):
     run_dir = Path(seeded["record"]["dir"])
     assert (run_dir / "classical").is_dir() and (run_dir / "log.txt").is_file() and (run_dir / "eval").is_dir()
+    server_log = (run_dir / "deploy" / "server.log").read_text()
+    assert "classify texts" in server_log and "[EMAIL]" in server_log and "[PHONE]" in server_log
     assert _found(run_dir) == []
 
 
