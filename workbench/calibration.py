@@ -113,12 +113,15 @@ def fitted_temperature(probs: Any, y_true: Any) -> float:
     low, high = np.log(TEMPERATURE_RANGE[0]), np.log(TEMPERATURE_RANGE[1])
     found = minimize_scalar(nll, bounds=(low, high), method="bounded", options={"xatol": 1e-5})
     # the bounded search can miss a flat optimum at 1.0: keep T = 1 when it is at least as good
-    return 1.0 if nll(0.0) <= found.fun else float(np.exp(found.x))
+    return 1.0 if nll(0.0) <= found.fun else round(float(np.exp(found.x)), 6)  # as stored: 6 decimals
 
 
 def fit_temperature(probs: Any, y_true: Any) -> float:
     """The NLL-fitted temperature, or 1.0 when scaling by it would raise the ECE on these rows."""
-    temperature = fitted_temperature(probs, y_true)
+    return _unless_worse(probs, y_true, fitted_temperature(probs, y_true))
+
+
+def _unless_worse(probs: Any, y_true: Any, temperature: float) -> float:
     before = expected_calibration_error(probs, y_true)
     return temperature if expected_calibration_error(scale(probs, temperature), y_true) <= before else 1.0
 
@@ -128,9 +131,9 @@ def calibrate(probs: Any, y_true: Any) -> dict[str, Any]:
     reliability bins before and after, rows and a note on what the figures were measured on."""
     p, y = _checked(probs, y_true)
     fitted = fitted_temperature(p, y)
-    temperature = fit_temperature(p, y)
+    temperature = _unless_worse(p, y, fitted)
     after = scale(p, temperature)
-    record = {"method": "temperature", "temperature": round(temperature, 6),
+    record = {"method": "temperature", "temperature": temperature,
               "ece_before": expected_calibration_error(p, y), "ece_after": expected_calibration_error(after, y),
               "nll_before": negative_log_likelihood(p, y), "nll_after": negative_log_likelihood(after, y),
               "bins_before": reliability_bins(p, y), "bins_after": reliability_bins(after, y), "rows": int(len(y)),
