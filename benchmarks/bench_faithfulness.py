@@ -6,8 +6,9 @@
 First `workbench.explain.faithfulness(RUN)` with its defaults (Integrated Gradients, 32 steps, pad baseline,
 word-level attributions), which writes the run's trust/faithfulness.json; then each variant on the same
 texts (the same seeded draw of `n` held-out texts with more than k words), without writing: Integrated
-Gradients with 16 / 32 / 64 steps, a [MASK] baseline instead of [PAD], word pieces instead of words, and
-occlusion (each word's attribution the probability drop when it alone is deleted). For each: the mean drop
+Gradients with 16 / 32 / 64 steps, a [MASK] baseline instead of [PAD], word pieces instead of words, words
+with a letter or digit only (punctuation is neither deleted at random nor among the top k: a stricter random
+baseline), and occlusion (each word's attribution the probability drop when it alone is deleted). For each: the mean drop
 of the predicted class's probability when the k words of highest attribution are deleted, the mean drop
 when k random words are (10 draws per text), their ratio (the goal: at least 2), the share of texts where
 the top-k deletion drops more, the mean |convergence delta| for IG, and seconds per explanation (1 torch
@@ -27,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-VARIANTS = ("ig-16", "ig-32", "ig-64", "ig-mask-32", "ig-pieces-32", "occlusion")
+VARIANTS = ("ig-16", "ig-32", "ig-64", "ig-mask-32", "ig-pieces-32", "ig-alnum-32", "occlusion")
 
 
 def chosen_texts(predictor: Any, texts: list[str], k: int, n: int, seed: int) -> list[str]:
@@ -54,6 +55,9 @@ def run_variant(name: str, predictor: Any, texts: list[str], k: int, seed: int) 
             explanations = piece_explanations(ex, target, texts, steps)
         else:
             explanations = ex.explain_predictor(predictor, texts, method=method, steps=steps)
+        if "alnum" in name:
+            explanations = [{**e, "tokens": [t for t in e["tokens"] if any(c.isalnum() for c in t["token"])]}
+                            for e in explanations]
         seconds = (time.perf_counter() - started) / len(texts)
     finally:
         ex.baseline_id = saved_baseline
