@@ -181,6 +181,14 @@ def test_the_store_masks_records_unless_the_run_says_off(store):
     assert store.get(masked_run)["error"] == "bad row '[EMAIL]'"
     assert store.points(open_run)[0]["mistakes"][0]["text"] == "mail ann@example.org"
     assert store.get(open_run)["error"] == "bad row 'ann@example.org'"
+    path = "/data/ann@example.org/runs/20261203-172049-4bce/eval/step-18.json"  # a file a reader opens
+    store.add_point(masked_run, "event", 2, {"event": "checkpoint", "path": path})
+    assert store.points(masked_run, "event")[-1]["path"] == path
+
+
+def test_run_ids_and_paths_are_no_card_or_phone():
+    ids = [f"20261203-{h:02d}{m:02d}{s:02d}-4bce" for h in range(24) for m in range(0, 60, 3) for s in (7, 49)]
+    assert [i for i in ids if find_personal(f"/home/x/runs/{i}/eval/step-18.json") or find_personal(f"run {i}")] == []
 
 
 def test_ner_rows_store_masked_tokens():

@@ -10,7 +10,9 @@
   country code is dropped when it reads as something else: a fraction or season ("12000/24000", "2005/06"),
   sports scores (mostly one-digit groups: "6-1 3-1 0-30"), or a bare digit run that is no valid number
   (a count "1234567", a timestamp "1733243491");
-- payment card numbers (13-19 digits, spaces or hyphens allowed) that pass the Luhn checksum;
+- payment card numbers: 13-19 digits (in one run, or in the groups cards are printed in, 4-4-4-4 or 4-6-5,
+  spaces or hyphens between) that start as issuers' numbers do and pass the Luhn checksum; a digit run glued
+  to a word or a path (a run id, a file name) is none;
 - names, only when a recogniser is given: `names=` takes any callable from a text to (start, end) character
   spans. `names_from_predictor(load_predictor(run))` makes one of a token-classification run (its PER /
   PERSON entities); the workbench ships no such model, so names are masked only where a run is named.
@@ -46,7 +48,11 @@ _VERSION = re.compile(r"(?:\bv|\bversion\s?)$", re.IGNORECASE)
 _IN_NUMBER_BEFORE = re.compile(r"(?:\d\.|[eE][+\-])$")  # the candidate continues a decimal or an exponent
 _IN_NUMBER_AFTER = re.compile(r"[.,]\d")
 _DECIMAL = re.compile(r"^\(?\d+\.\d{1,2}\)?[.,;:]?$")  # 1234.5, 12.99: an amount, not a phone group
-_CARD = re.compile(r"(?<!\d)(?:\d[ \-]?){12,18}\d(?!\d)")
+# a card number as people write it: 13-19 digits in one run, or the issuers' groups (4-4-4-4, 4-4-4-4-3,
+# Amex 4-6-5, Diners 4-6-4) split by spaces or hyphens; not glued to a word, a path or another number: a run
+# id or a date-time (20261203-172049-4bce) is none
+_CARD = re.compile(r"(?<![\w\-/.])(?:\d{13,19}|\d{4}([ \-])\d{4}\1\d{4}\1\d{4}(?:\1\d{3})?|\d{4}([ \-])\d{6}\2\d{4,5})"
+                   r"(?![\w\-/]|\.\d)")
 _DIGIT = re.compile(r"\d")
 _PHONE_RUN = re.compile(r"[+(]?\d[\d \t().\-/]{5,}\d\)?")  # where a phone number may be written
 _DEFAULT_REGION = "US"
@@ -79,10 +85,16 @@ def _ips(text: str) -> Iterable[Span]:
             yield m.start(), m.end(), "ip"
 
 
+def _issued_prefix(digits: str) -> bool:
+    """Whether a number starts as payment cards do: 3 (Amex, JCB, Diners), 4 (Visa), 5 (Mastercard, Maestro),
+    6 (Discover, UnionPay, Maestro), or 2221-2720 (Mastercard)."""
+    return digits[0] in "3456" or (digits[0] == "2" and 2221 <= int(digits[:4]) <= 2720)
+
+
 def _cards(text: str) -> Iterable[Span]:
     for m in _CARD.finditer(text):
         digits = re.sub(r"\D", "", m.group())
-        if 13 <= len(digits) <= 19 and _luhn(digits):
+        if 13 <= len(digits) <= 19 and _issued_prefix(digits) and _luhn(digits):
             yield m.start(), m.end(), "card"
 
 
@@ -191,15 +203,16 @@ def mask_tokens(tokens: list[str], text: str | None = None, offsets: list[tuple[
     return out
 
 
-def mask_value(value: Any, region: str = _DEFAULT_REGION) -> Any:
+def mask_value(value: Any, region: str = _DEFAULT_REGION, keep: tuple[str, ...] = ()) -> Any:
     """A copy of a JSON-like value with every string masked (dict keys included); numbers, booleans and None
-    are kept."""
+    are kept, and so are the values under the dict keys named in `keep` (file paths a reader opens)."""
     if isinstance(value, str):
         return mask_text(value, region)
     if isinstance(value, dict):
-        return {mask_value(k, region) if isinstance(k, str) else k: mask_value(v, region) for k, v in value.items()}
+        return {mask_value(k, region) if isinstance(k, str) else k: v if k in keep else mask_value(v, region, keep)
+                for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [mask_value(v, region) for v in value]
+        return [mask_value(v, region, keep) for v in value]
     return value
 
 

@@ -90,6 +90,7 @@ _MIGRATIONS: dict[int, list[str]] = {
 _RUN_COLUMNS = ("id", "name", "status", "created_at", "started_at", "ended_at", "pid", "config", "metrics",
                 "timings", "info", "error", "stop_requested")
 
+PATH_KEYS = ("path", "predictions_file")  # file paths in records that readers open: never masked
 DIED_RUNNING = "the training process exited unexpectedly (killed or out of memory)"
 
 
@@ -341,7 +342,7 @@ class RunStore:
 
     def _private(self, run_id: str, value: Any) -> Any:
         """A value about the run's data as the store keeps it: masked unless the run says mask_personal: off."""
-        return value if self.mask_mode(run_id) == "off" else mask_value(value)
+        return value if self.mask_mode(run_id) == "off" else mask_value(value, keep=PATH_KEYS)
 
     # --- writing -------------------------------------------------------------
     def create_run(self, config: dict[str, Any], name: str | None = None) -> str:
@@ -449,7 +450,7 @@ class RunStore:
         if self.lost_points and status == "failed":
             error = f"{error or 'failed'} ({self.lost_points} live records were lost: {self.write_error})"
         if self.mask_mode(run_id) != "off":
-            error, metrics = mask_text(error) if error else error, mask_value(metrics)
+            error, metrics = mask_text(error) if error else error, mask_value(metrics, keep=PATH_KEYS)
         query = ("UPDATE runs SET status=?, ended_at=?, metrics=COALESCE(?, metrics), "
                  "timings=COALESCE(?, timings), error=?, stop_requested=0 WHERE id=?")
         args: list[Any] = [status, time.time(), json.dumps(metrics) if metrics is not None else None,
