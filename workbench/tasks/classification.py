@@ -27,10 +27,10 @@ from ..config import Config
 from ..data import Split, prepare
 from ..errors import WorkbenchError
 from ..metrics import classification_figures, collapse_note
-from ..privacy import stored_text
 from ..models.built import CHUNK_BATCH, TEXT_INDEX, BuiltModel, pool_chunks, text_indices
 from ..models.classifier import build_model, check_model_fits
 from ..models.state import load_trainable_state, set_seed
+from ..privacy import stored_text
 from ..task_table import spec_for
 from .base import Evaluation, EvalResult
 from .ensemble import ENSEMBLE_FILE, EnsemblePredictor, choose_answer, fit_baseline, load_classical
