@@ -51,7 +51,10 @@ def trained(tiny_model_dir, tmp_path_factory):
     assert record["status"] == "completed", record.get("error")
     pool_texts = [r["text"] for r in rows[40:]] + [r["text"].upper() for r in rows[:10]] + [rows[50]["text"]]
     pool = _write_csv(folder / "pool.csv", [{"id": str(i), "review": t} for i, t in enumerate(pool_texts)])
+    from workbench.predict import load_predictor
+
     return {"record": record, "home": store.home, "dataset": dataset, "pool": pool, "texts": pool_texts,
+            "predictor": load_predictor(record["id"], store.home),
             "labelled": {normalise(r["text"]) for r in rows[:40]}}
 
 
@@ -73,17 +76,19 @@ def test_suggest_gives_n_unlabelled_unique_rows_most_useful_first(trained):
 
 
 def test_suggest_is_deterministic_by_seed_and_random_differs(trained):
-    args = (trained["record"]["id"], trained["pool"], 8, trained["home"])
-    assert suggest(*args, seed=1) == suggest(*args, seed=1)
-    first = suggest(*args, strategy="random", seed=1)
-    assert first == suggest(*args, strategy="random", seed=1)
-    assert [r["index"] for r in first] != [r["index"] for r in suggest(*args, strategy="random", seed=2)]
+    args, loaded = (trained["record"]["id"], trained["pool"], 8, trained["home"]), trained["predictor"]
+    assert suggest(*args, seed=1) == suggest(*args, seed=1, predictor=loaded)
+    first = suggest(*args, strategy="random", seed=1, predictor=loaded)
+    assert first == suggest(*args, strategy="random", seed=1, predictor=loaded)
+    second = suggest(*args, strategy="random", seed=2, predictor=loaded)
+    assert [r["index"] for r in first] != [r["index"] for r in second]
     assert all(r["cluster"] is None for r in first)
 
 
 def test_plain_margin_is_the_smallest_margins_of_the_pool(trained):
-    rows = suggest(trained["record"]["id"], trained["pool"], 5, trained["home"], strategy="margin")
-    every = suggest(trained["record"]["id"], trained["pool"], 500, trained["home"], strategy="margin")
+    args = (trained["record"]["id"], trained["pool"])
+    rows = suggest(*args, 5, trained["home"], strategy="margin", predictor=trained["predictor"])
+    every = suggest(*args, 500, trained["home"], strategy="margin", predictor=trained["predictor"])
     assert len(every) == 80  # 91 rows in the pool file: 10 labelled (in upper case) and 1 repeat left out
     assert [r["index"] for r in rows] == [r["index"] for r in every[:5]]
     assert [r["margin"] for r in every] == sorted(r["margin"] for r in every)
@@ -114,9 +119,8 @@ def test_diversity_spreads_picks_over_clusters_where_margin_alone_does_not(train
 
 
 def test_sentence_embeddings_are_the_models_mean_hidden_state(trained):
-    from workbench.predict import load_predictor
-
-    predictor = load_predictor(trained["record"]["id"], trained["home"])
+    predictor = trained["predictor"]
+    assert hasattr(predictor, "inner"), "the run's calibrated predictor is unwrapped to reach its model"
     texts = trained["texts"][:5]
     features = sentence_embeddings(predictor, texts)
     assert features.shape == (5, 32)  # the tiny model's hidden size
@@ -411,3 +415,33 @@ def test_widget_plot_reads_a_measured_curve_beside_the_file(labelling):
     mine, suggested, random_ = widget.fig.data
     assert list(suggested.y) == [0.6, 0.7] and list(random_.x) == [40, 44]
     assert suggested.name == "measured: margin-diversity"
+
+
+def test_widget_in_the_dashboard_follows_a_run_and_picks_files_from_the_uploads(trained, tmp_path):
+    import shutil
+
+    import traitlets as T
+
+    from widgets.labelling import LabellingWidget
+
+    store_home = tmp_path / "home"
+    shutil.copytree(trained["home"], store_home)
+    uploads = store_home / "uploads"
+    uploads.mkdir()
+    shutil.copy(trained["pool"], uploads / "pool.csv")
+    dataset = shutil.copy(trained["dataset"], uploads / "labelled.csv")
+    widget = LabellingWidget(None, home=store_home, n=3, background=False, uploads=True)
+    leader = T.HasTraits()
+    leader.add_traits(run_id=T.Unicode(""))
+    T.dlink((leader, "run_id"), (widget, "run_id"))
+    pool_choice, dataset_choice = widget._files.children[0].children[:2]
+    assert [v for _, v in pool_choice.options] == ["", str(uploads / "labelled.csv"), str(uploads / "pool.csv")] \
+        or sorted(v for _, v in pool_choice.options) == ["", str(uploads / "labelled.csv"), str(uploads / "pool.csv")]
+    leader.run_id = trained["record"]["id"]
+    assert widget.error == "no pool: choose a file of unlabelled texts"
+    pool_choice.value = str(uploads / "pool.csv")
+    assert len(widget.suggestions) == 3 and widget.error == ""
+    assert widget.dataset_path == trained["dataset"]  # the run's own data file, until another is chosen
+    dataset_choice.value = str(dataset)
+    widget.press("1")
+    assert load_labelled(str(dataset))[0][-1] == widget.suggestions[0]["text"]

@@ -13,7 +13,12 @@ box, so typing elsewhere is left alone.
 "Train again" launches a new run (its own process: a reload does not stop it) with the run's config on the
 grown file. When the config has `train.init_from` (continual learning), the new run starts from the shown
 run's weights, with no replay (the grown file holds the old rows); otherwise it trains from the base model.
-When it completes, its suggestions follow. The plot shows the runs trained on this file (labels against
+When it completes, its suggestions follow.
+
+The dataset file is `dataset_path`, else the run's own data file (data.source) when it is CSV, TSV or JSONL.
+With `uploads=True` (the dashboard), the pool and the dataset are chosen from the workspace's uploads
+(<home>/uploads); `run_id` can follow another widget's (`traitlets.dlink`), and suggestions wait until that
+run has completed. The plot shows the runs trained on this file (labels against
 their macro-F1, each on its own eval split) and, when a learning curve was measured for the file
 (`workbench.active.learning_curve(..., out=curve_file(dataset))`), the suggested and random curves.
 """
@@ -65,6 +70,9 @@ export default {
 """
 ACTIONS = {"s": "skip", "u": "undo", "Backspace": "undo"}
 RUN_COLOR, SUGGESTED_COLOR, RANDOM_COLOR = "#1f77b4", "#2ca02c", "#7f7f7f"
+POOL_EXTENSIONS = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".txt")
+DATASET_EXTENSIONS = (".csv", ".tsv", ".jsonl")
+RUN_DATA = "(the run's data file)"
 
 
 class KeyListener(anywidget.AnyWidget):
@@ -80,6 +88,8 @@ class LabellingWidget(W.VBox):
 
     run_id = T.Unicode("", help="the run whose suggestions are shown")
     strategy = T.Enum(list(STRATEGIES), default_value="margin-diversity", help="how texts are picked")
+    pool_file = T.Unicode("", help="the file of unlabelled texts ('' : the list given, or none)")
+    dataset_file = T.Unicode("", help="the file answers are appended to ('' : the run's data file)")
     labels = T.List(T.Unicode(), help="the run's classes, one button each")
     suggestions = T.List(T.Dict(), help="the suggested rows (workbench.active.suggest), most useful first")
     position = T.Int(0, help="the suggestion shown (== len(suggestions): done)")
@@ -89,13 +99,14 @@ class LabellingWidget(W.VBox):
     busy = T.Unicode("", help="what is being computed ('' when idle)")
     error = T.Unicode("")
 
-    def __init__(self, run: str = "latest", pool: str | Path | list[str] = (), dataset_path: str | Path = "",
+    def __init__(self, run: str | None = "latest", pool: str | Path | list[str] = (), dataset_path: str | Path = "",
                  home: str | Path | None = None, n: int = 20, strategy: str = "margin-diversity",
                  text_column: str | None = None, label_column: str | None = None, background: bool = True,
-                 store: RunStore | None = None, **kwargs: Any) -> None:
+                 store: RunStore | None = None, uploads: bool = False, **kwargs: Any) -> None:
         self.store = store or RunStore(home)
-        self.pool, self.dataset_path, self.n = pool, Path(dataset_path).expanduser() if dataset_path else None, n
-        self.text_column, self.label_column, self.background = text_column, label_column, background
+        self._pool_texts = None if isinstance(pool, (str, Path)) else [str(t) for t in pool]
+        self.n, self.text_column, self.label_column, self.background = n, text_column, label_column, background
+        self._run_data: Path | None = None  # the shown run's own data file, when labels can be appended to it
         self._poller: Poller | None = None
         self._title = W.HTML(layout=S.full_width())
         self._text = W.HTML(layout=S.full_width(padding="8px", border=S.BORDER))
@@ -111,12 +122,19 @@ class LabellingWidget(W.VBox):
         self._counter = W.HTML()
         self._error_html = S.inline_error()
         self.fig = _curve_figure()
+        self._files = self._file_choosers() if uploads else None
         super().__init__(children=[
-            self._title, self._text, self._info, self._classes,
+            *([self._files] if self._files is not None else []), self._title, self._text, self._info, self._classes,
             W.Box([self._skip, self._undo, self._more, self._train, self._counter], layout=S.wrap_row()),
             self.key_listener, self._error_html, self.fig], **{"layout": S.full_width(), **kwargs})
         self._wire()
         self.strategy = strategy
+        self.pool_file = str(pool) if isinstance(pool, (str, Path)) else ""
+        self.dataset_file = str(Path(dataset_path).expanduser()) if dataset_path else ""
+        if self._files is not None:
+            self.list_files()
+        if run is None:
+            return
         try:
             self.run_id = self.store.resolve(run)
         except WorkbenchError as exc:
@@ -132,6 +150,7 @@ class LabellingWidget(W.VBox):
         self._train.on_click(lambda _: self.train_again())
         self.key_listener.on_msg(lambda _, content, buffers: self.press(str((content or {}).get("key", ""))))
         self.observe(self._on_run, names="run_id")
+        self.observe(lambda c: self._on_files(), names=["pool_file", "dataset_file"])
         self.observe(lambda c: self._draw(), names=["suggestions", "position", "labels", "busy", "answered",
                                                      "appended", "training_run"])
         self.observe(lambda c: setattr(self._error_html, "value", S.message(self.error)), names="error")
@@ -198,6 +217,16 @@ class LabellingWidget(W.VBox):
             self.position = back[-1]
 
     @property
+    def dataset_path(self) -> Path | None:
+        """The file answers go to: `dataset_file`, else the run's own data file (CSV, TSV, JSONL)."""
+        return Path(self.dataset_file) if self.dataset_file else self._run_data
+
+    @property
+    def pool(self) -> str | list[str] | None:
+        """The unlabelled texts: the pool file, else the list given, else None."""
+        return self.pool_file or self._pool_texts
+
+    @property
     def current(self) -> dict[str, Any] | None:
         """The suggestion shown, or None when there is none left."""
         return self.suggestions[self.position] if 0 <= self.position < len(self.suggestions) else None
@@ -206,6 +235,9 @@ class LabellingWidget(W.VBox):
         """Ask the run for a new batch (texts labelled meanwhile are left out), on a worker thread."""
         if not self.run_id or self.busy:
             return
+        if not self.pool:
+            self.suggestions, self.error = [], "no pool: choose a file of unlabelled texts"
+            return
         self.busy, self.error = "finding the texts most useful to label ...", ""
         run_job(lambda: self._suggest_now(self.run_id), sync=not self.background, name="labelling-suggest")
 
@@ -213,6 +245,8 @@ class LabellingWidget(W.VBox):
         """Start a new run with the shown run's config on the grown dataset file (its own process)."""
         if self.training_run:
             self.error = f"run {self.training_run} is training: wait for it to finish"
+            return
+        if self.busy:
             return
         if not self.run_id or self.dataset_path is None:
             self.error = "no run or no dataset file to train on"
@@ -236,6 +270,18 @@ class LabellingWidget(W.VBox):
         self._poller = Poller(self._poll_training, 2.0, name="labelling-train")
         if self.background:
             self._poller.start()
+
+    def list_files(self) -> list[str]:
+        """The workspace's uploads (newest first), offered as the pool and the dataset."""
+        folder = self.store.home / "uploads"
+        files = sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in POOL_EXTENSIONS),
+                       key=lambda p: -p.stat().st_mtime) if folder.is_dir() else []
+        if self._files is not None:
+            pool, dataset = self._files.children[0].children[:2]
+            pool.options = [("(choose a pool file)", "")] + [(p.name, str(p)) for p in files]
+            dataset.options = [(RUN_DATA, "")] + [(p.name, str(p)) for p in files
+                                                   if p.suffix.lower() in DATASET_EXTENSIONS]
+        return [str(p) for p in files]
 
     def next_config(self) -> tuple[Config, bool]:
         """The config "Train again" launches, and whether it starts from the shown run's weights."""
@@ -310,15 +356,49 @@ class LabellingWidget(W.VBox):
 
     # --- reading and drawing --------------------------------------------------------------------------
     def _on_run(self, change: Any = None) -> None:
+        self.position, self.suggestions = 0, []
+        if not self.run_id:
+            return
         try:
             record = self.store.get(self.run_id)
         except WorkbenchError as exc:
             self.error = str(exc).splitlines()[0]
             return
+        source = str(((record.get("config") or {}).get("data") or {}).get("source") or "")
+        self._run_data = Path(source).expanduser() if source.lower().endswith(DATASET_EXTENSIONS) else None
         self.labels = [str(x) for x in ((record.get("info") or {}).get("labels")
                                         or (record.get("metrics") or {}).get("labels") or [])]
         self._classes.children = [self._class_button(i, name) for i, name in enumerate(self.labels)]
+        self._on_files()
+
+    def _on_files(self) -> None:
+        self._count_appended()
+        self.draw_curve()
+        if not self.run_id:
+            return
+        try:
+            status = self.store.get(self.run_id)["status"]
+        except WorkbenchError as exc:
+            self.error = str(exc).splitlines()[0]
+            return
+        if status != "completed":
+            self.position, self.suggestions = 0, []
+            self._info.value = S.message(f"run {self.run_id} is {status}: suggestions come from a completed "
+                                         "classification run", "muted")
+            return
         self.refresh_suggestions()
+
+    def _file_choosers(self) -> W.VBox:
+        pool = W.Dropdown(options=[], description="Pool", style=S.label_style(), layout=S.control_layout(),
+                          tooltip="unlabelled texts: a table with a text column, or one text per line")
+        dataset = W.Dropdown(options=[], description="Add labels to", style=S.label_style(),
+                             layout=S.control_layout())
+        refresh = W.Button(description="", icon="refresh", tooltip="list the uploaded files again",
+                           layout=W.Layout(width="auto"))
+        refresh.on_click(lambda _: self.list_files())
+        W.dlink((pool, "value"), (self, "pool_file"), transform=lambda v: v or "")
+        W.dlink((dataset, "value"), (self, "dataset_file"), transform=lambda v: v or "")
+        return W.VBox([W.Box([pool, dataset, refresh], layout=S.wrap_row())], layout=S.full_width())
 
     def _class_button(self, i: int, name: str) -> W.Button:
         key = f" ({i + 1})" if i < 9 else ""
