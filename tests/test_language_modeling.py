@@ -49,7 +49,10 @@ def lm_config(tiny_config, text_file):
         raw["method"] = {"name": "full"}
         raw["train"].update({"epochs": 3, "batch_size": 8, "learning_rate": 2e-3, "max_length": 32})
         for section, values in sections.items():
-            raw[section].update(values)
+            if isinstance(values, dict):
+                raw[section].update(values)
+            else:
+                raw[section] = values
         return Config.from_dict(raw)
 
     return make
@@ -186,3 +189,64 @@ def test_run_models_are_refused_with_the_reason(lm_config, tiny_config, store):
         from workbench.loop import preflight
 
         preflight(tiny_config(model="run:nosuchrun"), store.home)
+
+
+@pytest.fixture(scope="module")
+def tiny_causal_dir(text_file, tmp_path_factory) -> Path:
+    """A 2-layer Llama with random weights and a word-level tokenizer over the sentences' words."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = sorted({w for line in text_file.read_text(encoding="utf-8").split("\n") for w in line.split()})
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<eos>", *words])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+    out = tmp_path_factory.mktemp("tiny-causal")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                 pad_token_id=0, eos_token_id=2, initializer_range=0.3,
+                                 architectures=["LlamaForCausalLM"])).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_a_causal_lm_learns_next_tokens_with_documents_kept_apart(lm_config, tiny_causal_dir, store):
+    from transformers import AutoModelForCausalLM
+
+    config = lm_config(model=str(tiny_causal_dir), method={"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+                       train={"epochs": 2, "learning_rate": 2e-2})
+    data = load_text_data(config, store.home)
+    assert data.objective == "causal" and all(d[-1] == 2 for d in data.train)  # <eos> after every document
+    record = train(config, store)
+    assert record["status"] == "completed", record.get("error")
+    assert record["info"]["objective"] == "causal language modelling" and record["info"]["fresh_head"] == []
+    assert record["metrics"]["perplexity"] < 0.7 * record["metrics"]["perplexity_before"]
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(f"run:{record['id']}", store.home).path)
+    assert type(model).__name__ == "LlamaForCausalLM" and not any("lora" in n for n, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("method", ["adalora", "ia3", "qlora"])
+def test_every_adapter_method_of_the_row_builds_on_both_objectives(method, lm_config, tiny_causal_dir, tmp_path):
+    from workbench.models.language_model import build_language_model
+
+    if method == "qlora":
+        pytest.importorskip("bitsandbytes")
+    for model in (None, str(tiny_causal_dir)):
+        config = lm_config(method={"name": method}, **({"model": model} if model else {}))
+        built = build_language_model(config, resolve_model(config.model, tmp_path), total_steps=10)
+        trainable = [n for n, p in built.model.named_parameters() if p.requires_grad]
+        assert trainable and 0 < built.trainable_params < built.total_params
+        assert not any("embed" in n or "lm_head" in n or "decoder" in n for n in trainable)  # the output stays
+        if built.objective == "masked":  # the fresh head trains beside the adapters
+            assert any("cls.predictions.transform" in n for n in trainable)
+            assert any(n.endswith("cls.predictions.bias") for n in trainable)
+
+
+def test_a_method_outside_the_row_and_a_label_column_are_refused(lm_config):
+    with pytest.raises(WorkbenchError, match="method.name = 'prompt-tuning' is not allowed"):
+        lm_config(method={"name": "prompt-tuning"})
+    with pytest.raises(WorkbenchError, match="data.label_column = 'label' is not allowed"):
+        lm_config(data={"label_column": "label"})
