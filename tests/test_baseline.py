@@ -148,7 +148,7 @@ def test_every_classification_run_has_the_baseline_and_answers_as_it_recorded(ti
     assert set(m["baseline"]["variants"]) == {"none", "balanced"}
     answer = m["answers_with"]
     rows = json.loads(Path(m["predictions_file"]).read_text())["rows"]
-    predictor = load_predictor(record["id"], store.home)
+    predictor = load_predictor(record["id"], store.home, calibrated=False)
     assert isinstance(predictor, EnsemblePredictor) == (answer["by"] == "ensemble")
     predicted = [p["label"] for p in predictor.predict([r["text"] for r in rows])]
     accuracy = np.mean([p == r["true"] for p, r in zip(predicted, rows)])
@@ -270,7 +270,7 @@ def test_an_ensemble_of_runs_is_a_run_that_answers_as_measured(tiny_config, tmp_
     m = record["metrics"]
     assert record["status"] == "completed" and set(m["members"]) == {a["id"], b["id"], "classical"}
     rows = json.loads(Path(a["metrics"]["predictions_file"]).read_text())["rows"]
-    predictor = load_predictor(record["id"], store.home)
+    predictor = load_predictor(record["id"], store.home, calibrated=False)
     assert isinstance(predictor, EnsemblePredictor) and len(predictor.members) == 3
     predicted = [p["label"] for p in predictor.predict([r["text"] for r in rows])]
     assert np.mean([p == r["true"] for p, r in zip(predicted, rows)]) == pytest.approx(m["accuracy"])
@@ -290,7 +290,7 @@ def test_optimised_artifacts_read_long_texts_as_the_run_does(tiny_config, store)
     from workbench.predict import load_predictor
 
     record = train(tiny_config(train={"ensemble": "off"}), store=store)
-    predictor = load_predictor(record["id"], store.home)
+    predictor = load_predictor(record["id"], store.home, calibrated=False)
     assert truncation_of(predictor) == "head+tail"
     texts = ["awful " + "the film was a story " * 20 + "great great great", "great " + "plot " * 60 + "awful awful"]
     plain = TorchPredictor(predictor.model, predictor.tokenizer, predictor.labels, predictor.max_length,

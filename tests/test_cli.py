@@ -116,7 +116,7 @@ def test_predictor_reproduces_the_best_evaluation(tmp_path, tiny_config, method)
     # the fine-tuned model alone (a run may answer as an ensemble with its baseline: tests/test_baseline.py)
     record = train(tiny_config(method={"name": method, "dropout": 0.1}, train={"ensemble": "off"}), store=store)
     rows = json.loads(Path(record["metrics"]["predictions_file"]).read_text())["rows"]
-    predictor = load_predictor(record["id"], home=store.home)
+    predictor = load_predictor(record["id"], home=store.home, calibrated=False)
     preds = predictor.predict([r["text"] for r in rows])
     assert [p["label"] for p in preds] == [r["predicted"] for r in rows]
     for p, r in zip(preds, rows):

@@ -355,7 +355,7 @@ def test_training_lowers_the_loss_and_the_run_predicts_and_exports(llm_config, s
     assert record["info"]["trainable_params"] == 4096 and record["info"]["head_modules"] == []
 
     texts = ["great great wonderful film", "awful awful terrible plot", "story"]
-    rows = load_predictor(record["id"], store.home).predict(texts)
+    rows = load_predictor(record["id"], store.home, calibrated=False).predict(texts)
     assert [r["label"] for r in rows[:2]] == ["very good", "bad"]
     predicted = np.array([[r["scores"][y] for y in ("bad", "very good")] for r in rows])
 

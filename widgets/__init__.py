@@ -23,8 +23,10 @@ from .run_summary import RunSummary  # the model beside its classical baseline, 
 from .chat_playground import ChatPlayground  # conversational runs; streams answers token by token
 from .task_chooser import TaskChooser  # the Set up tab's task, from the task table
 from .train_panel import TrainPanel
+from .trust import TrustView  # robustness and slices of a run, its gaps flagged
 
 __all__ = [
     "AutoNumber", "ChatPlayground", "ConfusionMatrix", "Dashboard", "DataPanel", "DeployPanel", "EntitiesView", "LossCurve", "METHOD_PANELS", "MethodLadder", "MethodPanel",
-    "ModelPicker", "Playground", "RegressionView", "RunCompare", "RunSummary", "TaskChooser", "TrainPanel", "register_method", "wire",
+    "ModelPicker", "Playground", "RegressionView", "RunCompare", "RunSummary", "TaskChooser", "TrainPanel", "TrustView", "register_method",
+    "wire",
 ]

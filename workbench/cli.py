@@ -358,6 +358,8 @@ def _print_trust(m: dict[str, Any], info: dict[str, Any]) -> None:
     if isinstance(cal, dict) and cal.get("ece_before") is not None:
         print(f"  calibration: ECE {cal['ece_before']:.4f} -> {cal['ece_after']:.4f} "
               f"(temperature {cal['temperature']:.2f}, fitted on the eval split)")
+        if cal.get("kept_identity"):
+            print(f"  note: {cal['kept_identity']}")
     gone = m.get("forgetting")
     if isinstance(gone, dict):
         shown = "  ".join(f"{k} {gone['before'][k]:.4f} -> {gone['after'][k]:.4f}" for k in gone["change"])
@@ -490,7 +492,7 @@ def _predict(args: argparse.Namespace) -> int:
             print(f"value {r['value']:.4f}\t{r['text'][:80]}")
     else:
         for r in results:
-            print(f"{r['label']}\t{r['scores'][r['label']]:.3f}\t{r['text'][:80]}")
+            print(f"{r['label']}\t{r['scores'][r.get('top_label', r['label'])]:.3f}\t{r['text'][:80]}")
     return EXIT_OK
 
 
@@ -537,6 +539,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         if base:
             print(f"  baseline  rmse {base['rmse']:.4f}  mae {base['mae']:.4f}  spearman {base['spearman']:.3f}"
                   f"  ({base['method']})")
+        _print_trust_tables(result)
         return EXIT_OK
     what = "ensemble (fine-tuned + baseline)" if result["answers_with"] == "ensemble" else "fine-tuned model"
     print(f"  {what:<34} accuracy {result['accuracy']:.4f}  f1_macro {result['f1_macro']:.4f}")

@@ -139,13 +139,14 @@ def _classification(record: dict[str, Any], store: RunStore, source: str, text_c
     y = np.asarray([labels.index(n) for n in names])
     probs = member_probabilities(predictor, texts)
     answer = _figures(labels, y, probs)
+    raw = getattr(predictor, "inner", predictor)  # a calibrated predictor wraps the run's own
     out: dict[str, Any] = {"run": record["id"], "file": source, "rows": len(texts), "text_column": report.text_column,
                            "label_column": report.label_column, "encoding": report.encoding,
                            "blank_dropped": report.blank_dropped, "labels": labels,
-                           "answers_with": "ensemble" if isinstance(predictor, EnsemblePredictor) else "fine-tuned",
+                           "answers_with": "ensemble" if isinstance(raw, EnsemblePredictor) else "fine-tuned",
                            **answer, "ece": _ece(probs, y)}
-    if isinstance(predictor, EnsemblePredictor):
-        out["fine_tuned"] = _short(_figures(labels, y, member_probabilities(predictor.members[0], texts)))
+    if isinstance(raw, EnsemblePredictor):
+        out["fine_tuned"] = _short(_figures(labels, y, member_probabilities(raw.members[0], texts)))
     try:
         classical = load_classical(Path(record["dir"]))
     except WorkbenchError:

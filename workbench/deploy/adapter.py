@@ -121,23 +121,25 @@ def _prompt_lengths(record: dict[str, Any], home: Path) -> Baseline | None:
 def load_served_model(run: str = "latest", home: str | Path | None = None, artifact: str | None = None
                       ) -> ServedModel:
     """The run's model ready to serve: fp32 (adapters merged where they can be) or an optimised artifact."""
-    from ..predict import load_predictor
+    from ..predict import load_predictor, with_calibration
 
     store = RunStore(home)
     record = store.get(run)
-    predictor = load_predictor(record["id"], store.home)
+    predictor = load_predictor(record["id"], store.home, calibrated=False)
     spec = task_row(predictor)
     if not spec.generates and hasattr(predictor, "model"):
         predictor.model = merge_adapters(predictor.model)
     if not artifact or artifact == "fp32":
-        return ServedModel(predictor, record["id"])
+        return ServedModel(with_calibration(predictor, record) if spec.classes else predictor, record["id"])
     if not spec.optimizable:
         raise WorkbenchError(f"run {record['id']} is a {spec.name} run: optimised artifacts exist for "
                              f"{' and '.join(tasks_where(optimizable=True))} runs only; serve it without --artifact")
     from .artifacts import apply_artifact
 
     predictor, info = apply_artifact(predictor, Path(record["dir"]), artifact)
-    return ServedModel(predictor, record["id"], artifact, info, task=spec.name)
+    # the run's temperature and abstain threshold apply to its artifacts' probabilities too
+    return ServedModel(with_calibration(predictor, record) if spec.classes else predictor, record["id"], artifact,
+                       info, task=spec.name)
 
 
 # --- the run's evaluation split ---------------------------------------------------------------------------

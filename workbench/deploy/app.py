@@ -335,7 +335,8 @@ async def _queued(work: Awaitable[Any]) -> Any:
 def _observe(metrics: ServerMetrics, outputs: list[Any]) -> None:
     """What /metrics and drift count of a text route's answers: labels, values (regression), entity types."""
     answers = [o for o in outputs if isinstance(o, dict)]
-    metrics.observe_labels([a["label"] for a in answers if "label" in a]
+    # an abstained answer counts under its top class (the drift signal is what the model saw, not the threshold)
+    metrics.observe_labels([a.get("top_label", a["label"]) for a in answers if "label" in a]
                            + [e["type"] for a in answers for e in a.get("entities", ())])
     metrics.observe_values([a["value"] for a in answers if "value" in a])
 
