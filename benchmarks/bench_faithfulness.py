@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--no-report", action="store_true", help="leave the run's faithfulness.json as it is")
     args = parser.parse_args(argv)
 
     import torch
@@ -104,8 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     from workbench.store import RunStore
 
     record = RunStore(args.home).get(args.run)
-    report = faithfulness(record["id"], home=args.home, k=args.k, n=args.n, seed=args.seed)
-    report.pop("examples")
+    report = None
+    if not args.no_report:
+        report = faithfulness(record["id"], home=args.home, k=args.k, n=args.n, seed=args.seed)
+        report.pop("examples")
     predictor = load_predictor(record["id"], args.home)
     texts = chosen_texts(predictor, eval_split(record)[0], args.k, args.n, args.seed)
     variants = {}
