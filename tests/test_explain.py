@@ -312,3 +312,21 @@ def test_many_classes_attribute_the_most_probable_and_the_asked_one(tiny_model_d
     assert len(answer["targets"]) == BY_CLASS_LIMIT + 1 and least in answer["targets"]
     assert answer["label"] in answer["targets"] and answer["target"] == least
     assert all(t["attribution"] == t["by_class"][least] for t in answer["tokens"])
+
+
+@pytest.mark.integration
+def test_minilm_attributions_are_faithful_on_held_out_reviews(store):
+    """The issue's bar on a catalog run: deleting the top 5 words drops the predicted probability at least
+    twice as much as deleting 5 random words (bench_faithfulness measures the full run: 50 texts)."""
+    from workbench.config import Config
+    from workbench.loop import train
+
+    record = train(Config.from_dict({
+        "model": "minilm-l6", "data": {"source": "rotten-tomatoes", "max_train_samples": 400,
+                                       "max_eval_samples": 100},
+        "method": {"name": "lora"}, "train": {"epochs": 2, "batch_size": 16, "max_length": 64, "baseline": False},
+        "track": {"wandb": "disabled", "tensorboard": False}}), store=store)
+    assert record["status"] == "completed", record["error"]
+    report = faithfulness(record["id"], home=store.home, k=5, n=30)
+    assert report["n"] == 30 and report["method"] == "integrated-gradients"
+    assert report["ratio"] >= 2.0, report
