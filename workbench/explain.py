@@ -35,7 +35,7 @@ from .run_paths import RunPaths
 from .store import RunStore
 from .task_table import DEFAULT_TASK, task_spec
 
-__all__ = ["explain", "explain_predictor", "explanation_lines", "faithfulness", "METHODS"]
+__all__ = ["explain", "explain_predictor", "faithfulness", "METHODS"]
 
 METHODS = ("auto", "integrated-gradients", "occlusion")
 IG = "integrated-gradients"
@@ -526,20 +526,6 @@ def explain(run: str, texts: str | list[str], home: str | Path | None = None, **
 
     texts = checked_texts(texts)
     return explain_predictor(load_predictor(run, home), texts, **options)
-
-
-def explanation_lines(explanation: dict[str, Any]) -> list[str]:
-    """One explanation as lines of plain text: the answer and how it was explained, then a word per line with
-    its attribution toward the target (what `workbench explain` prints without --json)."""
-    if "entities" in explanation:
-        answer = ", ".join(e["key"] for e in explanation["entities"]) or "no entities"
-    elif "value" in explanation:
-        answer = f"value {explanation['value']:.4g}"
-    else:
-        answer = f"{explanation['label']} {explanation['score']:.3f}"
-    head = f"{answer} ({explanation['method']}; attributions toward {explanation['target']})"
-    lines = [head] + ([explanation["note"]] if explanation.get("note") else [])
-    return lines + [f"{t['attribution']:+.4f}\t{t['token']}" for t in explanation["tokens"]]
 
 
 def write_json(path: Path, payload: Any) -> None:
