@@ -88,6 +88,27 @@ def test_names_come_from_a_recogniser_when_one_is_given():
     assert mask_text(text, names=names_from_predictor(Tagger())) == "[NAME] lives in Paris"
 
 
+def test_names_from_a_real_entity_predictor_are_masked(tiny_model_dir):
+    import torch
+    from transformers import AutoTokenizer
+
+    from workbench.tasks.token_classification import EntityPredictor
+
+    class Tagging(EntityPredictor):  # a tagger that knows one name: the predictor's own words, spans and offsets
+        def logits(self, batch):
+            tokens = [self.tokenizer.convert_ids_to_tokens(row) for row in batch["input_ids"].tolist()]
+            tag = {"ann": 1, "smith": 2}
+            return torch.tensor([[[5.0 if j == tag.get(t, 0) else 0.0 for j in range(3)] for t in row]
+                                 for row in tokens])
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    predictor = Tagging(torch.nn.Identity(), tokenizer, ["O", "B-PER", "I-PER"], 32)
+    text = "Yesterday Ann Smith wrote to bob@example.org from Paris"
+    assert mask_text(text, names=names_from_predictor(predictor)) == "Yesterday [NAME] wrote to [EMAIL] from Paris"
+    assert mask_text(text, names=names_from_predictor(predictor, types=("LOC",))) == \
+        "Yesterday Ann Smith wrote to [EMAIL] from Paris"
+
+
 def test_tokens_keep_their_count_so_tags_stay_aligned():
     tokens = ["Mail", "ann@example.org", "or", "call", "+1", "415", "555", "0100", "."]
     masked = mask_tokens(tokens)
