@@ -250,3 +250,14 @@ def test_a_method_outside_the_row_and_a_label_column_are_refused(lm_config):
         lm_config(method={"name": "prompt-tuning"})
     with pytest.raises(WorkbenchError, match="data.label_column = 'label' is not allowed"):
         lm_config(data={"label_column": "label"})
+
+
+def test_an_eval_file_never_holds_out_a_training_document(lm_config, text_file, tmp_path):
+    lines = text_file.read_text(encoding="utf-8").splitlines()
+    held = tmp_path / "held.txt"
+    held.write_text("\n".join([lines[0], "a sentence that is only held out", lines[1]]) + "\n", encoding="utf-8")
+    data = load_text_data(lm_config(data={"eval_source": str(held)}), tmp_path / "home")
+    assert len(data.eval) == 1 and any("dropped 2 documents" in n for n in data.notes)
+    with pytest.raises(WorkbenchError, match="has no text that is not in the training text"):
+        held.write_text(lines[0] + "\n", encoding="utf-8")
+        load_text_data(lm_config(data={"eval_source": str(held)}), tmp_path / "home")

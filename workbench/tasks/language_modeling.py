@@ -34,7 +34,7 @@ import torch
 
 from ..catalog import DATASETS, ModelSource, pretrained_dir, resolve_model
 from ..config import Config, DataConfig
-from ..data import MAX_FILE_BYTES, TEXT_NAMES, load_table, load_texts, mask_data, masked_note
+from ..data import FORMATS, MAX_FILE_BYTES, TEXT_NAMES, load_table, load_texts, mask_data, masked_note
 from ..errors import WorkbenchError
 from ..methods import float_twin
 from ..models.language_model import (LanguageModel, Objective, build_language_model, check_language_model,
@@ -48,7 +48,6 @@ from .generation import IGNORE_INDEX, held_out_loss, pad_id_of, perplexity, writ
 
 SPEC = spec_for("language_modeling:LanguageModelingTask")
 DEFAULT_BLOCK = 256  # train.max_length left out: the loop's choice for a task of this kind (loop/defaults.py)
-TABLE_SUFFIXES = (".csv", ".tsv", ".tab", ".jsonl", ".ndjson", ".json", ".parquet", ".pq")
 MIN_BLOCK = 2  # a block needs a token to predict from and one to predict
 
 
@@ -120,7 +119,7 @@ def read_documents(source: str, text_column: str | None) -> tuple[list[str], str
     if not path.is_file():
         raise WorkbenchError(f"data source {source!r} is neither a catalog dataset nor a file or folder: give a .txt "
                              "file (a document per line), a folder of .txt files or a table with a text column")
-    if _stripped(source).endswith(TABLE_SUFFIXES):
+    if _stripped(source).endswith(tuple(FORMATS)):
         return load_texts(source, text_column), f"the text column of {path.name}"
     if text_column is not None:
         raise WorkbenchError(f"data.text_column = {text_column!r} names a table's column, but {path.name!r} is read "
@@ -197,9 +196,14 @@ def load_text_data(config: Config, home: Path) -> TextData:
                     documents_read=len(texts), mask_personal=cfg.mask_personal)
     docs = unique_documents(texts, data)
     if cfg.eval_source:
-        held = unique_documents(read_documents(cfg.eval_source, cfg.text_column)[0], data)
+        known = set(docs)
+        read = unique_documents(read_documents(cfg.eval_source, cfg.text_column)[0], data)
+        held = [d for d in read if d not in known]  # a held-out document is never trained on
+        if len(held) < len(read):
+            data.notes.append(f"dropped {len(read) - len(held)} documents of {cfg.eval_source} that are in the "
+                              "training text too")
         if not held:
-            raise WorkbenchError(f"eval file {cfg.eval_source!r} has no text")
+            raise WorkbenchError(f"eval file {cfg.eval_source!r} has no text that is not in the training text")
         train, held = docs[: cfg.max_train_samples], held[: cfg.max_eval_samples]
     else:
         train, held = split_documents(docs, cfg, config.train.seed)
