@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import WorkbenchError
 from .methods import DEFAULT_METHOD
+from .privacy import mask_text
 
 if TYPE_CHECKING:
     from .config import Config
@@ -214,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("WORKBENCH_DEBUG"):
             raise
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        _error(f"internal error: {type(exc).__name__}: {detail} (set WORKBENCH_DEBUG=1 for the traceback, "
-               "and please report it)")
+        _error(f"internal error: {type(exc).__name__}: {mask_text(detail)} (set WORKBENCH_DEBUG=1 for the "
+               "traceback, and please report it)")
         return EXIT_FAILED
 
 

@@ -161,8 +161,12 @@ def restore_signal_handlers(previous: dict[int, Any]) -> None:
 
 
 def log_traceback(run_dir: Path) -> None:
+    """The current exception's traceback into the run's log, personal data masked (a message may quote data)."""
+    from ..privacy import mask_text
+
+    text = mask_text(traceback.format_exc())
     try:
         with os.fdopen(private_file(run_dir / LOG_FILE), "a", encoding="utf-8") as f:
-            f.write(traceback.format_exc())
+            f.write(text)
     except OSError:
-        print(traceback.format_exc(), file=sys.stderr)
+        print(text, file=sys.stderr)

@@ -60,7 +60,7 @@ def fit_baseline(config: Config, train_texts: list[str], train_labels: list[int]
     start = time.perf_counter()
     y = np.asarray(eval_labels)
     scored = []
-    for model in fit_classifiers(train_texts, train_labels, labels):
+    for model in fit_classifiers(train_texts, train_labels, labels, mask_personal=config.data.mask_personal):
         probs = model.probabilities(eval_texts)
         scored.append((figures(y, probs), model, probs))
     best_figures, best, probs = max(scored, key=lambda item: item[0][metric])  # ties: the plain model
