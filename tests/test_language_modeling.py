@@ -261,3 +261,16 @@ def test_an_eval_file_never_holds_out_a_training_document(lm_config, text_file, 
     with pytest.raises(WorkbenchError, match="has no text that is not in the training text"):
         held.write_text(lines[0] + "\n", encoding="utf-8")
         load_text_data(lm_config(data={"eval_source": str(held)}), tmp_path / "home")
+
+
+def test_a_qlora_run_saves_its_adapters_merged_into_a_floating_point_base(lm_config, store):
+    import torch
+    from transformers import AutoModelForMaskedLM
+
+    pytest.importorskip("bitsandbytes")
+    record = train(lm_config(method={"name": "qlora", "r": 4, "alpha": 8, "dropout": 0.0},
+                             data={"max_train_samples": 40}, train={"epochs": 1, "learning_rate": 1e-2}), store)
+    assert record["status"] == "completed", record.get("error")
+    model = AutoModelForMaskedLM.from_pretrained(resolve_model(f"run:{record['id']}", store.home).path)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert not any("lora" in n for n, _ in model.named_parameters())
