@@ -437,6 +437,11 @@ def test_widget_in_the_dashboard_follows_a_run_and_picks_files_from_the_uploads(
     pool_choice, dataset_choice = widget._files.children[0].children[:2]
     assert [v for _, v in pool_choice.options] == ["", str(uploads / "labelled.csv"), str(uploads / "pool.csv")] \
         or sorted(v for _, v in pool_choice.options) == ["", str(uploads / "labelled.csv"), str(uploads / "pool.csv")]
+    from workbench.store import RunStore
+
+    queued = RunStore(store_home).create_run(trained["record"]["config"])
+    leader.run_id = queued
+    assert widget.suggestions == [] and f"run {queued} is queued" in widget._info.value
     leader.run_id = trained["record"]["id"]
     assert widget.error == "no pool: choose a file of unlabelled texts"
     pool_choice.value = str(uploads / "pool.csv")

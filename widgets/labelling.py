@@ -150,7 +150,7 @@ class LabellingWidget(W.VBox):
         self._train.on_click(lambda _: self.train_again())
         self.key_listener.on_msg(lambda _, content, buffers: self.press(str((content or {}).get("key", ""))))
         self.observe(self._on_run, names="run_id")
-        self.observe(lambda c: self._on_files(), names=["pool_file", "dataset_file"])
+        self.observe(lambda c: self.refresh(), names=["pool_file", "dataset_file"])
         self.observe(lambda c: self._draw(), names=["suggestions", "position", "labels", "busy", "answered",
                                                      "appended", "training_run"])
         self.observe(lambda c: setattr(self._error_html, "value", S.message(self.error)), names="error")
@@ -357,34 +357,32 @@ class LabellingWidget(W.VBox):
     # --- reading and drawing --------------------------------------------------------------------------
     def _on_run(self, change: Any = None) -> None:
         self.position, self.suggestions = 0, []
-        if not self.run_id:
-            return
-        try:
-            record = self.store.get(self.run_id)
-        except WorkbenchError as exc:
-            self.error = str(exc).splitlines()[0]
-            return
-        source = str(((record.get("config") or {}).get("data") or {}).get("source") or "")
-        self._run_data = Path(source).expanduser() if source.lower().endswith(DATASET_EXTENSIONS) else None
-        self.labels = [str(x) for x in ((record.get("info") or {}).get("labels")
-                                        or (record.get("metrics") or {}).get("labels") or [])]
-        self._classes.children = [self._class_button(i, name) for i, name in enumerate(self.labels)]
-        self._on_files()
+        self.refresh()
 
-    def _on_files(self) -> None:
+    def refresh(self) -> None:
+        """Re-read the run (its classes; suggestions once it has completed), the undo count and the plot."""
+        record = None
+        if self.run_id:
+            try:
+                record = self.store.get(self.run_id)
+            except WorkbenchError as exc:
+                self.error = str(exc).splitlines()[0]
+        if record is not None:
+            source = str(((record.get("config") or {}).get("data") or {}).get("source") or "")
+            self._run_data = Path(source).expanduser() if source.lower().endswith(DATASET_EXTENSIONS) else None
+            labels = [str(x) for x in ((record.get("info") or {}).get("labels")
+                                       or (record.get("metrics") or {}).get("labels") or [])]
+            if labels != self.labels or not self._classes.children:
+                self.labels = labels
+                self._classes.children = [self._class_button(i, name) for i, name in enumerate(labels)]
         self._count_appended()
         self.draw_curve()
-        if not self.run_id:
+        if record is None:
             return
-        try:
-            status = self.store.get(self.run_id)["status"]
-        except WorkbenchError as exc:
-            self.error = str(exc).splitlines()[0]
-            return
-        if status != "completed":
+        if record["status"] != "completed":
             self.position, self.suggestions = 0, []
-            self._info.value = S.message(f"run {self.run_id} is {status}: suggestions come from a completed "
-                                         "classification run", "muted")
+            self._info.value = S.message(f"run {self.run_id} is {record['status']}: suggestions come from a "
+                                         "completed classification run", "muted")
             return
         self.refresh_suggestions()
 
