@@ -157,6 +157,16 @@ def _answer_commands(sub: Any) -> None:
     ev.add_argument("--label-column", help="default: the run's label column, else detected")
     ev.add_argument("--json", action="store_true", help="everything, per-class report and confusion matrix included")
     _add_trust_arguments(ev, sub)
+    sg = sub.add_parser("suggest", help="active learning: the pool texts most useful to label next for a "
+                                        "classification run (uncertainty with diversity)")
+    sg.add_argument("run", help="run id ('latest' for the newest)")
+    sg.add_argument("--pool", required=True, help="unlabelled texts: a table's text column, or one text a line")
+    sg.add_argument("-n", type=int, default=20, help="how many to suggest (default 20)")
+    sg.add_argument("--strategy", default="margin-diversity",
+                    help="margin-diversity (default), margin, entropy or random")
+    sg.add_argument("--text-column", help="the pool's text column (default: detected)")
+    sg.add_argument("--seed", type=int, default=0)
+    sg.add_argument("--json", action="store_true", help="every row with its scores and cluster, as JSON")
     c = sub.add_parser("card", help="print a run's model card (Markdown), or write it as README.md into --out")
     c.add_argument("run", nargs="?", default="latest", help="run id ('latest' for the newest)")
     c.add_argument("--out", help="a directory (an export's) to write README.md into")
@@ -236,6 +246,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _explain(args)
     if args.command == "card":
         return _card(args)
+    if args.command == "suggest":
+        return _suggest(args)
     if args.command == "evaluate":
         return _evaluate(args)
     if args.command == "ensemble":
@@ -620,6 +632,21 @@ def _assets(args: argparse.Namespace) -> int:
         for a in rows:
             print(f"{a['name']:<24} {a['kind']:<8} {'installed' if a['installed'] else 'missing':<10} "
                   f"{a['description']}")
+    return EXIT_OK
+
+
+def _suggest(args: argparse.Namespace) -> int:
+    from .active import suggest
+
+    rows = suggest(args.run, args.pool, args.n, strategy=args.strategy, seed=args.seed,
+                   text_column=args.text_column)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    print(f"{len(rows)} texts to label next ({rows[0]['strategy'] if rows else args.strategy}); "
+          "row: the pool file's data row, margin: the top two classes' gap")
+    for r in rows:
+        print(f"{r['rank']:>3}  row {r['index']:<6} margin {r['margin']:.3f}  {r['predicted']:<12} {r['text'][:90]}")
     return EXIT_OK
 
 
