@@ -392,3 +392,14 @@ def test_run_ids_and_date_times_are_never_taken_for_card_numbers():
         assert mask_text(path) == path and mask_text(f"run {run_id} done") == f"run {run_id} done"
     for card in ("4111 1111 1111 1111", "4111-1111-1111-1111", "4111111111111111", "3782 822463 10005"):
         assert mask_text(f"card {card} please") == "card [CARD] please"
+
+
+def test_figures_with_a_decimal_point_are_not_phone_numbers():
+    """A run's console prints figures such as perplexity 1337.6167: one decimal point makes a number, while a
+    phone number written with points has two (415.555.0100)."""
+    from workbench.privacy import mask_text
+
+    for line in ("perplexity 1337.6167", "eval step 40: perplexity 48812.3320 eval_loss 10.7958",
+                 "rmse 1234567.25"):
+        assert mask_text(line) == line
+    assert mask_text("call 415.555.0100 now") == "call [PHONE] now"

@@ -47,7 +47,8 @@ _IPV6 = re.compile(r"(?<![0-9A-Fa-f:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}
 _VERSION = re.compile(r"(?:\bv|\bversion\s?)$", re.IGNORECASE)
 _IN_NUMBER_BEFORE = re.compile(r"(?:\d\.|[eE][+\-])$")  # the candidate continues a decimal or an exponent
 _IN_NUMBER_AFTER = re.compile(r"[.,]\d")
-_DECIMAL = re.compile(r"^\(?\d+\.\d{1,2}\)?[.,;:]?$")  # 1234.5, 12.99: an amount, not a phone group
+# 1234.5, 12.99, 1337.6167 (a perplexity): one point makes a decimal, not a phone group (415.555.0100 has two)
+_DECIMAL = re.compile(r"^\(?\d+\.\d+\)?[.,;:]?$")
 # a card number as people write it: 13-19 digits in one run, or the issuers' groups (4-4-4-4, 4-4-4-4-3,
 # Amex 4-6-5, Diners 4-6-4) split by spaces or hyphens; not glued to a word, a path or another number: a run
 # id or a date-time (20261203-172049-4bce) is none
