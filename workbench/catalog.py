@@ -124,13 +124,6 @@ class ModelSource:
 
 
 RUN_PREFIX = "run:"  # `model: run:<id>`: the base model a completed run saved
-PRETRAINED_DIR = "pretrained"  # in a run's model/ folder: that base model, a Hugging Face directory
-
-
-def pretrained_dir(run_dir: Path) -> Path:
-    """Where a run of a task that saves its base model keeps it: <run>/model/pretrained/ (safetensors and the
-    tokenizer)."""
-    return RunPaths(run_dir).model / PRETRAINED_DIR
 
 
 def resolve_model(name: str, home: Path, trust_remote_code: bool = False) -> ModelSource:
@@ -175,7 +168,7 @@ def _run_model(name: str, home: Path) -> Path:
     if record["status"] != "completed":
         raise WorkbenchError(f"model {name!r}: run {record['id']} is {record['status']}, not completed: its model is "
                              "saved when it completes; wait for it, or pick a completed run")
-    saved = pretrained_dir(Path(record["dir"]))
+    saved = RunPaths(Path(record["dir"])).pretrained
     if not (saved / "config.json").is_file():
         raise WorkbenchError(f"model {name!r}: run {record['id']} completed without saving its model in {saved}: "
                              "train it again")
@@ -194,7 +187,7 @@ def pretrained_runs(home: Path) -> list[dict[str, Any]]:
         spec = TASKS.get(config.get("task", DEFAULT_TASK))
         if record["status"] != "completed" or spec is None or not spec.base_model:
             continue
-        if not (pretrained_dir(Path(record["dir"])) / "config.json").is_file():
+        if not (RunPaths(Path(record["dir"])).pretrained / "config.json").is_file():
             continue
         metrics = record.get("metrics") or {}
         found.append({"id": record["id"], "model": RUN_PREFIX + record["id"], "name": record.get("name") or "",

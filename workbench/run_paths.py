@@ -8,6 +8,7 @@
     model/task.json              regression: the target's mean and std; generation: the task
     model/tags.json              token classification: the tag names, in the head's order
     model/ensemble.json          present when the run answers as an ensemble
+    model/pretrained/            language-modeling: the adapted base model (adapters merged), for model: run:<id>
     eval/step-N.json             each evaluation's predictions (or samples), for drill-down
     checkpoints/step-N/          the newest resumable checkpoint; checkpoints/best/ the best one
     classical/                   the classical baseline: its files, eval probabilities and figures
@@ -32,6 +33,7 @@ ENSEMBLE_FILE = "ensemble.json"
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "log.txt"
 OUTCOME_FILE = "outcome.json"
+PRETRAINED_DIR = "pretrained"  # in model/: a language-modeling run's base model, adapters merged
 CALIBRATION_FILE = "calibration.json"
 FAITHFULNESS_FILE = "faithfulness.json"
 ROBUSTNESS_FILE = "robustness.json"
@@ -82,6 +84,11 @@ class RunPaths:
     @property
     def tags(self) -> Path:
         return self.model / TAGS_FILE
+
+    @property
+    def pretrained(self) -> Path:
+        """model/pretrained/: a continued-pretraining run's model with its adapters merged (model: run:<id>)."""
+        return self.model / PRETRAINED_DIR
 
     @property
     def ensemble(self) -> Path:

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from ..catalog import DATASETS, ModelSource, pretrained_dir, resolve_model
+from ..catalog import DATASETS, ModelSource, resolve_model
 from ..config import Config, DataConfig
 from ..data import FORMATS, MAX_FILE_BYTES, TEXT_NAMES, load_table, load_texts, mask_data, masked_note
 from ..errors import WorkbenchError
@@ -389,4 +389,4 @@ def save_run_base_model(run_dir: Path) -> Path:
     set_seed(config.train.seed)  # a frozen fresh layer (train_head off) starts as it did in training
     built = build_language_model(config, resolve_model(config.model, home, config.trust_remote_code))
     load_trainable_state(built.model, load_file(str(paths.trainable)))
-    return save_base_model(built.model, built.tokenizer, pretrained_dir(run_dir))
+    return save_base_model(built.model, built.tokenizer, RunPaths(run_dir).pretrained)
