@@ -24,9 +24,12 @@ from .chat_playground import ChatPlayground  # conversational runs; streams answ
 from .task_chooser import TaskChooser  # the Set up tab's task, from the task table
 from .train_panel import TrainPanel
 from .trust import TrustView  # robustness and slices of a run, its gaps flagged
+from .labelling import LabellingWidget  # active learning: label the suggested texts, train again
+from .explain_view import ExplainView  # each word coloured by its push toward a class
 
 __all__ = [
     "AutoNumber", "ChatPlayground", "ConfusionMatrix", "Dashboard", "DataPanel", "DeployPanel", "EntitiesView", "LossCurve", "METHOD_PANELS", "MethodLadder", "MethodPanel",
-    "ModelPicker", "Playground", "RegressionView", "RunCompare", "RunSummary", "TaskChooser", "TrainPanel", "TrustView", "register_method",
+    "ModelPicker", "Playground", "RegressionView", "RunCompare", "RunSummary", "TaskChooser", "TrainPanel", "TrustView", "LabellingWidget", "ExplainView",
+    "register_method",
     "wire",
 ]

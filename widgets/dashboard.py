@@ -27,6 +27,7 @@ from .playground import Playground
 from .run_summary import RunSummary
 from .task_chooser import TaskChooser, dashboard_tasks
 from .train_panel import TrainPanel
+from .labelling import LabellingWidget
 from .trust import TrustView
 
 CATALOG_ONLY = tuple(MODELS)  # for Dashboard(models=...) on a page others can reach
@@ -36,7 +37,8 @@ CONFIG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,80}$")
 def wire(train: TrainPanel, curve: LossCurve, confusion: ConfusionMatrix, compare: RunCompare,
          playground: Playground, model: ModelPicker | None = None, data: DataPanel | None = None,
          method: MethodPanel | None = None, deploy: DeployPanel | None = None,
-         summary: RunSummary | None = None, trust: TrustView | None = None) -> None:
+         summary: RunSummary | None = None, trust: TrustView | None = None,
+         labelling: LabellingWidget | None = None) -> None:
     """Connect the panels: the ONE place where one widget follows another (no setup panels when read-only)."""
     if model is not None and data is not None and method is not None:
         # the method's estimate follows the model, the data and the schedule
@@ -58,6 +60,9 @@ def wire(train: TrainPanel, curve: LossCurve, confusion: ConfusionMatrix, compar
         T.dlink((train, "run_id"), (trust, "run_id"))
         playground.observe(lambda change: trust.refresh() if change["new"] else None, names="evaluation")
 
+    if labelling is not None:  # active learning: the shown run suggests what to label next
+        T.dlink((train, "run_id"), (labelling, "run_id"))
+
     # a run that ends shows up in the comparison and the playground
     def on_status(change: dict[str, Any]) -> None:
         if change["new"] in FINAL_STATUSES or change["new"] == "queued":
@@ -65,6 +70,8 @@ def wire(train: TrainPanel, curve: LossCurve, confusion: ConfusionMatrix, compar
             playground.refresh_runs()
             if deploy is not None:  # a finished run can be optimised and served
                 deploy.refresh_runs()
+            if model is not None:  # a finished language-modeling run is a model to start from (run:<id>)
+                model.refresh_runs()
 
     train.observe(on_status, names="status")
 
@@ -110,8 +117,11 @@ class Dashboard(W.VBox):
         self.compare = RunCompare(store=self.store, background=background)
         self.playground = Playground(store=self.store, background=background, uploads=not read_only)
         self.trust = TrustView(store=self.store, background=background, read_only=read_only)
+        # labelling writes to data files: not on a read-only page
+        self.labelling = None if read_only else LabellingWidget(None, store=self.store, background=background,
+                                                                uploads=True)
         wire(self.train, self.curve, self.confusion, self.compare, self.playground, self.model, self.data,
-             self.method, self.deploy, self.summary, self.trust)
+             self.method, self.deploy, self.summary, self.trust, self.labelling)
         self.tabs = W.Tab(layout=S.full_width())
         if read_only:
             tabs = [("Runs", self.compare),
@@ -129,7 +139,7 @@ class Dashboard(W.VBox):
                               S.section("7. Trust: perturbed texts, out-of-domain texts, slices"), self.trust],
                              layout=S.full_width())
             tabs = [("Set up", setup), ("Train & watch", run_tab), ("Compare runs", self.compare),
-                    ("Try it", self.playground), ("Deploy", self.deploy)]
+                    ("Try it", self.playground), ("Label", self.labelling), ("Deploy", self.deploy)]
         self.tabs.children = [w for _, w in tabs]
         self.tabs.titles = tuple(t for t, _ in tabs)
         super().__init__(children=children, **{"layout": S.full_width(), **kwargs})
