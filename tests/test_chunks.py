@@ -146,8 +146,6 @@ def test_a_chunks_run_trains_on_chunks_and_reports_figures_per_text(chunk_run):
     assert record["metrics"]["accuracy"] == pytest.approx(np.mean([r["true"] == r["predicted"] for r in rows]))
 
 
-@pytest.mark.xfail(strict=True, reason="loop/trainer.py counts an epoch's steps from the texts before encoding: "
-                   "a chunks run's schedule must come from its chunk examples (the lead's change)")
 def test_a_chunks_run_schedules_its_steps_over_every_chunk(chunk_run):
     record, store = chunk_run
     steps = store.points(record["id"], "train")

@@ -250,6 +250,9 @@ def _setup(ctx: RunContext, task: Task, accelerator: Any, precision: str) -> Ses
         load_previous_weights(built, previous)
         previous.held = task.encode(config, built, previous.data)[1]
     train_enc, held_enc = task.encode(config, built, data)
+    if len(train_enc) != task.train_size(data):  # train.truncation chunks: a long text is several examples
+        steps_per_epoch = len(epoch_steps(config, [1] * len(train_enc), 0, accelerator.process_index, world))
+        max_steps = steps_per_epoch * config.train.epochs
     if ctx.main:
         info = {**task.run_info(config, built, data, train_enc, held_enc), "decisions": decisions,
                 **({"truncation": truncation} if config.task in ENCODER_TASKS else {}),
@@ -310,9 +313,11 @@ def _choose_settings(config: Config, task: Task, data: Any, source: Any, world: 
     length affords on a CPU, the learning rate, class weights and the checkpoint metric; with the reasons."""
     config, decisions, truncation = choose_max_length(config, source, getattr(data, "train_texts", []), on_gpu)
     classes = getattr(data, "train_labels", None)  # a classification split's labels (None for other tasks)
-    rows = task.train_size(data)
-    mean = truncation.get("mean_tokens")
-    tokens = int(mean * rows / world) if mean and not on_gpu else None  # what one process reads an epoch
+    texts = rows = task.train_size(data)
+    if truncation and truncation.get("mean_chunks"):  # chunks: an epoch's steps count every chunk
+        rows = max(rows, round(rows * truncation["mean_chunks"]))
+    mean = truncation.get("mean_tokens")  # per text (under chunks: all its chunks' tokens)
+    tokens = int(mean * texts / world) if mean and not on_gpu else None  # what one process reads an epoch
     config, more = choose_before_build(config, rows, world, classes, len(data.labels) if classes is not None else 0,
                                        tokens)
     return config, decisions + more, truncation
