@@ -423,7 +423,11 @@ def _print_decisions(info: dict[str, Any]) -> None:
     for d in info.get("decisions") or []:
         print(f"  chosen: {d['field']} = {d['value']} ({d['why']})")
     cut = info.get("truncation")
-    if cut and cut.get("texts_cut"):
+    if cut and cut.get("texts_cut") and cut.get("mode") == "chunks":
+        print(f"  {cut['texts_cut']} of {cut['texts_measured']} training texts are read as several chunks of "
+              f"{cut['max_length']} tokens (mean {cut.get('mean_chunks')} a text, at most {cut.get('max_chunks')}; "
+              f"{cut.get('texts_over_cap', 0)} longer than the chunks they are read in)")
+    elif cut and cut.get("texts_cut"):
         print(f"  {cut['texts_cut']} of {cut['texts_measured']} training texts are longer than {cut['max_length']} "
               f"tokens (the longest {cut['longest_tokens']}): read as {cut['mode']}")
 

@@ -258,9 +258,16 @@ def _limits_section(run: _Run) -> list[str]:
     words = {"head+tail": "its first quarter and last three quarters of tokens are read",
              "head": "only its first tokens are read", "chunks": "it is read as overlapping chunks whose "
              "predictions are averaged"}.get(str(run.train.get("truncation", "head")), "it is cut")
-    lines.append(f"- Length: a text longer than {_num(run.train.get('max_length'))} tokens is not read whole: "
-                 f"{words}" + (f" ({_num(cut.get('texts_cut'))} of {_num(cut.get('texts_measured'))} training texts "
-                               "were that long)." if cut else "."))
+    if run.train.get("truncation") == "chunks":
+        lines.append(f"- Length: a text longer than {_num(run.train.get('max_length'))} tokens is read whole, as "
+                     "overlapping chunks whose predictions are averaged (at most 16 chunks; a longer text's chunks are "
+                     "spread over it)" + (f" ({_num(cut.get('texts_cut'))} of {_num(cut.get('texts_measured'))} "
+                                          "training texts were read in chunks)." if cut else ".")
+                     + " An exported model reads one chunk: split long texts and average yourself.")
+    else:
+        lines.append(f"- Length: a text longer than {_num(run.train.get('max_length'))} tokens is not read whole: "
+                     f"{words}" + (f" ({_num(cut.get('texts_cut'))} of {_num(cut.get('texts_measured'))} training "
+                                   "texts were that long)." if cut else "."))
     rows = run.info.get("train_rows")
     if isinstance(rows, int) and rows < SMALL_DATA:
         lines.append(f"- Small data: trained on {rows:,} rows and measured on {_num(run.eval_rows)}; figures from "
