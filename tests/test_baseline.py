@@ -171,6 +171,9 @@ def test_the_ensemble_is_chosen_only_when_it_scores_higher(tmp_path):
         class train:
             baseline, best_metric, ensemble = True, "accuracy", "auto"
 
+        class data:
+            mask_personal = "stored"
+
     rows = [{"true": t, "scores": s} for t, s in zip(rows_true, model)]
     run_dir = tmp_path / "run"
     fit_baseline(Config_, ["good", "bad", "good", "bad"], labels, texts, labels, ["a", "b"], run_dir)
