@@ -562,3 +562,73 @@ def entity_spans(answers: list[dict[str, Any]]) -> pd.DataFrame:
     rows = [{"text": a["text"], "type": e["type"], "entity": e["text"], "start": e["start"], "end": e["end"],
              "score": round(e["score"], 3)} for a in answers for e in a["entities"]]
     return pd.DataFrame(rows, columns=["text", "type", "entity", "start", "end", "score"])
+
+
+# --- 10_fewer_labels ---------------------------------------------------------------------
+
+FEWER_SIZES: dict[str, dict[str, int]] = {
+    "course": {"start": 100, "pool": 300, "test": 150, "add": 50, "lm_lines": 300, "epochs": 3, "max_length": 64,
+               "batch_size": 16},
+    "smoke": {"start": 24, "pool": 60, "test": 24, "add": 8, "lm_lines": 60, "epochs": 1, "max_length": 32,
+              "batch_size": 8},
+}
+
+
+def fewer_sets(folder: Path, seed: int = 0) -> dict[str, Any]:
+    """Rotten-tomatoes reviews split for the lab, written to `folder`: a small labelled start file, an unlabelled
+    pool (its true labels kept aside in `pool_labels`: the lab's stand-in for a person labelling), a test file,
+    and raw review lines (reviews none of the others hold) for continued pretraining."""
+    from workbench.data import load_catalog_dataset
+
+    s = FEWER_SIZES[SCALE]
+    reviews = load_catalog_dataset("rotten-tomatoes").drop_duplicates("text").sample(frac=1.0, random_state=seed)
+    cuts = [s["start"], s["start"] + s["pool"], s["start"] + s["pool"] + s["test"]]
+    start, pool, test = reviews.iloc[:cuts[0]], reviews.iloc[cuts[0]:cuts[1]], reviews.iloc[cuts[1]:cuts[2]]
+    raw = reviews.iloc[cuts[2]: cuts[2] + s["lm_lines"]]
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"start": folder / "start.csv", "pool": folder / "pool.txt", "test": folder / "test.csv",
+             "raw": folder / "reviews.txt"}
+    start[["text", "label"]].to_csv(paths["start"], index=False)
+    test[["text", "label"]].to_csv(paths["test"], index=False)
+    paths["pool"].write_text("\n".join(" ".join(t.split()) for t in pool["text"]) + "\n", encoding="utf-8")
+    paths["raw"].write_text("\n".join(" ".join(t.split()) for t in raw["text"]) + "\n", encoding="utf-8")
+    pool_labels = {" ".join(t.split()): label for t, label in zip(pool["text"], pool["label"])}
+    return {**paths, "pool_labels": pool_labels}
+
+
+def fewer_config(name: str, source: Any, task: str = "text-classification", model: str | None = None,
+                 **sections: dict[str, Any]) -> Config:
+    """A course-sized run of the lab: LoRA on `source` (a path), 1 thread, no baseline fuss; `task`
+    language-modeling for continued pretraining; `model` run:<id> to start from such a run."""
+    s = FEWER_SIZES[SCALE]
+    raw: dict[str, Any] = {
+        "task": task, "model": model or MODEL, "name": name,
+        "data": {"source": str(source), "eval_fraction": 0.2},
+        "method": {"name": "lora"},
+        "train": {"epochs": s["epochs"], "batch_size": s["batch_size"], "max_length": s["max_length"],
+                  "early_stopping_patience": 0, "threads": 1},
+        "track": {"wandb": "disabled", "tensorboard": False},
+    }
+    if task != "text-classification":
+        raw["train"]["epochs"] = 1
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return Config.from_dict(raw)
+
+
+def label_and_add(start: Path, grown: Path, texts: list[str], pool_labels: dict[str, str]) -> int:
+    """A copy of the start file with `texts` labelled (by the kept-aside labels, as a person would label them),
+    appended with workbench.active.append_labels; returns the rows added."""
+    import shutil
+
+    from workbench.active import append_labels
+
+    shutil.copy(start, grown)
+    rows = [{"text": t, "label": pool_labels[" ".join(t.split())]} for t in texts]
+    return append_labels(grown, rows)
+
+
+def figures_table(named: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """Accuracy and macro-F1 of several evaluate_file results, one row each."""
+    return pd.DataFrame([{"model": name, "accuracy": round(r["accuracy"], 3), "macro-F1": round(r["f1_macro"], 3)}
+                         for name, r in named.items()])
