@@ -180,16 +180,19 @@ class LabellingWidget(W.VBox):
         try:
             append_labels(self.dataset_path, [{"text": row["text"], "label": label}], self.text_column,
                           self.label_column)
-        except WorkbenchError as exc:
-            self.error = str(exc).splitlines()[0]
-            return
-        except OSError as exc:
-            self.error = f"could not write {self.dataset_path.name} ({type(exc).__name__}: {exc})".splitlines()[0]
+        except (WorkbenchError, OSError) as exc:
+            self.error = self._file_error(exc)
             return
         self.error = ""
         self.answered += 1
         self._count_appended()
         self.position += 1
+
+    def _file_error(self, exc: Exception) -> str:
+        """One inline line for a refused or failed write to the dataset file."""
+        if isinstance(exc, WorkbenchError):
+            return str(exc).splitlines()[0]
+        return f"could not write {self.dataset_path.name} ({type(exc).__name__}: {exc})".splitlines()[0]
 
     def skip(self) -> None:
         """Show the next suggestion without labelling this one."""
@@ -203,11 +206,8 @@ class LabellingWidget(W.VBox):
             return
         try:
             removed = remove_last(self.dataset_path, 1)[0]
-        except WorkbenchError as exc:
-            self.error = str(exc).splitlines()[0]
-            return
-        except OSError as exc:
-            self.error = f"could not write {self.dataset_path.name} ({type(exc).__name__}: {exc})".splitlines()[0]
+        except (WorkbenchError, OSError) as exc:
+            self.error = self._file_error(exc)
             return
         self.error = ""
         self.answered = max(0, self.answered - 1)

@@ -128,6 +128,15 @@ def framed(ids: list[int], keys: list[str]) -> dict[str, list[int]]:
     return {k: enc[k] for k in keys}
 
 
+def predictor_encodings(tokenizer: Any, encode: Any, texts: list[str], max_length: int) -> list[dict[str, Any]]:
+    """The token ids a trained predictor reads `texts` as: its run's `encode` (BuiltModel.encode: head+tail,
+    chunks, a prompt), else the tokenizer's plain cut to `max_length`; one dict per example."""
+    if encode is not None:
+        return encode(texts, max_length)
+    encodings = tokenizer(texts, truncation=True, max_length=max_length)
+    return [{k: encodings[k][i] for k in encodings.keys()} for i in range(len(texts))]
+
+
 def text_indices(encodings: list[dict[str, Any]]) -> list[int]:
     """The text each encoding belongs to: its TEXT_INDEX (a chunk), else its own position (one per text)."""
     return [e.get(TEXT_INDEX, i) for i, e in enumerate(encodings)]

@@ -27,7 +27,7 @@ from ..config import Config
 from ..data import Split, prepare
 from ..errors import WorkbenchError
 from ..metrics import classification_figures, collapse_note
-from ..models.built import CHUNK_BATCH, TEXT_INDEX, BuiltModel, pool_chunks, text_indices
+from ..models.built import CHUNK_BATCH, TEXT_INDEX, BuiltModel, pool_chunks, predictor_encodings, text_indices
 from ..models.classifier import build_model, check_model_fits
 from ..models.state import load_trainable_state, set_seed
 from ..privacy import stored_text
@@ -333,11 +333,7 @@ class Predictor:
         """The model's outputs for one batch of texts, a row per text: the raw logits of a text read as one
         sequence; for a text read as chunks, the log of its chunks' mean probabilities (softmax gives them
         back)."""
-        if self.encode is None:
-            encodings = self.tokenizer(texts, truncation=True, max_length=self.max_length)
-            encodings = [{k: encodings[k][i] for k in encodings.keys()} for i in range(len(texts))]
-        else:
-            encodings = self.encode(texts, self.max_length)
+        encodings = predictor_encodings(self.tokenizer, self.encode, texts, self.max_length)
         device = next(self.model.parameters()).device
         rows = []
         step = CHUNK_BATCH if len(encodings) > len(texts) else max(1, len(encodings))  # chunks can be many

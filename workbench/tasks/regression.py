@@ -31,7 +31,7 @@ from ..catalog import ModelSource, resolve_model
 from ..config import Config, DataConfig
 from ..data import VALUE_NAMES, detect_columns, load_table
 from ..errors import WorkbenchError
-from ..models.built import CHUNK_BATCH, BuiltModel, pool_chunks, text_indices
+from ..models.built import CHUNK_BATCH, BuiltModel, pool_chunks, predictor_encodings, text_indices
 from ..models.classifier import build_model, check_model_fits
 from ..models.state import load_trainable_state, set_seed
 from ..task_table import spec_for
@@ -294,11 +294,7 @@ class RegressionPredictor:
 
     def standardised(self, texts: list[str]) -> np.ndarray:
         """The head's output per text (the standardised value): a text read as chunks gets their mean."""
-        if self.encode is None:
-            encodings = self.tokenizer(texts, truncation=True, max_length=self.max_length)
-            encodings = [{k: encodings[k][i] for k in encodings.keys()} for i in range(len(texts))]
-        else:
-            encodings = self.encode(texts, self.max_length)
+        encodings = predictor_encodings(self.tokenizer, self.encode, texts, self.max_length)
         device = next(self.model.parameters()).device
         step = CHUNK_BATCH if len(encodings) > len(texts) else max(1, len(encodings))  # chunks can be many
         raw = []
