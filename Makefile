@@ -12,7 +12,7 @@ export WORKBENCH_HOME ?= $(CURDIR)/workbench-runs
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[widgets,notebooks,test,serve]"
+	$(PIP) install -q -e ".[widgets,notebooks,test,serve,cluster]"
 	$(PY) -m workbench assets install
 	@touch $(STAMP)
 
