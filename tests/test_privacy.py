@@ -172,6 +172,17 @@ def test_worst_mistakes_are_masked_unless_off():
     assert worst_mistakes(["a", "b"], np.array([1, 1]), probs, texts, mask_personal="off")[0]["text"] == texts[0]
 
 
+def test_a_run_evaluation_keeps_its_mistakes_open_under_off():
+    """The training loop's evaluation passes data.mask_personal on: "off" keeps the mistakes' texts as they are."""
+    from workbench.tasks.classification import classification_result
+
+    probs = np.array([[0.9, 0.1], [0.2, 0.8]])
+    texts = ["mail ann@example.org", "fine"]
+    y = np.array([1, 1])
+    assert classification_result(1, 1.0, ["a", "b"], y, probs, 0.5, texts).mistakes[0]["text"] == "mail [EMAIL]"
+    assert classification_result(1, 1.0, ["a", "b"], y, probs, 0.5, texts, "off").mistakes[0]["text"] == texts[0]
+
+
 def test_the_classical_vocabulary_holds_no_address_or_number(tmp_path):
     from workbench.classical import VOCAB_FILE, ClassicalModel, fit_classifiers
 

@@ -55,7 +55,8 @@ def _evaluate(ctx: RunContext) -> None:
     y = torch.tensor(split.eval_labels)
     loss = float(-logp[torch.arange(len(y)), y].mean())
     probs = logp.exp().numpy()
-    result = classification_result(0, 0.0, split.labels, np.asarray(split.eval_labels), probs, loss, split.eval_texts)
+    result = classification_result(0, 0.0, split.labels, np.asarray(split.eval_labels), probs, loss, split.eval_texts,
+                                   config.data.mask_personal)
     rows[0] = len(y)
     ctx.state.best_metric, ctx.state.best_step = result["accuracy"], 0
     ctx.hooks.on_evaluate(ctx.state, ctx.control, result)

@@ -40,10 +40,11 @@ PREDICTION_TEXT_CHARS = 600  # a prediction row keeps this much of its text for 
 
 
 def classification_result(step: int, epoch: float, labels: list[str], y_true: np.ndarray, probs: np.ndarray,
-                          eval_loss: float, texts: list[str] | None = None) -> EvalResult:
+                          eval_loss: float, texts: list[str] | None = None, mask_personal: str = "stored"
+                          ) -> EvalResult:
     """One classification evaluation: accuracy and macro-F1; labels, confusion matrix, per-class figures and
-    the most confident mistakes for the viewers."""
-    figures, payload, mistakes = classification_figures(labels, y_true, probs, texts)
+    the most confident mistakes for the viewers (their texts masked unless `mask_personal` is "off")."""
+    figures, payload, mistakes = classification_figures(labels, y_true, probs, texts, mask_personal)
     return EvalResult(step, float(epoch), float(eval_loss), figures, payload, mistakes)
 
 
@@ -222,7 +223,7 @@ class ClassificationTask:
             raise WorkbenchError(f"evaluation loss is {loss} at step {step}: lower train.learning_rate")
         probs = pool_chunks(torch.softmax(logits, dim=-1).numpy(), owners, len(data.eval_texts))
         result = classification_result(step, epoch, data.labels, np.asarray(data.eval_labels), probs, loss,
-                                       data.eval_texts)
+                                       data.eval_texts, config.data.mask_personal)
         return Evaluation(result, result[config.train.best_metric if config.train.best_metric != "auto"
                                          else self.best_metric], probs)
 
