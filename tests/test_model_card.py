@@ -159,6 +159,9 @@ def test_regression_ner_and_chat_records_render(tmp_path):
         {"train_rows": 200, "eval_rows": 50, "target_mean": 0.25, "target_std": 1.7}, tmp_path)
     card = model_card(regression)
     assert _front_matter(card)["pipeline_tag"] == "text-classification"
+    # a catalog model names its hub id and language, so the Hub links the card to its base
+    assert _front_matter(card)["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert _front_matter(card)["language"] == ["en"]
     assert "| rmse | 1.2345 |" in _section(card, "Evaluation")
     assert "not better than the classical baseline on rmse (1.2345 vs 1.1111)" in _section(card, "Classical baseline")
     assert "Does not apply" in _section(card, "Calibration") and "mean 0.2500" in _section(card, "Training data")

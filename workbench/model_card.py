@@ -180,7 +180,7 @@ def _base_model(run: _Run) -> tuple[str, str | None]:
     model = str(run.config.get("model", ""))
     asset = MODELS.get(model)
     if asset is not None:
-        hub = getattr(asset, "hub_id", None)  # read when the catalog names its models' hub ids
+        hub = asset.hub_id
         return f"{model} ({asset.description}; licence {asset.licence})", hub
     if Path(model).expanduser().is_dir():
         return f"a local model directory ({Path(model).name})", None
@@ -190,7 +190,7 @@ def _base_model(run: _Run) -> tuple[str, str | None]:
 def _languages(run: _Run) -> list[str]:
     """The base model's languages, when the catalog names them (else the card says to read the base's card)."""
     asset = MODELS.get(str(run.config.get("model", "")))
-    return list(getattr(asset, "languages", None) or [])
+    return list(asset.languages) if asset is not None else []
 
 
 # --- front matter ------------------------------------------------------------------------------------------------
