@@ -34,6 +34,7 @@ from ..errors import WorkbenchError
 from ..privacy import mask_logging
 from ..run_paths import RunPaths
 from ..store import RunStore, pid_alive, private_dir, private_file, private_files
+from .alerts import AlertThresholds, alert_args, write_alert_rules
 from .app import ServeSettings, create_app
 from .connections import LOOPBACK_NAMES, deadline_protocol
 from .keys import ensure_api_key, is_loopback, key_path, mask, read_key_file, write_key_file
@@ -131,18 +132,19 @@ def artifact_warning(run_dir: str | Path, artifact: str | None) -> str | None:
 def serve(run: str = "latest", home: str | Path | None = None, host: str = "127.0.0.1", port: int = 0,
           artifact: str | None = None, settings: ServeSettings | None = None, api_key_file: str | None = None,
           no_api_key: bool = False, drain_seconds: float = 30.0, echo: Callable[[str], None] = print,
-          terminal: bool | None = None) -> None:
+          terminal: bool | None = None, alerts: AlertThresholds | None = None) -> None:
     """Serve a run until SIGTERM / Ctrl-C (blocking). Prints the URL (and the key, the first time only, when
     `terminal`: by default when stdout is one). Without a key, only loopback Host names are answered unless
-    `settings.allowed_hosts` names others."""
+    `settings.allowed_hosts` names others. Writes the run's Prometheus alerting rules (<run dir>/deploy/alerts.yml,
+    from `alerts`, by default AlertThresholds()) and keeps the thresholds in its record."""
     with private_files():
         _serve(run, home, host, port, artifact, settings, api_key_file, no_api_key, drain_seconds, echo,
-               sys.stdout.isatty() if terminal is None else terminal)
+               sys.stdout.isatty() if terminal is None else terminal, alerts or AlertThresholds())
 
 
 def _serve(run: str, home: str | Path | None, host: str, port: int, artifact: str | None,
            settings: ServeSettings | None, api_key_file: str | None, no_api_key: bool, drain_seconds: float,
-           echo: Callable[[str], None], terminal: bool) -> None:
+           echo: Callable[[str], None], terminal: bool, alerts: AlertThresholds) -> None:
     import dataclasses
 
     import uvicorn
@@ -174,14 +176,16 @@ def _serve(run: str, home: str | Path | None, host: str, port: int, artifact: st
     if served_mask_mode(record) != "off":
         mask_logging(*LOGGERS)
     state_path = private_dir(deploy_dir(run_dir)) / STATE_FILE
+    rules = write_alert_rules(state_path.parent, run_id, alerts, target=f"{shown_host}:{port}", key_file=key_file)
     write_key_file(state_path, json.dumps({
         "run": run_id, "pid": os.getpid(), "host": host, "port": port, "url": url, "artifact": artifact or "fp32",
-        "api_key_file": key_file, "started_at": time.time(),
-        "max_batch_size": settings.max_batch_size, "max_wait_ms": settings.max_wait_ms}))
+        "api_key_file": key_file, "started_at": time.time(), "alerts": dataclasses.asdict(alerts),
+        "alert_rules": str(rules), "max_batch_size": settings.max_batch_size, "max_wait_ms": settings.max_wait_ms}))
     echo(f"serving run {run_id} ({artifact or 'fp32'}) at {url}")
     announce_key(key, created, key_file, echo, terminal)
     echo(f"try: curl -H 'Authorization: Bearer <key>' {url}/readyz   (Ctrl-C or SIGTERM stops it, draining)")
     echo(f"the API, its bodies and their limits: {url}/docs")
+    echo(f"Prometheus alerting rules for this run: {rules}")
     if threading.current_thread() is threading.main_thread():
         # uvicorn drains on SIGTERM, then re-raises it with the handler found at start: a no-op here, so the
         # process ends normally (exit 0, its server.json removed) instead of dying on the re-raised signal
@@ -216,10 +220,11 @@ def server_status(run: str = "latest", home: str | Path | None = None) -> dict[s
 
 def start_server(run: str = "latest", home: str | Path | None = None, artifact: str | None = None,
                  port: int = 0, host: str = "127.0.0.1", max_batch_size: int = 32, max_wait_ms: float = 5.0,
-                 api_key_file: str | None = None, timeout: float = 180.0, extra_args: list[str] | None = None
-                 ) -> dict[str, Any]:
+                 api_key_file: str | None = None, timeout: float = 180.0, extra_args: list[str] | None = None,
+                 alerts: AlertThresholds | None = None) -> dict[str, Any]:
     """Start `workbench serve` as its own process (a new session: closing a notebook or a page does not stop it),
-    wait until /readyz answers, and return its record (see `server_status`). One server per run."""
+    wait until /readyz answers, and return its record (see `server_status`). One server per run. `alerts`:
+    the thresholds of its alerting rules (passed as --alert-* options when they differ from the defaults)."""
     import httpx
 
     store = RunStore(home)
@@ -237,7 +242,7 @@ def start_server(run: str = "latest", home: str | Path | None = None, artifact: 
         cmd += ["--artifact", artifact]
     if api_key_file:
         cmd += ["--api-key-file", str(api_key_file)]
-    cmd += list(extra_args or [])
+    cmd += alert_args(alerts) + list(extra_args or [])
     with os.fdopen(private_file(log_path), "ab") as log_file:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                                 start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
