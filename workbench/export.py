@@ -17,6 +17,11 @@ A causal-LM classifier (models/llm_classifier.py) exports its causal LM the same
 `AutoModelForCausalLM` (or PeftModel on it); the export info holds what classifying with it takes: the
 prompt, each label's token ids and the scoring (`workbench.models.prompting.score_labels` does it).
 
+A chat run exports for the engines that serve LLMs (deploy/engines_export.py): `format="gguf"`, the adapters merged
+into the base and written as one model.gguf with an Ollama Modelfile beside it; `format="vllm"`, a directory vLLM
+serves (the merged model, or with `merge` false the base model plus the LoRA adapter) with SERVE.md naming the
+command.
+
 Every export holds the run's model card as README.md (model_card.py: data, eval figures, the classical
 baseline, calibration, robustness, slices, intended use and limits, the load lines); it replaces the one peft's
 save_pretrained writes.
@@ -32,7 +37,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Literal
 
 from .config import VIRTUAL_TOKEN_METHODS, Config
 from .errors import WorkbenchError
@@ -43,14 +48,20 @@ from .run_paths import LABELS_FILE, RunPaths, TRAINABLE_FILE
 
 MERGEABLE = methods_where(merges=True)
 EXPORT_INFO = "workbench_export.json"
+ExportFormat = Literal["hf", "gguf", "vllm"]
 
 
 def export_run(run_id: str = "latest", out: str | Path | None = None, merge: bool = False,
-               home: str | Path | None = None, force: bool = False) -> Path:
-    """Write the run's best model to `out` (default <home>/exports/<run id>) and return that path."""
+               home: str | Path | None = None, force: bool = False, format: ExportFormat = "hf",
+               precision: Literal["f16", "f32"] = "f32") -> Path:
+    """Write the run's best model to `out` (default <home>/exports/<run id>) and return that path.
+
+    `format`: "hf" (a transformers or peft directory), or for a chat run "gguf" (model.gguf in `precision` and an
+    Ollama Modelfile) or "vllm" (a directory vLLM serves; with `merge` false, the base plus a LoRA adapter)."""
     from safetensors.torch import load_file
 
     from .catalog import resolve_model
+    from .deploy.engines_export import ENGINE_FORMATS, check_engine_export, export_for_engine
     from .models.adapters import merge_adapters, peft_model_of
     from .models.llm_classifier import LLMClassifier, export_info
     from .models.state import load_trainable_state, set_seed
@@ -64,11 +75,18 @@ def export_run(run_id: str = "latest", out: str | Path | None = None, merge: boo
         raise WorkbenchError(f"run {run} has no trained model to export (status {record['status']}): "
                              "wait until it completes an evaluation, or pick another run")
     config = Config.from_dict(record["config"])
+    if format != "hf":
+        check_engine_export(config, run, format)
+        target = Path(out).expanduser().resolve() if out is not None else export_dir(run, store.home)
+        _check_target(target, force)
+        return _write_export(target, lambda tmp: export_for_engine(record, store.home, tmp, format, merge, precision),
+                             record)
     spec = config.task_spec
     if spec.export_class is None:
         exportable = ", ".join(t.name for t in TASKS.values() if t.export_class)
+        engines = f" (a chat run: --format {' or '.join(ENGINE_FORMATS)})" if config.task == "chat" else ""
         raise WorkbenchError(f"run {run} is a task: {config.task} run, and export handles {exportable} runs only so "
-                             f"far: its adapter weights are in {model_dir / TRAINABLE_FILE}, and "
+                             f"far{engines}: its adapter weights are in {model_dir / TRAINABLE_FILE}, and "
                              f"`workbench predict {run} --text ...` uses them")
     method = config.method.name
     _check_merge(run, method, merge)
@@ -99,13 +117,24 @@ def export_run(run_id: str = "latest", out: str | Path | None = None, merge: boo
     if answer.get("by") == "ensemble":  # the run answers with its baseline too; a transformers model cannot
         info["answers_with"] = ("this is the fine-tuned model alone; the run answers as an ensemble with its "
                                 f"classical baseline ({answer.get('why', '')}): serve the run itself for that answer")
+
+    def write(tmp: Path) -> dict[str, Any]:
+        model.save_pretrained(tmp)  # safetensors
+        built.tokenizer.save_pretrained(tmp)
+        (tmp / LABELS_FILE).write_text(json.dumps(labels))
+        return info
+
+    return _write_export(target, write, record)
+
+
+def _write_export(target: Path, write: Callable[[Path], dict[str, Any]], record: dict[str, Any]) -> Path:
+    """Run `write(tmp)` in a fresh directory beside `target`, add the export info it returns and the model card,
+    and rename the directory into place."""
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        model.save_pretrained(tmp)  # safetensors
-        built.tokenizer.save_pretrained(tmp)
-        (tmp / LABELS_FILE).write_text(json.dumps(labels))
+        info = write(tmp)
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2))
         write_model_card(record, tmp, info)  # after save_pretrained: peft writes a README.md of its own
         _replace(tmp, target)
