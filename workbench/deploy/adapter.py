@@ -7,7 +7,9 @@ generates) rather than its name:
   `predict(texts)` gives per text what the predictor gives, less the text: `{"label", "scores"}` (text
   classification), `{"value"}` (text regression), `{"entities", "tokens", "tags"}` (token classification,
   whose entity types are its `labels` here);
-- chat (`ChatPredictor`: `.answer(conversation, max_new_tokens)`, `.stream(...)`): `answer`, `stream`;
+- chat (`ChatPredictor`: `.answer(conversation, max_new_tokens)`, `.stream(...)`): `answer`, `stream`, and
+  for a predictor with a causal LM (`.model`, `.encoder.prompt_ids`) `scheduler(...)`: the continuous-batching
+  generation thread (generation.py) that the chat route submits `prompt_ids(messages)` to;
 - seq2seq (`Seq2SeqPredictor`: `.predict(texts, batch_size)` giving `{"translation"}`): `translate`.
 
 `run(texts)` is what the micro-batcher calls: `translate` for a task that generates, else `predict`.
@@ -21,7 +23,7 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from ..errors import WorkbenchError
 from ..run_paths import RunPaths
@@ -29,6 +31,9 @@ from ..store import RunStore
 from ..task_table import DEFAULT_TASK, task_spec, tasks_where
 from .monitor import Baseline
 from .runs import eval_split, merge_adapters, task_row, tokenizer_of
+
+if TYPE_CHECKING:  # torch is imported when a model is served, not with this module
+    from .generation import GenerationScheduler
 
 __all__ = ["ServedModel", "drift_baseline", "eval_split", "load_served_model", "merge_adapters", "predictions_file",
            "task_row", "tokenizer_of"]
@@ -75,6 +80,38 @@ class ServedModel:
                temperature: float = 0.0, top_p: float = 1.0) -> Iterator[str]:
         return self.predictor.stream(messages, max_new_tokens=max_tokens, stop=stop, temperature=temperature,
                                      top_p=top_p)
+
+    def batches_generation(self) -> bool:
+        """Whether chat requests can share decode steps: a chat predictor with a causal LM and its encoder."""
+        return (self.route == "/v1/chat/completions" and hasattr(self.predictor, "model")
+                and hasattr(getattr(self.predictor, "encoder", None), "prompt_ids") and self.tokenizer is not None)
+
+    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """The token ids a conversation is answered from, as `answer` builds them (the run's system prompt
+        first, the assistant's cue last); a WorkbenchError for a conversation the model cannot answer."""
+        from ..tasks.chat import check_messages, with_system_prompt
+
+        checked = check_messages(list(messages) + [{"role": "assistant", "content": "-"}], "the conversation")[:-1]
+        conversation = with_system_prompt(checked, getattr(self.predictor, "system_prompt", None))
+        with self._count_lock:
+            return self.predictor.encoder.prompt_ids(conversation)
+
+    def decode(self, ids: list[int]) -> str:
+        """Generated token ids as text, special tokens dropped."""
+        with self._count_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def scheduler(self, max_batch: int, max_queue: int, on_step: Any = None) -> GenerationScheduler:
+        """A (not yet started) generation thread for this chat model: up to `max_batch` answers share each
+        decode step; greedy answers equal `answer`'s."""
+        if not self.batches_generation():
+            raise WorkbenchError(f"run {self.run_id} ({self.task}) has no causal LM to batch: serve it with "
+                                 "max_generation_batch=1")
+        from .generation import GenerationScheduler
+
+        tok = self.tokenizer
+        return GenerationScheduler(self.predictor.model, tok.eos_token_id, tok.pad_token_id, self.decode,
+                                   max_batch=max_batch, max_queue=max_queue, on_step=on_step)
 
     # --- token counts (metrics, usage) -------------------------------------------------------------------
     def count_tokens(self, texts: list[str], truncate: bool = True) -> list[int]:

@@ -19,7 +19,8 @@ and the models check every text before any tokenizer sees it (unpaired surrogate
 
 Routes: GET /healthz, /readyz, /metrics, /v1/models, /docs, /openapi.json; POST /v1/classify, /v1/translate,
 /v1/ner (the text routes: `TEXT_ROUTES`), /v1/chat/completions (OpenAI-compatible, `stream: true` as
-server-sent events). A run answers on its task's route (its row's `route` in the task table); another task's
+server-sent events; the answers of concurrent requests are generated together, sharing decode steps:
+generation.py). A run answers on its task's route (its row's `route` in the task table); another task's
 route is a 404 naming the right one.
 
 (No `from __future__ import annotations` here: each app's request models are built from its limits, and the
@@ -34,7 +35,7 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from fastapi import Depends, Request
 from fastapi.responses import JSONResponse, Response
@@ -52,6 +53,9 @@ from .inputs import InputError, parse_json
 from .keys import keys_match
 from .monitor import Baseline, ServerMetrics
 
+if TYPE_CHECKING:  # torch is imported once a chat model is served
+    from .generation import GenerationScheduler, Ticket
+
 log = logging.getLogger("workbench.serve")
 
 CHAT_ROUTE = "/v1/chat/completions"
@@ -64,6 +68,7 @@ class ServeSettings:
     """Batching and the limits every request is held to (each a 4xx naming the limit when passed)."""
 
     max_batch_size: int = 32          # inputs per model call; 1 = batch-1 serving (no grouping)
+    max_generation_batch: int = 16    # chat answers generated together (rows of a decode step); 1 = one at a time
     max_wait_ms: float = 5.0          # how long the first request of a group waits for others
     max_body_bytes: int = 1_000_000   # request body size (413)
     max_texts: int = 64               # texts in one classify/translate request (413)
@@ -80,7 +85,7 @@ class ServeSettings:
     abstain_below: float | None = None  # answer "uncertain" below this top-class probability; None: the run's
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_body_bytes", "max_texts", "max_chars", "max_messages", "max_tokens",
+        for name in ("max_batch_size", "max_generation_batch", "max_body_bytes", "max_texts", "max_chars", "max_messages", "max_tokens",
                      "max_queue", "max_connections"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -246,6 +251,7 @@ class ServerState:
         self.settings, self.metrics = settings, metrics
         self.served: ServedModel | None = None
         self.batcher: MicroBatcher | None = None
+        self.generator: "GenerationScheduler | None" = None  # chat answers, when the model can batch them
         self.load_error: str | None = None
         self.created = int(time.time())
 
@@ -319,17 +325,24 @@ class CheckedRoute(APIRoute):
         return checked
 
 
+def _busy(exc: QueueFull) -> ApiError:
+    return ApiError(503, f"the server is busy ({exc}); the queue is bounded by max_queue={exc.limit}",
+                    "overloaded", "max_queue", headers={"Retry-After": str(exc.retry_after)})
+
+
+def _late(timeout_s: float) -> ApiError:
+    return ApiError(504, f"the model did not answer within request_timeout_s={timeout_s:g} s: the server "
+                         "is overloaded; retry later or send fewer texts per request", "timeout", "request_timeout_s")
+
+
 async def _queued(work: Awaitable[Any]) -> Any:
     """The batcher's answer; a full queue is 503 with Retry-After, a passed deadline 504."""
     try:
         return await work
     except QueueFull as exc:
-        raise ApiError(503, f"the server is busy ({exc}); the queue is bounded by max_queue={exc.limit}",
-                       "overloaded", "max_queue", headers={"Retry-After": str(exc.retry_after)}) from None
+        raise _busy(exc) from None
     except QueueTimeout as exc:
-        raise ApiError(504, f"the model did not answer within request_timeout_s={exc.timeout_s:g} s: the server "
-                            "is overloaded; retry later or send fewer texts per request", "timeout",
-                       "request_timeout_s") from None
+        raise _late(exc.timeout_s) from None
 
 
 def _observe(metrics: ServerMetrics, outputs: list[Any]) -> None:
@@ -445,6 +458,9 @@ def _lifespan(loader: Callable[[], ServedModel] | ServedModel, state: ServerStat
             if settings.abstain_below is not None:
                 abstain(served, settings.abstain_below)
             metrics.set_model(served.labels, baseline(served) if baseline else None)
+            if served.batches_generation():
+                state.generator = served.scheduler(settings.max_generation_batch, settings.max_queue,
+                                                   metrics.batch_size.observe).start()
             state.served = served
             log.info("model ready: run %s (%s, %s)", served.run_id, served.task, served.artifact)
         except Exception as exc:
@@ -465,6 +481,8 @@ def _lifespan(loader: Callable[[], ServedModel] | ServedModel, state: ServerStat
             yield
         finally:
             await state.batcher.stop()
+            if state.generator is not None:
+                await asyncio.to_thread(state.generator.stop)
 
     return lifespan
 
@@ -619,6 +637,9 @@ def _add_chat_route(app: Any, state: ServerState, keyed: list[Any], body_model: 
         prompt_tokens = served.count_prompt_tokens(messages)
         metrics.tokens_in.inc(prompt_tokens)
         completion_id, created = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
+        if state.generator is not None:
+            return await _generated(state, served, messages, max_tokens, (temperature, top_p), body.stream,
+                                    completion_id, created, prompt_tokens)
         if body.stream:
             return StreamingResponse(
                 _stream(served, metrics, messages, max_tokens, completion_id, created, (temperature, top_p)),
@@ -639,6 +660,84 @@ def _add_chat_route(app: Any, state: ServerState, keyed: list[Any], body_model: 
                           "total_tokens": prompt_tokens + completion_tokens}}
 
 
+async def _generated(state: ServerState, served: ServedModel, messages: list[dict[str, str]], max_tokens: int,
+                     sampling: tuple[float, float], stream: bool, completion_id: str, created: int,
+                     prompt_tokens: int) -> Any:
+    """A chat answer from the generation thread, whose decode steps the concurrent requests share: whole
+    within request_timeout_s (504), or streamed once its first piece came within it. The slot is freed
+    when the answer ends, the deadline passes or the client goes away."""
+    from fastapi.responses import StreamingResponse
+
+    settings, metrics = state.settings, state.metrics
+    assert state.generator is not None
+    try:
+        prompt = served.prompt_ids(messages)
+    except WorkbenchError as exc:
+        raise ApiError(422, str(exc)) from None
+    try:
+        ticket = state.generator.submit(prompt, max_tokens, *sampling)
+    except QueueFull as exc:
+        raise _busy(exc) from None
+    try:
+        if stream:
+            first = await asyncio.wait_for(ticket.next(), settings.request_timeout_s)
+        else:
+            answer = await asyncio.wait_for(ticket.text(), settings.request_timeout_s)
+    except (asyncio.TimeoutError, TimeoutError):
+        ticket.cancel()
+        raise _late(settings.request_timeout_s) from None
+    except BaseException:
+        ticket.cancel()
+        raise
+    if stream:
+        return StreamingResponse(_ticket_events(served, metrics, ticket, first, completion_id, created),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    assert ticket.result is not None
+    completion_tokens = ticket.result.completion_tokens
+    metrics.tokens_out.inc(completion_tokens)
+    metrics.texts.inc()
+    return {"id": completion_id, "object": "chat.completion", "created": created, "model": served.run_id,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
+                         "finish_reason": ticket.result.finish_reason}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens}}
+
+
+def _chunk(served: ServedModel, completion_id: str, created: int, delta: dict[str, Any],
+           finish: str | None = None) -> str:
+    """One server-sent event of a streamed chat completion."""
+    body = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+            "model": served.run_id, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    return f"data: {json.dumps(body)}\n\n"
+
+
+STREAM_ERROR = {"error": {"message": "internal error while generating", "type": "internal_error"}}
+
+
+async def _ticket_events(served: ServedModel, metrics: ServerMetrics, ticket: "Ticket", first: str | None,
+                         completion_id: str, created: int):
+    """Server-sent events of a generation thread's answer: each piece as its tokens are generated."""
+    try:
+        yield _chunk(served, completion_id, created, {"role": "assistant", "content": ""})
+        piece = first
+        while piece is not None:
+            yield _chunk(served, completion_id, created, {"content": piece})
+            try:
+                piece = await ticket.next()
+            except Exception as exc:
+                log_internal_error("chat stream", exc)
+                yield f"data: {json.dumps(STREAM_ERROR)}\n\n"
+                return
+        assert ticket.result is not None
+        metrics.tokens_out.inc(ticket.result.completion_tokens)
+        metrics.texts.inc()
+        yield _chunk(served, completion_id, created, {}, ticket.result.finish_reason)
+        yield "data: [DONE]\n\n"
+    finally:
+        ticket.cancel()  # a client that went away frees its row at the next decode step
+
+
 async def _stream(served: ServedModel, metrics: ServerMetrics, messages: list[dict[str, str]], max_tokens: int,
                   completion_id: str, created: int, sampling: tuple[float, float] = (0.0, 1.0)):
     """Server-sent events of an OpenAI chat completion: the model's pieces as they are generated."""
@@ -656,9 +755,7 @@ async def _stream(served: ServedModel, metrics: ServerMetrics, messages: list[di
             loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
-        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                "model": served.run_id, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-        return f"data: {json.dumps(body)}\n\n"
+        return _chunk(served, completion_id, created, delta, finish)
 
     thread = threading.Thread(target=produce, name="chat-stream", daemon=True)
     text = []
@@ -672,8 +769,7 @@ async def _stream(served: ServedModel, metrics: ServerMetrics, messages: list[di
                 yield chunk({"content": value})
             elif kind == "error":
                 log_internal_error("chat stream", value)
-                error = {"error": {"message": "internal error while generating", "type": "internal_error"}}
-                yield f"data: {json.dumps(error)}\n\n"
+                yield f"data: {json.dumps(STREAM_ERROR)}\n\n"
                 return
             else:
                 break

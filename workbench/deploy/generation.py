@@ -38,7 +38,8 @@ __all__ = ["GenerationResult", "GenerationScheduler", "Ticket"]
 
 @dataclass
 class GenerationResult:
-    """A finished answer: its text (stripped, special tokens dropped), token count and why it ended."""
+    """A finished answer: its text (stripped, special tokens dropped), its generated tokens (the end-of-answer
+    token not counted) and why it ended."""
 
     text: str
     completion_tokens: int
@@ -270,7 +271,7 @@ class GenerationScheduler:
         if ticket.result is not None:
             return
         text = self.decode(ticket.tokens).strip() if ticket.tokens else ""
-        ticket.result = GenerationResult(text, len(ticket.tokens) + (reason == "stop"), reason)
+        ticket.result = GenerationResult(text, len(ticket.tokens), reason)
         if error is not None:
             ticket._push("error", error)
         else:
