@@ -327,3 +327,92 @@ def test_minilm_attributions_are_faithful_on_held_out_reviews(store):
     report = faithfulness(record["id"], home=store.home, k=5, n=20, steps=16)
     assert report["n"] == 20 and report["method"] == "integrated-gradients"
     assert report["ratio"] >= 2.0, report
+
+
+def _predict_module():
+    """workbench.predict, the module (the package exports a function of the same name)."""
+    import importlib
+
+    return importlib.import_module("workbench.predict")
+
+
+def _finished_run(store, task: str, point: dict, rows: list[dict]) -> str:
+    """A finished run of `task` with one evaluation point and its rows in eval/step-10.json (no model files:
+    the explainer's predictor is the test's)."""
+    from workbench.config import Config
+
+    run_id = store.create_run(Config(task=task).to_dict(), task)
+    store.mark_running(run_id)
+    store.add_point(run_id, "eval", 10, {"step": 10, "epoch": 1.0, "eval_loss": 0.5, **point})
+    (store.run_dir(run_id) / "eval").mkdir(exist_ok=True)
+    (store.run_dir(run_id) / "eval" / "step-10.json").write_text(json.dumps({"step": 10, "rows": rows}))
+    store.finish(run_id, "completed", metrics={"best_step": 10})
+    return run_id
+
+
+def test_the_largest_regression_errors_each_have_an_explain_button(tmp_path, tiny_model_dir: Path, monkeypatch):
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from workbench.store import RunStore
+    from workbench.tasks.regression import RegressionPredictor
+    from widgets.regression import RegressionView
+
+    store = RunStore(tmp_path / "home")
+    rows = [{"index": i, "text": text, "true": 1.0 + i, "predicted": 1.0 + 3 * i}
+            for i, text in enumerate(["a dull plot", "great acting, dull plot", "superb"])]
+    run_id = _finished_run(store, "text-regression", {"rmse": 1.0, "baseline_rmse": 2.0, "mae": 0.9,
+                                                       "pearson": 0.5, "spearman": 0.5}, rows)
+    model = BertForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    predictor = RegressionPredictor(model, AutoTokenizer.from_pretrained(tiny_model_dir), 32, mean=5.0, std=2.0)
+    loaded = []
+    monkeypatch.setattr(_predict_module(), "load_predictor", lambda run, home=None: loaded.append(run) or predictor)
+    view = RegressionView(store=store, run_id=run_id, background=False)
+    assert [r["text"] for r in view.worst] == ["superb", "great acting, dull plot", "a dull plot"]  # worst first
+    buttons = view.explainer.buttons.children
+    assert [b.description for b in buttons] == ["explain #1", "explain #2", "explain #3"]
+    buttons[1].click()
+    answer = view.explainer.explanation
+    assert view.explainer.view.error == "" and answer["index"] == 1 and loaded == [run_id]
+    assert [t["token"] for t in answer["tokens"]] == ["great", "acting", ",", "dull", "plot"]
+    assert view.explainer.view.explanation == answer and "dull" in view.explainer.view._text.value
+    view.explain_error(0)
+    assert view.explainer.explanation["text"] == "superb" and loaded == [run_id]  # the predictor is loaded once
+    assert view.explain_error(7) is None and "no error 8" in view.explainer.view.error
+
+
+def test_the_worst_tagged_sentences_each_have_an_explain_button(tmp_path, tagger, monkeypatch):
+    from workbench.store import RunStore
+    from widgets.entities import EntitiesView
+
+    store = RunStore(tmp_path / "home")
+    sentence = "alice met bob"
+    point = {"f1": 0.5, "precision": 0.5, "recall": 0.5, "accuracy": 0.9, "labels": ["PER"],
+             "per_type": {"PER": {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}},
+             "confusion_labels": ["PER", "O"], "confusion_matrix": [[1, 1], [1, 0]],
+             "mistakes": [{"index": 0, "text": sentence, "gold": [], "predicted": []}]}
+    run_id = _finished_run(store, "token-classification", point, [])
+    monkeypatch.setattr(_predict_module(), "load_predictor", lambda run, home=None: tagger)
+    view = EntitiesView(store=store, run_id=run_id, background=False)
+    assert [b.description for b in view.explainer.buttons.children] == ["explain #1"] and "#1" in view._worst.value
+    view.explainer.buttons.children[0].click()
+    answer = view.explainer.explanation
+    assert view.explainer.view.error == "" and answer["targets"] == ["PER 'alice'", "PER 'met'", "PER 'bob'"]
+
+
+def test_an_explain_failure_is_an_inline_message(tmp_path, monkeypatch):
+    from workbench.errors import WorkbenchError
+    from workbench.store import RunStore
+    from widgets.regression import RegressionView
+
+    def missing(run, home=None):
+        raise WorkbenchError(f"run {run} has no saved model: train it again\nsecond line")
+
+    store = RunStore(tmp_path / "home")
+    run_id = _finished_run(store, "text-regression", {"rmse": 1.0, "baseline_rmse": 2.0, "mae": 0.9,
+                                                       "pearson": 0.5, "spearman": 0.5},
+                           [{"index": 0, "text": "x", "true": 1.0, "predicted": 2.0}])
+    monkeypatch.setattr(_predict_module(), "load_predictor", missing)
+    view = RegressionView(store=store, run_id=run_id, background=False)
+    view.explain_error(0)
+    assert view.explainer.explanation is None and view.explainer.view.error == (
+        f"run {run_id} has no saved model: train it again")

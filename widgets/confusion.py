@@ -25,9 +25,9 @@ from workbench.store import FINAL_STATUSES, RunStore
 from workbench.task_table import DEFAULT_TASK, TASKS
 
 from . import _style as S
-from ._background import Poller, run_job
+from ._background import Poller
 from .entities import EntitiesView
-from .explain_view import ExplainView
+from .explain_view import ExampleExplainer
 from .heatmap import LATEST, EvalStepView, confusion_figure, heatmap_cells
 from .regression import RegressionView
 from .run_summary import baseline_of
@@ -35,7 +35,6 @@ from .run_summary import baseline_of
 POLL_S = 1.0
 MAX_EXAMPLES_SHOWN = 50
 TEXT_CHARS_SHOWN = 300
-EXPLAINABLE = 10  # examples of a cell that get an explain button, most confident first
 
 
 class ConfusionMatrix(EvalStepView, W.VBox):
@@ -52,9 +51,6 @@ class ConfusionMatrix(EvalStepView, W.VBox):
     examples = T.List(T.Dict(), help="eval examples in the chosen cell, most confident first")
     baseline = T.Dict(allow_none=True, default_value=None, help="the run's classical baseline figures")
     error = T.Unicode("")
-    explanation = T.Dict(allow_none=True, default_value=None, help="explain_predictor's answer for the chosen "
-                         "example's text, with its index in `examples`")
-    explaining = T.Bool(False)
 
     def __init__(self, home: str | Path | None = None, run_id: str = "", background: bool = True,
                  store: RunStore | None = None, height: int = 380, **kwargs: Any) -> None:
@@ -74,15 +70,14 @@ class ConfusionMatrix(EvalStepView, W.VBox):
         self._per_class = W.HTML("", layout=W.Layout(flex="1 1 18em", min_width="0"))
         self._title = W.HTML("", layout=S.full_width())
         self._examples = W.HTML("", layout=S.full_width())
-        self._explain_buttons = W.Box([], layout=S.wrap_row())
-        self.explain_view = ExplainView()
-        self._predictor: tuple[str, Any] | None = None  # (run_id, its predictor), loaded on the first explain
+        self.explainer = ExampleExplainer(self.store, background, "example")
+        self.explain_view, self._explain_buttons = self.explainer.view, self.explainer.buttons
         self._error_html = S.inline_error()
         plot_box = W.Box([self.fig], layout=W.Layout(flex="3 1 22em", min_width="0"))
         self._classification_view = (
             W.Box([self._step_pick, norm], layout=S.wrap_row()), self._title,
             W.Box([plot_box, self._per_class], layout=S.wrap_row()),
-            self._error_html, self._examples, self._explain_buttons, self.explain_view,
+            self._error_html, self._examples, self.explainer,
         )
         self.regression: RegressionView | None = None  # made when a run of the regression view is shown
         self.entities: EntitiesView | None = None  # made when a run of the entities view is shown
@@ -93,7 +88,6 @@ class ConfusionMatrix(EvalStepView, W.VBox):
         self.observe(self._on_run, names="run_id")
         self.observe(self._draw_and_reselect, names=["step", "normalize"])
         self.observe(self._show_error, names="error")
-        self.observe(self._show_explanation, names="explanation")
         if run_id:
             self.run_id = run_id
 
@@ -133,30 +127,7 @@ class ConfusionMatrix(EvalStepView, W.VBox):
         if not 0 <= index < len(self.examples):
             self.explain_view.error = f"no example {index + 1} in the chosen cell: choose one of the listed"
             return None
-        if self.explaining:
-            self.explain_view.error = "an explanation is being computed: wait for it to finish"
-            return None
-        text, run_id = str(self.examples[index].get("text") or ""), self.run_id
-        self.explaining, self.explain_view.error = True, ""
-        return run_job(lambda: self._explain_now(run_id, text, index), sync=not self.background,
-                       name="confusion-explain")
-
-    def _explain_now(self, run_id: str, text: str, index: int) -> None:
-        from workbench.errors import WorkbenchError
-        from workbench.explain import explain_predictor
-        from workbench.predict import load_predictor
-
-        try:
-            if self._predictor is None or self._predictor[0] != run_id:
-                self._predictor = (run_id, load_predictor(run_id, self.store.home))
-            self.explanation = {**explain_predictor(self._predictor[1], [text])[0], "index": index}
-        except WorkbenchError as exc:
-            self.explanation, self.explain_view.error = None, str(exc).splitlines()[0]
-        except Exception as exc:  # words, never a traceback
-            self.explanation = None
-            self.explain_view.error = f"explanation failed ({type(exc).__name__}: {str(exc)[:300]})"
-        finally:
-            self.explaining = False
+        return self.explainer.explain(index)
 
     @property
     def shown_step(self) -> int | None:
@@ -172,7 +143,7 @@ class ConfusionMatrix(EvalStepView, W.VBox):
             self._evals, self._seq, self._status = {}, 0, ""
             self.selected, self.examples, self.step = None, [], None
             self._examples.value = ""
-            self._explain_buttons.children, self.explanation = (), None
+            self.explainer.show(self.run_id, [])
             self._read()
             self._draw()
         if self.background and self.run_id and self._status not in FINAL_STATUSES:
@@ -288,11 +259,15 @@ class ConfusionMatrix(EvalStepView, W.VBox):
                  per.get(name, {}).get("f1"), per.get(name, {}).get("support")] for name in labels]
         self._per_class.value = S.table_html(["label", "precision", "recall", "F1", "support"], rows)
 
+    @property
+    def explanation(self) -> dict[str, Any] | None:
+        """The explanation of the chosen example (None until one is asked for)."""
+        return self.explainer.explanation
+
     def _show_examples(self) -> None:
-        self.explanation, self.explain_view.error = None, ""
         if not self.selected:
             self._examples.value = ""
-            self._explain_buttons.children = ()
+            self.explainer.show(self.run_id, [])
             return
         true, pred = self.selected
         rows = [[i + 1, (r.get("text") or "")[:TEXT_CHARS_SHOWN], r.get("true"), r.get("predicted"),
@@ -301,16 +276,7 @@ class ConfusionMatrix(EvalStepView, W.VBox):
         head = S.message(f"{len(self.examples)} examples: true {true}, predicted {pred}"
                          + (f" (first {len(rows)} shown)" if more > 0 else ""), "muted")
         self._examples.value = head + S.table_html(["#", "text", "true", "predicted", "confidence"], rows)
-        self._explain_buttons.children = [self._explain_button(i) for i in range(min(EXPLAINABLE, len(rows)))]
-
-    def _explain_button(self, index: int) -> W.Button:
-        button = W.Button(description=f"explain #{index + 1}", icon="search", layout=W.Layout(width="auto"),
-                          tooltip="colour each word of this example by how much it pushed the run's answer")
-        button.on_click(lambda _: self.explain_example(index))
-        return button
-
-    def _show_explanation(self, change: Any = None) -> None:
-        self.explain_view.explanation = self.explanation
+        self.explainer.show(self.run_id, [str(r.get("text") or "") for r in self.examples[:len(rows)]])
 
     def _show_error(self, change: Any = None) -> None:
         self._error_html.value = S.message(self.error)

@@ -7,7 +7,8 @@ recall, f1, support}}, "confusion_matrix" over "confusion_labels" = [*types, "O"
 columns: the type of the predicted span with exactly its ends; the "O" column: missed, the "O" row: predicted
 spans that match no gold entity) and "mistakes" (the worst sentences with their gold and predicted spans).
 <run>/eval/step-N.json holds every eval sentence: clicking a cell (or `select_cell(gold, predicted)`) lists the
-sentences behind it.
+sentences behind it. The first few worst sentences have an explain button (`explain_sentence(i)`: each word
+coloured by how much it pushed each predicted entity).
 
 Both figures are LiveFigures redrawn from the whole history (at most every REDRAW_MIN_S), so a page opened or
 reloaded mid-run draws every evaluation so far. `marked_html` is what the Playground shows for a typed text too.
@@ -30,6 +31,7 @@ from workbench.store import FINAL_STATUSES, RunStore
 from . import _style as S
 from ._background import Poller
 from ._figure import LiveFigure
+from .explain_view import ExampleExplainer
 from .heatmap import LATEST, EvalStepView, confusion_figure, heatmap_cells
 
 POLL_S = 0.5
@@ -78,11 +80,13 @@ def marked_html(text: str, spans: list[dict[str, Any]]) -> str:
             + "</span>")
 
 
-def sentence_html(sentence: dict[str, Any], gold: str = "gold", predicted: str = "predicted") -> str:
-    """A sentence twice: its gold entities marked, then the predicted ones."""
+def sentence_html(sentence: dict[str, Any], gold: str = "gold", predicted: str = "predicted",
+                  number: int | None = None) -> str:
+    """A sentence twice: its gold entities marked, then the predicted ones (headed "#number" when given)."""
     text = str(sentence.get("text") or "")
     label = f'<span style="color:{S.MUTED_COLOR}; display:inline-block; width:6em">{{}}</span>'
-    return (f'<div style="margin:4px 0; padding:4px 0; border-bottom:{S.BORDER}">'
+    head = f'<div style="color:{S.MUTED_COLOR}">#{number}</div>' if number is not None else ""
+    return (f'<div style="margin:4px 0; padding:4px 0; border-bottom:{S.BORDER}">{head}'
             f"<div>{label.format(gold)}{marked_html(text, list(sentence.get(gold) or []))}</div>"
             f"<div>{label.format(predicted)}{marked_html(text, list(sentence.get(predicted) or []))}</div></div>")
 
@@ -134,10 +138,12 @@ class EntitiesView(EvalStepView, W.VBox):
         self._worst = W.HTML("", layout=S.full_width())
         self._cell = W.HTML("", layout=S.full_width())
         self._error_html = S.inline_error()
+        self.explainer = ExampleExplainer(self.store, background, "sentence")
         plot_box = W.Box([self.fig], layout=W.Layout(flex="3 1 22em", min_width="0"))
         super().__init__(children=[
             W.Box([self._step_pick, norm], layout=S.wrap_row()), self._title, self.f1_fig,
             W.Box([plot_box, self._per_type], layout=S.wrap_row()), self._error_html, self._cell, self._worst,
+            self.explainer,
         ], **{"layout": S.full_width(), **kwargs})
         W.link((self, "normalize"), (norm, "value"))
         self._step_pick.observe(self._on_step_pick, names="value")
@@ -148,6 +154,11 @@ class EntitiesView(EvalStepView, W.VBox):
             self.run_id = run_id
 
     # --- public -----------------------------------------------------------------------------------
+    def explain_sentence(self, index: int) -> Any:
+        """Attribute the run's entities in `worst[index]` to its words (on a worker thread, returned; None when
+        refused): the result lands in `explainer.explanation`, a failure in its view's error."""
+        return self.explainer.explain(index)
+
     def refresh(self) -> bool:
         """Read new evaluations from the store and redraw now; True while the run goes on."""
         with self._lock:
@@ -252,6 +263,7 @@ class EntitiesView(EvalStepView, W.VBox):
                 heat.z, heat.x, heat.y, heat.text = [], [], [], []
             self._title.value = S.message("no evaluation yet" if self.run_id else "no run chosen", "muted")
             self._per_type.value = self._worst.value = ""
+            self.explainer.show(self.run_id, [])
             return
         p = self._evals[step]
         types = p.get("labels") or list(p["per_type"])
@@ -276,7 +288,11 @@ class EntitiesView(EvalStepView, W.VBox):
         self._per_type.value = S.table_html(["entity type", "precision", "recall", "F1", "support"], rows)
         self.worst = [m for m in p.get("mistakes") or [] if isinstance(m, dict)][:WORST_SHOWN]
         self._worst.value = (S.message(f"the {len(self.worst)} sentences with the most wrong entities, worst first",
-                                       "muted") + "".join(sentence_html(m) for m in self.worst)) if self.worst else ""
+                                       "muted") + "".join(sentence_html(m, number=i + 1)
+                                                          for i, m in enumerate(self.worst))) if self.worst else ""
+        texts = [str(m.get("text") or "") for m in self.worst]
+        if texts != self.explainer.texts or self.run_id != self.explainer.run_id:  # a redraw keeps an explanation
+            self.explainer.show(self.run_id, texts)
 
     def _draw_f1(self) -> None:
         """A line per entity type (and a thick one for all entities) over every evaluation: whole arrays."""

@@ -15,6 +15,7 @@ import ipywidgets as W
 import traitlets as T
 
 from . import _style as S
+from ._background import run_job
 
 POSITIVE_RGB = "46, 160, 67"  # green: toward the target
 NEGATIVE_RGB = "214, 39, 40"  # red: away from it
@@ -127,3 +128,70 @@ class ExplainView(W.VBox):
 
     def _show_error(self, change: Any = None) -> None:
         self._error_html.value = S.message(self.error)
+
+
+class ExampleExplainer(W.VBox):
+    """"explain #N" buttons for a list of shown examples (a confusion-matrix cell, the largest regression errors,
+    the worst tagged sentences) and the ExplainView of the chosen one.
+
+    `show(run_id, texts)` sets the examples (their texts as the evaluation saved them: first characters,
+    personal data masked as the run stores it); the first EXPLAINABLE get a button. `explain(index)` loads the
+    run's predictor once per run (`workbench.predict.load_predictor`) and attributes its answer on a worker
+    thread (returned; None when refused): the result lands in `explanation`, a failure in the view's error."""
+
+    EXPLAINABLE = 10
+
+    explanation = T.Dict(allow_none=True, default_value=None, help="explain_predictor's answer for the chosen "
+                         "example's text, with its index in the shown examples")
+    explaining = T.Bool(False)
+
+    def __init__(self, store: Any, background: bool = True, what: str = "example", **kwargs: Any) -> None:
+        self.store, self.background, self.what = store, background, what
+        self.run_id, self.texts = "", []
+        self._predictor: tuple[str, Any] | None = None  # (run_id, its predictor), loaded on the first explain
+        self.buttons = W.Box([], layout=S.wrap_row())
+        self.view = ExplainView()
+        super().__init__(children=[self.buttons, self.view], **{"layout": S.full_width(), **kwargs})
+        self.observe(lambda change: setattr(self.view, "explanation", self.explanation), names="explanation")
+
+    def show(self, run_id: str, texts: list[str]) -> None:
+        """New examples: their buttons, and no explanation until one is asked for."""
+        self.run_id, self.texts = run_id, [str(t or "") for t in texts]
+        self.explanation, self.view.error = None, ""
+        self.buttons.children = [self._button(i) for i in range(min(self.EXPLAINABLE, len(self.texts)))]
+
+    def explain(self, index: int) -> Any:
+        if not 0 <= index < len(self.texts):
+            self.view.error = f"no {self.what} {index + 1} shown: choose one of the listed"
+            return None
+        if self.explaining:
+            self.view.error = "an explanation is being computed: wait for it to finish"
+            return None
+
+        text, run_id = self.texts[index], self.run_id
+        self.explaining, self.view.error = True, ""
+        return run_job(lambda: self._explain_now(run_id, text, index), sync=not self.background,
+                       name="example-explain")
+
+    def _explain_now(self, run_id: str, text: str, index: int) -> None:
+        from workbench.errors import WorkbenchError
+        from workbench.explain import explain_predictor
+        from workbench.predict import load_predictor
+
+        try:
+            if self._predictor is None or self._predictor[0] != run_id:
+                self._predictor = (run_id, load_predictor(run_id, self.store.home))
+            self.explanation = {**explain_predictor(self._predictor[1], [text])[0], "index": index}
+        except WorkbenchError as exc:
+            self.explanation, self.view.error = None, str(exc).splitlines()[0]
+        except Exception as exc:  # words, never a traceback
+            self.explanation = None
+            self.view.error = f"explanation failed ({type(exc).__name__}: {str(exc)[:300]})"
+        finally:
+            self.explaining = False
+
+    def _button(self, index: int) -> W.Button:
+        button = W.Button(description=f"explain #{index + 1}", icon="search", layout=W.Layout(width="auto"),
+                          tooltip=f"colour each word of this {self.what} by how much it pushed the run's answer")
+        button.on_click(lambda _: self.explain(index))
+        return button

@@ -3,7 +3,8 @@
 What ConfusionMatrix is to a classifier: each evaluation writes <run dir>/eval/step-<N>.json with every
 held-out text's true and predicted value; the scatter puts them against the diagonal (a perfect model), the
 title gives RMSE against the mean-prediction baseline and the rank correlation, and the table lists the
-largest errors, worst first. It follows a live run.
+largest errors, worst first; the first few have an explain button (`explain_error(i)`: each word coloured by
+how much it pushed the predicted value up or down). It follows a live run.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from workbench.store import FINAL_STATUSES, RunStore
 from . import _style as S
 from ._background import Poller
 from ._figure import LiveFigure
+from .explain_view import ExampleExplainer
 
 POLL_S = 1.0
 WORST_SHOWN = 20
@@ -54,13 +56,19 @@ class RegressionView(W.VBox):
         ], layout=S.figure_layout(height=height, margin={"l": 60, "r": 10, "t": 30, "b": 50},
                                   xaxis={"title": {"text": "true value"}}, yaxis={"title": {"text": "predicted"}}))
         self._title, self._table, self._error_html = W.HTML(""), W.HTML("", layout=S.full_width()), S.inline_error()
-        super().__init__(children=[self._title, self.fig, self._error_html, self._table],
+        self.explainer = ExampleExplainer(self.store, background, "error")
+        super().__init__(children=[self._title, self.fig, self._error_html, self._table, self.explainer],
                          **{"layout": S.full_width(), **kwargs})
         self.observe(self._on_run, names="run_id")
         self.observe(lambda change: self._draw(), names="step")
         self.observe(lambda change: setattr(self._error_html, "value", S.message(self.error)), names="error")
         if run_id:
             self.run_id = run_id
+
+    def explain_error(self, index: int) -> Any:
+        """Attribute the run's value for `worst[index]` to the words of its text (on a worker thread, returned;
+        None when refused): the result lands in `explainer.explanation`, a failure in its view's error."""
+        return self.explainer.explain(index)
 
     def refresh(self) -> bool:
         """Read new evaluations and redraw; True while the run goes on."""
@@ -118,6 +126,7 @@ class RegressionView(W.VBox):
                 scatter.x, scatter.y, scatter.text, diagonal.x, diagonal.y = [], [], [], [], []
             self._title.value = S.message("no evaluation yet" if self.run_id else "no run chosen", "muted")
             self.points, self.worst, self._table.value = 0, [], ""
+            self.explainer.show(self.run_id, [])
             return
         rows = self._rows(step)
         true, pred = [float(r["true"]) for r in rows], [float(r["predicted"]) for r in rows]
@@ -135,9 +144,12 @@ class RegressionView(W.VBox):
         worst = sorted(rows, key=lambda r: -abs(float(r["predicted"]) - float(r["true"])))[:WORST_SHOWN]
         self.worst = worst
         self._table.value = S.message(f"the {len(worst)} largest errors", "muted") + S.table_html(
-            ["text", "true", "predicted", "error"],
-            [[(r.get("text") or "")[:TEXT_CHARS_SHOWN], f"{r['true']:.2f}", f"{r['predicted']:.2f}",
-              f"{r['predicted'] - r['true']:+.2f}"] for r in worst])
+            ["#", "text", "true", "predicted", "error"],
+            [[i + 1, (r.get("text") or "")[:TEXT_CHARS_SHOWN], f"{r['true']:.2f}", f"{r['predicted']:.2f}",
+              f"{r['predicted'] - r['true']:+.2f}"] for i, r in enumerate(worst)])
+        texts = [str(r.get("text") or "") for r in worst]
+        if texts != self.explainer.texts or self.run_id != self.explainer.run_id:  # a redraw keeps an explanation
+            self.explainer.show(self.run_id, texts)
 
     def close(self) -> None:
         self._poller.stop()
