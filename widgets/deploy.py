@@ -4,7 +4,9 @@ Everything heavy is `workbench.deploy`: `optimize` (int8, structured pruning, ON
 `start_server` / `stop_server` / `server_status` (a `workbench serve` process in its own session: a page
 reload or a kernel restart neither stops nor loses it) and `read_metrics` (its /metrics as plain values).
 This panel picks the run, shows the report as a table and a figure, the URL, the masked key and two
-ready-to-run examples, and polls /metrics once a second while the server runs. Below, the run's model card
+ready-to-run examples, and polls /metrics once a second while the server runs. A banner at the top lists the
+alerts that read crosses (`workbench.deploy.alerts.firing_alerts`, at the thresholds the server was started
+with: the same as its alerts.yml for Prometheus) and hides when none fire. Below, the run's model card
 (`workbench.model_card`) is shown as Markdown the page renders (its sanitiser applies; the card escapes every
 text from the data), and "Write README.md" puts it into the run's export.
 
@@ -46,6 +48,8 @@ SERVICE_ROUTES = ("healthz", "readyz", "metrics", "models", "other")  # /metrics
 EXAMPLE_TEXT = {"encoder": "The striker scored twice in the cup final.",
                 "tokens": "Barack Obama met Angela Merkel in Paris on Monday."}  # by the task row's kind
 MARKED_COLOR = "#d62728"
+BANNER_STYLE = ("border:1px solid {color}; border-left-width:6px; padding:4px 8px; margin:4px 0; "
+                "background:rgba(211, 47, 47, 0.06)")
 
 
 def core() -> Any:
@@ -77,6 +81,26 @@ def psi_words(value: float | None) -> str:
     if value < 0.25:
         return "moderate shift"
     return "large shift"
+
+
+def firing(metrics: dict[str, Any], record: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The alerts a /metrics read crosses, at the thresholds in the server's record (the defaults if it names
+    none): what `deploy.alerts.firing_alerts` gives."""
+    if not metrics:
+        return []
+    core()  # the serve extra, or words on what to install
+    from workbench.deploy.alerts import AlertThresholds, firing_alerts
+
+    return firing_alerts(metrics, AlertThresholds.from_record(record))
+
+
+def banner_html(alerts: list[dict[str, Any]], run_id: str) -> str:
+    """The alerts as a banner: one line each, its name, severity and message (what crossed, what to do)."""
+    items = "".join(f"<li><b>{html.escape(a['name'])}</b> ({html.escape(a['severity'])}): "
+                    f"{html.escape(a['message'])}</li>" for a in alerts)
+    head = f"{len(alerts)} alert{'s' if len(alerts) != 1 else ''} firing on run {html.escape(run_id)}"
+    return (f'<div style="{BANNER_STYLE.format(color=S.ERROR_COLOR)}"><b style="color:{S.ERROR_COLOR}">'
+            f'&#9888; {head}</b><ul style="margin:2px 0 2px 1.2em; padding:0">{items}</ul></div>')
 
 
 def model_routes(requests: dict[str, Any]) -> list[str]:
@@ -129,6 +153,8 @@ class DeployPanel(W.VBox):
     p95_ms = T.Float(None, allow_none=True, help="p95 latency of the model route (histogram bucket bound), ms")
     label_counts = T.Dict(help="predicted labels served so far")
     drift = T.Dict(help="population stability index per signal (predicted_label or predicted_value, input_length)")
+    alerts = T.List(T.Dict(), help="alerts the last /metrics read crosses: name, severity, value, threshold, "
+                                   "message (deploy.alerts.firing_alerts)")
     card = T.Unicode("", help="the chosen run's model card (Markdown with its YAML front matter)")
     error = T.Unicode("")
 
@@ -194,7 +220,8 @@ class DeployPanel(W.VBox):
         self._card_view = W.Output(layout=S.full_width(max_height="40em", overflow="auto",
                                                        border="1px solid var(--jp-border-color2, #ddd)"))
         self._error_html = S.inline_error()
-        return [W.Box([self._run, refresh], layout=S.wrap_row()), self._error_html,
+        self._banner = W.HTML("", layout=S.full_width(display="none"))
+        return [W.Box([self._run, refresh], layout=S.wrap_row()), self._error_html, self._banner,
                 S.section("Optimise"), W.Box([*self._boxes.values(), self._optimize], layout=S.wrap_row()),
                 self._bar, self._stage, self._report_table, self.fig,
                 S.section("Serve"), W.Box([self._serve_pick, self._start, self._stop], layout=S.wrap_row()),
@@ -215,6 +242,8 @@ class DeployPanel(W.VBox):
         self.observe(self._show_report, names="report")
         self.observe(self._show_server, names=["server_state", "url", "masked_key", "artifact"])
         self.observe(self._show_metrics, names=["metrics"])
+        self.observe(self._check_alerts, names=["metrics", "server_state"])
+        self.observe(self._show_alerts, names="alerts")
         self.observe(self._show_card, names="card")
         self._show_report()
         self._show_server()
@@ -432,6 +461,14 @@ class DeployPanel(W.VBox):
         self.metrics = m
         return True
 
+    def _check_alerts(self, change: Any = None) -> None:
+        """The alerts of the last read while the server runs; none once it stops."""
+        try:
+            self.alerts = firing(self.metrics, self.server) if self.server_state == "running" else []
+        except Exception as exc:  # a record with thresholds this version refuses: say so, keep the page alive
+            self.alerts = []
+            self.error = str(exc) if isinstance(exc, WorkbenchError) else unexpected("could not check alerts", exc)
+
     def _tick(self) -> bool:
         try:
             return self.refresh_metrics()
@@ -568,6 +605,10 @@ class DeployPanel(W.VBox):
             if any(self.label_counts.values()) else ""
         self._metrics_html.value = head + (f"<div>{drift}</div>" if drift else "") + (
             "<div style='margin-top:4px'>predicted labels</div>" + labels if labels else "")
+
+    def _show_alerts(self, change: Any = None) -> None:
+        self._banner.value = banner_html(self.alerts, self.run_id) if self.alerts else ""
+        self._banner.layout.display = None if self.alerts else "none"
 
     def _show_card(self, change: Any = None) -> None:
         """The card's body as Markdown for the page to render (the YAML front matter is for the Hub, not shown)."""

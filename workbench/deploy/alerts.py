@@ -299,15 +299,17 @@ RULE_FILE_SCHEMA: dict[str, Any] = {  # prometheus.io/docs/prometheus/latest/con
         "type": "object", "required": ["name", "rules"], "additionalProperties": False,
         "properties": {"name": {"type": "string", "minLength": 1}, "interval": _DURATION,
                        "query_offset": _DURATION, "limit": {"type": "integer", "minimum": 0}, "labels": _LABELS,
-                       "rules": {"type": "array", "items": {"oneOf": [
-                           {"type": "object", "required": ["alert", "expr"], "additionalProperties": False,
-                            "properties": {"alert": {"type": "string", "minLength": 1},
-                                           "expr": {"type": "string", "minLength": 1}, "for": _DURATION,
-                                           "keep_firing_for": _DURATION, "labels": _LABELS,
-                                           "annotations": _LABELS}},
-                           {"type": "object", "required": ["record", "expr"], "additionalProperties": False,
-                            "properties": {"record": {"type": "string", "pattern": METRIC_NAME},
-                                           "expr": {"type": "string", "minLength": 1}, "labels": _LABELS}}]}}}}}},
+                       "rules": {"type": "array", "items": {  # an alerting rule, else a recording rule
+                           "type": "object", "if": {"required": ["alert"]},
+                           "then": {"required": ["alert", "expr"], "additionalProperties": False,
+                                    "properties": {"alert": {"type": "string", "minLength": 1},
+                                                   "expr": {"type": "string", "minLength": 1}, "for": _DURATION,
+                                                   "keep_firing_for": _DURATION, "labels": _LABELS,
+                                                   "annotations": _LABELS}},
+                           "else": {"required": ["record", "expr"], "additionalProperties": False,
+                                    "properties": {"record": {"type": "string", "pattern": METRIC_NAME},
+                                                   "expr": {"type": "string", "minLength": 1},
+                                                   "labels": _LABELS}}}}}}}},
 }
 _SELECTED = re.compile(r"(?<![\w:\"])([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{")  # a metric name before its {matchers}
 
@@ -346,7 +348,8 @@ def check_rule_file(source: str | Path | dict[str, Any], known: set[str] | None 
     error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(RULE_FILE_SCHEMA).iter_errors(rules))
     if error is not None:
         at = "/".join(str(p) for p in error.absolute_path) or "top level"
-        raise WorkbenchError(f"{where} is not a Prometheus rule file: at {at}: {error.message}")
+        raise WorkbenchError(f"{where} is not a Prometheus rule file: at {at}: {error.message[:300]} (the format: groups, each a "
+                             "name and rules; a rule an alert or a record, its expr, for, labels, annotations)")
     names = [g["name"] for g in rules["groups"]]
     if len(set(names)) != len(names):
         raise WorkbenchError(f"{where}: group names must be unique, got {names}")
