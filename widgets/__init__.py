@@ -26,10 +26,12 @@ from .train_panel import TrainPanel
 from .trust import TrustView  # robustness and slices of a run, its gaps flagged
 from .labelling import LabellingWidget  # active learning: label the suggested texts, train again
 from .explain_view import ExplainView  # each word coloured by its push toward a class
+from .extend import ExtendRunPanel  # continue a finished run on new data (continual learning), what it forgot
 
 __all__ = [
     "AutoNumber", "ChatPlayground", "ConfusionMatrix", "Dashboard", "DataPanel", "DeployPanel", "EntitiesView", "LossCurve", "METHOD_PANELS", "MethodLadder", "MethodPanel",
     "ModelPicker", "Playground", "RegressionView", "RunCompare", "RunSummary", "TaskChooser", "TrainPanel", "TrustView", "LabellingWidget", "ExplainView",
+    "ExtendRunPanel",
     "register_method",
     "wire",
 ]

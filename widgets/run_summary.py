@@ -11,7 +11,9 @@ This widget follows one run in the store and shows, while it trains and at the e
 - the settings the run chose from the data (`info.decisions`) and how many training texts were cut
   (`info.truncation`);
 - for a finished classification run, its calibration (`metrics.calibration`): "ECE 0.091 -> 0.049
-  (temperature 1.58)" and the reliability bins before and after scaling.
+  (temperature 1.58)" and the reliability bins before and after scaling;
+- with `extend=True` (a page that may train), an "Extend run" panel under it (`ExtendRunPanel`): the shown
+  run, once completed, continued on new data, and what it forgot.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from workbench.tasks.ensemble import baseline_note
 
 from . import _style as S
 from ._background import Poller
+from .extend import ExtendRunPanel
 from .reliability import calibration_text, reliability_rows
 
 POLL_S = 1.0
@@ -91,15 +94,21 @@ class RunSummary(W.VBox):
     error = T.Unicode("")
 
     def __init__(self, home: str | Path | None = None, run_id: str = "", background: bool = True,
-                 store: RunStore | None = None, **kwargs: Any) -> None:
+                 store: RunStore | None = None, extend: bool = False, **kwargs: Any) -> None:
         self.store = store or RunStore(home)
+        # it starts runs: only on a page that may train (the dashboard passes extend=not read_only)
+        self.extend = ExtendRunPanel(store=self.store, background=background) if extend else None
         self.background = background
         self._lock = threading.RLock()
         self._poller = Poller(self._tick, POLL_S, name="run-summary-poll")
         self._figures = W.HTML("", layout=S.full_width())
         self._answer = W.HTML("", layout=S.full_width())
         self._choices = W.HTML("", layout=S.full_width())
-        super().__init__(children=[self._figures, self._answer, self._choices], **{"layout": S.full_width(), **kwargs})
+        extension = [S.section("Extend the run: continue on new data"), self.extend] if self.extend else []
+        super().__init__(children=[self._figures, self._answer, self._choices, *extension],
+                         **{"layout": S.full_width(), **kwargs})
+        if self.extend is not None:
+            T.dlink((self, "run_id"), (self.extend, "run_id"))
         self.observe(self._on_run, names="run_id")
         self.observe(self._show, names=["model", "baseline", "ensemble", "answers_with", "note", "decisions",
                                         "truncation", "calibration", "abstain_below", "error", "status"])
@@ -223,5 +232,7 @@ class RunSummary(W.VBox):
 
     def close(self) -> None:
         self._poller.stop()
+        if self.extend is not None:
+            self.extend.close()
         super().close()
 
