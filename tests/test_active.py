@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import sentiment_rows
 from workbench.active import (
-    STRATEGIES, append_labels, appended_rows, journal_path, learning_curve, normalise, remove_last,
+    STRATEGIES, append_labels, appended_rows, class_quotas, journal_path, learning_curve, normalise, remove_last,
     sentence_embeddings, suggest)
 from workbench.data import load_labelled, read_file
 from workbench.errors import WorkbenchError
@@ -116,6 +116,43 @@ def test_diversity_spreads_picks_over_clusters_where_margin_alone_does_not(train
     assert {r["text"].split()[1] for r in spread} == {"0", "1", "2"}
     assert len({r["cluster"] for r in spread}) == 3
     assert [r["text"] for r in spread] == ["group 0 text 0", "group 1 text 0", "group 2 text 0"]
+
+
+def test_class_quotas_share_equally_and_pass_on_what_a_class_lacks():
+    assert class_quotas([100, 100], 50) == [25, 25]
+    assert class_quotas([100, 100, 100], 50) == [17, 17, 16]
+    assert class_quotas([400, 6], 50) == [44, 6]  # the rare class gives all it has, the rest goes on
+    assert class_quotas([0, 30, 3], 20) == [0, 17, 3]
+    assert class_quotas([4, 3], 50) == [4, 3]  # fewer texts than picks: every one
+
+
+def test_balanced_margin_reaches_the_rare_predicted_class_where_margin_does_not(trained):
+    # a skewed pool: 200 texts the model takes for neg, unsure (p(pos) 0.30-0.40), 10 it takes for pos, surer
+    table = {f"common {i}": 0.30 + 0.0005 * i for i in range(200)}
+    table |= {f"rare {i}": 0.80 + 0.01 * i for i in range(10)}
+    args = (trained["record"]["id"], list(table), 10, trained["home"])
+    plain = suggest(*args, strategy="margin-diversity", predictor=_Scripted(table))
+    balanced = suggest(*args, strategy="balanced-margin", predictor=_Scripted(table))
+    assert all(r["predicted"] == "neg" for r in plain), "plain uncertainty stays in the common class"
+    assert [r["predicted"] for r in balanced].count("pos") == 5 and len(balanced) == 10
+    rare = [r["text"] for r in balanced if r["predicted"] == "pos"]
+    assert set(rare) <= {f"rare {i}" for i in range(10)} and "rare 0" in rare  # the least sure of them first
+    margins = [r["margin"] for r in balanced]
+    assert margins == sorted(margins) and [r["rank"] for r in balanced] == list(range(1, 11))
+    assert len({r["cluster"] for r in balanced}) == 10 and {r["strategy"] for r in balanced} == {"balanced-margin"}
+    assert balanced == suggest(*args, strategy="balanced-margin", predictor=_Scripted(table))  # seeded
+
+
+def test_balanced_margin_on_the_real_model_gives_unlabelled_unique_rows(trained):
+    rows = suggest(trained["record"]["id"], trained["pool"], 12, trained["home"], strategy="balanced-margin",
+                   predictor=trained["predictor"])
+    keys = [normalise(r["text"]) for r in rows]
+    assert len(set(keys)) == 12 and not set(keys) & trained["labelled"]
+    counts = [[r["predicted"] for r in rows].count(label) for label in trained["predictor"].labels]
+    every = suggest(trained["record"]["id"], trained["pool"], 500, trained["home"], strategy="margin",
+                    predictor=trained["predictor"])
+    available = [[r["predicted"] for r in every].count(label) for label in trained["predictor"].labels]
+    assert counts == class_quotas(available, 12)
 
 
 def test_sentence_embeddings_are_the_models_mean_hidden_state(trained):
@@ -310,7 +347,8 @@ def test_learning_curve_shares_the_start_and_grows_each_strategy(tiny_model_dir,
         assert curve["final"][name] == points[-1]["f1_macro"]
     assert curve["strategies"]["random"][0] == curve["strategies"]["margin-diversity"][0]  # one start run
     assert len({p["run"] for points in curve["strategies"].values() for p in points}) == 5
-    assert heard[:3] == [("margin-diversity", 12), ("margin-diversity", 18), ("margin-diversity", 24)]
+    assert heard == [("margin-diversity", 12), ("random", 12), ("margin-diversity", 18), ("random", 18),
+                     ("margin-diversity", 24), ("random", 24)]  # round by round
     assert json.loads((tmp_path / "curve.json").read_text()) == curve
     grown = load_labelled(str(tmp_path / "work" / "margin-diversity-24.csv"))[0]
     assert len(set(grown)) == 24 and not set(grown) & {r["text"] for r in rows[:20]}

@@ -5,7 +5,10 @@ answers to the dataset file, and the learning curve that says whether the sugges
 calibrated class probabilities (small = unsure) or the entropy of the probabilities; diversity keeps a
 batch from being twenty near-copies of one unsure text: among the POOL_FACTOR x n most uncertain texts,
 k-means (n clusters) over the model's sentence embeddings (the mean of its last hidden layer over the
-tokens) groups similar texts, and each cluster gives its most uncertain one. Texts already in the run's
+tokens) groups similar texts, and each cluster gives its most uncertain one. balanced-margin shares the
+batch equally among the predicted classes first (class-balanced uncertainty sampling: on a skewed pool
+plain uncertainty rarely reaches the rare classes, which macro-F1 weighs as much as the common ones),
+then spreads each class's share the same way over its CLASS_POOL_FACTOR x share most uncertain texts. Texts already in the run's
 data (data.source, data.eval_source) and repeated texts are never suggested; texts are compared after
 Unicode NFC, whitespace collapsing and case folding.
 
@@ -17,7 +20,8 @@ labelling appended, also after a reload or a crash.
 
 `learning_curve` measures rounds of train -> pick -> label from a labelled pool whose labels are revealed
 only for the picked rows, one curve per strategy from the same start, each round trained afresh with
-`workbench.loop.train` and scored once, after its last epoch, on a disjoint test file.
+`workbench.loop.train` (the checkpoint chosen on a held-out share of the labelled rows) and its predictor
+scored once on a disjoint test file.
 """
 
 from __future__ import annotations
@@ -43,10 +47,11 @@ from .errors import WorkbenchError
 from .store import RunStore
 from .task_table import DEFAULT_TASK, task_spec
 
-__all__ = ["STRATEGIES", "Strategy", "suggest", "sentence_embeddings", "normalise", "append_labels",
+__all__ = ["STRATEGIES", "Strategy", "suggest", "class_quotas", "sentence_embeddings", "normalise", "append_labels",
            "remove_last", "appended_rows", "learning_curve", "curve_file"]
 
 POOL_FACTOR = 10       # diversity clusters the POOL_FACTOR x n most uncertain texts
+CLASS_POOL_FACTOR = 3  # balanced-margin clusters the CLASS_POOL_FACTOR x quota most uncertain texts of a class
 JOURNAL_DEPTH = 1000   # rows the journal remembers (undo depth)
 APPENDABLE = ("csv", "tsv", "jsonl")
 CURVE_FILE = "learning-curve.json"
@@ -60,9 +65,13 @@ class Strategy:
     uncertainty: Literal["margin", "entropy", "none"]
     diverse: bool
     title: str  # one line for views and the CLI
+    balanced: bool = False  # the batch is shared equally among the predicted classes
 
 
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in [
+    Strategy("balanced-margin", "margin", True, "smallest margin between the top two classes, the batch shared "
+             "equally among the predicted classes, one per k-means cluster of the model's embeddings within "
+             "each class", balanced=True),
     Strategy("margin-diversity", "margin", True, "smallest margin between the top two classes, one per k-means "
              "cluster of the model's embeddings"),
     Strategy("entropy-diversity", "entropy", True, "highest entropy of the class probabilities, one per k-means "
@@ -151,7 +160,9 @@ def _rank(predictor: Any, candidates: list[tuple[int, str]], n: int, strategy: S
         probs = _probabilities(predictor, texts)
         unsure = _uncertainty(probs, strategy.uncertainty)
         order = np.lexsort((np.arange(len(texts)), -unsure))  # most uncertain first, pool order on ties
-        if strategy.diverse and len(texts) > n:
+        if strategy.balanced and len(texts) > n:
+            picks = _balanced_picks(predictor, texts, order, probs, n, seed)
+        elif strategy.diverse and len(texts) > n:
             short = order[: POOL_FACTOR * n]
             features = sentence_embeddings(predictor, [texts[i] for i in short])
             picks = _one_per_cluster(short, features, n, seed)
@@ -210,6 +221,47 @@ def _one_per_cluster(order: np.ndarray, features: np.ndarray, n: int, seed: int)
         if position not in picks:
             picks.append(position)
     return [(int(order[p]), int(clusters[p])) for p in sorted(picks[:n])]
+
+
+def class_quotas(available: list[int], n: int) -> list[int]:
+    """`n` picks shared as equally as the classes allow: a class with fewer `available` texts than its
+    share gives all it has, and the rest is shared among the others (the earlier classes take a remainder)."""
+    quotas, left = [0] * len(available), n
+    open_ = [c for c, a in enumerate(available) if a > 0]
+    while left > 0 and open_:
+        share, extra = divmod(left, len(open_))
+        for position, c in enumerate(list(open_)):
+            take = min(share + (position < extra), available[c] - quotas[c])
+            quotas[c] += take
+            left -= take
+        open_ = [c for c in open_ if quotas[c] < available[c]]
+    return quotas
+
+
+def _balanced_picks(predictor: Any, texts: list[str], order: np.ndarray, probs: np.ndarray, n: int,
+                    seed: int) -> list[tuple[int, int | None]]:
+    """balanced-margin: `n` picks shared equally among the predicted classes (`class_quotas`), each class's
+    share the most uncertain of its CLASS_POOL_FACTOR x share most uncertain texts spread by k-means; so a
+    skewed pool still yields texts the model takes for its rare classes, which macro-F1 weighs as much as
+    the common ones. Cluster numbers count on across the classes."""
+    predicted = probs.argmax(axis=1)
+    by_class = [order[predicted[order] == c] for c in range(probs.shape[1])]
+    quotas = class_quotas([len(members) for members in by_class], n)
+    shortlists = [members[: CLASS_POOL_FACTOR * q] for members, q in zip(by_class, quotas)]
+    wanted = [int(i) for short, q in zip(shortlists, quotas) if q > 0 for i in short]
+    features = dict(zip(wanted, sentence_embeddings(predictor, [texts[i] for i in wanted])))
+    picks, offset = [], 0
+    for short, q in zip(shortlists, quotas):
+        if q == 0:
+            continue
+        if len(short) > q:
+            chosen = _one_per_cluster(short, np.stack([features[int(i)] for i in short]), q, seed)
+        else:
+            chosen = [(int(i), 0) for i in short]
+        picks += [(i, None if c is None else c + offset) for i, c in chosen]
+        offset += q
+    place = {int(i): p for p, i in enumerate(order)}
+    return sorted(picks, key=lambda pick: place[pick[0]])  # most uncertain first
 
 
 def sentence_embeddings(predictor: Any, texts: list[str], batch_size: int = 32) -> np.ndarray:
@@ -513,10 +565,11 @@ def learning_curve(config: Config, pool: str | Path | list[dict[str, str]], test
     labelled file, or rows {"text", "label"} whose labels stand for the person answering), then `rounds`
     rounds of `per_round` rows picked by each strategy, their labels revealed, and a new training.
 
-    Every training is `config` (model, method, epochs, max_length ...) on the labelled rows so far, trained
-    afresh with train.seed = `seed`, no classical baseline, no ensemble and no calibration, evaluated once
-    after its last epoch on `test_source` (rows of the pool found there are dropped, so it stays disjoint):
-    nothing is chosen on the test set. The start run is shared by all strategies. Runs go to `home`
+    Every training is `config` (model, method, epochs, max_length, baseline, ensemble, calibration ...) on
+    the labelled rows so far, trained afresh with train.seed = `seed` as a user would run it: a share of the
+    labelled rows (data.eval_fraction) is held out to pick the checkpoint, stop early, calibrate and decide
+    the ensemble. The run's predictor is then scored once on `test_source` (rows of the pool found there are
+    dropped, so it stays disjoint): nothing is chosen on the test set. The start run is shared by all strategies. Runs go to `home`
     (default store), training files to `workdir` (a new temporary folder); `out` receives the result as JSON
     (written atomically); `on_point(strategy, point)` hears each point as it is measured.
     """
@@ -542,25 +595,30 @@ def learning_curve(config: Config, pool: str | Path | list[dict[str, str]], test
     folder.mkdir(parents=True, exist_ok=True)
     store = RunStore(home)
 
-    def train_on(labelled: list[dict[str, str]], name: str) -> dict[str, Any]:
-        return _train_point(config, labelled, folder / f"{name}-{len(labelled)}.csv", str(test_source), seed, store)
+    test_texts, test_labels, _ = load_labelled(str(test_source), config.data.text_column, config.data.label_column)
 
-    start_point = train_on(first, "start")
-    curves: dict[str, list[dict[str, Any]]] = {}
-    for name in strategies:
-        curves[name] = [start_point]
-        if on_point is not None:
+    def train_on(labelled: list[dict[str, str]], name: str) -> tuple[dict[str, Any], Any]:
+        return _train_point(config, labelled, folder / f"{name}-{len(labelled)}.csv", (test_texts, test_labels),
+                            seed, store)
+
+    start_point, start_predictor = train_on(first, "start")
+    curves: dict[str, list[dict[str, Any]]] = {name: [start_point] for name in strategies}
+    state = {name: (list(first), [rows[i] for i in order[start:]], start_predictor) for name in strategies}
+    if on_point is not None:
+        for name in strategies:
             on_point(name, start_point)
-        labelled, remaining, run_id = list(first), [rows[i] for i in order[start:]], start_point["run"]
-        for round_ in range(rounds):
-            texts = [r["text"] for r in remaining]
-            picked = suggest(run_id, texts, per_round, store.home, strategy=name, seed=seed * 1000 + round_)
+    for round_ in range(rounds):  # round by round, so a stopped curve has every strategy at the same count
+        for name in strategies:
+            labelled, remaining, predictor = state[name]
+            picked = suggest(curves[name][-1]["run"], [r["text"] for r in remaining], per_round, store.home,
+                             strategy=name, seed=seed * 1000 + round_, predictor=predictor)
             chosen = {row["index"] for row in picked}
-            labelled += [remaining[i] for i in sorted(chosen)]
+            labelled = labelled + [remaining[i] for i in sorted(chosen)]
             remaining = [r for i, r in enumerate(remaining) if i not in chosen]
-            point = {**train_on(labelled, name), "round": round_ + 1}
+            point, predictor = train_on(labelled, name)
+            point["round"] = round_ + 1
             curves[name].append(point)
-            run_id = point["run"]
+            state[name] = (labelled, remaining, predictor)
             if on_point is not None:
                 on_point(name, point)
     result = {"start": start, "rounds": rounds, "per_round": per_round, "seed": seed, "pool_rows": len(rows),
@@ -591,10 +649,16 @@ def _curve_rows(config: Config, pool: str | Path | list[dict[str, str]],
     return rows, len(test_texts)
 
 
-def _train_point(config: Config, labelled: list[dict[str, str]], path: Path, test_source: str, seed: int,
-                 store: RunStore) -> dict[str, Any]:
-    """Train `config` on `labelled` (written to `path`), scored on `test_source` after the last epoch."""
+def _train_point(config: Config, labelled: list[dict[str, str]], path: Path, test: tuple[list[str], list[str]],
+                 seed: int, store: RunStore) -> tuple[dict[str, Any], Any]:
+    """Train `config` on `labelled` (written to `path`) as a user would: its own held-out share of the
+    labelled rows (data.eval_fraction) picks the checkpoint, stops early, calibrates and decides the
+    ensemble; then the run's predictor is scored once on the `test` (texts, labels). Returns the point and
+    the loaded predictor."""
+    from sklearn.metrics import accuracy_score, f1_score
+
     from .loop import train  # torch loads here
+    from .predict import load_predictor
 
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=["text", "label"], lineterminator="\n")
@@ -602,17 +666,21 @@ def _train_point(config: Config, labelled: list[dict[str, str]], path: Path, tes
     writer.writerows(labelled)
     _atomic_write(path, buffer.getvalue().encode("utf-8"))
     raw = config.to_dict()
-    raw["data"].update({"source": str(path), "eval_source": test_source, "text_column": "text",
-                        "label_column": "label", "max_train_samples": None, "max_eval_samples": None})
-    raw["train"].update({"seed": seed, "baseline": False, "ensemble": "off", "calibrate": False,
-                         "early_stopping_patience": 0, "eval_every": 10 ** 9})  # one evaluation, at the end
+    raw["data"].update({"source": str(path), "eval_source": None, "text_column": "text", "label_column": "label",
+                        "max_train_samples": None, "max_eval_samples": None})
+    raw["train"].update({"seed": seed})
     began = time.perf_counter()
     record = train(Config.from_dict(raw), store)
     if record["status"] != "completed" or not record.get("metrics"):
         raise WorkbenchError(f"the learning-curve run on {len(labelled)} labels ended {record['status']}"
                              f"{': ' + str(record.get('error')) if record.get('error') else ''}: see "
                              f"`workbench runs show {record['id']}`")
-    metrics = record["metrics"]
-    return {"labels": len(labelled), "f1_macro": float(metrics["f1_macro"]),
-            "accuracy": float(metrics["accuracy"]), "run": record["id"],
-            "seconds": round(time.perf_counter() - began, 1)}
+    predictor = load_predictor(record["id"], store.home)
+    labels = list(predictor.labels)
+    guessed = [labels[int(i)] for i in _probabilities(predictor, test[0]).argmax(axis=1)]
+    point = {"labels": len(labelled), "f1_macro": float(f1_score(test[1], guessed, average="macro")),
+             "accuracy": float(accuracy_score(test[1], guessed)),
+             "eval_f1_macro": float(record["metrics"].get("f1_macro", float("nan"))),
+             "best_step": record["metrics"].get("best_step"), "run": record["id"],
+             "seconds": round(time.perf_counter() - began, 1)}
+    return point, predictor
