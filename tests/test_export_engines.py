@@ -240,12 +240,13 @@ def test_vllm_adapter_layout_for_multi_lora_serving(lora_run):
     # what vLLM's PEFTHelper requires: r, lora_alpha, target_modules; no DoRA, no modules_to_save, no bias
     assert saved["r"] == 8 and saved["lora_alpha"] == 16 and not saved["use_dora"]
     assert not saved.get("modules_to_save") and saved["bias"] == "none"
-    assert set(saved["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                            "down_proj"}
+    # vLLM takes the safetensors keys as the truth: peft's names, each module's last part one it gives LoRA to
+    llama = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
         keys = list(f.keys())
-    assert keys and all(k.startswith("base_model.model.model.layers.") and
-                        k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
+    assert len(keys) == 2 * 2 * len(llama), "lora_A and lora_B of 7 projections in 2 layers"
+    assert all(k.startswith("base_model.model.model.layers.") and k.endswith((".lora_A.weight", ".lora_B.weight"))
+               and k.rsplit(".", 3)[-3] in llama for k in keys)
     info = json.loads((out / EXPORT_INFO).read_text())
     assert info["merged"] is False
     assert info["serve"] == (f"vllm serve {info['base_model']} --max-model-len 72 --enable-lora --max-lora-rank 8 "
@@ -272,7 +273,7 @@ def test_vllm_refuses_an_unmerged_dora_adapter(tmp_path, tiny_bpe_chat_dir, qa_f
 
 def test_engine_formats_refuse_non_chat_runs_and_unknown_formats(tiny_config, store):
     record = train(tiny_config(train={"epochs": 1}), store=store)
-    with pytest.raises(WorkbenchError, match=r"task: classification run; --format gguf exports chat runs only .* "
+    with pytest.raises(WorkbenchError, match=r"task: text-classification run; --format gguf exports chat runs only .* "
                                              r"export this run with --format hf"):
         export_run(record["id"], home=store.home, format="gguf")
     with pytest.raises(WorkbenchError, match=r"--format 'onnx' is not an engine format: choose hf, gguf or vllm"):

@@ -79,8 +79,8 @@ def export_run(run_id: str = "latest", out: str | Path | None = None, merge: boo
         check_engine_export(config, run, format)
         target = Path(out).expanduser().resolve() if out is not None else export_dir(run, store.home)
         _check_target(target, force)
-        return _write_export(target, lambda tmp: export_for_engine(record, store.home, tmp, format, merge, precision),
-                             record)
+        return _write_export(target, lambda tmp: export_for_engine(record, store.home, tmp, format, merge, precision,
+                                                                   final=target), record)
     spec = config.task_spec
     if spec.export_class is None:
         exportable = ", ".join(t.name for t in TASKS.values() if t.export_class)

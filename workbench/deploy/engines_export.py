@@ -66,9 +66,11 @@ def check_engine_export(config: Config, run: str, fmt: str) -> None:
 
 
 def export_for_engine(record: dict[str, Any], home: Path, out: Path, fmt: EngineFormat, merge: bool,
-                      precision: GgufPrecision = "f32") -> dict[str, Any]:
+                      precision: GgufPrecision = "f32", final: Path | None = None) -> dict[str, Any]:
     """Write the chat run `record` into the empty directory `out` in format `fmt`; return what the export
-    holds (for workbench_export.json): files, how to load and serve it."""
+    holds (for workbench_export.json): files, how to load and serve it. `final`: where `out` will be renamed to
+    (the paths the serve commands name; default `out`)."""
+    final = final or out
     config = Config.from_dict(record["config"])
     check_engine_export(config, record["id"], fmt)
     method = config.method.name
@@ -90,10 +92,10 @@ def export_for_engine(record: dict[str, Any], home: Path, out: Path, fmt: Engine
         info.update(files=[GGUF_FILE, MODELFILE], precision=precision, stop=stops,
                     load=f"AutoModelForCausalLM.from_pretrained(<this directory>, gguf_file={GGUF_FILE!r}); "
                          f"AutoTokenizer.from_pretrained(<this directory>, gguf_file={GGUF_FILE!r})",
-                    serve=f"ollama create {_served_name(record)} -f {out.name}/{MODELFILE}; "
-                          f"or llama-server -m {out.name}/{GGUF_FILE} --jinja")
+                    serve=f"ollama create {_served_name(record)} -f {final / MODELFILE}; "
+                          f"or llama-server -m {final / GGUF_FILE} --jinja")
     else:
-        info.update(_write_vllm(model, tokenizer, out, record, config, base, standalone))
+        info.update(_write_vllm(model, tokenizer, out, final, record, config, base, standalone))
     if method_spec(method).quantized:
         info["note"] = ("merged into a float32 base" if standalone else "the adapter applies to the float base")
         info["note"] += ("; the run trained against 4-bit weights, so answers can differ from the run's by the "
@@ -370,15 +372,15 @@ def _served_name(record: dict[str, Any]) -> str:
     return f"workbench-{record['id']}"
 
 
-def _write_vllm(model: Any, tokenizer: Any, out: Path, record: dict[str, Any], config: Config, base: str,
-                merged: bool) -> dict[str, Any]:
+def _write_vllm(model: Any, tokenizer: Any, out: Path, final: Path, record: dict[str, Any], config: Config,
+                base: str, merged: bool) -> dict[str, Any]:
     """The merged model directory, or the adapter folder for multi-LoRA serving; SERVE.md with the command."""
     name = _served_name(record)
     model_args = f"--max-model-len {config.train.max_length + config.chat.max_new_tokens}"
     if merged:
         model.save_pretrained(out, safe_serialization=True)  # config, generation_config, model.safetensors
         tokenizer.save_pretrained(out)  # tokenizer files and chat_template.jinja
-        command = f"vllm serve {out} --served-model-name {name} {model_args}"
+        command = f"vllm serve {final} --served-model-name {name} {model_args}"
         load = "AutoModelForCausalLM.from_pretrained(<this directory>)"
     else:
         adapter = out / ADAPTER_DIR
@@ -390,7 +392,7 @@ def _write_vllm(model: Any, tokenizer: Any, out: Path, record: dict[str, Any], c
                                  "export with --merge")
         rank = next((r for r in VLLM_LORA_RANKS if r >= saved["r"]), saved["r"])
         command = (f"vllm serve {base} {model_args} --enable-lora --max-lora-rank {rank} "
-                   f"--lora-modules {name}={adapter}")
+                   f"--lora-modules {name}={final / ADAPTER_DIR}")
         load = (f"base = AutoModelForCausalLM.from_pretrained({base!r}); "
                 f"PeftModel.from_pretrained(base, <this directory>/{ADAPTER_DIR})")
     request = (f"curl http://localhost:8000/v1/chat/completions -H 'Content-Type: application/json' -d "
