@@ -2,8 +2,8 @@
 
 Most tests serve a stand-in classifier (no torch: it answers "neg"/"pos", waits or fails on request) with the
 real app on a thread of this process, and drive real 4xx, 5xx, slow, backlogged and drifting traffic through
-it. One trains a tiny BERT, starts `workbench serve` as its own process, and reads its alerts.yml and its
-alerts in the Deploy panel."""
+it. `workbench serve` writing alerts.yml and the Deploy panel's banner over a real server are tested in
+test_deploy_panel.py, on the server it starts there."""
 
 from __future__ import annotations
 
@@ -15,16 +15,13 @@ import httpx
 import pytest
 import yaml
 
-from workbench.config import Config
 from workbench.deploy.adapter import ServedModel
 from workbench.deploy.alerts import (ALERTS, ALERTS_FILE, AlertThresholds, alert_args, alert_rules, check_rule_file,
-                                     expr_metrics, firing_alerts)
+                                     expr_metrics, firing_alerts, write_alert_rules)
 from workbench.deploy.app import ServeSettings, create_app
 from workbench.deploy.monitor import Baseline
-from workbench.deploy.server import ThreadedServer, read_metrics, start_server, stop_server
+from workbench.deploy.server import ThreadedServer, read_metrics
 from workbench.errors import WorkbenchError
-from workbench.run_paths import RunPaths
-from workbench.store import RunStore
 
 KEY = "wb-alerts-test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -237,52 +234,16 @@ def test_drift_fires_on_enough_shifted_texts_only():
     assert firing_alerts(m, AlertThresholds(min_drift_samples=30, drift_psi=50.0)) == []
 
 
-# --- workbench serve and the Deploy panel ------------------------------------------------------------------------
+# --- the file serve writes ----------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory, tiny_model_dir, tiny_csv):
-    import workbench
-
-    home = tmp_path_factory.mktemp("alerts-home")
-    raw = {"model": str(tiny_model_dir), "data": {"source": str(tiny_csv), "eval_fraction": 0.25},
-           "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-           "train": {"epochs": 1, "batch_size": 8, "learning_rate": 5e-3, "max_length": 32, "warmup_ratio": 0.0,
-                     "early_stopping_patience": 0, "threads": 1},
-           "track": {"wandb": "disabled", "tensorboard": False}}
-    record = workbench.train(Config.from_dict(raw), store=RunStore(home))
-    assert record["status"] == "completed", record.get("error")
-    return record["id"], home
-
-
-def test_serve_writes_the_rules_and_the_panel_shows_a_banner_while_an_alert_fires(run):
-    from widgets import DeployPanel
-
-    run_id, home = run
-    panel = None
-    try:
-        info = start_server(run_id, home)
-        path = RunPaths.of(RunStore(home).get(run_id)).deploy / ALERTS_FILE
-        assert info["alerts"] == dataclasses.asdict(AlertThresholds()) and info["alert_rules"] == str(path)
-        rules = check_rule_file(path)
-        assert rules == alert_rules(run_id)
-        header = yaml.safe_load("\n".join(line[2:] for line in path.read_text().splitlines()
-                                          if line.startswith("# ")).split("attach:", 1)[1])
-        job = header["scrape_configs"][0]
-        assert job["static_configs"] == [{"targets": [info["url"].split("//")[1]], "labels": {"run": run_id}}]
-        assert job["authorization"]["credentials_file"] == info["api_key_file"]
-        panel = DeployPanel(home=home, background=False)  # finds the running server
-        assert panel.server_state == "running" and panel.alerts == []
-        assert panel._banner.layout.display == "none" and panel._banner.value == ""
-        for _ in range(25):
-            assert httpx.post(info["url"] + "/v1/classify", json={"texts": ["x"]}, timeout=30).status_code == 401
-        assert panel.refresh_metrics()
-        assert _names(panel.alerts) == ["WorkbenchClientErrors"]
-        assert panel._banner.layout.display is None
-        assert "1 alert firing on run" in panel._banner.value and "25 of 25 model requests answered 4xx" in \
-            panel._banner.value
-        panel._stop.click()
-        assert panel.server_state == "stopped" and panel.alerts == [] and panel._banner.layout.display == "none"
-    finally:
-        stop_server(run_id, home)
-        if panel is not None:
-            panel.close()
+def test_written_rules_load_back_and_their_header_holds_a_scrape_job_for_the_run(tmp_path):
+    path = write_alert_rules(tmp_path, "run-3", AlertThresholds(drift_psi=0.1), target="127.0.0.1:8123",
+                             key_file="/keys/api_key")
+    assert path == tmp_path / ALERTS_FILE and [p.name for p in tmp_path.iterdir()] == [ALERTS_FILE]  # no temp left
+    assert check_rule_file(path) == alert_rules("run-3", AlertThresholds(drift_psi=0.1))
+    header = yaml.safe_load("\n".join(line[2:] for line in path.read_text().splitlines()
+                                      if line.startswith("# ")).split("attach:", 1)[1])
+    job = header["scrape_configs"][0]
+    assert job["static_configs"] == [{"targets": ["127.0.0.1:8123"], "labels": {"run": "run-3"}}]
+    assert job["authorization"] == {"type": "Bearer", "credentials_file": "/keys/api_key"}
+    assert header["rule_files"] == [str(path)]

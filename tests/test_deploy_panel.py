@@ -1,10 +1,12 @@
 """DeployPanel without a browser: build, set traits, click, assert on traits (a tiny BERT trained here in seconds).
 
 One test starts a real `workbench serve` process through the panel, calls it over HTTP, reads the counts back in
-the panel's live metrics, finds the server again from a new panel (a page reload) and stops it."""
+the panel's live metrics, checks the alerting rules the server wrote and the alert banner while an alert fires,
+finds the server again from a new panel (a page reload) and stops it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import httpx
@@ -13,6 +15,8 @@ import traitlets as T
 
 from workbench import deploy
 from workbench.config import Config
+from workbench.deploy.alerts import ALERTS_FILE, AlertThresholds, alert_rules, check_rule_file
+from workbench.run_paths import RunPaths
 from workbench.store import RunStore
 from widgets import DeployPanel
 from widgets.deploy import MARKED_COLOR, examples, psi_words
@@ -134,19 +138,58 @@ def test_start_serves_the_run_metrics_count_the_requests_a_new_panel_finds_it_an
         assert "requests/s" in panel._metrics_html.value and "PSI" in panel._metrics_html.value
         httpx.post(info["url"] + "/v1/classify", json={"texts": ["lovely"]}, headers=headers, timeout=60)
         assert panel.refresh_metrics() and panel.requests_total == 5 and panel.requests_per_second > 0
-        # a page reload: a new panel finds the running server and its counts
+        # the server wrote the run's alerting rules at its thresholds (the defaults), kept in its record
+        rules = RunPaths.of(RunStore(home).get(run_id)).deploy / ALERTS_FILE
+        assert info["alert_rules"] == str(rules) and check_rule_file(rules) == alert_rules(run_id)
+        assert info["alerts"] == dataclasses.asdict(AlertThresholds())
+        assert panel.alerts == [] and panel._banner.layout.display == "none"  # 1 of 5 refused: too few to judge
+        for _ in range(20):  # 21 of 25 model requests refused: over the 25 % of 4xx the defaults allow
+            assert httpx.post(info["url"] + "/v1/classify", json={"texts": ["x"]}, timeout=60).status_code == 401
+        assert panel.refresh_metrics() and [a["name"] for a in panel.alerts] == ["WorkbenchClientErrors"]
+        assert panel._banner.layout.display is None and "1 alert firing on run" in panel._banner.value
+        assert "21 of 25 model requests answered 4xx" in panel._banner.value
+        # a page reload: a new panel finds the running server, its counts and its alert
         reloaded = DeployPanel(home=home, background=False)
         assert reloaded.server_state == "running" and reloaded.url == panel.url
-        assert reloaded.requests_total == 5
+        assert reloaded.requests_total == 25 and reloaded.alerts == panel.alerts
         reloaded._stop.click()
         assert reloaded.server_state == "stopped" and deploy.server_status(run_id, home) is None
+        assert reloaded.alerts == [] and reloaded._banner.layout.display == "none"
         assert not panel.refresh_metrics() and panel.server_state == "stopped"
-        assert "no longer running" in panel.error
+        assert "no longer running" in panel.error and panel._banner.layout.display == "none"
     finally:
         deploy.stop_server(run_id, home)
         panel.close()
         if reloaded is not None:
             reloaded.close()
+
+
+def test_alert_banner_lists_the_firing_alerts_and_hides_when_none_fire(run):
+    run_id, home = run
+    panel = DeployPanel(home=home, background=False)
+    quiet = {"requests": {"classify": {"200": 40.0}}, "latency": {"classify": {"count": 40.0, "p95": 0.05}},
+             "in_flight": 1.0, "drift": {"input_length": 0.02}, "drift_samples": 40.0}
+    failing = {**quiet, "requests": {"classify": {"200": 30.0, "500": 10.0}}, "in_flight": 9.0}
+    try:
+        panel.server = {"alerts": {"queue_length": 8}}  # the record of a server started with --alert-queue-length 8
+        panel.server_state = "running"
+        panel.metrics = quiet
+        assert panel.alerts == [] and panel._banner.layout.display == "none" and panel._banner.value == ""
+        panel.metrics = failing
+        assert [a["name"] for a in panel.alerts] == ["WorkbenchServerErrors", "WorkbenchBacklog"]
+        assert panel._banner.layout.display is None and "2 alerts firing on run " + run_id in panel._banner.value
+        assert "10 of 40 model requests answered 5xx: 0.25 &gt; 0.05. Read the server log" in panel._banner.value
+        assert "requests in flight: 9 &gt; 8" in panel._banner.value
+        panel.metrics = quiet
+        assert panel.alerts == [] and panel._banner.layout.display == "none"
+        panel.metrics = failing
+        panel.server_state = "stopped"  # a stopped server fires nothing
+        assert panel.alerts == [] and panel._banner.layout.display == "none"
+        panel.server, panel.server_state = {"alerts": {"p95_latency_s": 0.3}}, "running"  # thresholds refused
+        assert panel.alerts == [] and "p95_latency_s must be a bound of the latency histogram" in panel.error
+    finally:
+        panel.server = None
+        panel.close()
 
 
 def test_examples_and_drift_words():
