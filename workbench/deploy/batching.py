@@ -16,11 +16,25 @@ Two things keep one client from hurting the others:
   every wait has a deadline (`timeout_s`; `QueueTimeout`): a backlog of large requests delays a small one by at
   most the time the bounded queue takes, never without end (8 requests of 64 long texts had delayed a
   1-text request by 17.7 s). The server answers these 503 with Retry-After and 504.
+
+Admission by expected wait: a count bound alone lets a slow model keep every admitted request waiting for
+seconds (128 classify clients against a MiniLM run on 2 cores: every request answered, median 3.6 s, 95th
+percentile 9.0 s). So a request is also refused (`QueueFull`, Retry-After = the time the admitted work takes
+to drain) when the wait it would see exceeds `max_queue_wait_s`: what is admitted is answered within about that
+budget, the rest is shed at once and told when to come back. The wait is priced from the last `RATE_WINDOW`
+model calls as `per_call + per_item * n` seconds for a call of n items (least squares; a call's fixed cost is
+what batching saves): the rest of the call now running, then the groups of `max_batch_size` that the queued
+items and the new request make. Priced per item alone, a batch-1 call's time was charged to every queued item,
+so a queue of 2 already looked over budget and the server never batched again (1 item per call under load).
+While the recent calls all had one size, the fixed cost is taken as the whole call (a larger group priced like
+it: optimistic until calls of other sizes correct it). An empty queue admits any request (a larger one runs
+alone); before the first model call the count bound is the only one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,14 +42,20 @@ from typing import Any, Callable
 
 Item = Any
 Job = tuple[list[Item], "asyncio.Future[list[Any]]"]
+MAX_QUEUE_WAIT_S = 0.5  # the default wait budget: see max_queue_wait_s in MicroBatcher
+RATE_WINDOW = 16  # model calls the cost estimate is taken over
 
 
 class QueueFull(Exception):
-    """The queue holds `max_queue` items already: try again after `retry_after` seconds."""
+    """A request refused before it queued: try again after `retry_after` seconds. `limit_name` names the bound it
+    met: max_queue (`waiting` items already, `limit` at most), max_queue_wait_s (it would wait longer than the
+    budget) or shutdown (the batcher is stopping)."""
 
-    def __init__(self, waiting: int, limit: int, retry_after: int) -> None:
-        super().__init__(f"{waiting} items are waiting, the queue holds at most {limit}: retry in {retry_after} s")
-        self.waiting, self.limit, self.retry_after = waiting, limit, retry_after
+    def __init__(self, waiting: int, limit: int, retry_after: int, reason: str | None = None,
+                 limit_name: str = "max_queue") -> None:
+        reason = reason or f"{waiting} items are waiting, the queue holds at most {limit}"
+        super().__init__(f"{reason}: retry in {retry_after} s")
+        self.waiting, self.limit, self.retry_after, self.limit_name = waiting, limit, retry_after, limit_name
 
 
 class QueueTimeout(Exception):
@@ -47,11 +67,14 @@ class QueueTimeout(Exception):
 
 
 class MicroBatcher:
-    """Groups `submit` calls into calls of `fn(items) -> results` (same length, same order)."""
+    """Groups `submit` calls into calls of `fn(items) -> results` (same length, same order).
+
+    `max_queue` bounds the items admitted (waiting or running); `max_queue_wait_s` bounds the wait a new request
+    is expected to see (None: the count bound only); `timeout_s` is each request's deadline (None: none)."""
 
     def __init__(self, fn: Callable[[list[Item]], list[Any]], max_batch_size: int = 32, max_wait_ms: float = 5.0,
                  on_batch: Callable[[int], None] | None = None, max_queue: int = 1024,
-                 timeout_s: float | None = None) -> None:
+                 timeout_s: float | None = None, max_queue_wait_s: float | None = MAX_QUEUE_WAIT_S) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_wait_ms < 0:
@@ -60,11 +83,17 @@ class MicroBatcher:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         if timeout_s is not None and timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0 (or None for no deadline), got {timeout_s}")
+        if max_queue_wait_s is not None and not max_queue_wait_s > 0:
+            raise ValueError(f"max_queue_wait_s must be > 0 (or None for the count bound only), got {max_queue_wait_s}")
         self.fn, self.max_batch_size, self.max_wait = fn, max_batch_size, max_wait_ms / 1000.0
         self.on_batch = on_batch  # called on the worker thread with each group's item count (metrics)
-        self.max_queue, self.timeout_s = max_queue, timeout_s
+        self.max_queue, self.timeout_s, self.max_queue_wait_s = max_queue, timeout_s, max_queue_wait_s
         self.waiting = 0  # items admitted and not yet answered (queued or in the model)
-        self._seconds_per_item = 0.0  # of the last model call: how long the queue takes to drain (Retry-After)
+        self.shed = 0  # requests refused with QueueFull
+        # (seconds, items) of the recent model calls, appended on the model thread
+        self._calls: collections.deque[tuple[float, int]] = collections.deque(maxlen=RATE_WINDOW)
+        self._running: tuple[int, float] | None = None  # (items, perf_counter at start) of the call in the model
+        self._closing = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._queue: asyncio.Queue[Job] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -74,8 +103,14 @@ class MicroBatcher:
         self._queue = asyncio.Queue()
         self._task = asyncio.create_task(self._collect(), name="micro-batcher")
 
-    async def stop(self) -> None:
-        """Cancel the collector (after the server drained its requests) and release the worker thread."""
+    async def stop(self, drain_s: float = 30.0) -> None:
+        """Refuse new work (QueueFull, limit_name "shutdown"), answer the work admitted (up to `drain_s` seconds;
+        the server drained its requests before, so normally none is left), then cancel the collector and release
+        the worker thread."""
+        self._closing = True
+        deadline = time.monotonic() + drain_s
+        while self.waiting and time.monotonic() < deadline and self._task is not None and not self._task.done():
+            await asyncio.sleep(0.01)
         if self._task is not None:
             self._task.cancel()
             try:
@@ -84,11 +119,58 @@ class MicroBatcher:
                 pass
         self._executor.shutdown(wait=True)
 
+    def _cost(self) -> tuple[float, float]:
+        """(seconds per call, seconds per item) of the recent model calls; (0, 0) before the first."""
+        calls = list(self._calls)
+        if not calls:
+            return 0.0, 0.0
+        mean_n = sum(n for _, n in calls) / len(calls)
+        mean_t = sum(t for t, _ in calls) / len(calls)
+        spread = sum((n - mean_n) ** 2 for _, n in calls)
+        if spread == 0:  # one size seen: the whole call counts as fixed cost
+            return mean_t, 0.0
+        per_item = sum((n - mean_n) * (t - mean_t) for t, n in calls) / spread
+        per_call = mean_t - per_item * mean_n
+        if per_item < 0:  # noise (other work on the machine): no per-item cost to read, only the mean call
+            return mean_t, 0.0
+        if per_call < 0:
+            return 0.0, sum(t for t, _ in calls) / sum(n for _, n in calls)
+        return per_call, per_item
+
+    def _drain_time(self, queued: int, running: tuple[int, float] | None) -> float:
+        """Seconds until `queued` more items, behind the call `running` now (items, start), are answered."""
+        per_call, per_item = self._cost()
+        left = 0.0
+        if running is not None:
+            size, started = running
+            left = max(0.0, per_call + per_item * size - (time.perf_counter() - started))
+        return left + math.ceil(queued / self.max_batch_size) * per_call + per_item * queued
+
+    def expected_wait(self, count: int = 1) -> float:
+        """Seconds a new request of `count` items would wait for its answer, queue and its own call included."""
+        running = self._running  # read once: the model thread replaces it
+        queued = max(0, self.waiting - (running[0] if running is not None else 0))
+        return self._drain_time(queued + count, running)
+
     def _admit(self, count: int) -> None:
-        """Count `count` items in, or QueueFull. An empty queue takes any request (a larger one runs alone)."""
-        if self.waiting and self.waiting + count > self.max_queue:
-            drain = self.waiting * self._seconds_per_item
-            raise QueueFull(self.waiting, self.max_queue, max(1, math.ceil(drain)))
+        """Count `count` items in, or QueueFull (too many items, too long an expected wait, or stopping). An empty
+        queue takes any request (a larger one runs alone)."""
+        if self._closing:
+            self.shed += 1
+            raise QueueFull(self.waiting, self.max_queue, 1, "the server is shutting down", "shutdown")
+        if self.waiting:
+            running = self._running
+            queued = max(0, self.waiting - (running[0] if running is not None else 0))
+            retry_after = max(1, math.ceil(self._drain_time(queued, running)))  # the admitted work drained
+            if self.waiting + count > self.max_queue:
+                self.shed += 1
+                raise QueueFull(self.waiting, self.max_queue, retry_after)
+            expected = self._drain_time(queued + count, running)
+            if self.max_queue_wait_s is not None and expected > self.max_queue_wait_s:
+                self.shed += 1
+                raise QueueFull(self.waiting, self.max_queue, retry_after,
+                                f"{self.waiting} items are waiting: a new request would wait about {expected:.2f} s, "
+                                f"more than max_queue_wait_s={self.max_queue_wait_s:g} s", "max_queue_wait_s")
         self.waiting += count
 
     async def _deadline(self, awaitable: Any) -> Any:
@@ -183,8 +265,12 @@ class MicroBatcher:
         if self.on_batch is not None:
             self.on_batch(len(items))
         start = time.perf_counter()
-        results = self.fn(items)
-        self._seconds_per_item = (time.perf_counter() - start) / max(1, len(items))
+        self._running = (len(items), start)
+        try:
+            results = self.fn(items)
+        finally:
+            self._running = None
+        self._calls.append((time.perf_counter() - start, len(items)))
         if len(results) != len(items):
             raise RuntimeError(f"model returned {len(results)} results for {len(items)} inputs")
         return results

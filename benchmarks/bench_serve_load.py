@@ -1,0 +1,308 @@
+"""No request lost under overload: 128 concurrent classify clients against a real `workbench serve` process.
+
+    WORKBENCH_HOME=/work/trust-runs .venv/bin/python benchmarks/bench_serve_load.py [RUN] [--requests 2000]
+        [--clients 128] [--warmup 200] [--rounds 2] [--json]
+
+The run's home is copied to a temporary folder first (the served run's files are never touched). Two
+admissions of the micro-batcher are compared, interleaved round by round (a machine shared with other work
+slows both alike), each a fresh server process on a free loopback port:
+- "count": the bound on queued items only (`max_queue`; the admission before the expected-wait budget);
+- "wait": the server as `workbench serve` runs it now (started through `workbench.deploy.start_server`): the
+  count bound and the expected-wait budget (`max_queue_wait_s`).
+The "count" server is the same `workbench serve` command line, run by this file with the batcher's budget
+switched off (the serve command has no option for it).
+
+Each server gets a warm-up (`--warmup` requests), then `--requests` requests from `--clients` clients at once
+(httpx async, one keep-alive connection each, one evaluation text per request, no retries). Recorded per
+server: answers by status, Retry-After on every 503, client errors by kind (a reset or a disconnect without an
+answer is a lost request), latency of the accepted (200) requests p50/p95/p99 and of the shed ones, the
+server's RSS before the warm-up, after it and after the load. Last, the "wait" server is sent SIGTERM while
+the clients are sending: every request it accepted must be answered, connections opened after it refused, and
+the process must exit 0. Prints one JSON object (medians over rounds under "summary"); `--out` writes it too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+ARMS = ("count", "wait")
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]
+
+
+def _error_kind(exc: Exception) -> str:
+    """A client error by what it means for the request: refused (never sent), reset / disconnected (sent, lost),
+    timeout."""
+    import httpx
+
+    text = str(exc).lower()
+    if isinstance(exc, httpx.ConnectError):
+        return "refused" if "refused" in text else "connect_error"
+    if isinstance(exc, httpx.TimeoutException):
+        return "timeout"
+    if "reset" in text:
+        return "reset"
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return "disconnected"
+    return type(exc).__name__
+
+
+async def _load(url: str, key: str, texts: list[str], clients: int, requests: int,
+                on_progress: Any = None) -> dict[str, Any]:
+    """`requests` classify requests from `clients` concurrent clients; what came back."""
+    import httpx
+
+    statuses: Counter[int] = Counter()
+    errors: Counter[str] = Counter()
+    accepted: list[float] = []
+    shed: list[float] = []
+    no_retry_after = 0
+    sent = 0
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal sent, no_retry_after
+        while sent < requests:
+            i = sent
+            sent += 1
+            if on_progress is not None:
+                on_progress(i)
+            start = time.perf_counter()
+            try:
+                r = await client.post("/v1/classify", json={"texts": [texts[i % len(texts)]]})
+            except httpx.HTTPError as exc:
+                errors[_error_kind(exc)] += 1
+                continue
+            elapsed = time.perf_counter() - start
+            statuses[r.status_code] += 1
+            if r.status_code == 200:
+                accepted.append(elapsed)
+            elif r.status_code == 503:
+                shed.append(elapsed)
+                no_retry_after += "retry-after" not in r.headers
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120,
+                                 limits=limits) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(clients)))
+        wall = time.perf_counter() - start
+
+    def ms(value: float | None) -> float | None:
+        return None if value is None else round(1000 * value, 1)
+
+    return {"requests": requests, "wall_s": round(wall, 2), "status": {str(k): v for k, v in sorted(statuses.items())},
+            "errors": dict(errors), "lost": sum(v for k, v in errors.items() if k != "refused"),
+            "retry_after_missing": no_retry_after, "accepted_rps": round(len(accepted) / wall, 2),
+            "accepted_p50_ms": ms(_pct(accepted, 0.5)), "accepted_p95_ms": ms(_pct(accepted, 0.95)),
+            "accepted_p99_ms": ms(_pct(accepted, 0.99)), "shed_p50_ms": ms(_pct(shed, 0.5))}
+
+
+def _serve_count_only(argv: list[str]) -> int:
+    """`workbench serve ARGV...` with the batcher's expected-wait budget off (the "count" arm)."""
+    import workbench.deploy.app as app_module
+    from workbench.cli import main as cli_main
+    from workbench.deploy.batching import MicroBatcher
+
+    class CountOnly(MicroBatcher):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["max_queue_wait_s"] = None
+            super().__init__(*args, **kwargs)
+
+    app_module.MicroBatcher = CountOnly  # the lifespan reads the module's name when the server starts
+    return cli_main(argv)
+
+
+def _start(arm: str, run_id: str, home: Path) -> tuple[int, str, Any]:
+    """A server of this arm: (pid, url, its Popen or None when start_server made it)."""
+    from workbench.deploy.server import server_status, start_server
+
+    if arm == "wait":
+        info = start_server(run_id, home, timeout=600)
+        return int(info["pid"]), info["url"], None
+    log = open(home / f"bench_serve_load-{arm}.log", "ab")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-count-only", "--home", str(home), "serve", run_id]
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the count-only server exited with {proc.returncode}: see {log.name}")
+        info = server_status(run_id, home)
+        if info and info["pid"] == proc.pid and _ready(info["url"], info["api_key"]):
+            return proc.pid, info["url"], proc
+        time.sleep(0.5)
+    raise RuntimeError("the count-only server was not ready within 600 s")
+
+
+def _ready(url: str, key: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url + "/readyz", headers={"Authorization": f"Bearer {key}"}, timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _stop(pid: int, proc: Any, timeout: float = 60) -> int | None:
+    """SIGTERM a server and reap it: its exit code (None if it had to be killed)."""
+    os.kill(pid, signal.SIGTERM)
+    return _reap(pid, proc, timeout)
+
+
+def _reap(pid: int, proc: Any, timeout: float = 60) -> int | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None:
+            code = proc.poll()
+            if code is not None:
+                return code
+        else:
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere (subprocess's own clean-up): the code is gone
+                return None
+            if done:
+                return os.waitstatus_to_exitcode(status)
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    return None
+
+
+def _rss_mb(pid: int) -> float:
+    import psutil
+
+    return round(psutil.Process(pid).memory_info().rss / 2**20, 1)
+
+
+def _one_server(arm: str, run_id: str, home: Path, key: str, texts: list[str], args: argparse.Namespace
+                ) -> dict[str, Any]:
+    pid, url, proc = _start(arm, run_id, home)
+    try:
+        rss = [_rss_mb(pid)]
+        warm = asyncio.run(_load(url, key, texts, args.clients, args.warmup))
+        rss.append(_rss_mb(pid))
+        load_before = os.getloadavg()[0]
+        result = asyncio.run(_load(url, key, texts, args.clients, args.requests))
+        rss.append(_rss_mb(pid))
+        result["load_avg_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+        result["warmup_status"] = warm["status"]
+        result["rss_mb"] = {"ready": rss[0], "after_warmup": rss[1], "after_load": rss[2],
+                            "growth_after_warmup": round(rss[2] - rss[1], 1)}
+    finally:
+        result_code = _stop(pid, proc)
+    result["exit_code"] = result_code
+    return result
+
+
+def _drain_check(run_id: str, home: Path, key: str, texts: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """SIGTERM the "wait" server while the clients send: what every request got, and the exit code."""
+    pid, url, proc = _start("wait", run_id, home)
+    signalled: dict[str, float] = {}
+
+    def progress(i: int) -> None:
+        if i == args.requests // 4 and not signalled:
+            signalled["at"] = time.perf_counter()
+            os.kill(pid, signal.SIGTERM)
+
+    result = asyncio.run(_load(url, key, texts, args.clients, args.requests // 2, progress))
+    result["exit_code"] = _reap(pid, proc)
+    result["sigterm_after_request"] = args.requests // 4
+    return result
+
+
+def _summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for arm in ARMS:
+        runs = [r[arm] for r in rounds if arm in r]
+
+        def med(key: str) -> float | None:
+            values = [r[key] for r in runs if r.get(key) is not None]
+            return round(statistics.median(values), 1) if values else None
+
+        out[arm] = {"accepted_p50_ms": med("accepted_p50_ms"), "accepted_p95_ms": med("accepted_p95_ms"),
+                    "accepted_p99_ms": med("accepted_p99_ms"), "accepted_rps": med("accepted_rps"),
+                    "accepted": sum(r["status"].get("200", 0) for r in runs),
+                    "shed_503": sum(r["status"].get("503", 0) for r in runs),
+                    "other_status": sum(v for r in runs for k, v in r["status"].items() if k not in ("200", "503")),
+                    "lost": sum(r["lost"] for r in runs), "retry_after_missing": sum(r["retry_after_missing"] for r in runs),
+                    "rss_growth_mb": [r["rss_mb"]["growth_after_warmup"] for r in runs],
+                    "exit_codes": [r["exit_code"] for r in runs]}
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run", nargs="?", default="latest")
+    p.add_argument("--home", default=None, help="the workbench home holding the run (default: WORKBENCH_HOME)")
+    p.add_argument("--requests", type=int, default=2000)
+    p.add_argument("--clients", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument("--no-drain-check", action="store_true")
+    p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--json", action="store_true", help="print only the JSON object")
+    args = p.parse_args()
+
+    from workbench.deploy.keys import ensure_api_key
+    from workbench.deploy.runs import eval_split
+    from workbench.store import RunStore
+
+    say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    source = RunStore(args.home)
+    with tempfile.TemporaryDirectory(prefix="bench_serve_load-") as tmp:
+        home = Path(tmp) / "home"
+        shutil.copytree(source.home, home, ignore=shutil.ignore_patterns("deploy", "serve"))
+        store = RunStore(home)
+        record = store.get(args.run)
+        texts, _, _ = eval_split(record)
+        key, _ = ensure_api_key(home)
+        arms = [a for a in args.arms.split(",") if a]
+        rounds: list[dict[str, Any]] = []
+        for n in range(args.rounds):
+            rounds.append({})
+            for arm in (arms if n % 2 == 0 else arms[::-1]):  # interleaved, the order swapped each round
+                r = _one_server(arm, record["id"], home, key, texts, args)
+                rounds[-1][arm] = r
+                say(f"round {n + 1} {arm:<5}: {r['status']} errors {r['errors']} accepted p50 {r['accepted_p50_ms']} "
+                    f"p95 {r['accepted_p95_ms']} p99 {r['accepted_p99_ms']} ms, RSS {r['rss_mb']}, "
+                    f"exit {r['exit_code']}, load {r['load_avg_1m']}")
+        drain = None if args.no_drain_check else _drain_check(record["id"], home, key, texts, args)
+        if drain:
+            say(f"drain: {drain['status']} errors {drain['errors']} exit {drain['exit_code']}")
+    out = {"run": record["id"], "requests": args.requests, "clients": args.clients, "warmup": args.warmup,
+           "cpu_count": os.cpu_count(), "texts": len(texts), "rounds": rounds, "summary": _summary(rounds),
+           "drain": drain}
+    text = json.dumps(out, indent=None if args.json else 2)
+    if args.out:
+        tmp_out = Path(args.out).with_suffix(".json.tmp")
+        tmp_out.write_text(text + "\n")
+        os.replace(tmp_out, args.out)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--serve-count-only":
+        raise SystemExit(_serve_count_only(sys.argv[2:]))
+    raise SystemExit(main())
