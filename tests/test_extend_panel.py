@@ -92,6 +92,12 @@ def test_extend_runs_in_its_own_process_and_shows_what_was_forgotten(finished, m
     assert again.extension_id == panel.extension_id and again.status == "completed"
     assert again._result.value == panel._result.value
 
+    from widgets import RunSummary
+
+    shown = RunSummary(store=store, background=False, run_id=panel.extension_id)  # the new run's own view
+    assert f"forgetting: accuracy on run {first['id']}" in shown._answer.value
+    assert shown.forgetting == forgetting and shown.task == "text-classification"
+
 
 def test_bad_input_is_an_inline_line_and_registers_no_run(finished, tmp_path):
     store, first, new, _ = finished

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ import traitlets as T
 
 from workbench import Config, TrainConfig, WorkbenchError
 from workbench.store import FINAL_STATUSES, RunStore
-from workbench.task_table import DEFAULT_TASK, task_spec, tasks_where
+from workbench.task_table import DEFAULT_TASK, TASKS, task_spec, tasks_where
 
 from . import _style as S
 from ._background import Poller, run_job
@@ -49,8 +50,9 @@ def extensions_of(store: RunStore, run_id: str) -> list[dict[str, Any]]:
 
 def figure_names(task: str, *figures: dict[str, Any] | None) -> list[str]:
     """The figures to show, in the task's order (its headline first), that any of `figures` holds."""
-    held = {k for f in figures if f for k, v in f.items() if _number(v)}
-    return [k for k in task_spec(task).metrics if k in held]
+    held = [k for f in figures if f for k, v in f.items() if _number(v)]
+    order = TASKS[task].metrics if task in TASKS else tuple(dict.fromkeys(held))  # a record of an unknown task
+    return [k for k in order if k in held]
 
 
 def forgetting_text(forgetting: dict[str, Any] | None, task: str) -> str:
@@ -71,17 +73,20 @@ def result_rows(forgetting: dict[str, Any] | None, new: dict[str, Any] | None, t
     before = (forgetting or {}).get("before") or {}
     after = (forgetting or {}).get("after") or {}
     names = figure_names(task, before, after, new)
-    cell = lambda figures, k: f"{figures[k]:.3f}" if _number((figures or {}).get(k)) else ""  # noqa: E731
     rows = []
     if forgetting:
         old = forgetting.get("run", "")
-        rows.append([f"run {old}'s eval split, before (its weights)", *(cell(before, k) for k in names)])
-        rows.append([f"run {old}'s eval split, after", *(cell(after, k) for k in names)])
+        rows.append([f"run {old}'s eval split, before (its weights)", *(_cell(before, k) for k in names)])
+        rows.append([f"run {old}'s eval split, after", *(_cell(after, k) for k in names)])
         rows.append(["change", *(f"{after[k] - before[k]:+.3f}" if _number(before.get(k)) and _number(after.get(k))
                                  else "" for k in names)])
     if new:
-        rows.append(["the new data's eval split, after", *(cell(new, k) for k in names)])
+        rows.append(["the new data's eval split, after", *(_cell(new, k) for k in names)])
     return [["", *names], *rows] if rows else []
+
+
+def _cell(figures: dict[str, Any], key: str) -> str:
+    return f"{figures[key]:.3f}" if _number(figures.get(key)) else ""
 
 
 def _number(x: Any) -> bool:
@@ -280,8 +285,6 @@ class ExtendRunPanel(W.VBox):
 
     def wait(self, timeout: float | None = None, poll: float = 0.5) -> str:
         """Block until the extension run ends (scripts, tests); returns its status ('' : none started)."""
-        import time
-
         deadline = None if timeout is None else time.monotonic() + timeout
         while deadline is None or time.monotonic() < deadline:
             going = self.refresh() if not self.background else self.active

@@ -12,6 +12,8 @@ This widget follows one run in the store and shows, while it trains and at the e
   (`info.truncation`);
 - for a finished classification run, its calibration (`metrics.calibration`): "ECE 0.091 -> 0.049
   (temperature 1.58)" and the reliability bins before and after scaling;
+- for a run that continued another (continual learning), what it forgot: "forgetting: accuracy on run X's
+  eval split: 0.875 -> 0.844 (-0.031)" (`metrics.forgetting`);
 - with `extend=True` (a page that may train), an "Extend run" panel under it (`ExtendRunPanel`): the shown
   run, once completed, continued on new data, and what it forgot.
 """
@@ -26,11 +28,12 @@ import ipywidgets as W
 import traitlets as T
 
 from workbench.store import FINAL_STATUSES, RunStore
+from workbench.task_table import DEFAULT_TASK
 from workbench.tasks.ensemble import baseline_note
 
 from . import _style as S
 from ._background import Poller
-from .extend import ExtendRunPanel
+from .extend import ExtendRunPanel, forgetting_text
 from .reliability import calibration_text, reliability_rows
 
 POLL_S = 1.0
@@ -90,6 +93,9 @@ class RunSummary(W.VBox):
     truncation = T.Dict(allow_none=True, default_value=None, help="info.truncation")
     calibration = T.Dict(allow_none=True, default_value=None,
                          help="metrics.calibration: the fitted temperature, ECE before and after, reliability bins")
+    task = T.Unicode("", help="the run's task (config.task)")
+    forgetting = T.Dict(allow_none=True, default_value=None,
+                        help="metrics.forgetting: the continued run's eval split before and after this run trained")
     abstain_below = T.Float(allow_none=True, default_value=None, help="train.abstain_below of the run's config")
     error = T.Unicode("")
 
@@ -111,7 +117,8 @@ class RunSummary(W.VBox):
             T.dlink((self, "run_id"), (self.extend, "run_id"))
         self.observe(self._on_run, names="run_id")
         self.observe(self._show, names=["model", "baseline", "ensemble", "answers_with", "note", "decisions",
-                                        "truncation", "calibration", "abstain_below", "error", "status"])
+                                        "truncation", "calibration", "forgetting", "abstain_below", "error",
+                                        "status"])
         self._show()
         if run_id:
             self.run_id = run_id
@@ -145,6 +152,9 @@ class RunSummary(W.VBox):
         self.truncation = info.get("truncation") if isinstance(info.get("truncation"), dict) else None
         found = metrics.get("calibration")
         self.calibration = found if final and isinstance(found, dict) else None
+        self.task = str((record.get("config") or {}).get("task") or DEFAULT_TASK)
+        found = metrics.get("forgetting")
+        self.forgetting = found if final and isinstance(found, dict) else None
         abstain = ((record.get("config") or {}).get("train") or {}).get("abstain_below")
         self.abstain_below = float(abstain) if _number(abstain) else None
         self.error = ""
@@ -152,7 +162,7 @@ class RunSummary(W.VBox):
 
     def _on_run(self, change: Any = None) -> None:
         self.model = self.baseline = self.ensemble = self.answers_with = self.truncation = None
-        self.calibration = self.abstain_below = None
+        self.calibration = self.abstain_below = self.forgetting = None
         self.note, self.decisions, self.status, self.error = "", [], "", ""
         going = self.refresh()
         if going and self.background:
@@ -202,6 +212,9 @@ class RunSummary(W.VBox):
                                f"({figures_text(self.answers_with)}): {self.answers_with.get('why', '')}", "ok")
         if self.note:
             answer += S.message(self.note)
+        forgot = forgetting_text(self.forgetting, self.task)
+        if forgot:
+            answer += S.message(f"forgetting: {forgot}", "ok")
         self._answer.value = answer + self._calibration_html() + S.message(self.error)
         self._choices.value = self._choices_html()
 
