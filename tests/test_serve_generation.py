@@ -227,6 +227,29 @@ def test_a_closed_stream_frees_its_row_and_limits_still_answer(chat_predictor):
     assert results["long"].status_code == 200 and _streamed(results["long"])
 
 
+def test_stopping_the_server_drains_the_chat_answers_in_flight(chat_predictor):
+    served = ServedModel(chat_predictor, "tiny-chat")
+    expected = chat_predictor.answer(questions(1)[0], max_new_tokens=20)
+    slow = chat_predictor.model.register_forward_pre_hook(lambda *a: time.sleep(0.03))  # an answer >= 0.6 s
+    results: dict[str, Any] = {}
+    try:
+        server, state = _serve(served)
+        with server as url:
+            asking = [threading.Thread(target=lambda i=i: results.update({i: _chat(url, questions(1)[0], 20, i == 1)}))
+                      for i in range(2)]
+            for t in asking:
+                t.start()
+            while state.generator.waiting < 2:
+                time.sleep(0.01)
+        for t in asking:  # leaving the block stopped the server: it drained first (SIGTERM does the same)
+            t.join()
+    finally:
+        slow.remove()
+    assert results[0].status_code == 200 and results[0].json()["choices"][0]["message"]["content"] == expected
+    assert results[1].status_code == 200 and _streamed(results[1]) == expected
+    assert state.generator.waiting == 0
+
+
 def test_concurrent_translations_share_one_generate(tmp_path):
     from transformers import T5Config, T5ForConditionalGeneration
 
