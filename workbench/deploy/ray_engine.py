@@ -172,8 +172,49 @@ def start_ray(ray_address: str | None, num_cpus: int | None) -> bool:
             raise WorkbenchError(f"cannot reach the Ray cluster at {ray_address!r} ({exc}): start one "
                                  "(`ray start --head`) or fix --ray-address") from None
         return False
-    ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
-    return True
+    attempts = 3
+    for _ in range(attempts):
+        before = _children()
+        try:
+            ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
+            return True
+        except Exception as exc:
+            # Ray 2.60's raylet aborts when its agents (Python processes) have not written their ports within
+            # 15 s, a limit it does not let us raise: on a busy machine a start can miss it, and a retry (the
+            # agents' imports now in the page cache) usually makes it. The failed start leaves its GCS and
+            # helpers running, children of this process: they are ended first.
+            if "timed out during startup" not in str(exc):
+                raise
+            ray.shutdown()
+            _end(_children() - before)
+    raise WorkbenchError(f"a local Ray did not start, {attempts} times (this machine is too busy for its 15 s "
+                         "start-up limit): retry when it is quieter, or give --ray-address of a running Ray")
+
+
+def _children() -> set[Any]:
+    """This process's descendants (psutil.Process objects; empty without psutil)."""
+    try:
+        import psutil
+    except ImportError:
+        return set()
+    return set(psutil.Process().children(recursive=True))
+
+
+def _end(processes: set[Any]) -> None:
+    """Terminate these processes, then kill the ones still alive after 5 s."""
+    import psutil
+
+    for process in processes:
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(list(processes), timeout=5)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def deploy(run_id: str, home: str | Path, host: str, port: int, settings: ServeSettings, api_key: str | None,
