@@ -181,4 +181,12 @@ def test_the_run_summary_can_carry_the_panel_and_it_follows_the_shown_run(finish
     summary = RunSummary(store=store, background=False, extend=True)
     assert isinstance(summary.extend, ExtendRunPanel) and summary.extend in summary.children
     summary.run_id = first["id"]
-    assert summary.extend.run_id == first["id"]
+    assert summary.extend.run_id == first["id"] and f"continue run {first['id']}" in summary.extend._title.value
+    assert "Extend the run" in summary.children[-2].value
+
+    queued = store.create_run(first["config"])
+    summary.run_id = queued
+    assert f"run {queued} is queued" in summary.extend._title.value
+    store.finish(queued, "completed")  # the run the page shows completes: it can be extended now
+    summary.refresh()
+    assert f"continue run {queued} from its weights" in summary.extend._title.value

@@ -97,6 +97,7 @@ class ExtendRunPanel(W.VBox):
     """Extend `run_id` (a completed run) on the new data in `data_file`, replaying `replay` x its rows."""
 
     run_id = T.Unicode("", help="the finished run to extend (the run the dashboard shows)")
+    run_status = T.Unicode("", help="that run's status as a viewer follows it (a change checks the run again)")
     data_file = T.Unicode("", help="the new data: a CSV, TSV, JSONL or Parquet path")
     replay = T.Float(TrainConfig.replay, help=_REPLAY_HELP)
     extension_id = T.Unicode("", help="the run Extend started, or the newest run that extends run_id")
@@ -148,10 +149,10 @@ class ExtendRunPanel(W.VBox):
         W.link((self, "replay"), (self._replay, "value"))
         self._upload.observe(self._on_upload, names="value")
         self._button.on_click(lambda _: self.extend())
-        self.observe(self._on_run, names="run_id")
+        self.observe(self._on_run, names=["run_id", "run_status"])
         self.observe(lambda c: setattr(self._error_html, "value", S.message(self.error)), names="error")
-        self.observe(self._show, names=["run_id", "extension_id", "status", "checking", "step", "max_steps", "forgetting",
-                                        "new_figures", "continued"])
+        self.observe(self._show, names=["run_id", "extension_id", "status", "checking", "step", "max_steps",
+                                        "forgetting", "new_figures", "continued"])
 
     # --- the config -----------------------------------------------------------------------------------
     def to_config(self) -> Config:

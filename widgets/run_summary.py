@@ -115,6 +115,7 @@ class RunSummary(W.VBox):
                          **{"layout": S.full_width(), **kwargs})
         if self.extend is not None:
             T.dlink((self, "run_id"), (self.extend, "run_id"))
+            T.dlink((self, "status"), (self.extend, "run_status"))  # a run that completes becomes extendable
         self.observe(self._on_run, names="run_id")
         self.observe(self._show, names=["model", "baseline", "ensemble", "answers_with", "note", "decisions",
                                         "truncation", "calibration", "forgetting", "abstain_below", "error",
