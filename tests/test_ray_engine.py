@@ -38,7 +38,7 @@ def test_bad_autoscaling_is_refused_naming_the_fix(kwargs, message):
 def test_autoscaling_config_is_rays():
     config = Autoscaling(1, 3, 2.5, upscale_delay_s=1.0, downscale_delay_s=4.0).ray_config()
     assert config == {"min_replicas": 1, "max_replicas": 3, "initial_replicas": 1, "target_ongoing_requests": 2.5,
-                      "upscale_delay_s": 1.0, "downscale_delay_s": 4.0}
+                      "upscale_delay_s": 1.0, "downscale_delay_s": 4.0, "look_back_period_s": 30.0}
     from ray.serve.config import AutoscalingConfig  # Ray accepts every key and value
 
     assert AutoscalingConfig(**config).max_replicas == 3

@@ -180,7 +180,8 @@ def cluster_files(run_id: str, image: str = "workbench-serve:latest", min_replic
                   ) -> dict[str, str]:
     """File name -> text: Dockerfile, rayservice.yaml, kubernetes.yaml, README.md. `model_install` is the
     Dockerfile line that puts the run's base model in the image (write_cluster_files works it out)."""
-    scaling = Autoscaling(min_replicas, max_replicas, target_ongoing_requests, upscale_delay_s, downscale_delay_s,
+    scaling = Autoscaling(min_replicas, max_replicas, target_ongoing_requests, upscale_delay_s=upscale_delay_s,
+                          downscale_delay_s=downscale_delay_s, replica_cpus=replica_cpus)
                           replica_cpus)
     name = name or ("wb-" + run_id.lower())[:52].rstrip("-")
     ray_version, torch_version = _installed("ray", "2.60.0"), _installed("torch", "2.13.0")

@@ -51,6 +51,7 @@ class Autoscaling:
     target_ongoing_requests: float = 2.0  # requests in progress or queued per replica that the autoscaler aims at
     upscale_delay_s: float = 30.0         # load above target this long before a replica is added
     downscale_delay_s: float = 600.0      # load below target this long before a replica is removed
+    look_back_period_s: float = 30.0      # the load is the average of the requests in flight over this window
     replica_cpus: float = 0.5             # CPUs Ray reserves for each replica
     max_ongoing_requests: int = 16        # requests one replica takes at once (its micro-batcher groups them)
 
@@ -66,9 +67,10 @@ class Autoscaling:
         if not self.target_ongoing_requests > 0:
             raise WorkbenchError(f"target_ongoing_requests must be > 0, got {self.target_ongoing_requests!r}: fix "
                                  "--target-ongoing")
-        for name in ("upscale_delay_s", "downscale_delay_s"):
-            if not getattr(self, name) >= 0:
-                raise WorkbenchError(f"{name} must be a number of seconds >= 0, got {getattr(self, name)!r}")
+        for name in ("upscale_delay_s", "downscale_delay_s", "look_back_period_s"):
+            least = 0.0 if name.endswith("delay_s") else 0.1
+            if not getattr(self, name) >= least:
+                raise WorkbenchError(f"{name} must be a number of seconds >= {least:g}, got {getattr(self, name)!r}")
         if not self.replica_cpus > 0:
             raise WorkbenchError(f"replica_cpus must be > 0, got {self.replica_cpus!r}")
 
@@ -77,7 +79,8 @@ class Autoscaling:
         return {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
                 "initial_replicas": max(self.min_replicas, 1),
                 "target_ongoing_requests": self.target_ongoing_requests,
-                "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s}
+                "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s,
+                "look_back_period_s": self.look_back_period_s}
 
 
 def import_ray() -> tuple[Any, Any]:
