@@ -176,7 +176,7 @@ def test_suggest_reads_a_text_file_one_text_per_line(trained, tmp_path):
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"n": 0}, r"n = 0 suggestions is not allowed: ask for 1 or more"),
-    ({"strategy": "smart"}, r"strategy 'smart' is unknown: choose from margin-diversity, entropy-diversity"),
+    ({"strategy": "smart"}, r"strategy 'smart' is unknown: choose from balanced-margin, margin-diversity, entropy-diversity"),
 ])
 def test_suggest_refuses_bad_arguments(trained, kwargs, message):
     with pytest.raises(WorkbenchError, match=message):
