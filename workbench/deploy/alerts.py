@@ -132,11 +132,12 @@ def _models() -> str:
     return 'route=~"' + "|".join(MODEL_ROUTES) + '"'
 
 
-def _share_expr(first_digit: str) -> Callable[[str, AlertThresholds], str]:
+def _share_expr(first_digit: str, field: str) -> Callable[[str, AlertThresholds], str]:
+    """The share of model requests whose status starts with `first_digit`, above the threshold `field`."""
     def expr(run_id: str, t: AlertThresholds) -> str:
         every = "workbench_requests_total" + _selector(run_id, _models())
         bad = "workbench_requests_total" + _selector(run_id, _models(), f'status=~"{first_digit}.."')
-        limit = t.error_rate if first_digit == "5" else t.client_error_rate
+        limit = getattr(t, field)
         return (f"(sum(rate({bad}[{t.window}])) / sum(rate({every}[{t.window}])) > {limit:g})"
                 f" and sum(increase({every}[{t.window}])) >= {t.min_requests}")
     return expr
@@ -191,23 +192,23 @@ def _backlog_observed(metrics: dict[str, Any], t: AlertThresholds) -> list[tuple
 
 
 ALERTS: tuple[Alert, ...] = (
-    Alert("WorkbenchServerErrors", "critical", "error_rate", lambda t: t.for_duration, _share_expr("5"),
+    Alert("WorkbenchServerErrors", "critical", "error_rate", lambda t: t.for_duration, _share_expr("5", "error_rate"),
           "{{ $value | humanizePercentage }} of model requests failed with 5xx",
           "Read the server log (<run dir>/deploy/server.log): 500 is a model failure, 503 a full queue "
           "(raise --max-batch-size or add a server), 504 a request past its deadline.",
           _share_observed("5")),
-    Alert("WorkbenchClientErrors", "warning", "client_error_rate", lambda t: t.for_duration, _share_expr("4"),
+    Alert("WorkbenchClientErrors", "warning", "client_error_rate", lambda t: t.for_duration, _share_expr("4", "client_error_rate"),
           "{{ $value | humanizePercentage }} of model requests were refused with 4xx",
           "Check the callers: 401 is a missing or wrong API key, 413 a limit passed (--max-texts, --max-chars), "
           "422 a malformed body; the JSON error of each names the field.",
           _share_observed("4")),
     Alert("WorkbenchSlowResponses", "warning", "p95_latency_s", lambda t: t.for_duration, _latency_expr,
-          "p95 latency of a model route is above its threshold ({{ $value }} s)",
+          "p95 latency of route {{ $labels.route }} is {{ $value }} s",
           "Serve a faster artifact (workbench optimize: int8 or ONNX), lower --max-wait-ms, or add a server; "
           "on a busy CPU check the machine's load.",
           _latency_observed),
     Alert("WorkbenchDrift", "warning", "drift_psi", lambda t: t.drift_for_duration, _drift_expr,
-          "served inputs or predictions drifted from the evaluation split (PSI {{ $value }})",
+          "drift signal {{ $labels.signal }} moved away from the evaluation split (PSI {{ $value }})",
           "Compare recent inputs with the training data; label a sample of them and retrain or fine-tune on "
           "the new data if the model's answers are worse.",
           _drift_observed),
