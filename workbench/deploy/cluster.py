@@ -182,7 +182,6 @@ def cluster_files(run_id: str, image: str = "workbench-serve:latest", min_replic
     Dockerfile line that puts the run's base model in the image (write_cluster_files works it out)."""
     scaling = Autoscaling(min_replicas, max_replicas, target_ongoing_requests, upscale_delay_s=upscale_delay_s,
                           downscale_delay_s=downscale_delay_s, replica_cpus=replica_cpus)
-                          replica_cpus)
     name = name or ("wb-" + run_id.lower())[:52].rstrip("-")
     ray_version, torch_version = _installed("ray", "2.60.0"), _installed("torch", "2.13.0")
     return {
