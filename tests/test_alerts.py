@@ -247,3 +247,14 @@ def test_written_rules_load_back_and_their_header_holds_a_scrape_job_for_the_run
     assert job["static_configs"] == [{"targets": ["127.0.0.1:8123"], "labels": {"run": "run-3"}}]
     assert job["authorization"] == {"type": "Bearer", "credentials_file": "/keys/api_key"}
     assert header["rule_files"] == [str(path)]
+
+
+def test_the_cli_reads_its_alert_options_back_into_the_same_thresholds():
+    from workbench.cli import _alert_thresholds, _parser
+
+    t = AlertThresholds(error_rate=0.1, p95_latency_s=0.5, window="1m", min_requests=7)
+    args = _parser().parse_args(["serve", "r", *alert_args(t)])
+    assert _alert_thresholds(args) == t
+    assert _alert_thresholds(_parser().parse_args(["serve", "r"])) == AlertThresholds()
+    with pytest.raises(WorkbenchError):
+        _alert_thresholds(_parser().parse_args(["serve", "r", "--alert-error-rate", "2"]))

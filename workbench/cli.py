@@ -131,6 +131,40 @@ def _serve_command(sub: Any) -> None:
     sv.add_argument("--abstain-below", type=float, default=None, metavar="P",
                     help="classification: answer \"uncertain\" when the top class's calibrated probability is "
                          "under P (default: the run's train.abstain_below; none: always answer)")
+    _add_alert_arguments(sv)
+
+
+def _add_alert_arguments(sv: Any) -> None:
+    """Thresholds of the Prometheus alerting rules `workbench serve` writes (deploy.alerts.AlertThresholds)."""
+    al = sv.add_argument_group("alerts", "thresholds of the Prometheus alerting rules written to <run dir>/deploy/"
+                                         "alerts.yml, also shown by the dashboard's Deploy tab")
+    al.add_argument("--alert-error-rate", type=float, metavar="SHARE",
+                    help="share of model requests answered 5xx (default 0.05)")
+    al.add_argument("--alert-client-error-rate", type=float, metavar="SHARE", help="share answered 4xx (default 0.25)")
+    al.add_argument("--alert-min-requests", type=int, metavar="N",
+                    help="judge shares and latency on at least N model requests (default 20)")
+    al.add_argument("--alert-p95-latency-s", type=float, metavar="S",
+                    help="p95 latency of a model route, a bound of the latency histogram (default 2.5)")
+    al.add_argument("--alert-drift-psi", type=float, metavar="PSI",
+                    help="population stability index of a drift signal (default 0.25)")
+    al.add_argument("--alert-min-drift-samples", type=int, metavar="N",
+                    help="served texts before drift can fire (default 100)")
+    al.add_argument("--alert-queue-length", type=int, metavar="N",
+                    help="requests in flight, queued or running (default 64)")
+    al.add_argument("--alert-window", metavar="DURATION", help="range Prometheus computes rates over (default 5m)")
+    al.add_argument("--alert-for-duration", metavar="DURATION",
+                    help="how long a condition holds before it fires (default 5m)")
+    al.add_argument("--alert-drift-for-duration", metavar="DURATION", help="the same for drift (default 15m)")
+
+
+def _alert_thresholds(args: argparse.Namespace) -> Any:
+    """The --alert-* options as AlertThresholds (a WorkbenchError names a bad one)."""
+    import dataclasses
+
+    from .deploy.alerts import AlertThresholds
+
+    given = {f.name: getattr(args, "alert_" + f.name, None) for f in dataclasses.fields(AlertThresholds)}
+    return AlertThresholds(**{k: v for k, v in given.items() if v is not None})
 
 
 def _answer_commands(sub: Any) -> None:
@@ -690,7 +724,8 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise WorkbenchError(f"{exc}: fix the serve option") from None
     serve(args.run, host=args.host, port=args.port, artifact=args.artifact, settings=settings,
-          api_key_file=args.api_key_file, no_api_key=args.no_api_key, echo=lambda line: print(line, flush=True))
+          api_key_file=args.api_key_file, no_api_key=args.no_api_key, echo=lambda line: print(line, flush=True),
+          alerts=_alert_thresholds(args))
     return EXIT_OK
 
 

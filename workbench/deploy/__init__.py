@@ -25,6 +25,10 @@ The API for notebooks and the dashboard (everything returns plain values):
     deploy.load_report("latest", home)      # the last report, or None
     deploy.serve(...)                       # blocking, in this process (what `workbench serve` runs)
     deploy.mask(key)                        # a key as it may be shown: "wb-...x7Qa"
+    deploy.firing_alerts(deploy.read_metrics(info), deploy.AlertThresholds.from_record(info))
+        # the alerts the last metrics read crosses: [{name, severity, value, threshold, message}]; `serve` and
+        # `start_server(..., alerts=AlertThresholds(...))` write the same thresholds as Prometheus alerting rules
+        # to <run dir>/deploy/alerts.yml (error rate, p95 latency, drift PSI, backlog, server down)
 
 Limits (ServeSettings): texts are checked before any tokenizer (422 naming the field), a failed micro-batch is
 retried request by request, the queue holds max_queue texts (503 + Retry-After beyond), each request waits at
@@ -45,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from ..run_paths import RunPaths
+from .alerts import AlertThresholds, alert_rules, check_rule_file, firing_alerts, write_alert_rules
 from .keys import mask
 from .server import read_metrics, serve, server_status, start_server, stop_server
 
@@ -65,4 +70,4 @@ def load_report(run: str = "latest", home: str | Path | None = None) -> dict[str
 
 
 __all__ = ["start_server", "stop_server", "server_status", "read_metrics", "optimize", "load_report", "serve",
-           "mask"]
+           "mask", "AlertThresholds", "alert_rules", "check_rule_file", "firing_alerts", "write_alert_rules"]
