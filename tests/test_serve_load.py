@@ -20,6 +20,7 @@ import pytest
 from workbench.deploy.adapter import ServedModel
 from workbench.deploy.app import ServeSettings, create_app
 from workbench.deploy.batching import MAX_QUEUE_WAIT_S, MicroBatcher, QueueFull
+from workbench.deploy.connections import DrainingServer
 from workbench.deploy.server import ThreadedServer
 
 KEY = "wb-test-key-0123456789abcdef"
@@ -166,10 +167,11 @@ def _load(url: str, clients: int, per_client: int) -> list[Any]:
 
 
 def test_overloaded_server_answers_200_or_503_with_retry_after():
-    app, state = create_app(ServedModel(SlowPredictor(), "run-x"), ServeSettings(max_wait_ms=0), KEY)
+    settings = ServeSettings(max_batch_size=8, max_wait_ms=0)
+    app, state = create_app(ServedModel(SlowPredictor(), "run-x"), settings, KEY)
     with ThreadedServer(app) as url:
-        _load(url, 2, 4)  # warm-up: calls of several sizes
-        answers = _load(url, 24, 5)
+        _load(url, 4, 3)  # warm-up: calls of several sizes
+        answers = _load(url, 40, 4)  # 40 waiting make 5 calls of 8, 0.9 s: past the 0.5 s budget
     codes = [a.status_code if isinstance(a, httpx.Response) else type(a).__name__ for a in answers]
     assert set(codes) <= {200, 503} and codes.count(200) >= 10, codes
     shed = [a for a in answers if a.status_code == 503]
@@ -177,9 +179,18 @@ def test_overloaded_server_answers_200_or_503_with_retry_after():
     assert state.batcher.shed == len(shed)
 
 
-def test_server_stopped_under_load_answers_every_request_it_read():
-    app, state = create_app(ServedModel(SlowPredictor(), "run-x"), ServeSettings(max_wait_ms=0), KEY)
+def _draining_server(app: Any) -> ThreadedServer:
+    """A ThreadedServer whose uvicorn server is a DrainingServer (what `workbench serve` runs)."""
     server = ThreadedServer(app)
+    server.server = DrainingServer(server.server.config)
+    server.thread = threading.Thread(target=server.server.run, kwargs={"sockets": [server.sock]}, daemon=True)
+    return server
+
+
+@pytest.mark.parametrize("trial", [1, 2])
+def test_server_stopped_under_load_answers_every_request_it_read(trial):
+    app, state = create_app(ServedModel(SlowPredictor(), "run-x"), ServeSettings(max_wait_ms=0), KEY)
+    server = _draining_server(app)
     url = server.start()
     answers: list[Any] = []
     loader = threading.Thread(target=lambda: answers.extend(_load(url, 16, 6)))
@@ -191,9 +202,9 @@ def test_server_stopped_under_load_answers_every_request_it_read():
     loader.join()
     responses = [a for a in answers if isinstance(a, httpx.Response)]
     assert responses and {r.status_code for r in responses} <= {200, 503}
-    # a request either got an answer or never reached the server (its connection refused or closed idle)
-    lost = [a for a in answers if isinstance(a, httpx.HTTPError)
-            and not isinstance(a, (httpx.ConnectError, httpx.RemoteProtocolError))]
+    # every other request was refused at connect (sent after the listener closed): none reset, none unanswered
+    # (with uvicorn's own server, 1 to 5 of these 96 were reset: connections waiting in the listener's queue)
+    lost = [a for a in answers if not isinstance(a, (httpx.Response, httpx.ConnectError))]
     assert not lost, lost
     with pytest.raises(httpx.ConnectError):
         httpx.post(url + "/v1/classify", json={"texts": ["good"]}, headers=AUTH, timeout=5)
