@@ -138,7 +138,7 @@ class GenerationScheduler:
         return self
 
     def stop(self) -> None:
-        """End the generation thread (after the server drained its requests); rows still generating end."""
+        """End the generation thread (after the server drained its requests); answers not yet complete fail."""
         with self._wake:
             self._stopping = True
             self._wake.notify()
@@ -184,8 +184,8 @@ class GenerationScheduler:
                     if ticket.result is None:
                         self._finish(ticket, error=exc)
                 self._batch = _Batch()
-        for ticket in list(self._pending) + self._batch.tickets:
-            self._finish(ticket, "cancelled")
+        for ticket in list(self._pending) + self._batch.tickets:  # the server stopped before these ended
+            self._finish(ticket, "cancelled", RuntimeError("the server stopped before the answer was complete"))
         self._pending.clear()
         self._batch = _Batch()
 
