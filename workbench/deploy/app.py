@@ -85,8 +85,8 @@ class ServeSettings:
     abstain_below: float | None = None  # answer "uncertain" below this top-class probability; None: the run's
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_generation_batch", "max_body_bytes", "max_texts", "max_chars", "max_messages", "max_tokens",
-                     "max_queue", "max_connections"):
+        for name in ("max_batch_size", "max_generation_batch", "max_body_bytes", "max_texts", "max_chars",
+                     "max_messages", "max_tokens", "max_queue", "max_connections"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
