@@ -19,6 +19,9 @@ Usage (from the repository root; JSON on stdout, progress on stderr):
     .venv/bin/python benchmarks/bench_active.py --seeds 0 --rounds 1  # a quick look
     .venv/bin/python benchmarks/bench_active.py --data train.csv --test-file test.csv --json-out r.json
 
+`bench_active.py --report RESULT.json ...` prints result files as tables (mean macro-F1 per label
+count over the seeds that reached it).
+
 With --json-out the result is rewritten (atomically) after each point (a seed in progress under
 "unfinished", its strategies trained round by round), so a stopped run keeps what it measured.
 """
@@ -91,7 +94,37 @@ def summary(curves: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def report(path: str) -> str:
+    """A result file as a table: macro-F1 per label count, strategy and seed (a seed still running
+    included), and the mean over the seeds where every strategy has the point."""
+    result = json.loads(Path(path).read_text())
+    seeds = [(c["seed"], c["strategies"]) for c in result["curves"]]
+    if "unfinished" in result:
+        seeds.append((f"{result['unfinished']['seed']} (unfinished)", result["unfinished"]["strategies"]))
+    names = list(seeds[0][1]) if seeds else []
+    counts = sorted({p["labels"] for _, curves in seeds for points in curves.values() for p in points})
+    lines = [f"{result['data']}: pool {result['pool']}, recipe {result['recipe']}, start {result['start']} + "
+             f"{result['rounds']} x {result['per_round']}; test macro-F1", "labels  " + "  ".join(
+                 f"{n:>16}" for n in names) + "  difference  seeds"]
+    for count in counts:
+        at = [{n: next((p["f1_macro"] for p in curves[n] if p["labels"] == count), None) for n in names}
+              for _, curves in seeds]
+        full = [a for a in at if all(v is not None for v in a.values())]
+        if not full:
+            continue
+        mean = {n: sum(a[n] for a in full) / len(full) for n in names}
+        lines.append(f"{count:>6}  " + "  ".join(f"{mean[n]:>16.4f}" for n in names) +
+                     f"  {mean[names[0]] - mean[names[-1]]:>+10.4f}  {len(full)}")
+    for seed, curves in seeds:
+        lines.append(f"seed {seed}: " + "; ".join(
+            f"{n} " + " ".join(f"{p['labels']}:{p['f1_macro']:.4f}" for p in curves[n]) for n in names))
+    return "\n".join(lines)
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--report"]:  # bench_active.py --report RESULT.json ...
+        print("\n\n".join(report(path) for path in sys.argv[2:]))
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="rotten-tomatoes", help="a labelled file or catalog set")
     parser.add_argument("--test-file", default=None, help="a labelled test file (else --test rows of --data)")
