@@ -310,11 +310,11 @@ def test_smollm2_lora_run_exports_to_gguf_and_vllm_with_identical_greedy_answers
         pytest.skip("smollm2 or chatterbot is not installed: run `workbench assets install`")
     store = RunStore(tmp_path / "home")
     config = Config.from_dict({
-        "task": "chat", "model": "smollm2-135m-instruct", "data": {"source": "chatterbot", "max_train_samples": 32,
-                                                                 "max_eval_samples": 8},
+        "task": "chat", "model": "smollm2-135m-instruct", "data": {"source": "chatterbot", "max_train_samples": 16,
+                                                                 "max_eval_samples": 4},
         "method": {"name": "lora", "r": 8, "alpha": 16},
         "train": {"epochs": 1, "batch_size": 8, "learning_rate": 1e-3, "max_length": 128, "threads": 2},
-        "chat": {"max_new_tokens": 24, "sample_prompts": 1}, "track": {"wandb": "disabled", "tensorboard": False}})
+        "chat": {"max_new_tokens": 16, "sample_prompts": 1}, "track": {"wandb": "disabled", "tensorboard": False}})
     record = train(config, store=store)
     assert record["status"] == "completed", record.get("error")
     prompts = ["What is AI?", "Tell me a joke.", "Do you like music?", "What is the capital of France?",
@@ -324,10 +324,10 @@ def test_smollm2_lora_run_exports_to_gguf_and_vllm_with_identical_greedy_answers
 
     out = export_run(record["id"], home=store.home, format="gguf")
     model = AutoModelForCausalLM.from_pretrained(out, gguf_file=GGUF_FILE, dtype=torch.float32)
-    exported = ChatPredictor(model, AutoTokenizer.from_pretrained(out, gguf_file=GGUF_FILE), 128, 24)
+    exported = ChatPredictor(model, AutoTokenizer.from_pretrained(out, gguf_file=GGUF_FILE), 128, 16)
     assert [exported.answer(p) for p in prompts] == expected
     assert 'PARAMETER stop "<|im_end|>"' in (out / MODELFILE).read_text()
 
     merged = export_run(record["id"], home=store.home, format="vllm", merge=True, out=tmp_path / "vllm")
-    served = ChatPredictor(AutoModelForCausalLM.from_pretrained(merged), AutoTokenizer.from_pretrained(merged), 128, 24)
+    served = ChatPredictor(AutoModelForCausalLM.from_pretrained(merged), AutoTokenizer.from_pretrained(merged), 128, 16)
     assert [served.answer(p) for p in prompts] == expected
