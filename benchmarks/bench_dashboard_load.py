@@ -1,19 +1,25 @@
-"""A bounded load check of the Voila dashboard: N page loads from a loopback client, then idle-kernel culling.
+"""A bounded load check of the Voila dashboard: N page loads from a loopback client, then idle-kernel culling,
+for the server with glibc's allocator as it is and with the setting serve_dashboard.py applies.
 
-    python benchmarks/bench_dashboard_load.py                       # 20 loads, kernels culled after 30 s idle
-    python benchmarks/bench_dashboard_load.py --loads 5 --cull-idle 20
+    python benchmarks/bench_dashboard_load.py                       # 20 loads per server, default then tuned
+    python benchmarks/bench_dashboard_load.py --loads 5 --cull-idle 20 --allocators tuned
+    python benchmarks/bench_dashboard_load.py --memory-log          # + Python objects / malloc split (slower)
 
-It starts scripts/serve_dashboard.py on 127.0.0.1 with a fresh run store, requests the page N times one
-after the other (each request starts a kernel and runs the dashboard in it, as a visitor's tab does; the
-client then goes away, as a closed tab does), and samples the memory (RSS) of the server and all its kernels.
-It prints one line per load and a summary: every load must answer 200, every kernel must be culled, and the
-server process itself may keep at most --slack MB per load (exit code 1 otherwise; the kernels' memory is
-then back, since they are gone).
+For each allocator setting (scripts/serve_dashboard.py --allocator) and round, it starts the server on
+127.0.0.1 with a fresh run store, requests the page N times one after the other (each request starts a kernel
+and runs the dashboard in it, as a visitor's tab does; the client then goes away, as a closed tab does), waits
+until every kernel is culled, and samples the memory (RSS) of the server and its kernels. Rounds alternate
+the order of the settings. The figure is the server process's growth per load: (RSS after culling - RSS at
+start) / N, and the same from after the first load (the first load imports and compiles what every later one
+reuses). It prints one line per load and one JSON object, and writes it to
+benchmarks/results/bench_dashboard_load-<short sha>.json. Exit code 1 when a load fails, a kernel is not
+culled, or the tuned server grows by more than --bound MB per load.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import signal
@@ -25,10 +31,12 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
 
 
 def tree(proc: psutil.Process) -> list[psutil.Process]:
@@ -65,19 +73,41 @@ def kernels(proc: psutil.Process) -> int:
     return count
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--loads", type=int, default=20)
-    parser.add_argument("--cull-idle", type=int, default=30, help="seconds a closed page's kernel may idle")
-    parser.add_argument("--slack", type=float, default=50.0, help="MB per load the server process may keep")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per page load")
-    args = parser.parse_args(argv)
+def memory_log(pid: int, path: Path, lines: int) -> dict[str, float]:
+    """Ask the server for its memory report (SIGUSR1) and return it, or {} when none comes."""
+    os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if path.exists() and len(path.read_text().splitlines()) > lines:
+            return json.loads(path.read_text().splitlines()[lines])
+        time.sleep(0.5)
+    return {}
 
+
+def start_server(allocator: str, cull_idle: int, log: Path | None) -> tuple[subprocess.Popen, str]:
     home = Path(tempfile.mkdtemp(prefix="bench-dashboard-"))
     env = {**os.environ, "WORKBENCH_HOME": str(home), "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+    if log is not None:
+        env["WORKBENCH_DASHBOARD_MEMORY_LOG"] = str(log)
     server = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve_dashboard.py"), "--port", "0",
-                               "--cull-idle", str(args.cull_idle)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+                               "--cull-idle", str(cull_idle), "--allocator", allocator], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    url = re.search(r"http://127\.0\.0\.1:\d+/", server.stdout.readline()).group(0)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url + "voila/static/voila.js", timeout=5).close()
+            return server, url
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def one_server(allocator: str, args: argparse.Namespace) -> dict[str, Any]:
+    """N loads against a fresh server with this allocator setting; its memory before, during and after."""
+    log = Path(tempfile.mkdtemp(prefix="bench-dashboard-log-")) / "memory.jsonl" if args.memory_log else None
+    server, url = start_server(allocator, args.cull_idle, log)
     proc = psutil.Process(server.pid)
     peak = {"rss": 0.0, "kernels": 0}
     stop = threading.Event()
@@ -88,53 +118,44 @@ def main(argv: list[str] | None = None) -> int:
             peak["kernels"] = max(peak["kernels"], kernels(proc))
 
     try:
-        url = re.search(r"http://127\.0\.0\.1:\d+/", server.stdout.readline()).group(0)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url + "voila/static/voila.js", timeout=5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
         time.sleep(2)
-        start_rss, start_server = rss_mb(proc), server_mb(proc)
-        load = os.getloadavg()[0]
-        print(f"server up: {start_rss:.0f} MB (load average {load:.1f})", flush=True)
+        reports = [memory_log(server.pid, log, 0)] if log else []
+        start_server_mb, start_total = server_mb(proc), rss_mb(proc)
+        print(f"[{allocator}] server up: {start_server_mb:.0f} MB (load average {os.getloadavg()[0]:.1f})",
+              flush=True)
         threading.Thread(target=sample, daemon=True).start()
-
-        times, codes = [], []
+        times, codes, after = [], [], []
         for i in range(args.loads):
             t0 = time.monotonic()
             with urllib.request.urlopen(url, timeout=args.timeout) as response:
                 body = response.read()
                 codes.append(response.status)
             times.append(time.monotonic() - t0)
-            print(f"load {i + 1:2d}: {response.status} in {times[-1]:5.1f} s, {len(body) >> 10} KiB; "
-                  f"{kernels(proc)} kernels, {rss_mb(proc):6.0f} MB (server {server_mb(proc):.0f} MB; "
-                  f"load average {os.getloadavg()[0]:.1f})",
-                  flush=True)
-        after_loads = rss_mb(proc)
+            after.append(server_mb(proc))
+            print(f"[{allocator}] load {i + 1:2d}: {response.status} in {times[-1]:5.1f} s, {len(body) >> 10} KiB; "
+                  f"{kernels(proc)} kernels, {rss_mb(proc):6.0f} MB (server {after[-1]:.0f} MB; "
+                  f"load average {os.getloadavg()[0]:.1f})", flush=True)
         t_end = time.monotonic()
-        deadline = t_end + args.cull_idle + 120
-        while kernels(proc) and time.monotonic() < deadline:
+        while kernels(proc) and time.monotonic() < t_end + args.cull_idle + 120:
             time.sleep(2)
         culled_after = time.monotonic() - t_end
         time.sleep(2)
-        end_rss, left, end_server = rss_mb(proc), kernels(proc), server_mb(proc)
+        end_server_mb, left = server_mb(proc), kernels(proc)
+        if log:
+            reports.append(memory_log(server.pid, log, 1))
         stop.set()
-        print(f"\n{args.loads} loads: all 200: {all(c == 200 for c in codes)}; median {statistics.median(times):.1f} s, "
-              f"max {max(times):.1f} s")
-        print(f"memory: {start_rss:.0f} MB at start, peak {peak['rss']:.0f} MB with at most {peak['kernels']} kernels, "
-              f"{after_loads:.0f} MB after the last load, {end_rss:.0f} MB {culled_after:.0f} s later "
-              f"({left} kernels left; cull-idle {args.cull_idle} s)")
-        growth = (end_server - start_server) / args.loads
-        print(f"server process: {start_server:.0f} MB at start, {end_server:.0f} MB at the end "
-              f"({growth:+.1f} MB per load)")
-        print(f"load average at the end: {os.getloadavg()[0]:.1f}")
-        ok = all(c == 200 for c in codes) and left == 0 and growth <= args.slack
-        return 0 if ok else 1
+        steps = [b - a for a, b in zip([start_server_mb, *after], after)]
+        return {
+            "allocator": allocator, "loads": args.loads, "all_200": all(c == 200 for c in codes),
+            "load_s_median": statistics.median(times), "load_s_max": max(times),
+            "server_mb_start": start_server_mb, "server_mb_after_first_load": after[0],
+            "server_mb_after_loads": after[-1], "server_mb_end": end_server_mb,
+            "growth_mb_per_load": (end_server_mb - start_server_mb) / args.loads,
+            "growth_mb_per_load_after_first": (end_server_mb - after[0]) / max(args.loads - 1, 1),
+            "growth_mb_per_load_median_step": statistics.median(steps),
+            "peak_total_mb": peak["rss"], "peak_kernels": peak["kernels"], "start_total_mb": start_total,
+            "kernels_left": left, "culled_after_s": culled_after, "memory_reports": reports,
+        }
     finally:
         stop.set()
         try:
@@ -142,6 +163,55 @@ def main(argv: list[str] | None = None) -> int:
             server.wait(30)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             os.killpg(server.pid, signal.SIGKILL)
+
+
+def short_sha() -> str:
+    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return result.stdout.strip() or "unknown"
+
+
+def summary(runs: list[dict[str, Any]], allocator: str) -> dict[str, float]:
+    mine = [r for r in runs if r["allocator"] == allocator]
+    keys = ("growth_mb_per_load", "growth_mb_per_load_after_first", "growth_mb_per_load_median_step",
+            "server_mb_after_first_load", "peak_total_mb", "load_s_median")
+    return {k: statistics.median(r[k] for r in mine) for k in keys}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--loads", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=1, help="servers per allocator setting, in alternating order")
+    parser.add_argument("--allocators", default="default,tuned", help="comma-separated: default, tuned")
+    parser.add_argument("--cull-idle", type=int, default=30, help="seconds a closed page's kernel may idle")
+    parser.add_argument("--bound", type=float, default=2.0, help="MB per load the tuned server may keep")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per page load")
+    parser.add_argument("--memory-log", action="store_true",
+                        help="also ask the server for its Python-object / malloc split (tracemalloc: slower)")
+    parser.add_argument("--no-save", action="store_true", help=f"do not write the JSON under {RESULTS}")
+    args = parser.parse_args(argv)
+    allocators = [a.strip() for a in args.allocators.split(",") if a.strip()]
+
+    runs = []
+    for r in range(args.rounds):
+        for allocator in (allocators if r % 2 == 0 else allocators[::-1]):
+            runs.append(one_server(allocator, args))
+    result = {
+        "benchmark": "bench_dashboard_load", "commit": short_sha(), "loads": args.loads, "rounds": args.rounds,
+        "cull_idle_s": args.cull_idle, "cpu_count": os.cpu_count(), "load_average_end": os.getloadavg()[0],
+        "summary": {a: summary(runs, a) for a in allocators}, "runs": runs,
+    }
+    text = json.dumps(result, indent=1)
+    print(text)
+    if not args.no_save:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        path = RESULTS / f"bench_dashboard_load-{result['commit']}.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, path)
+    ok = all(r["all_200"] and r["kernels_left"] == 0 for r in runs)
+    if "tuned" in allocators:
+        ok = ok and result["summary"]["tuned"]["growth_mb_per_load"] <= args.bound
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

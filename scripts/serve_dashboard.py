@@ -23,6 +23,16 @@ What the server enforces:
   dashboard is full and when to retry, instead of a kernel the machine may not have the memory for;
 - a websocket message may be up to twice the dashboard's upload limit, so an upload over the limit
   reaches the page's kernel and is refused there in words instead of closing the connection.
+
+Memory per page load (benchmarks/bench_dashboard_load.py): the server holds no Python objects of a page
+once its kernel is culled; what grew by ~37 MB per load was glibc keeping the freed buffers of the large
+kernel messages a page sends (each plotly figure's state carries its 5 MB widget bundle, received by ZeroMQ's
+I/O thread and copied by the server). glibc raises its mmap threshold to the size of the largest block freed
+(up to 32 MB), so after the first such message every later one is carved from the heap and its pages stay
+with the process. The server fixes that threshold at 128 KiB (`tune_allocator`): large buffers are mapped
+and unmapped, and their memory goes back to the system when freed. `--allocator default` leaves glibc as
+it is (for the benchmark's comparison). WORKBENCH_DASHBOARD_MEMORY_LOG=<file> makes the server append one
+JSON line of its memory (RSS, Python objects, malloc in use and free) to that file on SIGUSR1.
 """
 
 from __future__ import annotations
@@ -45,6 +55,9 @@ MIN_TOKEN_CHARS = 16
 CULL_IDLE_S = 600  # a closed tab's kernel goes after 10 minutes without activity
 CULL_INTERVAL_S = 60  # how often the server looks for idle kernels
 MAX_KERNELS = 8  # pages served at once: ~580 MB each with the dashboard loaded
+MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's starting value, now fixed: larger blocks are mmap'd, unmapped on free
+MEMORY_LOG_ENV = "WORKBENCH_DASHBOARD_MEMORY_LOG"
+ALLOCATORS = ("tuned", "default")
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -154,10 +167,85 @@ def capped_kernel_manager(max_kernels: int) -> type:
     return CappedKernelManager
 
 
-def write_voila_config(folder: Path, host: str, allowed_hosts: list[str], max_kernels: int = MAX_KERNELS) -> Path:
+def _libc() -> Any:
+    """glibc, or None on another C library (musl, macOS): the allocator calls below are glibc's."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt  # noqa: B018  raises AttributeError where there is no glibc
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def tune_allocator() -> bool:
+    """Fix glibc's mmap threshold in this process (the server), so freed large buffers go back to the system.
+
+    glibc starts at 128 KiB and raises the threshold to the size of each mmap'd block that is freed; a page's
+    5 MB widget messages raise it to 5 MB, after which they come from the heap and their pages stay with the
+    server (~37 MB per page load, measured). Setting M_MMAP_THRESHOLD turns the raising off. Only this process
+    is affected: kernels and training runs keep glibc's defaults. Returns False where there is no glibc."""
+    libc = _libc()
+    if libc is None:
+        return False
+    m_mmap_threshold = -3  # from glibc's malloc.h
+    return bool(libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD_BYTES))
+
+
+def memory_report() -> dict[str, float]:
+    """This process's memory in MB: RSS, Python objects (when tracemalloc runs), malloc in use and free."""
+    import ctypes
+    import gc
+    import tracemalloc
+
+    gc.collect()
+    with open("/proc/self/statm") as f:
+        report = {"rss_mb": int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20}
+    if tracemalloc.is_tracing():
+        report["python_objects_mb"] = tracemalloc.get_traced_memory()[0] / 2**20
+        report["tracemalloc_own_mb"] = tracemalloc.get_tracemalloc_memory() / 2**20
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallinfo2"):
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                             "usmblks", "fsmblks", "uordblks", "fordblks",
+                                                             "keepcost")]
+
+        libc.mallinfo2.restype = MallInfo2
+        info = libc.mallinfo2()
+        report["malloc_in_use_mb"] = (info.uordblks + info.hblkhd) / 2**20  # heap chunks in use + mmap'd blocks
+        report["malloc_free_mb"] = info.fordblks / 2**20  # freed, still held by the process
+    return report
+
+
+def install_memory_log() -> None:
+    """With $WORKBENCH_DASHBOARD_MEMORY_LOG set: trace Python allocations, and on SIGUSR1 append
+    `memory_report()` as one JSON line to that file (a debugging aid: tracemalloc costs time and memory)."""
+    import signal
+    import tracemalloc
+
+    path = os.environ.get(MEMORY_LOG_ENV)
+    if not path:
+        return
+    tracemalloc.start(1)
+
+    def write(signum: int, frame: Any) -> None:
+        with open(path, "a") as f:
+            f.write(json.dumps(memory_report()) + "\n")
+
+    signal.signal(signal.SIGUSR1, write)
+
+
+def write_voila_config(folder: Path, host: str, allowed_hosts: list[str], max_kernels: int = MAX_KERNELS,
+                       allocator: str = "tuned") -> Path:
     """<folder>/voila.json with the tornado settings (a command line would pass their booleans as strings), and
-    <folder>/voila.py with what only Python can set: the cross-site hook and the capped kernel manager.
+    <folder>/voila.py with what only Python can set: the cross-site hook, the capped kernel manager, the
+    allocator setting (`tune_allocator`, unless `allocator` is "default") and the memory log.
     Returns voila.json's path. The folder is the owner's only (0700)."""
+    if allocator not in ALLOCATORS:
+        raise Refused(f"--allocator {allocator}: use one of {', '.join(ALLOCATORS)}")
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(folder, 0o700)
     path = folder / "voila.json"
@@ -168,7 +256,9 @@ def write_voila_config(folder: Path, host: str, allowed_hosts: list[str], max_ke
         f"sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
         "import serve_dashboard\n"
         "c.VoilaConfiguration.prelaunch_hook = serve_dashboard.refuse_cross_site\n"
-        f"c.VoilaConfiguration.multi_kernel_manager_class = serve_dashboard.capped_kernel_manager({int(max_kernels)})\n")
+        f"c.VoilaConfiguration.multi_kernel_manager_class = serve_dashboard.capped_kernel_manager({int(max_kernels)})\n"
+        + ("serve_dashboard.tune_allocator()\n" if allocator == "tuned" else "")
+        + "serve_dashboard.install_memory_log()\n")
     return path
 
 
@@ -232,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"pages served at once, each its own kernel of ~580 MB (default {MAX_KERNELS})")
     parser.add_argument("--home", help="run store (default: $WORKBENCH_HOME or ./workbench-runs)")
     parser.add_argument("--read-only", action="store_true", help="no training controls (public demos)")
+    parser.add_argument("--allocator", choices=ALLOCATORS, default="tuned",
+                        help="tuned (default): the server gives freed large buffers back to the system; "
+                             "default: glibc as it is (to measure the difference)")
     args = parser.parse_args(argv)
 
     try:
@@ -272,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
           "Ctrl-C stops)", flush=True)
     os.chdir(ROOT / "notebooks")
     config_dir = write_voila_config(Path(env["WORKBENCH_HOME"]) / ".dashboard-server", args.host,
-                                    args.allowed_hosts, args.max_kernels).parent
+                                    args.allowed_hosts, args.max_kernels, args.allocator).parent
     command = voila_command(port, args.host, config_dir, bool(token), args.cull_idle)
     os.execve(command[0], command, env)  # become Voila: signals (Ctrl-C, SIGTERM) reach it directly
     return 0  # not reached
