@@ -61,7 +61,7 @@ def export_run(run_id: str = "latest", out: str | Path | None = None, merge: boo
     from safetensors.torch import load_file
 
     from .catalog import resolve_model
-    from .deploy.engines_export import ENGINE_FORMATS, check_engine_export, export_for_engine
+    from .deploy.engines_export import ENGINE_FORMATS, check_engine_export, engine_exportable, export_for_engine
     from .models.adapters import merge_adapters, peft_model_of
     from .models.llm_classifier import LLMClassifier, export_info
     from .models.state import load_trainable_state, set_seed
@@ -84,7 +84,7 @@ def export_run(run_id: str = "latest", out: str | Path | None = None, merge: boo
     spec = config.task_spec
     if spec.export_class is None:
         exportable = ", ".join(t.name for t in TASKS.values() if t.export_class)
-        engines = f" (a chat run: --format {' or '.join(ENGINE_FORMATS)})" if config.task == "chat" else ""
+        engines = f" (a chat run: --format {' or '.join(ENGINE_FORMATS)})" if engine_exportable(config) else ""
         raise WorkbenchError(f"run {run} is a task: {config.task} run, and export handles {exportable} runs only so "
                              f"far{engines}: its adapter weights are in {model_dir / TRAINABLE_FILE}, and "
                              f"`workbench predict {run} --text ...` uses them")

@@ -56,11 +56,18 @@ class TurnFormat:
     default_system: str | None  # the system text the template puts first when a conversation has none
 
 
+def engine_exportable(config: Config) -> bool:
+    """Whether the run's task is the one these formats hold: chat (a causal LM that answers in turns)."""
+    from ..tasks.chat import SPEC
+
+    return config.task == SPEC.name
+
+
 def check_engine_export(config: Config, run: str, fmt: str) -> None:
     """Refuse what an engine export cannot hold: an unknown format or a run that is no chat run."""
     if fmt not in ENGINE_FORMATS:
         raise WorkbenchError(f"--format {fmt!r} is not an engine format: choose hf, {' or '.join(ENGINE_FORMATS)}")
-    if config.task != "chat":
+    if not engine_exportable(config):
         raise WorkbenchError(f"run {run} is a task: {config.task} run; --format {fmt} exports chat runs only (a "
                              "causal LM that answers in turns): export this run with --format hf")
 
@@ -83,7 +90,7 @@ def export_for_engine(record: dict[str, Any], home: Path, out: Path, fmt: Engine
         from ..tasks.chat import ChatEncoder
 
         tokenizer.chat_template = ChatEncoder(tokenizer, config.train.max_length).template  # as the run rendered
-    info: dict[str, Any] = {"run_id": record["id"], "task": "chat", "format": fmt, "method": method,
+    info: dict[str, Any] = {"run_id": record["id"], "task": config.task, "format": fmt, "method": method,
                             "merged": standalone, "base_model": base, "system_prompt": config.chat.system_prompt}
     if fmt == "gguf":
         write_gguf(model, tokenizer, out / GGUF_FILE, precision, name=f"workbench-{record['id']}",
