@@ -1,7 +1,7 @@
 """Chat tokens per second of a real `workbench serve` process: answers generated together, or one at a time.
 
     .venv/bin/python benchmarks/bench_serve_chat.py --home HOME [RUN] [--clients 1,4,8,16] [--rounds 2]
-        [--max-tokens 32] [--requests-per-client 2] [--out FILE] [--json]
+        [--max-tokens 32] [--requests-per-client 2] [--threads 1] [--out FILE] [--json]
 
 Without RUN, a chat run of the packaged SmolLM2-135M-Instruct is trained in HOME first (LoRA, 1 epoch on 24
 chatterbot conversations: a real run, small enough for a shared CPU; `--make-run` only makes it).
@@ -209,6 +209,9 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--stream-clients", type=int, default=8)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of both servers (OMP_NUM_THREADS; on a shared 2-core machine 2 threads "
+                        "collapsed under load)")
     p.add_argument("--make-run", action="store_true", help="only train the chat run and print its id")
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--json", action="store_true", help="print only the JSON object")
@@ -217,6 +220,7 @@ def main() -> int:
     home = Path(args.home)
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
     run_id = args.run or make_run(home)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # both arms' server processes inherit it
     if args.make_run:
         print(run_id)
         return 0
@@ -228,7 +232,7 @@ def main() -> int:
             rounds[-1][arm] = _one_server(arm, run_id, home, args, say)
     out = {"run": run_id, "model": "smollm2-135m-instruct", "max_tokens": args.max_tokens,
            "requests_per_client": args.requests_per_client, "clients": args.clients, "cpu_count": os.cpu_count(),
-           "torch_threads": _torch_threads(), "rounds": rounds, "summary": _summary(rounds, args.clients)}
+           "torch_threads": args.threads, "rounds": rounds, "summary": _summary(rounds, args.clients)}
     text = json.dumps(out, indent=None if args.json else 2)
     if args.out:
         tmp_out = Path(args.out).with_suffix(".json.tmp")
@@ -236,12 +240,6 @@ def main() -> int:
         os.replace(tmp_out, args.out)
     print(text)
     return 0
-
-
-def _torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 if __name__ == "__main__":
