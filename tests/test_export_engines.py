@@ -224,7 +224,7 @@ def test_vllm_merged_directory_loads_and_answers_what_the_run_answers(lora_run):
     predictor = ChatPredictor(model, AutoTokenizer.from_pretrained(out), config["train"]["max_length"], 8)
     assert [predictor.answer(p) for p in PROMPTS] == run_answers(store, run_id)
     serve = (out / SERVE_FILE).read_text()
-    assert f"vllm serve {out} --served-model-name workbench-{run_id} --max-model-len 72" in serve
+    assert f"vllm serve {out} --served-model-name workbench-{run_id}\n" in serve
     assert '"temperature": 0' in serve
 
 
@@ -250,7 +250,7 @@ def test_vllm_adapter_layout_for_multi_lora_serving(lora_run):
                and k.rsplit(".", 3)[-3] in llama for k in keys)
     info = json.loads((out / EXPORT_INFO).read_text())
     assert info["merged"] is False
-    assert info["serve"] == (f"vllm serve {info['base_model']} --max-model-len 72 --enable-lora --max-lora-rank 8 "
+    assert info["serve"] == (f"vllm serve {info['base_model']} --enable-lora --max-lora-rank 8 "
                              f"--lora-modules workbench-{run_id}={adapter}")
     assert info["serve"] in (out / SERVE_FILE).read_text()
     base = AutoModelForCausalLM.from_pretrained(info["base_model"])

@@ -383,11 +383,10 @@ def _write_vllm(model: Any, tokenizer: Any, out: Path, final: Path, record: dict
                 base: str, merged: bool) -> dict[str, Any]:
     """The merged model directory, or the adapter folder for multi-LoRA serving; SERVE.md with the command."""
     name = _served_name(record)
-    model_args = f"--max-model-len {config.train.max_length + config.chat.max_new_tokens}"
     if merged:
         model.save_pretrained(out, safe_serialization=True)  # config, generation_config, model.safetensors
         tokenizer.save_pretrained(out)  # tokenizer files and chat_template.jinja
-        command = f"vllm serve {final} --served-model-name {name} {model_args}"
+        command = f"vllm serve {final} --served-model-name {name}"
         load = "AutoModelForCausalLM.from_pretrained(<this directory>)"
     else:
         adapter = out / ADAPTER_DIR
@@ -398,8 +397,7 @@ def _write_vllm(model: Any, tokenizer: Any, out: Path, final: Path, record: dict
             raise WorkbenchError("the adapter saves whole modules (modules_to_save), which vLLM does not load: "
                                  "export with --merge")
         rank = next((r for r in VLLM_LORA_RANKS if r >= saved["r"]), saved["r"])
-        command = (f"vllm serve {base} {model_args} --enable-lora --max-lora-rank {rank} "
-                   f"--lora-modules {name}={final / ADAPTER_DIR}")
+        command = f"vllm serve {base} --enable-lora --max-lora-rank {rank} --lora-modules {name}={final / ADAPTER_DIR}"
         load = (f"base = AutoModelForCausalLM.from_pretrained({base!r}); "
                 f"PeftModel.from_pretrained(base, <this directory>/{ADAPTER_DIR})")
     request = (f"curl http://localhost:8000/v1/chat/completions -H 'Content-Type: application/json' -d "
