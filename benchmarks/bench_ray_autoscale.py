@@ -6,7 +6,10 @@
 The run's home is copied to a temporary folder first (the served run's files are never touched). The run is
 served by `workbench.deploy.ray_engine.serve_on_ray` on a local Ray of 2 CPUs (replicas of 0.5 CPU, min 1,
 max 2, target 2 requests in flight per replica, upscale after 2 s and downscale after 10 s above/below target,
-averaged over 5 s: short delays, for the check), with the workspace's API key.
+averaged over 5 s: short delays, for the check), with the workspace's API key. Ray is started at the
+priority this file was given, then this process and every Ray process it started are reniced to
+`--nice` (default 5; the replicas Ray starts later inherit it): on a machine as busy as the shared 2-core one
+(load 12-18), Ray 2.60 missed its fixed 15 s start-up limit for its agents 6 times in a row under `nice -n 5`.
 
 Phases: `--idle-s` at rest; then `--clients` concurrent httpx clients (async, one keep-alive connection each,
 one text per request, no retries) for `--load-s` seconds or until 2 replicas have run for `--after-up-s`;
@@ -136,12 +139,17 @@ def main() -> int:
     parser.add_argument("--load-s", type=float, default=120.0)
     parser.add_argument("--after-up-s", type=float, default=15.0)
     parser.add_argument("--settle-s", type=float, default=120.0)
+    parser.add_argument("--ray-tries", type=int, default=4, help="start_ray calls (3 attempts each)")
+    parser.add_argument("--nice", type=int, default=5, help="niceness after Ray has started")
     parser.add_argument("--out")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
+    import psutil
+
     from workbench.deploy.keys import read_key_file
-    from workbench.deploy.ray_engine import Autoscaling, serve_on_ray
+    from workbench.errors import WorkbenchError
+    from workbench.deploy.ray_engine import Autoscaling, import_ray, serve_on_ray, start_ray
 
     source = Path(os.environ.get("WORKBENCH_HOME", "workbench-runs"))
     work = Path(tempfile.mkdtemp(prefix="bench_ray_autoscale-"))
@@ -152,6 +160,16 @@ def main() -> int:
     lines: list[str] = []
     stop = threading.Event()
     started = time.monotonic()
+    for attempt in range(args.ray_tries):  # a local Ray of 2 CPUs, stopped below (serve_on_ray leaves it)
+        try:
+            start_ray(None, 2)
+            break
+        except WorkbenchError:
+            if attempt == args.ray_tries - 1:
+                raise
+    ray_start_s = time.monotonic() - started
+    for process in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+        process.nice(max(process.nice(), args.nice))
     server = threading.Thread(target=serve_on_ray, daemon=True, kwargs=dict(
         run=args.run, home=home, scaling=scaling, num_cpus=2, echo=lines.append, stop=stop, terminal=False))
     server.start()
@@ -180,7 +198,7 @@ def main() -> int:
         out = {
             "bench": "bench_ray_autoscale", "sha": _short_sha(), "run": args.run, "clients": args.clients,
             "autoscaling": scaling.ray_config(), "replica_cpus": scaling.replica_cpus, "ray_cpus": 2,
-            "deploy_s": round(deploy_s, 1), "load_s": round(load_stop - load_start, 1),
+            "ray_start_s": round(ray_start_s, 1), "deploy_s": round(deploy_s - ray_start_s, 1), "load_s": round(load_stop - load_start, 1),
             "requests": dict(Counter(str(r["status"]) for r in records)),
             "by_running_replicas": _by_replicas(records),
             "scale_up_s": up, "scale_down_s": down,
@@ -192,6 +210,9 @@ def main() -> int:
     finally:
         stop.set()
         server.join(120)
+        ray, serve = import_ray()
+        serve.shutdown()
+        ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
     text = json.dumps(out, indent=None if args.json else 2)
     print(text)
