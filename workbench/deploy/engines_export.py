@@ -80,6 +80,8 @@ def export_for_engine(record: dict[str, Any], home: Path, out: Path, fmt: Engine
     final = final or out
     config = Config.from_dict(record["config"])
     check_engine_export(config, record["id"], fmt)
+    if precision not in ("f16", "f32"):
+        raise WorkbenchError(f"--precision {precision!r} is not a GGUF precision written here: choose f32 or f16")
     method = config.method.name
     standalone = fmt == "gguf" or merge or not method_spec(method).uses_adapters
     if fmt == "vllm" and not standalone and config.method.use_dora:
