@@ -6,12 +6,13 @@
 Without RUN, a chat run of the packaged SmolLM2-135M-Instruct is trained in HOME first (LoRA, 1 epoch on 24
 chatterbot conversations: a real run, small enough for a shared CPU; `--make-run` only makes it).
 
-Two arms, each a fresh server process on a free loopback port, interleaved round by round (the order swapped
-each round: a machine shared with other work slows both alike):
-- "batched": the server as `workbench serve` runs it (started through `workbench.deploy.start_server`):
-  concurrent chat requests share decode steps (ServeSettings.max_generation_batch, 16);
-- "one": the same `workbench serve` command line, run by this file with max_generation_batch=1 (answers one
-  at a time; the serve command has no option for it yet).
+Two arms, each a fresh `workbench serve` process on a free loopback port (the serve command line, run by this
+file with two ServeSettings changed: the serve command has no option for them yet), interleaved round by round
+(the order swapped each round: a machine shared with other work slows both alike):
+- "batched": concurrent chat requests share decode steps (max_generation_batch 16, the default);
+- "one": answers one at a time (max_generation_batch=1).
+Both arms get request_timeout_s=900 (at the default 60 s, 16 clients served one at a time on this shared CPU
+were answered 504).
 
 Per arm and number of concurrent clients: every client sends `--requests-per-client` chat requests one after
 the other (the same prompts in the same order in both arms, greedy, `max_tokens` each, no streaming);
@@ -60,38 +61,40 @@ def make_run(home: Path) -> str:
     return record["id"]
 
 
-def _serve_one_at_a_time(argv: list[str]) -> int:
-    """`workbench serve ARGV...` with max_generation_batch=1 (the "one" arm)."""
+ARM_BATCH = {"batched": 16, "one": 1}
+
+
+def _serve_with(batch: int, argv: list[str]) -> int:
+    """`workbench serve ARGV...` with max_generation_batch=`batch` and request_timeout_s=900."""
     from dataclasses import dataclass
 
     import workbench.deploy.app as app_module
     from workbench.cli import main as cli_main
 
     @dataclass
-    class OneAtATime(app_module.ServeSettings):
-        max_generation_batch: int = 1
+    class BenchSettings(app_module.ServeSettings):
+        max_generation_batch: int = batch
+        request_timeout_s: float = 900.0
 
-    app_module.ServeSettings = OneAtATime  # the serve command reads the module's name when it runs
+    app_module.ServeSettings = BenchSettings  # the serve command reads the module's name when it runs
     return cli_main(argv)
 
 
 def _start(arm: str, run_id: str, home: Path) -> tuple[str, str, Any]:
-    """A server of this arm: (url, key, its Popen or None when start_server made it)."""
+    """A server of this arm: (url, key, its Popen)."""
     import httpx
 
-    from workbench.deploy.server import server_status, start_server
+    from workbench.deploy.server import server_status
 
-    if arm == "batched":
-        info = start_server(run_id, home, timeout=900)
-        return info["url"], info["api_key"], None
     log = open(home / f"bench_serve_chat-{arm}.log", "ab")
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-one", "--home", str(home), "serve", run_id]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-with", str(ARM_BATCH[arm]), "--home", str(home),
+           "serve", run_id]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the one-at-a-time server exited with {proc.returncode}: see {log.name}")
+            raise RuntimeError(f"the {arm} server exited with {proc.returncode}: see {log.name}")
         info = server_status(run_id, home)
         if info and info["pid"] == proc.pid:
             try:
@@ -101,7 +104,7 @@ def _start(arm: str, run_id: str, home: Path) -> tuple[str, str, Any]:
             except httpx.HTTPError:
                 pass
         time.sleep(0.5)
-    raise RuntimeError("the one-at-a-time server was not ready within 900 s")
+    raise RuntimeError(f"the {arm} server was not ready within 900 s")
 
 
 async def _load(url: str, key: str, clients: int, per_client: int, max_tokens: int) -> dict[str, Any]:
@@ -178,8 +181,7 @@ def _one_server(arm: str, run_id: str, home: Path, args: argparse.Namespace, say
             f"max {streams['ttft_max_s']} s")
     finally:
         stop_server(run_id, home, timeout=120)
-        if proc is not None:
-            proc.wait(timeout=120)
+        proc.wait(timeout=120)
     return {"levels": levels, "streams": streams, "load_avg_1m": round(os.getloadavg()[0], 2)}
 
 
@@ -243,6 +245,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--serve-one":
-        raise SystemExit(_serve_one_at_a_time(sys.argv[2:]))
+    if len(sys.argv) > 2 and sys.argv[1] == "--serve-with":
+        raise SystemExit(_serve_with(int(sys.argv[2]), sys.argv[3:]))
     raise SystemExit(main())
