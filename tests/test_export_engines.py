@@ -297,6 +297,20 @@ def test_chat_run_with_format_hf_names_the_engine_formats(lora_run):
         export_run(run_id, home=store.home)
 
 
+def test_cli_exports_gguf_and_a_bad_format_is_exit_code_2(lora_run, tmp_path, capsys):
+    from workbench.cli import main
+
+    store, run_id = lora_run
+    out = tmp_path / "cli-gguf"
+    assert main(["--home", str(store.home), "export", run_id, "--format", "gguf", "--precision", "f16",
+                 "--out", str(out)]) == 0
+    assert (out / GGUF_FILE).is_file() and (out / MODELFILE).is_file()
+    assert json.loads((out / EXPORT_INFO).read_text())["format"] == "gguf"
+    with pytest.raises(SystemExit) as exit_info:  # argparse refuses a format it does not know
+        main(["--home", str(store.home), "export", run_id, "--format", "onnx"])
+    assert exit_info.value.code == 2 and "invalid choice: 'onnx'" in capsys.readouterr().err
+
+
 # --- the packaged smollm2 ------------------------------------------------------------------------------------
 
 @pytest.mark.integration

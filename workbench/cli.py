@@ -76,6 +76,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="merge lora/qlora/adalora/ia3 adapters into the base weights (plain transformers model)")
     e.add_argument("--out", help="destination directory (default: <home>/exports/<run id>)")
     e.add_argument("--force", action="store_true", help="replace an earlier export in --out")
+    e.add_argument("--format", choices=["hf", "gguf", "vllm"], default="hf",
+                   help="hf: transformers/peft directory; gguf (chat runs): model.gguf with an Ollama Modelfile; "
+                        "vllm (chat runs): a directory vLLM serves (--merge: the merged model, else base + LoRA "
+                        "adapter)")
+    e.add_argument("--precision", choices=["f32", "f16"], default="f32",
+                   help="--format gguf: weight precision (f32 is exact, f16 half the size)")
 
     sub.add_parser("config", help="print the default config as YAML")
 
@@ -705,7 +711,8 @@ def _card(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .export import export_run
 
-    path = export_run(args.run, out=args.out, merge=args.merge, force=args.force)
+    path = export_run(args.run, out=args.out, merge=args.merge, force=args.force, format=args.format,
+                      precision=args.precision)
     print(f"exported to {path}")
     return EXIT_OK
 
