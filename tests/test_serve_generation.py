@@ -315,3 +315,13 @@ def test_smollm2_batched_greedy_answers_equal_one_at_a_time(tmp_path_factory):
     results = asyncio.run(run())
     assert [r.text for _, r in results] == expected
     assert max(steps) == 4
+
+
+def test_the_serve_command_sets_the_generation_batch_and_refuses_zero():
+    from workbench.cli import _parser, serve_settings
+    from workbench.errors import WorkbenchError
+
+    assert serve_settings(_parser().parse_args(["serve", "r"])).max_generation_batch == 16
+    assert serve_settings(_parser().parse_args(["serve", "r", "--max-generation-batch", "1"])).max_generation_batch == 1
+    with pytest.raises(WorkbenchError, match="max_generation_batch"):
+        serve_settings(_parser().parse_args(["serve", "r", "--max-generation-batch", "0"]))

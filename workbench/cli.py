@@ -128,6 +128,8 @@ def _serve_command(sub: Any) -> None:
                          "are refused either way")
     sv.add_argument("--max-batch-size", type=int, default=32, help="inputs grouped into one model call (1 = no batching)")
     sv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
+    sv.add_argument("--max-generation-batch", type=int, default=16,
+                    help="chat answers generated together, sharing decode steps (1 = one at a time)")
     sv.add_argument("--max-body-bytes", type=int, default=1_000_000)
     sv.add_argument("--max-texts", type=int, default=64, help="texts per request")
     sv.add_argument("--max-chars", type=int, default=20_000, help="characters per text or chat message")
@@ -717,19 +719,26 @@ def _export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _serve(args: argparse.Namespace) -> int:
+def serve_settings(args: argparse.Namespace) -> Any:
+    """The serve options as ServeSettings (a WorkbenchError names an impossible one)."""
     from .deploy.app import ServeSettings
     from .deploy.connections import LOOPBACK_NAMES
-    from .deploy.server import serve
 
     try:
-        settings = ServeSettings(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-                                 max_body_bytes=args.max_body_bytes, max_texts=args.max_texts,
-                                 max_chars=args.max_chars, max_tokens=args.max_tokens, log_text=args.log_text,
-                                 abstain_below=args.abstain_below,
-                                 allowed_hosts=(*LOOPBACK_NAMES, *args.allowed_hosts) if args.allowed_hosts else None)
+        return ServeSettings(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+                             max_generation_batch=args.max_generation_batch,
+                             max_body_bytes=args.max_body_bytes, max_texts=args.max_texts,
+                             max_chars=args.max_chars, max_tokens=args.max_tokens, log_text=args.log_text,
+                             abstain_below=args.abstain_below,
+                             allowed_hosts=(*LOOPBACK_NAMES, *args.allowed_hosts) if args.allowed_hosts else None)
     except ValueError as exc:
         raise WorkbenchError(f"{exc}: fix the serve option") from None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .deploy.server import serve
+
+    settings = serve_settings(args)
     serve(args.run, host=args.host, port=args.port, artifact=args.artifact, settings=settings,
           api_key_file=args.api_key_file, no_api_key=args.no_api_key, echo=lambda line: print(line, flush=True),
           alerts=_alert_thresholds(args))
