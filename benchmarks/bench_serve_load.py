@@ -16,9 +16,11 @@ Each server gets a warm-up (`--warmup` requests), then `--requests` requests fro
 (httpx async, one keep-alive connection each, one evaluation text per request, no retries). Recorded per
 server: answers by status, Retry-After on every 503, client errors by kind (a reset or a disconnect without an
 answer is a lost request), latency of the accepted (200) requests p50/p95/p99 and of the shed ones, the
-server's RSS before the warm-up, after it and after the load. Last, the "wait" server is sent SIGTERM while
-the clients are sending: every request it accepted must be answered, connections opened after it refused, and
-the process must exit 0. Prints one JSON object (medians over rounds under "summary"); `--out` writes it too.
+server's RSS before the warm-up, after it and after the load. Last, the drain: a server (default admission) is
+sent SIGTERM while the clients are sending, once as `workbench serve` runs it now (uvicorn's own server) and
+once with `connections.DrainingServer` in its place: every request it read must be answered, connections
+opened after it refused, and the process must exit 0. Prints one JSON object (medians over rounds under
+"summary"); `--out` writes it too.
 """
 
 from __future__ import annotations
@@ -77,21 +79,23 @@ async def _load(url: str, key: str, texts: list[str], clients: int, requests: in
     accepted: list[float] = []
     shed: list[float] = []
     no_retry_after = 0
-    sent = 0
+    sent = done = 0
 
     async def worker(client: httpx.AsyncClient) -> None:
-        nonlocal sent, no_retry_after
+        nonlocal sent, done, no_retry_after
         while sent < requests:
             i = sent
             sent += 1
-            if on_progress is not None:
-                on_progress(i)
             start = time.perf_counter()
             try:
                 r = await client.post("/v1/classify", json={"texts": [texts[i % len(texts)]]})
             except httpx.HTTPError as exc:
                 errors[_error_kind(exc)] += 1
                 continue
+            finally:
+                done += 1
+                if on_progress is not None:
+                    on_progress(done)
             elapsed = time.perf_counter() - start
             statuses[r.status_code] += 1
             if r.status_code == 200:
@@ -117,41 +121,50 @@ async def _load(url: str, key: str, texts: list[str], clients: int, requests: in
             "accepted_p99_ms": ms(_pct(accepted, 0.99)), "shed_p50_ms": ms(_pct(shed, 0.5))}
 
 
-def _serve_count_only(argv: list[str]) -> int:
-    """`workbench serve ARGV...` with the batcher's expected-wait budget off (the "count" arm)."""
+def _serve_child(options: str, argv: list[str]) -> int:
+    """`workbench serve ARGV...` in this process, changed by `options` (comma-separated): count-only (the
+    batcher's expected-wait budget off), draining (uvicorn's server replaced by connections.DrainingServer)."""
+    import uvicorn
+
     import workbench.deploy.app as app_module
     from workbench.cli import main as cli_main
     from workbench.deploy.batching import MicroBatcher
+    from workbench.deploy.connections import DrainingServer
 
     class CountOnly(MicroBatcher):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             kwargs["max_queue_wait_s"] = None
             super().__init__(*args, **kwargs)
 
-    app_module.MicroBatcher = CountOnly  # the lifespan reads the module's name when the server starts
+    if "count-only" in options.split(","):
+        app_module.MicroBatcher = CountOnly  # the lifespan reads the module's name when the server starts
+    if "draining" in options.split(","):
+        uvicorn.Server = DrainingServer  # the serve command makes uvicorn.Server(...) when it starts
     return cli_main(argv)
 
 
-def _start(arm: str, run_id: str, home: Path) -> tuple[int, str, Any]:
-    """A server of this arm: (pid, url, its Popen or None when start_server made it)."""
+def _start(arm: str, run_id: str, home: Path, options: str = "count-only") -> tuple[int, str, Any]:
+    """A server: (pid, url, its Popen or None when start_server made it). The "wait" arm is `workbench serve` as
+    it is (start_server); any other runs through `_serve_child` with `options`."""
     from workbench.deploy.server import server_status, start_server
 
     if arm == "wait":
         info = start_server(run_id, home, timeout=600)
         return int(info["pid"]), info["url"], None
     log = open(home / f"bench_serve_load-{arm}.log", "ab")
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-count-only", "--home", str(home), "serve", run_id]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-child", options, "--home", str(home), "serve",
+           run_id]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the count-only server exited with {proc.returncode}: see {log.name}")
+            raise RuntimeError(f"the {arm} server exited with {proc.returncode}: see {log.name}")
         info = server_status(run_id, home)
         if info and info["pid"] == proc.pid and _ready(info["url"], info["api_key"]):
             return proc.pid, info["url"], proc
         time.sleep(0.5)
-    raise RuntimeError("the count-only server was not ready within 600 s")
+    raise RuntimeError(f"the {arm} server was not ready within 600 s")
 
 
 def _ready(url: str, key: str) -> bool:
@@ -196,7 +209,7 @@ def _rss_mb(pid: int) -> float:
 
 def _one_server(arm: str, run_id: str, home: Path, key: str, texts: list[str], args: argparse.Namespace
                 ) -> dict[str, Any]:
-    pid, url, proc = _start(arm, run_id, home)
+    pid, url, proc = _start(arm, run_id, home, "count-only")
     try:
         rss = [_rss_mb(pid)]
         warm = asyncio.run(_load(url, key, texts, args.clients, args.warmup))
@@ -214,19 +227,22 @@ def _one_server(arm: str, run_id: str, home: Path, key: str, texts: list[str], a
     return result
 
 
-def _drain_check(run_id: str, home: Path, key: str, texts: list[str], args: argparse.Namespace) -> dict[str, Any]:
-    """SIGTERM the "wait" server while the clients send: what every request got, and the exit code."""
-    pid, url, proc = _start("wait", run_id, home)
-    signalled: dict[str, float] = {}
-
-    def progress(i: int) -> None:
-        if i == args.requests // 4 and not signalled:
-            signalled["at"] = time.perf_counter()
+def _drain_check(run_id: str, home: Path, key: str, texts: list[str], args: argparse.Namespace,
+                 draining: bool) -> dict[str, Any]:
+    """SIGTERM a server (default admission; uvicorn's own server or DrainingServer) once `--requests`/8 answers
+    came back, the clients still sending: what every request got, and the exit code."""
+    if draining:
+        pid, url, proc = _start("drain", run_id, home, "draining")
+    else:
+        pid, url, proc = _start("wait", run_id, home)
+    def progress(done: int) -> None:
+        if done == args.requests // 8:
             os.kill(pid, signal.SIGTERM)
 
     result = asyncio.run(_load(url, key, texts, args.clients, args.requests // 2, progress))
     result["exit_code"] = _reap(pid, proc)
-    result["sigterm_after_request"] = args.requests // 4
+    result["sigterm_after_answers"] = args.requests // 8
+    result["server"] = "DrainingServer" if draining else "uvicorn.Server (serve as today)"
     return result
 
 
@@ -287,9 +303,11 @@ def main() -> int:
                 say(f"round {n + 1} {arm:<5}: {r['status']} errors {r['errors']} accepted p50 {r['accepted_p50_ms']} "
                     f"p95 {r['accepted_p95_ms']} p99 {r['accepted_p99_ms']} ms, RSS {r['rss_mb']}, "
                     f"exit {r['exit_code']}, load {r['load_avg_1m']}")
-        drain = None if args.no_drain_check else _drain_check(record["id"], home, key, texts, args)
-        if drain:
-            say(f"drain: {drain['status']} errors {drain['errors']} exit {drain['exit_code']}")
+        drain = {}
+        for draining in ([] if args.no_drain_check else [False, True]):
+            d = drain["draining_server" if draining else "uvicorn_server"] = _drain_check(
+                record["id"], home, key, texts, args, draining)
+            say(f"drain ({d['server']}): {d['status']} errors {d['errors']} exit {d['exit_code']}")
     out = {"run": record["id"], "requests": args.requests, "clients": args.clients, "warmup": args.warmup,
            "cpu_count": os.cpu_count(), "texts": len(texts), "rounds": rounds, "summary": _summary(rounds),
            "drain": drain}
@@ -303,6 +321,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--serve-count-only":
-        raise SystemExit(_serve_count_only(sys.argv[2:]))
+    if len(sys.argv) > 2 and sys.argv[1] == "--serve-child":
+        raise SystemExit(_serve_child(sys.argv[2], sys.argv[3:]))
     raise SystemExit(main())

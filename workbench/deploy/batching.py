@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
+import ctypes.util
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +46,24 @@ Item = Any
 Job = tuple[list[Item], "asyncio.Future[list[Any]]"]
 MAX_QUEUE_WAIT_S = 0.5  # the default wait budget: see max_queue_wait_s in MicroBatcher
 RATE_WINDOW = 16  # model calls the cost estimate is taken over
+TRIM_EVERY_S = 1.0  # the least time between two returns of the model's freed memory (see release_freed_memory)
+
+
+def release_freed_memory() -> bool:
+    """Hand the C heap's free pages back to the system (glibc malloc_trim); False where there is no glibc.
+
+    Model calls on batches of varying shapes leave freed tensor memory in glibc's heap, which it keeps: a
+    served MiniLM grew from 664 to 967 MB RSS over 300 calls of 1-32 texts and went back to 716 MB after one
+    malloc_trim; trimmed after every call it stayed at 716 MB (about 4 ms a trim)."""
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        trim = None
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
 class QueueFull(Exception):
@@ -94,6 +114,7 @@ class MicroBatcher:
         self._calls: collections.deque[tuple[float, int]] = collections.deque(maxlen=RATE_WINDOW)
         self._running: tuple[int, float] | None = None  # (items, perf_counter at start) of the call in the model
         self._closing = False
+        self._trimmed_at = 0.0  # perf_counter of the last release_freed_memory
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._queue: asyncio.Queue[Job] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -271,6 +292,10 @@ class MicroBatcher:
         finally:
             self._running = None
         self._calls.append((time.perf_counter() - start, len(items)))
+        now = time.perf_counter()
+        if self.waiting <= len(items) and now - self._trimmed_at > TRIM_EVERY_S:  # nothing queued behind: idle
+            self._trimmed_at = now
+            release_freed_memory()
         if len(results) != len(items):
             raise RuntimeError(f"model returned {len(results)} results for {len(items)} inputs")
         return results
