@@ -157,3 +157,25 @@ def test_write_cluster_files_stages_a_one_run_workspace(tmp_path, tiny_model_dir
     assert f"base-model/ {Path(tiny_model_dir).resolve()}/" in Path(paths["Dockerfile"]).read_text()
     with pytest.raises(WorkbenchError, match="is not empty"):
         write_cluster_files(out, kept, home)
+
+    from workbench.cli import main  # the same through the CLI; a non-empty folder is exit code 2
+
+    cli_out = tmp_path / "cli-cluster"
+    assert main(["--home", str(home), "cluster-files", kept, "--out", str(cli_out), "--image", "wb:2",
+                 "--max-replicas", "3"]) == 0
+    assert "image: wb:2" in (cli_out / "kubernetes.yaml").read_text()
+    assert "maxReplicas: 3" in (cli_out / "kubernetes.yaml").read_text()
+    assert main(["--home", str(home), "cluster-files", kept, "--out", str(cli_out)]) == 2
+
+
+def test_serve_engine_options_become_rays_autoscaling():
+    from workbench.cli import _parser, ray_scaling
+
+    args = _parser().parse_args(["serve", "r", "--engine", "ray", "--min-replicas", "1", "--max-replicas", "4",
+                                 "--target-ongoing", "3", "--replica-cpus", "0.25"])
+    scaling = ray_scaling(args)
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests, scaling.replica_cpus) == (
+        1, 4, 3.0, 0.25)
+    assert _parser().parse_args(["serve", "r"]).engine == "uvicorn"
+    with pytest.raises(WorkbenchError, match="give --min-replicas"):
+        ray_scaling(_parser().parse_args(["serve", "r", "--engine", "ray", "--min-replicas", "3"]))

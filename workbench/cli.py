@@ -140,6 +140,32 @@ def _serve_command(sub: Any) -> None:
                     help="classification: answer \"uncertain\" when the top class's calibrated probability is "
                          "under P (default: the run's train.abstain_below; none: always answer)")
     _add_alert_arguments(sv)
+    _add_engine_arguments(sv)
+    cf = sub.add_parser("cluster-files", help="a Dockerfile, a KubeRay RayService and a Kubernetes "
+                                              "Deployment + Service + HPA for a run, with the image's build context")
+    cf.add_argument("run", help="run id ('latest' for the newest)")
+    cf.add_argument("--out", required=True, help="a new (or empty) folder to write them into")
+    cf.add_argument("--image", default="workbench-serve:latest", help="the container image's name and tag")
+    cf.add_argument("--min-replicas", type=int, default=1)
+    cf.add_argument("--max-replicas", type=int, default=4)
+    cf.add_argument("--target-ongoing", type=float, default=2.0, metavar="N",
+                    help="requests in flight per replica the autoscalers aim at")
+    cf.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs per replica (pod)")
+
+
+def _add_engine_arguments(sv: Any) -> None:
+    """`serve --engine ray`: the same app on Ray Serve replicas, autoscaled (deploy.ray_engine)."""
+    en = sv.add_argument_group("engine", "where the app runs: one uvicorn process, or Ray Serve replicas")
+    en.add_argument("--engine", choices=("uvicorn", "ray"), default="uvicorn",
+                    help="uvicorn: one process (default); ray: Ray Serve replicas that scale with traffic "
+                         '(pip install "llm-workbench[cluster]")')
+    en.add_argument("--min-replicas", type=int, default=1, help="--engine ray: fewest replicas (default 1)")
+    en.add_argument("--max-replicas", type=int, default=2, help="--engine ray: most replicas (default 2)")
+    en.add_argument("--target-ongoing", type=float, default=2.0, metavar="N",
+                    help="--engine ray: requests in flight per replica the autoscaler aims at (default 2)")
+    en.add_argument("--replica-cpus", type=float, default=0.5, help="--engine ray: CPUs per replica (default 0.5)")
+    en.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                    help="--engine ray: a running Ray cluster ('auto', 'ray://head:10001'); default: a local Ray")
 
 
 def _add_alert_arguments(sv: Any) -> None:
@@ -307,6 +333,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _export(args)
     if args.command == "ladder":
         return _ladder(args)
+    if args.command == "cluster-files":
+        return _cluster_files(args)
     if args.command == "serve":
         return _serve(args)
     if args.command == "optimize":
@@ -739,9 +767,34 @@ def _serve(args: argparse.Namespace) -> int:
     from .deploy.server import serve
 
     settings = serve_settings(args)
+    if args.engine == "ray":
+        from .deploy.ray_engine import serve_on_ray
+
+        serve_on_ray(args.run, host=args.host, port=args.port, settings=settings, api_key_file=args.api_key_file,
+                     no_api_key=args.no_api_key, artifact=args.artifact, scaling=ray_scaling(args),
+                     ray_address=args.ray_address, echo=lambda line: print(line, flush=True))
+        return EXIT_OK
     serve(args.run, host=args.host, port=args.port, artifact=args.artifact, settings=settings,
           api_key_file=args.api_key_file, no_api_key=args.no_api_key, echo=lambda line: print(line, flush=True),
           alerts=_alert_thresholds(args))
+    return EXIT_OK
+
+
+def ray_scaling(args: argparse.Namespace) -> Any:
+    """The --engine ray options as ray_engine.Autoscaling (a WorkbenchError names a bad one)."""
+    from .deploy.ray_engine import Autoscaling
+
+    return Autoscaling(args.min_replicas, args.max_replicas, args.target_ongoing, replica_cpus=args.replica_cpus)
+
+
+def _cluster_files(args: argparse.Namespace) -> int:
+    from .deploy.cluster import write_cluster_files
+
+    written = write_cluster_files(args.out, args.run, image=args.image, min_replicas=args.min_replicas,
+                                  max_replicas=args.max_replicas, target_ongoing_requests=args.target_ongoing,
+                                  replica_cpus=args.replica_cpus)
+    for path in written.values():
+        print(path)
     return EXIT_OK
 
 
