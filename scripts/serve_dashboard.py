@@ -24,15 +24,13 @@ What the server enforces:
 - a websocket message may be up to twice the dashboard's upload limit, so an upload over the limit
   reaches the page's kernel and is refused there in words instead of closing the connection.
 
-Memory per page load (benchmarks/bench_dashboard_load.py): the server holds no Python objects of a page
-once its kernel is culled; what grew by ~37 MB per load was glibc keeping the freed buffers of the large
-kernel messages a page sends (each plotly figure's state carries its 5 MB widget bundle, received by ZeroMQ's
-I/O thread and copied by the server). glibc raises its mmap threshold to the size of the largest block freed
-(up to 32 MB), so after the first such message every later one is carved from the heap and its pages stay
-with the process. The server fixes that threshold at 128 KiB (`tune_allocator`): large buffers are mapped
-and unmapped, and their memory goes back to the system when freed. `--allocator default` leaves glibc as
-it is (for the benchmark's comparison). WORKBENCH_DASHBOARD_MEMORY_LOG=<file> makes the server append one
-JSON line of its memory (RSS, Python objects, malloc in use and free) to that file on SIGUSR1.
+Memory per page load (benchmarks/bench_dashboard_load.py, 20 loads back to back, kernels culled after 30 s):
+the server process grows by ~35 MB per load, in steps of ~58 MB every other load. Measured so far: no Python
+objects of a page stay (tracemalloc: +4 MB, once, the first load's imports); no C memory stays (heaptrack:
+15 KB still allocated in libzmq); the growth is small (~1 MB per load) when loads are spaced so that at most
+two kernels run. Not yet fixed: fixing glibc's mmap threshold (`--allocator tuned`, `tune_allocator`) gave
+33 vs 36 MB per load, no real change, so it is off by default. WORKBENCH_DASHBOARD_MEMORY_LOG=<file> makes the
+server append one JSON line of its memory (RSS, Python objects, malloc in use and free) to that file on SIGUSR1.
 """
 
 from __future__ import annotations
@@ -186,7 +184,8 @@ def tune_allocator() -> bool:
     glibc starts at 128 KiB and raises the threshold to the size of each mmap'd block that is freed; a page's
     5 MB widget messages raise it to 5 MB, after which they come from the heap and their pages stay with the
     server (~37 MB per page load, measured). Setting M_MMAP_THRESHOLD turns the raising off. Only this process
-    is affected: kernels and training runs keep glibc's defaults. Returns False where there is no glibc."""
+    is affected: kernels and training runs keep glibc's defaults. Returns False where there is no glibc.
+    Measured (bench_dashboard_load, 20 loads): 33 MB per load with it, 36 without: not the cause; off by default."""
     libc = _libc()
     if libc is None:
         return False
@@ -239,7 +238,7 @@ def install_memory_log() -> None:
 
 
 def write_voila_config(folder: Path, host: str, allowed_hosts: list[str], max_kernels: int = MAX_KERNELS,
-                       allocator: str = "tuned") -> Path:
+                       allocator: str = "default") -> Path:
     """<folder>/voila.json with the tornado settings (a command line would pass their booleans as strings), and
     <folder>/voila.py with what only Python can set: the cross-site hook, the capped kernel manager, the
     allocator setting (`tune_allocator`, unless `allocator` is "default") and the memory log.
@@ -322,9 +321,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"pages served at once, each its own kernel of ~580 MB (default {MAX_KERNELS})")
     parser.add_argument("--home", help="run store (default: $WORKBENCH_HOME or ./workbench-runs)")
     parser.add_argument("--read-only", action="store_true", help="no training controls (public demos)")
-    parser.add_argument("--allocator", choices=ALLOCATORS, default="tuned",
-                        help="tuned (default): the server gives freed large buffers back to the system; "
-                             "default: glibc as it is (to measure the difference)")
+    parser.add_argument("--allocator", choices=ALLOCATORS, default="default",
+                        help="default: glibc as it is; tuned: a fixed mmap threshold in the server (an experiment "
+                             "for bench_dashboard_load.py: it did not reduce the growth per page load)")
     args = parser.parse_args(argv)
 
     try:
