@@ -340,17 +340,17 @@ def test_learning_curve_shares_the_start_and_grows_each_strategy(tiny_model_dir,
                            workdir=tmp_path / "work", out=tmp_path / "curve.json",
                            on_point=lambda name, point: heard.append((name, point["labels"])))
     assert curve["pool_rows"] == 60 and curve["test_rows"] == 20
-    assert set(curve["strategies"]) == {"margin-diversity", "random"}
+    assert set(curve["strategies"]) == {"balanced-margin", "random"}
     for name, points in curve["strategies"].items():
         assert [p["labels"] for p in points] == [12, 18, 24]
         assert all(0.0 <= p["f1_macro"] <= 1.0 for p in points)
         assert curve["final"][name] == points[-1]["f1_macro"]
-    assert curve["strategies"]["random"][0] == curve["strategies"]["margin-diversity"][0]  # one start run
+    assert curve["strategies"]["random"][0] == curve["strategies"]["balanced-margin"][0]  # one start run
     assert len({p["run"] for points in curve["strategies"].values() for p in points}) == 5
-    assert heard == [("margin-diversity", 12), ("random", 12), ("margin-diversity", 18), ("random", 18),
-                     ("margin-diversity", 24), ("random", 24)]  # round by round
+    assert heard == [("balanced-margin", 12), ("random", 12), ("balanced-margin", 18), ("random", 18),
+                     ("balanced-margin", 24), ("random", 24)]  # round by round
     assert json.loads((tmp_path / "curve.json").read_text()) == curve
-    grown = load_labelled(str(tmp_path / "work" / "margin-diversity-24.csv"))[0]
+    grown = load_labelled(str(tmp_path / "work" / "balanced-margin-24.csv"))[0]
     assert len(set(grown)) == 24 and not set(grown) & {r["text"] for r in rows[:20]}
 
 
@@ -386,7 +386,7 @@ def test_widget_shows_suggestions_with_a_button_per_class_and_the_strategy(label
     assert widget.labels == ["neg", "pos"]
     assert [b.description for b in widget._classes.children] == ["neg (1)", "pos (2)"]
     assert len(widget.suggestions) == 4 and widget.position == 0
-    assert "margin-diversity" in widget._title.value
+    assert "balanced-margin" in widget._title.value
     assert widget.current["text"] in widget._text.value or "&" in widget._text.value
     assert widget.key_listener.hint == "keys: 1-2 answer, s skip, u or Backspace undo"
     assert widget._undo.disabled  # nothing appended yet

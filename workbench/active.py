@@ -90,7 +90,7 @@ def normalise(text: str) -> str:
 
 
 def suggest(run: str = "latest", pool: str | Path | list[str] = (), n: int = 20, home: str | Path | None = None,
-            *, strategy: str = "margin-diversity", seed: int = 0, text_column: str | None = None,
+            *, strategy: str = "balanced-margin", seed: int = 0, text_column: str | None = None,
             exclude: Iterable[str] = (), predictor: Any = None) -> list[dict[str, Any]]:
     """The `n` pool texts most useful to label next for classification run `run`, most useful first.
 
@@ -558,7 +558,7 @@ def curve_file(dataset_path: str | Path) -> Path:
 
 def learning_curve(config: Config, pool: str | Path | list[dict[str, str]], test_source: str | Path, *,
                    start: int = 100, rounds: int = 3, per_round: int = 50,
-                   strategies: tuple[str, ...] = ("margin-diversity", "random"), seed: int = 0,
+                   strategies: tuple[str, ...] = ("balanced-margin", "random"), seed: int = 0,
                    home: str | Path | None = None, workdir: str | Path | None = None, out: str | Path | None = None,
                    on_point: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Labels vs macro-F1 per strategy: `start` labelled rows drawn at random (with `seed`) from `pool` (a

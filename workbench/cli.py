@@ -230,8 +230,8 @@ def _answer_commands(sub: Any) -> None:
     sg.add_argument("run", help="run id ('latest' for the newest)")
     sg.add_argument("--pool", required=True, help="unlabelled texts: a table's text column, or one text a line")
     sg.add_argument("-n", type=int, default=20, help="how many to suggest (default 20)")
-    sg.add_argument("--strategy", default="margin-diversity",
-                    help="margin-diversity (default), margin, entropy or random")
+    sg.add_argument("--strategy", default="balanced-margin",
+                    help="balanced-margin (default), margin-diversity, entropy-diversity, margin, entropy or random")
     sg.add_argument("--text-column", help="the pool's text column (default: detected)")
     sg.add_argument("--seed", type=int, default=0)
     sg.add_argument("--json", action="store_true", help="every row with its scores and cluster, as JSON")
