@@ -190,3 +190,16 @@ def test_the_run_summary_can_carry_the_panel_and_it_follows_the_shown_run(finish
     store.finish(queued, "completed")  # the run the page shows completes: it can be extended now
     summary.refresh()
     assert f"continue run {queued} from its weights" in summary.extend._title.value
+
+
+def test_the_dashboard_shows_extend_run_beside_the_shown_run_but_not_read_only(finished):
+    from widgets import Dashboard, ExtendRunPanel
+
+    store, first, _, _ = finished
+    dash = Dashboard(home=store.home, background=False)
+    assert isinstance(dash.summary.extend, ExtendRunPanel)
+    dash.train.run_id = first["id"]  # the Train tab shows a finished run: it can be extended from there
+    assert dash.summary.extend.run_id == first["id"]
+    assert f"continue run {first['id']}" in dash.summary.extend._title.value
+    viewer = Dashboard(home=store.home, background=False, read_only=True)
+    assert viewer.summary.extend is None  # a read-only page launches nothing

@@ -180,10 +180,9 @@ def test_overloaded_server_answers_200_or_503_with_retry_after():
 
 
 def _draining_server(app: Any) -> ThreadedServer:
-    """A ThreadedServer whose uvicorn server is a DrainingServer (what `workbench serve` runs)."""
+    """A ThreadedServer, whose uvicorn server is a DrainingServer (what `workbench serve` runs)."""
     server = ThreadedServer(app)
-    server.server = DrainingServer(server.server.config)
-    server.thread = threading.Thread(target=server.server.run, kwargs={"sockets": [server.sock]}, daemon=True)
+    assert isinstance(server.server, DrainingServer)
     return server
 
 
@@ -208,3 +207,14 @@ def test_server_stopped_under_load_answers_every_request_it_read(trial):
     assert not lost, lost
     with pytest.raises(httpx.ConnectError):
         httpx.post(url + "/v1/classify", json={"texts": ["good"]}, headers=AUTH, timeout=5)
+
+
+def test_the_serve_command_sets_the_wait_budget_and_0_turns_it_off():
+    from workbench.cli import _parser, serve_settings
+    from workbench.errors import WorkbenchError
+
+    assert serve_settings(_parser().parse_args(["serve", "r"])).max_queue_wait_s == 0.5
+    assert serve_settings(_parser().parse_args(["serve", "r", "--max-queue-wait-s", "0.2"])).max_queue_wait_s == 0.2
+    assert serve_settings(_parser().parse_args(["serve", "r", "--max-queue-wait-s", "0"])).max_queue_wait_s is None
+    with pytest.raises(WorkbenchError, match="max_queue_wait_s"):
+        serve_settings(_parser().parse_args(["serve", "r", "--max-queue-wait-s", "-1"]))

@@ -74,6 +74,8 @@ def wire(train: TrainPanel, curve: LossCurve, confusion: ConfusionMatrix, compar
                 model.refresh_runs()
 
     train.observe(on_status, names="status")
+    if summary is not None and summary.extend is not None:  # a run "Extend run" started: listed when it ends
+        summary.extend.observe(on_status, names="status")
 
 
 class Dashboard(W.VBox):
@@ -112,7 +114,8 @@ class Dashboard(W.VBox):
         self.train = TrainPanel(home=home, background=background, read_only=read_only, config_factory=self.config,
                                 launcher=launcher, start_check=start_check)
         self.curve = LossCurve(store=self.store, background=background)
-        self.summary = RunSummary(store=self.store, background=background)
+        # "Extend run" (continual learning on new data) launches runs: not on a read-only page
+        self.summary = RunSummary(store=self.store, background=background, extend=not read_only)
         self.confusion = ConfusionMatrix(store=self.store, background=background)
         self.compare = RunCompare(store=self.store, background=background)
         self.playground = Playground(store=self.store, background=background, uploads=not read_only)

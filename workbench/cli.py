@@ -128,6 +128,9 @@ def _serve_command(sub: Any) -> None:
                          "are refused either way")
     sv.add_argument("--max-batch-size", type=int, default=32, help="inputs grouped into one model call (1 = no batching)")
     sv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
+    sv.add_argument("--max-queue-wait-s", type=float, default=0.5, metavar="S",
+                    help="refuse (503 + Retry-After) a request expected to wait longer than S seconds for the model "
+                         "(default 0.5); 0: only the queue's length bounds it")
     sv.add_argument("--max-generation-batch", type=int, default=16,
                     help="chat answers generated together, sharing decode steps (1 = one at a time)")
     sv.add_argument("--max-body-bytes", type=int, default=1_000_000)
@@ -755,6 +758,7 @@ def serve_settings(args: argparse.Namespace) -> Any:
     try:
         return ServeSettings(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                              max_generation_batch=args.max_generation_batch,
+                             max_queue_wait_s=args.max_queue_wait_s or None,
                              max_body_bytes=args.max_body_bytes, max_texts=args.max_texts,
                              max_chars=args.max_chars, max_tokens=args.max_tokens, log_text=args.log_text,
                              abstain_below=args.abstain_below,

@@ -77,6 +77,8 @@ class ServeSettings:
     max_tokens: int = 512             # the largest max_tokens a chat request may ask for (422)
     max_queue: int = 128              # texts waiting or running (a chat request counts 1); beyond: 503
     request_timeout_s: float = 60.0   # the longest a request waits for the model, queue included (504)
+    max_queue_wait_s: float | None = 0.5  # refuse (503 + Retry-After) a request expected to wait longer for the
+    #                                       model than this (a fit of recent calls); None: max_queue only
     header_timeout_s: float = 10.0    # a connection's request headers must be complete within this (closed)
     body_timeout_s: float = 10.0      # the longest pause between two chunks of a request body (408)
     max_connections: int = 512        # open connections and requests in progress; beyond: 503
@@ -95,6 +97,9 @@ class ServeSettings:
         for name in ("request_timeout_s", "header_timeout_s", "body_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be a number of seconds > 0, got {getattr(self, name)!r}")
+        if self.max_queue_wait_s is not None and not self.max_queue_wait_s > 0:
+            raise ValueError(f"max_queue_wait_s must be a number of seconds > 0 (or None), got "
+                             f"{self.max_queue_wait_s!r}")
         if self.abstain_below is not None and not 0.0 < self.abstain_below < 1.0:
             raise ValueError(f"abstain_below must be a probability between 0 and 1, got {self.abstain_below!r}")
         if self.allowed_hosts is not None:
@@ -326,8 +331,8 @@ class CheckedRoute(APIRoute):
 
 
 def _busy(exc: QueueFull) -> ApiError:
-    return ApiError(503, f"the server is busy ({exc}); the queue is bounded by max_queue={exc.limit}",
-                    "overloaded", "max_queue", headers={"Retry-After": str(exc.retry_after)})
+    return ApiError(503, f"the server is busy ({exc})", "overloaded", exc.limit_name,
+                    headers={"Retry-After": str(exc.retry_after)})
 
 
 def _late(timeout_s: float) -> ApiError:
@@ -471,7 +476,8 @@ def _lifespan(loader: Callable[[], ServedModel] | ServedModel, state: ServerStat
     async def lifespan(app: Any):
         state.batcher = MicroBatcher(state.run_batch, settings.max_batch_size, settings.max_wait_ms,
                                      metrics.batch_size.observe, max_queue=settings.max_queue,
-                                     timeout_s=settings.request_timeout_s)
+                                     timeout_s=settings.request_timeout_s,
+                                     max_queue_wait_s=settings.max_queue_wait_s)
         await state.batcher.start()
         if isinstance(loader, ServedModel):
             load()

@@ -36,7 +36,7 @@ from ..run_paths import RunPaths
 from ..store import RunStore, pid_alive, private_dir, private_file, private_files
 from .alerts import AlertThresholds, alert_args, write_alert_rules
 from .app import ServeSettings, create_app
-from .connections import LOOPBACK_NAMES, deadline_protocol
+from .connections import LOOPBACK_NAMES, DrainingServer, deadline_protocol
 from .keys import ensure_api_key, is_loopback, key_path, mask, read_key_file, write_key_file
 
 STATE_FILE = "server.json"
@@ -147,8 +147,6 @@ def _serve(run: str, home: str | Path | None, host: str, port: int, artifact: st
            echo: Callable[[str], None], terminal: bool, alerts: AlertThresholds) -> None:
     import dataclasses
 
-    import uvicorn
-
     from .adapter import drift_baseline, load_served_model
 
     store = RunStore(home)
@@ -172,7 +170,7 @@ def _serve(run: str, home: str | Path | None, host: str, port: int, artifact: st
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     app, state = create_app(lambda: load_served_model(run_id, store.home, artifact), settings, key,
                             baseline=lambda served: drift_baseline(record, store.home))
-    server = uvicorn.Server(uvicorn_config(app, settings, drain_seconds))  # uvicorn's log handlers are made here
+    server = DrainingServer(uvicorn_config(app, settings, drain_seconds))  # uvicorn's log handlers are made here
     if served_mask_mode(record) != "off":
         mask_logging(*LOGGERS)
     state_path = private_dir(deploy_dir(run_dir)) / STATE_FILE
@@ -325,12 +323,10 @@ class ThreadedServer:
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, drain_seconds: float = 10.0) -> None:
         import threading
 
-        import uvicorn
-
         self.sock = _bind(host, port)
         self.port = self.sock.getsockname()[1]
         self.url = f"http://{host}:{self.port}"
-        self.server = uvicorn.Server(uvicorn_config(app, None, drain_seconds))
+        self.server = DrainingServer(uvicorn_config(app, None, drain_seconds))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name="uvicorn", daemon=True)
 
