@@ -16,7 +16,9 @@ and run its `initialize`, and each plotly figure imports its own copy of the 5 M
 headless chromium on 2 loaded cores: 1.5 s for one import, 4.8 s for three; a dashboard opens three or
 more figures at once, so some never started ("[anywidget] Failed to initialize model.") and never
 updated. A LiveFigure's module is a small loader instead (LOADER below): it imports the bundle once
-per page, not within the 2 s, and hands plotly the messages that arrived while it loaded. It also
+per page, not within the 2 s, and hands plotly the messages that arrived while it loaded. The bundle itself
+is one PlotlyModule widget per kernel that every figure refers to: sent as a trait of each figure, a
+dashboard's page carried it once per figure (about 10 x 5 MB through the Voila server per page load). It also
 makes a figure follow the width of its box (under anywidget, plotly sized it once: 700 px when drawn in
 a hidden tab, overflowing a narrow page).
 """
@@ -28,6 +30,7 @@ from collections.abc import Iterable
 from copy import deepcopy
 from typing import Any
 
+import ipywidgets as W
 import plotly.graph_objects as go
 import traitlets as T
 
@@ -41,8 +44,16 @@ const MESSAGES = ["_py2js_addTraces", "_py2js_deleteTraces", "_py2js_moveTraces"
                   "_py2js_relayout", "_py2js_update", "_py2js_animate", "_py2js_removeLayoutProps",
                   "_py2js_removeTraceProps"];
 
+async function code(model) {
+  // the bundle is held by one PlotlyModule widget per kernel that every figure refers to ("IPY_MODEL_<id>")
+  const ref = model.get("_plotly_module");
+  const holder = await model.widget_manager.get_model(ref.slice("IPY_MODEL_".length));
+  return holder.get("code");
+}
+
 function bundle(model) {
-  globalThis[KEY] ??= import(URL.createObjectURL(new Blob([model.get("_plotly_bundle")], {type: "text/javascript"})));
+  globalThis[KEY] ??= code(model).then(
+    (text) => import(URL.createObjectURL(new Blob([text], {type: "text/javascript"}))));
   return globalThis[KEY];
 }
 
@@ -114,12 +125,34 @@ def loader(code: str) -> str:
     return LOADER.replace("DIGEST", hashlib.sha1(code.encode()).hexdigest()[:16])
 
 
+class PlotlyModule(W.Widget):
+    """plotly's widget module (5 MB of JavaScript) as one widget that every LiveFigure of the kernel refers to:
+    a page receives it once, however many figures it shows. A plain widget model, with no view."""
+
+    code = T.Unicode("", help="plotly's FigureWidget module, run by every LiveFigure's loader").tag(sync=True)
+
+
+_shared_module: PlotlyModule | None = None
+
+
+def plotly_module() -> PlotlyModule:
+    """The kernel's PlotlyModule (made again if it was closed, e.g. by Widget.close_all)."""
+    global _shared_module
+    if _shared_module is None or _shared_module.comm is None:
+        _shared_module = PlotlyModule(code=str(go.FigureWidget._esm))
+    return _shared_module
+
+
 class LiveFigure(go.FigureWidget):
     """A FigureWidget whose state, as a view opened later reads it, is the figure as it is now."""
 
     _esm = loader(str(go.FigureWidget._esm))
-    _plotly_bundle = T.Unicode(str(go.FigureWidget._esm), help="plotly's widget module, run by the loader").tag(
-        sync=True)
+    _plotly_module = T.Instance(PlotlyModule, help="the widget that holds plotly's module, shared by every "
+                                "figure").tag(sync=True, **W.widget_serialization)
+
+    @T.default("_plotly_module")
+    def _shared_plotly_module(self) -> PlotlyModule:
+        return plotly_module()
 
     def get_state(self, key: str | Iterable[str] | None = None, drop_defaults: bool = False) -> dict[str, Any]:
         if key is None:  # the whole state: a new view (a page connecting, a reload, an embed) is starting
