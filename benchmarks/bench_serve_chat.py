@@ -6,8 +6,9 @@
 Without RUN, a chat run of the packaged SmolLM2-135M-Instruct is trained in HOME first (LoRA, 1 epoch on 24
 chatterbot conversations: a real run, small enough for a shared CPU; `--make-run` only makes it).
 
-Two arms, each a fresh `workbench serve` process on a free loopback port (the serve command line, run by this
-file with two ServeSettings changed: the serve command has no option for them yet), interleaved round by round
+Two arms, each a fresh `workbench serve` process on a free loopback port (the serve command line with
+--max-generation-batch, run by this file with request_timeout_s raised: the serve command has no option for
+it), interleaved round by round
 (the order swapped each round: a machine shared with other work slows both alike):
 - "batched": concurrent chat requests share decode steps (max_generation_batch 16, the default);
 - "one": answers one at a time (max_generation_batch=1).
