@@ -179,6 +179,47 @@ def test_overloaded_server_answers_200_or_503_with_retry_after():
     assert state.batcher.shed == len(shed)
 
 
+def test_a_full_server_sheds_before_reading_the_body():
+    """While the queue is full, a POST to a text route is refused with 503 + Retry-After before its body is
+    parsed (a body that is not JSON still gets the 503, not a 422); keys are checked first; GETs still answer."""
+    settings = ServeSettings(max_batch_size=8, max_wait_ms=0, max_queue=8, max_queue_wait_s=None)
+    app, state = create_app(ServedModel(SlowPredictor(), "run-x"), settings, KEY)
+    with ThreadedServer(app) as url:
+        not_json = {**AUTH, "Content-Type": "application/json"}
+        assert httpx.post(url + "/v1/classify", content=b"{not json", headers=not_json).status_code == 422
+        holder = threading.Thread(target=lambda: httpx.post(url + "/v1/classify", headers=AUTH, timeout=30,
+                                                            json={"texts": ["good"] * 8}))
+        holder.start()  # 8 texts fill the queue for one call of 0.18 s
+        deadline = time.monotonic() + 10
+        while state.batcher.waiting < 8 and time.monotonic() < deadline:
+            time.sleep(0.002)
+        shed = httpx.post(url + "/v1/classify", content=b"{not json", headers=not_json)
+        keyless = httpx.post(url + "/v1/classify", json={"texts": ["good"]})
+        health = httpx.get(url + "/healthz")
+        holder.join()
+        after = httpx.post(url + "/v1/classify", json={"texts": ["good"]}, headers=AUTH)
+    assert shed.status_code == 503 and int(shed.headers["retry-after"]) >= 1, shed.text
+    assert "queue" in shed.json()["error"]["message"]
+    assert keyless.status_code == 401 and health.status_code == 200
+    assert state.batcher.shed == 1 and after.status_code == 200
+
+
+def test_a_burst_let_in_while_the_queue_is_empty_counts_against_the_bound():
+    """Requests let in before their bodies are read count as one text each: a burst that meets an empty queue
+    is let in only up to max_queue, and a request that ends (or is counted by the batcher) frees its place."""
+    settings = ServeSettings(max_batch_size=8, max_wait_ms=0, max_queue=8, max_queue_wait_s=None)
+    app, state = create_app(ServedModel(SlowPredictor(), "run-x"), settings, KEY)
+    with ThreadedServer(app):
+        scopes = [{} for _ in range(10)]
+        answers = [state.busy("/v1/classify", scope) for scope in scopes]
+        assert answers[:8] == [None] * 8 and all(a is not None and a.status == 503 for a in answers[8:])
+        assert state.busy("/v1/translate", {}) is None  # not the served route: its 404 comes from the app
+        for scope in scopes:
+            state.arrived(scope)
+            state.arrived(scope)  # twice (the route, then the Guard): counted once
+        assert state.passing == 0 and state.busy("/v1/classify", {}) is None
+
+
 def _draining_server(app: Any) -> ThreadedServer:
     """A ThreadedServer, whose uvicorn server is a DrainingServer (what `workbench serve` runs)."""
     server = ThreadedServer(app)

@@ -34,6 +34,7 @@ import threading
 import time
 import traceback
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
@@ -57,6 +58,7 @@ if TYPE_CHECKING:  # torch is imported once a chat model is served
     from .generation import GenerationScheduler, Ticket
 
 log = logging.getLogger("workbench.serve")
+PASSING = "workbench.passing"  # scope key: a request let in by ServerState.busy, not yet counted by the batcher
 
 CHAT_ROUTE = "/v1/chat/completions"
 EXPLAIN_ROUTE = "/v1/explain"
@@ -155,12 +157,43 @@ async def _send_error(send: Callable[[dict], Awaitable[None]], error: ApiError) 
     await send({"type": "http.response.body", "body": body})
 
 
+class ShedLog:
+    """Requests shed before their body was read, logged as one line a second ("POST classify 503 x 412 in the last
+    1.0 s: ..."), not one line each: under a storm, a line per refusal took a sixth of the event loop's time.
+    /metrics counts every one (workbench_requests_total{status="503"})."""
+
+    def __init__(self, every_s: float = 1.0) -> None:
+        self.every_s = every_s
+        self.counts: Counter[str] = Counter()
+        self.reason = ""
+        self.since = 0.0
+
+    def count(self, route: str, error: ApiError) -> None:
+        now = time.monotonic()
+        if not self.counts:
+            self.since = now
+        self.counts[route] += 1
+        self.reason = error.message
+        if now - self.since >= self.every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.counts:
+            for route, n in sorted(self.counts.items()):
+                log.info("POST %s 503 x %d in the last %.1f s, shed before reading: %s", route, n,
+                         time.monotonic() - self.since, self.reason)
+            self.counts.clear()
+
+
 class Guard:
     """ASGI wrapper: Host / Origin allow-list, API key, body limit and deadline, request metrics, and a JSON 500
     when anything escapes."""
 
-    def __init__(self, app: Any, api_key: str | None, settings: ServeSettings, metrics: ServerMetrics) -> None:
+    def __init__(self, app: Any, api_key: str | None, settings: ServeSettings, metrics: ServerMetrics,
+                 state: "ServerState | None" = None) -> None:
         self.app, self.api_key, self.settings, self.metrics = app, api_key, settings, metrics
+        self.state = state  # sheds a POST to a busy text route before its body is read (ServerState.busy)
+        self.shed_log = ShedLog()
 
     def _refusal(self, path: str, headers: dict[bytes, bytes]) -> ApiError | None:
         """The error to answer before the app runs: a foreign site or Host, no key, a declared body too large."""
@@ -222,8 +255,11 @@ class Guard:
             await send(message)
 
         self.metrics.in_flight.inc()
+        shed: ApiError | None = None
         try:
             refusal = self._refusal(path, {k.lower(): v for k, v in scope.get("headers", [])})
+            if refusal is None and self.state is not None and scope.get("method") == "POST":
+                refusal = shed = self.state.busy(path, scope)
             if refusal is not None:
                 await _send_error(tracked_send, refusal)
                 return
@@ -242,11 +278,17 @@ class Guard:
                                                               "(see the server log)", "internal_error"))
         finally:
             elapsed = time.perf_counter() - start
+            if self.state is not None:
+                self.state.arrived(scope)
             self.metrics.in_flight.dec()
             self.metrics.requests.labels(route=route, status=str(status[0] or 500)).inc()
             if route not in ("other",):
                 self.metrics.latency.labels(route=route).observe(elapsed)
-            log.info("%s %s %d %.1f ms", scope.get("method", ""), route, status[0] or 500, elapsed * 1000)
+            if shed is not None:
+                self.shed_log.count(route, shed)
+            else:
+                self.shed_log.flush()
+                log.info("%s %s %d %.1f ms", scope.get("method", ""), route, status[0] or 500, elapsed * 1000)
 
 
 class ServerState:
@@ -256,6 +298,7 @@ class ServerState:
         self.settings, self.metrics = settings, metrics
         self.served: ServedModel | None = None
         self.batcher: MicroBatcher | None = None
+        self.passing = 0  # text requests let in by `busy` whose texts the batcher has not counted yet
         self.generator: "GenerationScheduler | None" = None  # chat answers, when the model can batch them
         self.load_error: str | None = None
         self.created = int(time.time())
@@ -266,6 +309,30 @@ class ServerState:
                 raise ApiError(503, f"the model failed to load: {self.load_error}", "unavailable")
             raise ApiError(503, "the model is still loading: retry when GET /readyz answers 200", "unavailable")
         return self.served
+
+    def busy(self, path: str, scope: dict) -> ApiError | None:
+        """The 503 (with Retry-After) a request to the served text route gets when even one more text would be
+        refused: answered by the Guard before the body is read, parsed and validated. Under a storm of
+        requests this keeps a refusal to microseconds of the event loop's time, which the model's thread and
+        the admitted requests need (refused after parsing, a storm cost the admitted ones seconds). A request let
+        through counts as one text ahead of the next ones until the batcher counts its real texts (`arrived`),
+        so that a burst arriving while the queue is empty is not let through whole."""
+        if self.batcher is None or self.served is None or path != self.served.route or path not in TEXT_ROUTES:
+            return None
+        refused = self.batcher.refusal(1, ahead=self.passing)
+        if refused is not None:
+            self.batcher.shed += 1
+            return _busy(refused)
+        self.passing += 1
+        scope[PASSING] = [True]  # a list: the same object in every copy of the scope the app makes
+        return None
+
+    def arrived(self, scope: dict) -> None:
+        """The request's texts are counted by the batcher now (or it ended before): no longer ahead of others."""
+        token = scope.get(PASSING)
+        if token and token[0]:
+            token[0] = False
+            self.passing -= 1
 
     def run_batch(self, texts: list[str]) -> list[Any]:
         """One micro-batch on the model thread: the outputs, and the token counts for /metrics."""
@@ -432,7 +499,7 @@ def create_app(loader: Callable[[], ServedModel] | ServedModel, settings: ServeS
         _add_text_route(app, state, keyed, path, route, requests.texts)
     _add_chat_route(app, state, keyed, requests.chat)
     _add_explain_route(app, state, keyed, requests.explain)
-    return Guard(app, api_key, settings, metrics), state
+    return Guard(app, api_key, settings, metrics, state), state
 
 
 def abstain(served: ServedModel, below: float) -> None:
@@ -573,11 +640,13 @@ def _add_text_route(app: Any, state: ServerState, keyed: list[Any], path: str, r
     """One text route: {"texts": [...]} through the micro-batcher, the outputs wrapped as `route` says."""
     settings, metrics = state.settings, state.metrics
 
-    async def answer(body: body_model, served: ServedModel = Depends(state.serving(path))) -> dict[str, Any]:
+    async def answer(body: body_model, request: Request,
+                     served: ServedModel = Depends(state.serving(path))) -> dict[str, Any]:
         texts = body.texts
         metrics.observe_inputs([len(t) for t in texts])
         if settings.log_text:
             log.info("%s texts: %s", ROUTES[path], json.dumps(mask_value(texts))[:2000])
+        state.arrived(request.scope)  # its texts are counted by submit, in this same step of the event loop
         outputs = await _queued(state.batcher.submit(texts))
         metrics.texts.inc(len(texts))
         _observe(metrics, outputs)

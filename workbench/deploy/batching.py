@@ -173,25 +173,39 @@ class MicroBatcher:
         queued = max(0, self.waiting - (running[0] if running is not None else 0))
         return self._drain_time(queued + count, running)
 
-    def _admit(self, count: int) -> None:
-        """Count `count` items in, or QueueFull (too many items, too long an expected wait, or stopping). An empty
-        queue takes any request (a larger one runs alone)."""
+    def refusal(self, count: int = 1, ahead: int = 0) -> QueueFull | None:
+        """Why a request of `count` items would be refused now (QueueFull: too many items, too long an expected
+        wait, or stopping), or None; `ahead`: items of requests already let in but not yet counted (their bodies
+        are being read), taken as queued before this one. Reads only counters and the recent calls' timings:
+        cheap enough to ask of every request before its body is read (the server sheds a storm of requests
+        without parsing them)."""
         if self._closing:
-            self.shed += 1
-            raise QueueFull(self.waiting, self.max_queue, 1, "the server is shutting down", "shutdown")
-        if self.waiting:
-            running = self._running
-            queued = max(0, self.waiting - (running[0] if running is not None else 0))
-            retry_after = max(1, math.ceil(self._drain_time(queued, running)))  # the admitted work drained
-            if self.waiting + count > self.max_queue:
-                self.shed += 1
-                raise QueueFull(self.waiting, self.max_queue, retry_after)
+            return QueueFull(self.waiting, self.max_queue, 1, "the server is shutting down", "shutdown")
+        waiting = self.waiting + ahead
+        if not waiting:  # an empty queue takes any request (a larger one runs alone)
+            return None
+        running = self._running
+        queued = max(0, waiting - (running[0] if running is not None else 0))
+        if waiting + count > self.max_queue:
+            return QueueFull(waiting, self.max_queue, self._retry_after(queued, running))
+        if self.max_queue_wait_s is not None:
             expected = self._drain_time(queued + count, running)
-            if self.max_queue_wait_s is not None and expected > self.max_queue_wait_s:
-                self.shed += 1
-                raise QueueFull(self.waiting, self.max_queue, retry_after,
-                                f"{self.waiting} items are waiting: a new request would wait about {expected:.2f} s, "
-                                f"more than max_queue_wait_s={self.max_queue_wait_s:g} s", "max_queue_wait_s")
+            if expected > self.max_queue_wait_s:
+                return QueueFull(waiting, self.max_queue, self._retry_after(queued, running),
+                                 f"{waiting} items are waiting: a new request would wait about {expected:.2f} s, "
+                                 f"more than max_queue_wait_s={self.max_queue_wait_s:g} s", "max_queue_wait_s")
+        return None
+
+    def _retry_after(self, queued: int, running: tuple[int, float] | None) -> int:
+        """Whole seconds until the admitted work is drained (at least 1): the Retry-After of a refusal."""
+        return max(1, math.ceil(self._drain_time(queued, running)))
+
+    def _admit(self, count: int) -> None:
+        """Count `count` items in, or raise the refusal."""
+        refused = self.refusal(count)
+        if refused is not None:
+            self.shed += 1
+            raise refused
         self.waiting += count
 
     async def _deadline(self, awaitable: Any) -> Any:
