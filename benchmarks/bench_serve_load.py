@@ -16,10 +16,10 @@ one keep-alive connection each, one evaluation text per request, no retries: a s
 times its CPU per request, and on a 2-core machine the load generator then measures mostly itself. Recorded
 per server: answers by status, Retry-After on every 503, client errors by kind (a reset or a disconnect
 without an answer is a lost request), latency of the accepted (200) requests p50/p95/p99 and of the shed
-ones, the server's RSS before the warm-up, after it and after the load. On the "wait" server a second load
-follows whose clients honour Retry-After (each waits it, times 1 to 1.5, and sends the same request again):
-how many requests end with a 200, in how many attempts, and the time from a request's first attempt to its
-200. Last, the drain: `workbench serve` is sent SIGTERM while the clients are sending: every request it read
+ones, the server's RSS before the warm-up, after it, right after the load and after 2 quiet seconds (growth:
+settled minus after the warm-up). On the "wait" server a second load follows whose clients honour
+Retry-After (each waits it, times 1 to 1.5, and sends the same request again): how many requests end with a
+200, in how many attempts, and the time from a request's first attempt to its 200. Last, the drain: `workbench serve` is sent SIGTERM while the clients are sending: every request it read
 must be answered, connections opened after it refused, and the process must exit 0. Prints one JSON object
 (medians over rounds under "summary"); `--out` writes it too.
 """
@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 ARMS = ("count", "wait")
+SETTLE_S = 2.0  # quiet seconds after a load before the server's memory is read again
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -322,11 +323,14 @@ def _one_server(arm: str, run_id: str, home: Path, key: str, texts: list[str], a
         result = asyncio.run(_load(url, key, texts, args.clients, args.requests, client_kind=args.client))
         rss.append(_rss_mb(pid))
         result["load_avg_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+        time.sleep(SETTLE_S)  # the batcher hands freed memory back after a quiet second
+        rss.append(_rss_mb(pid))
         result["warmup_status"] = warm["status"]
-        result["rss_mb"] = {"ready": rss[0], "after_warmup": rss[1], "after_load": rss[2],
-                            "growth_after_warmup": round(rss[2] - rss[1], 1)}
+        result["rss_mb"] = {"ready": rss[0], "after_warmup": rss[1], "after_load": rss[2], "settled": rss[3],
+                            "growth_after_warmup": round(rss[3] - rss[1], 1)}
         if arm == "wait" and args.retrying:
             result["retrying"] = asyncio.run(_load_raw(url, key, texts, args.clients, args.requests, retry=True))
+            time.sleep(SETTLE_S)
             result["rss_mb"]["after_retrying"] = _rss_mb(pid)
     finally:
         result_code = _stop(pid, proc)

@@ -127,6 +127,29 @@ def test_a_stopping_batcher_answers_admitted_work_and_refuses_new():
     assert isinstance(late, QueueFull) and late.limit_name == "shutdown"
 
 
+def test_freed_memory_is_handed_back_once_the_batcher_is_idle(monkeypatch):
+    """A call that ends idle within a second of the last trim is trimmed after a quiet second, not left
+    holding the burst's freed memory until the next request."""
+    import workbench.deploy.batching as batching
+
+    trims: list[float] = []
+    monkeypatch.setattr(batching, "release_freed_memory", lambda: trims.append(time.perf_counter()) or True)
+
+    async def scenario() -> None:
+        batcher = MicroBatcher(slow_model, max_batch_size=8, max_wait_ms=0)
+        await batcher.start()
+        await batcher.submit([1])  # idle after it: trimmed at once
+        await batcher.submit([2])  # idle again, 0.1 s later: owed
+        assert len(trims) == 1
+        await asyncio.sleep(batching.TRIM_EVERY_S + 0.5)
+        assert len(trims) == 2 and trims[1] - trims[0] >= batching.TRIM_EVERY_S
+        await asyncio.sleep(batching.TRIM_EVERY_S + 0.2)
+        assert len(trims) == 2  # nothing owed: no trim without a call
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
 class SlowPredictor:
     """A classifier whose every call costs PER_CALL + PER_ITEM per text (the served model's predictor)."""
 

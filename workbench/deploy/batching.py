@@ -115,6 +115,7 @@ class MicroBatcher:
         self._running: tuple[int, float] | None = None  # (items, perf_counter at start) of the call in the model
         self._closing = False
         self._trimmed_at = 0.0  # perf_counter of the last release_freed_memory
+        self._trim_owed = False  # a call ended idle within TRIM_EVERY_S of the last trim: trim when it stays idle
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._queue: asyncio.Queue[Job] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -244,8 +245,17 @@ class MicroBatcher:
     async def _next_group(self) -> list[Job]:
         assert self._queue is not None
         loop = asyncio.get_running_loop()
-        first = self._carry if self._carry is not None else await self._queue.get()
+        first = self._carry
         self._carry = None
+        while first is None:
+            if not self._trim_owed:
+                first = await self._queue.get()
+                break
+            try:  # the last call's freed memory was not handed back (a trim was too recent): at the first quiet second
+                first = await asyncio.wait_for(self._queue.get(), TRIM_EVERY_S)
+            except (asyncio.TimeoutError, TimeoutError):
+                self._trim_owed = False
+                await loop.run_in_executor(self._executor, self._trim)
         group, count = [first], len(first[0])
         deadline = loop.time() + self.max_wait
         while count < self.max_batch_size:
@@ -296,6 +306,12 @@ class MicroBatcher:
             except Exception as exc:
                 _settle(future, error=exc)
 
+    def _trim(self) -> None:
+        """Hand the freed heap back now (model thread)."""
+        self._trimmed_at = time.perf_counter()
+        self._trim_owed = False
+        release_freed_memory()
+
     def _run(self, items: list[Item]) -> list[Any]:
         if self.on_batch is not None:
             self.on_batch(len(items))
@@ -307,9 +323,11 @@ class MicroBatcher:
             self._running = None
         self._calls.append((time.perf_counter() - start, len(items)))
         now = time.perf_counter()
-        if self.waiting <= len(items) and now - self._trimmed_at > TRIM_EVERY_S:  # nothing queued behind: idle
-            self._trimmed_at = now
-            release_freed_memory()
+        if self.waiting <= len(items):  # nothing queued behind: idle
+            if now - self._trimmed_at > TRIM_EVERY_S:
+                self._trim()
+            else:
+                self._trim_owed = True  # done by the collector once a second passes without a call
         if len(results) != len(items):
             raise RuntimeError(f"model returned {len(results)} results for {len(items)} inputs")
         return results
