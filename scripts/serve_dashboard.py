@@ -264,7 +264,9 @@ def write_voila_config(folder: Path, host: str, allowed_hosts: list[str], max_ke
 def voila_command(port: int, host: str, config_dir: Path, token: bool = False,
                   cull_idle: int = CULL_IDLE_S) -> list[str]:
     """The Voila command line (the token itself travels in $JUPYTER_TOKEN, never on a command line)."""
-    command = [sys.executable, "-m", "voila", str(NOTEBOOK), "--no-browser", f"--port={port}", f"--Voila.ip={host}",
+    # Voila plus the route that serves plotly's widget module as a file (scripts/dashboard_voila.py)
+    command = [sys.executable, str(Path(__file__).resolve().parent / "dashboard_voila.py"), str(NOTEBOOK),
+               "--no-browser", f"--port={port}", f"--Voila.ip={host}",
                "--show_tracebacks=False", "--strip_sources=True",
                f"--Voila.config_file_paths={config_dir}",  # only ours: no stray voila.json from elsewhere
                f"--MappingKernelManager.cull_idle_timeout={cull_idle}",

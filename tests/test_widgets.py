@@ -548,7 +548,9 @@ def test_confusion_matrix_page_opened_late_gets_the_matrix(home: Path, wb_store:
 def test_live_figure_shares_one_plotly_bundle_per_page(monkeypatch: pytest.MonkeyPatch) -> None:
     import plotly.graph_objects as go
 
-    from widgets._figure import LiveFigure
+    from widgets._figure import BUNDLE_URL_ENV, LiveFigure
+
+    monkeypatch.delenv(BUNDLE_URL_ENV, raising=False)  # JupyterLab: no server serves plotly's module as a file
 
     sent: list[str] = []
     send_state = LiveFigure.send_state
@@ -564,7 +566,7 @@ def test_live_figure_shares_one_plotly_bundle_per_page(monkeypatch: pytest.Monke
     assert a.get_state()["_widget_layout"]["title"]["text"] == "late"
     assert b.get_state()["_widget_data"] == []
     # anywidget gives each model 2 s to start: a small loader imports the 5 MB bundle once per page
-    assert a._esm == b._esm and len(a._esm) < 5000 and "globalThis[KEY] ??= code(model)" in a._esm
+    assert a._esm == b._esm and len(a._esm) < 5000 and "globalThis[KEY] ??= source(model)" in a._esm
     # the 5 MB bundle itself is one widget per kernel that every figure refers to: sent once per page
     from widgets._figure import PlotlyModule
 
@@ -572,7 +574,7 @@ def test_live_figure_shares_one_plotly_bundle_per_page(monkeypatch: pytest.Monke
     assert ref == b.get_state()["_plotly_module"] == f"IPY_MODEL_{a._plotly_module.model_id}"
     assert isinstance(a._plotly_module, PlotlyModule) and a._plotly_module.code == str(go.FigureWidget._esm)
     assert all(len(str(v)) < 100_000 for v in a.get_state().values()), "no figure carries the bundle itself"
-    assert "widget_manager.get_model(" in a._esm
+    assert "widget_manager.get_model(" in a._esm and a.get_state()["_plotly_url"] == ""
     a._plotly_module.close()  # a closed module (Widget.close_all in a test) is made again for the next figure
     assert LiveFigure()._plotly_module.comm is not None
 

@@ -26,9 +26,11 @@ a hidden tab, overflowing a narrow page).
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterable
 from copy import deepcopy
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import ipywidgets as W
 import plotly.graph_objects as go
@@ -44,16 +46,18 @@ const MESSAGES = ["_py2js_addTraces", "_py2js_deleteTraces", "_py2js_moveTraces"
                   "_py2js_relayout", "_py2js_update", "_py2js_animate", "_py2js_removeLayoutProps",
                   "_py2js_removeTraceProps"];
 
-async function code(model) {
-  // the bundle is held by one PlotlyModule widget per kernel that every figure refers to ("IPY_MODEL_<id>")
+async function source(model) {
+  // served as a file by the dashboard's server (scripts/dashboard_voila.py): the browser fetches it itself
+  const url = model.get("_plotly_url");
+  if (url) return new URL(url, location.href).href;
+  // elsewhere (JupyterLab) it is held by one PlotlyModule widget per kernel that every figure refers to
   const ref = model.get("_plotly_module");
   const holder = await model.widget_manager.get_model(ref.slice("IPY_MODEL_".length));
-  return holder.get("code");
+  return URL.createObjectURL(new Blob([holder.get("code")], {type: "text/javascript"}));
 }
 
 function bundle(model) {
-  globalThis[KEY] ??= code(model).then(
-    (text) => import(URL.createObjectURL(new Blob([text], {type: "text/javascript"}))));
+  globalThis[KEY] ??= source(model).then((url) => import(url));
   return globalThis[KEY];
 }
 
@@ -120,14 +124,35 @@ export default () => {
 """
 
 
+BUNDLE_URL_ENV = "WORKBENCH_PLOTLY_BUNDLE_URL"  # set by the dashboard's server (scripts/dashboard_voila.py)
+
+
+def bundle_digest(code: str) -> str:
+    """The version tag of plotly's widget module: the first 16 hex digits of the SHA-1 of its text."""
+    return hashlib.sha1(code.encode()).hexdigest()[:16]
+
+
+BUNDLE_DIGEST = bundle_digest(str(go.FigureWidget._esm))
+
+
 def loader(code: str) -> str:
-    """The module every LiveFigure loads: small; plotly's bundle travels as a plain string trait."""
-    return LOADER.replace("DIGEST", hashlib.sha1(code.encode()).hexdigest()[:16])
+    """The module every LiveFigure loads: small; plotly's bundle comes by URL or from the shared PlotlyModule."""
+    return LOADER.replace("DIGEST", bundle_digest(code))
+
+
+def served_bundle_url() -> str | None:
+    """Where the page's server serves this kernel's plotly module as a file ("/workbench/plotly/...?v=<digest>"),
+    or None: no such server (JupyterLab, `voila` itself), or one that serves another plotly's module."""
+    url = os.environ.get(BUNDLE_URL_ENV, "")
+    if not url.startswith("/") or parse_qs(urlsplit(url).query).get("v") != [BUNDLE_DIGEST]:
+        return None
+    return url
 
 
 class PlotlyModule(W.Widget):
     """plotly's widget module (5 MB of JavaScript) as one widget that every LiveFigure of the kernel refers to:
-    a page receives it once, however many figures it shows. A plain widget model, with no view."""
+    a page receives it once, however many figures it shows. A plain widget model, with no view. Used only where
+    the page's server does not serve the module as a file (`served_bundle_url()` is None)."""
 
     code = T.Unicode("", help="plotly's FigureWidget module, run by every LiveFigure's loader").tag(sync=True)
 
@@ -147,12 +172,19 @@ class LiveFigure(go.FigureWidget):
     """A FigureWidget whose state, as a view opened later reads it, is the figure as it is now."""
 
     _esm = loader(str(go.FigureWidget._esm))
-    _plotly_module = T.Instance(PlotlyModule, help="the widget that holds plotly's module, shared by every "
-                                "figure").tag(sync=True, **W.widget_serialization)
+    _plotly_url = T.Unicode("", help="where the page's server serves plotly's module; empty: use _plotly_module"
+                            ).tag(sync=True)
+    _plotly_module = T.Instance(PlotlyModule, allow_none=True, help="the widget that holds plotly's module, shared "
+                                "by every figure (None when the module is served by URL)"
+                                ).tag(sync=True, **W.widget_serialization)
+
+    @T.default("_plotly_url")
+    def _served_plotly_url(self) -> str:
+        return served_bundle_url() or ""
 
     @T.default("_plotly_module")
-    def _shared_plotly_module(self) -> PlotlyModule:
-        return plotly_module()
+    def _shared_plotly_module(self) -> PlotlyModule | None:
+        return None if served_bundle_url() else plotly_module()
 
     def get_state(self, key: str | Iterable[str] | None = None, drop_defaults: bool = False) -> dict[str, Any]:
         if key is None:  # the whole state: a new view (a page connecting, a reload, an embed) is starting
