@@ -7,7 +7,8 @@ for the server with glibc's allocator as it is (as shipped) and with a fixed mma
 
 For each allocator setting (scripts/serve_dashboard.py --allocator) and round, it starts the server on
 127.0.0.1 with a fresh run store, requests the page N times one after the other (each request starts a kernel
-and runs the dashboard in it, as a visitor's tab does; the client then goes away, as a closed tab does), waits
+and runs the dashboard in it, as a visitor's tab does, then fetches plotly's widget module file as a first-time
+visitor's browser does; the client then goes away, as a closed tab does: no websocket is opened), waits
 until every kernel is culled, and samples the memory (RSS) of the server and its kernels. Rounds alternate
 the order of the settings. The figure is the server process's growth per load: (RSS after culling - RSS at
 start) / N, and the same from after the first load (the first load imports and compiles what every later one
@@ -37,6 +38,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+PLOTLY_MODULE = "workbench/plotly/widgetbundle.js"  # served by scripts/dashboard_voila.py
 
 
 def tree(proc: psutil.Process) -> list[psutil.Process]:
@@ -124,13 +126,17 @@ def one_server(allocator: str, args: argparse.Namespace) -> dict[str, Any]:
         print(f"[{allocator}] server up: {start_server_mb:.0f} MB (load average {os.getloadavg()[0]:.1f})",
               flush=True)
         threading.Thread(target=sample, daemon=True).start()
-        times, codes, after = [], [], []
+        times, codes, after, plotly_bytes = [], [], [], []
         for i in range(args.loads):
             t0 = time.monotonic()
             with urllib.request.urlopen(url, timeout=args.timeout) as response:
                 body = response.read()
                 codes.append(response.status)
             times.append(time.monotonic() - t0)
+            if not args.no_plotly_fetch:  # what a first-time visitor's browser fetches next (then keeps cached)
+                with urllib.request.urlopen(url + PLOTLY_MODULE, timeout=args.timeout) as module:
+                    plotly_bytes.append(len(module.read()))
+                    codes.append(module.status)
             after.append(server_mb(proc))
             print(f"[{allocator}] load {i + 1:2d}: {response.status} in {times[-1]:5.1f} s, {len(body) >> 10} KiB; "
                   f"{kernels(proc)} kernels, {rss_mb(proc):6.0f} MB (server {after[-1]:.0f} MB; "
@@ -155,6 +161,7 @@ def one_server(allocator: str, args: argparse.Namespace) -> dict[str, Any]:
             "growth_mb_per_load_median_step": statistics.median(steps),
             "peak_total_mb": peak["rss"], "peak_kernels": peak["kernels"], "start_total_mb": start_total,
             "kernels_left": left, "culled_after_s": culled_after, "memory_reports": reports,
+            "plotly_module_fetches": len(plotly_bytes), "plotly_module_bytes": max(plotly_bytes, default=0),
         }
     finally:
         stop.set()
@@ -187,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per page load")
     parser.add_argument("--memory-log", action="store_true",
                         help="also ask the server for its Python-object / malloc split (tracemalloc: slower)")
+    parser.add_argument("--no-plotly-fetch", action="store_true",
+                        help="do not fetch plotly's widget module after each page (a browser fetches it once)")
     parser.add_argument("--no-save", action="store_true", help=f"do not write the JSON under {RESULTS}")
     args = parser.parse_args(argv)
     allocators = [a.strip() for a in args.allocators.split(",") if a.strip()]

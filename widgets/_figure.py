@@ -16,11 +16,15 @@ and run its `initialize`, and each plotly figure imports its own copy of the 5 M
 headless chromium on 2 loaded cores: 1.5 s for one import, 4.8 s for three; a dashboard opens three or
 more figures at once, so some never started ("[anywidget] Failed to initialize model.") and never
 updated. A LiveFigure's module is a small loader instead (LOADER below): it imports the bundle once
-per page, not within the 2 s, and hands plotly the messages that arrived while it loaded. The bundle itself
-is one PlotlyModule widget per kernel that every figure refers to: sent as a trait of each figure, a
-dashboard's page carried it once per figure (about 10 x 5 MB through the Voila server per page load). It also
+per page, not within the 2 s, and hands plotly the messages that arrived while it loaded. It also
 makes a figure follow the width of its box (under anywidget, plotly sized it once: 700 px when drawn in
 a hidden tab, overflowing a narrow page).
+
+Where the bundle comes from: on the dashboard's server (scripts/dashboard_voila.py) the browser fetches it as
+a file, by the URL the server puts in $WORKBENCH_PLOTLY_BUNDLE_URL; no kernel message carries it. Anywhere else
+(JupyterLab, plain `voila`) it is one PlotlyModule widget per kernel that every figure refers to. Sent as a
+trait of each figure, a dashboard's page carried it once per figure (about 10 x 5 MB through the Voila server
+per page load); as widget state at all, it still went through the server once per load.
 """
 
 from __future__ import annotations
