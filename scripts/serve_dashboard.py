@@ -30,12 +30,13 @@ plotly's module file, kernels culled after 30 s; results in benchmarks/results/)
 load after it; the goal of under 2 MB per load is not quite met. The cause of the growth measured before
 (10.5 MB per load; 35.8 MB before that) was plotly's 5 MB widget module travelling as widget state: the server
 decodes every message of a page's kernel while it runs the notebook and keeps each widget's state (nbclient's
-`widget_state`), so each load passed the module's text through the server's heap, which glibc kept. The server
+`widget_state`), so each load passed the module's text through the server's heap, and its RSS kept it. The server
 now serves the module as a file (scripts/dashboard_voila.py) that no kernel message carries; with 5 loads,
 the growth went from 22.4 to 5.3 MB per load (20.2 to 1.5 after the first). After a page's kernel shuts down,
 the server hands its heap's free pages back to the system (`trim_freed_memory`; its RSS fell by 3.9 MB as
-the last kernels of the 20 loads were culled, not measured without it). A fixed glibc mmap threshold (`--allocator tuned`, `tune_allocator`) gave 33 vs 36 MB per load when
-the module still travelled as widget state, no real change, so it is off by default.
+the last kernels of the 20 loads were culled, not measured without it). A fixed glibc mmap threshold
+(`--allocator tuned`, `tune_allocator`) gave 33 vs 36 MB per load when the module still travelled as widget
+state, no real change, so it is off by default.
 WORKBENCH_DASHBOARD_MEMORY_LOG=<file> makes the server append one JSON line of its memory (RSS, Python objects,
 malloc in use and free) to that file on SIGUSR1.
 """
