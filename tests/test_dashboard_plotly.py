@@ -159,3 +159,23 @@ def test_dashboard_page_fetches_plotly_by_url_not_over_the_websocket(server: str
             browser.close()
     assert fetched == [200], f"plotly's module is fetched once per page as a file: {fetched}"
     assert frames and max(frames) < 1_000_000, f"a websocket frame of {max(frames)} bytes: plotly's module?"
+
+
+def test_server_trims_its_heap_when_a_page_kernel_shuts_down(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    spec = importlib.util.spec_from_file_location("serve_dashboard", ROOT / "scripts" / "serve_dashboard.py")
+    serve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve)
+    assert serve.trim_freed_memory() is (serve._libc() is not None)
+    trims: list[bool] = []
+    monkeypatch.setattr(serve, "trim_freed_memory", lambda: trims.append(True) or True)
+    manager = serve.capped_kernel_manager(2)()
+
+    async def start_and_stop() -> None:
+        kernel_id = await manager.start_kernel(kernel_name="python3")
+        assert trims == []
+        await manager.shutdown_kernel(kernel_id)
+
+    asyncio.run(start_and_stop())
+    assert trims == [True], "a shut-down kernel's page hands the server's free heap pages back"
