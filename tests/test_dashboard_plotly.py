@@ -3,6 +3,7 @@
 The in-process tests build LiveFigures as a kernel under scripts/dashboard_voila.py would (its environment
 variable set) or under JupyterLab (not set). The server test starts scripts/serve_dashboard.py and asks for the
 file; the browser test loads the dashboard in chromium and checks that no websocket frame carries the module.
+The last test checks that the server's kernel manager hands freed heap pages back when a page's kernel goes.
 """
 
 from __future__ import annotations
