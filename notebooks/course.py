@@ -399,7 +399,7 @@ def report_table(report: dict[str, Any]) -> pd.DataFrame:
 def own_data_config(name: str, source: str, **sections: dict[str, Any]) -> Config:
     """A course-sized run on a file of one's own with the workbench's defaults: learning rate, max length,
     class weights and the checkpoint metric are left out (None/auto), so the run chooses them from the data
-    and says why. Only the epochs stay course-sized (left out, a small file gets up to 10 passes)."""
+    and says why. Only the epochs stay course-sized (left out, a small file gets up to 40 passes)."""
     raw = config(name, source=source, **sections).to_dict()
     for field in ("learning_rate", "max_length", "class_weights", "best_metric"):
         raw["train"].pop(field, None)

@@ -78,7 +78,7 @@ def test_choices_follow_the_data_and_explicit_settings_win():
     assert chosen.train.class_weights == "balanced" and chosen.train.best_metric == "f1_macro"
     assert chosen.train.epochs == MAX_EPOCHS and chosen.train.learning_rate == 1e-3  # 7 steps an epoch
     assert {d["field"] for d in decisions} == {"train.epochs", "train.learning_rate", "train.class_weights",
-                                               "train.best_metric"}
+                                               "train.best_metric", "train.early_stopping_patience"}
     assert all(d["why"] for d in decisions)
     chosen, _ = choose_before_build(cfg, 100_000, 1, [0, 1] * 50, 2)
     assert chosen.train.class_weights == "none" and chosen.train.best_metric == "accuracy"

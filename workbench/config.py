@@ -311,7 +311,7 @@ class TrainConfig:
 
     epochs: int | None = field(default=None, metadata={
         "help": "passes over the training set; left out: chosen from the data size (classification and "
-                "regression: enough for about 300 optimiser steps, 2 to 10 epochs, with early stopping; chat and "
+                "regression: enough for about 300 optimiser steps, 2 to 40 epochs, with early stopping (its patience counted from the end of the warmup); chat and "
                 "seq2seq: 2)"})
     batch_size: int = field(default=16, metadata={"help": "examples per optimiser step, per process, before accumulation"})
     eval_batch_size: int | None = field(default=None, metadata={"help": "defaults to 2 x batch_size"})

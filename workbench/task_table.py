@@ -40,7 +40,7 @@ class TaskSpec:
     in_dashboard: bool = True  # offered by the dashboard's task chooser (else: CLI and notebooks)
     output: Literal["label", "value", "tags", "text"] = "label"  # what the model answers per input
     export_class: str | None = "AutoModelForSequenceClassification"  # what loads a `workbench export` (None: none)
-    # optimiser steps a run gets when train.epochs is left out (2-10 epochs, early stopping ends sooner); a
+    # optimiser steps a run gets when train.epochs is left out (2-40 epochs, early stopping ends sooner); a
     # tagger learns from few entity words per sentence: wnut-16 LoRA reached entity F1 0.29 after 2 epochs
     # (232 steps), 0.48 after 3 and 0.53 after 4 of 8 (464 steps)
     target_steps: int = 300
