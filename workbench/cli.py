@@ -157,11 +157,17 @@ def _serve_command(sub: Any) -> None:
 
 
 def _add_engine_arguments(sv: Any) -> None:
-    """`serve --engine ray`: the same app on Ray Serve replicas, autoscaled (deploy.ray_engine)."""
-    en = sv.add_argument_group("engine", "where the app runs: one uvicorn process, or Ray Serve replicas")
-    en.add_argument("--engine", choices=("uvicorn", "ray"), default="uvicorn",
-                    help="uvicorn: one process (default); ray: Ray Serve replicas that scale with traffic "
-                         '(pip install "llm-workbench[cluster]")')
+    """`serve --engine ray`: the same app on Ray Serve replicas, autoscaled (deploy.ray_engine); `--engine vllm`:
+    a chat run on vLLM (deploy.vllm_engine); `auto` picks vllm or uvicorn."""
+    en = sv.add_argument_group("engine", "where the run is served: one uvicorn process, Ray Serve replicas, or vLLM")
+    en.add_argument("--engine", choices=("auto", "uvicorn", "ray", "vllm"), default="auto",
+                    help="auto (default): vllm for a chat run when vLLM is installed and a CUDA device is visible, "
+                         "else uvicorn; uvicorn: the workbench app in one process; ray: Ray Serve replicas that "
+                         'scale with traffic (pip install "llm-workbench[cluster]"); vllm: a chat run on vLLM '
+                         "(pip install vllm, NVIDIA GPU)")
+    en.add_argument("--vllm-arg", dest="vllm_args", action="append", default=[], metavar="ARG",
+                    help="--engine vllm: one more option for `vllm serve` (repeatable), e.g. "
+                         "--vllm-arg=--gpu-memory-utilization=0.8")
     en.add_argument("--min-replicas", type=int, default=1, help="--engine ray: fewest replicas (default 1)")
     en.add_argument("--max-replicas", type=int, default=2, help="--engine ray: most replicas (default 2)")
     en.add_argument("--target-ongoing", type=float, default=2.0, metavar="N",
@@ -769,9 +775,20 @@ def serve_settings(args: argparse.Namespace) -> Any:
 
 def _serve(args: argparse.Namespace) -> int:
     from .deploy.server import serve
+    from .deploy.vllm_engine import resolve_engine, serve_on_vllm
 
     settings = serve_settings(args)
-    if args.engine == "ray":
+    engine, why = resolve_engine(args.engine, args.run, artifact=args.artifact)
+    if args.engine == "auto":
+        print(f"engine: {engine} ({why})", flush=True)
+    if args.vllm_args and engine != "vllm":
+        raise WorkbenchError(f"--vllm-arg applies to the vllm engine, and this run is served with {engine} ({why}): "
+                             "drop --vllm-arg, or give --engine vllm")
+    if engine == "vllm":
+        return serve_on_vllm(args.run, host=args.host, port=args.port, api_key_file=args.api_key_file,
+                             no_api_key=args.no_api_key, artifact=args.artifact, extra=args.vllm_args,
+                             echo=lambda line: print(line, flush=True))
+    if engine == "ray":
         from .deploy.ray_engine import serve_on_ray
 
         serve_on_ray(args.run, host=args.host, port=args.port, settings=settings, api_key_file=args.api_key_file,
