@@ -6,8 +6,7 @@ once with `export_run(format="vllm", merge=True)` into <run dir>/deploy/vllm (th
 base: a plain transformers directory with its tokenizer and chat_template.jinja), and exported again when the
 run's model is newer than that export. Merged, not base + LoRA adapter: vLLM then needs no LoRA kernels, no
 --max-lora-rank, and serves what peft merges but vLLM's LoRA loader refuses (DoRA, AdaLoRA, IA3, a 4-bit base).
-Runs with nothing to merge are refused: prompt tuning's virtual tokens are an input vLLM cannot take, and a
-zero-shot run has no trained weights.
+A method whose weights cannot be merged (prompt tuning's virtual tokens are an input to the model) is refused.
 
 `vllm serve <export> --served-model-name <run id> --host H --port P --chat-template <export>/chat_template.jinja`
 then runs as a child process: the model name is the run id, as the workbench app names it. The API key goes
@@ -86,12 +85,9 @@ def unservable_reason(config: Config, run_id: str) -> str | None:
                 "runs (a causal LM that answers in turns) go to vLLM; translation (seq2seq) and classification "
                 "runs are served with --engine uvicorn")
     spec = method_spec(config.method.name)
-    if spec.is_zero_shot:
-        return (f"run {run_id} is zero-shot ({spec.name}) and has no trained weights for vLLM: serve it with "
-                "--engine uvicorn (or the base model itself with `vllm serve <base model>`)")
-    if not (spec.merges or spec.trains_backbone):
-        return (f"run {run_id} trained {spec.name}, whose {spec.saves} are an input to the model that cannot be "
-                "merged into its weights, and vLLM serves weights only: serve it with --engine uvicorn")
+    if not (spec.merges or spec.trains_backbone):  # chat allows none such today; a method added for it may be one
+        return (f"run {run_id} trained {spec.name} ({spec.summary}), which cannot be merged into the model's "
+                "weights, and vLLM serves weights only: serve it with --engine uvicorn")
     return None
 
 
