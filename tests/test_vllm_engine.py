@@ -3,8 +3,8 @@ choice, and a whole serve against a stand-in `vllm` executable.
 
 vLLM itself is not installed here (it needs Linux, CUDA and an NVIDIA GPU): the end-to-end tests put a small Python
 script named `vllm` first on PATH. It records its argv and environment, answers POST /v1/chat/completions with the
-key vLLM would take from VLLM_API_KEY, and stops on SIGTERM, as `vllm serve` does. CUDA is made visible by
-monkeypatching `cuda_visible`. The runs are a tiny Llama chat run (test_chat's) and a tiny BERT classifier."""
+key vLLM would take from VLLM_API_KEY, and stops on SIGTERM, as `vllm serve` does. On a machine without a GPU,
+CUDA is made visible by monkeypatching `cuda_visible`. The runs are a tiny Llama chat run (test_chat's) and a tiny BERT classifier."""
 
 from __future__ import annotations
 
@@ -117,7 +117,8 @@ def stand_in(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("STAND_IN_RECORD", str(record))
     monkeypatch.setenv(API_KEY_ENV, "an-inherited-key")  # must not reach the child: the workspace key does
-    monkeypatch.setattr(vllm_engine, "cuda_visible", lambda: True)
+    if not vllm_engine.cuda_visible():  # no GPU here: vLLM's precondition is made true (on a GPU, the real check)
+        monkeypatch.setattr(vllm_engine, "cuda_visible", lambda: True)
     return record
 
 
