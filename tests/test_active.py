@@ -155,6 +155,42 @@ def test_balanced_margin_on_the_real_model_gives_unlabelled_unique_rows(trained)
     assert counts == class_quotas(available, 12)
 
 
+class _Flat:
+    """The run's predictor with flat probabilities: a head that has learned nothing yet."""
+
+    def __init__(self, real) -> None:
+        self.inner, self.labels = real, real.labels
+
+    def probabilities(self, texts):
+        return np.full((len(texts), len(self.labels)), 1.0 / len(self.labels))
+
+
+def test_committee_ranks_by_a_probe_on_the_embeddings_where_the_head_is_flat(trained):
+    from sklearn.linear_model import LogisticRegression
+
+    from workbench.active import _labelled_rows
+
+    flat = _Flat(trained["predictor"])
+    args = (trained["record"]["id"], trained["pool"], 500, trained["home"])
+    rows = suggest(*args, strategy="balanced-committee", predictor=flat)
+    assert len(rows) == 80 and {r["strategy"] for r in rows} == {"balanced-committee"}
+    assert all(r["scores"] == {"neg": 0.5, "pos": 0.5} for r in rows), "scores stay the model's own"
+    # the committee's margin is half the probe's (the flat head adds nothing): refit the probe to check
+    texts, labels = _labelled_rows(trained["record"])
+    vectors = sentence_embeddings(flat, texts + [r["text"] for r in rows])
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    probe = LogisticRegression(max_iter=2000, class_weight="balanced").fit(
+        unit[: len(texts)], [flat.labels.index(y) for y in labels])
+    p = probe.predict_proba(unit[len(texts):])
+    np.testing.assert_allclose([r["committee_margin"] for r in rows], np.abs(p[:, 1] - p[:, 0]) / 2, atol=1e-6)
+    assert len({round(r["committee_margin"], 6) for r in rows}) > 40, "the probe tells the texts apart"
+    plain = suggest(*args[:2], 10, args[3], strategy="balanced-margin", predictor=flat)
+    assert "committee_margin" not in plain[0]
+    few = suggest(*args[:2], 10, args[3], strategy="balanced-committee", predictor=flat)
+    ranked = sorted(rows, key=lambda r: r["committee_margin"])
+    assert np.mean([r["committee_margin"] for r in few]) < np.mean([r["committee_margin"] for r in ranked[40:]])
+
+
 def test_sentence_embeddings_are_the_models_mean_hidden_state(trained):
     predictor = trained["predictor"]
     assert hasattr(predictor, "inner"), "the run's calibrated predictor is unwrapped to reach its model"
@@ -176,7 +212,8 @@ def test_suggest_reads_a_text_file_one_text_per_line(trained, tmp_path):
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"n": 0}, r"n = 0 suggestions is not allowed: ask for 1 or more"),
-    ({"strategy": "smart"}, r"strategy 'smart' is unknown: choose from balanced-margin, margin-diversity, entropy-diversity"),
+    ({"strategy": "smart"}, r"strategy 'smart' is unknown: choose from balanced-margin, balanced-committee, margin-diversity, "
+                          r"entropy-diversity"),
 ])
 def test_suggest_refuses_bad_arguments(trained, kwargs, message):
     with pytest.raises(WorkbenchError, match=message):
