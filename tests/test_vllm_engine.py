@@ -4,7 +4,8 @@ choice, and a whole serve against a stand-in `vllm` executable.
 vLLM itself is not installed here (it needs Linux, CUDA and an NVIDIA GPU): the end-to-end tests put a small Python
 script named `vllm` first on PATH. It records its argv and environment, answers POST /v1/chat/completions with the
 key vLLM would take from VLLM_API_KEY, and stops on SIGTERM, as `vllm serve` does. On a machine without a GPU,
-CUDA is made visible by monkeypatching `cuda_visible`. The runs are a tiny Llama chat run (test_chat's) and a tiny BERT classifier."""
+CUDA is made visible by monkeypatching `cuda_visible`. The runs are a tiny Llama chat run (test_chat's) and a tiny
+BERT classifier."""
 
 from __future__ import annotations
 
@@ -173,8 +174,10 @@ def test_auto_serves_a_chat_run_on_vllm_only_when_it_is_installed_and_cuda_is_vi
         method, artifact, installed, cuda, engine, why, tmp_path):
     raw = chat_raw(tmp_path / "model", tmp_path / "qa.jsonl")
     raw["method"].update(method)
-    ask = [installed if callable(installed) else (lambda v=installed: v), cuda if callable(cuda) else (lambda v=cuda: v)]
-    chosen, reason = auto_engine(Config.from_dict(raw), "r1", artifact, installed=ask[0], cuda=ask[1])
+    def asked(value):
+        return value if callable(value) else (lambda: value)
+
+    chosen, reason = auto_engine(Config.from_dict(raw), "r1", artifact, installed=asked(installed), cuda=asked(cuda))
     assert chosen == engine and reason.startswith(why)
 
 
@@ -286,22 +289,22 @@ def test_the_export_is_made_once_and_again_when_the_model_is_newer(chat_run):
 
 # --- end to end, against the stand-in ----------------------------------------------------------------------
 
-def test_serve_engine_vllm_answers_with_the_key_from_the_environment_and_sigterm_stops_both(chat_run, stand_in,
-                                                                                            capsys):
+def serve_and_ask(store, run_id: str, stand_in: Path, *options: str, key: str | None = None) -> tuple[int, dict]:
+    """`workbench serve RUN --engine vllm` in this process's main thread while a client thread asks one question
+    (without, then with `key` when given) and then sends this process SIGTERM, as `kill <serve pid>` would; the
+    exit code and what the client saw."""
     import httpx
 
-    store, run_id = chat_run
     port = free_port()
-    seen: dict = {}
+    seen: dict = {"port": port}
 
     def client() -> None:
         deadline = time.monotonic() + 120
         while not stand_in.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         if not stand_in.exists():
-            return  # the serve failed before the child started: nothing to stop, the assertions below say why
+            return  # the serve failed before the child started: nothing to stop, the assertions say why
         try:
-            key = read_key_file(key_path(store.home))
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
             body = {"model": run_id, "messages": [{"role": "user", "content": "what colour is the sky ?"}]}
             for _ in range(200):  # the stand-in binds after writing its record
@@ -310,41 +313,61 @@ def test_serve_engine_vllm_answers_with_the_key_from_the_environment_and_sigterm
                     break
                 except httpx.ConnectError:
                     time.sleep(0.05)
-            seen["answer"] = httpx.post(url, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=5).json()
-            seen["key"] = key
+            headers = {"Authorization": f"Bearer {key() if callable(key) else key}"} if key else {}
+            seen["answer"] = httpx.post(url, json=body, headers=headers, timeout=5).json()
             seen["state"] = json.loads((RunPaths.of(store.get(run_id)).deploy / "server.json").read_text())
         finally:
-            os.kill(os.getpid(), signal.SIGTERM)  # as `kill <serve pid>`: serve forwards it to vLLM
+            os.kill(os.getpid(), signal.SIGTERM)  # serve forwards it to vLLM
 
     thread = threading.Thread(target=client, daemon=True)
     thread.start()
     handler = signal.getsignal(signal.SIGTERM)
-    code = main(["--home", str(store.home), "serve", run_id, "--engine", "vllm", "--port", str(port),
-                 "--vllm-arg=--max-model-len=64"])
+    code = main(["--home", str(store.home), "serve", run_id, "--engine", "vllm", "--port", str(port), *options])
     thread.join(10)
-    printed = capsys.readouterr().out
-    assert code == 0, printed
     assert signal.getsignal(signal.SIGTERM) is handler  # serve put the previous handler back
-
     recorded = json.loads(stand_in.read_text())
-    model_dir = RunPaths.of(store.get(run_id)).deploy / VLLM_DIR
-    assert recorded["argv"] == ["serve", str(model_dir), "--served-model-name", run_id, "--host", "127.0.0.1",
-                                "--port", str(port), "--chat-template", str(model_dir / CHAT_TEMPLATE_FILE),
-                                "--max-model-len=64"]
-    assert recorded["env_key"] == seen["key"] != "an-inherited-key"
-    assert not any(seen["key"] in arg for arg in recorded["argv"])
-    assert seen["without_key"] == 401
-    assert seen["answer"]["model"] == run_id
-    assert seen["answer"]["choices"][0]["message"]["content"] == "stand-in answer to: what colour is the sky ?"
-    assert seen["state"]["engine"] == "vllm" and seen["state"]["engine_pid"] == recorded["pid"]
-    assert seen["state"]["pid"] == os.getpid() and seen["state"]["url"] == f"http://127.0.0.1:{port}"
-
     assert Path(f"{stand_in}.signal").read_text() == str(int(signal.SIGTERM))  # forwarded, and the child ended
     with pytest.raises(ProcessLookupError):
         os.kill(recorded["pid"], 0)
     assert not (RunPaths.of(store.get(run_id)).deploy / "server.json").exists()
+    return code, {**seen, **recorded}
+
+
+def test_serve_engine_vllm_answers_with_the_key_from_the_environment_and_sigterm_stops_both(chat_run, stand_in,
+                                                                                            capsys):
+    store, run_id = chat_run
+    code, seen = serve_and_ask(store, run_id, stand_in, "--vllm-arg=--max-model-len=64",
+                               key=lambda: read_key_file(key_path(store.home)))  # made by serve, read once there
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    key, port = read_key_file(key_path(store.home)), seen["port"]
+    model_dir = RunPaths.of(store.get(run_id)).deploy / VLLM_DIR
+    assert seen["argv"] == ["serve", str(model_dir), "--served-model-name", run_id, "--host", "127.0.0.1",
+                            "--port", str(port), "--chat-template", str(model_dir / CHAT_TEMPLATE_FILE),
+                            "--max-model-len=64"]
+    assert seen["env_key"] == key != "an-inherited-key"
+    assert not any(key in arg for arg in seen["argv"])
+    assert seen["without_key"] == 401
+    assert seen["answer"]["model"] == run_id
+    assert seen["answer"]["choices"][0]["message"]["content"] == "stand-in answer to: what colour is the sky ?"
+    assert seen["state"]["engine"] == "vllm" and seen["state"]["engine_pid"] == seen["pid"]
+    assert seen["state"]["pid"] == os.getpid() and seen["state"]["url"] == f"http://127.0.0.1:{port}"
     assert f"serving run {run_id} on vLLM at http://127.0.0.1:{port}" in printed
-    assert seen["key"] not in printed  # not a terminal: the key is not printed
+    assert key not in printed  # not a terminal: the key is not printed
+
+
+def test_no_api_key_on_loopback_starts_vllm_without_one_and_says_what_is_open(chat_run, stand_in, capsys):
+    store, run_id = chat_run
+    code, seen = serve_and_ask(store, run_id, stand_in, "--no-api-key")
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert seen["env_key"] is None  # the inherited VLLM_API_KEY was not passed on
+    assert seen["without_key"] == 200
+    assert "no API key: every vLLM route is open to whatever reaches 127.0.0.1" in printed
+    assert "(newer than the run's model, reused)" in printed
+    assert main(["--home", str(store.home), "serve", run_id, "--engine", "vllm", "--host", "0.0.0.0",
+                 "--no-api-key"]) == 2
+    assert "refusing to listen on 0.0.0.0 without an API key" in capsys.readouterr().err
 
 
 def test_auto_picks_vllm_says_why_and_returns_its_exit_code(chat_run, stand_in, monkeypatch, capsys):

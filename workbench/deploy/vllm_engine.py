@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 from ..config import Config
 from ..errors import WorkbenchError
@@ -41,7 +41,6 @@ from ..methods import method_spec
 from ..run_paths import RunPaths
 from ..store import RunStore, private_dir, private_files
 
-Engine = Literal["auto", "uvicorn", "ray", "vllm"]
 ENGINES: tuple[str, ...] = ("auto", "uvicorn", "ray", "vllm")
 VLLM_DIR = "vllm"  # in the run's deploy/: the merged export vLLM serves
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers' tokenizer.save_pretrained writes the template here
@@ -115,7 +114,8 @@ def auto_engine(config: Config, run_id: str, artifact: str | None, installed: Ca
         return "uvicorn", "a chat run, but vLLM is not installed"
     if not cuda():
         return "uvicorn", "a chat run, but no CUDA device is visible for vLLM"
-    return "vllm", "a chat run, vLLM installed and a CUDA device visible; --engine uvicorn serves it with the workbench app"
+    return "vllm", ("a chat run, vLLM installed and a CUDA device visible; --engine uvicorn serves it with the "
+                    "workbench app")
 
 
 def resolve_engine(requested: str, run: str, home: str | Path | None = None, artifact: str | None = None
@@ -217,7 +217,11 @@ def serve_on_vllm(run: str = "latest", home: str | Path | None = None, host: str
         echo(f"starting vLLM: {shlex.join(command)}")
         echo(f"serving run {run_id} on vLLM at {url} (model name {run_id}; ready once GET {url}/health answers "
              "200): OpenAI routes under /v1, vLLM's own /metrics; no /readyz, drift or alert rules on this engine")
-        announce_key(key, created, key_file, echo, sys.stdout.isatty() if terminal is None else terminal)
+        if key is None:  # the workbench app's Host and cross-site checks are not there on vLLM: say so
+            echo(f"no API key: every vLLM route is open to whatever reaches {host}:{port}, web pages in this "
+                 "machine's browser included (vLLM checks no Host names and allows every origin by default)")
+        else:
+            announce_key(key, created, key_file, echo, sys.stdout.isatty() if terminal is None else terminal)
         if not is_loopback(host):
             echo(f"warning: vLLM checks the key on /v1 routes only; its other routes answer anyone who reaches "
                  f"{host}:{port}: keep it behind a proxy that passes /v1 only")
