@@ -287,6 +287,19 @@ def test_the_export_is_made_once_and_again_when_the_model_is_newer(chat_run):
     assert "(newer than the run's model, reused)" in said[1]
 
 
+def test_a_dora_run_is_served_merged(tmp_path, tiny_chat_dir, qa_jsonl):  # noqa: F811
+    """vLLM's LoRA loader refuses DoRA adapters; merged into the weights, the run is a plain model it serves."""
+    from transformers import AutoModelForCausalLM
+
+    store = RunStore(tmp_path / "home")
+    record = train(Config.from_dict(chat_raw(tiny_chat_dir, qa_jsonl, r=4, alpha=8, use_dora=True)), store=store)
+    assert record["status"] == "completed", record.get("error")
+    out = vllm_export(record, store.home, lambda line: None)
+    assert json.loads((out / "workbench_export.json").read_text())["merged"] is True
+    assert not (out / "adapter").exists()
+    assert type(AutoModelForCausalLM.from_pretrained(out)).__name__ == "LlamaForCausalLM"
+
+
 # --- end to end, against the stand-in ----------------------------------------------------------------------
 
 def serve_and_ask(store, run_id: str, stand_in: Path, *options: str, key: str | None = None) -> tuple[int, dict]:
