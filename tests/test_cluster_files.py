@@ -176,6 +176,6 @@ def test_serve_engine_options_become_rays_autoscaling():
     scaling = ray_scaling(args)
     assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests, scaling.replica_cpus) == (
         1, 4, 3.0, 0.25)
-    assert _parser().parse_args(["serve", "r"]).engine == "uvicorn"
+    assert _parser().parse_args(["serve", "r"]).engine == "auto"  # vLLM for a chat run on a GPU, else uvicorn
     with pytest.raises(WorkbenchError, match="give --min-replicas"):
         ray_scaling(_parser().parse_args(["serve", "r", "--engine", "ray", "--min-replicas", "3"]))

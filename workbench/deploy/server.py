@@ -235,7 +235,8 @@ def start_server(run: str = "latest", home: str | Path | None = None, artifact: 
     out_dir = private_dir(deploy_dir(record["dir"]))
     log_path = out_dir / "server.log"
     cmd = [sys.executable, "-m", "workbench", "--home", str(store.home), "serve", run_id, "--host", host,
-           "--port", str(port), "--max-batch-size", str(max_batch_size), "--max-wait-ms", str(max_wait_ms)]
+           "--port", str(port), "--max-batch-size", str(max_batch_size), "--max-wait-ms", str(max_wait_ms),
+           "--engine", "uvicorn"]  # the app this module watches (/readyz, /metrics), never vLLM's on a GPU machine
     if artifact:
         cmd += ["--artifact", artifact]
     if api_key_file:

@@ -402,7 +402,7 @@ def _evaluate_and_checkpoint(s: Session, epoch: int, fraction: float) -> None:
                                                 else metric < progress.best_metric)
     if improved:
         progress.best_metric, progress.best_step, progress.evals_without_improvement = metric, progress.global_step, 0
-    else:
+    elif evaluation.learned:  # a classifier answering one class for every row is still warming up
         progress.evals_without_improvement += 1
     _sync_state(ctx, progress, epoch)
     patience = ctx.config.train.early_stopping_patience

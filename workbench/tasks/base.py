@@ -64,6 +64,9 @@ class Evaluation:
     result: EvalResult
     metric: float
     details: Any = None
+    # False while the model answers every eval row with one class (a classifier still on its first plateau):
+    # such an evaluation does not count toward early stopping's patience, since the figure cannot move yet
+    learned: bool = True
 
 
 class Predictor(Protocol):

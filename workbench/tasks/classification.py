@@ -224,8 +224,10 @@ class ClassificationTask:
         probs = pool_chunks(torch.softmax(logits, dim=-1).numpy(), owners, len(data.eval_texts))
         result = classification_result(step, epoch, data.labels, np.asarray(data.eval_labels), probs, loss,
                                        data.eval_texts, config.data.mask_personal)
+        answered = len(set(probs.argmax(axis=1).tolist())) if len(probs) else 0
         return Evaluation(result, result[config.train.best_metric if config.train.best_metric != "auto"
-                                         else self.best_metric], probs)
+                                         else self.best_metric], probs,
+                          learned=answered > 1 or len(set(data.eval_labels)) < 2)
 
     def fit_baseline(self, config: Config, data: Split, run_dir: Path) -> dict[str, Any] | None:
         """The classical baseline on this run's split (None when train.baseline is off)."""
