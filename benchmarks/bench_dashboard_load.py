@@ -4,6 +4,8 @@ for the server with glibc's allocator as it is (as shipped) and with a fixed mma
     python benchmarks/bench_dashboard_load.py                       # 20 loads per server, default then tuned
     python benchmarks/bench_dashboard_load.py --loads 5 --cull-idle 20 --allocators tuned
     python benchmarks/bench_dashboard_load.py --memory-log          # + Python objects / malloc split (slower)
+    python benchmarks/bench_dashboard_load.py --memory-log --memory-log-after 1,5,15 --memory-frames 25
+                                             # + reports after those loads, and tracemalloc snapshots to compare
 
 For each allocator setting (scripts/serve_dashboard.py --allocator) and round, it starts the server on
 127.0.0.1 with a fresh run store, requests the page N times one after the other (each request starts a kernel
@@ -86,11 +88,14 @@ def memory_log(pid: int, path: Path, lines: int) -> dict[str, float]:
     return {}
 
 
-def start_server(allocator: str, cull_idle: int, log: Path | None) -> tuple[subprocess.Popen, str]:
+def start_server(allocator: str, cull_idle: int, log: Path | None,
+                 frames: int = 0) -> tuple[subprocess.Popen, str]:
     home = Path(tempfile.mkdtemp(prefix="bench-dashboard-"))
     env = {**os.environ, "WORKBENCH_HOME": str(home), "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
     if log is not None:
         env["WORKBENCH_DASHBOARD_MEMORY_LOG"] = str(log)
+        if frames:
+            env["WORKBENCH_DASHBOARD_MEMORY_FRAMES"] = str(frames)
     server = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve_dashboard.py"), "--port", "0",
                                "--cull-idle", str(cull_idle), "--allocator", allocator], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
@@ -109,7 +114,9 @@ def start_server(allocator: str, cull_idle: int, log: Path | None) -> tuple[subp
 def one_server(allocator: str, args: argparse.Namespace) -> dict[str, Any]:
     """N loads against a fresh server with this allocator setting; its memory before, during and after."""
     log = Path(tempfile.mkdtemp(prefix="bench-dashboard-log-")) / "memory.jsonl" if args.memory_log else None
-    server, url = start_server(allocator, args.cull_idle, log)
+    server, url = start_server(allocator, args.cull_idle, log, args.memory_frames)
+    if log:
+        print(f"[{allocator}] memory log: {log}", flush=True)
     proc = psutil.Process(server.pid)
     peak = {"rss": 0.0, "kernels": 0}
     stop = threading.Event()
@@ -138,6 +145,8 @@ def one_server(allocator: str, args: argparse.Namespace) -> dict[str, Any]:
                     plotly_bytes.append(len(module.read()))
                     codes.append(module.status)
             after.append(server_mb(proc))
+            if log and i + 1 in args.memory_log_after:
+                reports.append({"after_load": i + 1, **memory_log(server.pid, log, len(reports))})
             print(f"[{allocator}] load {i + 1:2d}: {response.status} in {times[-1]:5.1f} s, {len(body) >> 10} KiB; "
                   f"{kernels(proc)} kernels, {rss_mb(proc):6.0f} MB (server {after[-1]:.0f} MB; "
                   f"load average {os.getloadavg()[0]:.1f})", flush=True)
@@ -148,7 +157,7 @@ def one_server(allocator: str, args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(2)
         end_server_mb, left = server_mb(proc), kernels(proc)
         if log:
-            reports.append(memory_log(server.pid, log, 1))
+            reports.append(memory_log(server.pid, log, len(reports)))
         stop.set()
         steps = [b - a for a, b in zip([start_server_mb, *after], after)]
         return {
@@ -194,6 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per page load")
     parser.add_argument("--memory-log", action="store_true",
                         help="also ask the server for its Python-object / malloc split (tracemalloc: slower)")
+    parser.add_argument("--memory-log-after", type=lambda text: {int(n) for n in text.split(",") if n},
+                        default=set(), metavar="N,N",
+                        help="with --memory-log: a report after each of these loads too")
+    parser.add_argument("--memory-frames", type=int, default=0, metavar="N",
+                        help="with --memory-log: trace N frames deep and dump a tracemalloc snapshot with each "
+                             "report (<log>.<report>.snapshot)")
     parser.add_argument("--no-plotly-fetch", action="store_true",
                         help="do not fetch plotly's widget module after each page (a browser fetches it once)")
     parser.add_argument("--no-save", action="store_true", help=f"do not write the JSON under {RESULTS}")

@@ -63,6 +63,7 @@ CULL_INTERVAL_S = 60  # how often the server looks for idle kernels
 MAX_KERNELS = 8  # pages served at once: ~580 MB each with the dashboard loaded
 MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's starting value, now fixed: larger blocks are mmap'd, unmapped on free
 MEMORY_LOG_ENV = "WORKBENCH_DASHBOARD_MEMORY_LOG"
+MEMORY_FRAMES_ENV = "WORKBENCH_DASHBOARD_MEMORY_FRAMES"  # traceback depth: set, each report also dumps a snapshot
 ALLOCATORS = ("tuned", "default")
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -229,8 +230,16 @@ def memory_report() -> dict[str, float]:
     gc.collect()
     with open("/proc/self/statm") as f:
         report = {"rss_mb": int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20}
+    with open("/proc/self/status") as f:  # anonymous (heaps, arenas) vs file-backed (loaded libraries) pages
+        for line in f:
+            if line.startswith(("RssAnon:", "RssFile:")):
+                report[line.split(":")[0].lower().replace("rss", "rss_") + "_mb"] = int(line.split()[1]) / 2**10
+    report["threads"] = len(os.listdir("/proc/self/task"))
     if tracemalloc.is_tracing():
-        report["python_objects_mb"] = tracemalloc.get_traced_memory()[0] / 2**20
+        current, peak = tracemalloc.get_traced_memory()
+        report["python_objects_mb"] = current / 2**20
+        report["python_objects_peak_mb"] = peak / 2**20  # the most since the last report
+        tracemalloc.reset_peak()
         report["tracemalloc_own_mb"] = tracemalloc.get_tracemalloc_memory() / 2**20
     libc = _libc()
     if libc is not None and hasattr(libc, "mallinfo2"):
@@ -246,20 +255,50 @@ def memory_report() -> dict[str, float]:
     return report
 
 
+def write_malloc_info(path: str) -> bool:
+    """glibc's `malloc_info` (one XML element per arena: its free chunks, in use, mmap'd) into a file."""
+    import ctypes
+
+    libc = _libc()
+    if libc is None or not hasattr(libc, "malloc_info"):
+        return False
+    libc.fopen.restype = ctypes.c_void_p
+    libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    libc.fclose.argtypes = [ctypes.c_void_p]
+    stream = libc.fopen(path.encode(), b"w")
+    if not stream:
+        return False
+    try:
+        libc.malloc_info(0, stream)
+    finally:
+        libc.fclose(stream)
+    return True
+
+
 def install_memory_log() -> None:
     """With $WORKBENCH_DASHBOARD_MEMORY_LOG set: trace Python allocations, and on SIGUSR1 append
-    `memory_report()` as one JSON line to that file (a debugging aid: tracemalloc costs time and memory)."""
+    `memory_report()` as one JSON line to that file (a debugging aid: tracemalloc costs time and memory).
+    With $WORKBENCH_DASHBOARD_MEMORY_FRAMES=N as well, allocations are traced N frames deep and each report also
+    dumps a tracemalloc snapshot to <file>.<report number>.snapshot (compare two with `Snapshot.compare_to`)."""
     import signal
     import tracemalloc
 
     path = os.environ.get(MEMORY_LOG_ENV)
     if not path:
         return
-    tracemalloc.start(1)
+    frames = int(os.environ.get(MEMORY_FRAMES_ENV) or 0)
+    tracemalloc.start(max(frames, 1))
+    reports = [0]
 
     def write(signum: int, frame: Any) -> None:
+        report = memory_report()
+        if frames:  # written before the report line, which is what a reader waits for
+            tracemalloc.take_snapshot().dump(f"{path}.{reports[0]}.snapshot")
+            write_malloc_info(f"{path}.{reports[0]}.malloc.xml")
+        reports[0] += 1
         with open(path, "a") as f:
-            f.write(json.dumps(memory_report()) + "\n")
+            f.write(json.dumps(report) + "\n")
 
     signal.signal(signal.SIGUSR1, write)
 
