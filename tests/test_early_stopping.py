@@ -51,3 +51,20 @@ def test_patience_still_stops_a_model_that_tells_classes_apart(tiny_config, stor
     evals = store.points(record["id"], kind="eval")
     assert record["status"] == "completed" and _stopped(store, record), [e["f1_macro"] for e in evals]
     assert evals[-1]["step"] < 54 and max(e["f1_macro"] for e in evals) > 0.5  # 9 steps an epoch, stopped early
+
+
+def test_a_model_that_tells_classes_apart_beats_a_constant_answer_whatever_the_figure():
+    from workbench.loop.checkpoints import Progress
+    from workbench.loop.trainer import is_improvement
+
+    first = Progress()
+    assert is_improvement(first, 0.36, learned=False, greater_is_better=True)  # the first evaluation is the best
+    constant = Progress(best_metric=0.567, best_step=8, best_learned=False)  # accuracy of answering the majority
+    assert is_improvement(constant, 0.533, learned=True, greater_is_better=True)
+    assert is_improvement(constant, 0.6, learned=False, greater_is_better=True)  # two constants: the figure
+    told = Progress(best_metric=0.533, best_step=24, best_learned=True)
+    assert not is_improvement(told, 0.9, learned=False, greater_is_better=True)
+    assert not is_improvement(told, 0.533, learned=True, greater_is_better=True)  # strictly better only
+    assert is_improvement(Progress(best_metric=0.7, best_learned=True), 0.6, learned=True, greater_is_better=False)
+    older = {k: v for k, v in vars(Progress()).items() if k != "best_learned"}  # a checkpoint from before the field
+    assert Progress(**older).best_learned

@@ -35,6 +35,7 @@ class Progress:
     samples_seen: int = 0
     best_metric: float | None = None
     best_step: int | None = None
+    best_learned: bool = True  # the best evaluation's model told classes apart (Evaluation.learned)
     evals_without_improvement: int = 0
     train_seconds: float = 0.0  # optimiser steps only
     eval_seconds: float = 0.0

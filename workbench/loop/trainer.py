@@ -392,16 +392,28 @@ def _optimizer_step(s: Session, micro_batches: list[dict[str, torch.Tensor]]) ->
     return loss, learning_rate
 
 
+def is_improvement(progress: Progress, metric: float, learned: bool, greater_is_better: bool) -> bool:
+    """Whether an evaluation becomes the best so far: the first one does; a classifier that tells classes apart
+    beats one that answers a single class for every row, whatever their figures (on a skewed or tiny eval split
+    the constant answer's accuracy is hard to beat, and such a checkpoint is useless); else the figure decides,
+    strictly."""
+    if progress.best_metric is None:
+        return True
+    if learned != progress.best_learned:
+        return learned
+    return metric > progress.best_metric if greater_is_better else metric < progress.best_metric
+
+
 def _evaluate_and_checkpoint(s: Session, epoch: int, fraction: float) -> None:
     ctx, progress, accelerator = s.ctx, s.progress, s.accelerator
     eval_start = time.perf_counter()
     evaluation = s.task.evaluate(s.model, accelerator, ctx.config, s.built, s.data, s.held, progress.global_step,
                                  epoch + fraction)
     metric = evaluation.metric
-    improved = progress.best_metric is None or (metric > progress.best_metric if s.task.greater_is_better
-                                                else metric < progress.best_metric)
+    improved = is_improvement(progress, metric, evaluation.learned, s.task.greater_is_better)
     if improved:
         progress.best_metric, progress.best_step, progress.evals_without_improvement = metric, progress.global_step, 0
+        progress.best_learned = evaluation.learned
     elif evaluation.learned:  # a classifier answering one class for every row is still warming up
         progress.evals_without_improvement += 1
     _sync_state(ctx, progress, epoch)
