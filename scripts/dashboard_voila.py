@@ -52,6 +52,30 @@ class PlotlyBundleHandler(FileFindHandler):
 class DashboardVoila(Voila):
     """Voila, plus the route that serves plotly's widget module to the dashboard's pages."""
 
+    def init_settings(self) -> dict:
+        settings = super().init_settings()
+        self.warm_up()
+        return settings
+
+    def warm_up(self) -> None:
+        """Before the server listens, the one-time work that the first page load would otherwise do.
+
+        Imports, the notebook's validator and templates, the kernel spec: each is done once in any case; done here,
+        a page load does only per-page work. No kernel is started."""
+        from jupyter_client.localinterfaces import localhost
+        from voila.exporter import VoilaExporter
+
+        path = os.path.relpath(self.notebook_path, self.root_dir)
+        # the notebook, read and validated (nbformat compiles its JSON-schema validator on first use)
+        notebook = self.contents_manager.get(path=path)["content"]  # Voila's LargeFileManager: not async
+        # the kernel spec (finding the kernel folders imports IPython, for ~/.ipython/kernels)
+        self.kernel_spec_manager.get_kernel_spec(notebook.metadata.kernelspec.name)
+        localhost()  # the address kernels listen on: jupyter_client lists the network interfaces once
+        # the page's exporter and its templates (nbconvert's filters, jinja's compiler)
+        VoilaExporter(template_paths=self.template_paths, template_name=self.voila_configuration.template,
+                      config=self.config).template  # noqa: B018
+        self.kernel_manager.context  # noqa: B018  the zmq context every kernel's channels share
+
     def init_handlers(self) -> list:
         path = bundle_file()
         # ahead of Voila's own routes: the notebook's route (/(.*)) would take any path
