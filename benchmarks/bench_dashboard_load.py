@@ -10,8 +10,9 @@ for the server with glibc's allocator as it is (as shipped) and with a fixed mma
 For each allocator setting (scripts/serve_dashboard.py --allocator) and round, it starts the server on
 127.0.0.1 with a fresh run store, requests the page N times one after the other (each request starts a kernel
 and runs the dashboard in it, as a visitor's tab does, then fetches plotly's widget module file as a first-time
-visitor's browser does; the client then goes away, as a closed tab does: no websocket is opened), waits
-until every kernel is culled, and samples the memory (RSS) of the server and its kernels. Rounds alternate
+visitor's browser does; the client then goes away, as a closed tab does: no websocket is opened; a load
+refused with 503 because --max-kernels pages are still open is tried again 5 s later and counted in
+refused_full), waits until every kernel is culled, and samples the memory (RSS) of the server and its kernels. Rounds alternate
 the order of the settings. The figure is the server process's growth per load: (RSS after culling - RSS at
 start) / N, and the same from after the first load (the first load imports and compiles what every later one
 reuses). It prints one line per load and one JSON object, and writes it to
@@ -32,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 PLOTLY_MODULE = "workbench/plotly/widgetbundle.js"  # served by scripts/dashboard_voila.py
+FULL_RETRY_S = 5  # after a 503 (every page of --max-kernels still open), the load is tried again this much later
 
 
 def tree(proc: psutil.Process) -> list[psutil.Process]:
@@ -134,11 +137,22 @@ def one_server(allocator: str, args: argparse.Namespace) -> dict[str, Any]:
               flush=True)
         threading.Thread(target=sample, daemon=True).start()
         times, codes, after, plotly_bytes = [], [], [], []
+        refused_full = 0
         for i in range(args.loads):
-            t0 = time.monotonic()
-            with urllib.request.urlopen(url, timeout=args.timeout) as response:
-                body = response.read()
-                codes.append(response.status)
+            while True:  # a full dashboard (503: --max-kernels pages open) is tried again, as its page says
+                t0 = time.monotonic()
+                try:
+                    with urllib.request.urlopen(url, timeout=args.timeout) as response:
+                        body = response.read()
+                        codes.append(response.status)
+                    break
+                except urllib.error.HTTPError as exc:
+                    if exc.code != 503:
+                        raise
+                    refused_full += 1
+                    print(f"[{allocator}] load {i + 1:2d}: 503, the dashboard is full ({kernels(proc)} kernels); "
+                          f"again in {FULL_RETRY_S} s", flush=True)
+                    time.sleep(FULL_RETRY_S)
             times.append(time.monotonic() - t0)
             if not args.no_plotly_fetch:  # what a first-time visitor's browser fetches next (then keeps cached)
                 with urllib.request.urlopen(url + PLOTLY_MODULE, timeout=args.timeout) as module:
@@ -170,6 +184,7 @@ def one_server(allocator: str, args: argparse.Namespace) -> dict[str, Any]:
             "growth_mb_per_load_median_step": statistics.median(steps),
             "peak_total_mb": peak["rss"], "peak_kernels": peak["kernels"], "start_total_mb": start_total,
             "kernels_left": left, "culled_after_s": culled_after, "memory_reports": reports,
+            "refused_full": refused_full,
             "plotly_module_fetches": len(plotly_bytes), "plotly_module_bytes": max(plotly_bytes, default=0),
         }
     finally:
