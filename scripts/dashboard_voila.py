@@ -69,7 +69,8 @@ class DashboardVoila(Voila):
         # the notebook, read and validated (nbformat compiles its JSON-schema validator on first use)
         notebook = self.contents_manager.get(path=path)["content"]  # Voila's LargeFileManager: not async
         # the kernel spec (finding the kernel folders imports IPython, for ~/.ipython/kernels)
-        self.kernel_spec_manager.get_kernel_spec(notebook.metadata.kernelspec.name)
+        kernel_name = notebook.metadata.get("kernelspec", {}).get("name", self.kernel_manager.default_kernel_name)
+        self.kernel_spec_manager.get_kernel_spec(kernel_name)
         localhost()  # the address kernels listen on: jupyter_client lists the network interfaces once
         # the page's exporter and its templates (nbconvert's filters, jinja's compiler)
         VoilaExporter(template_paths=self.template_paths, template_name=self.voila_configuration.template,

@@ -9,6 +9,7 @@ The last test checks that the server's kernel manager hands freed heap pages bac
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import signal
@@ -180,3 +181,27 @@ def test_server_trims_its_heap_when_a_page_kernel_shuts_down(monkeypatch: pytest
 
     asyncio.run(start_and_stop())
     assert trims == [True], "a shut-down kernel's page hands the server's free heap pages back"
+
+
+def test_server_warms_up_before_it_listens() -> None:
+    """The one-time work of a first page is done at start-up: IPython (which jupyter_client imports to find kernel
+    folders), the page's exporter and templates, the notebook read and validated; and no kernel is started."""
+    code = (
+        "import json, sys, tempfile\n"
+        f"sys.path.insert(0, {str(ROOT / 'scripts')!r})\n"
+        "from dashboard_voila import DashboardVoila\n"
+        f"app = DashboardVoila(); app.initialize([{str(ROOT / 'notebooks' / 'dashboard.ipynb')!r}, '--no-browser'])\n"
+        "app.connection_dir = tempfile.mkdtemp()\n"
+        "from jupyter_client import localinterfaces\n"
+        "before, ips_before = set(sys.modules), list(localinterfaces.LOCAL_IPS)\n"
+        "app.init_settings()\n"
+        "new = set(sys.modules) - before\n"
+        "print(json.dumps({'new': sorted(new), 'ips': [ips_before, localinterfaces.LOCAL_IPS],\n"
+        "                  'kernels': app.kernel_manager.list_kernel_ids()}))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "notebooks", capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "IPython" in report["new"], report["new"]
+    assert report["ips"][0] == [] and "127.0.0.1" in report["ips"][1], "the kernels' address is looked up once, here"
+    assert report["kernels"] == []
