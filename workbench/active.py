@@ -292,7 +292,8 @@ def _committee(predictor: Any, texts: list[str], probs: np.ndarray,
     (at 100 rotten-tomatoes labels, held-out macro-F1 about 0.53), while a linear probe on the encoder's
     mean-pooled embeddings learns faster (about 0.62 there), so its margin can tell unsure texts apart where
     the model's cannot. Measured against balanced-margin and random in the README (no clear winner). Without
-    two labelled classes that the model knows, or with no embeddings (the classical baseline), the model's probabilities stay as they are."""
+    two labelled classes that the model knows, or with no embeddings (the classical baseline), the model's
+    probabilities stay as they are."""
     from sklearn.linear_model import LogisticRegression
 
     labels = list(predictor.labels)
