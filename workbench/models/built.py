@@ -28,6 +28,8 @@ class BuiltModel:
     class_weights: Any = None  # a tensor of per-class loss weights (train.class_weights: balanced), or None
     prompt: Any = None  # a causal-LM classifier's prompting.PromptBuilder: texts go in as prompts
     truncation: str = "head"  # train.truncation: how an encoder reads a text longer than max_length
+    fresh_modules: list[str] = field(default_factory=list)  # layers the checkpoint lacked (randomly initialised)
+    head_init: dict[str, Any] | None = None  # how the head started (head_init.py), for the run record
 
     def encode(self, texts: list[str], max_length: int) -> list[dict[str, list[int]]]:
         """Token ids (and masks) of each text as this model reads it, unpadded; collate pads them on the

@@ -62,9 +62,10 @@ def build_model(config: Config, source: ModelSource, labels: list[str], total_st
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
 
-    heads = head_module_names(model, set(info.get("missing_keys", ())))
+    missing = set(info.get("missing_keys", ()))
+    heads = head_module_names(model, missing)
     built = BuiltModel(model=model, tokenizer=tokenizer, head_modules=heads, max_length_limit=limit,
-                       method=method.name)
+                       method=method.name, fresh_modules=sorted({key.rsplit(".", 1)[0] for key in missing}))
     built.model, built.target_modules = apply_method(model, method, heads, total_steps)
     built.trainable_params, built.total_params = count_parameters(built.model)
     return built

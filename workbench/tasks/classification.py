@@ -29,6 +29,7 @@ from ..errors import WorkbenchError
 from ..metrics import classification_figures, collapse_note
 from ..models.built import CHUNK_BATCH, TEXT_INDEX, BuiltModel, pool_chunks, predictor_encodings, text_indices
 from ..models.classifier import build_model, check_model_fits
+from ..models.head_init import init_head_from_probe
 from ..models.state import load_trainable_state, set_seed
 from ..privacy import stored_text
 from ..task_table import spec_for
@@ -186,6 +187,14 @@ class ClassificationTask:
         built.truncation = config.train.truncation
         if config.train.class_weights == "balanced" and data.train_labels:
             built.class_weights = balanced_weights(data.train_labels, len(data.labels))
+        if total_steps is not None and config.train.head_init == "probe":  # training, not loading a run
+            if config.train.init_from is not None:  # its head comes from the earlier run
+                built.head_init = {"method": "from the earlier run", "run": config.train.init_from}
+            else:
+                built.head_init = init_head_from_probe(
+                    built, data.train_texts, data.train_labels, len(data.labels), config.train.max_length,
+                    lambda encodings: pad_batch(built.tokenizer, encodings),
+                    config.train.class_weights == "balanced", config.train.seed)
         return built
 
     def encode(self, config: Config, built: BuiltModel, data: Split) -> tuple[list[dict], list[dict]]:
@@ -209,7 +218,8 @@ class ClassificationTask:
 
     def run_info(self, config: Config, built: BuiltModel, data: Split, train: list[dict],
                  held: list[dict]) -> dict[str, Any]:
-        return {**split_info(data), **encoder_run_info(built), **chunk_info(train, held)}
+        return {**split_info(data), **encoder_run_info(built), **chunk_info(train, held),
+                **({"head_init": built.head_init} if built.head_init else {})}
 
     def eval_at_start(self, config: Config) -> bool:
         return False
