@@ -364,7 +364,7 @@ class TrainConfig:
                 "regression fitted on the encoder's features of the training texts (up to 2,000; fresh square "
                 "layers before it, such as a pooler the checkpoint lacks, start as the identity), so fine-tuning "
                 "starts from a head that separates the classes (steadier on a few hundred labels); random: "
-                "transformers' random head"})
+                "transformers' random head; other tasks read nothing here"})
     adversarial: Literal["off", "fgm", "pgd"] = field(default="off", metadata={
         "help": "adversarial training on the input embeddings: fgm adds the loss-increasing perturbation of "
                 "norm adversarial_epsilon to each example's embeddings and trains on both passes (about 2x a "
@@ -553,8 +553,6 @@ class Config:
                   ("best_metric", "auto", spec.classes, f"{spec.best_metric} picks the best checkpoint", ()),
                   ("ensemble", "auto", spec.classes, "there is no classical model to average with",
                    ("off",) if spec.kind == "encoder" else ()),
-                  ("head_init", "probe", spec.classes and spec.kind == "encoder", "only a text classifier's "
-                   "head starts from a probe", ("random",)),
                   ("truncation", "head+tail", spec.kind == "encoder", "texts are never cut from their head", ()),
                   ("adversarial", "off", spec.kind in ("encoder", "tokens"), "the attack perturbs the embeddings "
                    "a classifier, regressor or tagger reads; generation is not covered", ()),

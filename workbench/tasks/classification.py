@@ -190,6 +190,9 @@ class ClassificationTask:
         if total_steps is not None and config.train.head_init == "probe":  # training, not loading a run
             if config.train.init_from is not None:  # its head comes from the earlier run
                 built.head_init = {"method": "from the earlier run", "run": config.train.init_from}
+            elif not config.method.train_head:  # only trained weights are saved: a reload would not find it
+                built.head_init = {"method": "random", "why": "method.train_head is false: a head that does not "
+                                   "train is not saved with the run, so it keeps the checkpoint's start"}
             else:
                 built.head_init = init_head_from_probe(
                     built, data.train_texts, data.train_labels, len(data.labels), config.train.max_length,
