@@ -49,6 +49,9 @@ def test_the_head_answers_as_the_probe_before_the_first_step(tiny_config, store,
 
 
 def test_random_head_init_leaves_transformers_head(tiny_config, store):
+    from workbench.config import Config
+
+    assert Config.from_dict({"model": "minilm-l6", "data": {"source": "x.csv"}}).train.head_init == "random"
     _, data, probed = _built(tiny_config, store, "lora")
     _, _, plain = _built(tiny_config, store, "lora", head_init="random")
     assert plain.head_init is None
@@ -85,7 +88,7 @@ def test_probe_weights_give_sklearn_probabilities_for_two_and_more_classes():
 def test_a_run_records_how_its_head_started(tiny_config, store):
     from workbench.loop import train
 
-    record = train(tiny_config(train={"baseline": False, "ensemble": "off"}), store=store)
+    record = train(tiny_config(train={"baseline": False, "ensemble": "off", "head_init": "probe"}), store=store)
     assert record["status"] == "completed", record.get("error")
     assert record["info"]["head_init"]["method"] == "probe"
     assert record["info"]["head_init"]["rows"] == 72

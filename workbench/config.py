@@ -359,12 +359,13 @@ class TrainConfig:
         "help": "classification: auto: the run answers with the mean of the fine-tuned model's and the "
                 "baseline's class probabilities when that scores higher on the eval split (said in the "
                 "record); off: the fine-tuned model alone"})
-    head_init: Literal["probe", "random"] = field(default="probe", metadata={
+    head_init: Literal["probe", "random"] = field(default="random", metadata={
         "help": "text-classification: probe: before the first step the head's last layer starts from a logistic "
                 "regression fitted on the encoder's features of the training texts (up to 2,000; fresh square "
                 "layers before it, such as a pooler the checkpoint lacks, start as the identity), so fine-tuning "
-                "starts from a head that separates the classes (steadier on a few hundred labels); random: "
-                "transformers' random head; other tasks read nothing here"})
+                "starts from a head that separates the classes (steadier on 100 random labels, but it made active "
+                "learning's picks worse, so it is opt-in); random (the default): transformers' random head; other "
+                "tasks read nothing here"})
     adversarial: Literal["off", "fgm", "pgd"] = field(default="off", metadata={
         "help": "adversarial training on the input embeddings: fgm adds the loss-increasing perturbation of "
                 "norm adversarial_epsilon to each example's embeddings and trains on both passes (about 2x a "

@@ -14,6 +14,11 @@ Measured on rotten-tomatoes (MiniLM + LoRA, the default recipe, 400 held-out row
 at 100 labels macro-F1 0.557 against 0.530 with a random head (seeds 0.517 / 0.581 / 0.572 against
 0.543 / 0.420 / 0.628: no run stuck answering one class), at 250 labels 0.663 against 0.660.
 
+It is opt-in (the default is random) because active learning went worse with it: bench_active on
+rotten-tomatoes (pool 600, 3 seeds, 100 random labels + 3 rounds of 50) reached 0.594 macro-F1 with
+balanced-margin picks against 0.640 with random picks (bench_active-b14dbdb-rotten-tomatoes.json), where the
+random head reaches 0.654 against 0.644 (bench_active-abbcffa-rotten-tomatoes.json).
+
 Only the model's shape-preserving weights change: exports, ONNX and int8 read the run as before.
 """
 
