@@ -135,7 +135,7 @@ def main() -> None:
     parser.add_argument("--start", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--per-round", type=int, default=50)
-    parser.add_argument("--strategies", default="balanced-margin,margin-diversity,random",
+    parser.add_argument("--strategies", default="balanced-density,random",
                         help="comma-separated; the last one is the baseline the others are compared with")
     parser.add_argument("--model", default="minilm-l6")
     parser.add_argument("--method", default="lora")

@@ -25,7 +25,7 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 SITE=${SITE:-/tmp/gpu-active-site}
 WORK=$(mktemp -d)
-STRATEGIES=${STRATEGIES:-balanced-committee,balanced-margin,random}
+STRATEGIES=${STRATEGIES:-balanced-density,balanced-margin,random}
 SEEDS=${SEEDS:-0 1 2}
 CURVE_S=${CURVE_S:-420}
 BENCH_ARGS=${BENCH_ARGS:-}

@@ -191,6 +191,47 @@ def test_committee_ranks_by_a_probe_on_the_embeddings_where_the_head_is_flat(tra
     assert np.mean([r["committee_margin"] for r in few]) < np.mean([r["committee_margin"] for r in ranked[40:]])
 
 
+def test_typicality_is_highest_in_a_dense_group_and_lowest_for_an_outlier():
+    from workbench.active import typicality
+
+    rng = np.random.default_rng(0)
+    dense = np.array([1.0, 0, 0, 0]) + 0.01 * rng.standard_normal((30, 4))
+    features = np.vstack([dense, [[0.0, 0.0, 0.0, 1.0]]])
+    typical = typicality(features, neighbours=5)
+    assert typical.shape == (31,) and typical.max() == 1.0 and (typical > 0).all()
+    assert typical[-1] == typical.min() and typical[-1] < 0.1 * typical[:30].min()
+    assert typicality(features[:1]).tolist() == [1.0]  # one text: nothing to compare with
+
+
+def test_balanced_density_passes_over_unsure_outliers_that_margin_picks(trained, monkeypatch):
+    # 20 texts in one tight group of embeddings, fairly unsure (p(pos) 0.40); 10 outliers, each alone, unsurer
+    import workbench.active as active
+
+    rng = np.random.default_rng(1)
+    table = {f"group {i}": 0.40 for i in range(20)} | {f"outlier {i}": 0.49 for i in range(10)}
+    vectors = {f"group {i}": np.array([1.0, 0, 0, 0, 0, 0, 0, 0]) + 0.01 * rng.standard_normal(8) for i in range(20)}
+    vectors |= {f"outlier {i}": rng.standard_normal(8) for i in range(10)}
+    monkeypatch.setattr(active, "sentence_embeddings", lambda predictor, texts, **_: np.stack([vectors[t] for t in texts]))
+    args = (trained["record"]["id"], list(table), 4, trained["home"])
+    plain = suggest(*args, strategy="balanced-margin", predictor=_Scripted(table))
+    dense = suggest(*args, strategy="balanced-density", predictor=_Scripted(table))
+    assert all(r["text"].startswith("outlier") for r in plain), "margin alone picks the unsure outliers"
+    assert all(r["text"].startswith("group") for r in dense), "density weighting picks typical texts"
+    assert {r["strategy"] for r in dense} == {"balanced-density"} and [r["rank"] for r in dense] == [1, 2, 3, 4]
+    assert all(0 < r["typicality"] <= 1 for r in dense) and "typicality" not in plain[0]
+    assert dense == suggest(*args, strategy="balanced-density", predictor=_Scripted(table))  # deterministic
+
+
+def test_balanced_density_on_the_real_model_gives_unlabelled_unique_rows_most_useful_first(trained):
+    rows = suggest(trained["record"]["id"], trained["pool"], 12, trained["home"], strategy="balanced-density",
+                   predictor=trained["predictor"])
+    keys = [normalise(r["text"]) for r in rows]
+    assert len(set(keys)) == 12 and not set(keys) & trained["labelled"]
+    assert all("committee_margin" in r and 0 < r["typicality"] <= 1 for r in rows)
+    ranked = [(1 - r["committee_margin"]) * r["typicality"] for r in rows]
+    assert ranked == sorted(ranked, reverse=True), "most useful first: (1 - committee margin) x typicality"
+
+
 def test_sentence_embeddings_are_the_models_mean_hidden_state(trained):
     predictor = trained["predictor"]
     assert hasattr(predictor, "inner"), "the run's calibrated predictor is unwrapped to reach its model"
@@ -212,8 +253,8 @@ def test_suggest_reads_a_text_file_one_text_per_line(trained, tmp_path):
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"n": 0}, r"n = 0 suggestions is not allowed: ask for 1 or more"),
-    ({"strategy": "smart"}, r"strategy 'smart' is unknown: choose from balanced-margin, balanced-committee, margin-diversity, "
-                          r"entropy-diversity"),
+    ({"strategy": "smart"}, r"strategy 'smart' is unknown: choose from balanced-density, balanced-margin, balanced-committee, "
+                          r"margin-diversity, entropy-diversity"),
 ])
 def test_suggest_refuses_bad_arguments(trained, kwargs, message):
     with pytest.raises(WorkbenchError, match=message):
@@ -377,17 +418,17 @@ def test_learning_curve_shares_the_start_and_grows_each_strategy(tiny_model_dir,
                            workdir=tmp_path / "work", out=tmp_path / "curve.json",
                            on_point=lambda name, point: heard.append((name, point["labels"])))
     assert curve["pool_rows"] == 60 and curve["test_rows"] == 20
-    assert set(curve["strategies"]) == {"balanced-margin", "random"}
+    assert set(curve["strategies"]) == {"balanced-density", "random"}
     for name, points in curve["strategies"].items():
         assert [p["labels"] for p in points] == [12, 18, 24]
         assert all(0.0 <= p["f1_macro"] <= 1.0 for p in points)
         assert curve["final"][name] == points[-1]["f1_macro"]
-    assert curve["strategies"]["random"][0] == curve["strategies"]["balanced-margin"][0]  # one start run
+    assert curve["strategies"]["random"][0] == curve["strategies"]["balanced-density"][0]  # one start run
     assert len({p["run"] for points in curve["strategies"].values() for p in points}) == 5
-    assert heard == [("balanced-margin", 12), ("random", 12), ("balanced-margin", 18), ("random", 18),
-                     ("balanced-margin", 24), ("random", 24)]  # round by round
+    assert heard == [("balanced-density", 12), ("random", 12), ("balanced-density", 18), ("random", 18),
+                     ("balanced-density", 24), ("random", 24)]  # round by round
     assert json.loads((tmp_path / "curve.json").read_text()) == curve
-    grown = load_labelled(str(tmp_path / "work" / "balanced-margin-24.csv"))[0]
+    grown = load_labelled(str(tmp_path / "work" / "balanced-density-24.csv"))[0]
     assert len(set(grown)) == 24 and not set(grown) & {r["text"] for r in rows[:20]}
 
 
@@ -423,7 +464,7 @@ def test_widget_shows_suggestions_with_a_button_per_class_and_the_strategy(label
     assert widget.labels == ["neg", "pos"]
     assert [b.description for b in widget._classes.children] == ["neg (1)", "pos (2)"]
     assert len(widget.suggestions) == 4 and widget.position == 0
-    assert "balanced-margin" in widget._title.value
+    assert "balanced-density" in widget._title.value
     assert widget.current["text"] in widget._text.value or "&" in widget._text.value
     assert widget.key_listener.hint == "keys: 1-2 answer, s skip, u or Backspace undo"
     assert widget._undo.disabled  # nothing appended yet

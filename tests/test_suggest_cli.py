@@ -23,9 +23,9 @@ def test_suggest_prints_n_unlabelled_pool_rows(tiny_config, tiny_csv, store, tmp
     assert code == 0 and len(rows) == 20
     texts = [r["text"] for r in rows]
     assert len(set(texts)) == 20 and not set(texts) & set(labelled), "no labelled or repeated text"
-    assert all(r["strategy"] == "balanced-margin" for r in rows) and [r["rank"] for r in rows] == list(range(1, 21))
+    assert all(r["strategy"] == "balanced-density" for r in rows) and [r["rank"] for r in rows] == list(range(1, 21))
     code = main(["--home", str(store.home), "suggest", record["id"], "--pool", str(pool), "-n", "3"])
     out = capsys.readouterr().out
-    assert code == 0 and len(out.strip().splitlines()) == 4 and "balanced-margin" in out
+    assert code == 0 and len(out.strip().splitlines()) == 4 and "balanced-density" in out
     code = main(["--home", str(store.home), "suggest", record["id"], "--pool", str(tmp_path / "none.txt")])
     assert code == 2 and "none.txt" in capsys.readouterr().err

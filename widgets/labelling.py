@@ -87,7 +87,7 @@ class LabellingWidget(W.VBox):
     """Label `run`'s suggested texts from `pool` into `dataset_path`, then train again."""
 
     run_id = T.Unicode("", help="the run whose suggestions are shown")
-    strategy = T.Enum(list(STRATEGIES), default_value="balanced-margin", help="how texts are picked")
+    strategy = T.Enum(list(STRATEGIES), default_value="balanced-density", help="how texts are picked")
     pool_file = T.Unicode("", help="the file of unlabelled texts ('' : the list given, or none)")
     dataset_file = T.Unicode("", help="the file answers are appended to ('' : the run's data file)")
     labels = T.List(T.Unicode(), help="the run's classes, one button each")
@@ -100,7 +100,7 @@ class LabellingWidget(W.VBox):
     error = T.Unicode("")
 
     def __init__(self, run: str | None = "latest", pool: str | Path | list[str] = (), dataset_path: str | Path = "",
-                 home: str | Path | None = None, n: int = 20, strategy: str = "balanced-margin",
+                 home: str | Path | None = None, n: int = 20, strategy: str = "balanced-density",
                  text_column: str | None = None, label_column: str | None = None, background: bool = True,
                  store: RunStore | None = None, uploads: bool = False, **kwargs: Any) -> None:
         self.store = store or RunStore(home)

@@ -52,6 +52,7 @@ from .task_table import DEFAULT_TASK, task_spec
 __all__ = ["STRATEGIES", "Strategy", "suggest", "class_quotas", "sentence_embeddings", "normalise", "append_labels",
            "remove_last", "appended_rows", "learning_curve", "curve_file"]
 
+DENSITY_NEIGHBOURS = 20  # a text's typicality: the inverse mean cosine distance to this many pool neighbours
 POOL_FACTOR = 10       # diversity clusters the POOL_FACTOR x n most uncertain texts
 CLASS_POOL_FACTOR = 3  # balanced-margin clusters the CLASS_POOL_FACTOR x quota most uncertain texts of a class
 JOURNAL_DEPTH = 1000   # rows the journal remembers (undo depth)
@@ -69,9 +70,15 @@ class Strategy:
     title: str  # one line for views and the CLI
     balanced: bool = False  # the batch is shared equally among the predicted classes
     committee: bool = False  # uncertainty of the model and a linear probe on its embeddings, averaged
+    dense: bool = False  # uncertainty weighted by how typical the text is of the pool (information density)
 
 
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in [
+    Strategy("balanced-density", "margin", False, "smallest margin of a committee (the model's calibrated "
+             "probabilities averaged with a logistic regression on its sentence embeddings, fitted on the run's "
+             "labelled rows) weighted by how typical the text is of the pool (the inverse mean cosine distance "
+             f"to its {DENSITY_NEIGHBOURS} nearest pool neighbours), the batch shared equally among the predicted "
+             "classes", balanced=True, committee=True, dense=True),
     Strategy("balanced-margin", "margin", True, "smallest margin between the top two classes, the batch shared "
              "equally among the predicted classes, one per k-means cluster of the model's embeddings within "
              "each class", balanced=True),
@@ -97,7 +104,7 @@ def normalise(text: str) -> str:
 
 
 def suggest(run: str = "latest", pool: str | Path | list[str] = (), n: int = 20, home: str | Path | None = None,
-            *, strategy: str = "balanced-margin", seed: int = 0, text_column: str | None = None,
+            *, strategy: str = "balanced-density", seed: int = 0, text_column: str | None = None,
             exclude: Iterable[str] = (), predictor: Any = None) -> list[dict[str, Any]]:
     """The `n` pool texts most useful to label next for classification run `run`, most useful first.
 
@@ -160,7 +167,7 @@ def _rank(predictor: Any, candidates: list[tuple[int, str]], n: int, strategy: S
     """Score the candidates and pick `n` of them by the strategy, most useful first; `gold`: the run's
     labelled (texts, labels), which a committee strategy fits its probe on."""
     texts = [t for _, t in candidates]
-    features = committee = None
+    features = committee = typical = None
     if strategy.uncertainty == "none":
         order = np.random.default_rng(seed).permutation(len(texts))[:n]
         probs = _probabilities(predictor, [texts[i] for i in order])
@@ -172,9 +179,14 @@ def _rank(predictor: Any, candidates: list[tuple[int, str]], n: int, strategy: S
             probs, features = _committee(predictor, texts, own, gold)
             committee = dict(enumerate(probs)) if features is not None else None
         unsure = _uncertainty(probs, strategy.uncertainty)
+        if strategy.dense:
+            if features is None:
+                features = _unit(sentence_embeddings(predictor, texts))
+            typical = typicality(features)
+            unsure = (1.0 + unsure) * typical  # (1 - margin) x typicality
         order = np.lexsort((np.arange(len(texts)), -unsure))  # most uncertain first, pool order on ties
         if strategy.balanced and len(texts) > n:
-            picks = _balanced_picks(predictor, texts, order, probs, n, seed, features)
+            picks = _balanced_picks(predictor, texts, order, probs, n, seed, features, strategy.diverse)
         elif strategy.diverse and len(texts) > n:
             short = order[: POOL_FACTOR * n]
             features = sentence_embeddings(predictor, [texts[i] for i in short])
@@ -195,7 +207,30 @@ def _rank(predictor: Any, candidates: list[tuple[int, str]], n: int, strategy: S
         if committee is not None:
             mean = np.sort(np.asarray(committee[i], dtype=np.float64))[::-1]
             out[-1]["committee_margin"] = float(mean[0] - (mean[1] if len(mean) > 1 else 0.0))
+        if typical is not None:
+            out[-1]["typicality"] = float(typical[i])
     return out
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.where(norms > 0, norms, 1.0)
+
+
+def typicality(features: np.ndarray, neighbours: int = DENSITY_NEIGHBOURS) -> np.ndarray:
+    """How typical each text is of the pool, in (0, 1]: the inverse of its mean cosine distance to its
+    `neighbours` nearest other texts (by their embeddings `features`), over the largest such value. Weighing
+    uncertainty by it (information density, Settles & Craven 2008) passes over unsure outliers (a one-word
+    text, a text in another language) whose labels teach the model little about the texts it will meet."""
+    count = len(features)
+    if count < 2:
+        return np.ones(count)
+    from sklearn.neighbors import NearestNeighbors
+
+    k = min(neighbours, count - 1)
+    distances, _ = NearestNeighbors(n_neighbors=k + 1, metric="cosine").fit(features).kneighbors(features)
+    density = 1.0 / (np.clip(distances[:, 1:], 0.0, None).mean(axis=1) + 1e-6)
+    return density / density.max()
 
 
 def _probabilities(predictor: Any, texts: list[str]) -> np.ndarray:
@@ -255,7 +290,8 @@ def class_quotas(available: list[int], n: int) -> list[int]:
 
 
 def _balanced_picks(predictor: Any, texts: list[str], order: np.ndarray, probs: np.ndarray, n: int,
-                    seed: int, embedded: np.ndarray | None = None) -> list[tuple[int, int | None]]:
+                    seed: int, embedded: np.ndarray | None = None,
+                    diverse: bool = True) -> list[tuple[int, int | None]]:
     """balanced-margin: `n` picks shared equally among the predicted classes (`class_quotas`), each class's
     share the most uncertain of its CLASS_POOL_FACTOR x share most uncertain texts spread by k-means; so a
     skewed pool still yields texts the model takes for its rare classes, which macro-F1 weighs as much as
@@ -264,6 +300,10 @@ def _balanced_picks(predictor: Any, texts: list[str], order: np.ndarray, probs: 
     predicted = probs.argmax(axis=1)
     by_class = [order[predicted[order] == c] for c in range(probs.shape[1])]
     quotas = class_quotas([len(members) for members in by_class], n)
+    if not diverse:  # balanced-density: each class's share is its first texts in `order`
+        picks = [(int(i), None) for members, q in zip(by_class, quotas) for i in members[:q]]
+        place = {int(i): p for p, i in enumerate(order)}
+        return sorted(picks, key=lambda pick: place[pick[0]])
     shortlists = [members[: CLASS_POOL_FACTOR * q] for members, q in zip(by_class, quotas)]
     wanted = [int(i) for short, q in zip(shortlists, quotas) if q > 0 for i in short]
     if embedded is None:
@@ -611,7 +651,7 @@ def curve_file(dataset_path: str | Path) -> Path:
 
 def learning_curve(config: Config, pool: str | Path | list[dict[str, str]], test_source: str | Path, *,
                    start: int = 100, rounds: int = 3, per_round: int = 50,
-                   strategies: tuple[str, ...] = ("balanced-margin", "random"), seed: int = 0,
+                   strategies: tuple[str, ...] = ("balanced-density", "random"), seed: int = 0,
                    home: str | Path | None = None, workdir: str | Path | None = None, out: str | Path | None = None,
                    on_point: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Labels vs macro-F1 per strategy: `start` labelled rows drawn at random (with `seed`) from `pool` (a

@@ -239,8 +239,9 @@ def _answer_commands(sub: Any) -> None:
     sg.add_argument("run", help="run id ('latest' for the newest)")
     sg.add_argument("--pool", required=True, help="unlabelled texts: a table's text column, or one text a line")
     sg.add_argument("-n", type=int, default=20, help="how many to suggest (default 20)")
-    sg.add_argument("--strategy", default="balanced-margin",
-                    help="balanced-margin (default), margin-diversity, entropy-diversity, margin, entropy or random")
+    sg.add_argument("--strategy", default="balanced-density",
+                    help="balanced-density (default), balanced-margin, balanced-committee, margin-diversity, "
+                         "entropy-diversity, margin, entropy or random")
     sg.add_argument("--text-column", help="the pool's text column (default: detected)")
     sg.add_argument("--seed", type=int, default=0)
     sg.add_argument("--json", action="store_true", help="every row with its scores and cluster, as JSON")
@@ -726,10 +727,14 @@ def _suggest(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
+    dense = bool(rows) and "typicality" in rows[0]
     print(f"{len(rows)} texts to label next ({rows[0]['strategy'] if rows else args.strategy}); "
-          "row: the pool file's data row, margin: the top two classes' gap")
+          "row: the pool file's data row, margin: the top two classes' gap"
+          + (" (the committee's), typical: 1 = the text most like the rest of the pool" if dense else ""))
     for r in rows:
-        print(f"{r['rank']:>3}  row {r['index']:<6} margin {r['margin']:.3f}  {r['predicted']:<12} {r['text'][:90]}")
+        margin = r.get("committee_margin", r["margin"])
+        typical = f" typical {r['typicality']:.2f}" if dense else ""
+        print(f"{r['rank']:>3}  row {r['index']:<6} margin {margin:.3f}{typical}  {r['predicted']:<12} {r['text'][:90]}")
     return EXIT_OK
 
 
