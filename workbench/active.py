@@ -10,7 +10,10 @@ batch equally among the predicted classes first (class-balanced uncertainty samp
 plain uncertainty rarely reaches the rare classes, which macro-F1 weighs as much as the common ones),
 then spreads each class's share the same way over its CLASS_POOL_FACTOR x share most uncertain texts;
 balanced-committee does the same with the margin of a committee: the model's probabilities averaged with a
-logistic regression fitted on the sentence embeddings of the run's labelled rows. Texts already in the run's
+logistic regression fitted on the sentence embeddings of the run's labelled rows. balanced-density (the
+default) ranks by that committee's (1 - margin) times the text's typicality in the pool (`typicality`:
+information density, so unsure outliers wait) and shares the batch among the predicted classes without
+clustering; it is the one rule that beat random picks on every set measured (README). Texts already in the run's
 data (data.source, data.eval_source) and repeated texts are never suggested; texts are compared after
 Unicode NFC, whitespace collapsing and case folding.
 
@@ -49,8 +52,8 @@ from .errors import WorkbenchError
 from .store import RunStore
 from .task_table import DEFAULT_TASK, task_spec
 
-__all__ = ["STRATEGIES", "Strategy", "suggest", "class_quotas", "sentence_embeddings", "normalise", "append_labels",
-           "remove_last", "appended_rows", "learning_curve", "curve_file"]
+__all__ = ["STRATEGIES", "Strategy", "suggest", "class_quotas", "typicality", "sentence_embeddings", "normalise",
+           "append_labels", "remove_last", "appended_rows", "learning_curve", "curve_file"]
 
 DENSITY_NEIGHBOURS = 20  # a text's typicality: the inverse mean cosine distance to this many pool neighbours
 POOL_FACTOR = 10       # diversity clusters the POOL_FACTOR x n most uncertain texts

@@ -734,7 +734,8 @@ def _suggest(args: argparse.Namespace) -> int:
     for r in rows:
         margin = r.get("committee_margin", r["margin"])
         typical = f" typical {r['typicality']:.2f}" if dense else ""
-        print(f"{r['rank']:>3}  row {r['index']:<6} margin {margin:.3f}{typical}  {r['predicted']:<12} {r['text'][:90]}")
+        print(f"{r['rank']:>3}  row {r['index']:<6} margin {margin:.3f}{typical}  {r['predicted']:<12} "
+              f"{r['text'][:90]}")
     return EXIT_OK
 
 
