@@ -13,7 +13,7 @@ balanced-committee does the same with the margin of a committee: the model's pro
 logistic regression fitted on the sentence embeddings of the run's labelled rows. balanced-density (the
 default) ranks by that committee's (1 - margin) times the text's typicality in the pool (`typicality`:
 information density, so unsure outliers wait) and shares the batch among the predicted classes without
-clustering; it is the one rule that beat random picks on every set measured (README). Texts already in the run's
+clustering (measured against random picks in the README). Texts already in the run's
 data (data.source, data.eval_source) and repeated texts are never suggested; texts are compared after
 Unicode NFC, whitespace collapsing and case folding.
 
