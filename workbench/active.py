@@ -261,9 +261,7 @@ def _one_per_cluster(order: np.ndarray, features: np.ndarray, n: int, seed: int)
     embeddings) is made up with the next most uncertain texts."""
     from sklearn.cluster import KMeans
 
-    norms = np.linalg.norm(features, axis=1, keepdims=True)
-    unit = features / np.where(norms > 0, norms, 1.0)
-    clusters = KMeans(n_clusters=n, n_init=3, random_state=seed).fit_predict(unit)
+    clusters = KMeans(n_clusters=n, n_init=3, random_state=seed).fit_predict(_unit(features))
     picks, taken = [], set()
     for position, cluster in enumerate(clusters):
         if int(cluster) not in taken:
@@ -303,9 +301,9 @@ def _balanced_picks(predictor: Any, texts: list[str], order: np.ndarray, probs: 
     predicted = probs.argmax(axis=1)
     by_class = [order[predicted[order] == c] for c in range(probs.shape[1])]
     quotas = class_quotas([len(members) for members in by_class], n)
+    place = {int(i): p for p, i in enumerate(order)}
     if not diverse:  # balanced-density: each class's share is its first texts in `order`
         picks = [(int(i), None) for members, q in zip(by_class, quotas) for i in members[:q]]
-        place = {int(i): p for p, i in enumerate(order)}
         return sorted(picks, key=lambda pick: place[pick[0]])
     shortlists = [members[: CLASS_POOL_FACTOR * q] for members, q in zip(by_class, quotas)]
     wanted = [int(i) for short, q in zip(shortlists, quotas) if q > 0 for i in short]
@@ -323,7 +321,6 @@ def _balanced_picks(predictor: Any, texts: list[str], order: np.ndarray, probs: 
             chosen = [(int(i), 0) for i in short]
         picks += [(i, None if c is None else c + offset) for i, c in chosen]
         offset += q
-    place = {int(i): p for p, i in enumerate(order)}
     return sorted(picks, key=lambda pick: place[pick[0]])  # most uncertain first
 
 
@@ -350,8 +347,7 @@ def _committee(predictor: Any, texts: list[str], probs: np.ndarray,
     if getattr(inner, "model", None) is None or not hasattr(inner.model, "parameters"):
         return probs, None
     vectors = sentence_embeddings(predictor, [t for t, _ in pairs] + texts)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    unit = vectors / np.where(norms > 0, norms, 1.0)
+    unit = _unit(vectors)
     probe = LogisticRegression(max_iter=2000, class_weight="balanced").fit(unit[: len(pairs)], [c for _, c in pairs])
     probed = np.zeros_like(probs)
     probed[:, probe.classes_] = probe.predict_proba(unit[len(pairs):])

@@ -728,9 +728,11 @@ def _suggest(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
     dense = bool(rows) and "typicality" in rows[0]
+    committee = bool(rows) and "committee_margin" in rows[0]
     print(f"{len(rows)} texts to label next ({rows[0]['strategy'] if rows else args.strategy}); "
           "row: the pool file's data row, margin: the top two classes' gap"
-          + (" (the committee's), typical: 1 = the text most like the rest of the pool" if dense else ""))
+          + (" (the committee's)" if committee else "")
+          + (", typical: 1 = the text most like the rest of the pool" if dense else ""))
     for r in rows:
         margin = r.get("committee_margin", r["margin"])
         typical = f" typical {r['typicality']:.2f}" if dense else ""
